@@ -1,0 +1,6 @@
+"""`python -m fedsim` is the `fedsim` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,108 @@
+"""The `fedsim` command line: run, plot, list.
+
+Every user error is one line on stderr and an exit status (2 bad input, 3 divergence),
+never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import FedsimError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .outputs import default_run_dir
+    from .runner import execute
+
+    config = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else default_run_dir(config.name)
+    progress = False if args.quiet else None
+    run = execute(config, out, overwrite=args.overwrite, progress=progress)
+    last = run.rows[-1]
+    shown = {k: last[k] for k in ("round", "virtual_time", "test_accuracy", "test_loss", "dist_to_opt") if last.get(k) is not None}
+    print("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+    print(f"run folder: {out}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import overlay
+
+    out = overlay(args.runs, args.x, args.y, args.output, labels=args.label, logy=args.logy)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from . import registry
+
+    kinds = {
+        "strategies": registry.STRATEGIES,
+        "protocols": registry.PROTOCOLS,
+        "executors": registry.EXECUTORS,
+        "data": registry.DATA_SOURCES,
+        "partitions": registry.PARTITIONERS,
+        "models": registry.MODELS,
+        "topologies": registry.TOPOLOGIES,
+        "compute": registry.COMPUTE_MODELS,
+        "links": registry.LINK_MODELS,
+        "availability": registry.AVAILABILITY_MODELS,
+        "dropout": registry.DROPOUT_MODELS,
+    }
+    chosen = [args.kind] if args.kind else list(kinds)
+    for name in chosen:
+        if name not in kinds:
+            raise FedsimError(f"unknown kind {name!r} (known: {', '.join(kinds)})")
+        print(f"{name}:")
+        for entry in kinds[name].entries():
+            print(f"  {entry.name:24s} {entry.summary}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """Returns the argument parser of the `fedsim` command."""
+    p = argparse.ArgumentParser(prog="fedsim", description="Asynchronous FL and gossip learning on a virtual clock.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run an experiment config")
+    r.add_argument("config", help="experiment YAML file")
+    r.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. strategy.server_lr=0.5")
+    r.add_argument("--out", help="run folder (default runs/<name>-<timestamp>)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=_cmd_run)
+
+    pl = sub.add_parser("plot", help="overlay metrics of several run folders")
+    pl.add_argument("runs", nargs="+", help="run folders")
+    pl.add_argument("--x", default="virtual_time", help="x metric (default virtual_time)")
+    pl.add_argument("--y", default="test_accuracy", help="y metric (default test_accuracy)")
+    pl.add_argument("--label", action="append", help="legend label per run, in order (repeat)")
+    pl.add_argument("--logy", action="store_true", help="log-scale y axis")
+    pl.add_argument("-o", "--output", required=True, help="PNG file to write")
+    pl.set_defaults(func=_cmd_plot)
+
+    ls = sub.add_parser("list", help="list registered components")
+    ls.add_argument("kind", nargs="?", help="strategies, protocols, executors, data, partitions, models, ...")
+    ls.set_defaults(func=_cmd_list)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `fedsim` console script; returns the exit status."""
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FedsimError as exc:
+        print(f"fedsim: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("fedsim: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

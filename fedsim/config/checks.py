@@ -1,0 +1,124 @@
+"""Value constraints attached to config fields with `typing.Annotated`.
+
+    def fedavg(server_lr: Annotated[float, Gt(0)] = 1.0): ...
+
+The schema builder strips the annotation for omegaconf and runs the checks after typing,
+so an impossible value is reported with its key path before any work starts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+
+@dataclass(frozen=True)
+class Check:
+    """Base class: `problem(value)` returns None when fine, else what is wrong."""
+
+    def problem(self, value: Any) -> str | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def describe(self) -> str:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Gt(Check):
+    """value > bound."""
+
+    bound: float
+
+    def problem(self, value: Any) -> str | None:
+        if _num(value) and not value > self.bound:
+            return f"must be > {self.bound} (got {value})"
+        return None
+
+    def describe(self) -> str:
+        return f"> {self.bound}"
+
+
+@dataclass(frozen=True)
+class Ge(Check):
+    """value >= bound."""
+
+    bound: float
+
+    def problem(self, value: Any) -> str | None:
+        if _num(value) and not value >= self.bound:
+            return f"must be >= {self.bound} (got {value})"
+        return None
+
+    def describe(self) -> str:
+        return f">= {self.bound}"
+
+
+@dataclass(frozen=True)
+class Range(Check):
+    """lo <= value <= hi (each end open when `open_lo` / `open_hi`)."""
+
+    lo: float
+    hi: float
+    open_lo: bool = False
+    open_hi: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        if not _num(value):
+            return None
+        lo_ok = value > self.lo if self.open_lo else value >= self.lo
+        hi_ok = value < self.hi if self.open_hi else value <= self.hi
+        if lo_ok and hi_ok:
+            return None
+        return f"must be in {self.describe()} (got {value})"
+
+    def describe(self) -> str:
+        return f"{'(' if self.open_lo else '['}{self.lo}, {self.hi}{')' if self.open_hi else ']'}"
+
+
+@dataclass(frozen=True)
+class OneOf(Check):
+    """value is one of the listed choices."""
+
+    choices: Sequence[Any]
+
+    def problem(self, value: Any) -> str | None:
+        if value is not None and value not in self.choices:
+            return f"must be one of {', '.join(map(repr, self.choices))} (got {value!r})"
+        return None
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(map(repr, self.choices))
+
+
+@dataclass(frozen=True)
+class Finite(Check):
+    """value is a finite number."""
+
+    def problem(self, value: Any) -> str | None:
+        if _num(value) and not math.isfinite(value):
+            return f"must be finite (got {value})"
+        return None
+
+    def describe(self) -> str:
+        return "finite"
+
+
+@dataclass(frozen=True)
+class Each(Check):
+    """Applies `check` to every element of a list value."""
+
+    check: Check
+
+    def problem(self, value: Any) -> str | None:
+        for i, item in enumerate(value or ()):
+            msg = self.check.problem(item)
+            if msg:
+                return f"element {i} {msg}"
+        return None
+
+    def describe(self) -> str:
+        return f"each {self.check.describe()}"

@@ -1,0 +1,220 @@
+"""Reads an experiment YAML plus `key=value` overrides into a validated `Config`."""
+from __future__ import annotations
+
+import copy
+import importlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..errors import ConfigError
+from .components import Component, dataclass_knobs, validate_knobs
+from .schema import COMPONENTS, NESTED_COMPONENTS, SCALARS, SECTIONS, LocalSection, RunSection
+
+
+@dataclass(frozen=True)
+class SystemConfig:
+    """The resolved behaviour models of the `system` section."""
+
+    compute: Component
+    link: Component
+    availability: Component
+    dropout: Component
+
+
+@dataclass(frozen=True)
+class Config:
+    """A fully validated experiment configuration; nothing in it is a DictConfig."""
+
+    name: str
+    seed: int
+    plugins: list[str]
+    data: Component
+    partition: Component
+    model: Component
+    strategy: Component
+    local: LocalSection
+    system: SystemConfig
+    protocol: Component
+    topology: Component | None
+    executor: Component
+    run: RunSection
+    extra: dict[str, Any] = field(default_factory=dict)  # validated sections added by extensions
+
+    def resolved(self) -> dict[str, Any]:
+        """Returns the configuration with every default filled in, as written to config.yaml."""
+        data = self.data.resolved()
+        data["partition"] = self.partition.resolved()
+        out: dict[str, Any] = {
+            "name": self.name,
+            "seed": self.seed,
+            "plugins": list(self.plugins),
+            "data": data,
+            "model": self.model.resolved(),
+            "strategy": self.strategy.resolved(),
+            "local": asdict(self.local),
+            "system": {k: getattr(self.system, k).resolved() for k in ("compute", "link", "availability", "dropout")},
+            "protocol": self.protocol.resolved(),
+            "executor": self.executor.resolved("kind"),
+            "run": asdict(self.run),
+        }
+        if self.topology is not None:
+            out["topology"] = self.topology.resolved()
+        out.update(copy.deepcopy(self.extra))
+        return out
+
+
+# Extra top-level sections (name -> dataclass) registered by optional subsystems.
+EXTRA_SECTIONS: dict[str, type] = {}
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any]]:
+    """Parses `a.b=value` strings; values are read as YAML scalars/lists."""
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "override must look like key.path=value")
+        key, _, text = item.partition("=")
+        key = key.strip()
+        if not key:
+            raise ConfigError(item, "override has an empty key")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        out.append((key.split("."), value))
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Returns a copy of `raw` with each `key.path=value` override set."""
+    raw = copy.deepcopy(raw)
+    for keys, value in parse_overrides(overrides):
+        node = raw
+        for i, k in enumerate(keys[:-1]):
+            nxt = node.get(k)
+            spec = NESTED_COMPONENTS.get(".".join(keys[: i + 1])) or (COMPONENTS.get(k) if i == 0 else None)
+            if isinstance(nxt, str) and spec is not None:  # shorthand `strategy: fedavg`
+                nxt = {spec.name_key: nxt}
+                node[k] = nxt
+            if nxt is None:
+                nxt = {}
+                node[k] = nxt
+            if not isinstance(nxt, dict):
+                raise ConfigError(".".join(keys[: i + 1]), f"cannot set a sub-key on a {type(nxt).__name__}")
+            node = nxt
+        node[keys[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Reads a YAML mapping, raising ConfigError for missing files and malformed YAML."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("", f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError("", f"{p}: malformed YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("", f"{p}: not a text (YAML) file") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"{p}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _resolve_interpolations(raw: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        key = str(getattr(exc, "full_key", "") or "")
+        raise ConfigError(key, str(exc).splitlines()[0]) from None
+
+
+def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
+    """Builds a validated Config from a YAML path (or a mapping) and dot-list overrides.
+
+    Raises ConfigError (exit status 2 in the CLI) naming the key path of the first problem.
+    """
+    raw = read_yaml(source) if isinstance(source, (str, Path)) else copy.deepcopy(dict(source))
+    raw = apply_overrides(raw, overrides)
+    raw = _resolve_interpolations(raw)
+
+    known = set(SCALARS) | set(COMPONENTS) | set(SECTIONS) | set(EXTRA_SECTIONS)
+    for key in raw:
+        if key not in known:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(str(key), f"unknown section{hint} (known: {', '.join(sorted(known))})")
+
+    scalars = {}
+    for key, (typ, default) in SCALARS.items():
+        value = raw.get(key, default)
+        if typ is int and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        if typ is str and not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        if typ is list:
+            if value is None:
+                value = []
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(key, f"expected a list of module names, got {value!r}")
+        scalars[key] = value
+    for module in scalars["plugins"]:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - any import failure is a config problem
+            raise ConfigError("plugins", f"cannot import {module!r}: {exc}") from None
+
+    def section(name: str, cls: type) -> Any:
+        value = raw.get(name) or {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(name, f"expected a mapping, got {type(value).__name__}")
+        return cls(**validate_knobs(name, value, dataclass_knobs(cls), f"section '{name}'"))
+
+    local = section("local", LocalSection)
+    run = section("run", RunSection)
+    system_raw = raw.get("system") or {}
+    if not isinstance(system_raw, Mapping):
+        raise ConfigError("system", f"expected a mapping, got {type(system_raw).__name__}")
+    for key in system_raw:
+        if key not in ("compute", "link", "availability", "dropout"):
+            raise ConfigError(f"system.{key}", "unknown key (known keys: availability, compute, dropout, link)")
+    system = SystemConfig(
+        **{k: NESTED_COMPONENTS[f"system.{k}"].resolve(f"system.{k}", system_raw.get(k)) for k in ("compute", "link", "availability", "dropout")}
+    )
+    data = COMPONENTS["data"].resolve("data", raw.get("data"))
+    partition = NESTED_COMPONENTS["data.partition"].resolve("data.partition", data.common["partition"])
+    comps = {k: COMPONENTS[k].resolve(k, raw.get(k)) for k in ("model", "strategy", "protocol", "executor")}
+    topology = COMPONENTS["topology"].resolve("topology", raw["topology"]) if raw.get("topology") is not None else None
+    extra = {}
+    for name, cls in EXTRA_SECTIONS.items():
+        if name in raw:
+            extra[name] = asdict(section(name, cls))
+
+    if run.rounds is None and run.time_budget is None:
+        raise ConfigError("run", "set a stopping rule: run.rounds and/or run.time_budget")
+    return Config(
+        name=scalars["name"],
+        seed=scalars["seed"],
+        plugins=scalars["plugins"],
+        data=data,
+        partition=partition,
+        local=local,
+        run=run,
+        system=system,
+        topology=topology,
+        extra=extra,
+        **comps,
+    )

@@ -1,0 +1,155 @@
+"""The experiment configuration: plain sections as dataclasses, pluggable ones as components.
+
+Every key is documented here (plain sections) or in its factory's docstring (components);
+`fedsim config-reference` and docs/config-reference.md are generated from both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any, List, Optional
+
+from ..registry import (
+    AVAILABILITY_MODELS,
+    COMPUTE_MODELS,
+    DATA_SOURCES,
+    DROPOUT_MODELS,
+    EXECUTORS,
+    LINK_MODELS,
+    MODELS,
+    PARTITIONERS,
+    PROTOCOLS,
+    STRATEGIES,
+    TOPOLOGIES,
+)
+from .checks import Ge, Gt, OneOf, Range
+from .components import ComponentSpec
+
+
+def knob(default: Any, help: str, *checks: Any) -> Any:
+    """A dataclass field carrying its documentation and value checks."""
+    meta = {"help": help, "checks": checks}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataCommon:
+    """Keys of the `data` section shared by every data source."""
+
+    num_clients: Annotated[int, Ge(1)] = knob(10, "Number of clients (or gossip nodes) in the population.")
+    partition: Any = knob(
+        "iid",
+        "How training samples are split among clients: a partitioner name or a mapping "
+        "{name: ..., kwargs}. Sources with a natural split (synthetic, quadratic) use 'natural'.",
+    )
+    test_fraction: Annotated[float, Range(0.0, 1.0, open_hi=True)] = knob(
+        0.2, "Share of samples held out as the global test set, for sources without their own test split."
+    )
+    client_test_fraction: Annotated[float, Range(0.0, 1.0, open_hi=True)] = knob(
+        0.0, "Share of each client's samples kept as that client's own test split (for per-client metrics)."
+    )
+
+
+@dataclass
+class ComputeCommon:
+    """Keys of `system.compute` shared by every compute model: per-job randomness."""
+
+    jitter: Annotated[str, OneOf(("none", "exponential", "lognormal"))] = knob(
+        "none",
+        "Per-job factor on the client's compute time: 'none' (deterministic), 'exponential' "
+        "(Exp with mean 1, as in Fraboni et al.'s theory), 'lognormal' (mean 1, σ = jitter_sigma).",
+    )
+    jitter_sigma: Annotated[float, Ge(0)] = knob(0.5, "σ of the log-normal per-job factor.")
+
+
+@dataclass
+class TopologyCommon:
+    """Keys of the `topology` section shared by every graph builder."""
+
+    mixing: str = knob("metropolis_hastings", "Mixing-matrix rule over the graph (see topologies.mixing).")
+    allow_disconnected: bool = knob(False, "Accept a disconnected graph instead of refusing it.")
+
+
+@dataclass
+class LocalSection:
+    """`local`: how a client trains on its own data during one job."""
+
+    lr: Annotated[float, Gt(0)] = knob(0.05, "Local (client) learning rate η.")
+    batch_size: Annotated[int, Ge(1)] = knob(16, "Mini-batch size B.")
+    epochs: Annotated[int, Ge(1)] = knob(1, "Passes over the client's data per job (ignored when `steps` is set).")
+    steps: Annotated[Optional[int], Ge(1)] = knob(
+        None, "Exact number of local steps K per job; overrides `epochs`."
+    )
+    sampling: Annotated[str, OneOf(("epoch", "replacement"))] = knob(
+        "epoch",
+        "'epoch': shuffle, then consecutive batches; 'replacement': every step draws a fresh "
+        "batch uniformly from the client's data (Fraboni et al.).",
+    )
+    drop_last: bool = knob(False, "Drop the last incomplete batch of an epoch.")
+    momentum: Annotated[float, Range(0.0, 1.0, open_hi=True)] = knob(
+        0.0, "Local SGD momentum; the buffer starts at zero at every job."
+    )
+    weight_decay: Annotated[float, Ge(0)] = knob(0.0, "L2 weight decay added to the local gradient.")
+
+
+@dataclass
+class RunSection:
+    """`run`: when to stop, when to evaluate, what to log."""
+
+    rounds: Annotated[Optional[int], Ge(1)] = knob(
+        None, "Stop after this many rounds (server aggregations for server-based protocols)."
+    )
+    time_budget: Annotated[Optional[float], Gt(0)] = knob(None, "Stop at this virtual time (seconds).")
+    eval_every: Annotated[int, Ge(1)] = knob(1, "Evaluate every this many rounds / aggregations.")
+    eval_every_time: Annotated[Optional[float], Gt(0)] = knob(
+        None, "Evaluate every this many virtual seconds instead of counting rounds."
+    )
+    eval_batch_size: Annotated[int, Ge(1)] = knob(2048, "Batch size for evaluation on the test set.")
+    log_events: bool = knob(False, "Write events.jsonl: every dispatch, arrival and aggregation on the virtual clock.")
+    progress: bool = knob(True, "Show a progress bar on stderr.")
+    torch_threads: Annotated[Optional[int], Ge(1)] = knob(None, "torch intra-op threads (default: torch's choice).")
+
+
+@dataclass
+class SystemSection:
+    """`system`: client heterogeneity; each key is a named behaviour model with its own knobs."""
+
+    compute: Any = knob({"name": "constant"}, "Compute-time model: seconds per local step per client.")
+    link: Any = knob({"name": "ideal"}, "Link model: bandwidth (bytes/s) and latency per client.")
+    availability: Any = knob({"name": "always"}, "When a client can be dispatched.")
+    dropout: Any = knob({"name": "none"}, "Whether a dispatched job is lost before it reports.")
+
+
+TOP_LEVEL_HELP = {
+    "name": "Experiment name, used for the default run folder runs/<name>-<timestamp>.",
+    "seed": "Seed of every random draw; each draw is keyed by (seed, purpose, ids).",
+    "plugins": "Python modules imported before the config is read (they register components).",
+    "data": "Data source (name + its knobs) and how it is split among clients.",
+    "model": "Model architecture (name + knobs, or 'package.module:factory').",
+    "strategy": "The FL / gossip algorithm (name + its hyperparameters).",
+    "local": LocalSection.__doc__,
+    "system": SystemSection.__doc__,
+    "protocol": "When things happen: sync rounds, async arrivals, gossip (name + knobs).",
+    "topology": "Communication graph for decentralized protocols (name + knobs).",
+    "executor": "Where client jobs run: serial, ray, vmap (kind + knobs).",
+    "run": RunSection.__doc__,
+}
+
+COMPONENTS: dict[str, ComponentSpec] = {
+    "data": ComponentSpec(DATA_SOURCES, default="digits", common=DataCommon),
+    "model": ComponentSpec(MODELS, default="auto"),
+    "strategy": ComponentSpec(STRATEGIES, default="fedavg"),
+    "protocol": ComponentSpec(PROTOCOLS, default="sync"),
+    "topology": ComponentSpec(TOPOLOGIES, default="ring", common=TopologyCommon),
+    "executor": ComponentSpec(EXECUTORS, name_key="kind", default="serial"),
+}
+NESTED_COMPONENTS: dict[str, ComponentSpec] = {
+    "data.partition": ComponentSpec(PARTITIONERS, default="iid"),
+    "system.compute": ComponentSpec(COMPUTE_MODELS, default="constant", common=ComputeCommon),
+    "system.link": ComponentSpec(LINK_MODELS, default="ideal"),
+    "system.availability": ComponentSpec(AVAILABILITY_MODELS, default="always"),
+    "system.dropout": ComponentSpec(DROPOUT_MODELS, default="none"),
+}
+SECTIONS: dict[str, type] = {"local": LocalSection, "run": RunSection, "system": SystemSection}
+SCALARS = {"name": (str, "experiment"), "seed": (int, 0), "plugins": (list, [])}

@@ -1,0 +1,36 @@
+"""Builds the federated dataset from the config: source → partition → per-client test split."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..config.components import Component
+from ..rng import numpy_rng
+from .base import FederatedData, PartitionContext, SourceContext
+
+
+def build_federated_data(data: Component, partition: Component, seed: int) -> FederatedData:
+    """Returns the FederatedData described by the `data` section (source, partition, splits)."""
+    common = data.common
+    source = data.build(SourceContext(common["num_clients"], seed, common["test_fraction"]))
+    labels = source.y_train.numpy() if source.task == "classification" else np.zeros(len(source.y_train), dtype=np.int64)
+    ctx = PartitionContext(
+        labels=labels,
+        num_clients=common["num_clients"],
+        rng=numpy_rng(seed, "partition"),
+        num_classes=source.num_classes,
+        groups=source.groups,
+    )
+    parts = partition.build(ctx)
+    frac = common["client_test_fraction"]
+    train, test = [], []
+    for i, idx in enumerate(parts):
+        idx = np.asarray(idx, dtype=np.int64)
+        if frac > 0 and len(idx) > 1:
+            perm = numpy_rng(seed, "client_test_split", i).permutation(idx)
+            k = min(max(1, int(round(len(idx) * frac))), len(idx) - 1)
+            test.append(np.sort(perm[:k]))
+            train.append(np.sort(perm[k:]))
+        else:
+            train.append(idx)
+            test.append(np.zeros(0, dtype=np.int64))
+    return FederatedData(source, train, test)

@@ -1,0 +1,163 @@
+"""MNIST and CIFAR-10 read from a local folder in their standard on-disk formats.
+
+Nothing is downloaded. A missing or malformed folder raises DataError saying what to put
+where. MNIST: the four IDX files (optionally .gz). CIFAR-10: the binary version
+(``cifar-10-batches-bin/*.bin``) or the Python version (``cifar-10-batches-py``), the
+latter read with a restricted unpickler that accepts only plain arrays and containers.
+"""
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from ..registry import DATA_SOURCES
+from .base import SourceContext, SourceData
+
+MNIST_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+MNIST_HINT = (
+    "put the four MNIST IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+    "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, optionally .gz) in {root} — "
+    "e.g. from https://yann.lecun.com/exdb/mnist/ or any MNIST mirror"
+)
+CIFAR_HINT = (
+    "put CIFAR-10 in {root}: either cifar-10-batches-bin/ (data_batch_1..5.bin, test_batch.bin) "
+    "or cifar-10-batches-py/ (data_batch_1..5, test_batch), extracted from "
+    "https://www.cs.toronto.edu/~kriz/cifar.html"
+)
+
+
+def _open_maybe_gz(root: Path, name: str, hint: str) -> bytes:
+    for candidate in (root / name, root / f"{name}.gz", root / "raw" / name, root / "raw" / f"{name}.gz"):
+        if candidate.is_file():
+            raw = candidate.read_bytes()
+            if candidate.suffix == ".gz":
+                try:
+                    raw = gzip.decompress(raw)
+                except (OSError, EOFError) as exc:
+                    raise DataError(f"{candidate}: not a valid gzip file ({exc})") from None
+            return raw
+    raise DataError(f"missing {name} in {root}: {hint.format(root=root)}")
+
+
+def read_idx(raw: bytes, name: str) -> np.ndarray:
+    """Parses an IDX file (the MNIST format) into a uint8 array; raises DataError if malformed."""
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{name}: not an IDX file of unsigned bytes (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{name}: truncated IDX header")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    count = int(np.prod(dims))
+    if len(raw) - header != count:
+        raise DataError(f"{name}: IDX body has {len(raw) - header} bytes, header says {count}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+@DATA_SOURCES.register("mnist")
+def mnist(ctx: SourceContext, root: str = "data/mnist") -> SourceData:
+    """MNIST from local IDX files; images scaled to [0, 1] and shaped [1, 28, 28].
+
+    Args:
+        root: Folder holding the four IDX files (or a raw/ subfolder with them).
+    """
+    base = Path(root)
+    if not base.is_dir():
+        raise DataError(f"MNIST folder {base} does not exist: {MNIST_HINT.format(root=base)}")
+    arrays = {k: read_idx(_open_maybe_gz(base, f, MNIST_HINT), f) for k, f in MNIST_FILES.items()}
+    for split in ("train", "test"):
+        xs, ys = arrays[f"{split}_x"], arrays[f"{split}_y"]
+        if xs.ndim != 3 or ys.ndim != 1 or len(xs) != len(ys):
+            raise DataError(f"MNIST {split}: images {xs.shape} and labels {ys.shape} do not match")
+    to_x = lambda a: torch.tensor(a, dtype=torch.float32).unsqueeze(1) / 255.0  # noqa: E731
+    to_y = lambda a: torch.tensor(a, dtype=torch.int64)  # noqa: E731
+    return SourceData(
+        to_x(arrays["train_x"]), to_y(arrays["train_y"]), to_x(arrays["test_x"]), to_y(arrays["test_y"]), num_classes=10
+    )
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler that only rebuilds numpy arrays and builtin containers (CIFAR batches)."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _cifar_py_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with path.open("rb") as fh:
+            batch = _ArrayUnpickler(fh, encoding="bytes").load()
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"{path}: not a CIFAR-10 python batch ({exc})") from None
+    if not isinstance(batch, dict):
+        raise DataError(f"{path}: not a CIFAR-10 python batch (top level is {type(batch).__name__})")
+    data = batch.get(b"data", batch.get("data"))
+    labels = batch.get(b"labels", batch.get("labels"))
+    if data is None or labels is None:
+        raise DataError(f"{path}: CIFAR-10 batch without 'data' and 'labels'")
+    data = np.asarray(data, dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+        raise DataError(f"{path}: expected data [n, 3072] and n labels, got {data.shape} and {len(labels)}")
+    return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
+
+
+def _cifar_bin_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    raw = np.frombuffer(path.read_bytes(), dtype=np.uint8)
+    if raw.size == 0 or raw.size % 3073:
+        raise DataError(f"{path}: size {raw.size} is not a multiple of 3073 (1 label byte + 3072 pixels)")
+    rows = raw.reshape(-1, 3073)
+    labels = rows[:, 0].astype(np.int64)
+    if labels.max() > 9:
+        raise DataError(f"{path}: label {labels.max()} out of range 0..9")
+    return rows[:, 1:].reshape(-1, 3, 32, 32), labels
+
+
+@DATA_SOURCES.register("cifar10")
+def cifar10(ctx: SourceContext, root: str = "data/cifar10") -> SourceData:
+    """CIFAR-10 from a local folder (binary or python version); images [3, 32, 32] in [0, 1].
+
+    Args:
+        root: Folder holding cifar-10-batches-bin/ or cifar-10-batches-py/ (or their files directly).
+    """
+    base = Path(root)
+    if not base.is_dir():
+        raise DataError(f"CIFAR-10 folder {base} does not exist: {CIFAR_HINT.format(root=base)}")
+    for sub, ext, reader in (("cifar-10-batches-bin", ".bin", _cifar_bin_batch), ("cifar-10-batches-py", "", _cifar_py_batch)):
+        for folder in (base / sub, base):
+            train_files = [folder / f"data_batch_{i}{ext}" for i in range(1, 6)]
+            test_file = folder / f"test_batch{ext}"
+            present = [f for f in train_files if f.is_file()]
+            if present and test_file.is_file():
+                tr = [reader(f) for f in present]
+                xte, yte = reader(test_file)
+                xtr = np.concatenate([t[0] for t in tr])
+                ytr = np.concatenate([t[1] for t in tr])
+                to_x = lambda a: torch.tensor(a, dtype=torch.float32) / 255.0  # noqa: E731
+                return SourceData(to_x(xtr), torch.tensor(ytr), to_x(xte), torch.tensor(yte), num_classes=10)
+    raise DataError(f"no CIFAR-10 batches found in {base}: {CIFAR_HINT.format(root=base)}")
+
+
+__all__ = ["cifar10", "mnist", "read_idx"]

@@ -1,0 +1,37 @@
+"""Errors that reach the user as one line and an exit status, never as a traceback."""
+from __future__ import annotations
+
+
+class FedsimError(Exception):
+    """A problem the user can fix; the CLI prints it on one line and exits with `exit_code`."""
+
+    exit_code = 2
+
+
+class ConfigError(FedsimError):
+    """A bad configuration value, reported with the dotted key path that holds it."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class DataError(FedsimError):
+    """A dataset that is missing or not in the format it claims to be."""
+
+
+class DivergenceError(FedsimError):
+    """Training produced NaN or inf; carries where it happened."""
+
+    exit_code = 3
+
+
+class ClientJobError(FedsimError):
+    """User code raised inside a client's local update; names the client and keeps the traceback."""
+
+    def __init__(self, client: int, job_id: int, detail: str):
+        self.client = client
+        self.job_id = job_id
+        self.detail = detail
+        super().__init__(f"client {client} (job {job_id}) failed in its local update:\n{detail}")

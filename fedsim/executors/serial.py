@@ -1,0 +1,34 @@
+"""The serial executor: runs each job in-process when its result is asked for."""
+from __future__ import annotations
+
+from ..registry import EXECUTORS
+from ..strategy import Strategy
+from .base import Executor, Job, JobResult, Worker, WorkerSpec
+
+
+class SerialExecutor(Executor):
+    """In-process, one job at a time; results are computed lazily on `result`."""
+
+    def __init__(self) -> None:
+        self._worker: Worker | None = None
+        self._pending: dict[int, Job] = {}
+
+    def start(self, spec: WorkerSpec, strategy: Strategy | None = None) -> None:
+        self._worker = Worker(spec, strategy)
+
+    def submit(self, job: Job) -> None:
+        self._pending[job.job_id] = job
+
+    def result(self, job_id: int) -> JobResult:
+        if self._worker is None:
+            raise RuntimeError("executor not started")
+        return self._worker.run(self._pending.pop(job_id))
+
+    def discard(self, job_id: int) -> None:
+        self._pending.pop(job_id, None)
+
+
+@EXECUTORS.register("serial")
+def serial() -> Executor:
+    """Runs every client job in the driver process, one after another."""
+    return SerialExecutor()

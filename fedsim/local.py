@@ -1,0 +1,65 @@
+"""Client-side building blocks: the local SGD loop that strategies shape.
+
+A strategy's local update usually is `sgd_steps` with its own `direction` (SCAFFOLD's
+corrected gradient, SAM's perturbed gradient…). Everything here is pure tensor code with
+no data-dependent Python branching, so it runs unchanged under ``torch.func.vmap``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .strategy import Batch, Batches, ClientOutput, ClientState, GradFn, LocalHP, LocalUpdate, Payload, Tensor
+
+Direction = Callable[[Tensor, Batch, GradFn, int], "tuple[Tensor, Tensor]"]
+
+
+def gradient(y: Tensor, batch: Batch, grad_fn: GradFn, k: int) -> tuple[Tensor, Tensor]:
+    """The default step direction: the mini-batch gradient at y; returns (direction, loss)."""
+    return grad_fn(y, batch)
+
+
+def local_lr(payload: Payload, hp: LocalHP) -> Tensor | float:
+    """Returns the local learning rate: the server's `local_lr` extra if sent, else hp.lr."""
+    return payload.extras.get("local_lr", hp.lr)
+
+
+def sgd_steps(
+    x0: Tensor,
+    batches: Batches,
+    grad_fn: GradFn,
+    hp: LocalHP,
+    direction: Direction = gradient,
+    lr: Tensor | float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Runs K = batches.num_steps local SGD steps from x0 along `direction`.
+
+    Weight decay is added to the direction, then heavy-ball momentum (buffer starts at
+    zero, as a freshly created ``torch.optim.SGD``), then ``y ← y − lr·d``.
+    Returns (y_K, mean mini-batch loss over the K steps).
+    """
+    lr = hp.lr if lr is None else lr
+    y = x0
+    buf = None
+    total = torch.zeros((), dtype=x0.dtype, device=x0.device)
+    for k in range(batches.num_steps):
+        d, loss = direction(y, batches[k], grad_fn, k)
+        if hp.weight_decay:
+            d = d + hp.weight_decay * y
+        if hp.momentum:
+            buf = d if buf is None else hp.momentum * buf + d
+            d = buf
+        y = y - lr * d
+        total = total + loss.detach()
+    return y, total / max(batches.num_steps, 1)
+
+
+def plain_sgd() -> LocalUpdate:
+    """Returns the local update of FedAvg: K SGD steps, upload u = x − y_K."""
+
+    def local(payload: Payload, state: ClientState, batches: Batches, grad_fn: GradFn, hp: LocalHP) -> ClientOutput:
+        y, loss = sgd_steps(payload.params, batches, grad_fn, hp, lr=local_lr(payload, hp))
+        return ClientOutput(payload.params - y, {}, {}, {"train_loss": loss})
+
+    return local

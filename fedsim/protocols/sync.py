@@ -1,0 +1,198 @@
+"""Synchronous rounds: sample clients, dispatch the global model, wait (or cut at a deadline).
+
+Round r starts at virtual time t_r. The available clients are sampled (keyed by (seed, r)),
+each job lasts its compute time plus transfer time, lost jobs disappear part-way, and the
+server aggregates every result that arrived — all of them, or those before the deadline
+t_r + deadline (the rest are counted as stragglers and their work is discarded). The round
+ends when the last awaited job reports, or at the deadline. A round that would end after
+run.time_budget is not performed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Annotated, Any, Optional
+
+import numpy as np
+
+from ..clock import to_seconds, to_ticks
+from ..comm import nbytes
+from ..config import Ge, Gt, OneOf, Range
+from ..errors import ConfigError
+from ..registry import PROTOCOLS
+from ..rng import numpy_rng
+from ..strategy import CombineContext, Msg, Tensor
+from .base import Protocol, ProtocolState, RunContext, check_finite, uplink_bytes
+from .weighting import IMPORTANCES, WEIGHTINGS, aggregation_weights, importance
+
+
+@dataclass
+class SyncState(ProtocolState):
+    """Progress plus the server's strategy state and round statistics."""
+
+    server: Any = None
+    version: int = 0
+    stragglers: int = 0
+    dropped: int = 0
+    participants: int = 0  # clients aggregated in the last round
+    train_loss: float | None = None  # mean local loss of the last round's aggregated clients
+
+
+class SyncProtocol(Protocol):
+    """See the module docstring."""
+
+    requires = "server"
+
+    def __init__(self, clients_per_round: int | None, fraction: float | None, deadline: float | None,
+                 weighting: str, client_weights: str):
+        if clients_per_round is not None and fraction is not None:
+            raise ConfigError("protocol", "set clients_per_round or fraction, not both")
+        self.clients_per_round = clients_per_round
+        self.fraction = fraction
+        self.deadline = deadline
+        self.weighting = weighting
+        self.client_weights = client_weights
+
+    def cohort_size(self, num_clients: int) -> int:
+        """Returns how many clients a round samples (before availability caps it)."""
+        if self.clients_per_round is not None:
+            if self.clients_per_round > num_clients:
+                raise ConfigError(
+                    "protocol.clients_per_round", f"{self.clients_per_round} exceeds data.num_clients={num_clients}"
+                )
+            return self.clients_per_round
+        if self.fraction is not None:
+            return max(1, int(math.ceil(self.fraction * num_clients)))
+        return num_clients
+
+    def setup(self, ctx: RunContext) -> None:
+        self.cohort_size(ctx.num_clients)
+        self._p = importance(ctx.data.samples_per_client(), self.client_weights)
+
+    def init(self, ctx: RunContext) -> SyncState:
+        return SyncState(server=ctx.strategy.init(ctx.initial_params))
+
+    def step(self, ctx: RunContext, state: SyncState) -> SyncState:
+        if ctx.out_of_rounds(state):
+            state.finished = True
+            return state
+        t0 = state.time
+        everyone = np.arange(ctx.num_clients)
+        available = ctx.population.available(everyone, to_seconds(t0))
+        if len(available) == 0:
+            nxt = ctx.population.next_availability_change(to_seconds(t0))
+            if not math.isfinite(nxt) or to_ticks(nxt) > ctx.budget_ticks():
+                state.finished = True
+                return state
+            ctx.log(t0, "idle", until=nxt)
+            state.time = to_ticks(nxt)
+            return state
+        m = min(self.cohort_size(ctx.num_clients), len(available))
+        cohort = np.sort(numpy_rng(ctx.seed, "sample", state.rounds).choice(available, m, replace=False))
+        payload = ctx.strategy.publish(state.server)
+        down = nbytes(payload)
+        job_ids = state.next_job + np.arange(m)
+        jobs = [ctx.make_job(int(c), payload, state.version, int(j)) for c, j in zip(cohort, job_ids)]
+        lost, lost_at = ctx.population.drops(cohort, job_ids)
+        results = {r.client: r for r in ctx.executor.run([j for j, gone in zip(jobs, lost) if not gone])}
+        ups = np.array([uplink_bytes(results[j.client]) if j.client in results else 0 for j in jobs])
+        durations = ctx.population.job_ticks(cohort, [j.num_steps for j in jobs], np.full(m, down), ups, job_ids)
+
+        cut = t0 + to_ticks(self.deadline) if self.deadline is not None else None
+        arrivals, losses = [], []
+        for job, dur, gone, frac in zip(jobs, durations, lost, lost_at):
+            if gone:
+                losses.append((t0 + int(round(frac * dur)), job.client))
+            else:
+                arrivals.append((t0 + dur, job.client))
+        arrivals.sort()
+        on_time = [(t, c) for t, c in arrivals if cut is None or t <= cut]
+        late = [(t, c) for t, c in arrivals if cut is not None and t > cut]
+        end = max([t for t, _ in arrivals] + [t for t, _ in losses] + [t0])
+        if cut is not None:
+            end = min(end, cut)
+        if end > ctx.budget_ticks():
+            state.finished = True
+            return state
+
+        accepted = [results[c] for _, c in on_time]
+        weights = aggregation_weights(
+            self.weighting,
+            [r.client for r in accepted],
+            [r.num_samples for r in accepted],
+            self._p,
+            [m / len(available)] * len(accepted),
+        )
+        msgs = [
+            Msg(r.client, r.output.update, w, 0, r.num_samples, r.num_steps, payload.params, r.output.extras)
+            for r, w in zip(accepted, weights)
+        ]
+        for r in accepted:
+            check_finite(r, state.rounds, t0)
+        state.server = ctx.strategy.combine(
+            state.server, msgs, CombineContext(ctx.num_clients, state.version, to_seconds(end))
+        )
+        for r in accepted:
+            ctx.store.put(r.client, r.output.state)
+
+        if ctx.events is not None:
+            for job in jobs:
+                ctx.log(t0, "dispatch", client=job.client, version=state.version, job=job.job_id)
+            for t, c in losses:
+                ctx.log(t, "drop", client=c, version=state.version)
+            for t, c in on_time:
+                ctx.log(t, "arrival", client=c, version=state.version, staleness=0)
+            for t, c in late:
+                ctx.log(cut, "straggler", client=c, version=state.version, would_arrive=to_seconds(t))
+            ctx.log(end, "aggregate", version=state.version + 1, clients=[r.client for r in accepted])
+
+        losses_seen = [r.output.metrics.get("train_loss") for r in accepted]
+        losses_seen = [x for x in losses_seen if x is not None]
+        state.train_loss = float(np.mean(losses_seen)) if losses_seen else None
+        state.participants = len(accepted)
+        state.stragglers += len(late)
+        state.dropped += len(losses)
+        state.bytes_down += down * m
+        state.bytes_up += int(sum(uplink_bytes(r) for r in accepted))
+        state.next_job += m
+        state.version += 1
+        state.rounds += 1
+        state.aggregations += 1
+        state.time = end
+        state.finished = ctx.out_of_rounds(state)
+        return state
+
+    def eval_params(self, ctx: RunContext, state: SyncState) -> Tensor:
+        return ctx.strategy.params(state.server)
+
+    def eval_metrics(self, ctx: RunContext, state: SyncState) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "train_loss": state.train_loss,
+            "participants": state.participants,
+            "stragglers": state.stragglers,
+            "dropped": state.dropped,
+        }
+        if ctx.strategy.metrics is not None:
+            out.update(ctx.strategy.metrics(state.server))
+        return out
+
+
+@PROTOCOLS.register("sync")
+def sync(
+    clients_per_round: Annotated[Optional[int], Ge(1)] = None,
+    fraction: Annotated[Optional[float], Range(0.0, 1.0, open_lo=True)] = None,
+    deadline: Annotated[Optional[float], Gt(0)] = None,
+    weighting: Annotated[str, OneOf(WEIGHTINGS)] = "samples",
+    client_weights: Annotated[str, OneOf(IMPORTANCES)] = "samples",
+) -> Protocol:
+    """Synchronous rounds with client sampling and an optional straggler deadline.
+
+    Args:
+        clients_per_round: Clients sampled per round (default: all available clients).
+        fraction: Alternatively, the fraction of the population sampled per round.
+        deadline: Round deadline in virtual seconds; later results are discarded as stragglers.
+        weighting: Aggregation weights: 'samples' (n_i / Σ n_j), 'identical' (1/|S|),
+            'unbiased' (p_i / f_i, f_i = sampling probability).
+        client_weights: Client importance p_i in the objective, for 'unbiased': 'samples' or 'uniform'.
+    """
+    return SyncProtocol(clients_per_round, fraction, deadline, weighting, client_weights)
