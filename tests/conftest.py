@@ -1,0 +1,81 @@
+"""Shared test helpers: small configs and in-process runs."""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def quadratic_config(**sections: Any) -> dict[str, Any]:
+    """A deterministic federated-quadratic run: 10 clients, full batch, 10 local steps."""
+    cfg: dict[str, Any] = {
+        "name": "quad",
+        "seed": 0,
+        "data": {"name": "quadratic", "num_clients": 10, "partition": "natural", "dim": 5},
+        "model": {"name": "vector"},
+        "strategy": {"name": "fedavg"},
+        "local": {"lr": 0.05, "batch_size": 1, "steps": 10},
+        "protocol": {"name": "sync"},
+        "run": {"rounds": 50, "eval_every": 10, "progress": False},
+    }
+    return merge(cfg, sections)
+
+
+def digits_config(**sections: Any) -> dict[str, Any]:
+    """A small digits run (8 clients, 4 per round, a few rounds)."""
+    cfg: dict[str, Any] = {
+        "name": "digits",
+        "seed": 1,
+        "data": {"name": "digits", "num_clients": 8, "partition": {"name": "dirichlet_per_class", "alpha": 0.5}},
+        "model": {"name": "mlp", "hidden": [32]},
+        "strategy": {"name": "fedavg"},
+        "local": {"lr": 0.1, "batch_size": 16, "epochs": 1},
+        "system": {"compute": {"name": "lognormal", "mean": 0.01, "sigma": 0.5}},
+        "protocol": {"name": "sync", "clients_per_round": 4},
+        "run": {"rounds": 6, "eval_every": 2, "progress": False},
+    }
+    return merge(cfg, sections)
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merges `extra` into a copy of `base` (mappings merge, other values replace)."""
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def run_config(cfg: dict[str, Any], out: Path | None = None, overrides: tuple[str, ...] = ()):
+    """Loads and executes a config in-process; returns the Run."""
+    from fedsim.config import load_config
+    from fedsim.runner import execute
+
+    return execute(load_config(cfg, overrides), out, progress=False)
+
+
+def fedsim_cmd(*args: str) -> list[str]:
+    """The command line that runs this checkout's fedsim CLI."""
+    return [sys.executable, "-m", "fedsim", *args]
+
+
+@pytest.fixture
+def tmp_yaml(tmp_path: Path):
+    """Writes a config mapping to a YAML file and returns its path."""
+    import yaml
+
+    def write(cfg: dict[str, Any], name: str = "cfg.yaml") -> Path:
+        p = tmp_path / name
+        p.write_text(yaml.safe_dump(cfg))
+        return p
+
+    return write
