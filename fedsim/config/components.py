@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..registry import Entry, Registry
 from .checks import Check, OneOf
 
-CONTEXT_PARAMS = ("ctx", "input_shape", "num_classes")  # filled by the engine, not by users
+CONTEXT_PARAMS = ("ctx",)  # leading factory parameters filled by the engine, not by users
 
 
 @dataclass(frozen=True)
@@ -97,13 +97,14 @@ def docstring_args(fn: Callable[..., Any]) -> dict[str, str]:
     return out
 
 
-def signature_knobs(fn: Callable[..., Any]) -> list[Knob]:
-    """Returns the user-facing knobs of a factory: its keyword parameters, typed and documented."""
+def signature_knobs(fn: Callable[..., Any], skip: Sequence[str] = CONTEXT_PARAMS) -> list[Knob]:
+    """Returns the user-facing knobs of a factory: its keyword parameters (minus `skip`, the
+    ones the engine fills), typed and documented."""
     hints = typing.get_type_hints(fn, include_extras=True)
     helps = docstring_args(fn)
     knobs = []
     for p in inspect.signature(fn).parameters.values():
-        if p.name in CONTEXT_PARAMS or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY):
+        if p.name in skip or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY):
             continue
         typ, checks = _split_annotation(hints.get(p.name, inspect.Parameter.empty))
         default = MISSING if p.default is inspect.Parameter.empty else p.default
@@ -224,6 +225,7 @@ class ComponentSpec:
     name_key: str = "name"
     default: str | None = None
     common: type | None = None  # dataclass of keys shared by every choice (e.g. data.num_clients)
+    context_params: tuple[str, ...] = CONTEXT_PARAMS  # factory parameters the engine fills
 
     def resolve(self, path: str, raw: Any) -> Component:
         """Validates the section at `path` and returns the resolved Component."""
@@ -241,7 +243,7 @@ class ComponentSpec:
             raise ConfigError(_join(path, self.name_key), f"expected a name string, got {name!r}")
         entry = self.registry.get(name, _join(path, self.name_key))
         common_knobs = dataclass_knobs(self.common) if self.common else []
-        own = signature_knobs(entry.factory)
+        own = signature_knobs(entry.factory, self.context_params)
         common_names = {k.name for k in common_knobs}
         knobs = common_knobs + [k for k in own if k.name not in common_names]
         values = validate_knobs(path, raw, knobs, f"{self.registry.kind} {name!r}")

@@ -138,7 +138,7 @@ TOP_LEVEL_HELP = {
 
 COMPONENTS: dict[str, ComponentSpec] = {
     "data": ComponentSpec(DATA_SOURCES, default="digits", common=DataCommon),
-    "model": ComponentSpec(MODELS, default="auto"),
+    "model": ComponentSpec(MODELS, default="auto", context_params=("ctx", "input_shape", "num_classes")),
     "strategy": ComponentSpec(STRATEGIES, default="fedavg"),
     "protocol": ComponentSpec(PROTOCOLS, default="sync"),
     "topology": ComponentSpec(TOPOLOGIES, default="ring", common=TopologyCommon),
