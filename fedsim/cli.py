@@ -37,6 +37,18 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import available, reproduce
+
+    names = available() if args.name == "all" else [args.name]
+    for name in names:
+        out = Path(args.out) / name if args.name == "all" else Path(args.out)
+        result = reproduce(name, out, quick=args.quick, executor=args.executor)
+        print(f"{name}: {sum(c.supported is True for c in result.claims)}/{len(result.claims)} claims supported; "
+              f"see {result.out / 'claims.md'}")
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from . import registry
 
@@ -84,6 +96,13 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--logy", action="store_true", help="log-scale y axis")
     pl.add_argument("-o", "--output", required=True, help="PNG file to write")
     pl.set_defaults(func=_cmd_plot)
+
+    rp = sub.add_parser("reproduce", help="re-create a paper's figure and claim table")
+    rp.add_argument("name", help="paper name (experiments/papers/<name>/) or 'all'")
+    rp.add_argument("--out", required=True, help="output folder for runs, figures and claims.md")
+    rp.add_argument("--quick", action="store_true", help="reduced version (a few minutes on 2 cores)")
+    rp.add_argument("--executor", help="executor kind for every run (serial, ray, vmap)")
+    rp.set_defaults(func=_cmd_reproduce)
 
     ls = sub.add_parser("list", help="list registered components")
     ls.add_argument("kind", nargs="?", help="strategies, protocols, executors, data, partitions, models, ...")
