@@ -49,6 +49,18 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reference(args: argparse.Namespace) -> int:
+    from .config.reference import generate
+
+    text = generate()
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}")
+    else:
+        print(text, end="")
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from . import registry
 
@@ -103,6 +115,10 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--quick", action="store_true", help="reduced version (a few minutes on 2 cores)")
     rp.add_argument("--executor", help="executor kind for every run (serial, ray, vmap)")
     rp.set_defaults(func=_cmd_reproduce)
+
+    ref = sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
+    ref.add_argument("-o", "--output", help="write it to this file instead of stdout")
+    ref.set_defaults(func=_cmd_reference)
 
     ls = sub.add_parser("list", help="list registered components")
     ls.add_argument("kind", nargs="?", help="strategies, protocols, executors, data, partitions, models, ...")

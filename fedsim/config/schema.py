@@ -39,9 +39,10 @@ class DataCommon:
 
     num_clients: Annotated[int, Ge(1)] = knob(10, "Number of clients (or gossip nodes) in the population.")
     partition: Any = knob(
-        "iid",
+        "auto",
         "How training samples are split among clients: a partitioner name or a mapping "
-        "{name: ..., kwargs}. Sources with a natural split (synthetic, quadratic) use 'natural'.",
+        "{name: ..., kwargs}. 'auto' is the source's natural per-user split when it has one "
+        "(synthetic, quadratic) and IID otherwise.",
     )
     test_fraction: Annotated[float, Range(0.0, 1.0, open_hi=True)] = knob(
         0.2, "Share of samples held out as the global test set, for sources without their own test split."
@@ -145,7 +146,7 @@ COMPONENTS: dict[str, ComponentSpec] = {
     "executor": ComponentSpec(EXECUTORS, name_key="kind", default="serial"),
 }
 NESTED_COMPONENTS: dict[str, ComponentSpec] = {
-    "data.partition": ComponentSpec(PARTITIONERS, default="iid"),
+    "data.partition": ComponentSpec(PARTITIONERS, default="auto"),
     "system.compute": ComponentSpec(COMPUTE_MODELS, default="constant", common=ComputeCommon),
     "system.link": ComponentSpec(LINK_MODELS, default="ideal"),
     "system.availability": ComponentSpec(AVAILABILITY_MODELS, default="always"),

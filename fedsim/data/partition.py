@@ -109,6 +109,12 @@ def shards(
     return [np.sort(np.concatenate([pieces[s] for s in row])) for row in assign]
 
 
+@PARTITIONERS.register("auto")
+def auto(ctx: PartitionContext) -> list[np.ndarray]:
+    """The source's natural split when it has one (synthetic, quadratic), IID otherwise."""
+    return natural(ctx) if ctx.groups is not None else iid(ctx)
+
+
 @PARTITIONERS.register("natural")
 def natural(ctx: PartitionContext) -> list[np.ndarray]:
     """The source's own per-user split (Synthetic, quadratic): user i is client i."""
