@@ -21,12 +21,37 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else default_run_dir(config.name)
     progress = False if args.quiet else None
-    run = execute(config, out, overwrite=args.overwrite, progress=progress)
+    if args.resume and (out / "config.yaml").is_file():
+        from .checkpoint import list_checkpoints
+        from .runner import resume
+
+        if list_checkpoints(out):
+            print(f"resuming {out} from its newest checkpoint (its own config.yaml is used)")
+            run = resume(out, progress=progress)
+            _print_final(run, out)
+            return 0
+        overwrite = True  # a folder with no checkpoint yet: start over
+    else:
+        overwrite = args.overwrite
+    run = execute(config, out, overwrite=overwrite, progress=progress)
+    _print_final(run, out)
+    return 0
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from .runner import resume
+
+    out = Path(args.run_dir)
+    run = resume(out, progress=False if args.quiet else None)
+    _print_final(run, out)
+    return 0
+
+
+def _print_final(run, out: Path) -> None:  # noqa: ANN001
     last = run.rows[-1]
     shown = {k: last[k] for k in ("round", "virtual_time", "test_accuracy", "test_loss", "dist_to_opt") if last.get(k) is not None}
     print("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
     print(f"run folder: {out}")
-    return 0
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -98,7 +123,13 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run folder (default runs/<name>-<timestamp>)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     r.set_defaults(func=_cmd_run)
+
+    rs = sub.add_parser("resume", help="continue an interrupted run from its newest checkpoint")
+    rs.add_argument("run_dir", help="the run folder")
+    rs.add_argument("--quiet", action="store_true", help="no progress bar")
+    rs.set_defaults(func=_cmd_resume)
 
     pl = sub.add_parser("plot", help="overlay metrics of several run folders")
     pl.add_argument("runs", nargs="+", help="run folders")

@@ -10,12 +10,20 @@ import heapq
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import FedsimError
+
 TICKS_PER_SECOND = 10**9
 
 
 def to_ticks(seconds: float) -> int:
-    """Converts virtual seconds to integer ticks (rounded to the nearest tick)."""
-    return int(round(float(seconds) * TICKS_PER_SECOND))
+    """Converts virtual seconds to integer ticks (rounded to the nearest tick).
+
+    Raises FedsimError for a non-finite duration (e.g. a near-zero bandwidth in `system`).
+    """
+    value = float(seconds) * TICKS_PER_SECOND
+    if value != value or value in (float("inf"), float("-inf")):
+        raise FedsimError(f"a virtual duration is not finite ({seconds}); check the system.* values")
+    return int(round(value))
 
 
 def to_seconds(ticks: int) -> float:

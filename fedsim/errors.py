@@ -35,3 +35,9 @@ class ClientJobError(FedsimError):
         self.job_id = job_id
         self.detail = detail
         super().__init__(f"client {client} (job {job_id}) failed in its local update:\n{detail}")
+
+
+class Interrupted(FedsimError):
+    """The run was stopped by SIGINT/SIGTERM after writing a checkpoint."""
+
+    exit_code = 130

@@ -1,31 +1,49 @@
-"""Builds a run from its config and drives its protocol: evaluation, outputs, progress.
+"""Builds a run from its config and drives its protocol: evaluation, checkpoints, outputs.
 
 Everything is built (and so validated) before the run folder is created, so a bad config
-or a missing dataset never leaves a half-written folder behind.
+or a missing dataset never leaves a half-written folder behind. `resume` continues a run
+folder from its newest valid checkpoint; the resumed run's metrics (apart from wall time)
+and final model equal those of a run that never stopped.
 """
 from __future__ import annotations
 
+import json
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from tqdm import tqdm
 
+from . import checkpoint as ckpt
 from .clock import to_seconds, to_ticks
-from .config.load import Config
+from .config.load import Config, load_config
 from .data import build_federated_data
-from .errors import ConfigError
+from .errors import ConfigError, DivergenceError, FedsimError, Interrupted
 from .executors.base import Executor, WorkerSpec
-from .outputs import EventLog, JsonlLog, prepare_run_dir, write_config, write_summary
+from .outputs import EventLog, JsonlLog, prepare_run_dir, read_jsonl, write_atomic, write_config, write_summary
 from .plots import curves
 from .protocols.base import Protocol, ProtocolState, RunContext
 from .state_store import ClientStateStore
 from .strategy import LocalHP, Strategy
 from .system.population import Population
 from .task import build_task
+
+
+@dataclass
+class DriverState:
+    """The driver's own bookkeeping, checkpointed with the protocol state."""
+
+    next_eval: int | None  # next evaluation tick (time-based evaluation), else None
+    last_rounds: int = 0
+    evaluations: int = 0
+    checkpoints: int = 0
+    wall_offset: float = 0.0  # wall seconds spent before a resume
 
 
 @dataclass
@@ -67,7 +85,7 @@ def build(config: Config) -> Run:
     return Run(config, ctx, protocol)
 
 
-def evaluate(run: Run, state: ProtocolState, at_tick: int, wall_start: float) -> dict[str, Any]:
+def evaluate(run: Run, state: ProtocolState, at_tick: int, wall: float) -> dict[str, Any]:
     """Evaluates the protocol's model on the global test set and returns a metrics row."""
     ctx = run.ctx
     src = ctx.data.source
@@ -76,7 +94,7 @@ def evaluate(run: Run, state: ProtocolState, at_tick: int, wall_start: float) ->
     row: dict[str, Any] = {
         "round": state.rounds,
         "virtual_time": to_seconds(at_tick),
-        "wall_time": time.perf_counter() - wall_start,
+        "wall_time": wall,
         "test_accuracy": m.pop("accuracy"),
         "test_loss": m.pop("loss"),
         "bytes_up": state.bytes_up,
@@ -88,10 +106,61 @@ def evaluate(run: Run, state: ProtocolState, at_tick: int, wall_start: float) ->
     return row
 
 
-def drive(run: Run, out_dir: Path | None, progress: bool | None = None) -> list[dict[str, Any]]:
-    """Runs the protocol to its stopping rule, evaluating as configured; returns the rows.
+class _StopFlag:
+    """Set by SIGINT/SIGTERM; the driver checks it between steps."""
 
-    With `out_dir`, rows go to metrics.jsonl as they are made (and events to events.jsonl).
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+
+@contextmanager
+def _catch_signals(flag: _StopFlag) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.signal is not None:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        flag.signal = signum
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def _write_checkpoint(run: Run, out_dir: Path, state: ProtocolState, dstate: DriverState, wall: float) -> None:
+    ctx = run.ctx
+    events_bytes = 0
+    if ctx.events is not None:
+        ctx.events._fh.flush()
+        events_bytes = ctx.events.path.stat().st_size
+    dstate.checkpoints += 1
+    snapshot = DriverState(dstate.next_eval, dstate.last_rounds, dstate.evaluations, dstate.checkpoints, wall)
+    payload = {
+        "format": 1,
+        "protocol": run.config.protocol.name,
+        "param_dim": ctx.task.layout.dim,
+        "protocol_state": state,
+        "store": ctx.store.snapshot(),
+        "driver": snapshot,
+        "rows": json.dumps(run.rows),
+        "events_bytes": events_bytes,
+    }
+    ckpt.save(out_dir, dstate.checkpoints, payload, run.config.run.keep_checkpoints)
+
+
+def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
+          resume: tuple[ProtocolState, DriverState] | None = None) -> list[dict[str, Any]]:
+    """Runs the protocol to its stopping rule, evaluating and checkpointing as configured.
+
+    With `out_dir`, rows go to metrics.jsonl as they are made, events to events.jsonl,
+    and checkpoints to checkpoints/. Returns the metrics rows.
     """
     cfg = run.config.run
     ctx, proto = run.ctx, run.protocol
@@ -99,47 +168,76 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None) -> list[
     metrics = JsonlLog(out_dir / "metrics.jsonl") if out_dir else None
     if out_dir and cfg.log_events:
         ctx.events = EventLog(out_dir / "events.jsonl")
-    wall_start = time.perf_counter()
     every_tick = to_ticks(cfg.eval_every_time) if cfg.eval_every_time else None
+    wall_start = time.perf_counter()
     total = cfg.rounds if cfg.rounds is not None else cfg.time_budget
-    bar = tqdm(total=total, disable=not show, unit="round" if cfg.rounds is not None else "s", dynamic_ncols=True, leave=True)
+    bar = tqdm(total=total, disable=not show, unit="round" if cfg.rounds is not None else "s", dynamic_ncols=True)
+    flag = _StopFlag()
+
+    if resume is None:
+        state = None
+        dstate = DriverState(next_eval=every_tick)
+    else:
+        state, dstate = resume
+        proto.resume(ctx, state)
+
+    def wall() -> float:
+        return dstate.wall_offset + time.perf_counter() - wall_start
 
     def record(state: ProtocolState, tick: int) -> None:
-        row = evaluate(run, state, tick, wall_start)
+        row = evaluate(run, state, tick, wall())
         run.rows.append(row)
+        dstate.evaluations += 1
         if metrics:
             metrics.append(row)
-        if ctx.events is not None:
-            ctx.events._fh.flush()
         acc = row.get("test_accuracy")
         bar.set_postfix_str(f"acc={acc:.4f}" if acc is not None else f"loss={row['test_loss']:.4g}")
+        if out_dir and cfg.checkpoint_every and dstate.evaluations % cfg.checkpoint_every == 0:
+            _write_checkpoint(run, out_dir, state, dstate, wall())
+
+    def advance_bar(state: ProtocolState) -> None:
+        if cfg.rounds is not None:
+            bar.update(state.rounds - bar.n)
+        else:
+            bar.update(min(to_seconds(state.time), cfg.time_budget) - bar.n)
 
     try:
-        state = proto.init(ctx)
-        record(state, state.time)
-        next_eval = every_tick
-        last_rounds = state.rounds
-        while not state.finished:
-            if every_tick is not None:
-                nt = proto.next_time(ctx, state)
-                while nt is not None and nt > next_eval and next_eval <= ctx.budget_ticks():
-                    record(state, next_eval)
-                    next_eval += every_tick
-            state = proto.step(ctx, state)
-            if cfg.rounds is not None:
-                bar.update(state.rounds - bar.n)
-            else:
-                bar.update(min(to_seconds(state.time), cfg.time_budget) - bar.n)
-            if every_tick is None and state.rounds != last_rounds and state.rounds % cfg.eval_every == 0:
+        with _catch_signals(flag):
+            if state is None:
+                state = proto.init(ctx)
                 record(state, state.time)
-            last_rounds = state.rounds
-        if every_tick is not None:
-            end = min(ctx.budget_ticks(), state.time) if math.isfinite(ctx.budget_ticks()) else state.time
-            while next_eval <= end:
-                record(state, next_eval)
-                next_eval += every_tick
-        elif run.rows[-1]["round"] != state.rounds or run.rows[-1]["virtual_time"] != to_seconds(state.time):
-            record(state, state.time)
+            advance_bar(state)
+            while not state.finished:
+                if flag.signal is not None:
+                    if out_dir:
+                        _write_checkpoint(run, out_dir, state, dstate, wall())
+                    name = signal.Signals(flag.signal).name
+                    hint = f"; resume with: fedsim resume {out_dir}" if out_dir else ""
+                    raise Interrupted(f"stopped by {name} at round {state.rounds} (checkpoint written){hint}")
+                if every_tick is not None:
+                    nt = proto.next_time(ctx, state)
+                    while nt is not None and nt > dstate.next_eval and dstate.next_eval <= ctx.budget_ticks():
+                        record(state, dstate.next_eval)
+                        dstate.next_eval += every_tick
+                try:
+                    state = proto.step(ctx, state)
+                except DivergenceError as exc:
+                    last = run.rows[-1] if run.rows else {}
+                    shown = {k: last.get(k) for k in ("round", "virtual_time", "test_accuracy", "test_loss")}
+                    kept = " (last checkpoint kept)" if out_dir and ckpt.list_checkpoints(out_dir) else ""
+                    raise DivergenceError(f"{exc}; last finite metrics: {shown}{kept}") from None
+                advance_bar(state)
+                if every_tick is None and state.rounds != dstate.last_rounds and state.rounds % cfg.eval_every == 0:
+                    record(state, state.time)
+                dstate.last_rounds = state.rounds
+            if every_tick is not None:
+                budget = ctx.budget_ticks()
+                end = min(budget, state.time) if math.isfinite(budget) else state.time
+                while dstate.next_eval <= end:
+                    record(state, dstate.next_eval)
+                    dstate.next_eval += every_tick
+            elif run.rows[-1]["round"] != state.rounds or run.rows[-1]["virtual_time"] != to_seconds(state.time):
+                record(state, state.time)
     finally:
         bar.close()
         if metrics:
@@ -148,8 +246,28 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None) -> list[
             ctx.events.close()
         ctx.executor.close()
     run.final_state = state
-    run.wall_time = time.perf_counter() - wall_start
+    run.wall_time = wall()
     return run.rows
+
+
+def _finish(run: Run, out_dir: Path) -> None:
+    state = run.final_state
+    assert state is not None
+    write_summary(
+        out_dir,
+        run.rows,
+        {
+            "aggregations": state.aggregations,
+            "rounds": state.rounds,
+            "virtual_time": to_seconds(state.time),
+            "bytes_up": state.bytes_up,
+            "bytes_down": state.bytes_down,
+            "evaluations": len(run.rows),
+            "wall_time": run.wall_time,
+        },
+    )
+    torch.save(run.protocol.eval_params(run.ctx, state).detach().cpu(), out_dir / "final_model.pt")
+    curves(out_dir, run.rows)
 
 
 def execute(config: Config, out_dir: Path | None, overwrite: bool = False, progress: bool | None = None) -> Run:
@@ -160,21 +278,34 @@ def execute(config: Config, out_dir: Path | None, overwrite: bool = False, progr
         write_config(out_dir, config.resolved())
     drive(run, out_dir, progress)
     if out_dir is not None:
-        state = run.final_state
-        assert state is not None
-        write_summary(
-            out_dir,
-            run.rows,
-            {
-                "aggregations": state.aggregations,
-                "rounds": state.rounds,
-                "virtual_time": to_seconds(state.time),
-                "bytes_up": state.bytes_up,
-                "bytes_down": state.bytes_down,
-                "evaluations": len(run.rows),
-                "wall_time": run.wall_time,
-            },
-        )
-        torch.save(run.protocol.eval_params(run.ctx, state), out_dir / "final_model.pt")
-        curves(out_dir, run.rows)
+        _finish(run, out_dir)
     return run
+
+
+def resume(out_dir: Path, progress: bool | None = None) -> Run:
+    """Continues the run in `out_dir` from its newest valid checkpoint and finishes it."""
+    cfg_path = out_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise FedsimError(f"{out_dir} is not a run folder (no config.yaml)")
+    config = load_config(cfg_path)
+    payload, path = ckpt.load_latest(out_dir, trusted=config.plugins)
+    run = build(config)
+    if payload.get("protocol") != config.protocol.name:
+        raise FedsimError(f"{path.name} was written by protocol {payload.get('protocol')!r}, config says {config.protocol.name!r}")
+    if payload.get("param_dim") != run.ctx.task.layout.dim:
+        raise FedsimError(
+            f"{path.name} holds a model of {payload.get('param_dim')} parameters; the config's model has {run.ctx.task.layout.dim}"
+        )
+    run.ctx.store.restore(payload["store"])
+    run.rows = json.loads(payload["rows"])
+    write_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in run.rows))
+    events = out_dir / "events.jsonl"
+    if events.exists():
+        with events.open("r+b") as fh:
+            fh.truncate(int(payload["events_bytes"]))
+    drive(run, out_dir, progress, resume=(payload["protocol_state"], payload["driver"]))
+    _finish(run, out_dir)
+    return run
+
+
+__all__ = ["DriverState", "Run", "build", "drive", "evaluate", "execute", "resume", "read_jsonl"]

@@ -37,5 +37,13 @@ class ClientStateStore:
         """Yields the ids of clients that have a stored state."""
         return iter(sorted(self._states))
 
+    def snapshot(self) -> dict[int, dict[str, Tensor]]:
+        """Returns every stored state (for checkpoints)."""
+        return {c: dict(s) for c, s in self._states.items()}
+
+    def restore(self, snap: dict[int, dict[str, Tensor]]) -> None:
+        """Replaces the store's content with a `snapshot()`."""
+        self._states = {int(c): dict(s) for c, s in snap.items()}
+
     def close(self) -> None:
         """Releases resources (nothing to release in memory)."""

@@ -171,11 +171,23 @@ def validate_knobs(path: str, raw: Mapping[str, Any], knobs: Sequence[Knob], wha
         key = str(getattr(exc, "full_key", "") or "")
         raise ConfigError(_join(path, key), _friendly(msg)) from None
     for k in knobs:
+        if _has_non_finite(values[k.name]):
+            raise ConfigError(_join(path, k.name), f"must be a finite number (got {values[k.name]})")
         for check in k.checks:
             problem = check.problem(values[k.name])
             if problem:
                 raise ConfigError(_join(path, k.name), problem)
     return values
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return value != value or value in (float("inf"), float("-inf"))
+    if isinstance(value, (list, tuple)):
+        return any(_has_non_finite(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    return False
 
 
 def _friendly(msg: str) -> str:

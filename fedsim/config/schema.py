@@ -110,6 +110,10 @@ class RunSection:
     log_events: bool = knob(False, "Write events.jsonl: every dispatch, arrival and aggregation on the virtual clock.")
     progress: bool = knob(True, "Show a progress bar on stderr.")
     torch_threads: Annotated[Optional[int], Ge(1)] = knob(None, "torch intra-op threads (default: torch's choice).")
+    checkpoint_every: Annotated[int, Ge(0)] = knob(
+        5, "Write a checkpoint every this many evaluations (0: only on interruption)."
+    )
+    keep_checkpoints: Annotated[int, Ge(1)] = knob(2, "How many of the newest checkpoints to keep.")
 
 
 @dataclass

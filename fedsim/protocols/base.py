@@ -137,6 +137,9 @@ class Protocol(ABC):
     def step(self, ctx: RunContext, state: ProtocolState) -> ProtocolState:
         """Advances by one round or event; sets `finished` when the stopping rule is met."""
 
+    def resume(self, ctx: RunContext, state: ProtocolState) -> None:
+        """Re-submits work that was in flight when `state` was checkpointed (executors start empty)."""
+
     def next_time(self, ctx: RunContext, state: ProtocolState) -> int | None:
         """Returns the tick at which the next step takes effect (for time-based evaluation)."""
         return state.time
