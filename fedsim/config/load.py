@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -132,6 +133,34 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+def import_plugin(spec: str, base_dir: Path) -> None:
+    """Imports a plugin: a module name (searched also in `base_dir` and the working folder)
+    or a path to a .py file (relative to `base_dir`, the config file's folder)."""
+    import sys
+
+    try:
+        if spec.endswith(".py"):
+            path = (base_dir / spec).resolve()
+            if not path.is_file():
+                raise ConfigError("plugins", f"plugin file not found: {path}")
+            name = f"fedsim_plugin_{path.stem}"
+            if name not in sys.modules:
+                module_spec = importlib.util.spec_from_file_location(name, path)
+                assert module_spec and module_spec.loader
+                module = importlib.util.module_from_spec(module_spec)
+                sys.modules[name] = module
+                module_spec.loader.exec_module(module)
+            return
+        for folder in (str(base_dir), str(Path.cwd())):
+            if folder not in sys.path:
+                sys.path.append(folder)
+        importlib.import_module(spec)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any import failure is a config problem
+        raise ConfigError("plugins", f"cannot import {spec!r}: {type(exc).__name__}: {exc}") from None
+
+
 def _resolve_interpolations(raw: dict[str, Any]) -> dict[str, Any]:
     try:
         return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)  # type: ignore[return-value]
@@ -171,11 +200,9 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(key, f"expected a list of module names, got {value!r}")
         scalars[key] = value
+    base_dir = Path(source).resolve().parent if isinstance(source, (str, Path)) else Path.cwd()
     for module in scalars["plugins"]:
-        try:
-            importlib.import_module(module)
-        except Exception as exc:  # noqa: BLE001 - any import failure is a config problem
-            raise ConfigError("plugins", f"cannot import {module!r}: {exc}") from None
+        import_plugin(module, base_dir)
 
     def section(name: str, cls: type) -> Any:
         value = raw.get(name) or {}
