@@ -124,3 +124,16 @@ def test_run_resume_flag_and_out_refusal(tmp_path, tmp_yaml, capsys):
     assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 2
     assert main(["run", str(cfg), "--out", str(out), "--quiet", "--resume"]) == 0
     assert "resuming" in capsys.readouterr().out
+
+
+def test_divergence_exits_3_with_round_client_and_last_metrics(tmp_path, tmp_yaml, capsys):
+    from .conftest import quadratic_config
+
+    cfg = quadratic_config(local={"lr": 1.0}, run={"rounds": 400, "eval_every": 5, "checkpoint_every": 1})
+    out = tmp_path / "run"
+    code = main(["run", str(tmp_yaml(cfg)), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "NaN/inf" in err and "client" in err and "round" in err and "last finite metrics" in err
+    assert "last checkpoint kept" in err and list_checkpoints(out)
+    assert "Traceback" not in err
