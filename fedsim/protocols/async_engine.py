@@ -95,7 +95,8 @@ class ScheduleState(ProtocolState):
 
 
 class Hooks:
-    """What the learning side does at each moment of the schedule (all no-ops here)."""
+    """What the learning side does at each moment of the schedule (`dispatch` and `finish`
+    must be provided; the others do nothing by default)."""
 
     def dispatch(self, st: Any, client: int, job: int, submit: bool) -> tuple[int, int]:
         """Prepares (and, if `submit`, starts) a job; returns (local steps, bytes down)."""
