@@ -59,7 +59,8 @@ def test_in_synchronous_rounds_fedasync_is_fedavg_with_server_lr_alpha():
 
 
 def test_asynchronous_mixing_replayed_from_the_event_log():
-    # x^{n+1} = (1 − α_n) x^n + α_n y_i, α_n = α (1 + s)^−½, y_i = x^ρ − (1 − (1 − η a_i)^K)(x^ρ − b_i)
+    # x^{n+1} = (1 − α_n) x^n + α_n y_i with α_n = α (1 + s)^−½
+    # and y_i = x^ρ − (1 − (1 − η a_i)^K)(x^ρ − b_i)
     eta, k, alpha = 0.05, 2, 0.6
     cfg = async_quadratic({}, n=5, budget=4.0, steps=k, lr=eta)
     cfg["strategy"] = {"name": "fedasync", "alpha": alpha, "staleness": {"name": "polynomial", "a": 0.5}}

@@ -193,7 +193,8 @@ def report(results: dict[str, list[Path]], out: Path) -> list[Claim]:
         "updates per evaluation interval identical to FedAvg's: "
         + ", ".join(f"{s} {'yes' if v else 'no'}" for s, v in same.items())
         + "; final losses " + ", ".join(f"{s} {v:.3f}" for s, v in final.items())
-        + " differ through the weights d_i = p_i·⌈τ_i/Δt⌉ (5·p_i, 2·p_i: a larger server step) and the chosen LR",
+        + " differ through the weights d_i = p_i·⌈τ_i/Δt⌉ (5·p_i, 2·p_i: a larger server step)"
+        + " and the chosen LR",
         all(same.values()),
     ))
 
