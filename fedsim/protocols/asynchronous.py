@@ -13,7 +13,8 @@ were checked against their code, FL/clients_schedule.py and FL/server.py):
 =================  ===========================================================
 async FedAvg       ``{name: async}`` (aggregate every arrival, restart at once)
 FedBuff            ``{name: async, buffer_size: K, concurrency: C}`` + strategy
-                   ``staleness: {name: polynomial, a: 0.5}`` (Nguyen et al. 2022)
+                   ``staleness: {name: polynomial, a: 0.5}`` (Nguyen et al. 2022;
+                   the exponent ½ is recalled, not checked against their paper)
 FedBuff-c          ``{name: async, buffer_size: c, redispatch: aggregation}``
                    (Fraboni's semi-synchronous variant: the c earliest wait for t)
 FedFix-Δt          ``{name: async, window: Δt}`` (redispatch defaults to the window)
