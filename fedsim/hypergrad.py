@@ -22,7 +22,7 @@ form adds σ(0.1⟨·,·⟩) ∈ (0, 1), which never decreases η; ours is centr
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Literal, Mapping, NamedTuple
 
 import torch
 
@@ -32,7 +32,7 @@ from .errors import ConfigError
 from .local import local_lr, sgd_step, sgd_steps
 from .strategy import Batches, ClientOutput, ClientState, GradFn, LocalHP, LocalUpdate, Payload, Strategy, Tensor
 
-NORMALIZATIONS = ("none", "cosine", "sigmoid")
+Normalize = Literal["none", "cosine", "sigmoid"]  # forms of the hypergradient, see `hypergradient`
 
 
 def hypergradient(a: Tensor, b: Tensor, normalize: str = "none") -> Tensor:
@@ -128,8 +128,8 @@ def hyper_sgd_steps(
         rates.append(lr * b)
         y_new, buf = sgd_step(y, d, buf, hp, rates[-1])
         if k > 0:
-            b = rule.next(b, y - y_new, prev, global_prev)
-            prev = y - y_new
+            change = y - y_new
+            b, prev = rule.next(b, change, prev, global_prev), change
         y = y_new
         total = total + loss.detach()
     return y, total / max(batches.num_steps, 1), torch.stack(rates) if rates else torch.zeros(0)

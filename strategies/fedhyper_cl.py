@@ -8,16 +8,14 @@ term of γ; the code has β_h = 1. Deviation: see `fedsim.hypergrad.hyper_sgd_st
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fedsim.config import Ge, Gt, Range
-from fedsim.hypergrad import StepRule, check_bounds
+from fedsim.hypergrad import Normalize, StepRule, check_bounds
 from fedsim.registry import STRATEGIES
 from fedsim.strategy import Strategy
 
 from .fedhyper_g import hyper_global
-
-Normalize = Literal["none", "cosine", "sigmoid"]
 
 
 @STRATEGIES.register("fedhyper_cl")

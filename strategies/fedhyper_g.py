@@ -8,15 +8,14 @@ exactly as the released code does (its momentum term is scaled by η_g − 1).
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fedsim.blocks import chain, fl_server
 from fedsim.config import Ge, Gt, Range
-from fedsim.hypergrad import StepRule, check_bounds, hyper_local, hypergrad_lr, last_update, with_server_extras
+from fedsim.hypergrad import (Normalize, StepRule, check_bounds, hyper_local, hypergrad_lr, last_update,
+                              with_server_extras)
 from fedsim.registry import STRATEGIES
 from fedsim.strategy import Strategy
-
-Normalize = Literal["none", "cosine", "sigmoid"]
 
 
 @STRATEGIES.register("fedhyper_g")

@@ -10,12 +10,12 @@ payload carries ρ = 1 + a (`local_lr_scale`) and clients use clip(local.lr·ρ,
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fedsim.blocks import chain, fl_server, sgd
 from fedsim.config import Ge, Gt
 from fedsim.errors import ConfigError
-from fedsim.hypergrad import hyper_local, hypergrad_lr, with_server_extras
+from fedsim.hypergrad import Normalize, hyper_local, hypergrad_lr, with_server_extras
 from fedsim.registry import STRATEGIES
 from fedsim.strategy import Strategy
 
@@ -26,7 +26,7 @@ def fedhyper_sl(
     hyper_lr: Annotated[float, Ge(0)] = 1.0,
     local_lr_min: Annotated[float, Gt(0)] = 0.001,
     local_lr_max: Annotated[float, Gt(0)] = 0.1,
-    normalize: Literal["none", "cosine", "sigmoid"] = "none",
+    normalize: Normalize = "none",
 ) -> Strategy:
     """FedHyper-SL: the server schedules the clients' learning rate by the hypergradient.
 

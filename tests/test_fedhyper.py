@@ -66,15 +66,23 @@ def test_normalised_hypergradients():
     assert hypergradient(a, -b, "sigmoid").item() < 0
 
 
+def global_lr_trajectory(lo_c: float, hi_c: float, start_c: float, normalize: str, beta: float, rounds: int):
+    """FedHyper-G on the quadratic task with η_g bounded to [lo_c, hi_c]/c, starting at start_c/c.
+
+    Returns (η_g of every evaluation row, lo, hi, the run).
+    """
+    c = contraction(run_config(quadratic_config(run={"rounds": 1})), 0.05, 10)
+    lo, hi = lo_c / c, hi_c / c
+    strategy = {"name": "fedhyper_g", "server_lr": start_c / c, "lr_min": lo, "lr_max": hi, "hyper_lr": beta,
+                "normalize": normalize}
+    run = run_config(quadratic_config(strategy=strategy, run={"rounds": rounds, "eval_every": 1}))
+    return np.array([r["global_lr"] for r in run.rows]), lo, hi, run
+
+
 @pytest.mark.parametrize("normalize,beta", [("none", 1.0), ("cosine", 0.1)])
 def test_sign_aligned_updates_raise_the_global_lr(normalize, beta):
-    # every η_g ∈ [lo, hi] keeps 1 − η_g c > 0: consecutive updates point the same way
-    probe = run_config(quadratic_config(run={"rounds": 1}))
-    c = contraction(probe, 0.05, 10)
-    lo, hi = 0.2 / c, 0.9 / c
-    strategy = {"name": "fedhyper_g", "server_lr": lo, "lr_min": lo, "lr_max": hi, "hyper_lr": beta, "normalize": normalize}
-    run = run_config(quadratic_config(strategy=strategy, run={"rounds": 30, "eval_every": 1}))
-    lrs = np.array([r["global_lr"] for r in run.rows])
+    # every η_g ∈ [lo, hi] keeps 1 − η_g c ∈ [0.1, 0.8]: consecutive updates point the same way
+    lrs, lo, hi, _ = global_lr_trajectory(0.2, 0.9, 0.2, normalize, beta, rounds=30)
     assert lrs[1] == pytest.approx(lo)  # round 0 has no previous update
     assert np.all(np.diff(lrs) >= 0)
     assert lrs[2] > lo and lrs[-1] == pytest.approx(hi)
@@ -83,13 +91,8 @@ def test_sign_aligned_updates_raise_the_global_lr(normalize, beta):
 @pytest.mark.parametrize("normalize,beta", [("none", 1.0), ("cosine", 0.1)])
 def test_sign_oscillating_updates_drive_the_global_lr_to_its_lower_bound(normalize, beta):
     # every η_g ∈ [lo, hi] gives 1 − η_g c ∈ [−0.9, −0.3]: the global model overshoots every round
-    probe = run_config(quadratic_config(run={"rounds": 1}))
-    c = contraction(probe, 0.05, 10)
-    lo, hi = 1.3 / c, 1.9 / c
-    strategy = {"name": "fedhyper_g", "server_lr": hi, "lr_min": lo, "lr_max": hi, "hyper_lr": beta, "normalize": normalize}
-    run = run_config(quadratic_config(strategy=strategy, run={"rounds": 40, "eval_every": 1}))
-    lrs = np.array([r["global_lr"] for r in run.rows])
-    assert lrs[1] == pytest.approx(hi)  # round 0 has no previous update
+    lrs, lo, hi, run = global_lr_trajectory(1.3, 1.9, 1.9, normalize, beta, rounds=40)
+    assert lrs[1] == pytest.approx(hi)
     assert np.all(np.diff(lrs) <= 1e-12)
     assert lrs[-1] == pytest.approx(lo)
     assert run.rows[-1]["dist_to_opt"] < run.rows[0]["dist_to_opt"]  # still converging, oscillating
@@ -198,7 +201,13 @@ def test_every_row_after_round_0_logs_both_rates():
     }
 
 
-def test_initial_lr_outside_bounds_is_a_config_error(tmp_yaml, capsys):
-    cfg = digits_config(strategy={"name": "fedhyper_gm", "server_lr": 0.5})
+@pytest.mark.parametrize("strategy,path,words", [
+    ({"name": "fedhyper_gm", "server_lr": 0.5}, "strategy.server_lr", "outside the bounds [0.8, 5.0]"),
+    ({"name": "fedhyper_cl", "multiplier_min": 2.0}, "strategy.multiplier_min", "outside the bounds"),
+    ({"name": "fedhyper_g", "normalize": "l2"}, "strategy.normalize", "one of"),
+])
+def test_bad_fedhyper_settings_are_config_errors(tmp_yaml, capsys, strategy, path, words):
+    cfg = digits_config(strategy=strategy)
     assert main(["run", str(tmp_yaml(cfg)), "--quiet"]) == 2
-    assert "strategy.server_lr" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"fedsim: error: {path}") and words in err and len(err.strip().splitlines()) == 1
