@@ -10,8 +10,8 @@ run.time_budget is not performed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Annotated, Any, Optional
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Mapping, Optional
 
 import numpy as np
 
@@ -36,6 +36,7 @@ class SyncState(ProtocolState):
     dropped: int = 0
     participants: int = 0  # clients aggregated in the last round
     train_loss: float | None = None  # mean local loss of the last round's aggregated clients
+    client_metrics: dict[str, float] = field(default_factory=dict)  # mean of each other client metric, same round
 
 
 class SyncProtocol(Protocol):
@@ -149,6 +150,7 @@ class SyncProtocol(Protocol):
         losses_seen = [r.output.metrics.get("train_loss") for r in accepted]
         losses_seen = [x for x in losses_seen if x is not None]
         state.train_loss = float(np.mean(losses_seen)) if losses_seen else None
+        state.client_metrics = mean_client_metrics([r.output.metrics for r in accepted], skip=("train_loss",))
         state.participants = len(accepted)
         state.stragglers += len(late)
         state.dropped += len(losses)
@@ -172,9 +174,20 @@ class SyncProtocol(Protocol):
             "stragglers": state.stragglers,
             "dropped": state.dropped,
         }
+        out.update(state.client_metrics)
         if ctx.strategy.metrics is not None:
             out.update(ctx.strategy.metrics(state.server))
         return out
+
+
+def mean_client_metrics(metrics: list[Mapping[str, Any]], skip: tuple[str, ...] = ()) -> dict[str, float]:
+    """Returns {name: mean over the clients that reported it} for every scalar client metric not in `skip`."""
+    seen: dict[str, list[float]] = {}
+    for m in metrics:
+        for k, v in m.items():
+            if k not in skip and v is not None:
+                seen.setdefault(k, []).append(float(v))
+    return {k: float(np.mean(v)) for k, v in seen.items()}
 
 
 @PROTOCOLS.register("sync")
