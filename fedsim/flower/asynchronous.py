@@ -88,6 +88,8 @@ class FlowerAsync(FlowerProtocol):
 
     def dispatch(self, ctx: RunContext, state: FlowerAsyncState, count: int) -> None:
         """Starts `count` new jobs on idle clients, from the current global model."""
+        if count <= 0:
+            return
         payload = ctx.strategy.publish(state.server)
         tasks = []
         for _ in range(count):

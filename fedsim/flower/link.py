@@ -27,11 +27,10 @@ LOST_CODES = {ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE
 
 @dataclass(frozen=True)
 class Dispatched:
-    """A job in flight: which client runs it and when it left (wall-clock seconds)."""
+    """A job in flight: which client runs it."""
 
     client: int
     job_id: int
-    sent_at: float
 
 
 class NodeLink:
@@ -77,11 +76,12 @@ class NodeLink:
                     message_type=TRAIN, group_id=group)
             for t in tasks
         ]
-        now = time.monotonic()
-        for task, mid in zip(tasks, self.grid.push_messages(messages)):
-            if not mid:
-                raise FedsimError(f"the SuperLink refused the job of client {task.client} (message too large?)")
-            self.in_flight[mid] = Dispatched(task.client, task.job_id, now)
+        ids = list(self.grid.push_messages(messages))
+        if len(ids) != len(tasks) or not all(ids):
+            raise FedsimError(f"the SuperLink refused {len(tasks) - len([m for m in ids if m])} of {len(tasks)} "
+                              "job messages (too large? see the ServerApp log)")
+        for task, mid in zip(tasks, ids):
+            self.in_flight[mid] = Dispatched(task.client, task.job_id)
 
     def collect(self) -> tuple[list[JobResult], list[Dispatched]]:
         """Returns (results, lost jobs) that arrived since the last call, each ordered by job id."""

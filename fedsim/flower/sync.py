@@ -23,7 +23,7 @@ from ..protocols.weighting import aggregation_weights, importance
 from ..rng import numpy_rng
 from ..strategy import CombineContext
 from .messages import TrainTask
-from .protocol import FlowerProtocol, mean_loss, to_msgs, uplink_total
+from .protocol import FlowerProtocol, to_msgs
 
 
 @dataclass
@@ -37,12 +37,12 @@ class FlowerSync(FlowerProtocol):
     """See the module docstring."""
 
     def setup(self, ctx: RunContext) -> None:
-        rounds = ctx.config.protocol.build()
-        if not isinstance(rounds, SyncProtocol):
+        sync = ctx.config.protocol.build()
+        if not isinstance(sync, SyncProtocol):
             raise ConfigError("protocol.name", f"Flower mode 'sync' runs protocol 'sync', not {ctx.config.protocol.name!r}")
-        self.rounds = rounds
-        self.cohort = rounds.cohort_size(ctx.num_clients)
-        self.p = importance(ctx.data.samples_per_client(), rounds.client_weights)
+        self.sync = sync
+        self.cohort = sync.cohort_size(ctx.num_clients)
+        self.p = importance(ctx.data.samples_per_client(), sync.client_weights)
         super().setup(ctx)
 
     def init(self, ctx: RunContext) -> FlowerSyncState:
@@ -61,7 +61,7 @@ class FlowerSync(FlowerProtocol):
         for t in tasks:
             ctx.log(self.now(), "dispatch", client=t.client, version=state.version, job=t.job_id)
 
-        wait = self.rounds.deadline if self.rounds.deadline is not None else self.settings.reply_timeout
+        wait = self.sync.deadline if self.sync.deadline is not None else self.settings.reply_timeout
         until, results, lost = self.deadline(wait), [], []
         while self.link.in_flight:
             got, gone = self.link.wait(until)
@@ -74,7 +74,7 @@ class FlowerSync(FlowerProtocol):
         end = self.now()
 
         results.sort(key=lambda r: r.client)
-        weights = aggregation_weights(self.rounds.weighting, [r.client for r in results],
+        weights = aggregation_weights(self.sync.weighting, [r.client for r in results],
                                       [r.num_samples for r in results], self.p, [m / n] * len(results))
         msgs = to_msgs(results, weights, [0] * len(results), [payload.params] * len(results), state)
         state.server = ctx.strategy.combine(state.server, msgs, CombineContext(n, state.version, to_seconds(end)))
@@ -85,19 +85,8 @@ class FlowerSync(FlowerProtocol):
             ctx.log(end, "drop", client=d.client, version=state.version, job=d.job_id)
         ctx.log(end, "aggregate", version=state.version + 1, clients=[r.client for r in results])
 
-        state.train_loss = mean_loss(results)
-        state.participants = len(results)
-        state.stragglers += len(late)
-        state.dropped += len(lost)
-        state.bytes_down += nbytes(payload) * m
-        state.bytes_up += uplink_total(results)
-        state.next_job += m
-        state.version += 1
-        state.rounds += 1
-        state.aggregations += 1
-        state.time = end
-        state.finished = ctx.out_of_rounds(state)
+        state.close_round(ctx, results, m, len(late), len(lost), nbytes(payload) * m, end)
         return state
 
     def eval_metrics(self, ctx: RunContext, state: FlowerSyncState) -> dict:
-        return self.rounds.eval_metrics(ctx, state)
+        return self.sync.eval_metrics(ctx, state)
