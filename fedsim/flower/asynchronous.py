@@ -33,12 +33,12 @@ from ..clock import to_seconds, to_ticks
 from ..comm import nbytes
 from ..errors import ConfigError, FedsimError
 from ..executors.base import JobResult
-from ..protocols.base import ProtocolState, RunContext
+from ..protocols.base import ProtocolState, RunContext, uplink_bytes
 from ..protocols.weighting import aggregation_weights, importance
 from ..rng import numpy_rng
 from ..strategy import CombineContext, Tensor
 from .messages import TrainTask
-from .protocol import FlowerProtocol, mean_loss, to_msgs, uplink_total
+from .protocol import FlowerProtocol, to_msgs
 
 
 @dataclass
@@ -116,7 +116,8 @@ class FlowerAsync(FlowerProtocol):
         ctx.log(state.time, "aggregate", version=state.version + 1, clients=[r.client for r in results],
                 jobs=[r.job_id for r in results], staleness=tau)
         state.staleness_seen += tau
-        state.train_loss = mean_loss(results) if results else state.train_loss
+        losses = [r.output.metrics["train_loss"] for r in results if "train_loss" in r.output.metrics]
+        state.train_loss = float(np.mean(losses)) if losses else state.train_loss
         state.participants = len(results)
         state.buffer = []
         state.version += 1
@@ -138,7 +139,7 @@ class FlowerAsync(FlowerProtocol):
             job = state.running.pop(r.job_id)
             state.buffer.append((r, job))
             state.accepted[r.client] = r.job_id  # every arrival is aggregated: its node keeps the new state
-            state.bytes_up += uplink_total([r])
+            state.bytes_up += uplink_bytes(r)
             ctx.log(state.time, "arrival", client=r.client, version=state.version, job=r.job_id,
                     staleness=state.version - job.version)
             if self.window:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
-import numpy as np
 import yaml
 from flwr.serverapp import Grid
 
 from ..clock import to_ticks
 from ..executors.base import JobResult
-from ..protocols.base import Protocol, ProtocolState, RunContext, check_finite, uplink_bytes
+from ..protocols.base import Protocol, ProtocolState, RunContext, check_finite
 from ..strategy import Msg, Tensor
 from .link import NodeLink
 from .settings import FlowerSettings
@@ -61,13 +60,3 @@ def to_msgs(results: Sequence[JobResult], weights: Sequence[float], staleness: S
         for r, w, s, base in zip(results, weights, staleness, bases)
     ]
 
-
-def mean_loss(results: Sequence[JobResult]) -> float | None:
-    """Returns the mean train_loss the clients reported (None if none did)."""
-    losses = [r.output.metrics["train_loss"] for r in results if "train_loss" in r.output.metrics]
-    return float(np.mean(losses)) if losses else None
-
-
-def uplink_total(results: Sequence[JobResult]) -> int:
-    """Returns the bytes the clients sent for these results."""
-    return int(sum(uplink_bytes(r) for r in results))
