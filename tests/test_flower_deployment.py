@@ -1,7 +1,8 @@
 """fedsim strategies in real Flower runs started with `flwr run`, checked against fedsim itself.
 
-* Flower's simulation engine runs the shipped app (experiments/flower_app) and gives the
-  model trajectory of `fedsim run` on the same config.
+* Flower's simulation engine runs the shipped app (experiments/flower_app, with a SCAFFOLD
+  whose c_i the simulated nodes keep) and gives the model trajectory of `fedsim run` on
+  the same config.
 * A deployment on 127.0.0.1 (SuperLink + two SuperNodes, insecure) runs FedAvg and a
   SCAFFOLD (control variates as payload extras, c_i as node state) for two rounds each:
   metrics and final model equal fedsim's serial run up to float rounding.
@@ -60,16 +61,18 @@ def assert_same_trajectory(rows, final, ref_rows, ref_final) -> None:
 
 
 def test_flower_simulation_engine_matches_fedsim(tmp_path):
+    # the shipped app, with a stateful strategy: Flower's simulated nodes keep c_i between rounds
+    overrides = ["run.rounds=2", "strategy.name=scaffold_probe", f"plugins=[{PLUGINS}]"]
     dep = Deployment(tmp_path, simulation=True)
     try:
         out = tmp_path / "out"
-        res = dep.run(APP, {"overrides": "run.rounds=2", "out-dir": str(out)},
+        res = dep.run(APP, {"overrides": " ".join(overrides), "out-dir": str(out)},
                       federation_config="num-supernodes=3 client-resources-num-cpus=1")
         rows, final = flower_result(out, dep, res)
     finally:
         dep.stop()
     assert not dep.leftovers()
-    assert_same_trajectory(rows, final, *serial(APP / "fedsim.yaml", ["run.rounds=2"]))
+    assert_same_trajectory(rows, final, *serial(APP / "fedsim.yaml", overrides))
 
 
 @pytest.fixture(scope="module")
