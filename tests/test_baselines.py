@@ -5,37 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from fedsim.strategy import Batch, Batches, CombineContext, LocalHP, Msg
+from fedsim.strategy import LocalHP
 from strategies.fednova import fednova, step_weight_norm
 from strategies.fedopt import fedadagrad, fedadam, fedyogi
 from strategies.fedprox import fedprox
 
 from .conftest import quadratic_config, run_config
-
-
-def quad_grad(a: float, b):
-    """Gradient of ½ a ‖x − b‖² — a hand-made client."""
-    b = torch.as_tensor(b, dtype=torch.float64)
-
-    def grad_fn(x: torch.Tensor, batch: Batch):
-        return a * (x - b), 0.5 * a * ((x - b) ** 2).sum()
-
-    return grad_fn
-
-
-def steps(k: int) -> Batches:
-    z = torch.zeros(k, 1, 1, dtype=torch.float64)
-    return Batches(z, torch.zeros(k, 1, dtype=torch.float64), torch.ones(k, 1, dtype=torch.float64))
-
-
-def one_round(s, state, clients, weights, hp=LocalHP(lr=0.1)):
-    """Runs every (grad_fn, K) client from the published model and combines; returns the new state."""
-    payload = s.publish(state)
-    msgs = []
-    for i, ((grad, k), w) in enumerate(zip(clients, weights)):
-        out = s.local(payload, {}, steps(k), grad, hp)
-        msgs.append(Msg(i, out.update, w, num_steps=k, extras=out.extras))
-    return s.combine(state, msgs, CombineContext(len(clients), 0, 0.0))
+from .handmade import one_round, quad_grad, quadratic, steps
 
 
 def test_fedprox_mu0_equals_fedavg_exactly():
@@ -61,8 +37,7 @@ def test_fedprox_converges_to_its_closed_form_fixed_point():
     # Per client, K prox-SGD steps from x are affine: u_i = c_i (x − b_i) with
     # c_i = (1 − r_i^K) a_i / (a_i + μ), r_i = 1 − η(a_i + μ); the fixed point is Σ p_i c_i b_i / Σ p_i c_i.
     mu, eta, k = 0.5, 0.05, 10
-    rng = np.random.default_rng(0)
-    a, b = rng.uniform(0.5, 5.0, 5), rng.normal(0.0, 3.0, (5, 3))
+    a, b, _ = quadratic(5, 3)
     clients = [(quad_grad(float(ai), bi), k) for ai, bi in zip(a, b)]
     s = fedprox(mu=mu)
     state = s.init(torch.zeros(3, dtype=torch.float64))

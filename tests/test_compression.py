@@ -11,10 +11,11 @@ import torch
 from fedsim.comm import nbytes
 from fedsim.compressors import decode, identity, qsgd, randk, random_indices, sign, topk
 from fedsim.errors import ConfigError
-from fedsim.strategy import Batch, Batches, ClientOutput, CombineContext, LocalHP, Msg
+from fedsim.strategy import ClientOutput, LocalHP
 from strategies.compressed import compressed
 
 from .conftest import quadratic_config, run_config
+from .handmade import one_round, quad_grad, quadratic
 
 V = torch.tensor([0.5, -3.0, 0.0, 2.0, -0.25, 1.0, -1.5, 0.75], dtype=torch.float64)
 
@@ -94,40 +95,14 @@ def test_bytes_up_of_a_compressed_run_is_the_encoded_size():
 
 # --- heterogeneous least squares: compressed gradient descent (one local step per round) ---
 
-def quad_clients(n=10, d=20, seed=0):
-    rng = np.random.default_rng(seed)
-    a, b = rng.uniform(0.5, 5.0, n), rng.normal(0.0, 3.0, (n, d))
-    return a, b, (a[:, None] * b).sum(0) / a.sum()
-
-
-def grad_of(a: float, b: np.ndarray):
-    bt = torch.as_tensor(b)
-
-    def grad_fn(x: torch.Tensor, batch: Batch):
-        return a * (x - bt), 0.5 * a * ((x - bt) ** 2).sum()
-
-    return grad_fn
-
-
-ONE_STEP = Batches(torch.zeros(1, 1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64),
-                   torch.ones(1, 1, dtype=torch.float64))
-
-
 def run_rounds(s, rounds, a, b, lr=0.1):
     """Full participation, equal weights, one local step: x ← x − γ·mean(received vectors)."""
     n, d = b.shape
     state = s.init(torch.zeros(d, dtype=torch.float64))
     client = [s.client_state(torch.zeros(d, dtype=torch.float64)) if s.client_state else {} for _ in range(n)]
-    grads = [grad_of(float(a[i]), b[i]) for i in range(n)]
+    clients = [(quad_grad(float(a[i]), b[i]), 1) for i in range(n)]
     for r in range(rounds):
-        payload = s.publish(state)
-        msgs = []
-        for i in range(n):
-            torch.default_generator.manual_seed(1000 * r + i)  # what the executor does per job
-            out = s.local(payload, client[i], ONE_STEP, grads[i], LocalHP(lr=lr))
-            client[i] = out.state
-            msgs.append(Msg(i, out.update, 1.0 / n))
-        state = s.combine(state, msgs, CombineContext(n, r, 0.0))
+        state = one_round(s, state, clients, [1.0 / n] * n, LocalHP(lr=lr), client, r)
     return state, client
 
 
@@ -137,7 +112,7 @@ def wrapper(feedback, eta=0.1, comp=None):
 
 def test_topk_stalls_without_feedback_while_ef21_and_econtrol_reach_the_optimum():
     # ALGORITHMS.md §6.2: 10 clients, d = 20, Top-2 of each client's gradient step.
-    a, b, opt = quad_clients()
+    a, b, opt = quadratic(10, 20)
     dist = {}
     for rule in ("none", "ef21", "econtrol"):
         s = wrapper(rule)
@@ -148,7 +123,7 @@ def test_topk_stalls_without_feedback_while_ef21_and_econtrol_reach_the_optimum(
 
 
 def test_econtrol_with_eta_zero_is_ef21_and_server_estimates_mirror_the_clients():
-    a, b, _ = quad_clients(n=4, d=6, seed=1)
+    a, b, _ = quadratic(4, 6, seed=1)
     ef21, ef21_clients = run_rounds(wrapper("ef21", comp={"name": "topk", "ratio": 0.34}), 20, a, b)
     ec0, _ = run_rounds(wrapper("econtrol", eta=0.0, comp={"name": "topk", "ratio": 0.34}), 20, a, b)
     assert torch.equal(ef21.inner.params, ec0.inner.params)
