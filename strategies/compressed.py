@@ -15,9 +15,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated, Any, Literal, NamedTuple, Sequence
 
+import torch
+
 from fedsim import feedback as fb
 from fedsim.compressors import COMPRESSORS, job_key
 from fedsim.config import ComponentSpec, Ge
+from fedsim.errors import DivergenceError
 from fedsim.registry import STRATEGIES
 from fedsim.strategy import Batches, ClientOutput, ClientState, CombineContext, GradFn, LocalHP, Msg, Payload, Strategy, Tensor
 
@@ -66,6 +69,9 @@ def compressed(
         estimates, dense = dict(state.estimates), []
         for m in msgs:
             vector = fb.receive(rule, m.update, estimates.get(m.sender))
+            if not bool(torch.isfinite(vector).all()):  # the protocol's check sees only encoded messages
+                raise DivergenceError(f"client {m.sender}'s decoded update has NaN/inf at server version "
+                                      f"{ctx.version}; lower local.lr, the server learning rate or eta")
             if fb.tracks_estimate(rule):
                 estimates[m.sender] = vector
             dense.append(dataclasses.replace(m, update=vector))

@@ -168,3 +168,11 @@ def test_index_bits_are_ceil_log2():
 
     assert [index_bits(d) for d in (2, 3, 4, 5, 1024, 1025)] == [1, 2, 2, 3, 10, 11]
     assert index_bits(4810) == math.ceil(math.log2(4810)) == 13
+
+
+def test_a_diverging_compressed_run_stops_with_a_divergence_error():
+    from fedsim.errors import DivergenceError
+
+    strat = {"name": "compressed", "compressor": {"name": "topk", "ratio": 0.5}, "feedback": "ef21"}
+    with pytest.raises(DivergenceError, match="decoded update has NaN/inf"):
+        run_config(quadratic_config(strategy=strat, local={"lr": 20.0}, run={"rounds": 60, "eval_every": 60}))
