@@ -65,6 +65,53 @@ def chain(*transforms: Transform) -> Transform:
     return Transform(init, update)
 
 
+class AdaptiveState(NamedTuple):
+    """State of the FedOpt transforms: first moment m, second moment v, steps taken t."""
+
+    m: Tensor
+    v: Tensor
+    t: int
+
+
+def _adaptive(lr: float, b1: float, tau: float, second: Callable[[Tensor, Tensor], Tensor], v0: float,
+              b2_correction: float | None = None) -> Transform:
+    """FedOpt's server step (Reddi et al. 2021, Alg. 2) in our sign convention (u = −Δ):
+    m ← β₁m + (1−β₁)u, v ← second(v, u²), step = η·m / (√v + τ); v starts at `v0`.
+    With `b2_correction` = β₂ (Adam's bias correction, not in the paper) m and v are divided
+    by (1 − β₁ᵗ) and (1 − β₂ᵗ)."""
+
+    def init(params: Tensor) -> AdaptiveState:
+        return AdaptiveState(torch.zeros_like(params), torch.full_like(params, v0), 0)
+
+    def update(u: Tensor, state: AdaptiveState, params: Tensor) -> tuple[Tensor, AdaptiveState]:
+        t = state.t + 1
+        m = b1 * state.m + (1 - b1) * u
+        v = second(state.v, u * u)
+        m_hat, v_hat = m, v
+        if b2_correction is not None:
+            m_hat, v_hat = m / (1 - b1**t), v / (1 - b2_correction**t)
+        return lr * m_hat / (v_hat.sqrt() + tau), AdaptiveState(m, v, t)
+
+    return Transform(init, update)
+
+
+def adam(lr: float, b1: float = 0.9, b2: float = 0.99, tau: float = 1e-3, bias_correction: bool = False) -> Transform:
+    """FedAdam's server step: v ← β₂v + (1−β₂)u². Without bias correction v starts at τ²
+    (the paper's v₋₁ ≥ τ²); with it, m and v start at 0 as in Adam (Kingma & Ba)."""
+    return _adaptive(lr, b1, tau, lambda v, g2: b2 * v + (1 - b2) * g2,
+                     0.0 if bias_correction else tau**2, b2 if bias_correction else None)
+
+
+def yogi(lr: float, b1: float = 0.9, b2: float = 0.99, tau: float = 1e-3) -> Transform:
+    """FedYogi's server step: v ← v − (1−β₂)·u²·sign(v − u²), v starting at τ²."""
+    return _adaptive(lr, b1, tau, lambda v, g2: v - (1 - b2) * g2 * torch.sign(v - g2), tau**2)
+
+
+def adagrad(lr: float, b1: float = 0.0, tau: float = 1e-3) -> Transform:
+    """FedAdagrad's server step: v ← v + u², v starting at τ²."""
+    return _adaptive(lr, b1, tau, lambda v, g2: v + g2, tau**2)
+
+
 class ServerState(NamedTuple):
     """State of `fl_server`: the global model x and the transform's state."""
 

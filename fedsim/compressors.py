@@ -1,0 +1,233 @@
+"""Compressors: what a sender puts on the wire instead of a dense vector, and its exact size.
+
+A compressor maps a flat vector v and an integer key (its randomness, see `job_key`) to an
+*encoded message*: a frozen dataclass holding exactly the fields that travel, with
+
+* ``nbytes`` — the encoded size in bytes, which `fedsim.comm.nbytes` counts as ``bytes_up``
+  (bit-exact: ⌈total bits / 8⌉; values cost their dtype's width, indices ⌈log₂ d⌉ bits);
+* ``decode()`` — the dense vector the receiver reconstructs (dequantization happens on the
+  receiver side, in the strategy's combine or merge, never in the sender's accounting).
+
+Built-ins (registered in `COMPRESSORS`; a new one is one decorated factory):
+
+* ``identity``: the dense vector itself.
+* ``topk`` (Aji & Heafield 2017; Stich et al. 2018): the k = round(ratio·d) largest |v_j|,
+  sent as (index, value) pairs. Contractive with δ = k/d.
+* ``randk``: k coordinates chosen uniformly by a keyed generator; only the values and the
+  8-byte key travel (the receiver regenerates the indices). ``unbiased`` scales by d/k.
+* ``sign``: scaled sign (Karimireddy, Rebjock, Stich, Jaggi 2019): (‖v‖₁/d)·sign(v), one
+  bit per coordinate (0 is sent as +) plus one scale.
+* ``qsgd`` (Alistarh, Grubic, Li, Tomioka, Vojnovic 2017): per bucket of `bucket`
+  coordinates, ‖v_B‖₂·sign(v_j)·ξ_j/s with ξ_j the stochastic rounding of s|v_j|/‖v_B‖₂ to
+  an integer in [0, s], s = 2^(bits−1) − 1 levels; unbiased. `bits` counts the sign bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Annotated, Callable, Optional, Union
+
+import torch
+
+from .config import Ge, Range
+from .registry import Registry
+from .rng import key as rng_key
+from .rng import torch_generator
+
+Tensor = torch.Tensor
+COMPRESSORS = Registry("compressor", ["fedsim.compressors"])
+
+
+def index_bits(dim: int) -> int:
+    """Returns the bits needed to address one of `dim` coordinates (at least 1)."""
+    return max(1, math.ceil(math.log2(dim))) if dim > 1 else 1
+
+
+def _bits_to_bytes(bits: int) -> int:
+    return -(-bits // 8)
+
+
+class Encoded:
+    """Base of encoded messages: `decode()`, `nbytes`, and a `detach()` the executors call."""
+
+    def decode(self) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def detach(self) -> "Encoded":
+        """Returns a copy whose tensors are detached from any autograd graph."""
+        changes = {f.name: getattr(self, f.name).detach() for f in dataclasses.fields(self)  # type: ignore[arg-type]
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+@dataclass(frozen=True)
+class Sparse(Encoded):
+    """k (index, value) pairs of a d-vector: k·(⌈log₂ d⌉ + value bits) bits."""
+
+    indices: Tensor
+    values: Tensor
+    dim: int
+
+    def decode(self) -> Tensor:
+        out = torch.zeros(self.dim, dtype=self.values.dtype)
+        return out.index_put_((self.indices,), self.values)
+
+    @property
+    def nbytes(self) -> int:
+        k = self.values.numel()
+        return _bits_to_bytes(k * (index_bits(self.dim) + 8 * self.values.element_size()))
+
+
+@dataclass(frozen=True)
+class SeededSparse(Encoded):
+    """k values at coordinates drawn from `key`: k value bits plus the 64-bit key."""
+
+    key: int
+    values: Tensor
+    dim: int
+
+    def decode(self) -> Tensor:
+        out = torch.zeros(self.dim, dtype=self.values.dtype)
+        return out.index_put_((random_indices(self.key, self.dim, self.values.numel()),), self.values)
+
+    @property
+    def nbytes(self) -> int:
+        return _bits_to_bytes(self.values.numel() * 8 * self.values.element_size()) + 8
+
+
+@dataclass(frozen=True)
+class Signs(Encoded):
+    """One bit per coordinate (True = +) and one scale."""
+
+    positive: Tensor
+    scale: Tensor
+
+    def decode(self) -> Tensor:
+        return self.scale * (2 * self.positive.to(self.scale.dtype) - 1)
+
+    @property
+    def nbytes(self) -> int:
+        return _bits_to_bytes(self.positive.numel()) + self.scale.element_size()
+
+
+@dataclass(frozen=True)
+class Quantized(Encoded):
+    """Per coordinate `bits` bits (sign + level in [0, s]); one norm per bucket."""
+
+    levels: Tensor  # integer levels, [d]
+    negative: Tensor  # bool, [d]
+    norms: Tensor  # [number of buckets]
+    levels_max: int  # s
+    bits: int
+    bucket: int
+
+    def decode(self) -> Tensor:
+        d = self.levels.numel()
+        scale = self.norms.repeat_interleave(self.bucket)[:d] / self.levels_max
+        signs = 1 - 2 * self.negative.to(self.norms.dtype)
+        return signs * self.levels.to(self.norms.dtype) * scale
+
+    @property
+    def nbytes(self) -> int:
+        return _bits_to_bytes(self.levels.numel() * self.bits) + self.norms.numel() * self.norms.element_size()
+
+
+Message = Union[Tensor, Encoded]
+Compressor = Callable[[Tensor, int], Message]  # (flat vector, key) -> what is sent
+
+
+def decode(msg: Message) -> Tensor:
+    """Returns the dense vector a receiver reconstructs from `msg` (a tensor passes through)."""
+    return msg if isinstance(msg, torch.Tensor) else msg.decode()
+
+
+def job_key(purpose: str = "compress") -> int:
+    """Returns a key for a job's compression randomness, derived from the seed the executor gave
+    the job (``torch.manual_seed(key(seed, "job", job_id))`` in `fedsim.executors.base.Worker`),
+    so draws depend on (seed, job) only and never consume the job's own random stream."""
+    return rng_key(torch.initial_seed(), purpose)
+
+
+def random_indices(key: int, dim: int, k: int) -> Tensor:
+    """Returns k distinct coordinates of [0, dim) drawn by the generator of `key` (sorted)."""
+    return torch.randperm(dim, generator=torch_generator(key, "randk"))[:k].sort().values
+
+
+def _count(ratio: float, dim: int) -> int:
+    return min(dim, max(1, round(ratio * dim)))
+
+
+Ratio = Annotated[float, Range(0.0, 1.0, open_lo=True)]
+
+
+@COMPRESSORS.register("identity")
+def identity() -> Compressor:
+    """No compression: the dense vector is sent."""
+    return lambda v, key: v
+
+
+@COMPRESSORS.register("topk")
+def topk(ratio: Ratio = 0.01) -> Compressor:
+    """Top-k sparsification: the k = round(ratio·d) entries of largest magnitude.
+
+    Args:
+        ratio: Fraction of coordinates sent (k is at least 1).
+    """
+
+    def compress(v: Tensor, key: int) -> Sparse:
+        idx = torch.topk(v.abs(), _count(ratio, v.numel()), sorted=False).indices.sort().values
+        return Sparse(idx, v[idx], v.numel())
+
+    return compress
+
+
+@COMPRESSORS.register("randk")
+def randk(ratio: Ratio = 0.01, unbiased: bool = False) -> Compressor:
+    """Random-k sparsification: k coordinates drawn by the job's keyed generator.
+
+    Args:
+        ratio: Fraction of coordinates sent (k is at least 1).
+        unbiased: Scale the kept values by d/k (unbiased; otherwise contractive, δ = k/d).
+    """
+
+    def compress(v: Tensor, key: int) -> SeededSparse:
+        d = v.numel()
+        k = _count(ratio, d)
+        values = v[random_indices(key, d, k)]
+        return SeededSparse(key, values * (d / k) if unbiased else values, d)
+
+    return compress
+
+
+@COMPRESSORS.register("sign")
+def sign() -> Compressor:
+    """Scaled sign: (‖v‖₁ / d)·sign(v), one bit per coordinate plus the scale."""
+    return lambda v, key: Signs(v >= 0, v.abs().mean())
+
+
+@COMPRESSORS.register("qsgd")
+def qsgd(bits: Annotated[int, Ge(2)] = 4, bucket: Annotated[Optional[int], Ge(1)] = 512) -> Compressor:
+    """QSGD stochastic quantization with s = 2^(bits−1) − 1 levels per sign, by buckets.
+
+    Args:
+        bits: Bits per coordinate, sign included (4 → 7 magnitude levels).
+        bucket: Coordinates sharing one norm (the paper's bucketing); null = the whole vector.
+    """
+    s = 2 ** (bits - 1) - 1
+
+    def compress(v: Tensor, key: int) -> Quantized:
+        d = v.numel()
+        b = bucket or d
+        padded = torch.cat([v, v.new_zeros(-d % b)]).view(-1, b)
+        norms = torch.linalg.vector_norm(padded, dim=1)
+        ratio = (padded.abs() / norms.clamp_min(torch.finfo(v.dtype).tiny)[:, None]).reshape(-1)[:d] * s
+        noise = torch.rand(d, generator=torch_generator(key, "qsgd"), dtype=v.dtype)
+        levels = torch.floor(ratio + noise).clamp_(0, s).to(torch.int16)
+        return Quantized(levels, v < 0, norms, s, bits, b)
+
+    return compress

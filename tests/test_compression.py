@@ -1,0 +1,178 @@
+"""Compressors, error feedback and the `compressed` wrapper: byte counts by hand, stall vs
+convergence on heterogeneous least squares, equivalences, determinism, config errors."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedsim.comm import nbytes
+from fedsim.compressors import decode, identity, qsgd, randk, random_indices, sign, topk
+from fedsim.errors import ConfigError
+from fedsim.strategy import ClientOutput, LocalHP
+from strategies.compressed import compressed
+
+from .conftest import quadratic_config, run_config
+from .handmade import one_round, quad_grad, quadratic
+
+V = torch.tensor([0.5, -3.0, 0.0, 2.0, -0.25, 1.0, -1.5, 0.75], dtype=torch.float64)
+
+
+def test_topk_keeps_the_largest_magnitudes():
+    msg = topk(ratio=0.25)(V, 0)  # k = 2 of 8
+    assert msg.indices.tolist() == [1, 3]
+    assert decode(msg).tolist() == [0, -3.0, 0, 2.0, 0, 0, 0, 0]
+
+
+def test_randk_receiver_regenerates_the_indices_from_the_key():
+    msg = randk(ratio=0.5)(V, 1234)
+    idx = random_indices(1234, 8, 4)
+    dense = torch.zeros(8, dtype=torch.float64)
+    dense[idx] = V[idx]
+    assert torch.equal(decode(msg), dense)
+    assert torch.equal(decode(randk(ratio=0.5)(V, 1234)), dense)  # same key, same message
+    assert not torch.equal(random_indices(1235, 8, 4), idx) or not torch.equal(random_indices(1236, 8, 4), idx)
+
+
+def test_randk_unbiased_and_qsgd_are_unbiased_in_expectation():
+    n = 2000
+    for comp in (randk(ratio=0.25, unbiased=True), qsgd(bits=3, bucket=4)):
+        draws = torch.stack([decode(comp(V, key)) for key in range(n)])
+        z = (draws.mean(0) - V) / (draws.std(0) / n**0.5).clamp_min(1e-12)  # a z-test per coordinate
+        assert bool((z.abs() < 4).all()), z
+
+
+def test_scaled_sign():
+    msg = sign()(V, 0)
+    scale = V.abs().mean()
+    assert torch.equal(decode(msg), scale * torch.tensor([1, -1, 1, 1, -1, 1, -1, 1], dtype=torch.float64))
+
+
+def test_qsgd_levels_and_error_bound():
+    comp = qsgd(bits=4, bucket=3)  # s = 7 levels; buckets [0:3], [3:6], [6:8]
+    msg = comp(V, 7)
+    assert msg.levels_max == 7 and int(msg.levels.min()) >= 0 and int(msg.levels.max()) <= 7
+    norms = torch.stack([V[0:3].norm(), V[3:6].norm(), V[6:8].norm()])
+    assert torch.allclose(msg.norms, norms)
+    per_coord = norms.repeat_interleave(3)[:8] / 7  # stochastic rounding moves a coordinate by < one level
+    assert bool(((decode(msg) - V).abs() < per_coord + 1e-12).all())
+
+
+def test_compressed_sizes_match_a_hand_computation():
+    d64 = torch.linspace(-1, 1, 20, dtype=torch.float64)
+    # Top-k: k = 2, indices ⌈log₂ 20⌉ = 5 bits, values 64 bits → 2·69 = 138 bits → 18 bytes.
+    assert topk(ratio=0.1)(d64, 0).nbytes == 18
+    # Rand-k: 2 values · 8 bytes + the 8-byte key.
+    assert randk(ratio=0.1)(d64, 0).nbytes == 24
+    # Sign: 20 bits → 3 bytes, plus one float64 scale.
+    assert sign()(d64, 0).nbytes == 11
+    # QSGD 4-bit, buckets of 8: 80 bits → 10 bytes, plus 3 float64 norms.
+    assert qsgd(bits=4, bucket=8)(d64, 0).nbytes == 34
+    # A float32 MLP-sized vector (d = 4810): Top-1% → k = 48, 48·(13 + 32) bits = 270 bytes
+    # (dense: 19,240 bytes); QSGD 4-bit with buckets of 512: 2,405 + 10·4 bytes.
+    d32 = torch.randn(4810, generator=torch.Generator().manual_seed(0))
+    assert topk(ratio=0.01)(d32, 0).nbytes == 270
+    assert qsgd(bits=4, bucket=512)(d32, 0).nbytes == 2445
+    assert nbytes(identity()(d32, 0)) == 19240
+    # the engine's byte counter counts an encoded uplink by its encoded size
+    out = ClientOutput(topk(ratio=0.01)(d32, 0), {}, {"a": torch.zeros((), dtype=torch.float32)}, {})
+    assert nbytes(out) == 270 + 4
+
+
+def test_bytes_up_of_a_compressed_run_is_the_encoded_size():
+    rounds, clients = 4, 10
+    cfg = quadratic_config(
+        data={"dim": 20},
+        strategy={"name": "compressed", "inner": "fedavg", "compressor": {"name": "topk", "ratio": 0.1}, "feedback": "ef21"},
+        run={"rounds": rounds, "eval_every": rounds},
+    )
+    run = run_config(cfg)
+    assert run.rows[-1]["bytes_up"] == rounds * clients * 18  # 18 bytes per message, as above
+    assert run.rows[-1]["bytes_down"] == rounds * clients * 20 * 8  # the model still travels dense
+
+
+# --- heterogeneous least squares: compressed gradient descent (one local step per round) ---
+
+def run_rounds(s, rounds, a, b, lr=0.1):
+    """Full participation, equal weights, one local step: x ← x − γ·mean(received vectors)."""
+    n, d = b.shape
+    state = s.init(torch.zeros(d, dtype=torch.float64))
+    client = [s.client_state(torch.zeros(d, dtype=torch.float64)) if s.client_state else {} for _ in range(n)]
+    clients = [(quad_grad(float(a[i]), b[i]), 1) for i in range(n)]
+    for r in range(rounds):
+        state = one_round(s, state, clients, [1.0 / n] * n, LocalHP(lr=lr), client, r)
+    return state, client
+
+
+def wrapper(feedback, eta=0.1, comp=None):
+    return compressed(inner="fedavg", compressor=comp or {"name": "topk", "ratio": 0.1}, feedback=feedback, eta=eta)
+
+
+def test_topk_stalls_without_feedback_while_ef21_and_econtrol_reach_the_optimum():
+    # ALGORITHMS.md §6.2: 10 clients, d = 20, Top-2 of each client's gradient step.
+    a, b, opt = quadratic(10, 20)
+    dist = {}
+    for rule in ("none", "ef21", "econtrol"):
+        s = wrapper(rule)
+        state, _ = run_rounds(s, 300, a, b)
+        dist[rule] = float(np.linalg.norm(s.params(state).numpy() - opt))
+    assert dist["none"] > 1.0, dist  # stalls far from x*
+    assert dist["ef21"] < 1e-8 and dist["econtrol"] < 1e-6, dist
+
+
+def test_econtrol_with_eta_zero_is_ef21_and_server_estimates_mirror_the_clients():
+    a, b, _ = quadratic(4, 6, seed=1)
+    ef21, ef21_clients = run_rounds(wrapper("ef21", comp={"name": "topk", "ratio": 0.34}), 20, a, b)
+    ec0, _ = run_rounds(wrapper("econtrol", eta=0.0, comp={"name": "topk", "ratio": 0.34}), 20, a, b)
+    assert torch.equal(ef21.inner.params, ec0.inner.params)
+    for i, st in enumerate(ef21_clients):  # the server's copy of h_i is the client's h_i
+        assert torch.equal(ef21.estimates[i], st["feedback.h"])
+
+
+def test_identity_compression_changes_nothing():
+    cfg = {"run": {"rounds": 6, "eval_every": 6}}
+    plain = run_config(quadratic_config(strategy={"name": "fedprox", "mu": 0.1}, **cfg))
+    wrapped = run_config(quadratic_config(strategy={"name": "compressed", "inner": {"name": "fedprox", "mu": 0.1},
+                                                    "compressor": "identity"}, **cfg))
+    assert torch.equal(plain.protocol.eval_params(plain.ctx, plain.final_state),
+                       wrapped.protocol.eval_params(wrapped.ctx, wrapped.final_state))
+    assert plain.rows[-1]["bytes_up"] == wrapped.rows[-1]["bytes_up"]
+
+
+def test_stochastic_compressors_are_keyed_by_seed_and_job():
+    strat = {"name": "compressed", "compressor": {"name": "qsgd", "bits": 2, "bucket": 4}, "feedback": "ef"}
+    finals = []
+    for seed in (0, 0, 1):
+        run = run_config(quadratic_config(strategy=strat, seed=seed, run={"rounds": 3, "eval_every": 3}))
+        finals.append(run.protocol.eval_params(run.ctx, run.final_state))
+    assert torch.equal(finals[0], finals[1])
+    assert not torch.allclose(finals[0], finals[2])
+
+
+@pytest.mark.parametrize("strategy, path", [
+    ({"name": "compressed", "compressor": {"name": "topk", "ratio": 1.5}}, "strategy.compressor.ratio"),
+    ({"name": "compressed", "compressor": "zip"}, "strategy.compressor.name"),
+    ({"name": "compressed", "inner": {"name": "fedavg", "server_lr": -1}}, "strategy.inner.server_lr"),
+    ({"name": "compressed", "feedback": "ef22"}, "strategy.feedback"),
+])
+def test_bad_compression_config_names_the_key(strategy, path):
+    with pytest.raises(ConfigError) as info:
+        run_config(quadratic_config(strategy=strategy, run={"rounds": 1}))
+    assert info.value.path == path
+
+
+def test_index_bits_are_ceil_log2():
+    from fedsim.compressors import index_bits
+
+    assert [index_bits(d) for d in (2, 3, 4, 5, 1024, 1025)] == [1, 2, 2, 3, 10, 11]
+    assert index_bits(4810) == math.ceil(math.log2(4810)) == 13
+
+
+def test_a_diverging_compressed_run_stops_with_a_divergence_error():
+    from fedsim.errors import DivergenceError
+
+    strat = {"name": "compressed", "compressor": {"name": "topk", "ratio": 0.5}, "feedback": "ef21"}
+    with pytest.raises(DivergenceError, match="decoded update has NaN/inf"):
+        run_config(quadratic_config(strategy=strat, local={"lr": 20.0}, run={"rounds": 60, "eval_every": 60}))
