@@ -102,6 +102,7 @@ class AsyncGossipProtocol(Protocol):
         if ev.kind == "arrive":
             state.buffers.setdefault(ev.data["node"], {})[ev.data["sender"]] = ev.data["model"]
             state.bytes_down += nbytes(ev.data["model"])
+            ctx.log(ev.time, "arrive", node=ev.data["node"], sender=ev.data["sender"])
         elif ev.kind == "trained":
             self._finish(ctx, state, ev.data["node"], ev.data["job"])
         elif ev.kind == "wake":
