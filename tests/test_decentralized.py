@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from fedsim.errors import ConfigError
-from fedsim.local import sgd_steps
 from fedsim.sam import sam
-from fedsim.strategy import Batch, Batches, LocalHP, Payload
+from fedsim.strategy import Batches, LocalHP, Payload
 from strategies.dfedavg import dfedavgm
 
 from .conftest import merge, quadratic_config, run_config

@@ -13,10 +13,11 @@ from functools import lru_cache
 from typing import Callable
 
 import networkx as nx
-import numpy as np
 import scipy.sparse as sp
 
+from fedsim.config.schema import COMPONENTS
 from fedsim.errors import ConfigError
+from fedsim.registry import MIXING
 from fedsim.rng import key
 
 MixingRule = Callable[[nx.Graph], sp.csr_array]
@@ -129,9 +130,6 @@ def build_topology(component, num_nodes: int, seed: int) -> Topology:
     Raises ConfigError for an unknown mixing rule, a rule that does not fit the graph, or a
     disconnected graph without ``allow_disconnected``.
     """
-    from fedsim.config.schema import COMPONENTS
-    from fedsim.registry import MIXING
-
     if component is None:
         component = COMPONENTS["topology"].resolve("topology", None)
     rule = MIXING.get(component.common["mixing"], "topology.mixing").factory
@@ -153,12 +151,3 @@ def build_topology(component, num_nodes: int, seed: int) -> Topology:
         raise ConfigError("topology.mixing", str(exc)) from None
     return Topology(component.name, num_nodes, source, rule)
 
-
-def degrees(graph: nx.Graph) -> np.ndarray:
-    """Returns each node's number of in-neighbours (its degree, for undirected graphs)."""
-    n = graph.number_of_nodes()
-    deg = graph.in_degree() if graph.is_directed() else graph.degree()
-    out = np.zeros(n, dtype=np.int64)
-    for node, d in deg:
-        out[node] = d
-    return out

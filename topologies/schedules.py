@@ -34,8 +34,11 @@ def dynamic_regular(ctx: TopologyContext, degree: Annotated[int, Ge(1)] = 4) -> 
 
 @TOPOLOGIES.register("random_matching")
 def random_matching(ctx: TopologyContext) -> Schedule:
-    """A random perfect matching every round: each node gossips with one random peer (one left
-    out when n is odd); disconnected in every round, connected over a few rounds."""
+    """A random perfect matching every round: each node gossips with one random peer.
+
+    With n odd one node is left out. Every round's graph is disconnected; a few rounds
+    together connect all nodes.
+    """
     n = ctx.num_nodes
 
     def graph_at(t: int) -> nx.Graph:
@@ -49,9 +52,12 @@ def random_matching(ctx: TopologyContext) -> Schedule:
 
 @TOPOLOGIES.register("one_peer_exponential")
 def one_peer_exponential(ctx: TopologyContext) -> Schedule:
-    """One-peer exponential graph (Ying et al., NeurIPS 2021, arXiv 2110.13363): in round t node i
-    sends to i + 2^(t mod τ) (mod n), τ = ⌈log₂ n⌉. Directed, one peer per round; with n a
-    power of two, τ consecutive rounds of uniform (½, ½) mixing average exactly."""
+    """One-peer exponential graph: in round t node i sends to i + 2^(t mod ⌈log₂ n⌉) (mod n).
+
+    Ying, Yuan, Chen, Hu, Pan, Yin, NeurIPS 2021, arXiv 2110.13363. Directed, one peer per
+    round; with n a power of two, τ = log₂ n consecutive rounds of (½, ½) mixing (every rule
+    here gives it) average exactly.
+    """
     n = ctx.num_nodes
     tau = _log2_rounds(n)
 
