@@ -1,6 +1,7 @@
 """Synchronous decentralized protocol and strategies: equivalences with FedAvg, SAM, momentum, accounting."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -182,3 +183,17 @@ def test_sparse_gossip_path_runs_large_n():
         mixing.DENSE_UP_TO = old
     assert torch.allclose(sparse, dense, atol=1e-12, rtol=0)
     assert math.isfinite(float(sparse.sum()))
+
+
+def test_only_available_nodes_train_and_idle_rounds_wait(tmp_path):
+    cfg = dec_config(data={"num_clients": 4}, run={"rounds": 6, "eval_every": 6, "log_events": True},
+                     system={"compute": {"name": "constant", "step_time": 0.1},
+                             "availability": {"name": "bernoulli", "p_on": 0.2, "period": 0.2}})
+    run = run_config(cfg, tmp_path)
+    trace = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert any(e["kind"] == "idle" for e in trace)  # nobody was online at some round start
+    trains = [e for e in trace if e["kind"] == "train"]
+    assert len(trains) == 6 and run.final_state.rounds == 6
+    for e in trains:
+        online = run.ctx.population.available(np.arange(4), e["time"])
+        assert e["nodes"] == online.tolist()

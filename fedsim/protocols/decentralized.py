@@ -12,7 +12,6 @@ not performed. Bytes: ``bytes_up`` counts models sent, ``bytes_down`` models rec
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -21,12 +20,12 @@ import torch
 
 from topologies.mixing import as_tensor, message_counts, restrict, spectral_gap
 
-from ..clock import to_seconds, to_ticks
+from ..clock import to_seconds
 from ..comm import nbytes
 from ..config import Ge, OneOf
 from ..registry import PROTOCOLS
 from ..strategy import Payload, Tensor
-from .base import Protocol, ProtocolState, RunContext, check_finite
+from .base import Protocol, ProtocolState, RunContext, check_finite, wait_for_availability
 from .nodes import INITS, build_topology, eval_sample, initial_models, node_metrics
 
 MAX_GAP_NODES = 1024  # the spectral gap (a dense SVD) is reported up to this many nodes
@@ -70,13 +69,7 @@ class DecentralizedProtocol(Protocol):
         active = np.zeros(n, dtype=bool)
         active[ctx.population.available(nodes, to_seconds(t0))] = True
         if not active.any():
-            nxt = ctx.population.next_availability_change(to_seconds(t0))
-            if not math.isfinite(nxt) or to_ticks(nxt) > ctx.budget_ticks():
-                state.finished = True
-                return state
-            ctx.log(t0, "idle", until=nxt)
-            state.time = to_ticks(nxt)
-            return state
+            return wait_for_availability(ctx, state)
         active &= ~ctx.population.drops(nodes, job_ids)[0]
         ids = nodes[active]
 
