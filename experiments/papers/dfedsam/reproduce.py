@@ -23,7 +23,7 @@ from fedsim.outputs import read_jsonl  # noqa: E402
 from fedsim.reproduce import Claim, RunSpec  # noqa: E402
 
 TITLE = "DFedSAM / DFedSAM-MGS (Shi, Shen, Wei, Sun, Yuan, Wang, Tao — ICML 2023, arXiv 2302.04083)"
-FULL_RUNTIME = "about 45 minutes on 2 CPU cores (45 runs: 3 methods × 5 topologies × 3 seeds)"
+FULL_RUNTIME = "about 25 minutes of CPU time on 2 cores (45 runs: 3 methods × 5 topologies × 3 seeds); quick: about 2 minutes"
 
 RHO = 0.05
 TOPOLOGIES = {

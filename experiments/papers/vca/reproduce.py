@@ -23,7 +23,7 @@ from fedsim.outputs import read_jsonl  # noqa: E402
 from fedsim.reproduce import Claim, RunSpec  # noqa: E402
 
 TITLE = "Variance-corrected averaging for gossip learning (Tian, Al-Ars, Kitsak, Hofstee — arXiv 2404.04616)"
-FULL_RUNTIME = "about 20 minutes on 2 CPU cores (15 runs: 5 variants × 3 seeds, 400 s of virtual time each)"
+FULL_RUNTIME = "about 5 minutes of CPU time on 2 cores (15 runs: 5 variants × 3 seeds, 400 s of virtual time); quick: under 1 minute"
 
 QUICK = ["run.time_budget=200"]
 PLAIN, VCA = "strategy.variance_correction=false", "strategy.variance_correction=true"
