@@ -97,6 +97,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         "partitions": registry.PARTITIONERS,
         "models": registry.MODELS,
         "topologies": registry.TOPOLOGIES,
+        "mixing": registry.MIXING,
         "compute": registry.COMPUTE_MODELS,
         "links": registry.LINK_MODELS,
         "availability": registry.AVAILABILITY_MODELS,

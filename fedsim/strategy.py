@@ -12,8 +12,15 @@ A strategy is a `Strategy` named tuple:
 * ``init(params) -> S``, ``publish(S) -> Payload``, ``combine(S, msgs, ctx) -> S``,
   ``params(S) -> x`` — the server part, for server-based protocols (sync and async). The
   runtime decides *when* combine runs and fills each `Msg` (weight, staleness, base).
-* ``merge(own, received, weights) -> params`` — the receiver rule for decentralized
-  protocols (own: ``[..., d]``; received: ``[m, ..., d]``; weights: ``[m + 1]``, own first).
+* ``merge(models, weights, own, layout) -> params`` — the receiver rule of decentralized
+  protocols, pure over stacks: ``models [m, d]`` are every model involved, ``weights [k, m]``
+  (dense or sparse) give receiver r's weight on each of them in row r, ``own [k]`` is the
+  index of receiver r's own model in `models`, and ``layout`` (`fedsim.params.ParamLayout`)
+  cuts a row into the model's tensors for per-tensor rules. Returns the ``[k, d]`` merged
+  models. Plain mixing is ``weights @ models``: a synchronous gossip step over all n nodes is
+  one (sparse) matmul (k = m = n, own = arange(n)); an asynchronous receiver merges its own
+  model with its buffer (k = 1, own = [0]). See `fedsim.merge`.
+* ``gossip_steps`` — Q, the gossip (merge) steps per round in synchronous decentralized protocols.
 * ``client_state(params) -> dict`` — the initial persistent per-client state (None: stateless).
 """
 from __future__ import annotations
@@ -115,7 +122,8 @@ class Strategy(NamedTuple):
     params: Callable[[Any], Tensor] | None = None
     client_state: Callable[[Tensor], dict[str, Tensor]] | None = None
     metrics: Callable[[Any], dict[str, float]] | None = None
-    merge: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
+    merge: Callable[[Tensor, Tensor, Tensor, Any], Tensor] | None = None
+    gossip_steps: int = 1
 
     @property
     def server_based(self) -> bool:

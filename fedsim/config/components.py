@@ -136,7 +136,7 @@ def _schema(name: str, knobs: Sequence[Knob]) -> type:
             fields.append((k.name, k.type, field(default_factory=lambda d=k.default: type(d)(d))))
         else:
             fields.append((k.name, k.type, field(default=k.default)))
-    return make_dataclass(name, fields)
+    return make_dataclass(name, fields, kw_only=True)  # a required knob may follow common keys with defaults
 
 
 def _join(path: str, key: str) -> str:

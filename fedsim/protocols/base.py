@@ -105,6 +105,20 @@ class RunContext:
         return self.run.rounds is not None and state.rounds >= self.run.rounds
 
 
+def wait_for_availability(ctx: RunContext, state: ProtocolState) -> ProtocolState:
+    """With no client available now: moves the state to the next availability change, or
+    finishes it when there is none before the time budget. Returns the state."""
+    t0 = state.time
+    nxt = ctx.population.next_availability_change(to_seconds(t0))
+    if not math.isfinite(nxt) or to_ticks(nxt) > ctx.budget_ticks():
+        state.finished = True
+        return state
+    ctx.log(t0, "idle", until=nxt)
+    # at least one tick later: a slot boundary computed in float seconds can round back onto t0
+    state.time = max(to_ticks(nxt), t0 + 1)
+    return state
+
+
 def check_finite(result: JobResult, round_: int, time: int) -> None:
     """Raises DivergenceError if a client's update has NaN or inf entries."""
     upd = result.output.update
@@ -153,4 +167,4 @@ class Protocol(ABC):
         return {}
 
 
-__all__ = ["Protocol", "ProtocolState", "RunContext", "check_finite", "uplink_bytes"]
+__all__ = ["Protocol", "ProtocolState", "RunContext", "check_finite", "uplink_bytes", "wait_for_availability"]

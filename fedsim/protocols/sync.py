@@ -23,7 +23,7 @@ from ..executors.base import JobResult
 from ..registry import PROTOCOLS
 from ..rng import numpy_rng
 from ..strategy import CombineContext, Msg, Tensor
-from .base import Protocol, ProtocolState, RunContext, check_finite, uplink_bytes
+from .base import Protocol, ProtocolState, RunContext, check_finite, uplink_bytes, wait_for_availability
 from .weighting import IMPORTANCES, WEIGHTINGS, aggregation_weights, importance
 
 
@@ -101,13 +101,7 @@ class SyncProtocol(Protocol):
         everyone = np.arange(ctx.num_clients)
         available = ctx.population.available(everyone, to_seconds(t0))
         if len(available) == 0:
-            nxt = ctx.population.next_availability_change(to_seconds(t0))
-            if not math.isfinite(nxt) or to_ticks(nxt) > ctx.budget_ticks():
-                state.finished = True
-                return state
-            ctx.log(t0, "idle", until=nxt)
-            state.time = to_ticks(nxt)
-            return state
+            return wait_for_availability(ctx, state)
         m = min(self.cohort_size(ctx.num_clients), len(available))
         cohort = np.sort(numpy_rng(ctx.seed, "sample", state.rounds).choice(available, m, replace=False))
         payload = ctx.strategy.publish(state.server)

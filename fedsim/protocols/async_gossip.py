@@ -1,0 +1,211 @@
+"""Asynchronous gossip learning on the virtual clock: each node trains, pushes, merges on its own.
+
+Every node runs one job after another; a job (``local.steps`` batches, usually 1) lasts the
+node's compute time from its system profile (times the per-job jitter), so nodes wake on
+their own periods; the first job starts at a keyed random phase within one period. When a
+job ends at time t the node
+
+1. takes the trained model y as its own and pushes it to its out-neighbours: a copy reaches
+   neighbour j at t + (upload of deg_i models on i's link) + (download of one on j's link);
+2. if its buffer holds ≥ ``buffer_size`` received models (default: its in-degree), merges
+   them with the strategy's rule, weights ``[α, (1−α)/m, …]`` (α = ``self_weight``) and
+   empties the buffer — the DFL2 simulator's "train 50 / average 50" order (ALGORITHMS.md §5.3);
+3. starts its next job from the (merged) model.
+
+A buffer keeps the newest model per sender. Arrivals at a tick are handled before the
+jobs that end at that tick. A lost job (dropout) produces nothing; the node starts over
+after the part of the job it spent. An unavailable node sleeps until availability changes.
+``rounds`` counts n completed jobs (one job per node on average, as one synchronous round);
+``aggregations`` counts merges; ``bytes_up`` / ``bytes_down`` models sent / received.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Optional
+
+import numpy as np
+import torch
+
+from .. import rng
+from ..clock import EventQueue, to_seconds, to_ticks
+from ..comm import nbytes
+from ..config import Ge, OneOf, Range
+from ..errors import ConfigError
+from ..registry import PROTOCOLS
+from ..strategy import Payload, Tensor
+from .base import Protocol, ProtocolState, RunContext, check_finite
+from .nodes import INITS, build_topology, eval_sample, initial_models, node_metrics
+
+ARRIVE, TRAINED, WAKE = 0, 1, 2  # event priorities at equal times
+
+
+@dataclass
+class GossipState(ProtocolState):
+    """Progress plus the node stack, the event queue and the receive buffers."""
+
+    models: Tensor | None = None  # [n, d]
+    queue: EventQueue = field(default_factory=EventQueue)
+    buffers: dict[int, dict[int, Tensor]] = field(default_factory=dict)  # receiver -> sender -> model
+    jobs_done: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+
+
+class AsyncGossipProtocol(Protocol):
+    """See the module docstring."""
+
+    requires = "decentralized"
+
+    def __init__(self, init: str, buffer_size: int | None, self_weight: float | None, eval_nodes: int):
+        self.init_mode = init
+        self.buffer_size = buffer_size
+        self.self_weight = self_weight
+        self.eval_nodes = eval_nodes
+
+    def setup(self, ctx: RunContext) -> None:
+        topo = build_topology(ctx)
+        if not topo.static:
+            raise ConfigError("topology.name", f"{topo.name!r} changes every round; the asynchronous gossip "
+                              "protocol needs a static graph (use protocol 'decentralized' for schedules)")
+        g = topo.graph()
+        n = ctx.num_clients
+        self.out = [topo.out_neighbors(i) for i in range(n)]
+        indeg = [g.in_degree(i) if g.is_directed() else g.degree(i) for i in range(n)]
+        self.needed = [self.buffer_size or max(1, d) for d in indeg]
+        self._nodes = eval_sample(n, self.eval_nodes, ctx.seed)
+        self._steps = ctx.config.local.steps or 1
+
+    def init(self, ctx: RunContext) -> GossipState:
+        state = GossipState(models=initial_models(ctx, self.init_mode))
+        nodes = np.arange(ctx.num_clients)
+        period = ctx.population.step_time(nodes) * self._steps
+        phase = rng.uniform(ctx.seed, "gossip/phase", nodes) * period
+        for i in nodes:
+            state.queue.push(to_ticks(phase[i]), "wake", WAKE, node=int(i))
+        return state
+
+    def next_time(self, ctx: RunContext, state: GossipState) -> int | None:
+        ev = state.queue.peek()
+        return ev.time if ev is not None else None
+
+    def step(self, ctx: RunContext, state: GossipState) -> GossipState:
+        ev = state.queue.peek()
+        budget = ctx.budget_ticks()
+        if ev is None or ev.time > budget or ctx.out_of_rounds(state):
+            if ev is not None and ev.time > budget:
+                state.time = int(budget)  # nothing happens before the budget ends: the state holds there
+            state.finished = True
+            return state
+        ev = state.queue.pop()
+        state.time = ev.time
+        if ev.kind == "arrive":
+            state.buffers.setdefault(ev.data["node"], {})[ev.data["sender"]] = ev.data["model"]
+            state.bytes_down += nbytes(ev.data["model"])
+            ctx.log(ev.time, "arrive", node=ev.data["node"], sender=ev.data["sender"])
+        elif ev.kind == "trained":
+            self._finish(ctx, state, ev.data["node"], ev.data["job"])
+        elif ev.kind == "wake":
+            self._start(ctx, state, ev.data["node"])
+        state.finished = ctx.out_of_rounds(state)
+        return state
+
+    def _start(self, ctx: RunContext, state: GossipState, i: int) -> None:
+        """Starts node i's next job now (or sleeps until it is available)."""
+        t = state.time
+        if len(ctx.population.available(np.array([i]), to_seconds(t))) == 0:
+            nxt = ctx.population.next_availability_change(to_seconds(t))
+            if math.isfinite(nxt):
+                state.queue.push(max(t, to_ticks(nxt)), "wake", WAKE, node=i)
+            return
+        job_id = state.next_job
+        state.next_job += 1
+        job = ctx.make_job(i, Payload(state.models[i].clone()), state.jobs_done, job_id)
+        ids, jobs = np.array([i]), np.array([job_id])
+        pop = ctx.population
+        duration = to_ticks(pop.step_time(ids)[0] * job.num_steps * pop.jitter_factor(jobs)[0])  # compute only
+        lost, lost_at = pop.drops(ids, jobs)
+        if lost[0]:
+            ctx.log(t, "lost", node=i, job=job_id)
+            state.queue.push(t + int(round(lost_at[0] * duration)), "wake", WAKE, node=i)
+            return
+        ctx.executor.submit(job)
+        ctx.log(t, "train", node=i, job=job_id)
+        state.queue.push(t + duration, "trained", TRAINED, node=i, job=job_id)
+
+    def _finish(self, ctx: RunContext, state: GossipState, i: int, job_id: int) -> None:
+        """Node i's job ended: adopt, push, merge if the buffer is full, start the next job."""
+        t = state.time
+        res = ctx.executor.result(job_id)
+        check_finite(res, state.rounds, t)
+        state.models[i] = res.output.update
+        loss = res.output.metrics.get("train_loss")
+        if loss is not None:
+            state.loss_sum, state.loss_count = state.loss_sum + loss, state.loss_count + 1
+        state.jobs_done += 1
+        state.rounds = state.jobs_done // ctx.num_clients
+        self._push(ctx, state, i)
+        buffer = state.buffers.get(i, {})
+        if len(buffer) >= self.needed[i]:
+            senders = sorted(buffer)
+            state.models[i] = self._merge(ctx, state.models[i], [buffer[s] for s in senders])
+            state.buffers[i] = {}
+            state.aggregations += 1
+            ctx.log(t, "merge", node=i, senders=senders)
+        self._start(ctx, state, i)
+
+    def _push(self, ctx: RunContext, state: GossipState, i: int) -> None:
+        """Sends a copy of node i's model to each out-neighbour, arriving after the link delays."""
+        targets = self.out[i]
+        if not targets:
+            return
+        model = state.models[i].clone()
+        size = nbytes(model)
+        link = ctx.population.link
+        up = float(link.transfer_time(np.array([i]), np.array([0]), np.array([size * len(targets)]))[0])
+        down = link.transfer_time(np.array(targets), np.full(len(targets), size), np.zeros(len(targets)))
+        for j, d in zip(targets, down):
+            state.queue.push(state.time + to_ticks(up + float(d)), "arrive", ARRIVE, node=j, sender=i, model=model)
+        state.bytes_up += size * len(targets)
+        ctx.log(state.time, "push", node=i, to=targets)
+
+    def _merge(self, ctx: RunContext, own: Tensor, received: list[Tensor]) -> Tensor:
+        """Returns own merged with the received models under the strategy's rule."""
+        m = len(received)
+        alpha = self.self_weight if self.self_weight is not None else 1.0 / (m + 1)
+        weights = torch.tensor([[alpha] + [(1.0 - alpha) / m] * m], dtype=own.dtype)
+        models = torch.stack([own, *received])
+        return ctx.strategy.merge(models, weights, torch.zeros(1, dtype=torch.long), ctx.task.layout)[0]
+
+    def eval_params(self, ctx: RunContext, state: GossipState) -> Tensor:
+        return state.models.mean(0)
+
+    def eval_metrics(self, ctx: RunContext, state: GossipState) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "train_loss": state.loss_sum / state.loss_count if state.loss_count else None,
+            "jobs": state.jobs_done,
+        }
+        state.loss_sum, state.loss_count = 0.0, 0
+        out.update(node_metrics(ctx, state.models, self._nodes))
+        return out
+
+
+@PROTOCOLS.register("async_gossip")
+def async_gossip(
+    init: Annotated[str, OneOf(INITS)] = "independent",
+    buffer_size: Annotated[Optional[int], Ge(1)] = None,
+    self_weight: Annotated[Optional[float], Range(0.0, 1.0)] = 0.5,
+    eval_nodes: Annotated[int, Ge(0)] = 16,
+) -> Protocol:
+    """Asynchronous gossip learning: nodes train on their own clocks, push, and merge full buffers.
+
+    Args:
+        init: 'independent' (each node from its own keyed initialisation, as in gossip
+            learning) or 'shared' (every node from the same model).
+        buffer_size: Received models that trigger a merge (default: the node's in-degree).
+        self_weight: α, the weight of the node's own model in a merge (0.5 = "train 50 /
+            average 50"); null gives every model in the merge the same weight.
+        eval_nodes: Nodes whose own test accuracy is measured at each evaluation (a keyed
+            sample when there are more; 0 turns per-node metrics off).
+    """
+    return AsyncGossipProtocol(init, buffer_size, self_weight, eval_nodes)

@@ -1,0 +1,145 @@
+"""Synchronous decentralized rounds: every node trains, then Q Jacobi gossip steps on the stack.
+
+Round r starts at virtual time t_r. Every available node i whose job is not lost runs one
+local job (K steps, via the executor) from its model x_i, giving y_i; then the nodes merge
+Q = ``strategy.gossip_steps`` times with the round's mixing matrix W_r (all nodes use the
+previous step's models: ``Y ← merge(Y, W_r)``, a matmul for plain mixing). Nodes that are
+unavailable or lost neither train nor gossip this round: their links are dropped and their
+weight moved to the diagonal, which keeps W symmetric and doubly stochastic. Node i's part
+of the round lasts its compute time plus the transfer of Q·deg_i models each way; the
+round ends when the slowest node is done. A round that would end after run.time_budget is
+not performed. Bytes: ``bytes_up`` counts models sent, ``bytes_down`` models received.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+
+from topologies.mixing import as_tensor, message_counts, restrict, spectral_gap
+
+from ..clock import to_seconds
+from ..comm import nbytes
+from ..config import Ge, OneOf
+from ..registry import PROTOCOLS
+from ..strategy import Payload, Tensor
+from .base import Protocol, ProtocolState, RunContext, check_finite, wait_for_availability
+from .nodes import INITS, build_topology, eval_sample, initial_models, node_metrics
+
+MAX_GAP_NODES = 1024  # the spectral gap (a dense SVD) is reported up to this many nodes
+
+
+@dataclass
+class DecentralizedState(ProtocolState):
+    """Progress plus the node stack and the last round's statistics."""
+
+    models: Tensor | None = None  # [n, d]: node i's model in row i
+    train_loss: float | None = None
+    active: int = 0  # nodes that trained and gossiped in the last round
+    spectral_gap: float | None = None  # of the last round's mixing matrix
+
+
+class DecentralizedProtocol(Protocol):
+    """See the module docstring."""
+
+    requires = "decentralized"
+
+    def __init__(self, init: str, eval_nodes: int):
+        self.init_mode = init
+        self.eval_nodes = eval_nodes
+
+    def setup(self, ctx: RunContext) -> None:
+        self.topology = build_topology(ctx)
+        small = ctx.num_clients <= MAX_GAP_NODES
+        self._static_gap = spectral_gap(self.topology.mixing(0)) if self.topology.static and small else None
+        self._nodes = eval_sample(ctx.num_clients, self.eval_nodes, ctx.seed)
+
+    def init(self, ctx: RunContext) -> DecentralizedState:
+        return DecentralizedState(models=initial_models(ctx, self.init_mode))
+
+    def step(self, ctx: RunContext, state: DecentralizedState) -> DecentralizedState:
+        if ctx.out_of_rounds(state):
+            state.finished = True
+            return state
+        n, t0, r = ctx.num_clients, state.time, state.rounds
+        nodes = np.arange(n)
+        job_ids = state.next_job + nodes
+        active = np.zeros(n, dtype=bool)
+        active[ctx.population.available(nodes, to_seconds(t0))] = True
+        if not active.any():
+            return wait_for_availability(ctx, state)
+        active &= ~ctx.population.drops(nodes, job_ids)[0]
+        ids = nodes[active]
+
+        x = state.models
+        jobs = [ctx.make_job(int(i), Payload(x[i].clone()), r, int(job_ids[i])) for i in ids]
+        results = ctx.executor.run(jobs)
+        w = self.topology.mixing(r)
+        w = w if active.all() else restrict(w, active)
+        recv, sent = message_counts(w)
+        q, size = ctx.strategy.gossip_steps, nbytes(x[0])
+        durations = ctx.population.job_ticks(ids, [j.num_steps for j in jobs], q * size * recv[ids],
+                                             q * size * sent[ids], job_ids[ids])
+        end = t0 + max(durations, default=0)
+        if end > ctx.budget_ticks():
+            state.finished = True
+            return state
+
+        y = x.clone()
+        for res in results:
+            check_finite(res, r, t0)
+            y[res.client] = res.output.update
+        wt = as_tensor(w, y.dtype, y.device)
+        own = torch.arange(n, device=y.device)
+        for _ in range(q):
+            y = ctx.strategy.merge(y, wt, own, ctx.task.layout)
+
+        if ctx.events is not None:
+            ctx.log(t0, "train", round=r, nodes=ids.tolist())
+            ctx.log(end, "gossip", round=r, steps=q, messages=int(q * sent.sum()))
+        losses = [res.output.metrics["train_loss"] for res in results if "train_loss" in res.output.metrics]
+        state.models = y
+        state.train_loss = float(np.mean(losses)) if losses else None
+        state.active = len(ids)
+        state.spectral_gap = self._spectral_gap(w, bool(active.all()))
+        state.bytes_up += int(q * size * sent.sum())
+        state.bytes_down += int(q * size * recv.sum())
+        state.next_job += n
+        state.rounds += 1
+        state.aggregations += q
+        state.time = end
+        state.finished = ctx.out_of_rounds(state)
+        return state
+
+    def _spectral_gap(self, w: Any, everyone: bool) -> float | None:
+        """Returns 1 − λ of this round's W (once for a static graph; None beyond 1024 nodes)."""
+        if everyone and self.topology.static:
+            return self._static_gap
+        return spectral_gap(w) if w.shape[0] <= MAX_GAP_NODES else None
+
+    def eval_params(self, ctx: RunContext, state: DecentralizedState) -> Tensor:
+        return state.models.mean(0)
+
+    def eval_metrics(self, ctx: RunContext, state: DecentralizedState) -> dict[str, Any]:
+        out: dict[str, Any] = {"train_loss": state.train_loss, "active_nodes": state.active,
+                               "spectral_gap": state.spectral_gap}
+        out.update(node_metrics(ctx, state.models, self._nodes))
+        return out
+
+
+@PROTOCOLS.register("decentralized")
+def decentralized(
+    init: Annotated[str, OneOf(INITS)] = "shared",
+    eval_nodes: Annotated[int, Ge(0)] = 16,
+) -> Protocol:
+    """Synchronous decentralized learning: all nodes train, then gossip Q times over the topology.
+
+    Args:
+        init: 'shared' (every node starts from the same model) or 'independent' (each node
+            from its own keyed initialisation).
+        eval_nodes: Nodes whose own test accuracy is measured at each evaluation (a keyed
+            sample when there are more; 0 turns per-node metrics off).
+    """
+    return DecentralizedProtocol(init, eval_nodes)
