@@ -80,7 +80,9 @@ def build(config: Config, protocol: Protocol | None = None) -> Run:
     executor: Executor = config.executor.build()
     hp = LocalHP(config.local.lr, config.local.momentum, config.local.weight_decay)
     executor.start(WorkerSpec(task, data.x_train, data.y_train, config.strategy, hp, config.seed), strategy)
-    ctx = RunContext(config, data, task, strategy, population, executor, ClientStateStore())
+    budget = config.run.state_memory_mb
+    store = ClientStateStore(int(budget * 2**20) if budget is not None else None, config.run.state_dir)
+    ctx = RunContext(config, data, task, strategy, population, executor, store)
     protocol.setup(ctx)
     return Run(config, ctx, protocol)
 
@@ -245,6 +247,7 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
         if ctx.events is not None:
             ctx.events.close()
         ctx.executor.close()
+        ctx.store.close()
     run.final_state = state
     run.wall_time = wall()
     return run.rows
@@ -280,6 +283,8 @@ def execute(config: Config, out_dir: Path | None, overwrite: bool = False, progr
     if out_dir is not None:
         prepare_run_dir(out_dir, overwrite)
         write_config(out_dir, config.resolved())
+        if config.run.state_dir is None:  # spilled client state lives in the run folder
+            run.ctx.store.spill_root = out_dir
     drive(run, out_dir, progress)
     if out_dir is not None:
         _finish(run, out_dir)
