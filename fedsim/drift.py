@@ -53,7 +53,7 @@ def drift_local(beta: float = 1.0, control: ControlOption | None = None, vr: boo
         eta = local_lr(payload, hp)
         shift = extras["c"] - state["c"] if control else None  # c − c_i
         g = extras["g"] / eta if "g" in extras else None
-        total = [torch.zeros_like(x)]  # Σ_k ∇F_i(y_k; ξ_k), for control="path"
+        total = [0.0]  # Σ_k ∇F_i(y_k; ξ_k), for control="path"
 
         def direction(y: Tensor, batch: Batch, grad_fn: GradFn, k: int) -> tuple[Tensor, Tensor]:
             grad, loss = grad_fn(y, batch)

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator
@@ -207,6 +208,8 @@ class ClientStateStore:
             if self.spill_root is not None:
                 self.spill_root.mkdir(parents=True, exist_ok=True)
             self._dir = Path(tempfile.mkdtemp(prefix="client-state-", dir=self.spill_root))
+            # also removed if the store is garbage-collected or the interpreter exits unclosed
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
         return self._dir
 
     def clear(self) -> None:
@@ -238,7 +241,7 @@ class ClientStateStore:
             f.close()
         self._files, self._layouts = [], {}
         if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            self._cleanup()
             self._dir = None
 
     # -- checkpoints -----------------------------------------------------------------------
