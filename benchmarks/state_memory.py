@@ -77,8 +77,8 @@ def main() -> None:
         return
     for label, rounds, budget in (("unbounded", args.unbounded_rounds, "none"),
                                   (f"budget {args.budget_mb:g} MiB", args.rounds, str(args.budget_mb))):
-        out = subprocess.run([sys.executable, __file__, "--child", str(rounds), budget, "--every", str(args.every)],
-                             check=True, capture_output=True, text=True).stdout
+        cmd = [sys.executable, __file__, "--child", str(rounds), budget, "--every", str(args.every)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         print(f"\n{label}:\n| round | clients with state | store memory MiB | RSS growth MiB | s |\n|---|---|---|---|---|")
         for r in rows:

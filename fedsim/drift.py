@@ -33,6 +33,9 @@ from .strategy import Payload, Strategy, Tensor
 #   "path": the mean of the K fresh gradients ∇F_i(y_k; ξ_k) of this job (SCAFFOLD-M).
 ControlOption = Literal["I", "II", "path"]
 Beta = Annotated[float, Range(0.0, 1.0, open_lo=True)]  # β ∈ (0, 1], the weight of the fresh gradient
+# g^0: 'zero' (g^0 = 0, so the first ~1/β rounds move by about β) or 'first_round' (round 0
+# runs without momentum and sets g^1 from its updates, like STORM's d_0 = ∇f(x_0; ξ_0)).
+G0 = Literal["zero", "first_round"]
 
 
 class DriftState(NamedTuple):
@@ -98,15 +101,19 @@ def drift_server(
     momentum: bool = False,
     control: bool = False,
     vr: bool = False,
+    g0: G0 = "zero",
 ) -> Strategy:
     """Returns a server-based strategy: x ← x − η_g Σ w_i u_i, plus the momentum ηg (with
     `momentum`), the control variate c (with `control`) and x^{r−1} (with `vr`), all published
-    to clients as payload extras 'g', 'c', 'prev'. An empty aggregation changes nothing."""
+    to clients as payload extras 'g', 'c', 'prev'. With g0='first_round' no g is sent before
+    the first aggregation, so clients step with β = 1 (no momentum) in round 0 and g^1 is a
+    plain gradient estimate. An empty aggregation changes nothing."""
     reduce = weighted_sum()
 
     def init(params: Tensor) -> DriftState:
         zero = torch.zeros_like(params)
-        return DriftState(params, zero if momentum else None, zero if control else None, params if vr else None)
+        g = zero if momentum and g0 == "zero" else None
+        return DriftState(params, g, zero if control else None, params if vr else None)
 
     def publish(state: DriftState) -> Payload:
         extras = {"g": state.g, "c": state.c, "prev": state.prev}

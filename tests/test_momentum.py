@@ -110,12 +110,17 @@ def test_scaffold_m_vr_direction_by_hand():
 
 
 @pytest.mark.parametrize(
-    "name, up, down",
-    [("scaffold", 2, 2), ("fedavg_m", 1, 2), ("scaffold_m", 2, 3), ("fedavg_m_vr", 1, 3), ("scaffold_m_vr", 2, 4)],
+    "name, up, down, first_down",
+    [("scaffold", 2, 2, 2), ("fedavg_m", 1, 2, 1), ("scaffold_m", 2, 3, 2), ("fedavg_m_vr", 1, 3, 2),
+     ("scaffold_m_vr", 2, 4, 3)],
 )
-def test_bytes_count_every_vector_sent(name, up, down):
-    # SCAFFOLD sends x and c down, u_i and Δc_i up; momentum adds g down; VR adds x^{r−1} down.
-    runs = {n: quad({"name": n}, 3, PARTIAL) for n in ("fedavg", name)}
+def test_bytes_count_every_vector_sent(name, up, down, first_down):
+    # SCAFFOLD sends x and c down, u_i and Δc_i up; momentum adds g down (not in round 0 with
+    # the default g0='first_round'); VR adds x^{r−1} down. Model-sized vectors per client:
+    rounds = 3
+    runs = {n: quad({"name": n}, rounds, PARTIAL) for n in ("fedavg", name)}
     base, alg = runs["fedavg"].final_state, runs[name].final_state
     assert alg.bytes_up == up * base.bytes_up
-    assert alg.bytes_down == down * base.bytes_down
+    assert alg.bytes_down * rounds == (first_down + (rounds - 1) * down) * base.bytes_down
+    zero = quad({"name": name, "g0": "zero"} if "_m" in name else {"name": name}, rounds, PARTIAL).final_state
+    assert zero.bytes_down == down * base.bytes_down
