@@ -299,6 +299,8 @@ def resume(out_dir: Path, progress: bool | None = None) -> Run:
     config = load_config(cfg_path)
     payload, path = ckpt.load_latest(out_dir, trusted=config.plugins)
     run = build(config)
+    if config.run.state_dir is None:  # spilled client state lives in the run folder
+        run.ctx.store.spill_root = out_dir
     if payload.get("protocol") != config.protocol.name:
         raise FedsimError(f"{path.name} was written by protocol {payload.get('protocol')!r}, config says {config.protocol.name!r}")
     if payload.get("param_dim") != run.ctx.task.layout.dim:

@@ -12,8 +12,8 @@ read back bit for bit. What stays in memory besides the budget is the index: 12 
 client id up to the largest id seen.
 
 Spill files live in a private folder (under `spill_root`, or the system temp folder) that
-`close()` deletes. `snapshot(path)` / `restore(path)` write and read a self-contained copy
-of every entry (for checkpoints).
+`close()` deletes. For checkpoints, `snapshot()` returns every entry as a mapping and
+`snapshot(path)` streams them into a folder; `restore` takes either back.
 """
 from __future__ import annotations
 
@@ -245,8 +245,15 @@ class ClientStateStore:
             self._dir = None
 
     # -- checkpoints -----------------------------------------------------------------------
-    def snapshot(self, path: str | Path) -> None:
-        """Writes every entry to folder `path` (index.json + one slot file per layout)."""
+    def snapshot(self, path: str | Path | None = None) -> dict[int, State] | None:
+        """Copies every entry for a checkpoint.
+
+        Without `path`, returns {client: state} (every spilled state is read into memory, so
+        this suits stores that fit in memory). With `path`, streams the entries into that
+        folder (index.json + one slot file per layout) using one state's memory at a time.
+        """
+        if path is None:
+            return {c: dict(s) for c, s in self.items()}
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         files: dict[Layout, SlotFile] = {}
@@ -265,12 +272,18 @@ class ClientStateStore:
         entries = [{"file": f.path.name, "layout": [list(x) for x in lay], "clients": index[lay]}
                    for lay, f in files.items()]
         (path / "index.json").write_text(json.dumps({"version": 1, "files": entries}))
+        return None
 
-    def restore(self, path: str | Path) -> None:
-        """Replaces the content with a snapshot written by `snapshot(path)`."""
-        path = Path(path)
-        meta = json.loads((path / "index.json").read_text())
+    def restore(self, snap: dict[int, State] | str | Path) -> None:
+        """Replaces the content with a snapshot: the mapping `snapshot()` returned, or the
+        folder `snapshot(path)` wrote. Entries beyond the budget spill as they are put."""
         self.clear()
+        if isinstance(snap, dict):
+            for client, state in sorted(snap.items()):
+                self.put(int(client), state)
+            return
+        path = Path(snap)
+        meta = json.loads((path / "index.json").read_text())
         for entry in meta["files"]:
             layout = tuple((n, dt, tuple(shape)) for n, dt, shape in entry["layout"])
             src = SlotFile(path / entry["file"], layout, create=False)

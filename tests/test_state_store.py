@@ -68,16 +68,20 @@ def test_recently_used_states_stay_in_memory():
     store.close()
 
 
-def test_snapshot_and_restore_round_trip(tmp_path):
+@pytest.mark.parametrize("to_folder", [True, False], ids=["folder", "mapping"])
+def test_snapshot_and_restore_round_trip(tmp_path, to_folder):
     store = ClientStateStore(memory_bytes=1500)
     for i in range(0, 200, 3):
         store.put(i, odd_state(i))
     store.put(500, {"other": torch.arange(4)})  # a second layout
-    store.snapshot(tmp_path / "snap")
-    meta = json.loads((tmp_path / "snap" / "index.json").read_text())
-    assert len(meta["files"]) == 2
+    if to_folder:
+        assert store.snapshot(tmp_path / "snap") is None
+        assert len(json.loads((tmp_path / "snap" / "index.json").read_text())["files"]) == 2
+        snap = tmp_path / "snap"
+    else:
+        snap = store.snapshot()
     restored = ClientStateStore(memory_bytes=0)  # restore straight to disk
-    restored.restore(tmp_path / "snap")
+    restored.restore(snap)
     assert list(restored.clients()) == list(store.clients())
     for c, state in store.items():
         assert all(same_bits(restored.get(c)[k], v) for k, v in state.items())
