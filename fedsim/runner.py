@@ -149,7 +149,7 @@ def _write_checkpoint(run: Run, out_dir: Path, state: ProtocolState, dstate: Dri
         "protocol": run.config.protocol.name,
         "param_dim": ctx.task.layout.dim,
         "protocol_state": state,
-        "store": ctx.store.snapshot(),
+        "store": ckpt.store_entry(out_dir, dstate.checkpoints, ctx.store),
         "driver": snapshot,
         "rows": json.dumps(run.rows),
         "events_bytes": events_bytes,
@@ -307,7 +307,7 @@ def resume(out_dir: Path, progress: bool | None = None) -> Run:
         raise FedsimError(
             f"{path.name} holds a model of {payload.get('param_dim')} parameters; the config's model has {run.ctx.task.layout.dim}"
         )
-    run.ctx.store.restore(payload["store"])
+    ckpt.restore_store(out_dir, payload["store"], run.ctx.store)
     run.rows = json.loads(payload["rows"])
     write_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in run.rows))
     events = out_dir / "events.jsonl"

@@ -141,6 +141,11 @@ class ClientStateStore:
         return self._count
 
     @property
+    def spilled(self) -> bool:
+        """True when some entry lives on disk (a checkpoint should stream, not inline, it)."""
+        return bool(np.any(self._slot >= 0))
+
+    @property
     def memory_in_use(self) -> int:
         """Bytes of the states currently held in memory."""
         return self._mem_bytes

@@ -152,6 +152,10 @@ def test_checkpoint_carries_spilled_client_state(tmp_path):
     ref = run_config(cfg, tmp_path / "ref")
     out = tmp_path / "run"
     run_config(cfg, out)
+    stores = sorted((out / "checkpoints").glob("store-*"))
+    assert [p.name.removeprefix("store-") for p in stores] == [
+        p.name.removeprefix("ckpt-").removesuffix(".pt") for p in list_checkpoints(out)[1:]
+    ]  # streamed beside every checkpoint once something has spilled (round 0 has no state yet)
     for late in list_checkpoints(out)[2:]:  # keep the checkpoints of rounds 0 and 2
         late.unlink()
     resumed = resume(out, progress=False)
