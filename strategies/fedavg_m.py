@@ -10,9 +10,11 @@ Verified: the FedAvg-M update against FedCM's reference code (RickZack/GHBM, fed
 grad·α + (1 − α)·Δ/(lr·K); fedcm_center_server.py: Δ = mean pseudo-gradient), which ICLR
 reviewers state is the same algorithm, and x^{r+1} = x^r − γ g^{r+1} as quoted in the reviews.
 Implemented as recalled (ALGORITHMS.md §2.4; the Algorithm boxes were not retrievable): the
-VR direction. Choices (the box's initialisation could not be checked): by default round 0 runs without
-momentum and sets g^1 (g0='first_round'; g0='zero' starts from g^0 = 0, which makes the first
-~1/β rounds move by about β); x^{−1} = x^0.
+VR direction. Measured with it: on exact quadratics FedAvg-M-VR's fixed point is FedAvg's at
+lr η (FedAvg-M's is at ηβ); on digits (η = 0.05 or 0.01, K = 20) the VR forms do not train.
+Choices (the box's initialisation could not be checked either): round 0 runs without momentum
+and sets g^1 (g0='first_round'; 'zero' starts from g^0 = 0, so the first ~1/β rounds move by
+about β); x^{−1} = x^0.
 """
 from __future__ import annotations
 
