@@ -6,7 +6,8 @@ state store, and how many metrics rows and event-log bytes were written. It is s
 with ``torch.save`` of plain containers and tensors and loaded with
 ``torch.load(weights_only=True)``: dataclasses and named tuples are encoded as tagged
 dicts and rebuilt only from fedsim's own packages or the run's plugins — never by
-unpickling arbitrary objects from a run folder.
+unpickling arbitrary objects from a run folder. A client-state store that has spilled to
+disk is streamed into a folder beside its checkpoint instead (`store_entry`).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import dataclasses
 import importlib
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -24,6 +26,7 @@ import torch
 
 from .clock import EventQueue
 from .errors import FedsimError
+from .state_store import ClientStateStore
 
 CKPT_RE = re.compile(r"^ckpt-(\d{9})\.pt$")
 TRUSTED_PREFIXES = ("fedsim.", "strategies.", "topologies.")
@@ -130,7 +133,30 @@ def save(run_dir: Path, index: int, payload: dict[str, Any], keep: int) -> Path:
         raise
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
+    for store in folder.glob("store-*"):  # store folders whose checkpoint is gone
+        if not (folder / f"ckpt-{store.name.removeprefix('store-')}.pt").exists():
+            shutil.rmtree(store, ignore_errors=True)
     return path
+
+
+def store_entry(run_dir: Path, index: int, store: ClientStateStore) -> Any:
+    """Returns the client-state store's part of checkpoint `index`: its entries inline when
+    they are all in memory, else the name of a folder beside the checkpoint into which they
+    are streamed (so a spilled store is never read into memory at once)."""
+    if not store.spilled:
+        return store.snapshot()
+    folder = checkpoint_dir(run_dir) / f"store-{index:09d}"
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    store.snapshot(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder.name
+
+
+def restore_store(run_dir: Path, entry: Any, store: ClientStateStore) -> None:
+    """Restores `store` from a checkpoint's `store_entry`."""
+    store.restore(checkpoint_dir(run_dir) / entry if isinstance(entry, str) else entry)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

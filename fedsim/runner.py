@@ -80,7 +80,9 @@ def build(config: Config, protocol: Protocol | None = None) -> Run:
     executor: Executor = config.executor.build()
     hp = LocalHP(config.local.lr, config.local.momentum, config.local.weight_decay)
     executor.start(WorkerSpec(task, data.x_train, data.y_train, config.strategy, hp, config.seed), strategy)
-    ctx = RunContext(config, data, task, strategy, population, executor, ClientStateStore())
+    budget = config.run.state_memory_mb
+    store = ClientStateStore(int(budget * 2**20) if budget is not None else None, config.run.state_dir)
+    ctx = RunContext(config, data, task, strategy, population, executor, store)
     protocol.setup(ctx)
     return Run(config, ctx, protocol)
 
@@ -147,7 +149,7 @@ def _write_checkpoint(run: Run, out_dir: Path, state: ProtocolState, dstate: Dri
         "protocol": run.config.protocol.name,
         "param_dim": ctx.task.layout.dim,
         "protocol_state": state,
-        "store": ctx.store.snapshot(),
+        "store": ckpt.store_entry(out_dir, dstate.checkpoints, ctx.store),
         "driver": snapshot,
         "rows": json.dumps(run.rows),
         "events_bytes": events_bytes,
@@ -245,6 +247,7 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
         if ctx.events is not None:
             ctx.events.close()
         ctx.executor.close()
+        ctx.store.close()
     run.final_state = state
     run.wall_time = wall()
     return run.rows
@@ -280,6 +283,8 @@ def execute(config: Config, out_dir: Path | None, overwrite: bool = False, progr
     if out_dir is not None:
         prepare_run_dir(out_dir, overwrite)
         write_config(out_dir, config.resolved())
+        if config.run.state_dir is None:  # spilled client state lives in the run folder
+            run.ctx.store.spill_root = out_dir
     drive(run, out_dir, progress)
     if out_dir is not None:
         _finish(run, out_dir)
@@ -294,13 +299,15 @@ def resume(out_dir: Path, progress: bool | None = None) -> Run:
     config = load_config(cfg_path)
     payload, path = ckpt.load_latest(out_dir, trusted=config.plugins)
     run = build(config)
+    if config.run.state_dir is None:  # spilled client state lives in the run folder
+        run.ctx.store.spill_root = out_dir
     if payload.get("protocol") != config.protocol.name:
         raise FedsimError(f"{path.name} was written by protocol {payload.get('protocol')!r}, config says {config.protocol.name!r}")
     if payload.get("param_dim") != run.ctx.task.layout.dim:
         raise FedsimError(
             f"{path.name} holds a model of {payload.get('param_dim')} parameters; the config's model has {run.ctx.task.layout.dim}"
         )
-    run.ctx.store.restore(payload["store"])
+    ckpt.restore_store(out_dir, payload["store"], run.ctx.store)
     run.rows = json.loads(payload["rows"])
     write_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in run.rows))
     events = out_dir / "events.jsonl"

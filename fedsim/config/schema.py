@@ -114,6 +114,16 @@ class RunSection:
         5, "Write a checkpoint every this many evaluations (0: only on interruption)."
     )
     keep_checkpoints: Annotated[int, Ge(1)] = knob(2, "How many of the newest checkpoints to keep.")
+    state_memory_mb: Annotated[Optional[float], Ge(0)] = knob(
+        1024.0,
+        "Memory budget (MiB) for per-client persistent state (SCAFFOLD's c_i, …); the least recently "
+        "used states beyond it spill to disk and are read back exactly. null: unbounded.",
+    )
+    state_dir: Optional[str] = knob(
+        None,
+        "Folder in which spilled client state is kept (in a private sub-folder deleted when the run "
+        "ends); default: the run folder, or the system temp folder when there is none.",
+    )
 
 
 @dataclass
