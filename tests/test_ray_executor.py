@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,7 @@ from fedsim.errors import ClientJobError
 from .conftest import ROOT, digits_config, fedsim_cmd, merge, run_config
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # a Ray cluster and actor processes on 2 shared cores: ~20 s a test
 
 FAULTS = str(ROOT / "tests" / "ray_faults.py")
 # One small config per protocol: adding a protocol to the equality test is one line here.
@@ -39,9 +41,18 @@ def on_ray(cfg, **executor):
 
 @pytest.fixture(scope="module")
 def cluster():
+    from ray._common.utils import get_ray_address_file
     from ray.cluster_utils import Cluster
 
+    # Cluster registers itself as "the" Ray of this machine (where ray.init() with no address
+    # attaches); put back what was there, so that no other process wanders into it.
+    pointer = Path(get_ray_address_file(None))
+    before = pointer.read_text() if pointer.exists() else None
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    if before is None:
+        pointer.unlink(missing_ok=True)
+    else:
+        pointer.write_text(before)
     try:
         c.add_node(num_cpus=1)
         c.wait_for_nodes()
@@ -62,8 +73,11 @@ def serial_rows():
 def test_same_metrics_as_serial(cluster, serial_rows, protocol, num_actors):
     run = run_config(on_ray(CONFIGS[protocol], num_actors=num_actors))
     assert strip(run.rows) == serial_rows[protocol]
-    nodes = {a["node"] for a in run.ctx.executor.placement}
-    assert len(nodes) == num_actors  # one CPU per node: two actors use both nodes
+    if protocol == "sync":  # one model version per round, put once for all of the round's jobs
+        assert run.ctx.executor.models_put == run.final_state.rounds < run.final_state.next_job
+    placement = run.ctx.executor.placement
+    assert len({a["node"] for a in placement}) == num_actors  # one CPU per node: two actors use both nodes
+    assert {a["fedsim"] for a in placement} == {str(ROOT / "fedsim")}  # this checkout's code, not an installed one
 
 
 def test_cli_attaches_by_address(cluster, serial_rows, tmp_path, tmp_yaml):

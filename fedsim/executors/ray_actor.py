@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,11 +64,13 @@ class JobRunner:
         self.worker = Worker(spec)
 
     def ready(self) -> dict[str, Any]:
-        """Returns where this actor runs: Ray node id (when inside Ray), pid and device."""
+        """Returns where this actor runs: Ray node id (when inside Ray), pid, device, and the
+        folder its fedsim package was imported from."""
         import ray
 
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        return {"node": node, "pid": os.getpid(), "device": str(self.device)}
+        package = str(Path(__file__).resolve().parents[1])
+        return {"node": node, "pid": os.getpid(), "device": str(self.device), "fedsim": package}
 
     def run(self, job: Job, payload: Payload) -> JobResult:
         """Runs `job` from `payload` (sent apart, as a shared object-store reference) and returns

@@ -3,8 +3,11 @@
 * `connect`: reuses a Ray already initialised in this process; otherwise starts a private
   local Ray (``ray.address: null``; stopped again by `Connection.close`) or attaches to a
   cluster (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``; only this driver disconnects).
-* `worker_env`: the runtime environment that makes actors import *this* checkout's fedsim,
-  strategies and topologies (a worktree or a clean clone, not whatever else is installed).
+* The code: actors must import *this* checkout's fedsim, strategies and topologies (a
+  worktree or a clean clone, not whatever else is installed). `ray.code: path` puts the
+  checkout first on the actors' PYTHONPATH; `upload` ships the packages in the job's runtime
+  environment (Ray uploads local folders only for a job, i.e. at ``ray.init``); `auto`
+  connects, then reconnects with `upload` when some node runs on another machine.
 * `ship_by_value`: plugin modules named in the config (often a .py file beside the config,
   not importable on workers) are pickled by value, so their strategies and models run there.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -44,21 +48,40 @@ def connect(section: RaySection) -> Connection:
     """Initialises Ray as `section` says and returns the connection (see the module docstring)."""
     import ray
 
-    owned = False
-    if not ray.is_initialized():
-        options: dict[str, Any] = {"logging_level": logging.WARNING}
-        if section.address is None:
-            options.update(address="local", include_dashboard=False, num_cpus=section.num_cpus,
-                           num_gpus=section.num_gpus, object_store_memory=section.object_store_memory)
-        else:
-            options.update(address=section.address)
-        try:
+    if ray.is_initialized():
+        if section.code == "upload":
+            raise ConfigError("ray.code", "'upload' ships the code when fedsim connects to Ray itself, but Ray "
+                              "was already initialised in this process; use 'path' or connect through ray.address")
+        return Connection(False, path_env())
+    remote_client = (section.address or "").startswith("ray://")
+    code = "upload" if section.code == "upload" or (section.code == "auto" and remote_client) else section.code
+    _init(section, upload_env() if code == "upload" else None)
+    if code == "auto":
+        if _single_host():
+            code = "path"
+        else:  # other machines cannot see this checkout: connect again, shipping the packages
+            ray.shutdown()
+            _init(section, upload_env())
+            code = "upload"
+    return Connection(True, path_env() if code == "path" else {})
+
+
+def _init(section: RaySection, runtime_env: dict[str, Any] | None) -> None:
+    import ray
+
+    options: dict[str, Any] = {"logging_level": logging.WARNING, "runtime_env": runtime_env}
+    if section.address is None:
+        options.update(address="local", include_dashboard=False, num_cpus=section.num_cpus,
+                       num_gpus=section.num_gpus, object_store_memory=section.object_store_memory)
+    else:
+        options.update(address=section.address)
+    try:
+        with warnings.catch_warnings():  # Ray's notice about a future default for accelerator env vars
+            warnings.simplefilter("ignore", FutureWarning)
             ray.init(**options)
-        except (ConnectionError, ValueError, RuntimeError) as exc:
-            where = "start a local Ray" if section.address is None else f"attach to Ray at {section.address!r}"
-            raise ConfigError("ray.address", f"cannot {where}: {str(exc).splitlines()[0]}") from None
-        owned = True
-    return Connection(owned, worker_env(section.code))
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        where = "start a local Ray" if section.address is None else f"attach to Ray at {section.address!r}"
+        raise ConfigError("ray.address", f"cannot {where}: {str(exc).splitlines()[0]}") from None
 
 
 def _single_host() -> bool:
@@ -73,13 +96,14 @@ def _single_host() -> bool:
     return all(n["NodeManagerAddress"] == here for n in ray.nodes() if n.get("Alive"))
 
 
-def worker_env(code: str) -> dict[str, Any]:
-    """Returns the actors' runtime environment for `code` ('path', 'upload' or 'auto')."""
-    if code == "auto":
-        code = "path" if _single_host() else "upload"
-    if code == "path":
-        paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-        return {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
+def path_env() -> dict[str, Any]:
+    """Returns the actors' runtime environment that puts this checkout first on their PYTHONPATH."""
+    paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
+
+
+def upload_env() -> dict[str, Any]:
+    """Returns the job's runtime environment that ships fedsim, strategies and topologies."""
     modules = [str(ROOT / p) for p in PACKAGES if (ROOT / p).is_dir()]
     return {"py_modules": modules, "excludes": ["__pycache__", "*.pyc"]}
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import warnings
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Annotated, Any, Dict, List, Optional
+from typing import Annotated, Any, Dict, List, Mapping, Optional
 
 import torch
 
@@ -92,6 +92,7 @@ class RayExecutor(Executor):
         self.max_job_retries = max_job_retries
         self.jobs_per_actor = jobs_per_actor
         self.replacements = 0  # actors replaced after dying
+        self.models_put = 0  # payloads (model versions) put in the object store
         self.placement: list[dict[str, Any]] = []  # per actor started: {'node', 'pid', 'device'}
         self._conn: Connection | None = None
         self._slots: list[_Slot] = []
@@ -132,6 +133,7 @@ class RayExecutor(Executor):
         entry = self._payloads.get(key)
         if entry is None:  # a model version not yet in the store (the entry pins the object, so ids stay unique)
             entry = self._payloads[key] = [job.payload, ray.put(job.payload), 0]
+            self.models_put += 1
         entry[2] += 1
         self._pending[job.job_id] = _Pending(replace(job, payload=None), key)  # type: ignore[arg-type]
         self._queue.append(job.job_id)
@@ -323,8 +325,13 @@ def ray_executor(
             the rest wait in the driver for the first free actor.
     """
     if groups:
-        chosen = [ActorGroup(**validate_knobs(f"groups.{i}", g, dataclass_knobs(ActorGroup), "actor group"))
-                  for i, g in enumerate(groups)]
+        chosen = []
+        for i, g in enumerate(groups):
+            if not isinstance(g, Mapping):
+                raise ConfigError(f"groups.{i}", f"expected a mapping of actor-group keys, got {g!r}")
+            chosen.append(ActorGroup(**validate_knobs(f"groups.{i}", g, dataclass_knobs(ActorGroup), "actor group")))
+            if len(groups) > 1 and chosen[-1].num_actors is None:
+                raise ConfigError(f"groups.{i}.num_actors", "required when there are several actor groups")
     else:
         chosen = [ActorGroup(num_actors, num_cpus, num_gpus, dict(resources or {}))]
     section = RaySection(**ctx.extra.get("ray", {}))

@@ -1,0 +1,37 @@
+"""A client whose training code raises: 'stop' names it with the original traceback,
+'drop' treats it as a client that dropped out (serial executor; Ray: test_ray_executor.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedsim.errors import ClientJobError
+
+from .conftest import ROOT, digits_config, run_config
+
+FAULTS = str(ROOT / "tests" / "ray_faults.py")
+
+
+def faulty(**executor):
+    return digits_config(plugins=[FAULTS], strategy="fedavg_raises", executor={"kind": "serial", **executor},
+                         run={"rounds": 3, "eval_every": 1, "log_events": True})
+
+
+def test_stop_names_the_client_and_shows_the_original_error():
+    with pytest.raises(ClientJobError) as info:
+        run_config(faulty())
+    text = str(info.value)
+    assert text.startswith(f"client {info.value.client} (job {info.value.job_id}) failed in its local update")
+    assert "Traceback" in text and "ray_faults.py" in text and "ValueError: boom" in text
+
+
+def test_drop_treats_the_failing_clients_as_dropped(tmp_path):
+    run = run_config(faulty(on_client_error="drop"), tmp_path)
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    drops = [e for e in events if e["kind"] == "drop"]
+    arrivals = [e for e in events if e["kind"] == "arrival"]
+    assert drops and arrivals  # some clients have an odd number of steps, some an even one
+    assert run.rows[-1]["dropped"] == len(drops)
+    assert sum(r["participants"] for r in run.rows[1:]) == len(arrivals)
+    assert run.rows[-1]["test_accuracy"] > run.rows[0]["test_accuracy"]  # the others still train
