@@ -88,9 +88,10 @@ def main() -> None:
               f"{mb_range(rss) if rss else '-':>17s}  {mb_range(uss) if uss else '-':>17s}")
     print("memory samples at rounds", [s[0] for s in base["samples"]], "(first → last; per-actor: the largest actor)")
     for name, res in results.items():
+        print(f"  {name:8s} driver RSS MB:        {' '.join(f'{s[1] / MB:.1f}' for s in res['samples'])}")
         if res["samples"][0][2]:
-            per_round = [f"{max(a['rss'] for a in s[2]) / MB:.1f}" for s in res["samples"]]
-            print(f"  {name:8s} largest actor RSS MB by sample: {' '.join(per_round)}")
+            largest = [f"{max(a['rss'] for a in s[2]) / MB:.1f}" for s in res["samples"]]
+            print(f"  {name:8s} largest actor RSS MB: {' '.join(largest)}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import pytest
 from fedsim.errors import ClientJobError
 
 from .conftest import ROOT, digits_config, fedsim_cmd, merge, run_config
+from .test_determinism import strip
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # a Ray cluster and actor processes on 2 shared cores: ~20 s a test
@@ -29,10 +31,6 @@ CONFIGS = {
     "sync": digits_config(run={"rounds": 4, "eval_every": 2, "torch_threads": 1},
                           system={"dropout": {"name": "bernoulli", "p": 0.2}}),
 }
-
-
-def strip(rows):
-    return [{k: v for k, v in r.items() if k != "wall_time"} for r in rows]
 
 
 def on_ray(cfg, **executor):
@@ -56,7 +54,9 @@ def cluster():
     try:
         c.add_node(num_cpus=1)
         c.wait_for_nodes()
-        ray.init(address=c.address, logging_level=logging.WARNING)
+        with warnings.catch_warnings():  # Ray's notice about a future accelerator-env default
+            warnings.simplefilter("ignore", FutureWarning)
+            ray.init(address=c.address, logging_level=logging.WARNING)
         yield c
     finally:
         ray.shutdown()

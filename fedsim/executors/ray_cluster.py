@@ -9,7 +9,8 @@
   environment (Ray uploads local folders only for a job, i.e. at ``ray.init``); `auto`
   connects, then reconnects with `upload` when some node runs on another machine.
 * `ship_by_value`: plugin modules named in the config (often a .py file beside the config,
-  not importable on workers) are pickled by value, so their strategies and models run there.
+  not importable on workers) and `module:factory` strategies or models are pickled by
+  value, so their code runs there.
 """
 from __future__ import annotations
 
@@ -108,11 +109,12 @@ def upload_env() -> dict[str, Any]:
     return {"py_modules": modules, "excludes": ["__pycache__", "*.pyc"]}
 
 
-def ship_by_value(plugins: Sequence[str]) -> None:
-    """Makes the config's plugin modules travel by value (see the module docstring)."""
+def ship_by_value(modules: Sequence[str]) -> None:
+    """Makes these user modules (plugins as the config names them, or module names) travel by
+    value (see the module docstring)."""
     from ray import cloudpickle
 
-    for spec in plugins:
+    for spec in modules:
         # fedsim.config.load.import_plugin's module name for a plugin given as a .py path
         name = f"fedsim_plugin_{Path(spec).stem}" if spec.endswith(".py") else spec
         module = sys.modules.get(name)

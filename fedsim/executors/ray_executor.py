@@ -15,6 +15,9 @@
   (`on_client_error`).
 * **Memory.** The driver keeps object references only while a job needs them; actors keep
   nothing between jobs.
+
+Ray is imported inside the functions that use it: the registry imports this module for every
+run, and only runs on Ray should pay for importing Ray.
 """
 from __future__ import annotations
 
@@ -82,18 +85,18 @@ class _Pending:
 class RayExecutor(Executor):
     """See the module docstring."""
 
-    def __init__(self, groups: list[ActorGroup], section: RaySection, plugins: list[str], threads: int | None,
+    def __init__(self, groups: list[ActorGroup], section: RaySection, code_modules: list[str], threads: int | None,
                  on_client_error: str, max_job_retries: int, jobs_per_actor: int):
         self.groups = groups
         self.threads = threads
         self.section = section
-        self.plugins = plugins
+        self.code_modules = code_modules  # user modules whose code runs in actors (shipped by value)
         self.on_client_error = on_client_error
         self.max_job_retries = max_job_retries
         self.jobs_per_actor = jobs_per_actor
         self.replacements = 0  # actors replaced after dying
         self.models_put = 0  # payloads (model versions) put in the object store
-        self.placement: list[dict[str, Any]] = []  # per actor started: {'node', 'pid', 'device'}
+        self.placement: list[dict[str, Any]] = []  # per actor started: JobRunner.ready()
         self._conn: Connection | None = None
         self._slots: list[_Slot] = []
         self._queue: deque[int] = deque()
@@ -105,10 +108,17 @@ class RayExecutor(Executor):
 
     # -- set-up ---------------------------------------------------------------------------
     def start(self, spec: WorkerSpec, strategy: Strategy | None = None) -> None:
+        self._conn = connect(self.section)
+        try:
+            self._start_actors(spec)
+        except BaseException:
+            self.close()  # a private local Ray must not outlive a failed start
+            raise
+
+    def _start_actors(self, spec: WorkerSpec) -> None:
         import ray
 
-        self._conn = connect(self.section)
-        ship_by_value(self.plugins)
+        ship_by_value(self.code_modules)
         bare = replace(spec, x_train=torch.empty(0), y_train=torch.empty(0))
         self._shared = (ray.put(bare), ray.put(_numpy(spec.x_train)), ray.put(_numpy(spec.y_train)))
         self._actor_class = ray.remote(JobRunner)
@@ -335,5 +345,7 @@ def ray_executor(
     else:
         chosen = [ActorGroup(num_actors, num_cpus, num_gpus, dict(resources or {}))]
     section = RaySection(**ctx.extra.get("ray", {}))
-    return RayExecutor(chosen, section, list(ctx.plugins), ctx.run.torch_threads, on_client_error, max_job_retries,
-                       jobs_per_actor)
+    # user code that runs in actors: plugins, and a strategy or model given as 'module:factory'
+    dotted = [c.name.partition(":")[0] for c in (ctx.strategy, ctx.model) if ":" in c.name]
+    return RayExecutor(chosen, section, [*ctx.plugins, *dotted], ctx.run.torch_threads, on_client_error,
+                       max_job_retries, jobs_per_actor)
