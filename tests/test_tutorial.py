@@ -68,3 +68,29 @@ def test_fedexp_beats_fedavg_per_round_on_the_quadratic(plugin):
     avg = run_config(base).rows[-1]["dist_to_opt"]
     exp = run_config(dict(cfg, strategy={"name": "fedexp"})).rows[-1]["dist_to_opt"]
     assert exp < 0.9 * avg, (exp, avg)
+
+
+BEHAVIOUR = (ROOT / "docs" / "tutorial-behaviour.md").read_text()
+
+
+def test_behaviour_tutorial_model_restricts_dispatch(tmp_path):
+    import json
+
+    blocks = re.findall(r"```(python|yaml)\n(.*?)```", BEHAVIOUR, flags=re.S)
+    (tmp_path / "my_diurnal.py").write_text(next(code for lang, code in blocks if lang == "python"))
+    cfg = yaml.safe_load(next(code for lang, code in blocks if lang == "yaml"))
+    cfg["run"]["progress"] = False
+    (tmp_path / "diurnal.yaml").write_text(yaml.safe_dump(cfg))
+    from fedsim import rng
+    from fedsim.config import load_config
+    from fedsim.runner import execute
+
+    run = execute(load_config(tmp_path / "diurnal.yaml"), tmp_path / "run", progress=False)
+    assert run.rows[-1]["test_accuracy"] > 0.3
+    events = [json.loads(x) for x in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    dispatches = [e for e in events if e["kind"] == "dispatch"]
+    assert 20 <= len(dispatches) <= 5 * 20  # at most 5 per round; fewer when few clients are awake
+    for e in dispatches:
+        offset = 24.0 * rng.uniform(cfg.get("seed", 0), "diurnal/timezone", np.array([e["client"]]))[0]
+        h = (e["time"] / 1.0 + offset) % 24.0
+        assert h >= 22 or h < 6, (e, h)
