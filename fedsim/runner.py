@@ -78,6 +78,9 @@ def build(config: Config) -> Run:
         )
     population = Population.build(config.system, data.num_clients, config.seed)
     executor: Executor = build_executor(config)
+    if executor.on_client_error == "drop" and not protocol.drops_failed_jobs:
+        raise ConfigError("executor.on_client_error",
+                          f"protocol {config.protocol.name!r} cannot drop a client whose code failed; use 'stop'")
     hp = LocalHP(config.local.lr, config.local.momentum, config.local.weight_decay)
     executor.start(WorkerSpec(task, data.x_train, data.y_train, config.strategy, hp, config.seed), strategy)
     ctx = RunContext(config, data, task, strategy, population, executor, ClientStateStore())

@@ -35,3 +35,12 @@ def test_drop_treats_the_failing_clients_as_dropped(tmp_path):
     assert run.rows[-1]["dropped"] == len(drops)
     assert sum(r["participants"] for r in run.rows[1:]) == len(arrivals)
     assert run.rows[-1]["test_accuracy"] > run.rows[0]["test_accuracy"]  # the others still train
+
+
+def test_drop_is_refused_by_a_protocol_that_cannot_drop(monkeypatch):
+    from fedsim.errors import ConfigError
+    from fedsim.protocols.sync import SyncProtocol
+
+    monkeypatch.setattr(SyncProtocol, "drops_failed_jobs", False)
+    with pytest.raises(ConfigError, match="executor.on_client_error: protocol 'sync' cannot drop"):
+        run_config(faulty(on_client_error="drop"))

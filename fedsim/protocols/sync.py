@@ -42,6 +42,7 @@ class SyncProtocol(Protocol):
     """See the module docstring."""
 
     requires = "server"
+    drops_failed_jobs = True
 
     def __init__(self, clients_per_round: int | None, fraction: float | None, deadline: float | None,
                  weighting: str, client_weights: str):
