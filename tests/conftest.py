@@ -79,3 +79,13 @@ def tmp_yaml(tmp_path: Path):
         return p
 
     return write
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """runner.build applies run.torch_threads to the whole process; later tests get the default back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -1,10 +1,11 @@
-"""Plugin for the Ray executor tests: FedAvg whose client code fails on purpose.
+"""Strategies for the executor tests: FedAvg whose client code fails on purpose.
 
 * `fedavg_dies_once`: inside a Ray actor, the process kills itself (SIGKILL) during its
   second job, once per marker file — an actor dying mid-run. Elsewhere it is plain FedAvg.
 * `fedavg_raises`: raises ValueError in clients whose job has an odd number of local steps.
 
-Loaded by path (`plugins: [.../ray_faults.py]`), so Ray must ship it to the actors by value.
+Named as `strategy: tests.ray_faults:fedavg_raises` (a `module:factory` name), so nothing is
+registered globally and the Ray executor ships this module to its actors by value.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import os
 import signal
 from pathlib import Path
 
-from fedsim.registry import STRATEGIES
 from fedsim.strategy import Strategy
 from strategies.fedavg import fedavg
 
@@ -23,7 +23,6 @@ def _in_ray_actor() -> bool:
     return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
 
-@STRATEGIES.register("fedavg_dies_once")
 def fedavg_dies_once(marker: str) -> Strategy:
     """FedAvg whose Ray actor process dies during its second job, once.
 
@@ -43,7 +42,6 @@ def fedavg_dies_once(marker: str) -> Strategy:
     return base._replace(local=local)
 
 
-@STRATEGIES.register("fedavg_raises")
 def fedavg_raises() -> Strategy:
     """FedAvg whose clients with an odd number of local steps raise ValueError."""
     base = fedavg()

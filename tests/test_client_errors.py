@@ -8,13 +8,13 @@ import pytest
 
 from fedsim.errors import ClientJobError
 
-from .conftest import ROOT, digits_config, run_config
+from .conftest import digits_config, run_config
 
-FAULTS = str(ROOT / "tests" / "ray_faults.py")
+FAULTS = "tests.ray_faults"
 
 
 def faulty(**executor):
-    return digits_config(plugins=[FAULTS], strategy="fedavg_raises", executor={"kind": "serial", **executor},
+    return digits_config(strategy=f"{FAULTS}:fedavg_raises", executor={"kind": "serial", **executor},
                          run={"rounds": 3, "eval_every": 1, "log_events": True})
 
 

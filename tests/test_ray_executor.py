@@ -25,7 +25,7 @@ from .test_determinism import strip
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # a Ray cluster and actor processes on 2 shared cores: ~20 s a test
 
-FAULTS = str(ROOT / "tests" / "ray_faults.py")
+FAULTS = "tests.ray_faults"
 # One small config per protocol: adding a protocol to the equality test is one line here.
 CONFIGS = {
     "sync": digits_config(run={"rounds": 4, "eval_every": 2, "torch_threads": 1},
@@ -93,14 +93,14 @@ def test_cli_attaches_by_address(cluster, serial_rows, tmp_path, tmp_yaml):
 
 def test_killed_actor_is_replaced_and_results_do_not_change(cluster, serial_rows, tmp_path):
     marker = tmp_path / "killed"
-    cfg = merge(CONFIGS["sync"], {"plugins": [FAULTS], "strategy": {"name": "fedavg_dies_once", "marker": str(marker)}})
+    cfg = merge(CONFIGS["sync"], {"strategy": {"name": f"{FAULTS}:fedavg_dies_once", "marker": str(marker)}})
     run = run_config(on_ray(cfg, num_actors=2))
     assert marker.exists() and run.ctx.executor.replacements == 1
     assert strip(run.rows) == serial_rows["sync"]
 
 
 def test_client_error_names_the_client_and_keeps_the_traceback(cluster):
-    cfg = merge(CONFIGS["sync"], {"plugins": [FAULTS], "strategy": "fedavg_raises"})
+    cfg = merge(CONFIGS["sync"], {"strategy": f"{FAULTS}:fedavg_raises"})
     with pytest.raises(ClientJobError) as serial:
         run_config(cfg)
     with pytest.raises(ClientJobError) as remote:
@@ -112,7 +112,7 @@ def test_client_error_names_the_client_and_keeps_the_traceback(cluster):
 
 
 def test_client_error_can_drop_the_client(cluster, serial_rows):
-    cfg = merge(CONFIGS["sync"], {"plugins": [FAULTS], "strategy": "fedavg_raises"})
+    cfg = merge(CONFIGS["sync"], {"strategy": f"{FAULTS}:fedavg_raises"})
     serial = strip(run_config(merge(cfg, {"executor": {"on_client_error": "drop"}})).rows)
     remote = strip(run_config(on_ray(cfg, num_actors=2, on_client_error="drop")).rows)
     assert remote == serial
