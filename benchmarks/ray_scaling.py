@@ -7,7 +7,7 @@ actor and over the serial executor, and resident memory (RSS; USS = memory uniqu
 process, without the shared object-store pages) of the driver and of each actor, sampled
 every few rounds — flat lines mean nothing accumulates per round.
 
-    python benchmarks/ray_scaling.py [--actors 1 2] [--rounds 60] [--sample-every 10]
+    python benchmarks/ray_scaling.py [--actors 1 2] [--rounds 60] [--sample-every 10] [--jobs-per-actor 2] [--epochs 1]
 """
 from __future__ import annotations
 
@@ -30,10 +30,12 @@ from fedsim.runner import build  # noqa: E402
 MB = 2**20
 
 
-def run_variant(executor: dict, rounds: int, every: int) -> dict:
-    """Runs workload W for `rounds` rounds on `executor`; returns timings, samples, final model."""
+def run_variant(executor: dict, rounds: int, every: int, epochs: int) -> dict:
+    """Runs workload W (`epochs` local epochs) for `rounds` rounds on `executor`; returns
+    timings, memory samples and the final model."""
     cfg = workload_w(rounds, **executor)
     cfg["run"]["torch_threads"] = 1
+    cfg["local"]["epochs"] = epochs
     run = build(load_config(cfg))
     ctx, proto = run.ctx, run.protocol
     state = proto.init(ctx)
@@ -59,21 +61,25 @@ def main() -> None:
     ap.add_argument("--actors", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--sample-every", type=int, default=10)
+    ap.add_argument("--jobs-per-actor", type=int, default=2, help="executor.jobs_per_actor")
+    ap.add_argument("--epochs", type=int, default=1, help="local epochs per job (W: 1, i.e. 4 SGD steps)")
     args = ap.parse_args()
     import ray
 
     ray.init(address="local", num_cpus=max(args.actors), include_dashboard=False, logging_level=logging.WARNING)
     try:
-        results = {"serial": run_variant({"executor": "serial"}, args.rounds, args.sample_every)}
+        results = {"serial": run_variant({"executor": "serial"}, args.rounds, args.sample_every, args.epochs)}
         for n in args.actors:
-            results[f"ray x{n}"] = run_variant({"executor": "ray", "num_actors": n, "num_cpus": 1},
-                                               args.rounds, args.sample_every)
+            results[f"ray x{n}"] = run_variant({"executor": "ray", "num_actors": n, "num_cpus": 1,
+                                                "jobs_per_actor": args.jobs_per_actor},
+                                               args.rounds, args.sample_every, args.epochs)
     finally:
         ray.shutdown()
 
     base = results["serial"]
     one = results.get("ray x1", base)
-    print(f"workload W: 100 clients/round, {args.rounds} rounds (first one not timed), torch threads 1, "
+    print(f"workload W, {args.epochs} local epoch(s): 100 clients/round, {args.rounds} rounds (first one not timed), "
+          f"torch threads 1, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     print(f"{'variant':10s} {'s/round':>8s} {'vs serial':>9s} {'vs 1 actor':>10s} {'same model':>10s}  "
           f"{'driver RSS MB':>17s}  {'per-actor RSS MB':>17s}  {'per-actor USS MB':>17s}")
