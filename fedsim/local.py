@@ -45,14 +45,23 @@ def sgd_steps(
     total = torch.zeros((), dtype=x0.dtype, device=x0.device)
     for k in range(batches.num_steps):
         d, loss = direction(y, batches[k], grad_fn, k)
-        if hp.weight_decay:
-            d = d + hp.weight_decay * y
-        if hp.momentum:
-            buf = d if buf is None else hp.momentum * buf + d
-            d = buf
-        y = y - lr * d
+        y, buf = sgd_step(y, d, buf, hp, lr)
         total = total + loss.detach()
     return y, total / max(batches.num_steps, 1)
+
+
+def sgd_step(y: Tensor, d: Tensor, buf: Tensor | None, hp: LocalHP, lr: Tensor | float) -> tuple[Tensor, Tensor | None]:
+    """One step of `sgd_steps` from y along d: weight decay, heavy-ball momentum (`buf` None
+    before the first step, as a fresh ``torch.optim.SGD``), then ``y − lr·d``.
+
+    Returns (new y, new momentum buffer — None without momentum).
+    """
+    if hp.weight_decay:
+        d = d + hp.weight_decay * y
+    if hp.momentum:
+        buf = d if buf is None else hp.momentum * buf + d
+        d = buf
+    return y - lr * d, buf
 
 
 def plain_sgd() -> LocalUpdate:

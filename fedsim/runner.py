@@ -27,7 +27,6 @@ from .data import build_federated_data
 from .errors import ConfigError, DivergenceError, FedsimError, Interrupted
 from .executors.base import Executor, WorkerSpec, build_executor
 from .outputs import EventLog, JsonlLog, prepare_run_dir, read_jsonl, write_atomic, write_config, write_summary
-from .plots import curves
 from .protocols.base import Protocol, ProtocolState, RunContext
 from .state_store import ClientStateStore
 from .strategy import LocalHP, Strategy
@@ -58,14 +57,15 @@ class Run:
     wall_time: float = 0.0
 
 
-def build(config: Config) -> Run:
-    """Builds data, model, strategy, population, executor and protocol from `config`."""
+def build(config: Config, protocol: Protocol | None = None) -> Run:
+    """Builds data, model, strategy, population, executor and protocol from `config`
+    (`protocol`, if given, replaces the config's: e.g. a Flower ServerApp's)."""
     if config.run.torch_threads:
         torch.set_num_threads(config.run.torch_threads)
     data = build_federated_data(config.data, config.partition, config.seed)
     task = build_task(config.model, data.source, config.seed)
     strategy: Strategy = config.strategy.build()
-    protocol: Protocol = config.protocol.build()
+    protocol = protocol if protocol is not None else config.protocol.build()
     if protocol.requires == "server" and not strategy.server_based:
         raise ConfigError(
             "strategy.name",
@@ -270,12 +270,16 @@ def _finish(run: Run, out_dir: Path) -> None:
         },
     )
     torch.save(run.protocol.eval_params(run.ctx, state).detach().cpu(), out_dir / "final_model.pt")
+    from .plots import curves  # matplotlib is slow to import; Flower's per-job processes never plot
+
     curves(out_dir, run.rows)
 
 
-def execute(config: Config, out_dir: Path | None, overwrite: bool = False, progress: bool | None = None) -> Run:
-    """Builds and runs `config`; with `out_dir`, writes the whole run folder. Returns the Run."""
-    run = build(config)
+def execute(config: Config, out_dir: Path | None, overwrite: bool = False, progress: bool | None = None,
+            protocol: Protocol | None = None) -> Run:
+    """Builds and runs `config` (with `protocol` instead of the config's, if given); with
+    `out_dir`, writes the whole run folder. Returns the Run."""
+    run = build(config, protocol)
     if out_dir is not None:
         prepare_run_dir(out_dir, overwrite)
         write_config(out_dir, config.resolved())

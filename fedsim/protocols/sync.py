@@ -10,8 +10,8 @@ run.time_budget is not performed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Annotated, Any, Optional
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from ..clock import to_seconds, to_ticks
 from ..comm import nbytes
 from ..config import Ge, Gt, OneOf, Range
 from ..errors import ConfigError
+from ..executors.base import JobResult
 from ..registry import PROTOCOLS
 from ..rng import numpy_rng
 from ..strategy import CombineContext, Msg, Tensor
@@ -36,6 +37,26 @@ class SyncState(ProtocolState):
     dropped: int = 0
     participants: int = 0  # clients aggregated in the last round
     train_loss: float | None = None  # mean local loss of the last round's aggregated clients
+    client_metrics: dict[str, float] = field(default_factory=dict)  # mean of each other client metric, same round
+
+    def close_round(self, ctx: RunContext, accepted: Sequence[JobResult], jobs: int, stragglers: int,
+                    dropped: int, bytes_down: int, end: int) -> None:
+        """Books a round whose `accepted` results were aggregated: statistics, counters, clock."""
+        losses = [r.output.metrics.get("train_loss") for r in accepted]
+        losses = [x for x in losses if x is not None]
+        self.train_loss = float(np.mean(losses)) if losses else None
+        self.client_metrics = mean_client_metrics([r.output.metrics for r in accepted], skip=("train_loss",))
+        self.participants = len(accepted)
+        self.stragglers += stragglers
+        self.dropped += dropped
+        self.bytes_down += bytes_down
+        self.bytes_up += int(sum(uplink_bytes(r) for r in accepted))
+        self.next_job += jobs
+        self.version += 1
+        self.rounds += 1
+        self.aggregations += 1
+        self.time = end
+        self.finished = ctx.out_of_rounds(self)
 
 
 class SyncProtocol(Protocol):
@@ -151,20 +172,7 @@ class SyncProtocol(Protocol):
                 ctx.log(cut, "straggler", client=c, version=state.version, would_arrive=to_seconds(t))
             ctx.log(end, "aggregate", version=state.version + 1, clients=[r.client for r in accepted])
 
-        losses_seen = [r.output.metrics.get("train_loss") for r in accepted]
-        losses_seen = [x for x in losses_seen if x is not None]
-        state.train_loss = float(np.mean(losses_seen)) if losses_seen else None
-        state.participants = len(accepted)
-        state.stragglers += len(late)
-        state.dropped += len(losses)
-        state.bytes_down += down * m
-        state.bytes_up += int(sum(uplink_bytes(r) for r in accepted))
-        state.next_job += m
-        state.version += 1
-        state.rounds += 1
-        state.aggregations += 1
-        state.time = end
-        state.finished = ctx.out_of_rounds(state)
+        state.close_round(ctx, accepted, m, len(late), len(losses), down * m, end)
         return state
 
     def eval_params(self, ctx: RunContext, state: SyncState) -> Tensor:
@@ -177,9 +185,20 @@ class SyncProtocol(Protocol):
             "stragglers": state.stragglers,
             "dropped": state.dropped,
         }
+        out.update(state.client_metrics)
         if ctx.strategy.metrics is not None:
             out.update(ctx.strategy.metrics(state.server))
         return out
+
+
+def mean_client_metrics(metrics: list[Mapping[str, Any]], skip: tuple[str, ...] = ()) -> dict[str, float]:
+    """Returns {name: mean over the clients that reported it} for every scalar client metric not in `skip`."""
+    seen: dict[str, list[float]] = {}
+    for m in metrics:
+        for k, v in m.items():
+            if k not in skip and v is not None:
+                seen.setdefault(k, []).append(float(v))
+    return {k: float(np.mean(v)) for k, v in seen.items()}
 
 
 @PROTOCOLS.register("sync")

@@ -1,0 +1,118 @@
+"""The ServerApp's line to the SuperNodes: who serves which fedsim client, and job messages.
+
+`connect` asks every node that joins which fedsim client it serves (its node config's
+``partition-id``) until clients 0..N−1 all have a node. `dispatch` pushes one job to its
+client's node; `collect` pulls the replies that have arrived. Each reply is matched to
+the job it answers and returned once; a reply to a job the server gave up on is ignored.
+A job whose node went away (Flower's "unavailable" errors) is reported as lost; an
+exception in a node's ClientApp stops the run with the node's reason.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from flwr.app import Message
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+
+from ..errors import FedsimError
+from ..executors.base import JobResult
+from ..params import ParamLayout
+from .messages import QUERY, TRAIN, TrainTask, decode_node_client, decode_result, encode_query, encode_task
+
+START_HINT = "start each SuperNode with --node-config 'partition-id=K num-partitions=N'"
+LOST_CODES = {ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE}
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """A job in flight: which client runs it."""
+
+    client: int
+    job_id: int
+
+
+class NodeLink:
+    """See the module docstring."""
+
+    def __init__(self, grid: Grid, config: str, layout: ParamLayout, poll_interval: float = 0.1):
+        self.grid = grid
+        self.config = config
+        self.layout = layout
+        self.poll_interval = poll_interval
+        self.nodes: dict[int, int] = {}  # fedsim client id -> Flower node id
+        self.in_flight: dict[str, Dispatched] = {}  # message id -> job
+
+    def connect(self, num_clients: int, timeout: float) -> None:
+        """Waits until every client 0..num_clients−1 has a node; raises FedsimError after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        asked: dict[str, int] = {}  # query message id -> node id
+        seen: set[int] = set()
+        while len(self.nodes) < num_clients:
+            new = [n for n in self.grid.get_node_ids() if n not in seen]
+            if new:
+                queries = [Message(encode_query(self.config), dst_node_id=n, message_type=QUERY) for n in new]
+                asked.update(zip(self.grid.push_messages(queries), new))
+                seen.update(new)
+            for reply in self.grid.pull_messages(list(asked)):
+                node = asked.pop(reply.metadata.reply_to_message_id)
+                if reply.has_error():
+                    raise FedsimError(f"node {node} could not join: {reply.error.reason}")
+                client = decode_node_client(reply.content)
+                if client in self.nodes:
+                    raise FedsimError(f"nodes {self.nodes[client]} and {node} both have partition-id={client}")
+                self.nodes[client] = node
+            if len(self.nodes) < num_clients:
+                if time.monotonic() > deadline:
+                    missing = sorted(set(range(num_clients)) - set(self.nodes))
+                    raise FedsimError(f"no SuperNode serves partition(s) {missing} after {timeout:g} s; {START_HINT}")
+                time.sleep(self.poll_interval)
+
+    def dispatch(self, tasks: list[TrainTask], group: str) -> None:
+        """Pushes each task to the node of its client."""
+        messages = [
+            Message(encode_task(t, self.config, self.layout), dst_node_id=self.nodes[t.client],
+                    message_type=TRAIN, group_id=group)
+            for t in tasks
+        ]
+        ids = list(self.grid.push_messages(messages))
+        if len(ids) != len(tasks) or not all(ids):
+            raise FedsimError(f"the SuperLink refused {len(tasks) - len([m for m in ids if m])} of {len(tasks)} "
+                              "job messages (too large? see the ServerApp log)")
+        for task, mid in zip(tasks, ids):
+            self.in_flight[mid] = Dispatched(task.client, task.job_id)
+
+    def collect(self) -> tuple[list[JobResult], list[Dispatched]]:
+        """Returns (results, lost jobs) that arrived since the last call, each ordered by job id."""
+        if not self.in_flight:
+            return [], []
+        results, lost = [], []
+        for reply in self.grid.pull_messages(list(self.in_flight)):
+            job = self.in_flight.pop(reply.metadata.reply_to_message_id, None)
+            if job is None:
+                continue
+            if reply.has_error():
+                if reply.error.code in LOST_CODES:
+                    lost.append(job)
+                    continue
+                raise FedsimError(f"client {job.client} (job {job.job_id}, node {self.nodes[job.client]}) "
+                                  f"failed: {reply.error.reason}")
+            result = decode_result(reply.content, self.layout)
+            if (result.client, result.job_id) != (job.client, job.job_id):
+                raise FedsimError(f"a reply for job {job.job_id} of client {job.client} carries "
+                                  f"job {result.job_id} of client {result.client}")
+            results.append(result)
+        return sorted(results, key=lambda r: r.job_id), sorted(lost, key=lambda d: d.job_id)
+
+    def wait(self, until: float) -> tuple[list[JobResult], list[Dispatched]]:
+        """Polls until something arrives, nothing is in flight, or the monotonic clock reaches `until`."""
+        while True:
+            results, lost = self.collect()
+            if results or lost or not self.in_flight or time.monotonic() >= until:
+                return results, lost
+            time.sleep(min(self.poll_interval, max(0.0, until - time.monotonic())))
+
+    def abandon(self, job_ids: set[int]) -> None:
+        """Stops waiting for these jobs; their replies, if any come, are ignored."""
+        self.in_flight = {m: d for m, d in self.in_flight.items() if d.job_id not in job_ids}

@@ -1,0 +1,77 @@
+"""The ServerApp: a fedsim config run on a Flower deployment, synchronously or asynchronously.
+
+It reads the fedsim config named by Flower's run config (`fedsim.flower.settings`), builds
+the run exactly as ``fedsim run`` would — data, model, strategy — with a Flower protocol
+in place of the config's executor and clock (`FlowerSync` or `FlowerAsync`), and lets
+`fedsim.runner` drive it: the run folder (config.yaml, metrics.jsonl, events.jsonl,
+summary.json, final_model.pt, curves.png) is written where the ServerApp runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from logging import INFO
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from flwr.app import Context
+from flwr.common.config import get_project_dir
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from .. import runner
+from ..config import Config, load_config
+from ..config.schema import COMPONENTS
+from ..outputs import default_run_dir
+from .asynchronous import FlowerAsync
+from .settings import FlowerSettings, read_settings
+from .sync import FlowerSync
+
+
+def deployment_config(source: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Loads a fedsim config for a Flower run: jobs run on the SuperNodes (serial executor
+    settings, no Ray), no progress bar, no periodic checkpoints (a deployment cannot resume)."""
+    config = load_config(source, overrides)
+    serial = COMPONENTS["executor"].resolve("executor", {"kind": "serial"})
+    run = dataclasses.replace(config.run, progress=False, checkpoint_every=0)
+    return dataclasses.replace(config, executor=serial, run=run)
+
+
+def app_folder(grid: Grid) -> Path:
+    """Returns the folder Flower installed this run's app (FAB) in."""
+    run = grid.run
+    return get_project_dir(run.fab_id, run.fab_version, run.fab_hash)
+
+
+def run_on_grid(grid: Grid, config: Config, settings: FlowerSettings) -> runner.Run:
+    """Runs `config` over the SuperNodes reachable through `grid`; returns the finished Run."""
+    protocol = FlowerSync(grid, settings) if settings.mode == "sync" else FlowerAsync(grid, settings)
+    out = Path(settings.out_dir) if settings.out_dir else default_run_dir(f"flower-{config.name}")
+    log(INFO, "fedsim: %s run of %r, run folder %s", settings.mode, config.name, out)
+    run = runner.execute(config, out, progress=False, protocol=protocol)
+    last = run.rows[-1]
+    log(INFO, "fedsim: done after %d aggregations: test_loss=%.6g test_accuracy=%s",
+        last["aggregations"], last["test_loss"], last["test_accuracy"])
+    return run
+
+
+def server_app(config: str | Path | None = None, overrides: Sequence[str] = (),
+               run_config: Mapping[str, Any] | None = None) -> ServerApp:
+    """Returns a Flower ServerApp running a fedsim config.
+
+    Args:
+        config: The fedsim config file; default: the run config's ``config`` key, relative
+            to the app folder.
+        overrides: key.path=value overrides, applied after the run config's ``overrides``.
+        run_config: Defaults for the settings (`FlowerSettings`) under Flower's run config,
+            e.g. for ``flwr.simulation.run_simulation``, which has no run config.
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        settings = read_settings({**(run_config or {}), **context.run_config})
+        source = Path(config) if config is not None else app_folder(grid) / settings.config
+        cfg = deployment_config(source, [*settings.overrides.split(), *overrides])
+        run_on_grid(grid, cfg, settings)
+
+    return app

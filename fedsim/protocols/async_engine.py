@@ -1,0 +1,284 @@
+"""The asynchronous schedule: who is in flight, when updates arrive, when the server aggregates.
+
+This module knows nothing of models or learning. It moves jobs through the virtual clock
+(`fedsim.clock.EventQueue`, integer ticks) and calls four hooks at the moments where the
+learning side acts (`Hooks`). With `Trace` as the hooks it simulates a schedule alone — the
+frequencies Fraboni et al.'s "weight" variants need, and schedule tests without learning.
+
+A run keeps `Rules.concurrency` job slots filled. Per job:
+
+1. *dispatch* at t0: an idle, available client gets the current model version; its
+   compute end is t0 + compute + download time (`done` event);
+2. *done*: the result is fetched, and the arrival is t0 + the full duration, now that the
+   uplink's real size is known (`arrival` event; for an ideal link, at the same tick);
+3. *arrival*: staleness = versions published since dispatch; beyond `max_staleness` the
+   update is discarded, otherwise buffered. The server aggregates when the buffer holds
+   `buffer_size` updates — or, with a `window`, at every multiple of the window (possibly
+   over an empty buffer, as in Fraboni et al.'s code).
+4. *re-dispatch*: the freed slot is refilled at once (``immediate``) or at the next
+   aggregation (``aggregation``: the client waits for the new model). Lost jobs and
+   discarded updates free their slot at once (nothing to wait for).
+
+Ties at one tick are ordered: compute ends, then arrivals (lowest client id first, as
+Fraboni et al.'s argmin), then losses, then the window tick, so a client whose duration is
+an exact multiple of the window is aggregated in the window that ends at its arrival.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..clock import EventQueue, to_seconds, to_ticks
+from ..rng import numpy_rng
+from ..system.population import Population
+from .base import ProtocolState
+
+IMMEDIATE, AT_AGGREGATION = "immediate", "aggregation"
+_RANK = {"done": 0, "arrival": 1, "lost": 2, "window": 3, "retry": 4}
+
+
+def priority(kind: str, client: int = 0) -> int:
+    """Returns the tie-break priority of an event: by kind (see module docstring), then client id."""
+    return (_RANK[kind] << 32) | int(client)
+
+
+@dataclass(frozen=True)
+class Rules:
+    """When the server aggregates and when a freed slot is refilled."""
+
+    concurrency: int  # job slots kept filled
+    buffer_size: int = 1  # aggregate when this many updates are buffered (no window)
+    window: int | None = None  # aggregate at every multiple of this many ticks instead
+    redispatch: str = IMMEDIATE  # or AT_AGGREGATION
+    max_staleness: int | None = None  # discard updates staler than this
+
+
+@dataclass(frozen=True)
+class Flight:
+    """A job in flight: its client, the model version it started from, when, and its size."""
+
+    job: int
+    client: int
+    version: int
+    start: int
+    steps: int
+    bytes_down: int
+
+
+@dataclass(frozen=True)
+class Update:
+    """An arrived, buffered update waiting for the next aggregation."""
+
+    job: int
+    client: int
+    version: int
+    time: int
+    staleness: int
+
+
+@dataclass
+class ScheduleState(ProtocolState):
+    """Progress of the schedule; learning protocols extend it with their model state."""
+
+    queue: EventQueue = field(default_factory=EventQueue)
+    version: int = 0
+    free: int = 0  # slots to refill now
+    flights: dict[int, Flight] = field(default_factory=dict)
+    buffer: list[Update] = field(default_factory=list)
+    parked: list[int] = field(default_factory=list)  # clients waiting for the next aggregation
+    retry_at: int | None = None
+    dropped: int = 0
+    discarded: int = 0
+
+
+class Hooks:
+    """What the learning side does at each moment of the schedule (`dispatch` and `finish`
+    must be provided; the others do nothing by default)."""
+
+    def dispatch(self, st: Any, client: int, job: int, submit: bool) -> tuple[int, int]:
+        """Prepares (and, if `submit`, starts) a job; returns (local steps, bytes down)."""
+        raise NotImplementedError
+
+    def finish(self, st: Any, flight: Flight) -> int:
+        """Fetches a finished job's result; returns the bytes it sends up."""
+        raise NotImplementedError
+
+    def aggregate(self, st: Any, updates: list[Update], time: int) -> None:
+        """Folds the buffered updates into the model (before the version moves on)."""
+
+    def release(self, st: Any, job: int, version: int) -> None:
+        """Forgets a job that will not be aggregated (lost, or too stale)."""
+
+    def log(self, time: int, kind: str, **fields: Any) -> None:
+        """Records a schedule event (dispatch, arrival, aggregate, drop, discard)."""
+
+
+class Trace(Hooks):
+    """Hooks for a schedule without learning: records events and who each aggregation holds."""
+
+    def __init__(self, job_steps: Callable[[int, int], int], bytes_down: int = 0, bytes_up: int = 0,
+                 keep_events: bool = False):
+        self.job_steps = job_steps
+        self.bytes_down = bytes_down
+        self.bytes_up = bytes_up
+        self.keep_events = keep_events
+        self.events: list[dict[str, Any]] = []
+        self.aggregations: list[list[int]] = []  # clients of each aggregation, in buffer order
+
+    def dispatch(self, st: Any, client: int, job: int, submit: bool) -> tuple[int, int]:
+        return self.job_steps(client, job), self.bytes_down
+
+    def finish(self, st: Any, flight: Flight) -> int:
+        return self.bytes_up
+
+    def aggregate(self, st: Any, updates: list[Update], time: int) -> None:
+        self.aggregations.append([u.client for u in updates])
+
+    def log(self, time: int, kind: str, **fields: Any) -> None:
+        if self.keep_events:
+            self.events.append({"time": to_seconds(time), "kind": kind, **fields})
+
+    def frequencies(self, num_clients: int) -> np.ndarray:
+        """Returns f_i: client i's updates per aggregation, averaged over the traced schedule."""
+        counts = np.zeros(num_clients)
+        for members in self.aggregations:
+            for c in members:
+                counts[c] += 1
+        return counts / max(len(self.aggregations), 1)
+
+
+class Engine:
+    """Drives a `ScheduleState` event by event under `Rules`, calling `Hooks`."""
+
+    def __init__(self, rules: Rules, population: Population, num_clients: int, seed: int,
+                 budget: float = math.inf, max_aggregations: int | None = None):
+        self.rules = rules
+        self.population = population
+        self.num_clients = num_clients
+        self.seed = seed
+        self.budget = budget  # ticks (inf: none)
+        self.max_aggregations = max_aggregations
+
+    # ------------------------------------------------------------------ driving
+    def start(self, st: ScheduleState, hooks: Hooks) -> ScheduleState:
+        """Schedules the first window tick and fills every slot at time 0."""
+        if self.rules.window is not None:
+            st.queue.push(self.rules.window, "window", priority("window"))
+        st.free = self.rules.concurrency
+        self._fill(st, hooks)
+        return st
+
+    def next_time(self, st: ScheduleState) -> int | None:
+        """Returns the tick of the next event (None when nothing is scheduled)."""
+        ev = st.queue.peek()
+        return ev.time if ev is not None else None
+
+    def step(self, st: ScheduleState, hooks: Hooks) -> ScheduleState:
+        """Handles the next event; sets `finished` at the budget, the aggregation cap, or when idle."""
+        ev = st.queue.peek()
+        capped = self.max_aggregations is not None and st.aggregations >= self.max_aggregations
+        if capped or ev is None or ev.time > self.budget:
+            st.finished = True
+            if not capped and math.isfinite(self.budget):
+                st.time = int(self.budget)  # nothing changes the model until the budget ends
+            return st
+        ev = st.queue.pop()
+        st.time = ev.time
+        getattr(self, f"_on_{ev.kind}")(st, hooks, ev.time, **ev.data)
+        self._fill(st, hooks)
+        return st
+
+    def run(self, st: ScheduleState, hooks: Hooks) -> ScheduleState:
+        """Starts and steps the schedule to its end (schedule-only use: `Trace` hooks)."""
+        self.start(st, hooks)
+        while not st.finished:
+            self.step(st, hooks)
+        return st
+
+    # ------------------------------------------------------------------ events
+    def _on_done(self, st: ScheduleState, hooks: Hooks, t: int, job: int) -> None:
+        f = st.flights[job]
+        up = hooks.finish(st, f)
+        total = self.population.job_ticks([f.client], [f.steps], [f.bytes_down], [up], [job])[0]
+        st.queue.push(max(f.start + total, t), "arrival", priority("arrival", f.client), job=job)
+
+    def _on_arrival(self, st: ScheduleState, hooks: Hooks, t: int, job: int) -> None:
+        f = st.flights.pop(job)
+        staleness = st.version - f.version
+        hooks.log(t, "arrival", client=f.client, version=f.version, staleness=staleness, job=job)
+        if self.rules.max_staleness is not None and staleness > self.rules.max_staleness:
+            hooks.log(t, "discard", client=f.client, staleness=staleness, job=job)
+            hooks.release(st, job, f.version)
+            st.discarded += 1
+            st.free += 1
+            return
+        st.buffer.append(Update(job, f.client, f.version, t, staleness))
+        if self.rules.redispatch == AT_AGGREGATION:
+            st.parked.append(f.client)
+        else:
+            st.free += 1
+        if self.rules.window is None and len(st.buffer) >= self.rules.buffer_size:
+            self._aggregate(st, hooks, t)
+
+    def _on_lost(self, st: ScheduleState, hooks: Hooks, t: int, job: int) -> None:
+        f = st.flights.pop(job)
+        hooks.log(t, "drop", client=f.client, version=f.version, job=job)
+        hooks.release(st, job, f.version)
+        st.dropped += 1
+        st.free += 1
+
+    def _on_window(self, st: ScheduleState, hooks: Hooks, t: int) -> None:
+        self._aggregate(st, hooks, t)
+        st.queue.push(t + self.rules.window, "window", priority("window"))
+
+    def _on_retry(self, st: ScheduleState, hooks: Hooks, t: int) -> None:
+        st.retry_at = None
+
+    # ------------------------------------------------------------------ actions
+    def _aggregate(self, st: ScheduleState, hooks: Hooks, t: int) -> None:
+        updates, st.buffer = st.buffer, []
+        hooks.aggregate(st, updates, t)
+        st.version += 1
+        st.aggregations += 1
+        st.rounds = st.aggregations
+        hooks.log(t, "aggregate", version=st.version, clients=[u.client for u in updates],
+                  staleness=[u.staleness for u in updates])
+        st.free += len(st.parked)
+        st.parked = []
+
+    def _fill(self, st: ScheduleState, hooks: Hooks) -> None:
+        """Dispatches idle, available clients into the free slots (all of them if they fit,
+        else a keyed uniform draw), lowest id first; schedules a retry if some slot stays empty."""
+        if st.free <= 0:
+            return
+        t = st.time
+        busy = {f.client for f in st.flights.values()}
+        busy.update(st.parked)
+        idle = np.array([c for c in range(self.num_clients) if c not in busy], dtype=np.int64)
+        ready = self.population.available(idle, to_seconds(t)) if len(idle) else idle
+        if len(ready) > st.free:
+            ready = np.sort(numpy_rng(self.seed, "async/dispatch", st.next_job).choice(ready, st.free, replace=False))
+        for client in ready:
+            self._dispatch(st, hooks, int(client), t)
+        if st.free > 0 and st.retry_at is None:
+            nxt = self.population.next_availability_change(to_seconds(t))
+            if math.isfinite(nxt) and to_ticks(nxt) > t:
+                st.retry_at = to_ticks(nxt)
+                st.queue.push(st.retry_at, "retry", priority("retry"))
+
+    def _dispatch(self, st: ScheduleState, hooks: Hooks, client: int, t: int) -> None:
+        job = st.next_job
+        st.next_job += 1
+        st.free -= 1
+        lost, lost_at = self.population.drops(np.array([client]), np.array([job]))
+        steps, down = hooks.dispatch(st, client, job, submit=not bool(lost[0]))
+        compute = self.population.job_ticks([client], [steps], [down], [0], [job])[0]
+        st.flights[job] = Flight(job, client, st.version, t, steps, down)
+        hooks.log(t, "dispatch", client=client, version=st.version, job=job)
+        if lost[0]:
+            st.queue.push(t + int(round(float(lost_at[0]) * compute)), "lost", priority("lost", client), job=job)
+        else:
+            st.queue.push(t + compute, "done", priority("done", client), job=job)

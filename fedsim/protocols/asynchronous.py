@@ -1,0 +1,231 @@
+"""Asynchronous FL on the virtual clock: async FedAvg, FedBuff, FedBuff-c and FedFix as knobs.
+
+The schedule (`async_engine`) decides when jobs start, arrive and are aggregated; this
+protocol does the learning at those moments. Each job starts from the global model version
+current at its dispatch; its update u_i = x^{ρ_i} − y_i is a delta against the model the
+client *received*, and the strategy adds it to the *current* model, with each `Msg` filled
+here: weight d_i (`weighting`), staleness n − ρ_i, and base x^{ρ_i}. Sent models are kept
+only while an in-flight job or a buffered update still refers to them.
+
+Schemes (Fraboni et al., JMLR 2023, arXiv 2206.10189, §1 of ALGORITHMS.md; the schedules
+were checked against their code, FL/clients_schedule.py and FL/server.py):
+
+=================  ===========================================================
+async FedAvg       ``{name: async}`` (aggregate every arrival, restart at once)
+FedBuff            ``{name: async, buffer_size: K, concurrency: C}`` + strategy
+                   ``staleness: {name: polynomial, a: 0.5}`` (Nguyen et al. 2022;
+                   the exponent ½ is recalled, not checked against their paper)
+FedBuff-c          ``{name: async, buffer_size: c, redispatch: aggregation}``
+                   (Fraboni's semi-synchronous variant: the c earliest wait for t)
+FedFix-Δt          ``{name: async, window: Δt}`` (redispatch defaults to the window)
+=================  ===========================================================
+
+Weights: ``identical`` d_i = 1/|S| (Async_identical: 1; FedBuff-c: 1/c); ``unbiased``
+d_i = p_i / f_i, Fraboni's "weight" variants, with f_i = client i's updates per aggregation
+measured on a learning-free run of the same schedule (their rule for FedBuff; for Async and
+FedFix it tends to their closed forms (1/τ_i)/Σ_j 1/τ_j and 1/⌈τ_i/Δt⌉ as the horizon grows,
+and equals them when the horizon is a whole number of the schedule's periods).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Optional
+
+import numpy as np
+
+from ..clock import to_seconds, to_ticks
+from ..comm import nbytes
+from ..config import Ge, Gt, OneOf
+from ..errors import ConfigError
+from ..executors.base import JobResult
+from ..registry import PROTOCOLS
+from ..strategy import CombineContext, Msg, Payload, Tensor
+from .async_engine import AT_AGGREGATION, IMMEDIATE, Engine, Flight, Hooks, Rules, ScheduleState, Trace, Update
+from .base import Protocol, RunContext, check_finite, uplink_bytes
+from .weighting import IMPORTANCES, WEIGHTINGS, aggregation_weights, importance
+
+
+@dataclass
+class AsyncState(ScheduleState):
+    """The schedule plus the server's strategy state, the sent models and the results in flight."""
+
+    server: Any = None
+    models: dict[int, Payload] = field(default_factory=dict)  # version -> payload still referenced
+    refs: dict[int, int] = field(default_factory=dict)  # version -> jobs/updates referring to it
+    results: dict[int, JobResult] = field(default_factory=dict)  # job -> result not yet aggregated
+    # accumulators since the last evaluation
+    staleness_seen: list[int] = field(default_factory=list)
+    losses_seen: list[float] = field(default_factory=list)
+
+
+class AsyncProtocol(Protocol, Hooks):
+    """See the module docstring."""
+
+    requires = "server"
+
+    def __init__(self, concurrency: int | None, buffer_size: int, window: float | None, redispatch: str,
+                 max_staleness: int | None, weighting: str, client_weights: str):
+        if window is not None and buffer_size != 1:
+            raise ConfigError("protocol.buffer_size", "a window aggregates whatever arrived; leave buffer_size at 1")
+        self.concurrency = concurrency
+        self.buffer_size = buffer_size
+        self.window = window
+        self.redispatch = redispatch if redispatch != "auto" else (AT_AGGREGATION if window else IMMEDIATE)
+        self.max_staleness = max_staleness
+        self.weighting = weighting
+        self.client_weights = client_weights
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, ctx: RunContext) -> None:
+        n = ctx.num_clients
+        conc = n if self.concurrency is None else self.concurrency
+        if conc > n:
+            raise ConfigError("protocol.concurrency", f"{conc} exceeds data.num_clients={n}")
+        if self.window is None and self.redispatch == AT_AGGREGATION and self.buffer_size > conc:
+            raise ConfigError(
+                "protocol.buffer_size",
+                f"{self.buffer_size} > concurrency {conc}: with redispatch=aggregation the buffer never fills",
+            )
+        window = to_ticks(self.window) if self.window is not None else None
+        if window is not None and window <= 0:
+            raise ConfigError("protocol.window", f"{self.window} s is below the clock's resolution (1 ns)")
+        rules = Rules(conc, self.buffer_size, window, self.redispatch, self.max_staleness)
+        self.ctx = ctx
+        self.engine = Engine(rules, ctx.population, n, ctx.seed, ctx.budget_ticks(), ctx.run.rounds)
+        self._p = importance(ctx.data.samples_per_client(), self.client_weights)
+        self._f = self.schedule_frequencies(ctx) if self.weighting == "unbiased" else None
+        self._submitted = False  # in-flight jobs are (re)submitted on the first step after a restore
+
+    def schedule_frequencies(self, ctx: RunContext) -> np.ndarray:
+        """Returns f_i from a learning-free run of this schedule over the run's horizon
+        (uplinks assumed as large as the model)."""
+        payload = ctx.strategy.publish(ctx.strategy.init(ctx.initial_params))
+        size = nbytes(payload)
+        trace = Trace(lambda c, j: ctx.make_job(c, payload, 0, j).num_steps, size, nbytes(payload.params))
+        self.engine.run(ScheduleState(), trace)
+        return trace.frequencies(ctx.num_clients)
+
+    def init(self, ctx: RunContext) -> AsyncState:
+        st = AsyncState(server=ctx.strategy.init(ctx.initial_params))
+        self._submitted = True
+        return self.engine.start(st, self)
+
+    # ------------------------------------------------------------------ stepping
+    def step(self, ctx: RunContext, state: AsyncState) -> AsyncState:
+        if not self._submitted:  # restored from a checkpoint: the executor knows none of the jobs
+            for f in state.flights.values():
+                if f.job not in state.results:
+                    ctx.executor.submit(ctx.make_job(f.client, state.models[f.version], f.version, f.job))
+            self._submitted = True
+        self.engine.step(state, self)
+        if state.finished:
+            for f in state.flights.values():
+                if f.job not in state.results:
+                    ctx.executor.discard(f.job)
+        return state
+
+    def next_time(self, ctx: RunContext, state: AsyncState) -> int | None:
+        return self.engine.next_time(state)
+
+    def eval_params(self, ctx: RunContext, state: AsyncState) -> Tensor:
+        return ctx.strategy.params(state.server)
+
+    def eval_metrics(self, ctx: RunContext, state: AsyncState) -> dict[str, Any]:
+        seen, losses = state.staleness_seen, state.losses_seen
+        out: dict[str, Any] = {
+            "updates": len(seen),  # updates aggregated since the last evaluation
+            "staleness_mean": float(np.mean(seen)) if seen else None,
+            "staleness_max": int(max(seen)) if seen else None,
+            "train_loss": float(np.mean(losses)) if losses else None,
+            "in_flight": len(state.flights),
+            "dropped": state.dropped,
+            "discarded": state.discarded,
+        }
+        state.staleness_seen, state.losses_seen = [], []
+        if ctx.strategy.metrics is not None:
+            out.update(ctx.strategy.metrics(state.server))
+        return out
+
+    # ------------------------------------------------------------------ hooks (learning)
+    def dispatch(self, st: AsyncState, client: int, job: int, submit: bool) -> tuple[int, int]:
+        v = st.version
+        if v not in st.models:
+            st.models[v] = self.ctx.strategy.publish(st.server)
+        st.refs[v] = st.refs.get(v, 0) + 1
+        payload = st.models[v]
+        j = self.ctx.make_job(client, payload, v, job)
+        if submit:
+            self.ctx.executor.submit(j)
+        down = nbytes(payload)
+        st.bytes_down += down
+        return j.num_steps, down
+
+    def finish(self, st: AsyncState, flight: Flight) -> int:
+        result = self.ctx.executor.result(flight.job)
+        check_finite(result, st.rounds, st.time)
+        st.results[flight.job] = result
+        up = uplink_bytes(result)
+        st.bytes_up += up
+        return up
+
+    def aggregate(self, st: AsyncState, updates: list[Update], time: int) -> None:
+        ctx = self.ctx
+        results = [st.results.pop(u.job) for u in updates]
+        clients = [u.client for u in updates]
+        freq = None
+        if self._f is not None:  # a client the learning-free schedule never aggregated: count it once
+            floor = 1.0 / max(st.aggregations + 1, 1)
+            freq = [self._f[c] if self._f[c] > 0 else floor for c in clients]
+        weights = aggregation_weights(self.weighting, clients, [r.num_samples for r in results], self._p, freq)
+        msgs = [
+            Msg(u.client, r.output.update, w, u.staleness, r.num_samples, r.num_steps,
+                st.models[u.version].params, r.output.extras)
+            for u, r, w in zip(updates, results, weights)
+        ]
+        st.server = ctx.strategy.combine(st.server, msgs, CombineContext(ctx.num_clients, st.version, to_seconds(time)))
+        for u, r in zip(updates, results):
+            ctx.store.put(u.client, r.output.state)
+            self.release(st, u.job, u.version)
+            st.staleness_seen.append(u.staleness)
+            loss = r.output.metrics.get("train_loss")
+            if loss is not None:
+                st.losses_seen.append(float(loss))
+
+    def release(self, st: AsyncState, job: int, version: int) -> None:
+        st.results.pop(job, None)
+        st.refs[version] -= 1
+        if st.refs[version] == 0:
+            del st.refs[version]
+            del st.models[version]
+
+    def log(self, time: int, kind: str, **fields: Any) -> None:
+        self.ctx.log(time, kind, **fields)
+
+
+@PROTOCOLS.register("async")
+def asynchronous(
+    concurrency: Annotated[Optional[int], Ge(1)] = None,
+    buffer_size: Annotated[int, Ge(1)] = 1,
+    window: Annotated[Optional[float], Gt(0)] = None,
+    redispatch: Annotated[str, OneOf(("auto", IMMEDIATE, AT_AGGREGATION))] = "auto",
+    max_staleness: Annotated[Optional[int], Ge(0)] = None,
+    weighting: Annotated[str, OneOf(WEIGHTINGS)] = "identical",
+    client_weights: Annotated[str, OneOf(IMPORTANCES)] = "samples",
+) -> Protocol:
+    """Asynchronous server: jobs in flight on the virtual clock, aggregation per K arrivals or per window.
+
+    Args:
+        concurrency: Jobs kept in flight (default: every client, as Fraboni et al.); a freed
+            slot goes to an idle available client (a keyed uniform draw if several).
+        buffer_size: Aggregate when this many updates have arrived (1: async FedAvg; K: FedBuff).
+        window: Aggregate instead at every multiple of this many virtual seconds, over whatever
+            arrived (FedFix-Δt); windows may be empty.
+        redispatch: When a client that reported gets a new job: 'immediate', 'aggregation'
+            (waits for the next aggregation, i.e. the window boundary or the full buffer),
+            or 'auto' (aggregation with a window, immediate otherwise).
+        max_staleness: Discard updates more than this many versions stale (None: keep all).
+        weighting: Aggregation weights d_i: 'identical' (1/|S|), 'samples' (n_i/Σn_j),
+            'unbiased' (p_i/f_i, Fraboni et al.'s "weight" variants).
+        client_weights: Client importance p_i in the objective, for 'unbiased': 'samples' or 'uniform'.
+    """
+    return AsyncProtocol(concurrency, buffer_size, window, redispatch, max_staleness, weighting, client_weights)

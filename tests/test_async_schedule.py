@@ -1,0 +1,243 @@
+"""The asynchronous schedule: exact traces, aggregation counts and exact time (no learning needed).
+
+Four clients with linearly spaced durations τ = (1, 0.75, 0.5, 0.25) (Fraboni et al.'s F-75;
+one local step per job, so τ_i is the step time). Every expected sequence below was derived
+by hand from ALGORITHMS.md §1.3; `fraboni_schedule` re-states their clients_schedule.py
+loop in integer ticks for a second, independent check on larger schedules.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fedsim.clock import to_ticks
+from fedsim.config import load_config
+from fedsim.errors import ConfigError
+from fedsim.protocols.async_engine import ScheduleState, Trace
+from fedsim.runner import build
+
+from .conftest import quadratic_config, run_config
+
+
+def async_config(protocol: dict, n: int = 4, spread: float = 75.0, budget: float = 3.0) -> dict:
+    """A quadratic run with one local step per job and F-`spread` step times (slowest 1 s)."""
+    return quadratic_config(
+        data={"num_clients": n},
+        local={"steps": 1, "lr": 0.05},
+        system={"compute": {"name": "linear", "slowest": 1.0, "spread": spread}},
+        protocol={"name": "async", **protocol},
+        run={"rounds": None, "time_budget": budget},
+    )
+
+
+def trace(protocol: dict, **kw) -> Trace:
+    """Runs the schedule of `protocol` alone (no learning) and returns its trace."""
+    run = build(load_config(async_config(protocol, **kw)))
+    tr = Trace(lambda client, job: 1, keep_events=True)
+    run.protocol.engine.run(ScheduleState(), tr)
+    return tr
+
+
+def aggregations(tr: Trace) -> list[tuple[float, list[int], list[int]]]:
+    """(time, clients in arrival order, their staleness) of every aggregation."""
+    return [(e["time"], e["clients"], e["staleness"]) for e in tr.events if e["kind"] == "aggregate"]
+
+
+# ---------------------------------------------------------------- hand-derived traces
+def test_async_fedavg_trace():
+    # every arrival aggregates; ties at one tick go to the lowest client id (Fraboni's argmin)
+    got = aggregations(trace({}, budget=2.0))
+    assert got == [
+        (0.25, [3], [0]), (0.5, [2], [1]), (0.5, [3], [1]), (0.75, [1], [3]), (0.75, [3], [1]),
+        (1.0, [0], [5]), (1.0, [2], [4]), (1.0, [3], [2]), (1.25, [3], [0]), (1.5, [1], [5]),
+        (1.5, [2], [3]), (1.5, [3], [2]), (1.75, [3], [0]), (2.0, [0], [7]), (2.0, [2], [3]), (2.0, [3], [2]),
+    ]
+
+
+def test_fedfix_trace_windows_of_half():
+    got = aggregations(trace({"window": 0.5}, budget=3.0))
+    fast, everyone = ([3, 2], [0, 0]), ([1, 3, 0, 2], [1, 0, 1, 0])
+    assert got == [(t, *(fast if k % 2 == 0 else everyone)) for k, t in enumerate([0.5, 1.0, 1.5, 2.0, 2.5, 3.0])]
+
+
+def test_fedfix_trace_windows_of_fifth_with_empty_window_and_exact_boundary():
+    # client i joins every ⌈τ_i/Δt⌉ = (5, 4, 3, 2) windows; the first window is empty; client 0's
+    # job ends exactly at the window boundary t = 1.0 and belongs to that window
+    got = aggregations(trace({"window": 0.2}, budget=1.2))
+    assert [(t, c) for t, c, _ in got] == [
+        (0.2, []), (0.4, [3]), (0.6, [2]), (0.8, [3, 1]), (1.0, [0]), (1.2, [3, 2]),
+    ]
+
+
+def test_fedbuff_semisync_trace():
+    # FedBuff-c as Fraboni et al. simulate it: the c earliest wait for the c-th, then all restart
+    got = aggregations(trace({"buffer_size": 2, "redispatch": "aggregation"}, budget=2.0))
+    assert got == [
+        (0.5, [3, 2], [0, 0]), (0.75, [1, 3], [1, 0]), (1.0, [0, 2], [2, 1]),
+        (1.5, [3, 1], [1, 1]), (1.75, [2, 3], [1, 0]), (2.0, [0, 3], [2, 0]),
+    ]
+
+
+def test_fedbuff_immediate_trace():
+    # FedBuff as Nguyen et al.: buffer K = 2 arrivals, every client restarts at once
+    got = aggregations(trace({"buffer_size": 2}, budget=1.0))
+    assert got == [(0.5, [3, 2], [0, 0]), (0.75, [3, 1], [1, 1]), (1.0, [3, 0], [1, 2]), (1.0, [2, 3], [2, 1])]
+
+
+def test_buffer_of_everyone_is_synchronous_fedavg():
+    got = aggregations(trace({"buffer_size": 4, "redispatch": "aggregation"}, budget=3.0))
+    assert got == [(t, [3, 2, 1, 0], [0, 0, 0, 0]) for t in (1.0, 2.0, 3.0)]
+
+
+# ---------------------------------------------------------------- Fraboni's loop, re-stated
+def fraboni_schedule(tau: list[int], scheme: str, budget: int, param: int = 0) -> list[tuple[int, list[int]]]:
+    """Fraboni et al.'s clients_schedule.py (ALGORITHMS.md §1.3) in integer ticks: the
+    (time, sorted clients) of each aggregation. Ties go to the lowest id (argmin; for FedBuff
+    np.argpartition leaves the order of ties unspecified). One deliberate difference: their
+    FedBuff loop may aggregate after T when the c-th arrival is late; the budget stops us at T."""
+    m = len(tau)
+    ret = list(tau)
+    out = []
+    if scheme == "async":
+        while min(ret) <= budget:
+            i = min(range(m), key=lambda j: (ret[j], j))
+            out.append((ret[i], [i]))
+            ret[i] += tau[i]
+    elif scheme == "fedfix":
+        for n in range(budget // param):
+            t = (n + 1) * param
+            members = [i for i in range(m) if ret[i] <= t]
+            out.append((t, members))
+            for i in members:
+                ret[i] = t + tau[i]
+    elif scheme == "fedbuff":
+        while min(ret) <= budget:
+            members = sorted(sorted(range(m), key=lambda j: (ret[j], j))[:param])
+            t = max(ret[i] for i in members)
+            if t > budget:
+                break
+            out.append((t, members))
+            for i in members:
+                ret[i] = t + tau[i]
+    return out
+
+
+@pytest.mark.parametrize("spread,n", [(80.0, 10), (0.0, 6), (50.0, 7)])
+@pytest.mark.parametrize(
+    "protocol,scheme,param",
+    [
+        ({}, "async", 0),
+        ({"window": 0.2}, "fedfix", 0.2),
+        ({"window": 0.5}, "fedfix", 0.5),
+        ({"window": 0.8}, "fedfix", 0.8),
+        ({"buffer_size": 2, "redispatch": "aggregation"}, "fedbuff", 2),
+        ({"buffer_size": 5, "redispatch": "aggregation"}, "fedbuff", 5),
+    ],
+)
+def test_schedule_equals_fraboni_loop(protocol, scheme, param, spread, n):
+    budget = 6.0
+    tr = trace(protocol, n=n, spread=spread, budget=budget)
+    tau = [to_ticks(1.0 * (1.0 - i * (spread / 100.0) / (n - 1))) for i in range(n)]
+    p = to_ticks(param) if scheme == "fedfix" else param
+    want = fraboni_schedule(tau, scheme, to_ticks(budget), p)
+    got = [(to_ticks(t), sorted(c)) for t, c, _ in aggregations(tr)]
+    assert got == want
+
+
+def test_aggregation_counts_in_a_time_budget():
+    n, budget = 10, 7.3
+    tau = [to_ticks(1.0 - i * 0.8 / (n - 1)) for i in range(n)]
+    T = to_ticks(budget)
+    assert len(trace({}, n=n, spread=80.0, budget=budget).aggregations) == sum(T // t for t in tau)
+    for dt in (0.2, 0.5, 0.8):
+        assert len(trace({"window": dt}, n=n, spread=80.0, budget=budget).aggregations) == T // to_ticks(dt)
+    sync = trace({"buffer_size": n, "redispatch": "aggregation"}, n=n, spread=80.0, budget=budget)
+    assert len(sync.aggregations) == T // max(tau) == 7
+
+
+# ---------------------------------------------------------------- exact time
+def test_duration_an_exact_multiple_of_the_window_lands_in_that_window():
+    # 3 steps × 0.1 s = 0.30000000000000004 in floats, which a float clock would put after
+    # the window boundary 0.3; on the tick clock the job ends exactly at the boundary.
+    assert 3 * 0.1 > 0.3
+    cfg = async_config({"window": 0.3}, n=2, spread=0.0, budget=0.9)
+    cfg["local"]["steps"] = 3
+    cfg["system"]["compute"] = {"name": "constant", "step_time": 0.1}
+    run = build(load_config(cfg))
+    tr = Trace(lambda client, job: 3, keep_events=True)
+    run.protocol.engine.run(ScheduleState(), tr)
+    assert [(t, c) for t, c, _ in aggregations(tr)] == [(0.3, [0, 1]), (0.6, [0, 1]), (0.9, [0, 1])]
+
+
+# ---------------------------------------------------------------- weights from the schedule
+def test_unbiased_frequencies_equal_fraboni_closed_forms_over_whole_periods():
+    run = build(load_config(async_config({"weighting": "unbiased"}, budget=3.0)))
+    tau = np.array([1.0, 0.75, 0.5, 0.25])
+    # 3 s is a whole number of every τ_i: f_i = (1/τ_i)/Σ_j 1/τ_j exactly (Async_weight)
+    assert run.protocol._f == pytest.approx((1 / tau) / (1 / tau).sum(), abs=1e-15)
+    run = build(load_config(async_config({"window": 0.2, "weighting": "unbiased"}, budget=12.0)))
+    # 60 windows, a multiple of lcm(5, 4, 3, 2): f_i = 1/⌈τ_i/Δt⌉ exactly (FedFix_weight)
+    assert run.protocol._f == pytest.approx(1 / np.ceil(tau / 0.2 - 1e-9), abs=1e-15)
+
+
+def test_learning_run_follows_the_traced_schedule(tmp_path):
+    cfg = async_config({"buffer_size": 2, "redispatch": "aggregation"}, budget=4.0)
+    cfg["run"].update({"log_events": True, "eval_every_time": 0.5})
+    run = run_config(cfg, tmp_path / "run")
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    logged = [(e["time"], e["clients"], e["staleness"]) for e in events if e["kind"] == "aggregate"]
+    assert logged == aggregations(trace({"buffer_size": 2, "redispatch": "aggregation"}, budget=4.0))
+    for e in events:
+        assert {"time", "kind"} <= set(e)
+        if e["kind"] in ("dispatch", "arrival"):
+            assert {"client", "version"} <= set(e)
+        if e["kind"] == "arrival":
+            assert e["staleness"] >= 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["aggregations"] == len(logged) == run.final_state.aggregations
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["virtual_time"] for r in rows] == [k * 0.5 for k in range(9)]
+    # staleness of the updates aggregated in (t − 0.5, t], read off the event log
+    for prev, row in zip(rows, rows[1:]):
+        seen = [s for t, _, st in logged if prev["virtual_time"] < t <= row["virtual_time"] for s in st]
+        assert row["updates"] == len(seen)
+        if seen:
+            assert row["staleness_mean"] == pytest.approx(np.mean(seen))
+            assert row["staleness_max"] == max(seen)
+
+
+def test_availability_and_concurrency_below_population():
+    # FedBuff with C = 3 of 8 clients, Bernoulli availability: never more than C in flight,
+    # and nobody is dispatched while unavailable
+    cfg = async_config({"buffer_size": 2, "concurrency": 3}, n=8, budget=5.0)
+    cfg["system"]["availability"] = {"name": "bernoulli", "p_on": 0.5, "period": 0.4}
+    run = build(load_config(cfg))
+    tr = Trace(lambda client, job: 1, keep_events=True)
+    st = ScheduleState()
+    engine = run.protocol.engine
+    engine.start(st, tr)
+    while not st.finished:
+        engine.step(st, tr)
+        assert len(st.flights) + len(st.parked) <= 3
+    pop = run.ctx.population
+    dispatches = [e for e in tr.events if e["kind"] == "dispatch"]
+    assert len(dispatches) > 10
+    for e in dispatches:
+        assert e["client"] in pop.available(np.array([e["client"]]), e["time"])
+
+
+@pytest.mark.parametrize(
+    "protocol,key",
+    [
+        ({"concurrency": 9}, "protocol.concurrency"),
+        ({"window": 0.5, "buffer_size": 2}, "protocol.buffer_size"),
+        ({"buffer_size": 4, "concurrency": 2, "redispatch": "aggregation"}, "protocol.buffer_size"),
+        ({"window": 1e-12}, "protocol.window"),
+    ],
+)
+def test_impossible_schedules_are_config_errors(protocol, key):
+    with pytest.raises(ConfigError) as err:
+        build(load_config(async_config(protocol)))
+    assert key in str(err.value)

@@ -1,0 +1,142 @@
+"""fedsim strategies in real Flower runs started with `flwr run`, checked against fedsim itself.
+
+* Flower's simulation engine runs the shipped app (experiments/flower_app, with a SCAFFOLD
+  whose c_i the simulated nodes keep) and gives the model trajectory of `fedsim run` on
+  the same config.
+* A deployment on 127.0.0.1 (SuperLink + two SuperNodes, insecure) runs FedAvg and a
+  SCAFFOLD (control variates as payload extras, c_i as node state) for two rounds each:
+  metrics and final model equal fedsim's serial run up to float rounding.
+* The asynchronous ServerApp on three SuperNodes, one delayed on purpose: FedBuff (K = 2)
+  performs exactly the set number of aggregations, the fast nodes do not wait for the slow
+  one, and no update is lost or applied twice (the `probe` strategy counts applications).
+
+Flower starts one process per job on a SuperNode, so these tests take minutes; they are
+marked slow. Every process is stopped afterwards, also on failure.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fedsim.config import load_config
+from fedsim.outputs import read_jsonl
+from fedsim.registry import STRATEGIES
+from fedsim.runner import execute
+
+from .flower_deploy import ROOT, Deployment
+
+pytestmark = pytest.mark.slow
+APP = ROOT / "experiments" / "flower_app"
+PLUGINS = str(ROOT / "tests" / "flower_plugins.py")
+
+
+def serial(config, overrides=()):
+    """Runs the config with fedsim's serial executor; returns (rows, final model)."""
+    run = execute(load_config(config, overrides), None, progress=False)
+    return run.rows, run.protocol.eval_params(run.ctx, run.final_state)
+
+
+def flower_result(out: Path, dep: Deployment, res) -> tuple[list[dict], torch.Tensor]:
+    """Returns the Flower run's metrics rows and final model, or fails with every log."""
+    if not (out / "summary.json").exists():
+        pytest.fail(f"the Flower run left no results (exit {res.returncode}):\n{res.stdout[-4000:]}\n{dep.logs()}")
+    return read_jsonl(out / "metrics.jsonl"), torch.load(out / "final_model.pt")
+
+
+def assert_same_trajectory(rows, final, ref_rows, ref_final) -> None:
+    """Same rounds, metrics and bytes as fedsim's own run; models equal up to float rounding."""
+    assert [r["round"] for r in rows] == [r["round"] for r in ref_rows]
+    for a, b in zip(rows, ref_rows):
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5, abs=1e-6)
+        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-9)
+        assert (a["train_loss"] is None) == (b["train_loss"] is None)
+        if a["train_loss"] is not None:
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert (a["bytes_up"], a["bytes_down"], a["participants"]) == (b["bytes_up"], b["bytes_down"], b["participants"])
+    torch.testing.assert_close(final, ref_final, rtol=1e-5, atol=1e-6)
+
+
+def test_flower_simulation_engine_matches_fedsim(tmp_path):
+    # the shipped app, with a stateful strategy: Flower's simulated nodes keep c_i between rounds
+    overrides = ["run.rounds=2", "strategy.name=scaffold_probe", f"plugins=[{PLUGINS}]"]
+    dep = Deployment(tmp_path, simulation=True)
+    try:
+        out = tmp_path / "out"
+        res = dep.run(APP, {"overrides": " ".join(overrides), "out-dir": str(out)},
+                      federation_config="num-supernodes=3 client-resources-num-cpus=1")
+        rows, final = flower_result(out, dep, res)
+    finally:
+        dep.stop()
+    assert not dep.leftovers()
+    assert_same_trajectory(rows, final, *serial(APP / "fedsim.yaml", overrides))
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    dep = Deployment(tmp_path_factory.mktemp("deploy"),
+                     nodes=[f"partition-id={i} num-partitions=2" for i in range(2)])
+    yield dep
+    dep.stop()
+    assert not dep.leftovers()
+
+
+SYNC_STRATEGIES = ["fedavg", "scaffold_probe"] + (["scaffold"] if "scaffold" in STRATEGIES.names() else [])
+
+
+@pytest.mark.parametrize("strategy", SYNC_STRATEGIES)
+def test_deployment_sync_matches_serial(two_nodes, tmp_path, strategy):
+    cfg = {
+        "name": f"deploy-{strategy}", "seed": 3, "plugins": [PLUGINS],
+        "data": {"name": "synthetic", "num_clients": 2, "max_samples_per_user": 80, "dim": 20},
+        "model": {"name": "logreg"}, "strategy": {"name": strategy},
+        "local": {"lr": 0.05, "batch_size": 16, "steps": 4},
+        "run": {"rounds": 2, "eval_every": 1},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    res = two_nodes.run(APP, {"config": str(path), "out-dir": str(out)})
+    rows, final = flower_result(out, two_nodes, res)
+    assert_same_trajectory(rows, final, *serial(path))
+
+
+def test_deployment_async_fedbuff_loses_and_repeats_nothing(tmp_path):
+    n, slots, aggregations, k = 3, 8, 3, 2
+    cfg = {
+        "name": "deploy-fedbuff", "seed": 0, "plugins": [PLUGINS],
+        "data": {"name": "quadratic", "num_clients": n, "dim": n * slots},
+        "model": {"name": "vector"}, "strategy": {"name": "probe", "slots": slots},
+        "local": {"lr": 0.1, "batch_size": 1, "steps": 1},
+        "run": {"rounds": aggregations, "log_events": True},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    nodes = [f"partition-id={i} num-partitions={n}" + (" delay=20.0" if i == 0 else "") for i in range(n)]
+    dep = Deployment(tmp_path, nodes=nodes)
+    try:
+        out = tmp_path / "out"
+        res = dep.run(APP, {"config": str(path), "out-dir": str(out), "mode": "async", "buffer-size": k})
+        _, counts = flower_result(out, dep, res)
+    finally:
+        dep.stop()
+    assert not dep.leftovers()
+
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    merged = [e for e in events if e["kind"] == "aggregate"]
+    arrived = [e["job"] for e in events if e["kind"] == "arrival"]
+    applied = [j for e in merged for j in e["jobs"]]
+    assert len(merged) == aggregations and all(len(e["jobs"]) == k for e in merged)
+    assert len(applied) == len(set(applied)) and set(applied) <= set(arrived)
+    assert len(arrived) == len(set(arrived))
+    assert any(0 not in e["clients"] for e in merged)  # the fast nodes did not wait for the delayed one
+    # the probe's model counts every application per (client, job of that client): all 0/1,
+    # each client's applied jobs are its first ones, and they are the logged aggregations
+    counts = counts.reshape(n, slots)
+    per_client = [sum(c == i for e in merged for c in e["clients"]) for i in range(n)]
+    assert set(counts.unique().tolist()) <= {0.0, 1.0}
+    for i in range(n):
+        assert counts[i].tolist() == [1.0] * per_client[i] + [0.0] * (slots - per_client[i])

@@ -1,0 +1,102 @@
+"""Flat vectors, extras and whole job messages survive Flower's records and wire format bit for bit."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedsim.executors.base import JobResult
+from fedsim.flower.messages import TrainTask, decode_result, decode_task, encode_result, encode_task
+from fedsim.flower.records import record_to_vector, records_to_tensors, tensors_to_records, vector_to_record
+from fedsim.params import ParamLayout
+from fedsim.strategy import ClientOutput, Payload
+
+from .flower_local import over_the_wire
+
+LAYOUT = ParamLayout(("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"), ((8, 5), (8,), (3, 8), (3,)))
+
+
+def awkward_vector(dtype: torch.dtype) -> torch.Tensor:
+    """Random values plus the ones a lossy path would change: ±0, inf, nan, subnormals, extremes."""
+    x = torch.randn(LAYOUT.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+    info = torch.finfo(dtype)
+    x[:7] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), info.tiny / 4, info.max], dtype=dtype)
+    return x
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when a and b have the same dtype, shape and bit patterns (nan == nan, 0 != −0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    as_int = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16}[a.dtype]
+    return torch.equal(a.contiguous().view(as_int), b.contiguous().view(as_int))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_flat_vector_round_trips_exactly_through_the_wire(dtype):
+    x = awkward_vector(dtype)
+    record = over_the_wire(vector_to_record(x, LAYOUT))
+    assert same_bits(record_to_vector(record, LAYOUT), x)
+
+
+def test_model_record_is_the_usual_state_dict():
+    x = awkward_vector(torch.float32)
+    state = vector_to_record(x, LAYOUT).to_torch_state_dict()
+    assert list(state) == list(LAYOUT.names)
+    for (name, view), got in zip(LAYOUT.views(x).items(), state.values()):
+        assert same_bits(got, view), name
+
+
+def test_named_tensors_and_numbers_round_trip_with_their_types():
+    extras = {  # SCAFFOLD's c, FedHyper's learning rates, a counter, a mask, plain numbers
+        "c": awkward_vector(torch.float32),
+        "lr_global": torch.tensor(0.25, dtype=torch.float64),
+        "lr_local": torch.tensor([0.1, 0.2], dtype=torch.float32),
+        "count": torch.tensor(7),
+        "mask": torch.tensor([[True, False], [False, True]]),
+        "scale": 0.5, "steps": 3, "flag": True,
+    }
+    arrays, numbers = tensors_to_records(extras)
+    back = records_to_tensors(over_the_wire(arrays), over_the_wire(numbers))
+    assert set(back) == set(extras)
+    for name, value in extras.items():
+        if isinstance(value, torch.Tensor):
+            assert same_bits(back[name], value), name
+        else:
+            assert type(back[name]) is type(value) and back[name] == value, name
+
+
+def test_train_task_and_result_round_trip():
+    x = awkward_vector(torch.float32)
+    task = TrainTask(client=4, job_id=17, version=3, accepted_job=9,
+                     payload=Payload(x, {"c": -x, "lr": torch.tensor(0.1), "round": 3}))
+    content = over_the_wire(encode_task(task, "seed: 0\n", LAYOUT))
+    got = decode_task(content, LAYOUT)
+    assert (got.client, got.job_id, got.version, got.accepted_job) == (4, 17, 3, 9)
+    assert same_bits(got.payload.params, x) and same_bits(got.payload.extras["c"], -x)
+    assert same_bits(got.payload.extras["lr"], torch.tensor(0.1)) and got.payload.extras["round"] == 3
+    assert content.config_records["fedsim"]["config"] == "seed: 0\n"
+
+    out = ClientOutput(x * 2, {"c_i": x}, {"dc": x / 3, "lr": torch.tensor(0.05)}, {"train_loss": 0.75, "grad_norm": 2.0})
+    result = JobResult(17, 4, 3, out, num_samples=120, num_steps=8)
+    reply = over_the_wire(encode_result(result, LAYOUT))
+    back = decode_result(reply, LAYOUT)
+    assert (back.job_id, back.client, back.version, back.num_samples, back.num_steps) == (17, 4, 3, 120, 8)
+    assert same_bits(back.output.update, x * 2)
+    assert same_bits(back.output.extras["dc"], x / 3) and same_bits(back.output.extras["lr"], torch.tensor(0.05))
+    assert back.output.metrics == {"train_loss": 0.75, "grad_norm": 2.0}
+    assert back.output.state == {}  # the client's state stays on its node
+    assert reply.metric_records["metrics"]["num-examples"] == 120  # Flower's convention
+
+
+def test_conversion_refuses_what_it_cannot_carry_exactly():
+    x = awkward_vector(torch.float32)
+    with pytest.raises(ValueError, match=f"flat vector of {LAYOUT.dim} values"):
+        vector_to_record(x[:-1], LAYOUT)
+    with pytest.raises(ValueError, match="model has"):
+        record_to_vector(vector_to_record(x, ParamLayout(("w",), ((LAYOUT.dim,),))), LAYOUT)
+    with pytest.raises(TypeError, match="bfloat16"):
+        tensors_to_records({"c": x.to(torch.bfloat16)})
+    with pytest.raises(TypeError, match="'hist'.*list"):
+        tensors_to_records({"hist": [1, 2]})
