@@ -44,3 +44,14 @@ def test_drop_is_refused_by_a_protocol_that_cannot_drop(monkeypatch):
     monkeypatch.setattr(SyncProtocol, "drops_failed_jobs", False)
     with pytest.raises(ConfigError, match="executor.on_client_error: protocol 'sync' cannot drop"):
         run_config(faulty(on_client_error="drop"))
+
+
+def test_async_drops_a_failing_client_when_its_job_ends(tmp_path):
+    cfg = {**faulty(on_client_error="drop"), "protocol": {"name": "async", "concurrency": 4, "buffer_size": 2},
+           "run": {"rounds": 10, "eval_every": 2, "log_events": True, "progress": False}}
+    run = run_config(cfg, tmp_path)
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    drops = [e for e in events if e["kind"] == "drop"]
+    assert drops and any(e["kind"] == "arrival" for e in events)
+    assert run.rows[-1]["dropped"] == len(drops)
+    assert sum(r["updates"] for r in run.rows) == sum(e["kind"] == "arrival" for e in events)
