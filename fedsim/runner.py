@@ -25,7 +25,7 @@ from .clock import to_seconds, to_ticks
 from .config.load import Config, load_config
 from .data import build_federated_data
 from .errors import ConfigError, DivergenceError, FedsimError, Interrupted
-from .executors.base import Executor, WorkerSpec
+from .executors.base import Executor, WorkerSpec, build_executor
 from .outputs import EventLog, JsonlLog, prepare_run_dir, read_jsonl, write_atomic, write_config, write_summary
 from .protocols.base import Protocol, ProtocolState, RunContext
 from .state_store import ClientStateStore
@@ -77,7 +77,10 @@ def build(config: Config, protocol: Protocol | None = None) -> Run:
             f"{config.strategy.name!r} has no gossip merge rule; protocol {config.protocol.name!r} is decentralized",
         )
     population = Population.build(config.system, data.num_clients, config.seed)
-    executor: Executor = config.executor.build()
+    executor: Executor = build_executor(config)
+    if executor.on_client_error == "drop" and not protocol.drops_failed_jobs:
+        raise ConfigError("executor.on_client_error",
+                          f"protocol {config.protocol.name!r} cannot drop a client whose code failed; use 'stop'")
     hp = LocalHP(config.local.lr, config.local.momentum, config.local.weight_decay)
     executor.start(WorkerSpec(task, data.x_train, data.y_train, config.strategy, hp, config.seed), strategy)
     budget = config.run.state_memory_mb

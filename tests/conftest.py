@@ -79,3 +79,22 @@ def tmp_yaml(tmp_path: Path):
         return p
 
     return write
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """runner.build applies run.torch_threads to the whole process (also from module-scoped
+    fixtures); every test leaves the process with torch's default thread count again."""
+    import torch
+
+    yield
+    torch.set_num_threads(_TORCH_THREADS)
+
+
+def _default_torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+_TORCH_THREADS = _default_torch_threads()  # read when pytest loads this file, before any test

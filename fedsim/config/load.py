@@ -14,6 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import ConfigError
 from .components import Component, dataclass_knobs, validate_knobs
+from .ray_section import RaySection
 from .schema import COMPONENTS, NESTED_COMPONENTS, SCALARS, SECTIONS, LocalSection, RunSection
 
 
@@ -70,7 +71,7 @@ class Config:
 
 
 # Extra top-level sections (name -> dataclass) registered by optional subsystems.
-EXTRA_SECTIONS: dict[str, type] = {}
+EXTRA_SECTIONS: dict[str, type] = {"ray": RaySection}
 
 
 def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any]]:

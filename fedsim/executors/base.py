@@ -7,20 +7,28 @@ order, which is what makes results independent of the executor.
 """
 from __future__ import annotations
 
+import inspect
 import traceback
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Annotated, Sequence
 
 import numpy as np
 import torch
 
+from ..config.checks import OneOf
 from ..config.components import Component
 from ..data.batching import gather_batches
 from ..errors import ClientJobError
 from ..rng import key
 from ..strategy import ClientOutput, LocalHP, Payload, Strategy, Tensor
 from ..task import Task
+
+if TYPE_CHECKING:
+    from ..config.load import Config
+
+ON_CLIENT_ERROR = ("stop", "drop")
+OnClientError = Annotated[str, OneOf(ON_CLIENT_ERROR)]
 
 
 @dataclass(frozen=True)
@@ -42,14 +50,20 @@ class Job:
 
 @dataclass(frozen=True)
 class JobResult:
-    """What came back from a job."""
+    """What came back from a job: its output, or (with on_client_error='drop') the error."""
 
     job_id: int
     client: int
     version: int
-    output: ClientOutput
+    output: ClientOutput | None
     num_samples: int
     num_steps: int
+    error: str | None = None  # traceback of the user code that failed; output is then None
+
+    @property
+    def failed(self) -> bool:
+        """True when the client's code raised; protocols treat the client as dropped."""
+        return self.error is not None
 
 
 @dataclass
@@ -73,6 +87,14 @@ class Worker:
 
     def run(self, job: Job) -> JobResult:
         """Runs one job and returns its detached result; user errors become ClientJobError."""
+        result = self.attempt(job)
+        if result.error is not None:
+            raise ClientJobError(job.client, job.job_id, result.error)
+        return result
+
+    def attempt(self, job: Job) -> JobResult:
+        """Runs one job; an exception in user code is returned as a failed result (with its
+        traceback) instead of being raised."""
         spec = self.spec
         batches = gather_batches(spec.x_train, spec.y_train, job.indices)
         try:
@@ -82,7 +104,8 @@ class Worker:
                 torch.default_generator.manual_seed(key(spec.seed, "job", job.job_id))
                 out = self.strategy.local(job.payload, job.state, batches, spec.task.grad_fn, spec.hp)
         except Exception:  # noqa: BLE001 - user code: keep the original traceback
-            raise ClientJobError(job.client, job.job_id, traceback.format_exc()) from None
+            return JobResult(job.job_id, job.client, job.version, None, job.num_samples, job.num_steps,
+                             error=traceback.format_exc())
         out = ClientOutput(
             out.update.detach(),
             {k: v.detach() for k, v in out.state.items()},
@@ -93,7 +116,20 @@ class Worker:
 
 
 class Executor(ABC):
-    """Runs jobs somewhere; `result` may be called in any order for submitted jobs."""
+    """Runs jobs somewhere; `result` may be called in any order for submitted jobs.
+
+    `on_client_error` says what a job whose user code raised becomes: 'stop' raises
+    ClientJobError (client id + original traceback), 'drop' returns it as a failed result,
+    which protocols treat like a client that dropped out.
+    """
+
+    on_client_error: str = "stop"
+
+    def checked(self, result: JobResult) -> JobResult:
+        """Applies `on_client_error` to a result and returns it (raises ClientJobError on 'stop')."""
+        if result.error is not None and self.on_client_error == "stop":
+            raise ClientJobError(result.client, result.job_id, result.error)
+        return result
 
     @abstractmethod
     def start(self, spec: WorkerSpec, strategy: Strategy | None = None) -> None:
@@ -119,3 +155,10 @@ class Executor(ABC):
 
     def close(self) -> None:
         """Stops workers and frees resources."""
+
+
+def build_executor(config: "Config") -> Executor:
+    """Builds `config.executor`. A factory whose first parameter is `ctx` is given the whole
+    Config (the Ray executor reads the `ray` section and the plugins from it)."""
+    params = list(inspect.signature(config.executor.entry.factory).parameters)
+    return config.executor.build(config) if params[:1] == ["ctx"] else config.executor.build()

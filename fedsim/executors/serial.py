@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from ..registry import EXECUTORS
 from ..strategy import Strategy
-from .base import Executor, Job, JobResult, Worker, WorkerSpec
+from .base import Executor, Job, JobResult, OnClientError, Worker, WorkerSpec
 
 
 class SerialExecutor(Executor):
     """In-process, one job at a time; results are computed lazily on `result`."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_client_error: str = "stop") -> None:
+        self.on_client_error = on_client_error
         self._worker: Worker | None = None
         self._pending: dict[int, Job] = {}
 
@@ -22,13 +23,18 @@ class SerialExecutor(Executor):
     def result(self, job_id: int) -> JobResult:
         if self._worker is None:
             raise RuntimeError("executor not started")
-        return self._worker.run(self._pending.pop(job_id))
+        return self.checked(self._worker.attempt(self._pending.pop(job_id)))
 
     def discard(self, job_id: int) -> None:
         self._pending.pop(job_id, None)
 
 
 @EXECUTORS.register("serial")
-def serial() -> Executor:
-    """Runs every client job in the driver process, one after another."""
-    return SerialExecutor()
+def serial(on_client_error: OnClientError = "stop") -> Executor:
+    """Runs every client job in the driver process, one after another.
+
+    Args:
+        on_client_error: When a client's training code raises: 'stop' ends the run with the
+            client id and the original traceback; 'drop' treats that client as dropped out.
+    """
+    return SerialExecutor(on_client_error)

@@ -102,8 +102,9 @@ class Hooks:
         """Prepares (and, if `submit`, starts) a job; returns (local steps, bytes down)."""
         raise NotImplementedError
 
-    def finish(self, st: Any, flight: Flight) -> int:
-        """Fetches a finished job's result; returns the bytes it sends up."""
+    def finish(self, st: Any, flight: Flight) -> int | None:
+        """Fetches a finished job's result; returns the bytes it sends up (None: the job
+        failed and the client counts as dropped)."""
         raise NotImplementedError
 
     def aggregate(self, st: Any, updates: list[Update], time: int) -> None:
@@ -202,6 +203,9 @@ class Engine:
     def _on_done(self, st: ScheduleState, hooks: Hooks, t: int, job: int) -> None:
         f = st.flights[job]
         up = hooks.finish(st, f)
+        if up is None:  # the client's code failed (executor.on_client_error='drop'): lost now
+            st.queue.push(t, "lost", priority("lost", f.client), job=job)
+            return
         total = self.population.job_ticks([f.client], [f.steps], [f.bytes_down], [up], [job])[0]
         st.queue.push(max(f.start + total, t), "arrival", priority("arrival", f.client), job=job)
 

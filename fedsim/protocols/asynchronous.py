@@ -62,6 +62,7 @@ class AsyncProtocol(Protocol, Hooks):
     """See the module docstring."""
 
     requires = "server"
+    drops_failed_jobs = True
 
     def __init__(self, concurrency: int | None, buffer_size: int, window: float | None, redispatch: str,
                  max_staleness: int | None, weighting: str, client_weights: str):
@@ -160,8 +161,10 @@ class AsyncProtocol(Protocol, Hooks):
         st.bytes_down += down
         return j.num_steps, down
 
-    def finish(self, st: AsyncState, flight: Flight) -> int:
+    def finish(self, st: AsyncState, flight: Flight) -> int | None:
         result = self.ctx.executor.result(flight.job)
+        if result.failed:
+            return None
         check_finite(result, st.rounds, st.time)
         st.results[flight.job] = result
         up = uplink_bytes(result)

@@ -138,6 +138,7 @@ class Protocol(ABC):
     """A scheduler of rounds or events; see the module docstring."""
 
     requires: str = "server"  # 'server' (needs combine) or 'decentralized' (needs merge)
+    drops_failed_jobs: bool = False  # treats a failed JobResult (executor.on_client_error='drop') as a drop
 
     def setup(self, ctx: RunContext) -> None:
         """Validates the protocol against the run and derives constants (called once, before

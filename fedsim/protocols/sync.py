@@ -63,6 +63,7 @@ class SyncProtocol(Protocol):
     """See the module docstring."""
 
     requires = "server"
+    drops_failed_jobs = True
 
     def __init__(self, clients_per_round: int | None, fraction: float | None, deadline: float | None,
                  weighting: str, client_weights: str):
@@ -110,6 +111,10 @@ class SyncProtocol(Protocol):
         jobs = [ctx.make_job(int(c), payload, state.version, int(j)) for c, j in zip(cohort, job_ids)]
         lost, lost_at = ctx.population.drops(cohort, job_ids)
         results = {r.client: r for r in ctx.executor.run([j for j, gone in zip(jobs, lost) if not gone])}
+        # a client whose code raised (executor.on_client_error='drop') is lost when its job would end
+        failed = np.array([j.client in results and results[j.client].failed for j in jobs], dtype=bool)
+        lost, lost_at = lost | failed, np.where(failed, 1.0, lost_at)
+        results = {c: r for c, r in results.items() if not r.failed}
         ups = np.array([uplink_bytes(results[j.client]) if j.client in results else 0 for j in jobs])
         durations = ctx.population.job_ticks(cohort, [j.num_steps for j in jobs], np.full(m, down), ups, job_ids)
 

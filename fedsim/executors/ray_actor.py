@@ -1,0 +1,92 @@
+"""The inside of one Ray actor: a `Worker` on its own device, fed jobs by the Ray executor.
+
+Plain Python (no Ray import), so it can be tested and run without Ray; the executor wraps it
+with ``ray.remote`` and the actor's resources. The training data arrive once, as numpy arrays
+from the object store (zero-copy on the actor's node), and stay for the actor's lifetime; a
+job brings only its sample indices, the client's state and a model version from the store.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..rng import key
+from ..strategy import ClientOutput, Payload
+from .base import Job, JobResult, Worker, WorkerSpec
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """Returns `value` with every tensor in it (payloads, dicts, outputs) moved to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Payload):
+        return Payload(to_device(value.params, device), to_device(dict(value.extras), device))
+    if isinstance(value, ClientOutput):
+        return ClientOutput(*(to_device(v, device) for v in value))
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _readonly_tensor(array: np.ndarray) -> torch.Tensor:
+    # arrays from the object store are read-only shared memory; jobs only index them (copies)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+class JobRunner:
+    """Holds one Worker: the task, the shared training data and the built strategy.
+
+    Args:
+        spec: The WorkerSpec without its data (x_train and y_train are replaced by empty tensors).
+        x_train, y_train: The shared training set as numpy arrays (one copy per node).
+        threads: torch intra-op threads (the actor's CPU share).
+        gpu_fraction: > 0: train on the GPU Ray assigned and cap this process's PyTorch
+            memory at this fraction of it, so a fraction is a limit rather than a hint.
+    """
+
+    def __init__(self, spec: WorkerSpec, x_train: np.ndarray, y_train: np.ndarray, threads: int, gpu_fraction: float):
+        torch.set_num_threads(threads)
+        self.device = torch.device("cpu")
+        if gpu_fraction > 0:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+            torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_fraction), self.device)
+        spec.task.module.to(self.device)
+        spec = replace(
+            spec, x_train=_readonly_tensor(x_train).to(self.device), y_train=_readonly_tensor(y_train).to(self.device)
+        )
+        self.worker = Worker(spec)
+
+    def ready(self) -> dict[str, Any]:
+        """Returns where this actor runs: Ray node id (when inside Ray), pid, device, and the
+        folder its fedsim package was imported from."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        package = str(Path(__file__).resolve().parents[1])
+        return {"node": node, "pid": os.getpid(), "device": str(self.device), "fedsim": package}
+
+    def run(self, job: Job, payload: Payload) -> JobResult:
+        """Runs `job` from `payload` (sent apart, as a shared object-store reference) and returns
+        its result on the CPU; errors in user code come back as a failed result."""
+        job = replace(job, payload=to_device(payload, self.device), state=to_device(job.state, self.device))
+        if self.device.type == "cuda":  # the Worker keys the CPU generator; key the GPU's too (dropout there)
+            torch.cuda.manual_seed(key(self.worker.spec.seed, "job", job.job_id))
+        result = self.worker.attempt(job)
+        if result.output is None:
+            return result
+        return replace(result, output=to_device(result.output, torch.device("cpu")))
+
+    def memory(self) -> dict[str, int]:
+        """Returns this process's resident set size and unique set size (bytes)."""
+        import psutil
+
+        info = psutil.Process().memory_full_info()
+        return {"rss": int(info.rss), "uss": int(info.uss)}

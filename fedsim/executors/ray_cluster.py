@@ -1,0 +1,122 @@
+"""Getting onto Ray for one run: a private local instance or an existing cluster, and the code.
+
+* `connect`: reuses a Ray already initialised in this process; otherwise starts a private
+  local Ray (``ray.address: null``; stopped again by `Connection.close`) or attaches to a
+  cluster (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``; only this driver disconnects).
+* The code: actors must import *this* checkout's fedsim, strategies and topologies (a
+  worktree or a clean clone, not whatever else is installed). `ray.code: path` puts the
+  checkout first on the actors' PYTHONPATH; `upload` ships the packages in the job's runtime
+  environment (Ray uploads local folders only for a job, i.e. at ``ray.init``); `auto`
+  connects, then reconnects with `upload` when some node runs on another machine.
+* `ship_by_value`: plugin modules named in the config (often a .py file beside the config,
+  not importable on workers) and `module:factory` strategies or models are pickled by
+  value, so their code runs there.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..config.ray_section import RaySection
+from ..errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout that holds fedsim/
+PACKAGES = ("fedsim", "strategies", "topologies")
+
+
+@dataclass
+class Connection:
+    """How this run is attached to Ray; `close` undoes what `connect` did."""
+
+    owned: bool  # this run called ray.init, so it calls ray.shutdown
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+
+    def close(self) -> None:
+        """Stops the private local Ray, or disconnects this driver from the cluster."""
+        import ray
+
+        if self.owned and ray.is_initialized():
+            ray.shutdown()
+        self.owned = False
+
+
+def connect(section: RaySection) -> Connection:
+    """Initialises Ray as `section` says and returns the connection (see the module docstring)."""
+    import ray
+
+    if ray.is_initialized():
+        if section.code == "upload":
+            raise ConfigError("ray.code", "'upload' ships the code when fedsim connects to Ray itself, but Ray "
+                              "was already initialised in this process; use 'path' or connect through ray.address")
+        return Connection(False, path_env())
+    remote_client = (section.address or "").startswith("ray://")
+    code = "upload" if section.code == "upload" or (section.code == "auto" and remote_client) else section.code
+    _init(section, upload_env() if code == "upload" else None)
+    if code == "auto":
+        if _single_host():
+            code = "path"
+        else:  # other machines cannot see this checkout: connect again, shipping the packages
+            ray.shutdown()
+            _init(section, upload_env())
+            code = "upload"
+    return Connection(True, path_env() if code == "path" else {})
+
+
+def _init(section: RaySection, runtime_env: dict[str, Any] | None) -> None:
+    import ray
+
+    options: dict[str, Any] = {"logging_level": logging.WARNING, "runtime_env": runtime_env}
+    if section.address is None:
+        options.update(address="local", include_dashboard=False, num_cpus=section.num_cpus,
+                       num_gpus=section.num_gpus, object_store_memory=section.object_store_memory)
+    else:
+        options.update(address=section.address)
+    try:
+        with warnings.catch_warnings():  # Ray's notice about a future default for accelerator env vars
+            warnings.simplefilter("ignore", FutureWarning)
+            ray.init(**options)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        where = "start a local Ray" if section.address is None else f"attach to Ray at {section.address!r}"
+        raise ConfigError("ray.address", f"cannot {where}: {str(exc).splitlines()[0]}") from None
+
+
+def _single_host() -> bool:
+    """True when every alive node of the cluster runs on this machine (and this is no Ray client)."""
+    import ray
+    from ray.util import get_node_ip_address
+    from ray.util.client import ray as client
+
+    if client.is_connected():
+        return False
+    here = get_node_ip_address()
+    return all(n["NodeManagerAddress"] == here for n in ray.nodes() if n.get("Alive"))
+
+
+def path_env() -> dict[str, Any]:
+    """Returns the actors' runtime environment that puts this checkout first on their PYTHONPATH."""
+    paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
+
+
+def upload_env() -> dict[str, Any]:
+    """Returns the job's runtime environment that ships fedsim, strategies and topologies."""
+    modules = [str(ROOT / p) for p in PACKAGES if (ROOT / p).is_dir()]
+    return {"py_modules": modules, "excludes": ["__pycache__", "*.pyc"]}
+
+
+def ship_by_value(modules: Sequence[str]) -> None:
+    """Makes these user modules (plugins as the config names them, or module names) travel by
+    value (see the module docstring)."""
+    from ray import cloudpickle
+
+    for spec in modules:
+        # fedsim.config.load.import_plugin's module name for a plugin given as a .py path
+        name = f"fedsim_plugin_{Path(spec).stem}" if spec.endswith(".py") else spec
+        module = sys.modules.get(name)
+        if module is not None:
+            cloudpickle.register_pickle_by_value(module)

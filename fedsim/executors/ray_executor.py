@@ -1,0 +1,351 @@
+"""The Ray executor: client jobs on a pool of long-lived Ray actors, one machine or a cluster.
+
+* **Shipped once.** The task, strategy and hyperparameters go to the object store once, and
+  so do the training data (as numpy arrays: actors on a node share one zero-copy copy).
+  Each model version a protocol publishes is put once and jobs carry its reference; a job
+  itself is only sample indices, the client's state and a few ids.
+* **Pull scheduling.** At most `jobs_per_actor` jobs wait on an actor; the rest queue in the
+  driver and go to whichever actor frees up first, so faster actors (a GPU group) take more.
+  The order in which results arrive does not matter: the protocol consumes them in
+  virtual-time order and every random draw is keyed, so results equal the serial executor's.
+* **Faults.** An actor that dies (killed process, out of memory, lost node) is replaced by a
+  new one of its group, and its jobs are re-run from the same inputs (so results do not
+  change), up to `max_job_retries` times per job. An exception in user code comes back with
+  the client id and the original traceback, and stops the run or drops the client
+  (`on_client_error`).
+* **Memory.** The driver keeps object references only while a job needs them; actors keep
+  nothing between jobs.
+
+Ray is imported inside the functions that use it: the registry imports this module for every
+run, and only runs on Ray should pay for importing Ray.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Annotated, Any, Dict, List, Mapping, Optional
+
+import torch
+
+from ..config.checks import Ge, Gt
+from ..config.components import dataclass_knobs, validate_knobs
+from ..config.load import Config
+from ..config.ray_section import RaySection
+from ..config.schema import knob
+from ..errors import ConfigError, FedsimError
+from ..registry import EXECUTORS
+from ..strategy import Payload, Strategy
+from .base import Executor, Job, JobResult, OnClientError, WorkerSpec
+from .ray_actor import JobRunner
+from .ray_cluster import Connection, connect, ship_by_value
+
+READY_WARN_S = 60.0  # warn when actors take this long to start (a busy or too small cluster)
+
+
+@dataclass
+class ActorGroup:
+    """One kind of actor in the pool (`executor.groups` entries have these keys)."""
+
+    num_actors: Annotated[Optional[int], Ge(1)] = knob(
+        None, "Actors of this kind (default: as many as the cluster's resources fit)."
+    )
+    num_cpus: Annotated[float, Gt(0)] = knob(
+        1.0, "CPUs reserved per actor; also its torch threads (at least 1) unless run.torch_threads is set."
+    )
+    num_gpus: Annotated[float, Ge(0)] = knob(
+        0.0, "GPU share per actor (0.25: four actors per GPU); > 0 trains on the GPU, with PyTorch's "
+        "memory capped at this share."
+    )
+    resources: Dict[str, float] = knob({}, "Custom Ray resources per actor, e.g. {big_node: 1}.")
+
+    def demand(self) -> dict[str, float]:
+        """Returns the Ray resources one actor of this group needs."""
+        need = {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources}
+        return {k: float(v) for k, v in need.items() if v > 0}
+
+
+@dataclass(eq=False)
+class _Slot:
+    """A live actor and the jobs it holds."""
+
+    handle: Any
+    group: ActorGroup
+    running: set[int] = field(default_factory=set)
+
+
+@dataclass
+class _Pending:
+    job: Job  # without its payload (that travels as a reference)
+    payload: int  # key into the payload cache
+    attempts: int = 0
+    discarded: bool = False
+
+
+class RayExecutor(Executor):
+    """See the module docstring."""
+
+    def __init__(self, groups: list[ActorGroup], section: RaySection, code_modules: list[str], threads: int | None,
+                 on_client_error: str, max_job_retries: int, jobs_per_actor: int):
+        self.groups = groups
+        self.threads = threads
+        self.section = section
+        self.code_modules = code_modules  # user modules whose code runs in actors (shipped by value)
+        self.on_client_error = on_client_error
+        self.max_job_retries = max_job_retries
+        self.jobs_per_actor = jobs_per_actor
+        self.replacements = 0  # actors replaced after dying
+        self.models_put = 0  # payloads (model versions) put in the object store
+        self.placement: list[dict[str, Any]] = []  # per actor started: JobRunner.ready()
+        self._conn: Connection | None = None
+        self._slots: list[_Slot] = []
+        self._queue: deque[int] = deque()
+        self._pending: dict[int, _Pending] = {}
+        self._running: dict[Any, tuple[int, _Slot]] = {}  # ObjectRef -> (job id, slot)
+        self._done: dict[int, JobResult] = {}
+        self._payloads: dict[int, list[Any]] = {}  # id(payload) -> [payload, ref, jobs using it]
+        self._shared: tuple[Any, ...] = ()  # refs of the spec and the data
+
+    # -- set-up ---------------------------------------------------------------------------
+    def start(self, spec: WorkerSpec, strategy: Strategy | None = None) -> None:
+        self._conn = connect(self.section)
+        try:
+            self._start_actors(spec)
+        except BaseException:
+            self.close()  # a private local Ray must not outlive a failed start
+            raise
+
+    def _start_actors(self, spec: WorkerSpec) -> None:
+        import ray
+
+        ship_by_value(self.code_modules)
+        bare = replace(spec, x_train=torch.empty(0), y_train=torch.empty(0))
+        self._shared = (ray.put(bare), ray.put(_numpy(spec.x_train)), ray.put(_numpy(spec.y_train)))
+        self._actor_class = ray.remote(JobRunner)
+        groups = [replace(g, num_actors=g.num_actors or _fitting(g)) for g in self.groups]
+        _check_fits(groups)
+        self._slots = [self._new_slot(g) for g in groups for _ in range(g.num_actors or 1)]
+        self.placement = _wait_ready([s.handle.ready.remote() for s in self._slots])
+
+    def _new_slot(self, group: ActorGroup) -> _Slot:
+        assert self._conn is not None
+        handle = self._actor_class.options(
+            num_cpus=group.num_cpus, num_gpus=group.num_gpus, resources=dict(group.resources),
+            runtime_env=self._conn.runtime_env, max_restarts=0, max_task_retries=0,
+        ).remote(*self._shared, self.threads or max(1, int(group.num_cpus)), group.num_gpus)
+        return _Slot(handle, group)
+
+    # -- jobs -----------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        import ray
+
+        key = id(job.payload)
+        entry = self._payloads.get(key)
+        if entry is None:  # a model version not yet in the store (the entry pins the object, so ids stay unique)
+            entry = self._payloads[key] = [job.payload, ray.put(job.payload), 0]
+            self.models_put += 1
+        entry[2] += 1
+        self._pending[job.job_id] = _Pending(replace(job, payload=None), key)  # type: ignore[arg-type]
+        self._queue.append(job.job_id)
+        self._dispatch()
+
+    def result(self, job_id: int) -> JobResult:
+        import ray
+
+        if job_id not in self._pending and job_id not in self._done:
+            raise KeyError(f"job {job_id} was not submitted (or its result was already taken)")
+        while job_id not in self._done:
+            ready, _ = ray.wait(list(self._running), num_returns=1)
+            self._collect(ready[0])
+            self._dispatch()
+        return self.checked(self._done.pop(job_id))
+
+    def discard(self, job_id: int) -> None:
+        if self._done.pop(job_id, None) is not None or job_id not in self._pending:
+            return
+        if job_id in self._queue:
+            self._queue.remove(job_id)
+            self._release(job_id)
+        else:  # running: its result is dropped when it arrives
+            self._pending[job_id].discarded = True
+
+    def _dispatch(self) -> None:
+        while self._queue and self._slots:
+            slot = min(self._slots, key=lambda s: len(s.running))
+            if len(slot.running) >= self.jobs_per_actor:
+                return
+            job_id = self._queue.popleft()
+            pending = self._pending[job_id]
+            ref = slot.handle.run.remote(pending.job, self._payloads[pending.payload][1])
+            self._running[ref] = (job_id, slot)
+            slot.running.add(job_id)
+
+    def _collect(self, ref: Any) -> None:
+        import ray
+        from ray.exceptions import NodeDiedError, ObjectLostError, OutOfMemoryError, RayActorError, RayError, WorkerCrashedError
+
+        job_id, slot = self._running.pop(ref)
+        slot.running.discard(job_id)
+        try:
+            result = ray.get(ref)
+        except (RayActorError, WorkerCrashedError, OutOfMemoryError, NodeDiedError, ObjectLostError) as exc:
+            self._actor_lost(slot, job_id, exc)
+            return
+        except RayError as exc:
+            client = self._pending[job_id].job.client
+            raise FedsimError(f"client {client} (job {job_id}): Ray could not run the job: {exc}") from None
+        if not self._pending[job_id].discarded:
+            self._done[job_id] = result
+        self._release(job_id)
+
+    def _actor_lost(self, slot: _Slot, job_id: int, exc: Exception) -> None:
+        """Replaces a dead actor (once) and queues its jobs again, first in line."""
+        import ray
+
+        again = {job_id}
+        if any(s is slot for s in self._slots):
+            again |= slot.running
+            self._running = {r: v for r, v in self._running.items() if v[1] is not slot}
+            self._slots[[i for i, s in enumerate(self._slots) if s is slot][0]] = self._new_slot(slot.group)
+            self.replacements += 1
+            try:
+                ray.kill(slot.handle)
+            except Exception:  # noqa: BLE001 - it is already gone
+                pass
+        for jid in sorted(again, reverse=True):
+            pending = self._pending[jid]
+            pending.attempts += 1
+            if pending.attempts > self.max_job_retries:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise FedsimError(
+                    f"client {pending.job.client} (job {jid}): its Ray actor died {pending.attempts} times "
+                    f"(executor.max_job_retries={self.max_job_retries}); last error: {first}"
+                )
+            self._queue.appendleft(jid)
+
+    def _release(self, job_id: int) -> None:
+        pending = self._pending.pop(job_id)
+        entry = self._payloads[pending.payload]
+        entry[2] -= 1
+        if entry[2] == 0:
+            del self._payloads[pending.payload]
+
+    # -- introspection and shutdown -------------------------------------------------------
+    def memory(self) -> list[dict[str, int]]:
+        """Returns each live actor's {'rss', 'uss'} in bytes."""
+        import ray
+
+        return ray.get([s.handle.memory.remote() for s in self._slots])
+
+    def close(self) -> None:
+        if self._conn is None:
+            return
+        import ray
+
+        if ray.is_initialized():
+            for slot in self._slots:
+                ray.kill(slot.handle)
+        self._slots, self._running, self._payloads, self._shared = [], {}, {}, ()
+        self._pending.clear()
+        self._done.clear()
+        self._queue.clear()
+        self._conn.close()
+        self._conn = None
+
+
+def _numpy(t: torch.Tensor) -> Any:
+    return t.detach().cpu().contiguous().numpy()
+
+
+def _fitting(group: ActorGroup) -> int:
+    """Returns how many actors of `group` the whole cluster's resources hold (at least 1)."""
+    import ray
+
+    total = ray.cluster_resources()
+    return max(1, min(int(total.get(k, 0.0) / v + 1e-9) for k, v in group.demand().items()))
+
+
+def _check_fits(groups: list[ActorGroup]) -> None:
+    """Raises ConfigError when an actor fits on no node, or all actors exceed the cluster."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    total: dict[str, float] = {}
+    for i, g in enumerate(groups):
+        need = g.demand()
+        if not any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in need.items()) for node in nodes):
+            raise ConfigError("executor", f"no node of the Ray cluster can host an actor needing {need} "
+                              f"(group {i}; nodes offer {[{k: n[k] for k in need if k in n} for n in nodes]})")
+        for k, v in need.items():
+            total[k] = total.get(k, 0.0) + v * (g.num_actors or 1)
+    have = ray.cluster_resources()
+    short = {k: v for k, v in total.items() if v > have.get(k, 0.0) + 1e-9}
+    if short:
+        raise ConfigError("executor", f"the actors need {short} in all but the Ray cluster has "
+                          f"{ {k: have.get(k, 0.0) for k in short} }; lower num_actors or the per-actor resources")
+
+
+def _wait_ready(refs: list[Any]) -> list[dict[str, Any]]:
+    """Waits for every actor to start; an actor that cannot start stops the run with its error."""
+    import ray
+    from ray.exceptions import RayError
+
+    done, waiting = [], list(refs)
+    while waiting:
+        ready, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=READY_WARN_S)
+        done += ready
+        if waiting:
+            warnings.warn(f"{len(waiting)} Ray actor(s) still starting after {READY_WARN_S:.0f} s "
+                          "(is the cluster busy?)", RuntimeWarning, stacklevel=2)
+    try:
+        return ray.get(refs)
+    except RayError as exc:
+        raise FedsimError(f"a Ray actor could not start: {exc}") from None
+
+
+@EXECUTORS.register("ray")
+def ray_executor(
+    ctx: Config,
+    num_actors: Annotated[Optional[int], Ge(1)] = None,
+    num_cpus: Annotated[float, Gt(0)] = 1.0,
+    num_gpus: Annotated[float, Ge(0)] = 0.0,
+    resources: Optional[Dict[str, float]] = None,
+    groups: Optional[List[Dict[str, Any]]] = None,
+    on_client_error: OnClientError = "stop",
+    max_job_retries: Annotated[int, Ge(0)] = 3,
+    jobs_per_actor: Annotated[int, Ge(1)] = 2,
+) -> Executor:
+    """Runs client jobs on a pool of Ray actors (see docs/ray.md); the cluster is the `ray` section.
+
+    Args:
+        num_actors: Actors in the pool (default: as many as the cluster's CPUs/GPUs fit).
+        num_cpus: CPUs reserved per actor; also its torch threads (at least 1) unless
+            run.torch_threads is set (which then applies to the driver and every actor).
+        num_gpus: GPU share per actor (0.25: four actors share a GPU); > 0 trains on the GPU,
+            with PyTorch's memory on it capped at this share.
+        resources: Custom Ray resources each actor needs, e.g. {big_node: 1}.
+        groups: Heterogeneous pool instead of the four keys above: a list of
+            {num_actors, num_cpus, num_gpus, resources}, one entry per kind of actor; any job
+            runs on any actor, so faster kinds simply take more jobs.
+        on_client_error: When a client's training code raises: 'stop' ends the run with the
+            client id and the original traceback; 'drop' treats that client as dropped out.
+        max_job_retries: Times a job is re-run after its actor died (killed, out of memory,
+            node lost) before the run stops.
+        jobs_per_actor: Jobs queued on one actor at a time (2 overlaps transfer and compute);
+            the rest wait in the driver for the first free actor.
+    """
+    if groups:
+        chosen = []
+        for i, g in enumerate(groups):
+            if not isinstance(g, Mapping):
+                raise ConfigError(f"groups.{i}", f"expected a mapping of actor-group keys, got {g!r}")
+            chosen.append(ActorGroup(**validate_knobs(f"groups.{i}", g, dataclass_knobs(ActorGroup), "actor group")))
+            if len(groups) > 1 and chosen[-1].num_actors is None:
+                raise ConfigError(f"groups.{i}.num_actors", "required when there are several actor groups")
+    else:
+        chosen = [ActorGroup(num_actors, num_cpus, num_gpus, dict(resources or {}))]
+    section = RaySection(**ctx.extra.get("ray", {}))
+    # user code that runs in actors: plugins, and a strategy or model given as 'module:factory'
+    dotted = [c.name.partition(":")[0] for c in (ctx.strategy, ctx.model) if ":" in c.name]
+    return RayExecutor(chosen, section, [*ctx.plugins, *dotted], ctx.run.torch_threads, on_client_error,
+                       max_job_retries, jobs_per_actor)

@@ -1,0 +1,29 @@
+"""The inside of a Ray actor, without Ray: read-only numpy data in, the Worker's exact result out."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from fedsim.config import load_config
+from fedsim.executors.ray_actor import JobRunner
+from fedsim.runner import build
+
+from .conftest import digits_config
+
+
+def test_job_runner_matches_the_worker():
+    run = build(load_config(digits_config(strategy={"name": "fedavg", "server_momentum": 0.5})))
+    ctx = run.ctx
+    payload = ctx.strategy.publish(ctx.strategy.init(ctx.initial_params))
+    job = ctx.make_job(3, payload, version=0, job_id=7)
+    x, y = ctx.data.x_train.numpy().copy(), ctx.data.y_train.numpy().copy()
+    x.flags.writeable = y.flags.writeable = False  # as an object-store array arrives
+    spec = replace(ctx.executor._worker.spec, x_train=torch.empty(0), y_train=torch.empty(0))
+    runner = JobRunner(spec, x, y, threads=torch.get_num_threads(), gpu_fraction=0.0)
+    got = runner.run(replace(job, payload=None), payload)
+    want = ctx.executor._worker.run(job)
+    assert got.error is None and (got.job_id, got.client) == (7, 3)
+    assert torch.equal(got.output.update, want.output.update)
+    assert got.output.metrics == want.output.metrics
+    assert runner.ready()["device"] == "cpu" and runner.memory()["rss"] > 0

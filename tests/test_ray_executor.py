@@ -1,0 +1,119 @@
+"""The Ray executor gives the serial executor's results: any number of actors, two nodes,
+an actor killed mid-run; user errors name the client and keep the original traceback.
+
+One two-node Ray cluster (`ray.cluster_utils.Cluster`, one CPU per node) is started for the
+module and stopped after it, also on failure. Runs inside this process attach to it; one
+run goes through the CLI, attaching by `ray.address`. Every run sets run.torch_threads=1:
+results are bitwise identical only between processes that use the same number of torch
+threads (a matmul's reduction order depends on it), see docs/ray.md.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import warnings
+from pathlib import Path
+
+import pytest
+
+from fedsim.errors import ClientJobError
+
+from .conftest import ROOT, digits_config, fedsim_cmd, merge, run_config
+from .test_determinism import strip
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # a Ray cluster and actor processes on 2 shared cores: ~20 s a test
+
+FAULTS = "tests.ray_faults"
+# One small config per protocol: adding a protocol to the equality test is one line here.
+CONFIGS = {
+    "sync": digits_config(run={"rounds": 4, "eval_every": 2, "torch_threads": 1},
+                          system={"dropout": {"name": "bernoulli", "p": 0.2}}),
+}
+
+
+def on_ray(cfg, **executor):
+    return merge(cfg, {"executor": {"kind": "ray", "num_cpus": 1, **executor}})
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray._common.utils import get_ray_address_file
+    from ray.cluster_utils import Cluster
+
+    # Cluster registers itself as "the" Ray of this machine (where ray.init() with no address
+    # attaches); put back what was there, so that no other process wanders into it.
+    pointer = Path(get_ray_address_file(None))
+    before = pointer.read_text() if pointer.exists() else None
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    if before is None:
+        pointer.unlink(missing_ok=True)
+    else:
+        pointer.write_text(before)
+    try:
+        c.add_node(num_cpus=1)
+        c.wait_for_nodes()
+        with warnings.catch_warnings():  # Ray's notice about a future accelerator-env default
+            warnings.simplefilter("ignore", FutureWarning)
+            ray.init(address=c.address, logging_level=logging.WARNING)
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def serial_rows():
+    return {name: strip(run_config(cfg).rows) for name, cfg in CONFIGS.items()}
+
+
+@pytest.mark.parametrize("num_actors", [1, 2])
+@pytest.mark.parametrize("protocol", sorted(CONFIGS))
+def test_same_metrics_as_serial(cluster, serial_rows, protocol, num_actors):
+    run = run_config(on_ray(CONFIGS[protocol], num_actors=num_actors))
+    assert strip(run.rows) == serial_rows[protocol]
+    if protocol == "sync":  # one model version per round, put once for all of the round's jobs
+        assert run.ctx.executor.models_put == run.final_state.rounds < run.final_state.next_job
+    placement = run.ctx.executor.placement
+    assert len({a["node"] for a in placement}) == num_actors  # one CPU per node: two actors use both nodes
+    assert {a["fedsim"] for a in placement} == {str(ROOT / "fedsim")}  # this checkout's code, not an installed one
+
+
+def test_cli_attaches_by_address(cluster, serial_rows, tmp_path, tmp_yaml):
+    cfg = tmp_yaml(on_ray(CONFIGS["sync"], num_actors=2))
+    out = tmp_path / "run"
+    proc = subprocess.run(fedsim_cmd("run", str(cfg), f"ray.address={cluster.address}", "--out", str(out), "--quiet"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert strip(rows) == serial_rows["sync"]
+    assert cluster.address in (out / "config.yaml").read_text()
+
+
+def test_killed_actor_is_replaced_and_results_do_not_change(cluster, serial_rows, tmp_path):
+    marker = tmp_path / "killed"
+    cfg = merge(CONFIGS["sync"], {"strategy": {"name": f"{FAULTS}:fedavg_dies_once", "marker": str(marker)}})
+    run = run_config(on_ray(cfg, num_actors=2))
+    assert marker.exists() and run.ctx.executor.replacements == 1
+    assert strip(run.rows) == serial_rows["sync"]
+
+
+def test_client_error_names_the_client_and_keeps_the_traceback(cluster):
+    cfg = merge(CONFIGS["sync"], {"strategy": f"{FAULTS}:fedavg_raises"})
+    with pytest.raises(ClientJobError) as serial:
+        run_config(cfg)
+    with pytest.raises(ClientJobError) as remote:
+        run_config(on_ray(cfg, num_actors=2))
+    err = remote.value
+    assert (err.client, err.job_id) == (serial.value.client, serial.value.job_id)
+    assert f"client {err.client} (job {err.job_id}) failed" in str(err)
+    assert "ValueError: boom" in str(err) and "ray_faults.py" in str(err) and "Traceback" in str(err)
+
+
+def test_client_error_can_drop_the_client(cluster, serial_rows):
+    cfg = merge(CONFIGS["sync"], {"strategy": f"{FAULTS}:fedavg_raises"})
+    serial = strip(run_config(merge(cfg, {"executor": {"on_client_error": "drop"}})).rows)
+    remote = strip(run_config(on_ray(cfg, num_actors=2, on_client_error="drop")).rows)
+    assert remote == serial
+    assert serial[-1]["dropped"] > serial_rows["sync"][-1]["dropped"]
