@@ -81,6 +81,8 @@ def build(config: Config) -> Run:
     hp = LocalHP(config.local.lr, config.local.momentum, config.local.weight_decay)
     executor.start(WorkerSpec(task, data.x_train, data.y_train, config.strategy, hp, config.seed), strategy)
     ctx = RunContext(config, data, task, strategy, population, executor, ClientStateStore())
+    if executor.model_device is not None:  # e.g. vmap with keep_on_device: the server runs there too
+        ctx.initial_params = ctx.initial_params.to(executor.model_device)
     protocol.setup(ctx)
     return Run(config, ctx, protocol)
 
@@ -90,7 +92,7 @@ def evaluate(run: Run, state: ProtocolState, at_tick: int, wall: float) -> dict[
     ctx = run.ctx
     src = ctx.data.source
     params = run.protocol.eval_params(ctx, state)
-    m = ctx.task.evaluate(params, src.x_test, src.y_test, ctx.run.eval_batch_size)
+    m = ctx.executor.evaluate(ctx.task, params, src.x_test, src.y_test, ctx.run.eval_batch_size)
     row: dict[str, Any] = {
         "round": state.rounds,
         "virtual_time": to_seconds(at_tick),
