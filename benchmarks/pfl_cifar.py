@@ -45,6 +45,17 @@ def config(rounds: int, device: str, precision: str, conv: str, graphs: bool, lr
     }
 
 
+def _timed(fn, spent: dict, name: str):
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[name] += time.perf_counter() - t
+
+    return wrapper
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -60,6 +71,9 @@ def main() -> None:
     cfg = load_config(config(args.rounds, args.device, args.precision, args.conv, bool(args.graphs), args.lr))
     t_build = time.perf_counter()
     run = build(cfg)
+    spent = {"executor.run": 0.0, "evaluate": 0.0}
+    ex = run.ctx.executor
+    ex.run, ex.evaluate = _timed(ex.run, spent, "executor.run"), _timed(ex.evaluate, spent, "evaluate")
     t_drive = time.perf_counter()
     rows = drive(run, None, progress=False)
     if args.device == "cuda":
@@ -72,6 +86,8 @@ def main() -> None:
     print(f"imports {t_build - T0:.1f} s (incl. config), build (data, model, executor) {t_drive - t_build:.1f} s, "
           f"rounds+evaluations {t_end - t_drive:.1f} s ({(t_end - t_drive) / max(1, run.final_state.rounds) * 1000:.1f} ms/round), "
           f"peak GPU memory {peak:.1f} GiB")
+    rest = t_end - t_drive - sum(spent.values())
+    print("of which " + ", ".join(f"{k} {v:.1f} s" for k, v in spent.items()) + f", protocol/server/rest {rest:.1f} s")
     print(f"TOTAL wall time {t_end - T0:.1f} s (target < 60 s for 1,500 rounds)")
 
 

@@ -112,7 +112,17 @@ def vmap_round(module: nn.Module, shape, x, y, idx, device: torch.device, **knob
     home = device if device.type == "cuda" else torch.device("cpu")
     payload = Payload(task.initial_params().to(home))
     jobs = [Job(c, c, 0, payload, {}, ix, SAMPLES) for c, ix in enumerate(idx)]
-    return lambda: ex.run(jobs)
+    fn = lambda: ex.run(jobs)  # noqa: E731
+    fn.executor = ex  # type: ignore[attr-defined]
+    return fn
+
+
+def replay_only(fn) -> Callable[[], object] | None:
+    """The captured CUDA graph of the cohort alone (no stacking, copies or result objects)."""
+    runner = fn.executor.runner
+    entries = list(runner._entries.values()) if runner is not None else []
+    graph = entries[0].graph if len(entries) == 1 else None
+    return graph.replay if graph is not None else None
 
 
 def main() -> None:
@@ -131,7 +141,7 @@ def main() -> None:
         variants = args.variants.split(",")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; {SAMPLES} samples/client, batch {BATCH}, K={SAMPLES // BATCH}")
-    header = f"{'model':6s} {'clients':>7s} {'variant':20s} {'vmap upd/s':>11s} {'limit upd/s':>12s} {'ratio':>6s} {'graphed limit':>14s} {'ratio':>6s}"
+    header = f"{'model':6s} {'clients':>7s} {'variant':20s} {'vmap upd/s':>11s} {'limit upd/s':>12s} {'ratio':>6s} {'graphed limit':>14s} {'ratio':>6s} {'graph only':>12s} {'ratio':>6s}"
     print(header)
     rows = []
     for model in args.models.split(","):
@@ -156,11 +166,15 @@ def main() -> None:
                     fn = vmap_round(_copy(base), shape, x, y, idx, device, precision_mode=mode,
                                     graphs=graphs == "graphs", conv=conv)
                     ups = n / best_time(fn, device)
+                    replay = replay_only(fn)
+                    core = n / best_time(replay, device) if replay is not None else float("nan")
+                    del fn
                 except Exception as exc:  # noqa: BLE001
                     print(f"  vmap {variant} failed: {type(exc).__name__}: {exc}"[:300])
-                    ups = float("nan")
+                    ups = core = float("nan")
                 lim, glim = limits[(mode, False)], limits.get((mode, True), float("nan"))
-                row = f"{model:6s} {n:7d} {variant:20s} {ups:11.0f} {lim:12.0f} {ups / lim:6.2f} {glim:14.0f} {ups / glim:6.2f}"
+                row = (f"{model:6s} {n:7d} {variant:20s} {ups:11.0f} {lim:12.0f} {ups / lim:6.2f} {glim:14.0f} "
+                       f"{ups / glim:6.2f} {core:12.0f} {core / glim:6.2f}")
                 print(row, flush=True)
                 rows.append(row)
                 if device.type == "cuda":

@@ -172,8 +172,7 @@ def test_out_of_memory_splits_the_cohort(monkeypatch):
 
     monkeypatch.setattr(ex, "_run_cohort", limited)
     payload = Payload(run.ctx.initial_params)
-    jobs = [run.ctx.make_job(c, payload, 0, c) for c in range(8)]
-    jobs = [j for j in jobs if j.num_steps == jobs[0].num_steps] or jobs[:1]
+    jobs = [run.ctx.make_job(0, payload, 0, j) for j in range(8)]  # one cohort: same client, 8 jobs
     got = ex.run(jobs)
     assert ex.chunk_cap is not None and ex.chunk_cap <= 2 and max(sizes[1:] or [0]) <= 2
     worker = Worker(spec_of(run), run.ctx.strategy)

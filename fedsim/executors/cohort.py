@@ -28,14 +28,21 @@ def _shape_sig(tensors: dict[str, Any]) -> tuple:
 def signature(job: Job) -> Hashable:
     """Returns the key under which jobs can share one vectorised call."""
     p = job.payload
-    return (tuple(job.indices.shape), tuple(p.params.shape), _shape_sig(dict(p.extras)), _shape_sig(dict(job.state)))
+    return (job.indices.shape, (tuple(p.params.shape), _shape_sig(dict(p.extras))),
+            _shape_sig(dict(job.state)) if job.state else ())
 
 
 def group(jobs: Sequence[Job]) -> list[list[Job]]:
     """Splits jobs into groups of equal `signature`, keeping submission order inside a group."""
     groups: dict[Hashable, list[Job]] = {}
+    payload_sigs: dict[int, Hashable] = {}  # jobs of one round share one payload object
     for job in jobs:
-        groups.setdefault(signature(job), []).append(job)
+        p = job.payload
+        ps = payload_sigs.get(id(p))
+        if ps is None:
+            ps = payload_sigs[id(p)] = (tuple(p.params.shape), _shape_sig(dict(p.extras)))
+        key = (job.indices.shape, ps, _shape_sig(dict(job.state)) if job.state else ())
+        groups.setdefault(key, []).append(job)
     return list(groups.values())
 
 
@@ -99,6 +106,8 @@ def unstack(out: tuple[Tensor, dict, dict, dict], n: int, device: torch.device) 
     state = {k: v[:n].to(device) for k, v in state.items()}
     extras = {k: v[:n].to(device).unbind(0) for k, v in extras.items()}
     metrics = {k: v[:n].detach().cpu().double().tolist() for k, v in metrics.items()}
+    if not state and not extras:  # the common case, kept lean: this runs once per client
+        return [ClientOutput(update[i], {}, {}, {k: v[i] for k, v in metrics.items()}) for i in range(n)]
     return [
         ClientOutput(
             update[i],

@@ -87,8 +87,8 @@ class VmapExecutor(Executor):
         self.eval_task = base if on_cpu else Task(copy.deepcopy(base.module).to(self.device), base.kind, base.info)
         use_unfold = self.conv == "unfold" or (self.conv == "auto" and not on_cpu)
         module, swapped = with_unfold_convs(base.module) if use_unfold else (base.module, 0)
-        if swapped or not on_cpu:
-            self.task = Task(module.to(self.device), base.kind, base.info)
+        if swapped or not on_cpu:  # a copy: Module.to() moves in place, the run's task stays on the CPU
+            self.task = Task((module if swapped else copy.deepcopy(module)).to(self.device), base.kind, base.info)
         else:
             self.task = base
         self.grad_fn = torch.func.grad_and_value(self.task.loss)
