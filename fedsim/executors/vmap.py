@@ -38,6 +38,9 @@ from .precision import PRECISIONS, keep_freed_memory, precision
 from .unfold_conv import with_unfold_convs
 
 
+EXACT_SIZES = 8  # distinct cohort sizes captured exactly before padding to buckets
+
+
 def _as_tensors(values: dict[str, Any]) -> dict[str, Tensor]:
     return {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in values.items()}
 
@@ -85,8 +88,7 @@ class VmapExecutor(Executor):
         base = spec.task
         on_cpu = self.device.type == "cpu"
         self.eval_task = base if on_cpu else Task(copy.deepcopy(base.module).to(self.device), base.kind, base.info)
-        use_unfold = self.conv == "unfold" or (self.conv == "auto" and not on_cpu)
-        module, swapped = with_unfold_convs(base.module) if use_unfold else (base.module, 0)
+        module, swapped = with_unfold_convs(base.module) if self.conv == "unfold" else (base.module, 0)
         if swapped or not on_cpu:  # a copy: Module.to() moves in place, the run's task stays on the CPU
             self.task = Task((module if swapped else copy.deepcopy(module)).to(self.device), base.kind, base.info)
         else:
@@ -98,6 +100,7 @@ class VmapExecutor(Executor):
         use_graphs = (not on_cpu) if self.graphs is None else self.graphs
         self.runner = StaticCohortRunner(capture=not on_cpu) if use_graphs else None
         self._fns: dict[Any, Any] = {}
+        self._sizes: set[int] = set()
         self._test: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         if on_cpu and self.keep_memory:
             keep_freed_memory()
@@ -171,7 +174,7 @@ class VmapExecutor(Executor):
             i += len(part)
 
     def _run_cohort(self, jobs: list[Job]) -> list:
-        pad = bucket(len(jobs)) if self.runner is not None else None
+        pad = self._padded_size(len(jobs)) if self.runner is not None else None
         st = stack(jobs, self.device, pad_to=pad)
         idx = torch.from_numpy(st.indices).to(self.device)
         fn_key = (signature(jobs[0]), st.size, st.params_dim, tuple(sorted(st.extras_dims.items())))
@@ -187,6 +190,15 @@ class VmapExecutor(Executor):
         if self.runner is not None and home == self.device:
             out = clone_tree(out)  # the graph's output buffers are overwritten by the next replay
         return unstack(out, len(jobs), home)
+
+    def _padded_size(self, n: int) -> int:
+        """Cohort size to capture: n itself for the first few sizes seen (a synchronous run has
+        one), else the smallest captured size ≥ n, else `bucket(n)`; bounds the graphs kept."""
+        if n in self._sizes or len(self._sizes) < EXACT_SIZES:
+            self._sizes.add(n)
+            return n
+        fits = [s for s in self._sizes if s >= n]
+        return min(fits) if fits else bucket(n)
 
     @contextlib.contextmanager
     def _keyed_rng(self, job_id: int) -> Iterator[None]:
@@ -241,7 +253,7 @@ def vmap(
     max_chunk: Annotated[Optional[int], Ge(1)] = None,
     precision: Annotated[str, OneOf(PRECISIONS)] = "fp32",
     graphs: Optional[bool] = None,
-    conv: Annotated[str, OneOf(("native", "unfold", "auto"))] = "native",
+    conv: Annotated[str, OneOf(("native", "unfold"))] = "native",
     randomness: Annotated[str, OneOf(("error", "different", "same"))] = "error",
     on_unsupported: Annotated[str, OneOf(("fallback", "error"))] = "fallback",
     keep_freed_memory: bool = True,
@@ -255,10 +267,11 @@ def vmap(
             that runs out of memory is split in halves automatically either way).
         precision: 'fp32' (equal to the serial executor up to rounding), 'tf32' (TF32 matrix
             units on CUDA), 'bf16' (bfloat16 autocast; parameters stay float32).
-        graphs: Replay each cohort shape as a CUDA graph (cohorts padded to bucketed sizes);
+        graphs: Replay each cohort shape as a CUDA graph (after 8 distinct cohort sizes, new
+            sizes are padded to captured or bucketed ones);
             default: on for CUDA, off on the CPU (where it only pads and reuses buffers).
-        conv: 'native' convolutions (grouped under vmap), 'unfold' (im2col + batched matmul),
-            or 'auto' (unfold on CUDA, native on the CPU).
+        conv: 'native' convolutions (grouped convolutions under vmap) or 'unfold' (im2col +
+            batched matmul; measured 3-4x slower on an H200, see benchmarks/README.md).
         randomness: vmap's handling of random layers (dropout): 'error' (refuse: results
             equal serial), 'different' or 'same' (per-client or shared draws, keyed per cohort;
             not equal to the serial executor's draws).
