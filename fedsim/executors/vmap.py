@@ -274,7 +274,8 @@ def vmap(
             batched matmul; measured 3-4x slower on an H200, see benchmarks/README.md).
         randomness: vmap's handling of random layers (dropout): 'error' (refuse: results
             equal serial), 'different' or 'same' (per-client or shared draws, keyed per cohort;
-            not equal to the serial executor's draws).
+            reproducible, but not the serial executor's draws, and with CUDA graphs not the
+            eager path's either).
         on_unsupported: If the strategy cannot be vectorised: 'fallback' (warn and run client
             by client) or 'error' (stop with the reason).
         keep_freed_memory: On the CPU, keep freed buffers in the process (glibc mallopt,
