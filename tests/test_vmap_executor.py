@@ -231,26 +231,28 @@ def test_user_error_is_reported_like_serial():
         ex.run([run.ctx.make_job(c, payload, 0, c) for c in range(3)])
 
 
-def test_dropout_needs_randomness_knob(tmp_path):
+@pytest.fixture
+def dropout_config(tmp_path, monkeypatch):
+    """A digits config whose model (a plugin module in tmp_path) has a Dropout layer."""
     (tmp_path / "drop_model.py").write_text(
         "import torch\n"
         "def net(input_shape, num_classes):\n"
         "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.Dropout(0.3),\n"
         "                               torch.nn.ReLU(), torch.nn.Linear(32, num_classes))\n"
     )
-    import sys
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = digits_config(run={"rounds": 3, "eval_every": 3})
+    cfg["model"] = {"name": "drop_model:net"}
+    return cfg
 
-    sys.path.insert(0, str(tmp_path))
-    try:
-        cfg = digits_config(run={"rounds": 2, "eval_every": 2})
-        cfg["model"] = {"name": "drop_model:net"}
-        with pytest.warns(RuntimeWarning, match="randomness"):
-            run_config({**cfg, "executor": {"kind": "vmap", "device": "cpu"}})
-        vm = {**cfg, "executor": {"kind": "vmap", "device": "cpu", "randomness": "different"}}
-        a, b = run_config(vm), run_config(vm)
-        assert torch.equal(final_params(a), final_params(b))  # keyed per cohort: reproducible
-    finally:
-        sys.path.remove(str(tmp_path))
+
+def test_dropout_needs_randomness_knob(dropout_config):
+    cfg = dropout_config
+    with pytest.warns(RuntimeWarning, match="randomness"):
+        run_config({**cfg, "executor": {"kind": "vmap", "device": "cpu"}})
+    vm = {**cfg, "executor": {"kind": "vmap", "device": "cpu", "randomness": "different"}}
+    a, b = run_config(vm), run_config(vm)
+    assert torch.equal(final_params(a), final_params(b))  # keyed per cohort: reproducible
 
 
 # ---- knobs and helpers
@@ -314,22 +316,8 @@ def test_cuda_unfold_cnn_equals_serial():
 
 
 @cuda
-def test_cuda_graphs_with_dropout_are_reproducible(tmp_path):
-    import sys
-
-    (tmp_path / "drop_model2.py").write_text(
-        "import torch\n"
-        "def net(input_shape, num_classes):\n"
-        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.Dropout(0.3),\n"
-        "                               torch.nn.ReLU(), torch.nn.Linear(32, num_classes))\n"
-    )
-    sys.path.insert(0, str(tmp_path))
-    try:
-        cfg = digits_config(run={"rounds": 3, "eval_every": 3},
-                            executor={"kind": "vmap", "device": "cuda", "randomness": "different", "graphs": True})
-        cfg["model"] = {"name": "drop_model2:net"}
-        a, b = run_config(cfg), run_config(cfg)
-        # reproducible run to run (measured on an H200: the draws differ from the eager path's)
-        assert torch.equal(final_params(a), final_params(b))
-    finally:
-        sys.path.remove(str(tmp_path))
+def test_cuda_graphs_with_dropout_are_reproducible(dropout_config):
+    cfg = {**dropout_config, "executor": {"kind": "vmap", "device": "cuda", "randomness": "different", "graphs": True}}
+    a, b = run_config(cfg), run_config(cfg)
+    # reproducible run to run (measured on an H200: the draws differ from the eager path's)
+    assert torch.equal(final_params(a), final_params(b))
