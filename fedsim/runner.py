@@ -86,6 +86,8 @@ def build(config: Config, protocol: Protocol | None = None) -> Run:
     budget = config.run.state_memory_mb
     store = ClientStateStore(int(budget * 2**20) if budget is not None else None, config.run.state_dir)
     ctx = RunContext(config, data, task, strategy, population, executor, store)
+    if executor.model_device is not None:  # e.g. vmap with keep_on_device: the server runs there too
+        ctx.initial_params = ctx.initial_params.to(executor.model_device)
     protocol.setup(ctx)
     return Run(config, ctx, protocol)
 
@@ -95,7 +97,7 @@ def evaluate(run: Run, state: ProtocolState, at_tick: int, wall: float) -> dict[
     ctx = run.ctx
     src = ctx.data.source
     params = run.protocol.eval_params(ctx, state)
-    m = ctx.task.evaluate(params, src.x_test, src.y_test, ctx.run.eval_batch_size)
+    m = ctx.executor.evaluate(ctx.task, params, src.x_test, src.y_test, ctx.run.eval_batch_size)
     row: dict[str, Any] = {
         "round": state.rounds,
         "virtual_time": to_seconds(at_tick),

@@ -110,7 +110,7 @@ class Task:
             for start in range(0, n, batch_size):
                 xb, yb = x[start : start + batch_size], y[start : start + batch_size]
                 out = self.forward(params, xb)
-                mask = torch.ones(len(yb), dtype=out.dtype)
+                mask = torch.ones(len(yb), dtype=out.dtype, device=out.device)
                 total += float(self.per_sample_loss(out, Batch(xb, yb, mask)).sum())
                 if self.kind == "classification":
                     correct += int((out.argmax(-1) == yb).sum())
@@ -120,7 +120,7 @@ class Task:
         if self.kind == "quadratic":
             result["accuracy"] = None
             if "optimum" in self.info:
-                opt = torch.as_tensor(np.asarray(self.info["optimum"]), dtype=params.dtype)
+                opt = torch.as_tensor(np.asarray(self.info["optimum"]), dtype=params.dtype, device=params.device)
                 result["dist_to_opt"] = float(torch.linalg.vector_norm(params - opt))
         else:
             result["accuracy"] = correct / max(n, 1)

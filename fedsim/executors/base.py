@@ -147,6 +147,13 @@ class Executor(ABC):
         """Forgets a submitted job whose result will not be needed (default: fetch and drop)."""
         self.result(job_id)
 
+    model_device: torch.device | None = None  # where the runner keeps the model (None: CPU)
+
+    def evaluate(self, task: Task, params: Tensor, x: Tensor, y: Tensor, batch_size: int) -> dict[str, float | None]:
+        """Evaluates `params` on (x, y) where this executor computes (default: in-process,
+        `Task.evaluate`); returns Task.evaluate's metrics."""
+        return task.evaluate(params, x, y, batch_size)
+
     def run(self, jobs: Sequence[Job]) -> list[JobResult]:
         """Submits all jobs and returns their results in the jobs' order."""
         for job in jobs:

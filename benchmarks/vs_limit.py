@@ -1,0 +1,192 @@
+"""The vmap executor against the limit: one plain batched training step over the same samples.
+
+Every client holds 64 samples and runs one local epoch of batch 16 (K = 4 SGD steps, lr
+0.05) from the same global model. The vmap executor runs the whole cohort through
+``executor.run(jobs)`` (stacking, the K vectorised steps, splitting the results). The
+limit trains ONE model for the same K steps on batches of (clients × 16) samples: the
+same FLOPs without per-client structure, in the same precision. Both are timed after
+warm-up (CUDA graph capture included there), synchronised, best of several repeats.
+
+    python benchmarks/vs_limit.py --device cpu --models mlp --clients 100
+    python benchmarks/vs_limit.py --device cuda --models mlp,cnn28,cnn32 --clients 100,1000
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._images import pfl_cnn  # noqa: E402
+from fedsim.executors.base import Job, WorkerSpec  # noqa: E402
+from fedsim.executors.precision import precision  # noqa: E402
+from fedsim.executors.vmap import VmapExecutor  # noqa: E402
+from fedsim.models import ModelContext, cnn  # noqa: E402
+from fedsim.strategy import LocalHP, Payload  # noqa: E402
+from fedsim.task import Task  # noqa: E402
+from strategies.fedavg import fedavg  # noqa: E402
+
+SAMPLES, BATCH, LR = 64, 16, 0.05
+MODELS: dict[str, tuple[tuple[int, ...], Callable[[], nn.Module]]] = {
+    "mlp": ((60,), lambda: nn.Sequential(nn.Linear(60, 200), nn.ReLU(), nn.Linear(200, 10))),
+    "cnn28": ((1, 28, 28), lambda: cnn(ModelContext((1, 28, 28), 10, "classification"), [32, 64], 512)),
+    "cnn32": ((3, 32, 32), lambda: pfl_cnn((3, 32, 32), 10, dropout=False)),
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_time(fn: Callable[[], object], device: torch.device, min_time: float = 1.0, reps: int = 3) -> float:
+    """Best wall time of one call over repeats (after two warm-up calls)."""
+    for _ in range(2):
+        fn()
+    sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < reps or (time.perf_counter() - start < min_time and len(times) < 50):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def make_data(shape, n: int, device: torch.device, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((n * SAMPLES, *shape), generator=gen)
+    y = torch.randint(0, 10, (n * SAMPLES,), generator=gen)
+    return x, y
+
+
+def client_indices(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [(c * SAMPLES + rng.permutation(SAMPLES)).reshape(-1, BATCH) for c in range(n)]
+
+
+def limit_step(module: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: list[np.ndarray], mode: str,
+               device: torch.device, graphed: bool) -> Callable[[], None]:
+    """One model, K steps of batch n·B over the same samples (the clients' k-th batches)."""
+    module = module.to(device)
+    params = [p for p in module.parameters()]
+    order = np.stack(idx)  # [n, K, B]
+    batches = [(x[torch.from_numpy(order[:, k].reshape(-1))].to(device), y[torch.from_numpy(order[:, k].reshape(-1))].to(device))
+               for k in range(order.shape[1])]
+
+    def run() -> None:
+        with precision(mode, device.type):
+            for xb, yb in batches:
+                loss = nn.functional.cross_entropy(module(xb), yb)
+                grads = torch.autograd.grad(loss, params)
+                with torch.no_grad():
+                    torch._foreach_add_(params, grads, alpha=-LR)
+
+    if not graphed:
+        return run
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph.replay
+
+
+def vmap_round(module: nn.Module, shape, x, y, idx, device: torch.device, **knobs) -> Callable[[], object]:
+    """The vmap executor running the whole cohort from one shared global model."""
+    task = Task(module, "classification", {"input_shape": shape})
+    ex = VmapExecutor(device=device.type, keep_on_device=device.type == "cuda", **knobs)
+    ex.start(WorkerSpec(task, x, y, None, LocalHP(LR), 0), fedavg())
+    home = device if device.type == "cuda" else torch.device("cpu")
+    payload = Payload(task.initial_params().to(home))
+    jobs = [Job(c, c, 0, payload, {}, ix, SAMPLES) for c, ix in enumerate(idx)]
+    fn = lambda: ex.run(jobs)  # noqa: E731
+    fn.executor = ex  # type: ignore[attr-defined]
+    return fn
+
+
+def replay_only(fn) -> Callable[[], object] | None:
+    """The captured CUDA graph of the cohort alone (no stacking, copies or result objects)."""
+    runner = fn.executor.runner
+    entries = list(runner._entries.values()) if runner is not None else []
+    graph = entries[0].graph if len(entries) == 1 else None
+    return graph.replay if graph is not None else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--models", default="mlp")
+    ap.add_argument("--clients", default="100")
+    ap.add_argument("--variants", default="auto", help="comma list of precision/graphs/conv, e.g. fp32/eager/native")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if args.variants == "auto":
+        variants = ["fp32/eager/native"] if device.type == "cpu" else [
+            "fp32/eager/native", "fp32/graphs/native", "tf32/graphs/native", "tf32/graphs/unfold",
+            "bf16/graphs/native", "bf16/graphs/unfold"]
+    else:
+        variants = args.variants.split(",")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}; {SAMPLES} samples/client, batch {BATCH}, K={SAMPLES // BATCH}")
+    header = f"{'model':6s} {'clients':>7s} {'variant':20s} {'vmap upd/s':>11s} {'limit upd/s':>12s} {'ratio':>6s} {'graphed limit':>14s} {'ratio':>6s} {'graph only':>12s} {'ratio':>6s}"
+    print(header)
+    rows = []
+    for model in args.models.split(","):
+        shape, make = MODELS[model]
+        for n in (int(c) for c in args.clients.split(",")):
+            x, y = make_data(shape, n, device)
+            idx = client_indices(n)
+            torch.manual_seed(0)
+            base = make()
+            limits: dict[tuple[str, bool], float] = {}
+            for variant in variants:
+                mode, graphs, conv = variant.split("/")
+                for graphed in ((False, True) if device.type == "cuda" else (False,)):
+                    if (mode, graphed) not in limits:
+                        try:
+                            step = limit_step(_copy(base), x, y, idx, mode, device, graphed)
+                            limits[(mode, graphed)] = n / best_time(step, device)
+                        except Exception as exc:  # noqa: BLE001 - report and go on
+                            print(f"  limit {mode} graphed={graphed} failed: {type(exc).__name__}: {exc}"[:300])
+                            limits[(mode, graphed)] = float("nan")
+                try:
+                    fn = vmap_round(_copy(base), shape, x, y, idx, device, precision_mode=mode,
+                                    graphs=graphs == "graphs", conv=conv)
+                    ups = n / best_time(fn, device)
+                    replay = replay_only(fn)
+                    core = n / best_time(replay, device) if replay is not None else float("nan")
+                    del fn
+                except Exception as exc:  # noqa: BLE001
+                    print(f"  vmap {variant} failed: {type(exc).__name__}: {exc}"[:300])
+                    ups = core = float("nan")
+                lim, glim = limits[(mode, False)], limits.get((mode, True), float("nan"))
+                row = (f"{model:6s} {n:7d} {variant:20s} {ups:11.0f} {lim:12.0f} {ups / lim:6.2f} {glim:14.0f} "
+                       f"{ups / glim:6.2f} {core:12.0f} {core / glim:6.2f}")
+                print(row, flush=True)
+                rows.append(row)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    print("\n" + header + "\n" + "\n".join(rows))
+
+
+def _copy(module: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(module)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""The vectorised executor: many clients' local updates as one ``torch.func.vmap`` call.
+
+Submitted jobs wait until a result is asked for; then every pending job runs, grouped into
+cohorts of equal shapes (`cohort.py`: same [K, B] index shape, state and extras layout).
+For a cohort, the strategy's own ``local(payload, state, batches, grad_fn, hp)`` is mapped
+over the stacked clients with ``grad_fn = torch.func.grad_and_value(task.loss)`` (a pure
+``functional_call`` loss whose masked mean makes padded rows contribute nothing), so every
+client's gradient is exactly its own and each result equals the serial executor's up to
+float rounding (tests/test_vmap_executor.py: ≤ 1e-6 relative on the CPU in fp32).
+
+Cohorts larger than memory allows are split: a cohort that runs out of memory is retried
+in halves, and the size that worked is kept. A strategy whose local update cannot be
+vectorised (Python control flow on tensor values, ``.item()``, random layers without
+``randomness``) is detected on its first cohort — the cohort is re-run client by client;
+if that succeeds the executor says why vmap failed and either falls back to running every
+job serially or stops (``on_unsupported``). A user error that also fails serially is
+reported exactly as the serial executor reports it.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from typing import Annotated, Any, Iterator, Optional
+
+import torch
+
+from ..config import Ge, OneOf
+from ..errors import ConfigError, FedsimError
+from ..registry import EXECUTORS
+from ..rng import key
+from ..strategy import Batches, Payload, Strategy, Tensor
+from ..task import Task
+from .base import Executor, Job, JobResult, Worker, WorkerSpec
+from .cohort import Stacked, group, signature, stack, unstack
+from .graphs import StaticCohortRunner, bucket, clone_tree
+from .precision import PRECISIONS, keep_freed_memory, precision
+from .unfold_conv import with_unfold_convs
+
+
+EXACT_SIZES = 8  # distinct cohort sizes captured exactly before padding to buckets
+
+
+def _as_tensors(values: dict[str, Any]) -> dict[str, Tensor]:
+    return {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in values.items()}
+
+
+def _is_oom(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def resolve_device(device: str) -> torch.device:
+    """Returns the torch device for 'cpu', 'cuda' or 'auto' (CUDA when available)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("executor.device", "CUDA is not available on this machine; use device: cpu or auto")
+    return torch.device(device)
+
+
+class VmapExecutor(Executor):
+    """Runs pending jobs cohort by cohort under torch.func.vmap; see the module docstring."""
+
+    def __init__(self, device: str = "auto", max_chunk: int | None = None, precision_mode: str = "fp32",
+                 graphs: bool | None = None, conv: str = "native", randomness: str = "error",
+                 on_unsupported: str = "fallback", keep_memory: bool = True, keep_on_device: bool = False):
+        self.device_name = device
+        self.max_chunk = max_chunk
+        self.precision = precision_mode
+        self.graphs = graphs
+        self.conv = conv
+        self.randomness = randomness
+        self.on_unsupported = on_unsupported
+        self.keep_memory = keep_memory
+        self.keep_on_device = keep_on_device
+        self.unsupported: str | None = None  # why vmap was given up (fallback mode)
+        self.chunk_cap: int | None = None  # largest cohort that fit in memory, once one did not
+        self._pending: dict[int, Job] = {}
+        self._done: dict[int, JobResult] = {}
+
+    # ---- set-up --------------------------------------------------------------------------
+    def start(self, spec: WorkerSpec, strategy: Strategy | None = None) -> None:
+        self.spec = spec
+        self.strategy = strategy if strategy is not None else spec.strategy.build()
+        self.device = resolve_device(self.device_name)
+        self.serial = Worker(spec, self.strategy)
+        base = spec.task
+        on_cpu = self.device.type == "cpu"
+        self.eval_task = base if on_cpu else Task(copy.deepcopy(base.module).to(self.device), base.kind, base.info)
+        module, swapped = with_unfold_convs(base.module) if self.conv == "unfold" else (base.module, 0)
+        if swapped or not on_cpu:  # a copy: Module.to() moves in place, the run's task stays on the CPU
+            self.task = Task((module if swapped else copy.deepcopy(module)).to(self.device), base.kind, base.info)
+        else:
+            self.task = base
+        self.grad_fn = torch.func.grad_and_value(self.task.loss)
+        self.x = spec.x_train.to(self.device)
+        self.y = spec.y_train.to(self.device)
+        self.mask_dtype = self.x.dtype if self.x.is_floating_point() else torch.float32
+        use_graphs = (not on_cpu) if self.graphs is None else self.graphs
+        self.runner = StaticCohortRunner(capture=not on_cpu) if use_graphs else None
+        self._fns: dict[Any, Any] = {}
+        self._sizes: set[int] = set()
+        self._test: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        if on_cpu and self.keep_memory:
+            keep_freed_memory()
+
+    @property
+    def model_device(self) -> torch.device | None:
+        """Where the runner should keep the model (None: the CPU, the default)."""
+        return self.device if self.keep_on_device and self.device.type != "cpu" else None
+
+    # ---- the executor interface ------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        self._pending[job.job_id] = job
+
+    def result(self, job_id: int) -> JobResult:
+        if job_id not in self._done:
+            if job_id not in self._pending:
+                raise KeyError(f"job {job_id} was not submitted")
+            self._flush()
+        return self._done.pop(job_id)
+
+    def discard(self, job_id: int) -> None:
+        self._pending.pop(job_id, None)
+        self._done.pop(job_id, None)
+
+    def close(self) -> None:
+        if getattr(self, "runner", None) is not None:
+            self.runner.clear()
+        self._fns = {}
+        self._test = None
+
+    def evaluate(self, task: Task, params: Tensor, x: Tensor, y: Tensor, batch_size: int) -> dict[str, float | None]:
+        """Evaluates on the executor's device (the test set is copied there once)."""
+        if self.device.type == "cpu":
+            return task.evaluate(params, x, y, batch_size)
+        if self._test is None or self._test[0] is not x or self._test[1] is not y:
+            self._test = (x, y, x.to(self.device), y.to(self.device))
+        with precision(self.precision, self.device.type):
+            return self.eval_task.evaluate(params.to(self.device), self._test[2], self._test[3], batch_size)
+
+    # ---- running cohorts ---------------------------------------------------------------------
+    def _flush(self) -> None:
+        jobs = list(self._pending.values())
+        self._pending.clear()
+        if self.unsupported is not None:
+            self._store(jobs, [self.serial.run(j).output for j in jobs])
+            return
+        for cohort in group(jobs):
+            self._run_group(cohort)
+
+    def _store(self, jobs: list[Job], outputs: list) -> None:
+        for job, out in zip(jobs, outputs):
+            self._done[job.job_id] = JobResult(job.job_id, job.client, job.version, out, job.num_samples, job.num_steps)
+
+    def _run_group(self, jobs: list[Job]) -> None:
+        size = min(x for x in (len(jobs), self.max_chunk, self.chunk_cap) if x is not None)
+        i = 0
+        while i < len(jobs):
+            part = jobs[i : i + size]
+            if self.unsupported is not None:
+                self._store(part, [self.serial.run(j).output for j in part])
+            else:
+                try:
+                    self._store(part, self._run_cohort(part))
+                except Exception as exc:  # noqa: BLE001 - classified below
+                    if _is_oom(exc) and size > 1:
+                        size = self.chunk_cap = max(1, len(part) // 2)
+                        if self.device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        continue
+                    self._store(part, self._not_vectorisable(part, exc))
+            i += len(part)
+
+    def _run_cohort(self, jobs: list[Job]) -> list:
+        pad = self._padded_size(len(jobs)) if self.runner is not None else None
+        st = stack(jobs, self.device, pad_to=pad)
+        idx = torch.from_numpy(st.indices).to(self.device)
+        fn_key = (signature(jobs[0]), st.size, st.params_dim, tuple(sorted(st.extras_dims.items())))
+        inputs = (st.params, st.extras, st.state, idx)
+        with precision(self.precision, self.device.type), self._keyed_rng(jobs[0].job_id):
+            if self.runner is not None:
+                out = self.runner.run(fn_key, lambda: self._cohort_fn(st), inputs)
+            else:
+                if fn_key not in self._fns:
+                    self._fns[fn_key] = self._cohort_fn(st)
+                out = self._fns[fn_key](*inputs)
+        home = jobs[0].payload.params.device
+        if self.runner is not None and home == self.device:
+            out = clone_tree(out)  # the graph's output buffers are overwritten by the next replay
+        return unstack(out, len(jobs), home)
+
+    def _padded_size(self, n: int) -> int:
+        """Cohort size to capture: n itself for the first few sizes seen (a synchronous run has
+        one), else the smallest captured size ≥ n, else `bucket(n)`; bounds the graphs kept."""
+        if n in self._sizes or len(self._sizes) < EXACT_SIZES:
+            self._sizes.add(n)
+            return n
+        fits = [s for s in self._sizes if s >= n]
+        return min(fits) if fits else bucket(n)
+
+    @contextlib.contextmanager
+    def _keyed_rng(self, job_id: int) -> Iterator[None]:
+        """With random layers allowed, seeds torch's generators by (seed, first job of the cohort)."""
+        if self.randomness == "error":
+            yield
+            return
+        cuda = self.device.type == "cuda"
+        with torch.random.fork_rng(devices=[self.device.index or 0] if cuda else []):
+            torch.manual_seed(key(self.spec.seed, "vmap-cohort", job_id))
+            yield
+
+    def _cohort_fn(self, st: Stacked):
+        local, grad_fn, hp = self.strategy.local, self.grad_fn, self.spec.hp
+
+        def one(params, extras, state, x, y, mask):
+            out = local(Payload(params, extras), state, Batches(x, y, mask), grad_fn, hp)
+            return out.update, dict(out.state), _as_tensors(out.extras), _as_tensors(out.metrics)
+
+        mapped = torch.func.vmap(one, in_dims=st.in_dims, randomness=self.randomness)
+        x_all, y_all, mask_dtype = self.x, self.y, self.mask_dtype
+
+        def run(params: Tensor, extras: dict, state: dict, idx: Tensor):
+            safe = idx.clamp_min(0)
+            return mapped(params, extras, state, x_all[safe], y_all[safe], (idx >= 0).to(mask_dtype))
+
+        return run
+
+    def _not_vectorisable(self, jobs: list[Job], exc: BaseException) -> list:
+        """Re-runs `jobs` client by client (a user error surfaces here as ClientJobError, as
+        with the serial executor); if they succeed, vmap itself was the problem: report it,
+        then fall back or stop as configured. Returns the serial outputs."""
+        outputs = [self.serial.run(j).output for j in jobs]
+        name = getattr(self.spec.strategy, "name", "?")
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        msg = (
+            f"executor vmap: strategy {name!r}'s local update cannot be vectorised with torch.func.vmap "
+            f"({type(exc).__name__}: {first}). Usual causes: Python control flow on tensor values "
+            "(if/while on a tensor, .item(), float(t)), in-place updates of inputs, or random layers "
+            "(set executor.randomness: different)."
+        )
+        if self.on_unsupported == "error":
+            raise FedsimError(msg + " Use executor.kind: serial, or executor.on_unsupported: fallback.")
+        warnings.warn(msg + " Running every job client by client from now on.", RuntimeWarning, stacklevel=2)
+        self.unsupported = msg
+        return outputs
+
+
+@EXECUTORS.register("vmap")
+def vmap(
+    device: Annotated[str, OneOf(("auto", "cpu", "cuda"))] = "auto",
+    max_chunk: Annotated[Optional[int], Ge(1)] = None,
+    precision: Annotated[str, OneOf(PRECISIONS)] = "fp32",
+    graphs: Optional[bool] = None,
+    conv: Annotated[str, OneOf(("native", "unfold"))] = "native",
+    randomness: Annotated[str, OneOf(("error", "different", "same"))] = "error",
+    on_unsupported: Annotated[str, OneOf(("fallback", "error"))] = "fallback",
+    keep_freed_memory: bool = True,
+    keep_on_device: bool = False,
+) -> Executor:
+    """Trains whole cohorts of clients at once with torch.func.vmap, on the CPU or a GPU.
+
+    Args:
+        device: 'cpu', 'cuda', or 'auto' (CUDA when available).
+        max_chunk: Most clients in one vectorised call (default: the whole cohort; a cohort
+            that runs out of memory is split in halves automatically either way).
+        precision: 'fp32' (equal to the serial executor up to rounding), 'tf32' (TF32 matrix
+            units on CUDA), 'bf16' (bfloat16 autocast; parameters stay float32).
+        graphs: Replay each cohort shape as a CUDA graph (after 8 distinct cohort sizes, new
+            sizes are padded to captured or bucketed ones);
+            default: on for CUDA, off on the CPU (where it only pads and reuses buffers).
+        conv: 'native' convolutions (grouped convolutions under vmap) or 'unfold' (im2col +
+            batched matmul; measured 3-4x slower on an H200, see benchmarks/README.md).
+        randomness: vmap's handling of random layers (dropout): 'error' (refuse: results
+            equal serial), 'different' or 'same' (per-client or shared draws, keyed per cohort;
+            reproducible, but not the serial executor's draws, and with CUDA graphs not the
+            eager path's either).
+        on_unsupported: If the strategy cannot be vectorised: 'fallback' (warn and run client
+            by client) or 'error' (stop with the reason).
+        keep_freed_memory: On the CPU, keep freed buffers in the process (glibc mallopt,
+            process-wide) instead of returning them to the OS after every step.
+        keep_on_device: Keep the global model, updates and client state on the GPU (no
+            copies to the CPU each round; the server's arithmetic runs there too). Results
+            always come back where the job's model lives, so a run resumed from a checkpoint
+            (saved on the CPU) continues on the CPU.
+    """
+    return VmapExecutor(device, max_chunk, precision, graphs, conv, randomness, on_unsupported,
+                        keep_freed_memory, keep_on_device)
