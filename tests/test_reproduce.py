@@ -10,7 +10,7 @@ import yaml
 
 from fedsim.errors import FedsimError
 from fedsim.gallery import build
-from fedsim.reproduce import reproduce
+from fedsim.reproduce import available, reproduce
 
 from .conftest import ROOT, fedsim_cmd, quadratic_config
 
@@ -165,3 +165,16 @@ def test_ray_executor_shares_one_ray_and_gives_the_serial_claims(papers, quick, 
     result = reproduce("toy", tmp_path, quick=True, executor="ray", progress=lambda s: None, papers_dir=papers)
     assert not ray.is_initialized()  # the shared Ray was stopped at the end
     assert [c.measured for c in result.claims] == [c.measured for c in quick.claims]
+
+
+@pytest.mark.parametrize("name", available())
+def test_every_paper_states_its_runtime_and_its_configs_load(name):
+    from fedsim.config import load_config
+    from fedsim.reproduce import PAPERS_DIR, load_paper, plan
+
+    paper = load_paper(name)
+    assert paper.TITLE and paper.FULL_RUNTIME and callable(paper.report)
+    assert 0 < len(plan(paper, quick=True)) <= len(plan(paper, quick=False))
+    for quick in (True, False):  # each config file is valid in both modes (validation only, nothing runs;
+        for spec in {s.config: s for s in paper.RUNS}.values():  # the papers' own tests check every curve)
+            load_config(PAPERS_DIR / name / spec.config, [*spec.overrides, *(spec.quick if quick else ())])
