@@ -1,4 +1,4 @@
-"""The `fedsim` command line: run, plot, list.
+"""The `fedsim` command line: run, resume, plot, reproduce, gallery, config-reference, list.
 
 Every user error is one line on stderr and an exit status (2 bad input, 3 divergence),
 never a traceback.
