@@ -178,3 +178,16 @@ def test_every_paper_states_its_runtime_and_its_configs_load(name):
     for quick in (True, False):  # each config file is valid in both modes (validation only, nothing runs;
         for spec in {s.config: s for s in paper.RUNS}.values():  # the papers' own tests check every curve)
             load_config(PAPERS_DIR / name / spec.config, [*spec.overrides, *(spec.quick if quick else ())])
+
+
+def test_docs_gallery_is_generated_from_the_papers_results(tmp_path):
+    """docs/gallery.md is exactly what `fedsim gallery experiments/papers/*/results` writes now."""
+    from fedsim.reproduce import PAPERS_DIR
+
+    sources = sorted(PAPERS_DIR.glob("*/results"))
+    invocation = "fedsim gallery " + " ".join(p.relative_to(ROOT).as_posix() for p in sources)
+    page = build(sources, tmp_path, invocation)
+    assert (ROOT / "docs" / "gallery.md").read_text() == page.read_text(), \
+        f"docs/gallery.md is out of date: run `{invocation}` from the repository root"
+    shipped = sorted(p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs" / "gallery").rglob("*.png"))
+    assert shipped == sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "gallery").rglob("*.png"))
