@@ -64,6 +64,9 @@ class AsyncGossipProtocol(Protocol):
         self.eval_nodes = eval_nodes
 
     def setup(self, ctx: RunContext) -> None:
+        if ctx.strategy.channel is not None:
+            raise ConfigError("protocol.name", f"strategy {ctx.config.strategy.name!r} compresses synchronous gossip "
+                              "steps (a channel); use protocol 'decentralized'")
         topo = build_topology(ctx)
         if not topo.static:
             raise ConfigError("topology.name", f"{topo.name!r} changes every round; the asynchronous gossip "

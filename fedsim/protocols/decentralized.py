@@ -8,7 +8,9 @@ unavailable or lost neither train nor gossip this round: their links are dropped
 weight moved to the diagonal, which keeps W symmetric and doubly stochastic. Node i's part
 of the round lasts its compute time plus the transfer of Q·deg_i models each way; the
 round ends when the slowest node is done. A round that would end after run.time_budget is
-not performed. Bytes: ``bytes_up`` counts models sent, ``bytes_down`` models received.
+not performed. Bytes: ``bytes_up`` counts models sent, ``bytes_down`` models received — or,
+for a strategy with a `fedsim.channel.Channel` (compressed gossip, CHOCO), the encoded
+messages its gossip steps sent, whose per-node state the protocol state then holds.
 """
 from __future__ import annotations
 
@@ -20,10 +22,13 @@ import torch
 
 from topologies.mixing import as_tensor, message_counts, restrict, spectral_gap
 
+from ..channel import link_bytes
 from ..clock import to_seconds
 from ..comm import nbytes
 from ..config import Ge, OneOf
+from ..errors import ConfigError
 from ..registry import PROTOCOLS
+from ..rng import key
 from ..strategy import Payload, Tensor
 from .base import Protocol, ProtocolState, RunContext, check_finite, wait_for_availability
 from .nodes import INITS, build_topology, eval_sample, initial_models, node_metrics
@@ -36,6 +41,7 @@ class DecentralizedState(ProtocolState):
     """Progress plus the node stack and the last round's statistics."""
 
     models: Tensor | None = None  # [n, d]: node i's model in row i
+    channel: Any = None  # the strategy's channel state (fedsim.channel), if it has a channel
     train_loss: float | None = None
     active: int = 0  # nodes that trained and gossiped in the last round
     spectral_gap: float | None = None  # of the last round's mixing matrix
@@ -52,12 +58,18 @@ class DecentralizedProtocol(Protocol):
 
     def setup(self, ctx: RunContext) -> None:
         self.topology = build_topology(ctx)
+        channel = ctx.strategy.channel
+        if channel is not None and channel.static_graph and not self.topology.static:
+            raise ConfigError("topology.name", f"{self.topology.name!r} changes every round; strategy "
+                              f"{ctx.config.strategy.name!r} keeps state per neighbour and needs a static graph")
         small = ctx.num_clients <= MAX_GAP_NODES
         self._static_gap = spectral_gap(self.topology.mixing(0)) if self.topology.static and small else None
         self._nodes = eval_sample(ctx.num_clients, self.eval_nodes, ctx.seed)
 
     def init(self, ctx: RunContext) -> DecentralizedState:
-        return DecentralizedState(models=initial_models(ctx, self.init_mode))
+        models = initial_models(ctx, self.init_mode)
+        channel = ctx.strategy.channel
+        return DecentralizedState(models=models, channel=channel.init(models) if channel is not None else None)
 
     def step(self, ctx: RunContext, state: DecentralizedState) -> DecentralizedState:
         if ctx.out_of_rounds(state):
@@ -78,40 +90,54 @@ class DecentralizedProtocol(Protocol):
         results = ctx.executor.run(jobs)
         w = self.topology.mixing(r)
         w = w if active.all() else restrict(w, active)
-        recv, sent = message_counts(w)
-        q, size = ctx.strategy.gossip_steps, nbytes(x[0])
-        durations = ctx.population.job_ticks(ids, [j.num_steps for j in jobs], q * size * recv[ids],
-                                             q * size * sent[ids], job_ids[ids])
+        y = x.clone()
+        for res in results:
+            y[res.client] = res.output.update
+        y, channel, down, up = self._gossip(ctx, state, y, w, r)
+        durations = ctx.population.job_ticks(ids, [j.num_steps for j in jobs], down[ids], up[ids], job_ids[ids])
         end = t0 + max(durations, default=0)
         if end > ctx.budget_ticks():
             state.finished = True
             return state
-
-        y = x.clone()
         for res in results:
             check_finite(res, r, t0)
-            y[res.client] = res.output.update
-        wt = as_tensor(w, y.dtype, y.device)
-        own = torch.arange(n, device=y.device)
-        for _ in range(q):
-            y = ctx.strategy.merge(y, wt, own, ctx.task.layout)
 
+        q, sent = ctx.strategy.gossip_steps, message_counts(w)[1]
         if ctx.events is not None:
             ctx.log(t0, "train", round=r, nodes=ids.tolist())
             ctx.log(end, "gossip", round=r, steps=q, messages=int(q * sent.sum()))
         losses = [res.output.metrics["train_loss"] for res in results if "train_loss" in res.output.metrics]
-        state.models = y
+        state.models, state.channel = y, channel
         state.train_loss = float(np.mean(losses)) if losses else None
         state.active = len(ids)
         state.spectral_gap = self._spectral_gap(w, bool(active.all()))
-        state.bytes_up += int(q * size * sent.sum())
-        state.bytes_down += int(q * size * recv.sum())
+        state.bytes_up += int(up.sum())
+        state.bytes_down += int(down.sum())
         state.next_job += n
         state.rounds += 1
         state.aggregations += q
         state.time = end
         state.finished = ctx.out_of_rounds(state)
         return state
+
+    def _gossip(self, ctx: RunContext, state: DecentralizedState, y: Tensor, w: Any, r: int):
+        """Runs round r's Q gossip steps on the stack y (the strategy's merge, or its channel);
+        returns (new stack, channel state, bytes each node received, bytes each node sent)."""
+        wt = as_tensor(w, y.dtype, y.device)
+        q, channel, layout = ctx.strategy.gossip_steps, ctx.strategy.channel, ctx.task.layout
+        if channel is None:
+            own = torch.arange(len(y), device=y.device)
+            for _ in range(q):
+                y = ctx.strategy.merge(y, wt, own, layout)
+            down, up = link_bytes(w, np.full(len(y), nbytes(y[0])))
+            return y, None, q * down, q * up
+        cstate, senders = state.channel, message_counts(w)[1] > 0
+        down, up = np.zeros(len(y), dtype=np.int64), np.zeros(len(y), dtype=np.int64)
+        for s in range(q):
+            y, cstate, sizes = channel.step(y, wt, cstate, senders, key(ctx.seed, "gossip/channel", r, s), layout)
+            d, u = link_bytes(w, sizes)
+            down, up = down + d, up + u
+        return y, cstate, down, up
 
     def _spectral_gap(self, w: Any, everyone: bool) -> float | None:
         """Returns 1 − λ of this round's W (once for a static graph; None beyond 1024 nodes)."""
