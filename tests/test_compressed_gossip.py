@@ -9,7 +9,7 @@ import torch
 
 from fedsim.checkpoint import list_checkpoints
 from fedsim.cli import main
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, DivergenceError
 from fedsim.outputs import read_jsonl
 from strategies.compressed_gossip import compressed_gossip
 from topologies.mixing import as_tensor, metropolis_hastings
@@ -56,6 +56,25 @@ def test_choco_gossip_reaches_the_exact_average_while_naive_topk_does_not():
     assert float((naive - average).norm(dim=1).max()) > 1.0  # … but coordinates never sent never mix
     econtrol, _ = iterate(gossip("econtrol", 0.1), 600)  # EControl's sender rule on x̂ (an extension)
     assert float((econtrol - average).norm(dim=1).max()) < 1e-3
+
+
+def test_choco_needs_a_contractive_compressor():
+    # QSGD, 1 bit + sign, buckets of 4: variance bound ω = min(4/1, √4/1) = 2 > 1, so the unbiased
+    # quantizer is not contractive and CHOCO's public copies blow up; scaled by 1/(1 + ω) (the
+    # CHOCO authors' 'qsgd-biased') it is, and the nodes reach the exact average.
+    comp = {"name": "qsgd", "bits": 2, "bucket": 4}
+    unbiased, _ = iterate(gossip("ef21", 0.3, comp), 300)
+    assert float(unbiased.abs().max()) > 1e10  # from |b_ij| < 12
+    scaled, drift = iterate(gossip("ef21", 0.3, {**comp, "contractive": True}), 600)
+    assert drift.max() < 1e-12 and float((scaled - B.mean(0)).norm(dim=1).max()) < 1e-9
+
+
+def test_a_diverging_gossip_step_says_what_to_change():
+    ch = gossip("ef21", 0.3).channel
+    x = B.clone()
+    x[3, 0] = float("inf")
+    with pytest.raises(DivergenceError, match="lower strategy.gamma"):
+        ch.step(x, W, ch.init(x), np.ones(N, dtype=bool), 0, None)
 
 
 def test_choco_sgd_reaches_the_fixed_point_of_uncompressed_dsgd():
@@ -165,3 +184,17 @@ def test_naive_rules_run_on_time_varying_graphs():
     strat = {"name": "compressed_gossip", "compressor": TOP10, "feedback": "ef", "gamma": 0.2}
     run = run_config(ring_config(strat, topology={"name": "random_matching"}))
     assert run.final_state.channel["feedback.e"].abs().sum() > 0  # DeepSqueeze's error memory is in use
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("comp", [{"name": "topk", "ratio": 0.05}, {"name": "randk", "ratio": 0.05},
+                                  {"name": "qsgd", "bits": 4, "bucket": 64}, "sign"])
+def test_cuda_node_stack_on_the_gpu_equals_serial(comp):
+    from .test_decentralized import dec_config
+
+    cfg = dec_config(strategy={"name": "compressed_gossip", "compressor": comp, "gamma": 0.1})
+    cpu = run_config(cfg)
+    gpu = run_config({**cfg, "executor": {"kind": "vmap", "device": "cuda", "keep_on_device": True}})
+    assert gpu.final_state.channel["feedback.h"].device.type == "cuda"
+    assert torch.allclose(gpu.final_state.models.cpu(), cpu.final_state.models, atol=1e-4, rtol=0)
+    assert gpu.rows[-1]["bytes_up"] == cpu.rows[-1]["bytes_up"]
