@@ -1,4 +1,4 @@
-"""The `fedsim` command line: run, plot, list.
+"""The `fedsim` command line: run, resume, plot, reproduce, gallery, config-reference, list.
 
 Every user error is one line on stderr and an exit status (2 bad input, 3 divergence),
 never a traceback.
@@ -63,14 +63,30 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import available, reproduce
+    import time
 
+    from .reproduce import available, check_executor, load_paper, reproduce
+
+    check_executor(args.executor)
     names = available() if args.name == "all" else [args.name]
+    load_paper(names[0])  # an unknown name fails before anything runs
     for name in names:
         out = Path(args.out) / name if args.name == "all" else Path(args.out)
+        start = time.perf_counter()
         result = reproduce(name, out, quick=args.quick, executor=args.executor)
-        print(f"{name}: {sum(c.supported is True for c in result.claims)}/{len(result.claims)} claims supported; "
-              f"see {result.out / 'claims.md'}")
+        print(f"{name}: {sum(c.supported is True for c in result.claims)}/{len(result.claims)} claims supported "
+              f"({time.perf_counter() - start:.0f} s); see {result.out / 'claims.md'}")
+    return 0
+
+
+def _cmd_gallery(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .gallery import build
+
+    invocation = "fedsim gallery " + " ".join(shlex.quote(s) for s in args.sources)
+    page = build([Path(s) for s in args.sources], Path(args.docs), invocation)
+    print(f"wrote {page} and {page.parent / 'gallery'}/")
     return 0
 
 
@@ -147,6 +163,11 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--quick", action="store_true", help="reduced version (a few minutes on 2 cores)")
     rp.add_argument("--executor", help="executor kind for every run (serial, ray, vmap)")
     rp.set_defaults(func=_cmd_reproduce)
+
+    ga = sub.add_parser("gallery", help="write docs/gallery.md from reproductions' claims.md and figures")
+    ga.add_argument("sources", nargs="+", help="folders written by `fedsim reproduce` (NAME or all)")
+    ga.add_argument("--docs", default="docs", help="docs folder to write gallery.md and gallery/ into")
+    ga.set_defaults(func=_cmd_gallery)
 
     ref = sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
     ref.add_argument("-o", "--output", help="write it to this file instead of stdout")
