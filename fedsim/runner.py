@@ -148,7 +148,8 @@ def _write_checkpoint(run: Run, out_dir: Path, state: ProtocolState, dstate: Dri
         ctx.events._fh.flush()
         events_bytes = ctx.events.path.stat().st_size
     dstate.checkpoints += 1
-    snapshot = DriverState(dstate.next_eval, dstate.last_rounds, dstate.evaluations, dstate.checkpoints, wall)
+    # last_rounds = the state's rounds: their evaluation, if due, is done (rows are made before checkpoints)
+    snapshot = DriverState(dstate.next_eval, state.rounds, dstate.evaluations, dstate.checkpoints, wall)
     payload = {
         "format": 1,
         "protocol": run.config.protocol.name,
@@ -202,6 +203,12 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
         if out_dir and cfg.checkpoint_every and dstate.evaluations % cfg.checkpoint_every == 0:
             _write_checkpoint(run, out_dir, state, dstate, wall())
 
+    def record_due(state: ProtocolState) -> None:
+        # moves the schedule on before recording, so a checkpoint written by record() does not
+        # hold this evaluation as still due (a resumed run would write its row twice)
+        tick, dstate.next_eval = dstate.next_eval, dstate.next_eval + every_tick
+        record(state, tick)
+
     def advance_bar(state: ProtocolState) -> None:
         if cfg.rounds is not None:
             bar.update(state.rounds - bar.n)
@@ -224,8 +231,7 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
                 if every_tick is not None:
                     nt = proto.next_time(ctx, state)
                     while nt is not None and nt > dstate.next_eval and dstate.next_eval <= ctx.budget_ticks():
-                        record(state, dstate.next_eval)
-                        dstate.next_eval += every_tick
+                        record_due(state)
                 try:
                     state = proto.step(ctx, state)
                 except DivergenceError as exc:
@@ -241,8 +247,7 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
                 budget = ctx.budget_ticks()
                 end = min(budget, state.time) if math.isfinite(budget) else state.time
                 while dstate.next_eval <= end:
-                    record(state, dstate.next_eval)
-                    dstate.next_eval += every_tick
+                    record_due(state)
             elif run.rows[-1]["round"] != state.rounds or run.rows[-1]["virtual_time"] != to_seconds(state.time):
                 record(state, state.time)
     finally:
