@@ -25,6 +25,7 @@ from fedsim.cli import main
 from fedsim.outputs import read_jsonl
 
 from .conftest import ROOT, fedsim_cmd, merge, quadratic_config, run_config
+from .test_ray_executor import cluster  # noqa: F401 - the module's Ray cluster fixture, for the Ray cases
 
 NOISE = {
     "data": {"num_clients": 8, "samples_per_client": 20, "noise_std": 1.0},
@@ -106,16 +107,26 @@ def assert_work_in_flight(name: str, state) -> None:
         assert {"trained", "arrive"} <= pending, pending
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_sigkill_then_resume_equals_uninterrupted(name, tmp_path, tmp_yaml):
-    cfg = case_config(name)
+RAY = pytest.mark.slow  # a Ray cluster and actor processes for three runs: ~30-60 s a case on 2 shared cores
+PAIRS = [pytest.param(name, "serial", id=f"{name}-serial") for name in sorted(CASES)] + [
+    pytest.param(name, "ray", id=f"{name}-ray", marks=RAY) for name in ("sync", "async_fedbuff")
+]
+
+
+@pytest.mark.parametrize("name,executor", PAIRS)
+def test_sigkill_then_resume_equals_uninterrupted(name, executor, tmp_path, tmp_yaml, request):
+    cfg, extra_args = case_config(name), ()
+    if executor == "ray":
+        cluster = request.getfixturevalue("cluster")  # started for this module, stopped after it
+        cfg = merge(cfg, {"executor": {"kind": "ray", "num_cpus": 1, "num_actors": 2}})
+        extra_args = (f"ray.address={cluster.address}",)  # in this process, runs reuse the connected Ray
     reference = tmp_path / "reference"
     run_config(cfg, reference)
     evaluations = len(read_jsonl(reference / "metrics.jsonl"))
     assert evaluations >= 20, evaluations
     at = random.randint(2, evaluations // 2)  # checkpoint 1 is the initial state
     out = tmp_path / "run"
-    run_killed_at_checkpoint(tmp_yaml(cfg), out, at)
+    run_killed_at_checkpoint(tmp_yaml(cfg), out, at, extra_args=extra_args)
     state = load_latest(out)[0]["protocol_state"]
     assert_work_in_flight(name, state)
     assert main(["resume", str(out), "--quiet"]) == 0, f"killed after checkpoint {at}"
