@@ -108,6 +108,18 @@ def test_corrupt_checkpoint_falls_back_with_warning(tmp_path, reference):
     assert [r["round"] for r in rows] == list(range(0, 13, 2))
 
 
+def test_a_file_that_is_not_a_checkpoint_is_skipped_with_warning(tmp_path):
+    from .conftest import quadratic_config
+
+    out = tmp_path / "run"
+    run_config(quadratic_config(run={"rounds": 6, "eval_every": 2, "checkpoint_every": 1}), out)
+    rows = read_jsonl(out / "metrics.jsonl")
+    torch.save(encode({"format": 1}), out / "checkpoints" / "ckpt-000000099.pt")  # loadable, not a checkpoint
+    with pytest.warns(UserWarning, match="ckpt-000000099.pt is unreadable .*not a fedsim checkpoint"):
+        assert main(["resume", str(out), "--quiet"]) == 0
+    assert strip(read_jsonl(out / "metrics.jsonl")) == strip(rows)
+
+
 def test_resume_refuses_a_changed_model(tmp_path, capsys):
     out = tmp_path / "run"
     run_config(merge(digits_config(), {"run": {"rounds": 4, "checkpoint_every": 1}}), out)
