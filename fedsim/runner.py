@@ -235,7 +235,8 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
                 try:
                     state = proto.step(ctx, state)
                 except DivergenceError as exc:
-                    last = run.rows[-1] if run.rows else {}
+                    finite = [r for r in run.rows if math.isfinite(r["test_loss"])]  # the model can blow up first
+                    last = finite[-1] if finite else {}
                     shown = {k: last.get(k) for k in ("round", "virtual_time", "test_accuracy", "test_loss")}
                     kept = " (last checkpoint kept)" if out_dir and ckpt.list_checkpoints(out_dir) else ""
                     raise DivergenceError(f"{exc}; last finite metrics: {shown}{kept}") from None
@@ -252,12 +253,12 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
                 record(state, state.time)
     finally:
         bar.close()
+        ctx.executor.close()
+        ctx.store.close()
         if metrics:
             metrics.close()
         if ctx.events is not None:
             ctx.events.close()
-        ctx.executor.close()
-        ctx.store.close()
     run.final_state = state
     run.wall_time = wall()
     return run.rows
@@ -285,6 +286,21 @@ def _finish(run: Run, out_dir: Path) -> None:
     curves(out_dir, run.rows)
 
 
+@contextmanager
+def _write_errors(out_dir: Path | None) -> Iterator[None]:
+    """Turns a failed write into the run folder (a full disk, a lost mount) into one line that
+    says what was kept; checkpoints are written atomically, so the newest one is whole."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, ConnectionError) or exc.errno is None:  # not a file system error
+            raise
+        if out_dir is None or not ckpt.list_checkpoints(out_dir):
+            raise FedsimError(f"a write failed: {exc}") from None
+        raise FedsimError(f"cannot write the run folder: {exc}; its newest checkpoint is kept, "
+                          f"resume with: fedsim resume {out_dir}") from None
+
+
 def execute(config: Config, out_dir: Path | None, overwrite: bool = False, progress: bool | None = None,
             protocol: Protocol | None = None) -> Run:
     """Builds and runs `config` (with `protocol` instead of the config's, if given); with
@@ -295,9 +311,10 @@ def execute(config: Config, out_dir: Path | None, overwrite: bool = False, progr
         write_config(out_dir, config.resolved())
         if config.run.state_dir is None:  # spilled client state lives in the run folder
             run.ctx.store.spill_root = out_dir
-    drive(run, out_dir, progress)
-    if out_dir is not None:
-        _finish(run, out_dir)
+    with _write_errors(out_dir):
+        drive(run, out_dir, progress)
+        if out_dir is not None:
+            _finish(run, out_dir)
     return run
 
 
@@ -324,8 +341,9 @@ def resume(out_dir: Path, progress: bool | None = None) -> Run:
     if events.exists():
         with events.open("r+b") as fh:
             fh.truncate(int(payload["events_bytes"]))
-    drive(run, out_dir, progress, resume=(payload["protocol_state"], payload["driver"]))
-    _finish(run, out_dir)
+    with _write_errors(out_dir):
+        drive(run, out_dir, progress, resume=(payload["protocol_state"], payload["driver"]))
+        _finish(run, out_dir)
     return run
 
 
