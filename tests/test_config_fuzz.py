@@ -135,7 +135,7 @@ MUTATION = st.one_of(
 )
 
 
-@settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", "120")), deadline=None,
+@settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", "60")), deadline=None,  # ~0.2 s each
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(base=st.sampled_from(range(len(BASES))),
        mutations=st.lists(MUTATION, min_size=1, max_size=3))
