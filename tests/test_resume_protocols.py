@@ -102,9 +102,9 @@ def assert_work_in_flight(name: str, state) -> None:
     """The checkpoint resumed from holds unfinished work of the kind the protocol has."""
     if name.startswith("async_fed"):
         assert state.flights, "no job in flight at the checkpoint"
-    if name == "async_gossip":
+    if name == "async_gossip":  # jobs training, and models in transit or received but not merged yet
         pending = {e[3] for e in state.queue.snapshot()["events"]}
-        assert {"trained", "arrive"} <= pending, pending
+        assert "trained" in pending and ("arrive" in pending or any(state.buffers.values())), pending
 
 
 RAY = pytest.mark.slow  # a Ray cluster and actor processes for three runs: ~30-60 s a case on 2 shared cores
@@ -124,7 +124,8 @@ def test_sigkill_then_resume_equals_uninterrupted(name, executor, tmp_path, tmp_
     run_config(cfg, reference)
     evaluations = len(read_jsonl(reference / "metrics.jsonl"))
     assert evaluations >= 20, evaluations
-    at = random.randint(2, evaluations // 3)  # checkpoint 1 is the initial state; leave time to kill
+    # checkpoint 1 is the initial state, 2 comes before the first gossip messages; leave time to kill
+    at = random.randint(3, evaluations // 3)
     out = tmp_path / "run"
     run_killed_at_checkpoint(tmp_yaml(cfg), out, at, extra_args=extra_args)
     state = load_latest(out)[0]["protocol_state"]
