@@ -172,7 +172,12 @@ _python_format_warning = warnings.formatwarning
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fedsim` console script; returns the exit status."""
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra:  # overrides given after options, e.g. `run cfg.yaml --quiet key=value`
+        if not hasattr(args, "overrides") or any(a.startswith("-") for a in extra):
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     warnings.formatwarning = _format_warning
     try:
         return args.func(args)
