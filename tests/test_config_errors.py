@@ -67,6 +67,18 @@ def test_malformed_yaml(tmp_path, capsys):
     assert "malformed YAML" in capsys.readouterr().err
 
 
+def test_config_files_that_are_not_configs(tmp_path, capsys):
+    binary = tmp_path / "cfg.yaml"
+    binary.write_bytes(bytes(range(256)))
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    for path, words in ((binary, "not a text (YAML) file"), (listing, "must be a mapping"),
+                        (tmp_path, "is a folder, not a config file"), (tmp_path / "none.yaml", "not found")):
+        assert main(["run", str(path), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_cli_subprocess_has_no_traceback(tmp_yaml):
     cfg = tmp_yaml(merge(digits_config(), {"data": {"partition": {"name": "dirichlet_per_class", "alpha": -1}}}))
     proc = subprocess.run(fedsim_cmd("run", str(cfg)), cwd=ROOT, capture_output=True, text=True, timeout=60)
