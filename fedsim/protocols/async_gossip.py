@@ -85,6 +85,14 @@ class AsyncGossipProtocol(Protocol):
             state.queue.push(to_ticks(phase[i]), "wake", WAKE, node=int(i))
         return state
 
+    def resume(self, ctx: RunContext, state: GossipState) -> None:
+        """Resubmits the jobs still training in a restored state (the executor knows none of
+        them). A node's model does not change while its job runs, so the job is rebuilt exactly."""
+        training = [data for _, _, _, kind, data in state.queue.snapshot()["events"] if kind == "trained"]
+        for data in sorted(training, key=lambda d: d["job"]):
+            i = data["node"]
+            ctx.executor.submit(ctx.make_job(i, Payload(state.models[i].clone()), data["version"], data["job"]))
+
     def next_time(self, ctx: RunContext, state: GossipState) -> int | None:
         ev = state.queue.peek()
         return ev.time if ev is not None else None
@@ -131,7 +139,7 @@ class AsyncGossipProtocol(Protocol):
             return
         ctx.executor.submit(job)
         ctx.log(t, "train", node=i, job=job_id)
-        state.queue.push(t + duration, "trained", TRAINED, node=i, job=job_id)
+        state.queue.push(t + duration, "trained", TRAINED, node=i, job=job_id, version=job.version)
 
     def _finish(self, ctx: RunContext, state: GossipState, i: int, job_id: int) -> None:
         """Node i's job ended: adopt, push, merge if the buffer is full, start the next job."""

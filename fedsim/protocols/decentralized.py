@@ -8,7 +8,9 @@ unavailable or lost neither train nor gossip this round: their links are dropped
 weight moved to the diagonal, which keeps W symmetric and doubly stochastic. Node i's part
 of the round lasts its compute time plus the transfer of Q·deg_i models each way; the
 round ends when the slowest node is done. A round that would end after run.time_budget is
-not performed. Bytes: ``bytes_up`` counts models sent, ``bytes_down`` models received.
+not performed (the round is planned before it is applied, `rounds.RoundProtocol`, so
+time-based evaluation sees its end). Bytes: ``bytes_up`` counts models sent, ``bytes_down``
+models received.
 """
 from __future__ import annotations
 
@@ -23,10 +25,12 @@ from topologies.mixing import as_tensor, message_counts, restrict, spectral_gap
 from ..clock import to_seconds
 from ..comm import nbytes
 from ..config import Ge, OneOf
+from ..executors.base import JobResult
 from ..registry import PROTOCOLS
 from ..strategy import Payload, Tensor
 from .base import Protocol, ProtocolState, RunContext, check_finite, wait_for_availability
 from .nodes import INITS, build_topology, eval_sample, initial_models, node_metrics
+from .rounds import FINISH, WAIT, RoundProtocol
 
 MAX_GAP_NODES = 1024  # the spectral gap (a dense SVD) is reported up to this many nodes
 
@@ -41,7 +45,20 @@ class DecentralizedState(ProtocolState):
     spectral_gap: float | None = None  # of the last round's mixing matrix
 
 
-class DecentralizedProtocol(Protocol):
+@dataclass
+class GossipRound:
+    """A planned round: the nodes that trained, their results, the round's W and message counts."""
+
+    ids: np.ndarray  # nodes that train and gossip
+    results: list[JobResult]
+    w: Any  # the round's mixing matrix, restricted to the active nodes
+    everyone: bool  # every node active
+    recv: np.ndarray  # models each node receives per gossip step
+    sent: np.ndarray  # models each node sends per gossip step
+    end: int
+
+
+class DecentralizedProtocol(RoundProtocol):
     """See the module docstring."""
 
     requires = "decentralized"
@@ -59,17 +76,18 @@ class DecentralizedProtocol(Protocol):
     def init(self, ctx: RunContext) -> DecentralizedState:
         return DecentralizedState(models=initial_models(ctx, self.init_mode))
 
-    def step(self, ctx: RunContext, state: DecentralizedState) -> DecentralizedState:
+    def plan(self, ctx: RunContext, state: DecentralizedState) -> GossipRound | str:
+        """Runs the round's jobs and times the round; returns it, or 'finish' (out of rounds,
+        or it would end after the budget) or 'wait' (no node available)."""
         if ctx.out_of_rounds(state):
-            state.finished = True
-            return state
+            return FINISH
         n, t0, r = ctx.num_clients, state.time, state.rounds
         nodes = np.arange(n)
         job_ids = state.next_job + nodes
         active = np.zeros(n, dtype=bool)
         active[ctx.population.available(nodes, to_seconds(t0))] = True
         if not active.any():
-            return wait_for_availability(ctx, state)
+            return WAIT
         active &= ~ctx.population.drops(nodes, job_ids)[0]
         ids = nodes[active]
 
@@ -84,28 +102,39 @@ class DecentralizedProtocol(Protocol):
                                              q * size * sent[ids], job_ids[ids])
         end = t0 + max(durations, default=0)
         if end > ctx.budget_ticks():
+            return FINISH
+        return GossipRound(ids, results, w, bool(active.all()), recv, sent, end)
+
+    def plan_end(self, plan: GossipRound | str) -> int | None:
+        return plan.end if isinstance(plan, GossipRound) else None
+
+    def apply(self, ctx: RunContext, state: DecentralizedState, plan: GossipRound | str) -> DecentralizedState:
+        if plan == FINISH:
             state.finished = True
             return state
-
-        y = x.clone()
+        if plan == WAIT:
+            return wait_for_availability(ctx, state)
+        n, t0, r, end, ids, results = ctx.num_clients, state.time, state.rounds, plan.end, plan.ids, plan.results
+        q, size = ctx.strategy.gossip_steps, nbytes(state.models[0])
+        y = state.models.clone()
         for res in results:
             check_finite(res, r, t0)
             y[res.client] = res.output.update
-        wt = as_tensor(w, y.dtype, y.device)
+        wt = as_tensor(plan.w, y.dtype, y.device)
         own = torch.arange(n, device=y.device)
         for _ in range(q):
             y = ctx.strategy.merge(y, wt, own, ctx.task.layout)
 
         if ctx.events is not None:
             ctx.log(t0, "train", round=r, nodes=ids.tolist())
-            ctx.log(end, "gossip", round=r, steps=q, messages=int(q * sent.sum()))
+            ctx.log(end, "gossip", round=r, steps=q, messages=int(q * plan.sent.sum()))
         losses = [res.output.metrics["train_loss"] for res in results if "train_loss" in res.output.metrics]
         state.models = y
         state.train_loss = float(np.mean(losses)) if losses else None
         state.active = len(ids)
-        state.spectral_gap = self._spectral_gap(w, bool(active.all()))
-        state.bytes_up += int(q * size * sent.sum())
-        state.bytes_down += int(q * size * recv.sum())
+        state.spectral_gap = self._spectral_gap(plan.w, plan.everyone)
+        state.bytes_up += int(q * size * plan.sent.sum())
+        state.bytes_down += int(q * size * plan.recv.sum())
         state.next_job += n
         state.rounds += 1
         state.aggregations += q

@@ -78,6 +78,7 @@ def node_metrics(ctx: RunContext, models: torch.Tensor, nodes: np.ndarray) -> di
     name, values = ("acc", [e["accuracy"] for e in evals]) if evals[0]["accuracy"] is not None else \
         ("loss", [e["loss"] for e in evals])
     v = np.asarray(values, dtype=np.float64)
-    out.update({f"node_{name}_mean": float(v.mean()), f"node_{name}_std": float(v.std()),
-                f"node_{name}_min": float(v.min()), f"node_{name}_max": float(v.max())})
+    with np.errstate(over="ignore", invalid="ignore"):  # a diverging run says so in its error, not in warnings
+        out.update({f"node_{name}_mean": float(v.mean()), f"node_{name}_std": float(v.std()),
+                    f"node_{name}_min": float(v.min()), f"node_{name}_max": float(v.max())})
     return out
