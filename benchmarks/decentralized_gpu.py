@@ -152,7 +152,8 @@ def main() -> None:
             speed = f"{ref['s_per_round'] / r['s_per_round']:.1f}x" if ref is not None else "–"
             line = (f"{topo:12s} {v:11s} {r['s_per_round']:9.4f} {1 / r['s_per_round']:9.2f} "
                     f"{args.nodes / r['s_per_round']:11.0f} {speed:>9s} {r['first_round_s']:11.2f} "
-                    f"{r['executor_share']:8.0%} {r['gossip_share']:7.1%} {r['jobs_share']:8.0%} {diff:>12s} {r['accuracy']:8.4f}")
+                    f"{r['executor_share']:8.0%} {r['gossip_share']:7.1%} {r['jobs_share']:8.0%} {diff:>12s} "
+                    f"{r['accuracy']:8.4f}")
             lines.append(line)
             print(line, f"(models on {r['device']}, {rounds} rounds, build {r['build_s']:.1f} s)", flush=True)
     print("\n" + head + "\n" + "\n".join(lines))

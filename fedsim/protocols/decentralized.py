@@ -3,11 +3,12 @@
 Round r starts at virtual time t_r. Every available node i whose job is not lost runs one
 local job (K steps, via the executor) from its model x_i, giving y_i; then the nodes merge
 Q = ``strategy.gossip_steps`` times with the round's mixing matrix W_r (all nodes use the
-previous step's models: ``Y ← merge(Y, W_r)``, a matmul for plain mixing; W_r is dense up to
-256 nodes and a sparse CSR tensor beyond, on the device of the node stack — the GPU with the
-vmap executor's ``keep_on_device``, where the nodes' local steps run as one vmapped call). Nodes that are
-unavailable or lost neither train nor gossip this round: their links are dropped and their
-weight moved to the diagonal, which keeps W symmetric and doubly stochastic. Node i's part
+previous step's models: ``Y ← merge(Y, W_r)``, a matmul for plain mixing; W_r is dense up
+to 256 nodes and a sparse CSR tensor beyond, on the device of the node stack — the GPU
+with the vmap executor's ``keep_on_device``, where the nodes' local steps run as one
+vmapped call). Nodes that are unavailable or lost neither train nor gossip this round:
+their links are dropped and their weight moved to the diagonal, which keeps W symmetric
+and doubly stochastic. Node i's part
 of the round lasts its compute time plus the transfer of Q·deg_i models each way; the
 round ends when the slowest node is done. A round that would end after run.time_budget is
 not performed. Bytes: ``bytes_up`` counts models sent, ``bytes_down`` models received.
