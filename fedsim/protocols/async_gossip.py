@@ -181,9 +181,10 @@ class AsyncGossipProtocol(Protocol):
         """Returns own merged with the received models under the strategy's rule."""
         m = len(received)
         alpha = self.self_weight if self.self_weight is not None else 1.0 / (m + 1)
-        weights = torch.tensor([[alpha] + [(1.0 - alpha) / m] * m], dtype=own.dtype)
+        weights = torch.tensor([[alpha] + [(1.0 - alpha) / m] * m], dtype=own.dtype, device=own.device)
         models = torch.stack([own, *received])
-        return ctx.strategy.merge(models, weights, torch.zeros(1, dtype=torch.long), ctx.task.layout)[0]
+        return ctx.strategy.merge(models, weights, torch.zeros(1, dtype=torch.long, device=own.device),
+                                  ctx.task.layout)[0]
 
     def eval_params(self, ctx: RunContext, state: GossipState) -> Tensor:
         return state.models.mean(0)

@@ -3,9 +3,12 @@
 Round r starts at virtual time t_r. Every available node i whose job is not lost runs one
 local job (K steps, via the executor) from its model x_i, giving y_i; then the nodes merge
 Q = ``strategy.gossip_steps`` times with the round's mixing matrix W_r (all nodes use the
-previous step's models: ``Y ← merge(Y, W_r)``, a matmul for plain mixing). Nodes that are
-unavailable or lost neither train nor gossip this round: their links are dropped and their
-weight moved to the diagonal, which keeps W symmetric and doubly stochastic. Node i's part
+previous step's models: ``Y ← merge(Y, W_r)``, a matmul for plain mixing; W_r is dense up
+to 256 nodes and a sparse CSR tensor beyond, on the device of the node stack — the GPU
+with the vmap executor's ``keep_on_device``, where the nodes' local steps run as one
+vmapped call). Nodes that are unavailable or lost neither train nor gossip this round:
+their links are dropped and their weight moved to the diagonal, which keeps W symmetric
+and doubly stochastic. Node i's part
 of the round lasts its compute time plus the transfer of Q·deg_i models each way; the
 round ends when the slowest node is done. A round that would end after run.time_budget is
 not performed (the round is planned before it is applied, `rounds.RoundProtocol`, so
@@ -28,8 +31,8 @@ from ..config import Ge, OneOf
 from ..executors.base import JobResult
 from ..registry import PROTOCOLS
 from ..strategy import Payload, Tensor
-from .base import Protocol, ProtocolState, RunContext, check_finite, wait_for_availability
-from .nodes import INITS, build_topology, eval_sample, initial_models, node_metrics
+from .base import Protocol, ProtocolState, RunContext, wait_for_availability
+from .nodes import INITS, build_topology, eval_sample, initial_models, node_metrics, stacked_updates
 from .rounds import FINISH, WAIT, RoundProtocol
 
 MAX_GAP_NODES = 1024  # the spectral gap (a dense SVD) is reported up to this many nodes
@@ -72,6 +75,7 @@ class DecentralizedProtocol(RoundProtocol):
         small = ctx.num_clients <= MAX_GAP_NODES
         self._static_gap = spectral_gap(self.topology.mixing(0)) if self.topology.static and small else None
         self._nodes = eval_sample(ctx.num_clients, self.eval_nodes, ctx.seed)
+        self._static_w: Tensor | None = None
 
     def init(self, ctx: RunContext) -> DecentralizedState:
         return DecentralizedState(models=initial_models(ctx, self.init_mode))
@@ -91,8 +95,8 @@ class DecentralizedProtocol(RoundProtocol):
         active &= ~ctx.population.drops(nodes, job_ids)[0]
         ids = nodes[active]
 
-        x = state.models
-        jobs = [ctx.make_job(int(i), Payload(x[i].clone()), r, int(job_ids[i])) for i in ids]
+        x = state.models  # never written in place (y below is a new tensor): payloads are views of its rows
+        jobs = [ctx.make_job(int(i), Payload(x[i]), r, int(job_ids[i])) for i in ids]
         results = ctx.executor.run(jobs)
         w = self.topology.mixing(r)
         w = w if active.all() else restrict(w, active)
@@ -117,10 +121,9 @@ class DecentralizedProtocol(RoundProtocol):
         n, t0, r, end, ids, results = ctx.num_clients, state.time, state.rounds, plan.end, plan.ids, plan.results
         q, size = ctx.strategy.gossip_steps, nbytes(state.models[0])
         y = state.models.clone()
-        for res in results:
-            check_finite(res, r, t0)
-            y[res.client] = res.output.update
-        wt = as_tensor(plan.w, y.dtype, y.device)
+        if results:
+            y[torch.as_tensor(ids, device=y.device)] = stacked_updates(results, r, t0)
+        wt = self._mixing_tensor(plan.w, plan.everyone, y)
         own = torch.arange(n, device=y.device)
         for _ in range(q):
             y = ctx.strategy.merge(y, wt, own, ctx.task.layout)
@@ -141,6 +144,15 @@ class DecentralizedProtocol(RoundProtocol):
         state.time = end
         state.finished = ctx.out_of_rounds(state)
         return state
+
+    def _mixing_tensor(self, w: Any, everyone: bool, like: Tensor) -> Tensor:
+        """Returns W as a tensor on the stack's device (dense up to 256 nodes, sparse CSR beyond);
+        for a static graph with every node taking part, built once and reused."""
+        if not (everyone and self.topology.static):
+            return as_tensor(w, like.dtype, like.device)
+        if self._static_w is None or self._static_w.dtype != like.dtype or self._static_w.device != like.device:
+            self._static_w = as_tensor(w, like.dtype, like.device)
+        return self._static_w
 
     def _spectral_gap(self, w: Any, everyone: bool) -> float | None:
         """Returns 1 − λ of this round's W (once for a static graph; None beyond 1024 nodes)."""
