@@ -1,4 +1,4 @@
-"""The `fedsim` command line: run, plot, list.
+"""The `fedsim` command line: run, resume, plot, reproduce, gallery, config-reference, list.
 
 Every user error is one line on stderr and an exit status (2 bad input, 3 divergence),
 never a traceback.
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -63,14 +64,30 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import available, reproduce
+    import time
 
+    from .reproduce import available, check_executor, load_paper, reproduce
+
+    check_executor(args.executor)
     names = available() if args.name == "all" else [args.name]
+    load_paper(names[0])  # an unknown name fails before anything runs
     for name in names:
         out = Path(args.out) / name if args.name == "all" else Path(args.out)
+        start = time.perf_counter()
         result = reproduce(name, out, quick=args.quick, executor=args.executor)
-        print(f"{name}: {sum(c.supported is True for c in result.claims)}/{len(result.claims)} claims supported; "
-              f"see {result.out / 'claims.md'}")
+        print(f"{name}: {sum(c.supported is True for c in result.claims)}/{len(result.claims)} claims supported "
+              f"({time.perf_counter() - start:.0f} s); see {result.out / 'claims.md'}")
+    return 0
+
+
+def _cmd_gallery(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .gallery import build
+
+    invocation = "fedsim gallery " + " ".join(shlex.quote(s) for s in args.sources)
+    page = build([Path(s) for s in args.sources], Path(args.docs), invocation)
+    print(f"wrote {page} and {page.parent / 'gallery'}/")
     return 0
 
 
@@ -148,6 +165,11 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--executor", help="executor kind for every run (serial, ray, vmap)")
     rp.set_defaults(func=_cmd_reproduce)
 
+    ga = sub.add_parser("gallery", help="write docs/gallery.md from reproductions' claims.md and figures")
+    ga.add_argument("sources", nargs="+", help="folders written by `fedsim reproduce` (NAME or all)")
+    ga.add_argument("--docs", default="docs", help="docs folder to write gallery.md and gallery/ into")
+    ga.set_defaults(func=_cmd_gallery)
+
     ref = sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
     ref.add_argument("-o", "--output", help="write it to this file instead of stdout")
     ref.set_defaults(func=_cmd_reference)
@@ -158,9 +180,26 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    """fedsim's own warnings as one line (no source line); others as Python formats them."""
+    if Path(filename).resolve().is_relative_to(PACKAGE):
+        return f"fedsim: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+PACKAGE = Path(__file__).resolve().parent
+_python_format_warning = warnings.formatwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fedsim` console script; returns the exit status."""
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra:  # overrides given after options, e.g. `run cfg.yaml --quiet key=value`
+        if not hasattr(args, "overrides") or any(a.startswith("-") for a in extra):
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    warnings.formatwarning = _format_warning
     try:
         return args.func(args)
     except FedsimError as exc:
@@ -169,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedsim: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = _python_format_warning
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,15 +8,21 @@ that defines
   folders (``results[label]`` = one folder per seed) and returns the paper's claims with
   what was measured. Nothing in a claim may be hard-coded: every number comes from the runs.
 * optionally ``TITLE`` (the paper) and ``FULL_RUNTIME`` (expected time of the full version).
+
+claims.md starts with what was run — mode, runs and seeds, executor, wall and CPU time —
+and the command that regenerates it; `fedsim.gallery` builds docs/gallery.md from it.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .errors import FedsimError
 
@@ -53,18 +59,18 @@ class Result:
     figures: list[Path] = field(default_factory=list)
 
 
-def available() -> list[str]:
+def available(papers_dir: Path = PAPERS_DIR) -> list[str]:
     """Returns the names of the papers that have a reproduce.py."""
-    return sorted(p.parent.name for p in PAPERS_DIR.glob("*/reproduce.py"))
+    return sorted(p.parent.name for p in papers_dir.glob("*/reproduce.py"))
 
 
-def load_paper(name: str) -> ModuleType:
-    """Imports experiments/papers/<name>/reproduce.py; raises FedsimError for unknown names."""
-    path = PAPERS_DIR / name / "reproduce.py"
+def load_paper(name: str, papers_dir: Path = PAPERS_DIR) -> ModuleType:
+    """Imports <papers_dir>/<name>/reproduce.py; raises FedsimError for unknown names."""
+    path = papers_dir / name / "reproduce.py"
     if not path.is_file():
         import difflib
 
-        names = available()
+        names = available(papers_dir)
         close = difflib.get_close_matches(name, names, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise FedsimError(f"unknown paper {name!r}{hint} (known: {', '.join(names)}, all)")
@@ -75,29 +81,98 @@ def load_paper(name: str) -> ModuleType:
     return module
 
 
-def claims_markdown(title: str, claims: Sequence[Claim], figures: Sequence[Path], quick: bool, seconds: float) -> str:
-    """Renders claims.md: the claim table plus links to the figures."""
+def plan(paper: ModuleType, quick: bool) -> list[tuple[RunSpec, int]]:
+    """Returns every (spec, seed) run of `paper` in this mode, in order."""
+    runs = []
+    for spec in paper.RUNS:
+        seeds = (spec.quick_seeds if spec.quick_seeds is not None else list(spec.seeds)[:1]) if quick else spec.seeds
+        runs += [(spec, int(s)) for s in seeds]
+    return runs
+
+
+def describe_runs(runs: Sequence[tuple[RunSpec, int]]) -> str:
+    """Returns e.g. '45 runs: 15 curves, seeds 0, 1, 2 (3 per curve)' for a plan."""
+    per = {}
+    for spec, seed in runs:
+        per.setdefault(spec.label, []).append(seed)
+    counts = sorted({len(s) for s in per.values()})
+    each = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    seeds = ", ".join(str(s) for s in sorted({s for _, s in runs}))
+    return f"{len(runs)} runs: {len(per)} curves, seeds {seeds} ({each} per curve)"
+
+
+def command(name: str, quick: bool, executor: str | None = None) -> str:
+    """Returns the command line that regenerates a reproduction."""
+    return " ".join(["fedsim reproduce", name, *(["--quick"] if quick else []),
+                     *([f"--executor {executor}"] if executor else []), "--out DIR"])
+
+
+def claims_markdown(title: str, claims: Sequence[Claim], figures: Sequence[Path], quick: bool, seconds: float,
+                    name: str = "", runs: str = "", executor: str | None = None, cpu_seconds: float | None = None,
+                    full_runtime: str | None = None, load: str = "") -> str:
+    """Renders claims.md: what was run and how to run it again, the figures, the claim table."""
     mark = {True: "yes", False: "**no**", None: "inconclusive"}
-    lines = [f"# {title}", "", f"Mode: {'quick' if quick else 'full'}; run time {seconds:.0f} s.", ""]
-    lines += [f"![{f.stem}]({f.name})" for f in figures]
+    cpu = f"; CPU time {cpu_seconds:.0f} s" if cpu_seconds is not None else ""
+    busy = f"; load average {load} at the end" if load else ""
+    lines = [f"# {title}", "", f"Mode: {'quick' if quick else 'full'}; run time {seconds:.0f} s{cpu}{busy}.  "]
+    if runs:
+        lines.append(f"Runs: {runs}; executor: {executor or 'serial'}.  ")
+    if name:
+        full = f" (full mode: {full_runtime})" if quick and full_runtime else ""
+        lines.append(f"Regenerate: `{command(name, quick, executor)}`{full}.")
+    lines += [""] + [f"![{f.stem}]({f.name})" for f in figures]
     lines += ["", "| claim | measured | supported |", "|---|---|---|"]
     lines += [f"| {c.claim} | {c.measured} | {mark[c.supported]} |" for c in claims]
     return "\n".join(lines) + "\n"
 
 
+def check_executor(executor: str | None) -> None:
+    """Raises FedsimError before any run if `executor` is not a registered executor kind."""
+    if executor is None:
+        return
+    from .registry import EXECUTORS
+
+    if executor not in EXECUTORS.names():
+        raise FedsimError(f"--executor: unknown executor {executor!r} (known: {', '.join(EXECUTORS.names())})")
+
+
+@contextlib.contextmanager
+def shared_ray(executor: str | None) -> Iterator[None]:
+    """With the Ray executor, starts one private local Ray for all of a paper's runs (each run
+    would otherwise start and stop its own) and stops it at the end; otherwise does nothing."""
+    if executor != "ray":
+        yield
+        return
+    from .config.ray_section import RaySection
+    from .executors.ray_cluster import connect
+
+    connection = connect(RaySection())
+    try:
+        yield
+    finally:
+        connection.close()
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (Ray's own processes not included)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def reproduce(name: str, out: Path, quick: bool = False, executor: str | None = None,
-              progress: Callable[[str], Any] = print) -> Result:
+              progress: Callable[[str], Any] = print, papers_dir: Path = PAPERS_DIR) -> Result:
     """Runs every RunSpec of paper `name` (each seed), then its report; writes out/claims.md."""
     from .config import load_config
     from .runner import execute
 
-    paper = load_paper(name)
+    check_executor(executor)
+    paper = load_paper(name, papers_dir)
+    runs = plan(paper, quick)
     out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), _cpu_seconds()
     results: dict[str, list[Path]] = {}
-    for spec in paper.RUNS:
-        seeds = (spec.quick_seeds if spec.quick_seeds is not None else list(spec.seeds)[:1]) if quick else spec.seeds
-        for seed in seeds:
+    with shared_ray(executor):
+        for spec, seed in runs:
             overrides = [*spec.overrides, f"seed={seed}", "run.progress=false"]
             if quick:
                 overrides += list(spec.quick)
@@ -105,11 +180,22 @@ def reproduce(name: str, out: Path, quick: bool = False, executor: str | None = 
                 overrides.append(f"executor.kind={executor}")
             folder = out / "runs" / f"{spec.label}-seed{seed}".replace(" ", "_").replace("/", "_")
             progress(f"[{name}] {spec.label} seed {seed} -> {folder}")
-            execute(load_config(PAPERS_DIR / name / spec.config, overrides), folder, overwrite=True, progress=False)
+            execute(load_config(papers_dir / name / spec.config, overrides), folder, overwrite=True, progress=False)
             results.setdefault(spec.label, []).append(folder)
     before = set(out.glob("*.png"))
     claims = list(paper.report(results, out))
     figures = sorted(set(out.glob("*.png")) - before) or sorted(out.glob("*.png"))
-    title = getattr(paper, "TITLE", name)
-    (out / "claims.md").write_text(claims_markdown(title, claims, figures, quick, time.perf_counter() - start))
+    text = claims_markdown(getattr(paper, "TITLE", name), claims, figures, quick, time.perf_counter() - start,
+                           name=name, runs=describe_runs(runs), executor=executor,
+                           cpu_seconds=_cpu_seconds() - cpu0, full_runtime=getattr(paper, "FULL_RUNTIME", None),
+                           load=load_average())
+    (out / "claims.md").write_text(text)
     return Result(out, claims, figures)
+
+
+def load_average() -> str:
+    """Returns the 1-minute load average as text ('' where the OS does not say)."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:  # pragma: no cover - platforms without getloadavg
+        return ""

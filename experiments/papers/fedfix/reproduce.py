@@ -25,8 +25,8 @@ from fedsim.reproduce import Claim, RunSpec  # noqa: E402
 
 TITLE = ("Fraboni, Vidal, Kameni, Lorenzi — A General Theory for Federated Optimization with Asynchronous "
          "and Heterogeneous Clients Updates (JMLR 2023, arXiv 2206.10189): FedFix vs FedAvg, Async, FedBuff")
-FULL_RUNTIME = ("42 runs, 31 min on 2 cores shared with other jobs (load ≈ 12); "
-                "--quick: 14 runs, 3.5 min on the same machine")
+FULL_RUNTIME = ("42 runs, about 8 minutes of CPU (measured: 906 s wall, 482 s CPU on 2 cores shared with "
+                "other jobs); --quick: 14 runs, 87 s wall, 54 s CPU")
 
 M = 20
 _UNIFORM = "weighting: unbiased, client_weights: uniform"
