@@ -12,7 +12,9 @@ process and all its children (Ray's raylet, GCS and workers for Flower), sampled
   API's FedAvg (``strategy.start``) and a ClientApp (``@app.train``), Ray backend, with its
   default client resources and with ``num_cpus: 1`` per client (the best setting found
   here; MEASUREMENTS.md).
-* fedsim: serial and vmap executors (and ray when `executor.kind: ray` is registered).
+* fedsim: serial and vmap executors (and ray when `executor.kind: ray` is registered), with
+  torch's default thread count, and the vmap executor again with ``run.torch_threads: 1``
+  (Ray gives each Flower client actor one thread the same way).
 
     python benchmarks/vs_flower.py [--rounds 20]
 """
@@ -38,12 +40,15 @@ LR, BATCH = 0.05, 16
 
 # ---- children: one variant each, printing one JSON line ------------------------------------
 
-def _fedsim_child(kind: str, rounds: int) -> dict:
+def _fedsim_child(kind: str, rounds: int, threads: int | None = None) -> dict:
     from benchmarks._workload import workload_w
     from fedsim.config import load_config
     from fedsim.runner import build, drive
 
-    run = build(load_config(workload_w(rounds, kind, **({"device": "cpu"} if kind == "vmap" else {}))))
+    cfg = workload_w(rounds, kind, **({"device": "cpu"} if kind == "vmap" else {}))
+    if threads:
+        cfg["run"]["torch_threads"] = threads
+    run = build(load_config(cfg))
     stamps: list[float] = []
     step = run.protocol.step
 
@@ -178,7 +183,7 @@ def main() -> None:
         if kind == "flower":
             res = _flower_child(args.rounds, float(args.child[1]) if len(args.child) > 1 else None)
         else:
-            res = _fedsim_child(kind, args.rounds)
+            res = _fedsim_child(kind, args.rounds, int(args.child[1]) if len(args.child) > 1 else None)
         res["t0"] = T0
         print(json.dumps(res))
         return
@@ -189,6 +194,9 @@ def main() -> None:
     if "ray" in EXECUTORS.names():
         variants.append(("fedsim ray executor", ["ray"]))
     variants.append(("fedsim vmap executor (CPU)", ["vmap"]))
+    # Ray gives each Flower client actor OMP_NUM_THREADS = its num_cpus (1); fedsim's process uses
+    # torch's default (one thread per core), which loses badly when other work shares the cores
+    variants.append(("fedsim vmap, run.torch_threads=1", ["vmap", "1"]))
     n, r = 100, args.rounds
     print(f"workload W: {n} clients, {r} rounds, MLP 60-200-10, 4 local steps; {os.cpu_count()} CPUs")
     head = (f"{'variant':34s} {'end to end s':>12s} {'round 1 done s':>14s} {'s/round (steady)':>16s} "
@@ -211,14 +219,18 @@ def main() -> None:
     print("\n" + head + "\n" + "\n".join(rows))
     base = results.get("Flower, default client resources", {})
     best = results.get("Flower, num_cpus=1 per client", {})
-    vm = results.get("fedsim vmap executor (CPU)", {})
-    if all("round_ends" in x for x in (base, best, vm)):
-        def sr(x):
-            e = x["round_ends"]
-            return (e[-1] - e[len(e) // 4]) / (len(e) - 1 - len(e) // 4)
-        print(f"\nvmap vs Flower default: {sr(base) / sr(vm):.0f}x steady-state throughput, "
+    def sr(x):
+        e = x["round_ends"]
+        return (e[-1] - e[len(e) // 4]) / (len(e) - 1 - len(e) // 4)
+
+    for label in ("fedsim vmap executor (CPU)", "fedsim vmap, run.torch_threads=1"):
+        vm = results.get(label, {})
+        if not all("round_ends" in x for x in (base, best, vm)):
+            continue
+        print(f"\n{label} vs Flower default: {sr(base) / sr(vm):.0f}x steady-state throughput, "
               f"{base['wall'] / vm['wall']:.1f}x end to end (targets: 40x, 15x)")
-        print(f"vmap vs Flower num_cpus=1: {sr(best) / sr(vm):.0f}x steady-state, {best['wall'] / vm['wall']:.1f}x end to end")
+        print(f"{label} vs Flower num_cpus=1: {sr(best) / sr(vm):.0f}x steady-state, "
+              f"{best['wall'] / vm['wall']:.1f}x end to end")
 
 
 if __name__ == "__main__":

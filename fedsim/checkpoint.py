@@ -29,6 +29,8 @@ from .errors import FedsimError
 from .state_store import ClientStateStore
 
 CKPT_RE = re.compile(r"^ckpt-(\d{9})\.pt$")
+# what `fedsim.runner` writes; a readable file without these is not a checkpoint (skipped like a corrupt one)
+PAYLOAD_KEYS = frozenset({"format", "protocol", "param_dim", "protocol_state", "store", "driver", "rows", "events_bytes"})
 TRUSTED_PREFIXES = ("fedsim.", "strategies.", "topologies.")
 
 
@@ -108,7 +110,7 @@ def decode(tree: Any, trusted: tuple[str, ...] = TRUSTED_PREFIXES) -> Any:
         return {decode(k, trusted): decode(v, trusted) for k, v in tree["__items__"]}
     if "__set__" in tree:
         return {decode(v, trusted) for v in tree["__set__"]}
-    raise FedsimError("checkpoint has an unknown entry")
+    raise ValueError("checkpoint has an unknown entry")  # a damaged file: load_latest tries the previous one
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -168,18 +170,21 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def load_latest(run_dir: Path, trusted: Iterable[str] = ()) -> tuple[dict[str, Any], Path]:
-    """Loads the newest readable checkpoint, warning about (and skipping) corrupt ones."""
+    """Loads the newest readable checkpoint, warning about (and skipping) corrupt ones and files
+    that are not checkpoints; returns (payload, its path)."""
     prefixes = TRUSTED_PREFIXES + tuple(f"{m}." for m in trusted) + tuple(trusted)
     files = list_checkpoints(run_dir)
     if not files:
         raise FedsimError(f"{run_dir} has no checkpoint to resume from")
     for path in reversed(files):
         try:
-            tree = torch.load(path, weights_only=True)
-            return decode(tree, prefixes), path
+            payload = decode(torch.load(path, weights_only=True), prefixes)
+            if not isinstance(payload, dict) or not PAYLOAD_KEYS <= payload.keys():
+                raise ValueError("not a fedsim checkpoint")
+            return payload, path
         except FedsimError:
             raise
         except Exception as exc:  # noqa: BLE001 - any unreadable file: fall back to the previous one
-            warnings.warn(f"checkpoint {path.name} is unreadable ({type(exc).__name__}); trying the previous one",
-                          stacklevel=2)
+            why = ": ".join(filter(None, [type(exc).__name__, str(exc).split(". ")[0]])).splitlines()[0]
+            warnings.warn(f"checkpoint {path.name} is unreadable ({why}); trying the previous one", stacklevel=2)
     raise FedsimError(f"no readable checkpoint in {checkpoint_dir(run_dir)}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -179,9 +180,26 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    """fedsim's own warnings as one line (no source line); others as Python formats them."""
+    if Path(filename).resolve().is_relative_to(PACKAGE):
+        return f"fedsim: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+PACKAGE = Path(__file__).resolve().parent
+_python_format_warning = warnings.formatwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fedsim` console script; returns the exit status."""
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra:  # overrides given after options, e.g. `run cfg.yaml --quiet key=value`
+        if not hasattr(args, "overrides") or any(a.startswith("-") for a in extra):
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    warnings.formatwarning = _format_warning
     try:
         return args.func(args)
     except FedsimError as exc:
@@ -190,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedsim: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = _python_format_warning
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,7 +19,8 @@ Built-ins (registered in `COMPRESSORS`; a new one is one decorated factory):
   bit per coordinate (0 is sent as +) plus one scale.
 * ``qsgd`` (Alistarh, Grubic, Li, Tomioka, Vojnovic 2017): per bucket of `bucket`
   coordinates, ‖v_B‖₂·sign(v_j)·ξ_j/s with ξ_j the stochastic rounding of s|v_j|/‖v_B‖₂ to
-  an integer in [0, s], s = 2^(bits−1) − 1 levels; unbiased. `bits` counts the sign bit.
+  an integer in [0, s], s = 2^(bits−1) − 1 levels; unbiased (or, ``contractive``, scaled by
+  1/(1 + ω) with ω = min(b/s², √b/s) its variance bound). `bits` counts the sign bit.
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ class Sparse(Encoded):
     dim: int
 
     def decode(self) -> Tensor:
-        out = torch.zeros(self.dim, dtype=self.values.dtype)
+        out = torch.zeros(self.dim, dtype=self.values.dtype, device=self.values.device)
         return out.index_put_((self.indices,), self.values)
 
     @property
@@ -92,8 +93,9 @@ class SeededSparse(Encoded):
     dim: int
 
     def decode(self) -> Tensor:
-        out = torch.zeros(self.dim, dtype=self.values.dtype)
-        return out.index_put_((random_indices(self.key, self.dim, self.values.numel()),), self.values)
+        out = torch.zeros(self.dim, dtype=self.values.dtype, device=self.values.device)
+        idx = random_indices(self.key, self.dim, self.values.numel()).to(out.device)
+        return out.index_put_((idx,), self.values)
 
     @property
     def nbytes(self) -> int:
@@ -125,10 +127,11 @@ class Quantized(Encoded):
     levels_max: int  # s
     bits: int
     bucket: int
+    shrink: float = 1.0  # a constant of the configuration (`contractive`), not sent
 
     def decode(self) -> Tensor:
         d = self.levels.numel()
-        scale = self.norms.repeat_interleave(self.bucket)[:d] / self.levels_max
+        scale = self.norms.repeat_interleave(self.bucket)[:d] * (self.shrink / self.levels_max)
         signs = 1 - 2 * self.negative.to(self.norms.dtype)
         return signs * self.levels.to(self.norms.dtype) * scale
 
@@ -198,7 +201,7 @@ def randk(ratio: Ratio = 0.01, unbiased: bool = False) -> Compressor:
     def compress(v: Tensor, key: int) -> SeededSparse:
         d = v.numel()
         k = _count(ratio, d)
-        values = v[random_indices(key, d, k)]
+        values = v[random_indices(key, d, k).to(v.device)]
         return SeededSparse(key, values * (d / k) if unbiased else values, d)
 
     return compress
@@ -211,12 +214,16 @@ def sign() -> Compressor:
 
 
 @COMPRESSORS.register("qsgd")
-def qsgd(bits: Annotated[int, Ge(2)] = 4, bucket: Annotated[Optional[int], Ge(1)] = 512) -> Compressor:
+def qsgd(bits: Annotated[int, Ge(2)] = 4, bucket: Annotated[Optional[int], Ge(1)] = 512,
+         contractive: bool = False) -> Compressor:
     """QSGD stochastic quantization with s = 2^(bits−1) − 1 levels per sign, by buckets.
 
     Args:
         bits: Bits per coordinate, sign included (4 → 7 magnitude levels).
         bucket: Coordinates sharing one norm (the paper's bucketing); null = the whole vector.
+        contractive: Scale the decoded vector by 1/(1 + ω), ω = min(b/s², √b/s) the QSGD variance
+            bound for buckets of b: biased but contractive, as CHOCO needs (the CHOCO authors'
+            'qsgd-biased'); false = unbiased.
     """
     s = 2 ** (bits - 1) - 1
 
@@ -226,8 +233,9 @@ def qsgd(bits: Annotated[int, Ge(2)] = 4, bucket: Annotated[Optional[int], Ge(1)
         padded = torch.cat([v, v.new_zeros(-d % b)]).view(-1, b)
         norms = torch.linalg.vector_norm(padded, dim=1)
         ratio = (padded.abs() / norms.clamp_min(torch.finfo(v.dtype).tiny)[:, None]).reshape(-1)[:d] * s
-        noise = torch.rand(d, generator=torch_generator(key, "qsgd"), dtype=v.dtype)
+        noise = torch.rand(d, generator=torch_generator(key, "qsgd"), dtype=v.dtype).to(v.device)
         levels = torch.floor(ratio + noise).clamp_(0, s).to(torch.int16)
-        return Quantized(levels, v < 0, norms, s, bits, b)
+        shrink = 1.0 / (1.0 + min(b / s**2, math.sqrt(b) / s)) if contractive else 1.0
+        return Quantized(levels, v < 0, norms, s, bits, b, shrink)
 
     return compress

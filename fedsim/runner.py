@@ -148,7 +148,8 @@ def _write_checkpoint(run: Run, out_dir: Path, state: ProtocolState, dstate: Dri
         ctx.events._fh.flush()
         events_bytes = ctx.events.path.stat().st_size
     dstate.checkpoints += 1
-    snapshot = DriverState(dstate.next_eval, dstate.last_rounds, dstate.evaluations, dstate.checkpoints, wall)
+    # last_rounds = the state's rounds: their evaluation, if due, is done (rows are made before checkpoints)
+    snapshot = DriverState(dstate.next_eval, state.rounds, dstate.evaluations, dstate.checkpoints, wall)
     payload = {
         "format": 1,
         "protocol": run.config.protocol.name,
@@ -202,6 +203,12 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
         if out_dir and cfg.checkpoint_every and dstate.evaluations % cfg.checkpoint_every == 0:
             _write_checkpoint(run, out_dir, state, dstate, wall())
 
+    def record_due(state: ProtocolState) -> None:
+        # moves the schedule on before recording, so a checkpoint written by record() does not
+        # hold this evaluation as still due (a resumed run would write its row twice)
+        tick, dstate.next_eval = dstate.next_eval, dstate.next_eval + every_tick
+        record(state, tick)
+
     def advance_bar(state: ProtocolState) -> None:
         if cfg.rounds is not None:
             bar.update(state.rounds - bar.n)
@@ -224,12 +231,12 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
                 if every_tick is not None:
                     nt = proto.next_time(ctx, state)
                     while nt is not None and nt > dstate.next_eval and dstate.next_eval <= ctx.budget_ticks():
-                        record(state, dstate.next_eval)
-                        dstate.next_eval += every_tick
+                        record_due(state)
                 try:
                     state = proto.step(ctx, state)
                 except DivergenceError as exc:
-                    last = run.rows[-1] if run.rows else {}
+                    finite = [r for r in run.rows if math.isfinite(r["test_loss"])]  # the model can blow up first
+                    last = finite[-1] if finite else {}
                     shown = {k: last.get(k) for k in ("round", "virtual_time", "test_accuracy", "test_loss")}
                     kept = " (last checkpoint kept)" if out_dir and ckpt.list_checkpoints(out_dir) else ""
                     raise DivergenceError(f"{exc}; last finite metrics: {shown}{kept}") from None
@@ -241,18 +248,17 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
                 budget = ctx.budget_ticks()
                 end = min(budget, state.time) if math.isfinite(budget) else state.time
                 while dstate.next_eval <= end:
-                    record(state, dstate.next_eval)
-                    dstate.next_eval += every_tick
+                    record_due(state)
             elif run.rows[-1]["round"] != state.rounds or run.rows[-1]["virtual_time"] != to_seconds(state.time):
                 record(state, state.time)
     finally:
         bar.close()
+        ctx.executor.close()
+        ctx.store.close()
         if metrics:
             metrics.close()
         if ctx.events is not None:
             ctx.events.close()
-        ctx.executor.close()
-        ctx.store.close()
     run.final_state = state
     run.wall_time = wall()
     return run.rows
@@ -280,6 +286,21 @@ def _finish(run: Run, out_dir: Path) -> None:
     curves(out_dir, run.rows)
 
 
+@contextmanager
+def _write_errors(out_dir: Path | None) -> Iterator[None]:
+    """Turns a failed write into the run folder (a full disk, a lost mount) into one line that
+    says what was kept; checkpoints are written atomically, so the newest one is whole."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, ConnectionError) or exc.errno is None:  # not a file system error
+            raise
+        if out_dir is None or not ckpt.list_checkpoints(out_dir):
+            raise FedsimError(f"a write failed: {exc}") from None
+        raise FedsimError(f"cannot write the run folder: {exc}; its newest checkpoint is kept, "
+                          f"resume with: fedsim resume {out_dir}") from None
+
+
 def execute(config: Config, out_dir: Path | None, overwrite: bool = False, progress: bool | None = None,
             protocol: Protocol | None = None) -> Run:
     """Builds and runs `config` (with `protocol` instead of the config's, if given); with
@@ -290,9 +311,10 @@ def execute(config: Config, out_dir: Path | None, overwrite: bool = False, progr
         write_config(out_dir, config.resolved())
         if config.run.state_dir is None:  # spilled client state lives in the run folder
             run.ctx.store.spill_root = out_dir
-    drive(run, out_dir, progress)
-    if out_dir is not None:
-        _finish(run, out_dir)
+    with _write_errors(out_dir):
+        drive(run, out_dir, progress)
+        if out_dir is not None:
+            _finish(run, out_dir)
     return run
 
 
@@ -319,8 +341,9 @@ def resume(out_dir: Path, progress: bool | None = None) -> Run:
     if events.exists():
         with events.open("r+b") as fh:
             fh.truncate(int(payload["events_bytes"]))
-    drive(run, out_dir, progress, resume=(payload["protocol_state"], payload["driver"]))
-    _finish(run, out_dir)
+    with _write_errors(out_dir):
+        drive(run, out_dir, progress, resume=(payload["protocol_state"], payload["driver"]))
+        _finish(run, out_dir)
     return run
 
 

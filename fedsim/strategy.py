@@ -21,6 +21,8 @@ A strategy is a `Strategy` named tuple:
   one (sparse) matmul (k = m = n, own = arange(n)); an asynchronous receiver merges its own
   model with its buffer (k = 1, own = [0]). See `fedsim.merge`.
 * ``gossip_steps`` — Q, the gossip (merge) steps per round in synchronous decentralized protocols.
+* ``channel`` — optional `fedsim.channel.Channel`: a stateful gossip step (compressed messages,
+  CHOCO's public copies) that synchronous decentralized protocols run instead of ``merge``.
 * ``client_state(params) -> dict`` — the initial persistent per-client state (None: stateless).
 """
 from __future__ import annotations
@@ -124,6 +126,7 @@ class Strategy(NamedTuple):
     metrics: Callable[[Any], dict[str, float]] | None = None
     merge: Callable[[Tensor, Tensor, Tensor, Any], Tensor] | None = None
     gossip_steps: int = 1
+    channel: Any = None  # fedsim.channel.Channel, or None: gossip sends the dense models
 
     @property
     def server_based(self) -> bool:

@@ -45,7 +45,7 @@ def compressed(
         inner: The strategy whose uplink is compressed: a name or {name: ..., its knobs}.
         compressor: A compressor name or {name: ..., its knobs}: identity; topk {ratio:
             fraction of coordinates, 0.01}; randk {ratio, unbiased: false}; sign; qsgd {bits
-            per coordinate incl. sign: 4, bucket: 512} (fedsim/compressors.py).
+            per coordinate incl. sign: 4, bucket: 512, contractive: false} (fedsim/compressors.py).
         feedback: Error feedback: 'none', 'ef' (error memory), 'ef21', 'econtrol'.
         eta: EControl's feedback strength η (η = 0 gives EF21; ignored by other rules).
     """

@@ -164,6 +164,7 @@ def test_equal_speeds_fedfix_and_full_buffer_are_synchronous_fedavg(protocol):
     assert torch.equal(x_sync, x_async)
     # curves against virtual time are exact: the row at t = k s holds the k aggregations done by then
     assert [(r["virtual_time"], r["aggregations"]) for r in asyn.rows] == [(float(k), k) for k in range(13)]
+    assert [(r["virtual_time"], r["aggregations"]) for r in sync.rows] == [(float(k), k) for k in range(13)]
 
 
 # ---------------------------------------------------------------- determinism and resumption

@@ -44,6 +44,15 @@ def test_randk_unbiased_and_qsgd_are_unbiased_in_expectation():
         assert bool((z.abs() < 4).all()), z
 
 
+def test_contractive_qsgd_is_the_unbiased_one_scaled_by_one_over_one_plus_omega():
+    plain, scaled = qsgd(bits=2, bucket=4), qsgd(bits=2, bucket=4, contractive=True)
+    omega = min(4 / 1**2, 4**0.5 / 1)  # s = 1 level, buckets of 4: ω = 2
+    assert torch.equal(decode(scaled(V, 3)), decode(plain(V, 3)) / (1 + omega))
+    assert scaled(V, 3).nbytes == plain(V, 3).nbytes  # the scale is configuration, not sent
+    err = torch.stack([(decode(scaled(V, key)) - V).pow(2).sum() for key in range(2000)]).mean()
+    assert float(err) <= (1 - 1 / (1 + omega)) * float(V.pow(2).sum())  # contractive: δ = 1/(1 + ω)
+
+
 def test_scaled_sign():
     msg = sign()(V, 0)
     scale = V.abs().mean()

@@ -10,6 +10,7 @@ from fedsim.cli import main
 from .conftest import ROOT, digits_config, fedsim_cmd, merge
 
 
+DEC = {"protocol": "decentralized", "strategy": "dfedavg"}  # names replace the sync sections
 CASES = [
     # (change to the config, key path expected in the message, words expected)
     ({"strategy": {"server_lrr": 1.0}}, "strategy.server_lrr", "did you mean 'server_lr'"),
@@ -25,6 +26,16 @@ CASES = [
     ({"model": {"name": "cnn", "channels": [0], "hidden": 16}}, "model.channels", "element 0"),
     ({"system": {"compute": {"name": "lognormal", "sigma": -1}}}, "system.compute.sigma", ">= 0"),
     ({"seed": "abc"}, "seed", "integer"),
+    # decentralized runs: the topology section
+    ({**DEC, "topology": {"name": "rign"}}, "topology.name", "did you mean 'ring'"),
+    ({**DEC, "topology": {"name": "ring", "mixing": "metropolis"}}, "topology.mixing",
+     "did you mean 'metropolis_hastings'"),
+    ({**DEC, "topology": {"name": "erdos_renyi", "p": 0.01}}, "topology", "disconnected"),
+    ({**DEC, "topology": {"name": "star", "mixing": "uniform"}}, "topology.mixing", "regular graph"),
+    ({**DEC, "protocol": "async_gossip", "strategy": "gossip",
+      "topology": {"name": "random_matching"}}, "topology.name", "static graph"),
+    ({"protocol": {"name": "asynch"}}, "protocol.name", "did you mean 'async'"),
+    ({"executor": {"kind": "seriall"}}, "executor.kind", "did you mean 'serial'"),
 ]
 
 
@@ -54,6 +65,18 @@ def test_malformed_yaml(tmp_path, capsys):
     bad.write_text("data: {name: digits\nrun: [")
     assert main(["run", str(bad)]) == 2
     assert "malformed YAML" in capsys.readouterr().err
+
+
+def test_config_files_that_are_not_configs(tmp_path, capsys):
+    binary = tmp_path / "cfg.yaml"
+    binary.write_bytes(bytes(range(256)))
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    for path, words in ((binary, "not a text (YAML) file"), (listing, "must be a mapping"),
+                        (tmp_path, "is a folder, not a config file"), (tmp_path / "none.yaml", "not found")):
+        assert main(["run", str(path), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_cli_subprocess_has_no_traceback(tmp_yaml):

@@ -1,6 +1,8 @@
 """`fedsim plot` overlays runs; `fedsim list` shows the registries."""
 from __future__ import annotations
 
+import pytest
+
 from fedsim.cli import main
 
 from .conftest import digits_config, run_config
@@ -29,3 +31,18 @@ def test_list_shows_registered_names(capsys):
     out = capsys.readouterr().out
     for name in ("iid", "dirichlet_per_class", "dirichlet_per_client", "shards", "natural"):
         assert name in out
+
+
+def test_overrides_may_follow_options(tmp_path, tmp_yaml):
+    cfg = tmp_yaml(digits_config(run={"rounds": 4, "progress": False}))
+    assert main(["run", str(cfg), "--out", str(tmp_path / "r"), "--quiet", "run.rounds=2"]) == 0
+    assert '"round": 2' in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1]
+    assert '"round": 4' not in (tmp_path / "r" / "metrics.jsonl").read_text()
+
+
+def test_unknown_option_after_config_is_refused(tmp_path, tmp_yaml, capsys):
+    cfg = tmp_yaml(digits_config(run={"rounds": 2}))
+    with pytest.raises(SystemExit) as exc:
+        main(["run", str(cfg), "--bogus"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

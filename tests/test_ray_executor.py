@@ -20,6 +20,7 @@ import pytest
 from fedsim.errors import ClientJobError
 
 from .conftest import ROOT, digits_config, fedsim_cmd, merge, run_config
+from .test_decentralized import dec_config
 from .test_determinism import strip
 
 ray = pytest.importorskip("ray")
@@ -30,6 +31,7 @@ FAULTS = "tests.ray_faults"
 CONFIGS = {
     "sync": digits_config(run={"rounds": 4, "eval_every": 2, "torch_threads": 1},
                           system={"dropout": {"name": "bernoulli", "p": 0.2}}),
+    "decentralized": dec_config(run={"rounds": 2, "eval_every": 1}),  # payloads are views of the node stack
 }
 
 
@@ -117,3 +119,18 @@ def test_client_error_can_drop_the_client(cluster, serial_rows):
     remote = strip(run_config(on_ray(cfg, num_actors=2, on_client_error="drop")).rows)
     assert remote == serial
     assert serial[-1]["dropped"] > serial_rows["sync"][-1]["dropped"]
+
+
+def test_payloads_that_view_a_larger_tensor_are_compacted_before_put():
+    import torch
+
+    from fedsim.executors.ray_executor import _compact
+    from fedsim.strategy import Payload
+
+    stack = torch.arange(12.0).reshape(4, 3)
+    row = _compact(Payload(stack[1], {"c": stack[2], "lr": 0.1}))
+    assert torch.equal(row.params, stack[1]) and row.params.untyped_storage().nbytes() == 3 * 4
+    assert row.extras["c"].untyped_storage().nbytes() == 3 * 4 and row.extras["lr"] == 0.1
+    whole = Payload(stack)
+    assert _compact(whole).params is stack  # nothing to compact: no copy
+

@@ -108,6 +108,46 @@ def test_corrupt_checkpoint_falls_back_with_warning(tmp_path, reference):
     assert [r["round"] for r in rows] == list(range(0, 13, 2))
 
 
+def test_a_file_that_is_not_a_checkpoint_is_skipped_with_warning(tmp_path):
+    from .conftest import quadratic_config
+
+    out = tmp_path / "run"
+    run_config(quadratic_config(run={"rounds": 6, "eval_every": 2, "checkpoint_every": 1}), out)
+    rows = read_jsonl(out / "metrics.jsonl")
+    torch.save(encode({"format": 1}), out / "checkpoints" / "ckpt-000000099.pt")  # loadable, not a checkpoint
+    with pytest.warns(UserWarning, match="ckpt-000000099.pt is unreadable .*not a fedsim checkpoint"):
+        assert main(["resume", str(out), "--quiet"]) == 0
+    assert strip(read_jsonl(out / "metrics.jsonl")) == strip(rows)
+
+
+def test_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, tmp_yaml, capsys, monkeypatch):
+    import errno
+
+    from fedsim import checkpoint
+
+    from .conftest import quadratic_config
+
+    cfg = quadratic_config(run={"rounds": 8, "eval_every": 1, "checkpoint_every": 1})
+    reference = run_config(cfg).rows
+    save, calls = checkpoint.save, []
+
+    def fills_the_disk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", fills_the_disk)
+    out = tmp_path / "run"
+    assert main(["run", str(tmp_yaml(cfg)), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedsim: error: cannot write the run folder: [Errno 28] No space left on device")
+    assert f"resume with: fedsim resume {out}" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setattr(checkpoint, "save", save)
+    assert main(["resume", str(out), "--quiet"]) == 0
+    assert strip(read_jsonl(out / "metrics.jsonl")) == strip(reference)
+
+
 def test_resume_refuses_a_changed_model(tmp_path, capsys):
     out = tmp_path / "run"
     run_config(merge(digits_config(), {"run": {"rounds": 4, "checkpoint_every": 1}}), out)
@@ -126,14 +166,27 @@ def test_run_resume_flag_and_out_refusal(tmp_path, tmp_yaml, capsys):
     assert "resuming" in capsys.readouterr().out
 
 
-def test_divergence_exits_3_with_round_client_and_last_metrics(tmp_path, tmp_yaml, capsys):
+DIVERGING = {
+    "sync": {},
+    "async": {"protocol": {"name": "async", "buffer_size": 2}},
+    "decentralized": {"protocol": "decentralized", "strategy": "dfedavg"},
+    "async_gossip": {"protocol": {"name": "async_gossip", "init": "shared"}, "strategy": "gossip",
+                     "topology": "complete"},
+}
+
+
+@pytest.mark.parametrize("protocol", sorted(DIVERGING))
+def test_divergence_exits_3_with_round_client_and_last_metrics(protocol, tmp_path, tmp_yaml, capsys):
     from .conftest import quadratic_config
 
-    cfg = quadratic_config(local={"lr": 1.0}, run={"rounds": 400, "eval_every": 5, "checkpoint_every": 1})
+    cfg = merge(quadratic_config(local={"lr": 1.0}, run={"rounds": 400, "eval_every": 5, "checkpoint_every": 1}),
+                DIVERGING[protocol])
     out = tmp_path / "run"
     code = main(["run", str(tmp_yaml(cfg)), "--out", str(out), "--quiet"])
     err = capsys.readouterr().err
     assert code == 3, err
     assert "NaN/inf" in err and "client" in err and "round" in err and "last finite metrics" in err
+    last = err.split("last finite metrics: ")[1]
+    assert "'test_loss': inf" not in last and "'test_loss': None" not in last, last
     assert "last checkpoint kept" in err and list_checkpoints(out)
-    assert "Traceback" not in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -117,7 +117,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """Reads a YAML mapping, raising ConfigError for missing files and malformed YAML."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError("", f"config file not found: {p}")
+        raise ConfigError("", f"{p} is a folder, not a config file" if p.is_dir() else f"config file not found: {p}")
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:

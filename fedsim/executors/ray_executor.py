@@ -142,7 +142,7 @@ class RayExecutor(Executor):
         key = id(job.payload)
         entry = self._payloads.get(key)
         if entry is None:  # a model version not yet in the store (the entry pins the object, so ids stay unique)
-            entry = self._payloads[key] = [job.payload, ray.put(job.payload), 0]
+            entry = self._payloads[key] = [job.payload, ray.put(_compact(job.payload)), 0]
             self.models_put += 1
         entry[2] += 1
         self._pending[job.job_id] = _Pending(replace(job, payload=None), key)  # type: ignore[arg-type]
@@ -251,6 +251,17 @@ class RayExecutor(Executor):
         self._queue.clear()
         self._conn.close()
         self._conn = None
+
+
+def _compact(payload: Payload) -> Payload:
+    """Returns `payload` with every tensor that views a larger storage copied out: pickling a
+    view ships its whole storage (a decentralized round's payloads are rows of the node stack)."""
+
+    def own(t: Any) -> Any:
+        small = not isinstance(t, torch.Tensor) or t.untyped_storage().nbytes() <= t.numel() * t.element_size()
+        return t if small else t.clone()
+
+    return Payload(own(payload.params), {k: own(v) for k, v in payload.extras.items()})
 
 
 def _numpy(t: torch.Tensor) -> Any:

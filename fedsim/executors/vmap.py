@@ -51,12 +51,14 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def resolve_device(device: str) -> torch.device:
-    """Returns the torch device for 'cpu', 'cuda' or 'auto' (CUDA when available)."""
+    """Returns the torch device for 'cpu', 'cuda' or 'auto' (CUDA when available), with its
+    index: tensors report ``cuda:0``, and ``torch.device('cuda') != torch.device('cuda:0')``."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("executor.device", "CUDA is not available on this machine; use device: cpu or auto")
-    return torch.device(device)
+    dev = torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device()) if dev.type == "cuda" and dev.index is None else dev
 
 
 class VmapExecutor(Executor):
@@ -188,7 +190,9 @@ class VmapExecutor(Executor):
                 out = self._fns[fn_key](*inputs)
         home = jobs[0].payload.params.device
         if self.runner is not None and home == self.device:
-            out = clone_tree(out)  # the graph's output buffers are overwritten by the next replay
+            # the graph's output buffers are overwritten by the next replay, and results may be
+            # fetched after it (asynchronous protocols); elsewhere unstack's .to(home) copies
+            out = clone_tree(out)
         return unstack(out, len(jobs), home)
 
     def _padded_size(self, n: int) -> int:

@@ -64,6 +64,9 @@ class AsyncGossipProtocol(Protocol):
         self.eval_nodes = eval_nodes
 
     def setup(self, ctx: RunContext) -> None:
+        if ctx.strategy.channel is not None:
+            raise ConfigError("protocol.name", f"strategy {ctx.config.strategy.name!r} compresses synchronous gossip "
+                              "steps (a channel); use protocol 'decentralized'")
         topo = build_topology(ctx)
         if not topo.static:
             raise ConfigError("topology.name", f"{topo.name!r} changes every round; the asynchronous gossip "
@@ -84,6 +87,14 @@ class AsyncGossipProtocol(Protocol):
         for i in nodes:
             state.queue.push(to_ticks(phase[i]), "wake", WAKE, node=int(i))
         return state
+
+    def resume(self, ctx: RunContext, state: GossipState) -> None:
+        """Resubmits the jobs still training in a restored state (the executor knows none of
+        them). A node's model does not change while its job runs, so the job is rebuilt exactly."""
+        training = [data for _, _, _, kind, data in state.queue.snapshot()["events"] if kind == "trained"]
+        for data in sorted(training, key=lambda d: d["job"]):
+            i = data["node"]
+            ctx.executor.submit(ctx.make_job(i, Payload(state.models[i].clone()), data["version"], data["job"]))
 
     def next_time(self, ctx: RunContext, state: GossipState) -> int | None:
         ev = state.queue.peek()
@@ -131,7 +142,7 @@ class AsyncGossipProtocol(Protocol):
             return
         ctx.executor.submit(job)
         ctx.log(t, "train", node=i, job=job_id)
-        state.queue.push(t + duration, "trained", TRAINED, node=i, job=job_id)
+        state.queue.push(t + duration, "trained", TRAINED, node=i, job=job_id, version=job.version)
 
     def _finish(self, ctx: RunContext, state: GossipState, i: int, job_id: int) -> None:
         """Node i's job ended: adopt, push, merge if the buffer is full, start the next job."""
@@ -173,9 +184,10 @@ class AsyncGossipProtocol(Protocol):
         """Returns own merged with the received models under the strategy's rule."""
         m = len(received)
         alpha = self.self_weight if self.self_weight is not None else 1.0 / (m + 1)
-        weights = torch.tensor([[alpha] + [(1.0 - alpha) / m] * m], dtype=own.dtype)
+        weights = torch.tensor([[alpha] + [(1.0 - alpha) / m] * m], dtype=own.dtype, device=own.device)
         models = torch.stack([own, *received])
-        return ctx.strategy.merge(models, weights, torch.zeros(1, dtype=torch.long), ctx.task.layout)[0]
+        return ctx.strategy.merge(models, weights, torch.zeros(1, dtype=torch.long, device=own.device),
+                                  ctx.task.layout)[0]
 
     def eval_params(self, ctx: RunContext, state: GossipState) -> Tensor:
         return state.models.mean(0)

@@ -28,7 +28,7 @@ and equals them when the horizon is a whole number of the schedule's periods).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Optional
 
 import numpy as np
@@ -53,6 +53,9 @@ class AsyncState(ScheduleState):
     models: dict[int, Payload] = field(default_factory=dict)  # version -> payload still referenced
     refs: dict[int, int] = field(default_factory=dict)  # version -> jobs/updates referring to it
     results: dict[int, JobResult] = field(default_factory=dict)  # job -> result not yet aggregated
+    # job -> the client state a still-computing job was dispatched with, kept once the store's
+    # entry for its client has changed since (to resubmit the job exactly after a resume)
+    dispatch_states: dict[int, dict[str, Tensor]] = field(default_factory=dict)
     # accumulators since the last evaluation
     staleness_seen: list[int] = field(default_factory=list)
     losses_seen: list[float] = field(default_factory=list)
@@ -95,7 +98,7 @@ class AsyncProtocol(Protocol, Hooks):
         self.engine = Engine(rules, ctx.population, n, ctx.seed, ctx.budget_ticks(), ctx.run.rounds)
         self._p = importance(ctx.data.samples_per_client(), self.client_weights)
         self._f = self.schedule_frequencies(ctx) if self.weighting == "unbiased" else None
-        self._submitted = False  # in-flight jobs are (re)submitted on the first step after a restore
+        self._submitted = False  # in-flight jobs are resubmitted (`resume`) before the first step after a restore
 
     def schedule_frequencies(self, ctx: RunContext) -> np.ndarray:
         """Returns f_i from a learning-free run of this schedule over the run's horizon
@@ -113,17 +116,26 @@ class AsyncProtocol(Protocol, Hooks):
 
     # ------------------------------------------------------------------ stepping
     def step(self, ctx: RunContext, state: AsyncState) -> AsyncState:
-        if not self._submitted:  # restored from a checkpoint: the executor knows none of the jobs
-            for f in state.flights.values():
-                if f.job not in state.results:
-                    ctx.executor.submit(ctx.make_job(f.client, state.models[f.version], f.version, f.job))
-            self._submitted = True
+        if not self._submitted:
+            self.resume(ctx, state)
         self.engine.step(state, self)
         if state.finished:
             for f in state.flights.values():
                 if f.job not in state.results:
                     ctx.executor.discard(f.job)
         return state
+
+    def resume(self, ctx: RunContext, state: AsyncState) -> None:
+        """Resubmits the jobs still computing in a restored state (the executor knows none of
+        them): those with a pending `done` event, each with the client state it started from."""
+        computing = sorted(data["job"] for _, _, _, kind, data in state.queue.snapshot()["events"] if kind == "done")
+        for job in computing:
+            f = state.flights[job]
+            j = ctx.make_job(f.client, state.models[f.version], f.version, f.job)
+            if job in state.dispatch_states:
+                j = replace(j, state=state.dispatch_states[job])
+            ctx.executor.submit(j)
+        self._submitted = True
 
     def next_time(self, ctx: RunContext, state: AsyncState) -> int | None:
         return self.engine.next_time(state)
@@ -163,6 +175,7 @@ class AsyncProtocol(Protocol, Hooks):
 
     def finish(self, st: AsyncState, flight: Flight) -> int | None:
         result = self.ctx.executor.result(flight.job)
+        st.dispatch_states.pop(flight.job, None)
         if result.failed:
             return None
         check_finite(result, st.rounds, st.time)
@@ -187,6 +200,7 @@ class AsyncProtocol(Protocol, Hooks):
         ]
         st.server = ctx.strategy.combine(st.server, msgs, CombineContext(ctx.num_clients, st.version, to_seconds(time)))
         for u, r in zip(updates, results):
+            self._keep_dispatch_states(st, u.client)
             ctx.store.put(u.client, r.output.state)
             self.release(st, u.job, u.version)
             st.staleness_seen.append(u.staleness)
@@ -194,8 +208,15 @@ class AsyncProtocol(Protocol, Hooks):
             if loss is not None:
                 st.losses_seen.append(float(loss))
 
+    def _keep_dispatch_states(self, st: AsyncState, client: int) -> None:
+        """Before `client`'s stored state changes: remembers it for the client's jobs still computing."""
+        for f in st.flights.values():
+            if f.client == client and f.job not in st.results and f.job not in st.dispatch_states:
+                st.dispatch_states[f.job] = self.ctx.client_state(client)
+
     def release(self, st: AsyncState, job: int, version: int) -> None:
         st.results.pop(job, None)
+        st.dispatch_states.pop(job, None)
         st.refs[version] -= 1
         if st.refs[version] == 0:
             del st.refs[version]

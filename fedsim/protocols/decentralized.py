@@ -3,12 +3,19 @@
 Round r starts at virtual time t_r. Every available node i whose job is not lost runs one
 local job (K steps, via the executor) from its model x_i, giving y_i; then the nodes merge
 Q = ``strategy.gossip_steps`` times with the round's mixing matrix W_r (all nodes use the
-previous step's models: ``Y ← merge(Y, W_r)``, a matmul for plain mixing). Nodes that are
-unavailable or lost neither train nor gossip this round: their links are dropped and their
-weight moved to the diagonal, which keeps W symmetric and doubly stochastic. Node i's part
+previous step's models: ``Y ← merge(Y, W_r)``, a matmul for plain mixing; W_r is dense up
+to 256 nodes and a sparse CSR tensor beyond, on the device of the node stack — the GPU
+with the vmap executor's ``keep_on_device``, where the nodes' local steps run as one
+vmapped call). Nodes that are unavailable or lost neither train nor gossip this round:
+their links are dropped and their weight moved to the diagonal, which keeps W symmetric
+and doubly stochastic. Node i's part
 of the round lasts its compute time plus the transfer of Q·deg_i models each way; the
 round ends when the slowest node is done. A round that would end after run.time_budget is
-not performed. Bytes: ``bytes_up`` counts models sent, ``bytes_down`` models received.
+not performed (the round is planned before it is applied, `rounds.RoundProtocol`, so
+time-based evaluation sees its end). Bytes: ``bytes_up`` counts models sent, ``bytes_down``
+models received — or, for a strategy with a `fedsim.channel.Channel` (compressed gossip,
+CHOCO), the encoded messages of its gossip steps, which then run in the plan (their sizes
+time the round); the protocol state holds the channel's per-node state.
 """
 from __future__ import annotations
 
@@ -20,13 +27,18 @@ import torch
 
 from topologies.mixing import as_tensor, message_counts, restrict, spectral_gap
 
+from ..channel import link_bytes
 from ..clock import to_seconds
 from ..comm import nbytes
 from ..config import Ge, OneOf
+from ..errors import ConfigError
+from ..executors.base import JobResult
 from ..registry import PROTOCOLS
+from ..rng import key
 from ..strategy import Payload, Tensor
-from .base import Protocol, ProtocolState, RunContext, check_finite, wait_for_availability
-from .nodes import INITS, build_topology, eval_sample, initial_models, node_metrics
+from .base import Protocol, ProtocolState, RunContext, wait_for_availability
+from .nodes import INITS, build_topology, eval_sample, initial_models, node_metrics, stacked_updates
+from .rounds import FINISH, WAIT, RoundProtocol
 
 MAX_GAP_NODES = 1024  # the spectral gap (a dense SVD) is reported up to this many nodes
 
@@ -36,12 +48,29 @@ class DecentralizedState(ProtocolState):
     """Progress plus the node stack and the last round's statistics."""
 
     models: Tensor | None = None  # [n, d]: node i's model in row i
+    channel: Any = None  # the strategy's channel state (fedsim.channel), if it has a channel
     train_loss: float | None = None
     active: int = 0  # nodes that trained and gossiped in the last round
     spectral_gap: float | None = None  # of the last round's mixing matrix
 
 
-class DecentralizedProtocol(Protocol):
+@dataclass
+class GossipRound:
+    """A planned round: the nodes that trained, their results, the round's W and message counts."""
+
+    ids: np.ndarray  # nodes that train and gossip
+    results: list[JobResult]
+    w: Any  # the round's mixing matrix, restricted to the active nodes
+    everyone: bool  # every node active
+    recv: np.ndarray  # models each node receives per gossip step
+    sent: np.ndarray  # models each node sends per gossip step
+    end: int
+    bytes_down: np.ndarray  # bytes each node receives in the round's Q gossip steps
+    bytes_up: np.ndarray  # bytes each node sends in them
+    gossiped: tuple[Tensor, Any] | None = None  # with a channel: the new stack and channel state
+
+
+class DecentralizedProtocol(RoundProtocol):
     """See the module docstring."""
 
     requires = "decentralized"
@@ -52,66 +81,117 @@ class DecentralizedProtocol(Protocol):
 
     def setup(self, ctx: RunContext) -> None:
         self.topology = build_topology(ctx)
+        channel = ctx.strategy.channel
+        if channel is not None and channel.static_graph and not self.topology.static:
+            raise ConfigError("topology.name", f"{self.topology.name!r} changes every round; strategy "
+                              f"{ctx.config.strategy.name!r} keeps state per neighbour and needs a static graph")
         small = ctx.num_clients <= MAX_GAP_NODES
         self._static_gap = spectral_gap(self.topology.mixing(0)) if self.topology.static and small else None
         self._nodes = eval_sample(ctx.num_clients, self.eval_nodes, ctx.seed)
+        self._static_w: Tensor | None = None
 
     def init(self, ctx: RunContext) -> DecentralizedState:
-        return DecentralizedState(models=initial_models(ctx, self.init_mode))
+        models = initial_models(ctx, self.init_mode)
+        channel = ctx.strategy.channel
+        return DecentralizedState(models=models, channel=channel.init(models) if channel is not None else None)
 
-    def step(self, ctx: RunContext, state: DecentralizedState) -> DecentralizedState:
+    def plan(self, ctx: RunContext, state: DecentralizedState) -> GossipRound | str:
+        """Runs the round's jobs and times the round; returns it, or 'finish' (out of rounds,
+        or it would end after the budget) or 'wait' (no node available)."""
         if ctx.out_of_rounds(state):
-            state.finished = True
-            return state
+            return FINISH
         n, t0, r = ctx.num_clients, state.time, state.rounds
         nodes = np.arange(n)
         job_ids = state.next_job + nodes
         active = np.zeros(n, dtype=bool)
         active[ctx.population.available(nodes, to_seconds(t0))] = True
         if not active.any():
-            return wait_for_availability(ctx, state)
+            return WAIT
         active &= ~ctx.population.drops(nodes, job_ids)[0]
         ids = nodes[active]
 
-        x = state.models
-        jobs = [ctx.make_job(int(i), Payload(x[i].clone()), r, int(job_ids[i])) for i in ids]
+        x = state.models  # never written in place (y below is a new tensor): payloads are views of its rows
+        jobs = [ctx.make_job(int(i), Payload(x[i]), r, int(job_ids[i])) for i in ids]
         results = ctx.executor.run(jobs)
         w = self.topology.mixing(r)
         w = w if active.all() else restrict(w, active)
         recv, sent = message_counts(w)
-        q, size = ctx.strategy.gossip_steps, nbytes(x[0])
-        durations = ctx.population.job_ticks(ids, [j.num_steps for j in jobs], q * size * recv[ids],
-                                             q * size * sent[ids], job_ids[ids])
+        q, size, gossiped = ctx.strategy.gossip_steps, nbytes(x[0]), None
+        down, up = q * size * recv, q * size * sent
+        if ctx.strategy.channel is not None:
+            gossiped, down, up = self._channel_gossip(ctx, state, ids, results, w, bool(active.all()))
+        durations = ctx.population.job_ticks(ids, [j.num_steps for j in jobs], down[ids], up[ids], job_ids[ids])
         end = t0 + max(durations, default=0)
         if end > ctx.budget_ticks():
+            return FINISH
+        return GossipRound(ids, results, w, bool(active.all()), recv, sent, end, down, up, gossiped)
+
+    def plan_end(self, plan: GossipRound | str) -> int | None:
+        return plan.end if isinstance(plan, GossipRound) else None
+
+    def apply(self, ctx: RunContext, state: DecentralizedState, plan: GossipRound | str) -> DecentralizedState:
+        if plan == FINISH:
             state.finished = True
             return state
-
-        y = x.clone()
-        for res in results:
-            check_finite(res, r, t0)
-            y[res.client] = res.output.update
-        wt = as_tensor(w, y.dtype, y.device)
-        own = torch.arange(n, device=y.device)
-        for _ in range(q):
-            y = ctx.strategy.merge(y, wt, own, ctx.task.layout)
+        if plan == WAIT:
+            return wait_for_availability(ctx, state)
+        n, t0, r, end, ids, results = ctx.num_clients, state.time, state.rounds, plan.end, plan.ids, plan.results
+        q = ctx.strategy.gossip_steps
+        if plan.gossiped is not None:
+            if results:
+                stacked_updates(results, r, t0)  # the NaN/inf check (the plan gossiped unchecked)
+            y, state.channel = plan.gossiped
+        else:
+            y = state.models.clone()
+            if results:
+                y[torch.as_tensor(ids, device=y.device)] = stacked_updates(results, r, t0)
+            wt = self._mixing_tensor(plan.w, plan.everyone, y)
+            own = torch.arange(n, device=y.device)
+            for _ in range(q):
+                y = ctx.strategy.merge(y, wt, own, ctx.task.layout)
 
         if ctx.events is not None:
             ctx.log(t0, "train", round=r, nodes=ids.tolist())
-            ctx.log(end, "gossip", round=r, steps=q, messages=int(q * sent.sum()))
+            ctx.log(end, "gossip", round=r, steps=q, messages=int(q * plan.sent.sum()))
         losses = [res.output.metrics["train_loss"] for res in results if "train_loss" in res.output.metrics]
         state.models = y
         state.train_loss = float(np.mean(losses)) if losses else None
         state.active = len(ids)
-        state.spectral_gap = self._spectral_gap(w, bool(active.all()))
-        state.bytes_up += int(q * size * sent.sum())
-        state.bytes_down += int(q * size * recv.sum())
+        state.spectral_gap = self._spectral_gap(plan.w, plan.everyone)
+        state.bytes_up += int(plan.bytes_up.sum())
+        state.bytes_down += int(plan.bytes_down.sum())
         state.next_job += n
         state.rounds += 1
         state.aggregations += q
         state.time = end
         state.finished = ctx.out_of_rounds(state)
         return state
+
+    def _channel_gossip(self, ctx: RunContext, state: DecentralizedState, ids: np.ndarray, results: list[JobResult],
+                        w: Any, everyone: bool) -> tuple[tuple[Tensor, Any], np.ndarray, np.ndarray]:
+        """Runs the round's Q steps of the strategy's channel on the trained stack, without changing
+        `state`; returns ((new stack, channel state), bytes each node received, bytes each sent)."""
+        y = state.models.clone()
+        if results:
+            y[torch.as_tensor(ids, device=y.device)] = torch.stack([res.output.update for res in results])
+        wt, channel, cstate = self._mixing_tensor(w, everyone, y), ctx.strategy.channel, state.channel
+        senders, r = message_counts(w)[1] > 0, state.rounds
+        down, up = np.zeros(len(y), dtype=np.int64), np.zeros(len(y), dtype=np.int64)
+        for s in range(ctx.strategy.gossip_steps):
+            y, cstate, sizes = channel.step(y, wt, cstate, senders, key(ctx.seed, "gossip/channel", r, s),
+                                            ctx.task.layout)
+            d, u = link_bytes(w, sizes)
+            down, up = down + d, up + u
+        return (y, cstate), down, up
+
+    def _mixing_tensor(self, w: Any, everyone: bool, like: Tensor) -> Tensor:
+        """Returns W as a tensor on the stack's device (dense up to 256 nodes, sparse CSR beyond);
+        for a static graph with every node taking part, built once and reused."""
+        if not (everyone and self.topology.static):
+            return as_tensor(w, like.dtype, like.device)
+        if self._static_w is None or self._static_w.dtype != like.dtype or self._static_w.device != like.device:
+            self._static_w = as_tensor(w, like.dtype, like.device)
+        return self._static_w
 
     def _spectral_gap(self, w: Any, everyone: bool) -> float | None:
         """Returns 1 − λ of this round's W (once for a static graph; None beyond 1024 nodes)."""

@@ -1,7 +1,9 @@
 """What the decentralized protocols share: the topology, the node stack, the metrics.
 
 Every node's model is one row of a plain ``[n, d]`` tensor (the "stack"): gossip is a
-matmul on it, and executors that shard or vectorise nodes get it as it is.
+matmul on it, and executors that shard or vectorise nodes get it as it is. The stack lives
+where the executor keeps models (``Executor.model_device``: the GPU for the vmap executor
+with ``keep_on_device``), so training, gossip and the metrics below never leave that device.
 
 Metrics of an evaluation row (beside the runner's accuracy of the nodes' *average* model):
 ``node_acc_mean / _std / _min / _max`` over a keyed sample of `eval_nodes` nodes (all nodes
@@ -17,9 +19,10 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..executors.base import JobResult
 from ..rng import key, numpy_rng
 from ..task import Task
-from .base import RunContext
+from .base import RunContext, check_finite
 
 INITS = ("shared", "independent")
 
@@ -51,8 +54,8 @@ def independent_params(task: Task, seed: int, nodes: int) -> torch.Tensor:
 def initial_models(ctx: RunContext, init: str) -> torch.Tensor:
     """Returns the initial node stack: every node at the run's model ('shared'), or each node
     at its own keyed initialisation ('independent')."""
-    if init == "independent":
-        return independent_params(ctx.task, ctx.seed, ctx.num_clients)
+    if init == "independent":  # drawn on the CPU (the same draws everywhere), then moved
+        return independent_params(ctx.task, ctx.seed, ctx.num_clients).to(ctx.initial_params.device)
     return ctx.initial_params.unsqueeze(0).repeat(ctx.num_clients, 1)
 
 
@@ -74,10 +77,23 @@ def node_metrics(ctx: RunContext, models: torch.Tensor, nodes: np.ndarray) -> di
     if len(nodes) == 0:
         return out
     src = ctx.data.source
-    evals = [ctx.task.evaluate(models[i], src.x_test, src.y_test, ctx.run.eval_batch_size) for i in nodes]
+    evaluate = ctx.executor.evaluate  # on the executor's device, where the stack lives
+    evals = [evaluate(ctx.task, models[i], src.x_test, src.y_test, ctx.run.eval_batch_size) for i in nodes]
     name, values = ("acc", [e["accuracy"] for e in evals]) if evals[0]["accuracy"] is not None else \
         ("loss", [e["loss"] for e in evals])
     v = np.asarray(values, dtype=np.float64)
-    out.update({f"node_{name}_mean": float(v.mean()), f"node_{name}_std": float(v.std()),
-                f"node_{name}_min": float(v.min()), f"node_{name}_max": float(v.max())})
+    with np.errstate(over="ignore", invalid="ignore"):  # a diverging run says so in its error, not in warnings
+        out.update({f"node_{name}_mean": float(v.mean()), f"node_{name}_std": float(v.std()),
+                    f"node_{name}_min": float(v.min()), f"node_{name}_max": float(v.max())})
     return out
+
+
+def stacked_updates(results: list[JobResult], round_: int, time: int) -> torch.Tensor:
+    """Returns the nodes' new models ``[m, d]`` (row r: results[r]'s), checked for NaN/inf by
+    one reduction over the stack (one device synchronisation per round, not one per node);
+    raises DivergenceError naming the first node that diverged."""
+    y = torch.stack([res.output.update for res in results])
+    if not bool(torch.isfinite(y).all()):
+        for res in results:  # raises for the first node that diverged
+            check_finite(res, round_, time)
+    return y

@@ -5,7 +5,9 @@ each job lasts its compute time plus transfer time, lost jobs disappear part-way
 server aggregates every result that arrived — all of them, or those before the deadline
 t_r + deadline (the rest are counted as stragglers and their work is discarded). The round
 ends when the last awaited job reports, or at the deadline. A round that would end after
-run.time_budget is not performed.
+run.time_budget is not performed. A round is planned (jobs run, arrivals timed) before it is
+applied (`rounds.RoundProtocol`), so the runner knows when its model takes effect: with
+`run.eval_every_time` the row at time t holds exactly the rounds that ended by t.
 """
 from __future__ import annotations
 
@@ -19,11 +21,12 @@ from ..clock import to_seconds, to_ticks
 from ..comm import nbytes
 from ..config import Ge, Gt, OneOf, Range
 from ..errors import ConfigError
-from ..executors.base import JobResult
+from ..executors.base import Job, JobResult
 from ..registry import PROTOCOLS
 from ..rng import numpy_rng
-from ..strategy import CombineContext, Msg, Tensor
+from ..strategy import CombineContext, Msg, Payload, Tensor
 from .base import Protocol, ProtocolState, RunContext, check_finite, uplink_bytes, wait_for_availability
+from .rounds import FINISH, WAIT, RoundProtocol
 from .weighting import IMPORTANCES, WEIGHTINGS, aggregation_weights, importance
 
 
@@ -59,7 +62,23 @@ class SyncState(ProtocolState):
         self.finished = ctx.out_of_rounds(self)
 
 
-class SyncProtocol(Protocol):
+@dataclass
+class SyncRound:
+    """A planned round: its jobs, their results and when each arrives or is lost (ticks)."""
+
+    t0: int
+    available: int  # clients available at t0
+    payload: Payload
+    jobs: list[Job]
+    results: dict[int, JobResult]  # client -> result, for jobs that were not lost
+    on_time: list[tuple[int, int]]  # (arrival, client), in arrival order, aggregated
+    late: list[tuple[int, int]]  # (arrival, client) after the deadline: stragglers
+    losses: list[tuple[int, int]]  # (when lost, client)
+    cut: int | None  # the deadline's tick
+    end: int
+
+
+class SyncProtocol(RoundProtocol):
     """See the module docstring."""
 
     requires = "server"
@@ -94,15 +113,16 @@ class SyncProtocol(Protocol):
     def init(self, ctx: RunContext) -> SyncState:
         return SyncState(server=ctx.strategy.init(ctx.initial_params))
 
-    def step(self, ctx: RunContext, state: SyncState) -> SyncState:
+    def plan(self, ctx: RunContext, state: SyncState) -> SyncRound | str:
+        """Samples the round's cohort, runs its jobs and times them; returns the round, or
+        'finish' (out of rounds, or it would end after the budget) or 'wait' (no client available)."""
         if ctx.out_of_rounds(state):
-            state.finished = True
-            return state
+            return FINISH
         t0 = state.time
         everyone = np.arange(ctx.num_clients)
         available = ctx.population.available(everyone, to_seconds(t0))
         if len(available) == 0:
-            return wait_for_availability(ctx, state)
+            return WAIT
         m = min(self.cohort_size(ctx.num_clients), len(available))
         cohort = np.sort(numpy_rng(ctx.seed, "sample", state.rounds).choice(available, m, replace=False))
         payload = ctx.strategy.publish(state.server)
@@ -132,16 +152,26 @@ class SyncProtocol(Protocol):
         if cut is not None:
             end = min(end, cut)
         if end > ctx.budget_ticks():
+            return FINISH
+        return SyncRound(t0, len(available), payload, jobs, results, on_time, late, losses, cut, end)
+
+    def plan_end(self, plan: SyncRound | str) -> int | None:
+        return plan.end if isinstance(plan, SyncRound) else None
+
+    def apply(self, ctx: RunContext, state: SyncState, plan: SyncRound | str) -> SyncState:
+        if plan == FINISH:
             state.finished = True
             return state
-
-        accepted = [results[c] for _, c in on_time]
+        if plan == WAIT:
+            return wait_for_availability(ctx, state)
+        t0, end, m, payload = plan.t0, plan.end, len(plan.jobs), plan.payload
+        accepted = [plan.results[c] for _, c in plan.on_time]
         weights = aggregation_weights(
             self.weighting,
             [r.client for r in accepted],
             [r.num_samples for r in accepted],
             self._p,
-            [m / len(available)] * len(accepted),
+            [m / plan.available] * len(accepted),
         )
         msgs = [
             Msg(r.client, r.output.update, w, 0, r.num_samples, r.num_steps, payload.params, r.output.extras)
@@ -156,17 +186,17 @@ class SyncProtocol(Protocol):
             ctx.store.put(r.client, r.output.state)
 
         if ctx.events is not None:
-            for job in jobs:
+            for job in plan.jobs:
                 ctx.log(t0, "dispatch", client=job.client, version=state.version, job=job.job_id)
-            for t, c in losses:
+            for t, c in plan.losses:
                 ctx.log(t, "drop", client=c, version=state.version)
-            for t, c in on_time:
+            for t, c in plan.on_time:
                 ctx.log(t, "arrival", client=c, version=state.version, staleness=0)
-            for t, c in late:
-                ctx.log(cut, "straggler", client=c, version=state.version, would_arrive=to_seconds(t))
+            for t, c in plan.late:
+                ctx.log(plan.cut, "straggler", client=c, version=state.version, would_arrive=to_seconds(t))
             ctx.log(end, "aggregate", version=state.version + 1, clients=[r.client for r in accepted])
 
-        state.close_round(ctx, accepted, m, len(late), len(losses), down * m, end)
+        state.close_round(ctx, accepted, m, len(plan.late), len(plan.losses), nbytes(payload) * m, end)
         return state
 
     def eval_params(self, ctx: RunContext, state: SyncState) -> Tensor:

@@ -1,0 +1,201 @@
+"""Compressed gossip (CHOCO-Gossip / CHOCO-SGD and its baselines) on the heterogeneous quadratic
+over a ring: consensus, optimum, bytes by hand, equality with plain gossip, checkpoint/resume."""
+from __future__ import annotations
+
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+
+from fedsim.checkpoint import list_checkpoints
+from fedsim.cli import main
+from fedsim.errors import ConfigError, DivergenceError
+from fedsim.outputs import read_jsonl
+from strategies.compressed_gossip import compressed_gossip
+from topologies.mixing import as_tensor, metropolis_hastings
+
+from .conftest import merge, quadratic_config, run_config
+from .handmade import quadratic
+
+N, D = 8, 20
+TOP10 = {"name": "topk", "ratio": 0.1}  # k = 2 of 20 coordinates
+W = as_tensor(metropolis_hastings(nx.cycle_graph(N)), torch.float64)  # ring: w_ij = 1/3
+A_, B_, OPT = quadratic(N, D)
+A, B, X_STAR = torch.tensor(A_)[:, None], torch.tensor(B_), torch.tensor(OPT)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)  # thousands of tiny steps; conftest restores the default afterwards
+
+
+def iterate(strategy, steps: int, lr=lambda t: 0.0):
+    """Runs `steps` iterations of x ← channel(x − η_t ∇F(x)) from x_i = b_i (η = 0: gossip only);
+    returns the node stack and the mean's drift from its start at every step."""
+    x, ch = B.clone(), strategy.channel
+    state, senders, drift = ch.init(x), np.ones(N, dtype=bool), []
+    start = x.mean(0)
+    for t in range(steps):
+        x = x - lr(t) * A * (x - B)  # full-batch gradient of ½ a_i ‖x − b_i‖²
+        x, state, _ = ch.step(x, W, state, senders, t, None)
+        drift.append(float((x.mean(0) - start).norm()))
+    return x, np.array(drift)
+
+
+def gossip(feedback: str, gamma: float, comp=TOP10):
+    return compressed_gossip(inner="dfedavg", compressor=comp, feedback=feedback, gamma=gamma)
+
+
+def test_choco_gossip_reaches_the_exact_average_while_naive_topk_does_not():
+    average = B.mean(0)
+    choco, drift = iterate(gossip("ef21", 0.2), 600)
+    assert drift.max() < 1e-12  # x̄ is preserved at every step: Σ_i Σ_j w_ij (x̂_j − x̂_i) = 0
+    assert float((choco - average).norm(dim=1).max()) < 1e-9  # and every node reaches it
+    naive, drift = iterate(gossip("none", 1.0), 600)
+    assert drift.max() < 1e-12  # x_i + γ Σ w_ij (Q(x_j) − Q(x_i)) keeps the mean too …
+    assert float((naive - average).norm(dim=1).max()) > 1.0  # … but coordinates never sent never mix
+    econtrol, _ = iterate(gossip("econtrol", 0.1), 600)  # EControl's sender rule on x̂ (an extension)
+    assert float((econtrol - average).norm(dim=1).max()) < 1e-3
+
+
+def test_choco_needs_a_contractive_compressor():
+    # QSGD, 1 bit + sign, buckets of 4: variance bound ω = min(4/1, √4/1) = 2 > 1, so the unbiased
+    # quantizer is not contractive and CHOCO's public copies blow up; scaled by 1/(1 + ω) (the
+    # CHOCO authors' 'qsgd-biased') it is, and the nodes reach the exact average.
+    comp = {"name": "qsgd", "bits": 2, "bucket": 4}
+    unbiased, _ = iterate(gossip("ef21", 0.3, comp), 300)
+    assert float(unbiased.abs().max()) > 1e10  # from |b_ij| < 12
+    scaled, drift = iterate(gossip("ef21", 0.3, {**comp, "contractive": True}), 600)
+    assert drift.max() < 1e-12 and float((scaled - B.mean(0)).norm(dim=1).max()) < 1e-9
+
+
+def test_a_diverging_gossip_step_says_what_to_change():
+    ch = gossip("ef21", 0.3).channel
+    x = 1.7e308 * (-1.0) ** torch.arange(N, dtype=torch.float64)[:, None] * torch.ones(N, D, dtype=torch.float64)
+    with pytest.raises(DivergenceError, match="lower strategy.gamma"):  # neighbours' differences overflow
+        ch.step(x, W, ch.init(x), np.ones(N, dtype=bool), 0, None)
+    x[3, 0] = float("inf")  # NaN/inf from local training: the protocol reports it (local.lr), not the channel
+    assert not bool(torch.isfinite(ch.step(x, W, ch.init(x), np.ones(N, dtype=bool), 0, None)[0]).all())
+
+
+def test_choco_sgd_reaches_the_fixed_point_of_uncompressed_dsgd():
+    # CHOCO's fixed point has x̂ = x^{t+½} (else Q(x − x̂) ≠ 0), so it is D-SGD's with the lazy
+    # mixing matrix W_γ = (1 − γ)I + γW: compression costs nothing at convergence.
+    gamma, eta, steps = 0.2, 0.05, 1500
+    w_gamma = (1 - gamma) * torch.eye(N, dtype=torch.float64) + gamma * W
+    ref = B.clone()
+    for _ in range(steps):
+        ref = w_gamma @ (ref - eta * A * (ref - B))
+    choco, _ = iterate(gossip("ef21", gamma), steps, lambda t: eta)
+    assert float((choco - ref).abs().max()) < 1e-10
+    naive, _ = iterate(gossip("none", gamma), steps, lambda t: eta)
+    assert float((naive - ref).abs().max()) > 1.0
+
+
+def test_choco_sgd_with_decreasing_steps_approaches_the_optimum_as_fast_as_dsgd():
+    gamma, steps, lr = 0.2, 2000, (lambda t: 1.0 / (t + 20))  # η_t ∝ 1/t, as in the paper's theorem
+    w_gamma = (1 - gamma) * torch.eye(N, dtype=torch.float64) + gamma * W
+    ref = B.clone()
+    for t in range(steps):
+        ref = w_gamma @ (ref - lr(t) * A * (ref - B))
+    exact = float((ref - X_STAR).norm(dim=1).max())
+    choco = float((iterate(gossip("ef21", gamma), steps, lr)[0] - X_STAR).norm(dim=1).max())
+    naive = float((iterate(gossip("none", gamma), steps, lr)[0] - X_STAR).norm(dim=1).max())
+    assert exact < 0.35 and abs(choco - exact) < 0.01 * exact, (choco, exact)  # ‖x_i − x*‖ ~ 1/t, 3-4 from the start
+    assert naive > 3.0, naive
+
+
+def ring_config(strategy, **sections):
+    cfg = quadratic_config(data={"num_clients": N, "dim": D}, strategy=strategy, protocol={"name": "decentralized"},
+                           topology={"name": "ring"}, local={"steps": 1}, run={"rounds": 4, "eval_every": 2})
+    return merge(cfg, sections)
+
+
+def test_bytes_and_round_time_count_the_encoded_messages():
+    # Top-2 of d = 20 float64: 2·(⌈log₂ 20⌉ + 64) = 138 bits → 18 bytes per message. Ring of 8,
+    # Q = 2 steps: 8 nodes × 2 neighbours × 2 steps × 18 = 576 bytes up (and down) per round.
+    link = {"name": "constant", "bandwidth_down": 1e3, "bandwidth_up": 500.0, "latency": 0.05}
+    strat = {"name": "compressed_gossip", "inner": {"name": "dfedavg", "gossip_steps": 2}, "compressor": TOP10,
+             "gamma": 0.2}
+    run = run_config(ring_config(strat, system={"compute": {"name": "constant", "step_time": 0.01}, "link": link}))
+    assert [r["bytes_up"] for r in run.rows] == [0, 2 * 576, 4 * 576]
+    assert run.rows[-1]["bytes_down"] == 4 * 576
+    per_node = 2 * 2 * 18  # each node sends (and receives) 2 messages per step
+    round_time = 0.01 + 2 * 0.05 + per_node / 1e3 + per_node / 500.0
+    assert run.rows[-1]["virtual_time"] == pytest.approx(4 * round_time, abs=1e-8)
+    qsgd = run_config(ring_config({**strat, "compressor": {"name": "qsgd", "bits": 4, "bucket": 8}}))
+    # QSGD 4-bit, buckets of 8: 80 bits → 10 bytes + 3 float64 norms = 34 bytes per message
+    assert qsgd.rows[-1]["bytes_up"] == 4 * 8 * 2 * 2 * 34
+
+
+def test_offline_nodes_send_nothing_and_keep_their_public_copy():
+    cfg = ring_config({"name": "compressed_gossip", "compressor": TOP10, "gamma": 0.2},
+                      system={"dropout": {"name": "bernoulli", "p": 0.4}}, run={"rounds": 1, "eval_every": 1})
+    run = run_config(cfg)
+    lost, _ = run.ctx.population.drops(np.arange(N), np.arange(N))  # round 0: job ids 0..7
+    assert 0 < lost.sum() < N
+    links = sum(int(not lost[i] and not lost[(i + 1) % N]) for i in range(N))  # ring edges between active nodes
+    assert run.rows[-1]["bytes_up"] == run.rows[-1]["bytes_down"] == 2 * links * 18
+    x_hat = run.final_state.channel["feedback.h"]
+    senders = [i for i in range(N) if not lost[i] and (not lost[i - 1] or not lost[(i + 1) % N])]
+    for i in range(N):
+        assert bool(x_hat[i].any()) == (i in senders)  # x̂⁰ = 0 changes only where a message went out
+
+
+@pytest.mark.parametrize("inner", ["dfedavg", {"name": "dfedsam_mgs", "gossip_steps": 2},
+                                   {"name": "gossip", "variance_correction": True}])
+def test_identity_compressor_with_gamma_one_is_the_inner_gossip(inner):
+    plain = run_config(ring_config(inner))
+    wrapped = run_config(ring_config({"name": "compressed_gossip", "inner": inner, "compressor": "identity",
+                                      "gamma": 1.0}))
+    assert torch.allclose(plain.final_state.models, wrapped.final_state.models, atol=1e-12, rtol=0)
+    assert plain.rows[-1]["bytes_up"] == wrapped.rows[-1]["bytes_up"]
+    assert plain.rows[-1]["bytes_down"] == wrapped.rows[-1]["bytes_down"]
+
+
+def test_resume_restores_the_public_copies(tmp_path):
+    strat = {"name": "compressed_gossip", "compressor": {"name": "qsgd", "bits": 2, "bucket": 4}, "gamma": 0.2}
+    cfg = ring_config(strat, run={"rounds": 6, "eval_every": 1, "checkpoint_every": 1, "keep_checkpoints": 4})
+    run_config(cfg, tmp_path / "ref")
+    out = tmp_path / "run"
+    run_config(cfg, out)
+    for path in list_checkpoints(out)[-2:]:  # as if killed after round 4
+        path.unlink()
+    assert main(["resume", str(out), "--quiet"]) == 0
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_time"} for r in rows]  # noqa: E731
+    assert strip(read_jsonl(out / "metrics.jsonl")) == strip(read_jsonl(tmp_path / "ref" / "metrics.jsonl"))
+    assert torch.equal(torch.load(out / "final_model.pt"), torch.load(tmp_path / "ref" / "final_model.pt"))
+
+
+@pytest.mark.parametrize("cfg, path, match", [
+    (ring_config({"name": "compressed_gossip", "compressor": TOP10}), "strategy.gamma", "gamma"),
+    (ring_config({"name": "compressed_gossip", "inner": "fedavg", "gamma": 0.5}), "strategy", "decentralized"),
+    (ring_config({"name": "compressed_gossip", "gamma": 0.5}, topology={"name": "random_matching"}),
+     "topology.name", "static graph"),
+    (ring_config({"name": "compressed_gossip", "gamma": 0.5}, protocol={"name": "async_gossip", "init": "shared"}),
+     "protocol.name", "decentralized"),
+])
+def test_bad_compressed_gossip_configs_name_the_key(cfg, path, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        run_config(cfg)
+    assert info.value.path == path
+
+
+def test_naive_rules_run_on_time_varying_graphs():
+    strat = {"name": "compressed_gossip", "compressor": TOP10, "feedback": "ef", "gamma": 0.2}
+    run = run_config(ring_config(strat, topology={"name": "random_matching"}))
+    assert run.final_state.channel["feedback.e"].abs().sum() > 0  # DeepSqueeze's error memory is in use
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("comp", [{"name": "topk", "ratio": 0.05}, {"name": "randk", "ratio": 0.05},
+                                  {"name": "qsgd", "bits": 4, "bucket": 64}, "sign"])
+def test_cuda_node_stack_on_the_gpu_equals_serial(comp):
+    from .test_decentralized import dec_config
+
+    cfg = dec_config(strategy={"name": "compressed_gossip", "compressor": comp, "gamma": 0.1})
+    cpu = run_config(cfg)
+    gpu = run_config({**cfg, "executor": {"kind": "vmap", "device": "cuda", "keep_on_device": True}})
+    assert gpu.final_state.channel["feedback.h"].device.type == "cuda"
+    assert torch.allclose(gpu.final_state.models.cpu(), cpu.final_state.models, atol=1e-4, rtol=0)
+    assert gpu.rows[-1]["bytes_up"] == cpu.rows[-1]["bytes_up"]

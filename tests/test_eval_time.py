@@ -1,0 +1,34 @@
+"""Time-based evaluation (`run.eval_every_time`): the row at virtual time t holds the model
+after exactly the rounds (aggregations) that ended by t — for every protocol."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .conftest import merge, quadratic_config, run_config
+
+SPEEDS = {"compute": {"name": "linear", "slowest": 0.04, "spread": 5.0, "jitter": "exponential"},
+          "dropout": {"name": "bernoulli", "p": 0.1}}
+# protocol config, the event that ends a round in events.jsonl
+CASES = {
+    "sync": ({"protocol": {"name": "sync", "clients_per_round": 4}}, "aggregate"),
+    "sync_deadline": ({"protocol": {"name": "sync", "clients_per_round": 4, "deadline": 0.7}}, "aggregate"),
+    "async": ({"protocol": {"name": "async", "buffer_size": 2, "concurrency": 5}}, "aggregate"),
+    "decentralized": ({"protocol": {"name": "decentralized"}, "strategy": {"name": "dfedavg"},
+                       "topology": {"name": "ring"}}, "gossip"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_row_at_t_holds_the_rounds_ended_by_t(name, tmp_path):
+    change, end_event = CASES[name]
+    cfg = merge(quadratic_config(system=SPEEDS, run={"rounds": None, "time_budget": 8.0, "eval_every_time": 0.25,
+                                                     "log_events": True}), change)
+    run = run_config(cfg, tmp_path)
+    ends = [e["time"] for e in map(json.loads, (tmp_path / "events.jsonl").read_text().splitlines())
+            if e["kind"] == end_event]
+    assert len(ends) >= 6
+    times = [r["virtual_time"] for r in run.rows]
+    assert times == [0.25 * k for k in range(len(times))] and ends[-1] - 0.25 < times[-1] <= 8.0
+    assert [r["round"] for r in run.rows] == [sum(t <= r["virtual_time"] for t in ends) for r in run.rows]
