@@ -162,7 +162,8 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("name", help="paper name (experiments/papers/<name>/) or 'all'")
     rp.add_argument("--out", required=True, help="output folder for runs, figures and claims.md")
     rp.add_argument("--quick", action="store_true", help="reduced version (a few minutes on 2 cores)")
-    rp.add_argument("--executor", help="executor kind for every run (serial, ray, vmap)")
+    rp.add_argument("--executor",
+                    help="executor kind for every run: serial, vmap, or ray (one local Ray for all of a paper's runs)")
     rp.set_defaults(func=_cmd_reproduce)
 
     ga = sub.add_parser("gallery", help="write docs/gallery.md from reproductions' claims.md and figures")
