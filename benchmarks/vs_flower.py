@@ -14,7 +14,7 @@ process and all its children (Ray's raylet, GCS and workers for Flower), sampled
   here; MEASUREMENTS.md).
 * fedsim: serial and vmap executors (and ray when `executor.kind: ray` is registered), with
   torch's default thread count, and the vmap executor again with ``run.torch_threads: 1``
-  (Ray gives each Flower client actor one thread the same way).
+  (Ray sets each Flower client actor's thread count to its num_cpus the same way).
 
     python benchmarks/vs_flower.py [--rounds 20]
 """
@@ -194,8 +194,8 @@ def main() -> None:
     if "ray" in EXECUTORS.names():
         variants.append(("fedsim ray executor", ["ray"]))
     variants.append(("fedsim vmap executor (CPU)", ["vmap"]))
-    # Ray gives each Flower client actor OMP_NUM_THREADS = its num_cpus (1); fedsim's process uses
-    # torch's default (one thread per core), which loses badly when other work shares the cores
+    # Ray sets each Flower client actor's OMP_NUM_THREADS to its num_cpus (default 2, or 1); fedsim's
+    # process uses torch's default (one thread per core), which loses badly when other work shares the cores
     variants.append(("fedsim vmap, run.torch_threads=1", ["vmap", "1"]))
     n, r = 100, args.rounds
     print(f"workload W: {n} clients, {r} rounds, MLP 60-200-10, 4 local steps; {os.cpu_count()} CPUs")

@@ -31,6 +31,8 @@ FAULTS = "tests.ray_faults"
 CONFIGS = {
     "sync": digits_config(run={"rounds": 4, "eval_every": 2, "torch_threads": 1},
                           system={"dropout": {"name": "bernoulli", "p": 0.2}}),
+    "async": {**digits_config(run={"rounds": 6, "eval_every": 2, "torch_threads": 1}),
+              "protocol": {"name": "async", "concurrency": 4, "buffer_size": 2}},
     "decentralized": dec_config(run={"rounds": 2, "eval_every": 1}),  # payloads are views of the node stack
 }
 

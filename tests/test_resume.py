@@ -18,7 +18,7 @@ from fedsim.outputs import read_jsonl
 
 from .conftest import ROOT, digits_config, fedsim_cmd, merge, run_config
 
-SLOW_ENOUGH = {"run": {"rounds": 40, "eval_every": 2, "checkpoint_every": 1, "keep_checkpoints": 3},
+SLOW_ENOUGH = {"run": {"rounds": 40, "eval_every": 2, "checkpoint_every": 1, "keep_checkpoints": 3, "torch_threads": 1},
                "local": {"epochs": 2}}
 
 
