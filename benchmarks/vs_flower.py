@@ -67,45 +67,17 @@ def _flower_child(rounds: int, num_cpus: float | None) -> dict:
     import copy
 
     import torch
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-    from flwr.clientapp import ClientApp
+    from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
 
-    from benchmarks._workload import workload_w
-    from fedsim.config import load_config
-    from fedsim.data import build_federated_data
-    from fedsim.data.batching import job_indices
-    from fedsim.rng import numpy_rng
-    from fedsim.task import build_task
+    from benchmarks._flower_w import client_app, workload
 
-    cfg = load_config(workload_w(rounds))
-    data = build_federated_data(cfg.data, cfg.partition, cfg.seed)
-    task = build_task(cfg.model, data.source, cfg.seed)  # fedsim's initial weights
-    x, y, parts, n = data.x_train, data.y_train, data.client_train, data.num_clients
-    src, seed = data.source, cfg.seed
+    w = workload(rounds)
+    task, src, n = w["task"], w["data"].source, w["data"].num_clients
     stamps: list[float] = []
     final: dict = {}
-
-    client_app = ClientApp()
-
-    @client_app.train()
-    def train(msg: Message, context: Context) -> Message:
-        model = copy.deepcopy(task.module)
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-        cid = int(context.node_config["partition-id"])
-        rnd = int(msg.content["config"]["server-round"]) - 1
-        idx = job_indices(parts[cid], BATCH, 1, None, "epoch", False, numpy_rng(seed, "batches", cid, rnd * n + cid))
-        opt = torch.optim.SGD(model.parameters(), lr=LR)
-        for row in idx:
-            row = row[row >= 0]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[row]), y[row]).backward()
-            opt.step()
-        metrics = MetricRecord({"num-examples": len(parts[cid])})
-        return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
-
     server_app = ServerApp()
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -152,7 +124,8 @@ def run_variant(args: list[str]) -> dict:
     """Runs one variant in a child process; returns its JSON result plus wall time and peak RSS."""
     start = time.time()
     proc = subprocess.Popen([sys.executable, __file__, "--child", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": os.pathsep.join(
+                                filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
     peak = [0]
 
     def sample() -> None:

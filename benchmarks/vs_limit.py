@@ -74,10 +74,13 @@ def client_indices(n: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def limit_step(module: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: list[np.ndarray], mode: str,
-               device: torch.device, graphed: bool) -> Callable[[], None]:
-    """One model, K steps of batch n·B over the same samples (the clients' k-th batches)."""
+               device: torch.device, graphed: bool, compiled: bool = False) -> Callable[[], None]:
+    """One model, K steps of batch n·B over the same samples (the clients' k-th batches);
+    `compiled`: the module's forward and backward compiled with torch.compile."""
     module = module.to(device)
     params = [p for p in module.parameters()]
+    if compiled:
+        module = torch.compile(module, dynamic=False)
     order = np.stack(idx)  # [n, K, B]
     batches = [(x[torch.from_numpy(order[:, k].reshape(-1))].to(device), y[torch.from_numpy(order[:, k].reshape(-1))].to(device))
                for k in range(order.shape[1])]
@@ -130,7 +133,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--models", default="mlp")
     ap.add_argument("--clients", default="100")
-    ap.add_argument("--variants", default="auto", help="comma list of precision/graphs/conv, e.g. fp32/eager/native")
+    ap.add_argument("--compiled-limit", action="store_true",
+                    help="also time the limit with the module compiled (torch.compile), for compiled variants")
+    ap.add_argument("--variants", default="auto",
+                    help="comma list of precision/graphs/conv[/compile], e.g. fp32/eager/native, tf32/graphs/native/compile")
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.variants == "auto":
@@ -141,7 +147,7 @@ def main() -> None:
         variants = args.variants.split(",")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; {SAMPLES} samples/client, batch {BATCH}, K={SAMPLES // BATCH}")
-    header = f"{'model':6s} {'clients':>7s} {'variant':20s} {'vmap upd/s':>11s} {'limit upd/s':>12s} {'ratio':>6s} {'graphed limit':>14s} {'ratio':>6s} {'graph only':>12s} {'ratio':>6s}"
+    header = f"{'model':6s} {'clients':>7s} {'variant':28s} {'vmap upd/s':>11s} {'limit upd/s':>12s} {'ratio':>6s} {'graphed limit':>14s} {'ratio':>6s} {'graph only':>12s} {'ratio':>6s}"
     print(header)
     rows = []
     for model in args.models.split(","):
@@ -153,7 +159,8 @@ def main() -> None:
             base = make()
             limits: dict[tuple[str, bool], float] = {}
             for variant in variants:
-                mode, graphs, conv = variant.split("/")
+                mode, graphs, conv, *rest = variant.split("/")
+                compiled = rest == ["compile"]
                 for graphed in ((False, True) if device.type == "cuda" else (False,)):
                     if (mode, graphed) not in limits:
                         try:
@@ -164,7 +171,7 @@ def main() -> None:
                             limits[(mode, graphed)] = float("nan")
                 try:
                     fn = vmap_round(_copy(base), shape, x, y, idx, device, precision_mode=mode,
-                                    graphs=graphs == "graphs", conv=conv)
+                                    graphs=graphs == "graphs", conv=conv, compile_cohorts=compiled)
                     ups = n / best_time(fn, device)
                     replay = replay_only(fn)
                     core = n / best_time(replay, device) if replay is not None else float("nan")
@@ -173,8 +180,14 @@ def main() -> None:
                     print(f"  vmap {variant} failed: {type(exc).__name__}: {exc}"[:300])
                     ups = core = float("nan")
                 lim, glim = limits[(mode, False)], limits.get((mode, True), float("nan"))
-                row = (f"{model:6s} {n:7d} {variant:20s} {ups:11.0f} {lim:12.0f} {ups / lim:6.2f} {glim:14.0f} "
+                row = (f"{model:6s} {n:7d} {variant:28s} {ups:11.0f} {lim:12.0f} {ups / lim:6.2f} {glim:14.0f} "
                        f"{ups / glim:6.2f} {core:12.0f} {core / glim:6.2f}")
+                if compiled and args.compiled_limit:
+                    if (mode, "compiled") not in limits:
+                        step = limit_step(_copy(base), x, y, idx, mode, device, False, compiled=True)
+                        limits[(mode, "compiled")] = n / best_time(step, device)
+                    clim = limits[(mode, "compiled")]
+                    row += f"   compiled limit {clim:9.0f} ratio {ups / clim:5.2f}"
                 print(row, flush=True)
                 rows.append(row)
                 if device.type == "cuda":

@@ -86,6 +86,25 @@ def test_cnn_with_unfold_convs_equals_serial():
     compare_runs(cfg, conv="native")
 
 
+@pytest.mark.slow
+def test_compiled_cohorts_equal_serial_to_rounding():
+    # torch.compile (Inductor, C++ on the CPU) of the cohort function: ~10-20 s to compile here
+    compare_runs(quadratic_config(run={"rounds": 5, "eval_every": 5}), compile=True)
+
+
+def test_a_failing_compile_warns_and_runs_eagerly(monkeypatch):
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    cfg = quadratic_config(run={"rounds": 3, "eval_every": 3})
+    with pytest.warns(RuntimeWarning, match="torch.compile of the cohort failed .*no C\\+\\+ compiler"):
+        a, b = compare_runs(cfg, compile=True)
+    assert b.ctx.executor.compile is False and b.ctx.executor.unsupported is None
+
+
 # ---- executor-level tests with per-job payloads, client state and extras (async / gossip shapes)
 
 def _stateful_strategy() -> Strategy:
@@ -305,6 +324,15 @@ def test_cuda_equals_serial(graphs, keep_on_device):
     assert final_params(b).device.type == ("cuda" if keep_on_device else "cpu")
     assert rel(final_params(b).cpu(), final_params(a)) <= 1e-4  # fp32 on a GPU: other summation orders
     assert b.rows[-1]["test_loss"] == pytest.approx(a.rows[-1]["test_loss"], rel=1e-4)
+
+
+@cuda
+def test_cuda_compiled_graphed_cohorts_equal_serial():
+    cfg = digits_config(local={"momentum": 0.9}, run={"rounds": 3, "eval_every": 3})
+    a = run_config(cfg)
+    b = run_config({**cfg, "executor": {"kind": "vmap", "device": "cuda", "compile": True, "keep_on_device": True}})
+    assert b.ctx.executor.compile is True  # it compiled (no eager fallback)
+    assert rel(final_params(b).cpu(), final_params(a)) <= 1e-4
 
 
 @cuda

@@ -31,9 +31,9 @@ ON_CLIENT_ERROR = ("stop", "drop")
 OnClientError = Annotated[str, OneOf(ON_CLIENT_ERROR)]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs ~1.5 µs more to build, per job
 class Job:
-    """One client's local update to run."""
+    """One client's local update to run (treat as read-only; `dataclasses.replace` makes variants)."""
 
     job_id: int  # global dispatch counter; keys the job's randomness
     client: int
@@ -48,9 +48,9 @@ class Job:
         return int(self.indices.shape[0])
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class JobResult:
-    """What came back from a job: its output, or (with on_client_error='drop') the error."""
+    """What came back from a job: its output, or (with on_client_error='drop') the error (read-only)."""
 
     job_id: int
     client: int

@@ -34,6 +34,12 @@ def signature(job: Job) -> Hashable:
 
 def group(jobs: Sequence[Job]) -> list[list[Job]]:
     """Splits jobs into groups of equal `signature`, keeping submission order inside a group."""
+    if not jobs:
+        return []
+    first = jobs[0]
+    shape = first.indices.shape
+    if all(j.payload is first.payload and not j.state and j.indices.shape == shape for j in jobs):
+        return [list(jobs)]  # a synchronous round of stateless clients: one cohort
     groups: dict[Hashable, list[Job]] = {}
     payload_sigs: dict[int, Hashable] = {}  # jobs of one round share one payload object
     for job in jobs:
@@ -105,15 +111,17 @@ def unstack(out: tuple[Tensor, dict, dict, dict], n: int, device: torch.device) 
     update = update[:n].to(device).unbind(0)
     state = {k: v[:n].to(device) for k, v in state.items()}
     extras = {k: v[:n].to(device).unbind(0) for k, v in extras.items()}
-    metrics = {k: v[:n].detach().cpu().double().tolist() for k, v in metrics.items()}
+    names = list(metrics)
+    columns = [metrics[k][:n].detach().cpu().double().tolist() for k in names]
+    rows = [dict(zip(names, values)) for values in zip(*columns)] if names else [{} for _ in range(n)]
     if not state and not extras:  # the common case, kept lean: this runs once per client
-        return [ClientOutput(update[i], {}, {}, {k: v[i] for k, v in metrics.items()}) for i in range(n)]
+        return [ClientOutput(u, {}, {}, m) for u, m in zip(update, rows)]
     return [
         ClientOutput(
             update[i],
             {k: v[i].clone() for k, v in state.items()},
             {k: v[i] for k, v in extras.items()},
-            {k: v[i] for k, v in metrics.items()},
+            rows[i],
         )
         for i in range(n)
     ]

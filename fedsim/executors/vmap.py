@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -66,7 +66,8 @@ class VmapExecutor(Executor):
 
     def __init__(self, device: str = "auto", max_chunk: int | None = None, precision_mode: str = "fp32",
                  graphs: bool | None = None, conv: str = "native", randomness: str = "error",
-                 on_unsupported: str = "fallback", keep_memory: bool = True, keep_on_device: bool = False):
+                 on_unsupported: str = "fallback", keep_memory: bool = True, keep_on_device: bool = False,
+                 compile_cohorts: bool = False):
         self.device_name = device
         self.max_chunk = max_chunk
         self.precision = precision_mode
@@ -76,6 +77,7 @@ class VmapExecutor(Executor):
         self.on_unsupported = on_unsupported
         self.keep_memory = keep_memory
         self.keep_on_device = keep_on_device
+        self.compile = compile_cohorts
         self.unsupported: str | None = None  # why vmap was given up (fallback mode)
         self.chunk_cap: int | None = None  # largest cohort that fit in memory, once one did not
         self._pending: dict[int, Job] = {}
@@ -153,8 +155,20 @@ class VmapExecutor(Executor):
             self._run_group(cohort)
 
     def _store(self, jobs: list[Job], outputs: list) -> None:
+        done = self._done
         for job, out in zip(jobs, outputs):
-            self._done[job.job_id] = JobResult(job.job_id, job.client, job.version, out, job.num_samples, job.num_steps)
+            done[job.job_id] = JobResult(job.job_id, job.client, job.version, out, job.num_samples,
+                                         job.indices.shape[0])
+
+    def run(self, jobs: Sequence[Job]) -> list[JobResult]:
+        """Runs `jobs` (with any still pending) and returns their results in the jobs' order."""
+        pending = self._pending
+        for job in jobs:
+            pending[job.job_id] = job
+        if pending:
+            self._flush()
+        done = self._done
+        return [done.pop(job.job_id) for job in jobs]
 
     def _run_group(self, jobs: list[Job]) -> None:
         size = min(x for x in (len(jobs), self.max_chunk, self.chunk_cap) if x is not None)
@@ -176,17 +190,37 @@ class VmapExecutor(Executor):
             i += len(part)
 
     def _run_cohort(self, jobs: list[Job]) -> list:
+        if not self.compile:
+            return self._run_cohort_with(jobs, compiled=False)
+        try:
+            return self._run_cohort_with(jobs, compiled=True)
+        except Exception as exc:  # noqa: BLE001 - compiler failures vary; the eager re-run decides
+            if _is_oom(exc):
+                raise
+            outputs = self._run_cohort_with(jobs, compiled=False)  # a cohort that fails eagerly raises here
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            warnings.warn(f"executor vmap: torch.compile of the cohort failed ({type(exc).__name__}: {first}); "
+                          "running cohorts eagerly from now on", RuntimeWarning, stacklevel=2)
+            self.compile = False
+            return outputs
+
+    def _run_cohort_with(self, jobs: list[Job], compiled: bool) -> list:
         pad = self._padded_size(len(jobs)) if self.runner is not None else None
         st = stack(jobs, self.device, pad_to=pad)
         idx = torch.from_numpy(st.indices).to(self.device)
-        fn_key = (signature(jobs[0]), st.size, st.params_dim, tuple(sorted(st.extras_dims.items())))
+        fn_key = (signature(jobs[0]), st.size, st.params_dim, tuple(sorted(st.extras_dims.items())), compiled)
         inputs = (st.params, st.extras, st.state, idx)
+
+        def build():
+            fn = self._cohort_fn(st)
+            return torch.compile(fn, dynamic=False) if compiled else fn
+
         with precision(self.precision, self.device.type), self._keyed_rng(jobs[0].job_id):
             if self.runner is not None:
-                out = self.runner.run(fn_key, lambda: self._cohort_fn(st), inputs)
+                out = self.runner.run(fn_key, build, inputs)
             else:
                 if fn_key not in self._fns:
-                    self._fns[fn_key] = self._cohort_fn(st)
+                    self._fns[fn_key] = build()
                 out = self._fns[fn_key](*inputs)
         home = jobs[0].payload.params.device
         if self.runner is not None and home == self.device:
@@ -262,6 +296,7 @@ def vmap(
     on_unsupported: Annotated[str, OneOf(("fallback", "error"))] = "fallback",
     keep_freed_memory: bool = True,
     keep_on_device: bool = False,
+    compile: bool = False,
 ) -> Executor:
     """Trains whole cohorts of clients at once with torch.func.vmap, on the CPU or a GPU.
 
@@ -288,6 +323,12 @@ def vmap(
             copies to the CPU each round; the server's arithmetic runs there too). Results
             always come back where the job's model lives, so a run resumed from a checkpoint
             (saved on the CPU) continues on the CPU.
+        compile: Compile each cohort function with ``torch.compile`` (Inductor) before its
+            first run: fuses the vectorised step's elementwise work, 1.5x faster on an H200
+            for a small CNN (benchmarks/README.md), at a one-off cost of tens of seconds per
+            cohort shape (an asynchronous run with many cohort sizes pays it per size). Results
+            match the eager path to float rounding, not bitwise. Needs a C++ compiler on the CPU
+            and Triton on CUDA; if compiling fails the executor warns and runs eagerly.
     """
     return VmapExecutor(device, max_chunk, precision, graphs, conv, randomness, on_unsupported,
-                        keep_freed_memory, keep_on_device)
+                        keep_freed_memory, keep_on_device, compile)

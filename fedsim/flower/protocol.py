@@ -15,7 +15,7 @@ from flwr.serverapp import Grid
 
 from ..clock import to_ticks
 from ..executors.base import JobResult
-from ..protocols.base import Protocol, ProtocolState, RunContext, check_finite
+from ..protocols.base import Protocol, ProtocolState, RunContext, check_all_finite
 from ..strategy import Msg, Tensor
 from .link import NodeLink
 from .settings import FlowerSettings
@@ -53,8 +53,7 @@ class FlowerProtocol(Protocol):
 def to_msgs(results: Sequence[JobResult], weights: Sequence[float], staleness: Sequence[int],
             bases: Sequence[Tensor], state: ProtocolState) -> list[Msg]:
     """Returns the Msgs of one aggregation (after checking every update is finite)."""
-    for r in results:
-        check_finite(r, state.rounds, state.time)
+    check_all_finite(results, state.rounds, state.time)
     return [
         Msg(r.client, r.output.update, w, s, r.num_samples, r.num_steps, base, r.output.extras)
         for r, w, s, base in zip(results, weights, staleness, bases)

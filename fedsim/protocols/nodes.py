@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..executors.base import JobResult
 from ..rng import key, numpy_rng
 from ..task import Task
-from .base import RunContext, check_finite
+from .base import RunContext, check_finite, suspect_rows
 
 INITS = ("shared", "independent")
 
@@ -93,7 +93,6 @@ def stacked_updates(results: list[JobResult], round_: int, time: int) -> torch.T
     one reduction over the stack (one device synchronisation per round, not one per node);
     raises DivergenceError naming the first node that diverged."""
     y = torch.stack([res.output.update for res in results])
-    if not bool(torch.isfinite(y).all()):
-        for res in results:  # raises for the first node that diverged
-            check_finite(res, round_, time)
+    for i in suspect_rows(y.sum(dim=1)):  # NaN/inf survive a row's sum (an overflow is re-checked)
+        check_finite(results[i], round_, time)
     return y

@@ -25,7 +25,7 @@ from ..executors.base import Job, JobResult
 from ..registry import PROTOCOLS
 from ..rng import numpy_rng
 from ..strategy import CombineContext, Msg, Payload, Tensor
-from .base import Protocol, ProtocolState, RunContext, check_finite, uplink_bytes, wait_for_availability
+from .base import Protocol, ProtocolState, RunContext, check_all_finite, uplink_bytes, wait_for_availability
 from .rounds import FINISH, WAIT, RoundProtocol
 from .weighting import IMPORTANCES, WEIGHTINGS, aggregation_weights, importance
 
@@ -177,8 +177,7 @@ class SyncProtocol(RoundProtocol):
             Msg(r.client, r.output.update, w, 0, r.num_samples, r.num_steps, payload.params, r.output.extras)
             for r, w in zip(accepted, weights)
         ]
-        for r in accepted:
-            check_finite(r, state.rounds, t0)
+        check_all_finite(accepted, state.rounds, t0)
         state.server = ctx.strategy.combine(
             state.server, msgs, CombineContext(ctx.num_clients, state.version, to_seconds(end))
         )
