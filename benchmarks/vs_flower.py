@@ -40,12 +40,12 @@ LR, BATCH = 0.05, 16
 
 # ---- children: one variant each, printing one JSON line ------------------------------------
 
-def _fedsim_child(kind: str, rounds: int, threads: int | None = None) -> dict:
+def _fedsim_child(kind: str, rounds: int, threads: int | None = None, compiled: bool = False) -> dict:
     from benchmarks._workload import workload_w
     from fedsim.config import load_config
     from fedsim.runner import build, drive
 
-    cfg = workload_w(rounds, kind, **({"device": "cpu"} if kind == "vmap" else {}))
+    cfg = workload_w(rounds, kind, **({"device": "cpu", "compile": compiled} if kind == "vmap" else {}))
     if threads:
         cfg["run"]["torch_threads"] = threads
     run = build(load_config(cfg))
@@ -156,7 +156,8 @@ def main() -> None:
         if kind == "flower":
             res = _flower_child(args.rounds, float(args.child[1]) if len(args.child) > 1 else None)
         else:
-            res = _fedsim_child(kind, args.rounds, int(args.child[1]) if len(args.child) > 1 else None)
+            threads = int(args.child[1]) if len(args.child) > 1 and args.child[1] != "0" else None
+            res = _fedsim_child(kind, args.rounds, threads, "compile" in args.child[2:])
         res["t0"] = T0
         print(json.dumps(res))
         return
@@ -170,6 +171,9 @@ def main() -> None:
     # Ray sets each Flower client actor's OMP_NUM_THREADS to its num_cpus (default 2, or 1); fedsim's
     # process uses torch's default (one thread per core), which loses badly when other work shares the cores
     variants.append(("fedsim vmap, run.torch_threads=1", ["vmap", "1"]))
+    # torch.compile of the cohort function: faster steps, after a one-off compile of ~20 s
+    variants.append(("fedsim vmap, compile", ["vmap", "0", "compile"]))
+    variants.append(("fedsim vmap, compile, torch_threads=1", ["vmap", "1", "compile"]))
     n, r = 100, args.rounds
     print(f"workload W: {n} clients, {r} rounds, MLP 60-200-10, 4 local steps; {os.cpu_count()} CPUs")
     head = (f"{'variant':34s} {'end to end s':>12s} {'round 1 done s':>14s} {'s/round (steady)':>16s} "
@@ -196,7 +200,8 @@ def main() -> None:
         e = x["round_ends"]
         return (e[-1] - e[len(e) // 4]) / (len(e) - 1 - len(e) // 4)
 
-    for label in ("fedsim vmap executor (CPU)", "fedsim vmap, run.torch_threads=1"):
+    for label in ("fedsim vmap executor (CPU)", "fedsim vmap, run.torch_threads=1", "fedsim vmap, compile",
+                  "fedsim vmap, compile, torch_threads=1"):
         vm = results.get(label, {})
         if not all("round_ends" in x for x in (base, best, vm)):
             continue

@@ -13,6 +13,7 @@ warm-up (CUDA graph capture included there), synchronised, best of several repea
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -175,7 +176,9 @@ def main() -> None:
                     ups = n / best_time(fn, device)
                     replay = replay_only(fn)
                     core = n / best_time(replay, device) if replay is not None else float("nan")
-                    del fn
+                    fn.executor.close()  # frees its captured graphs' memory pools before the next variant
+                    del fn, replay
+                    gc.collect()
                 except Exception as exc:  # noqa: BLE001
                     print(f"  vmap {variant} failed: {type(exc).__name__}: {exc}"[:300])
                     ups = core = float("nan")

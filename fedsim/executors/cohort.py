@@ -9,7 +9,7 @@ global model) is passed once and broadcast (vmap ``in_dims=None``); otherwise it
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 import torch
@@ -99,9 +99,13 @@ def stack(jobs: Sequence[Job], device: torch.device, pad_to: int | None = None) 
     return Stacked(params, extras, state, indices, pdim, edims)
 
 
-def unstack(out: tuple[Tensor, dict, dict, dict], n: int, device: torch.device) -> list[ClientOutput]:
+def unstack(out: tuple[Tensor, dict, dict, dict], n: int, device: torch.device) -> tuple[list[ClientOutput], Callable[[], None]]:
     """Splits a vectorised call's outputs (update, state, extras, metrics; each [m ≥ n, ...])
     into n per-job ClientOutputs on `device` (where the jobs' models came from).
+
+    Returns (outputs, fill): the outputs' metric dicts are complete only after ``fill()``,
+    which waits for the metrics to reach the host. On CUDA the copy is queued without
+    waiting, so the outputs are built while the GPU still computes.
 
     Updates and extras are views of one copy (short-lived uplinks); each client state is
     cloned, because the runtime may keep it for the rest of the run and a view would pin the
@@ -112,11 +116,11 @@ def unstack(out: tuple[Tensor, dict, dict, dict], n: int, device: torch.device) 
     state = {k: v[:n].to(device) for k, v in state.items()}
     extras = {k: v[:n].to(device).unbind(0) for k, v in extras.items()}
     names = list(metrics)
-    columns = [metrics[k][:n].detach().cpu().double().tolist() for k in names]
-    rows = [dict(zip(names, values)) for values in zip(*columns)] if names else [{} for _ in range(n)]
+    rows: list[dict[str, Any]] = [{} for _ in range(n)]
+    fill = _metric_filler(names, [metrics[k][:n].detach() for k in names], rows)
     if not state and not extras:  # the common case, kept lean: this runs once per client
-        return [ClientOutput(u, {}, {}, m) for u, m in zip(update, rows)]
-    return [
+        return [ClientOutput(u, {}, {}, r) for u, r in zip(update, rows)], fill
+    outputs = [
         ClientOutput(
             update[i],
             {k: v[i].clone() for k, v in state.items()},
@@ -125,3 +129,35 @@ def unstack(out: tuple[Tensor, dict, dict, dict], n: int, device: torch.device) 
         )
         for i in range(n)
     ]
+    return outputs, fill
+
+
+def _metric_filler(names: list[str], columns: list[Tensor], rows: list[dict[str, Any]]) -> Callable[[], None]:
+    """Starts moving per-client scalar metrics to the host; returns the function that waits
+    for them and writes them into `rows` (one dict per client)."""
+    if not names:
+        return lambda: None
+    on_gpu = columns[0].device.type == "cuda" and all(c.dim() == 1 and c.device == columns[0].device for c in columns)
+    if on_gpu:
+        stacked = torch.stack([c.to(torch.float64) for c in columns])
+        host = torch.empty(stacked.shape, dtype=torch.float64, pin_memory=True)
+        host.copy_(stacked, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+    done = False
+
+    def fill() -> None:
+        nonlocal done
+        if done:
+            return
+        done = True
+        if on_gpu:
+            ready.synchronize()
+            values = host.tolist()
+        else:
+            values = [c.cpu().double().tolist() for c in columns]
+        for name, column in zip(names, values):
+            for row, value in zip(rows, column):
+                row[name] = value
+
+    return fill

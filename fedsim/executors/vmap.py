@@ -82,6 +82,7 @@ class VmapExecutor(Executor):
         self.chunk_cap: int | None = None  # largest cohort that fit in memory, once one did not
         self._pending: dict[int, Job] = {}
         self._done: dict[int, JobResult] = {}
+        self._fills: list = []  # metric copies still on their way to the host (see cohort.unstack)
 
     # ---- set-up --------------------------------------------------------------------------
     def start(self, spec: WorkerSpec, strategy: Strategy | None = None) -> None:
@@ -151,8 +152,13 @@ class VmapExecutor(Executor):
         if self.unsupported is not None:
             self._store(jobs, [self.serial.run(j).output for j in jobs])
             return
-        for cohort in group(jobs):
-            self._run_group(cohort)
+        try:
+            for cohort in group(jobs):
+                self._run_group(cohort)
+        finally:  # the cohorts' metrics reach the host last: results are built meanwhile
+            fills, self._fills = self._fills, []
+            for fill in fills:
+                fill()
 
     def _store(self, jobs: list[Job], outputs: list) -> None:
         done = self._done
@@ -227,7 +233,9 @@ class VmapExecutor(Executor):
             # the graph's output buffers are overwritten by the next replay, and results may be
             # fetched after it (asynchronous protocols); elsewhere unstack's .to(home) copies
             out = clone_tree(out)
-        return unstack(out, len(jobs), home)
+        outputs, fill = unstack(out, len(jobs), home)
+        self._fills.append(fill)
+        return outputs
 
     def _padded_size(self, n: int) -> int:
         """Cohort size to capture: n itself for the first few sizes seen (a synchronous run has
