@@ -21,7 +21,9 @@ def nbytes(obj: Any) -> int:
     if isinstance(obj, Payload):
         return nbytes(obj.params) + nbytes(obj.extras)
     if isinstance(obj, ClientOutput):
-        return nbytes(obj.update) + nbytes(obj.extras)
+        return nbytes(obj.update) + (nbytes(obj.extras) if obj.extras else 0)
+    if isinstance(obj, dict):  # before the (slower) abstract Mapping check
+        return sum(nbytes(v) for v in obj.values())
     if isinstance(obj, Mapping):
         return sum(nbytes(v) for v in obj.values())
     if isinstance(obj, (list, tuple)):

@@ -11,6 +11,7 @@ which results come back. Two kinds of draws:
 from __future__ import annotations
 
 import hashlib
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +28,68 @@ def key(seed: int, purpose: str, *ids: int) -> int:
 def numpy_rng(seed: int, purpose: str, *ids: int) -> np.random.Generator:
     """Returns a numpy Generator seeded by the key of (seed, purpose, ids)."""
     return np.random.default_rng(key(seed, purpose, *ids))
+
+
+def numpy_rngs(seed: int, purpose: str, *ids: Sequence[int]) -> Iterator[np.random.Generator]:
+    """Yields ``numpy_rng(seed, purpose, *row)`` for every row of the zipped id sequences:
+    the same streams, seeded in bulk (~3x cheaper per generator than `numpy_rng`).
+
+    The yielded generator is ONE object, re-seeded for every row: use it before taking the next.
+    """
+    keys = np.array([key(seed, purpose, *row) for row in zip(*ids)], dtype=np.uint64)
+    bits = np.random.PCG64()
+    gen = np.random.Generator(bits)
+    for state, inc in _pcg64_seeds(keys):
+        bits.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": inc}, "has_uint32": 0, "uinteger": 0}
+        yield gen
+
+
+# numpy's SeedSequence (numpy/random/bit_generator.pyx), vectorised over many integer seeds
+_INIT_A, _MULT_A, _INIT_B, _MULT_B = 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38DED
+_MIX_L, _MIX_R, _M32 = 0xCA01F9DD, 0x4973F715, 0xFFFFFFFF
+_PCG_MULT, _M128 = 0x2360ED051FC65DA44385DF649FCCF645, (1 << 128) - 1
+
+
+def _pcg64_seeds(keys: np.ndarray) -> list[tuple[int, int]]:
+    """Returns the (state, inc) that ``PCG64(SeedSequence(k))`` starts from, for each k < 2**64."""
+    u32 = np.uint32
+    with np.errstate(over="ignore"):
+        hash_a = [u32(_INIT_A)]
+
+        def hashmix(value: np.ndarray) -> np.ndarray:
+            value = value ^ hash_a[0]
+            hash_a[0] = u32((int(hash_a[0]) * _MULT_A) & _M32)
+            value = value * hash_a[0]
+            return value ^ (value >> u32(16))
+
+        def mix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+            r = u32(_MIX_L) * x - u32(_MIX_R) * y
+            return r ^ (r >> u32(16))
+
+        # a seed < 2**64 is 1 or 2 little-endian 32-bit words; the pool (4 words) is filled by
+        # hashing zeros, which equals hashing a zero high word, so 2 words + 2 zeros always
+        zero = np.zeros(len(keys), dtype=u32)
+        words = [(keys & np.uint64(_M32)).astype(u32), (keys >> np.uint64(32)).astype(u32), zero, zero]
+        pool = [hashmix(w) for w in words]
+        for src in range(4):
+            for dst in range(4):
+                if src != dst:
+                    pool[dst] = mix(pool[dst], hashmix(pool[src]))
+        hash_b = _INIT_B
+        out = []
+        for i in range(8):  # generate_state(4, uint64): 8 words cycling over the pool
+            value = pool[i % 4] ^ u32(hash_b)
+            hash_b = (hash_b * _MULT_B) & _M32
+            value = value * u32(hash_b)
+            out.append(value ^ (value >> u32(16)))
+    w = [o.astype(np.uint64) for o in out]
+    v = [(w[2 * j] | (w[2 * j + 1] << np.uint64(32))).tolist() for j in range(4)]
+    seeds = []
+    for v0, v1, v2, v3 in zip(*v):  # pcg64_set_seed: state 0, inc = 2·seq + 1, step, += init, step
+        inc = ((((v2 << 64) | v3) << 1) | 1) & _M128
+        state = ((inc + ((v0 << 64) | v1)) * _PCG_MULT + inc) & _M128
+        seeds.append((state, inc))
+    return seeds
 
 
 def torch_generator(seed: int, purpose: str, *ids: int) -> torch.Generator:

@@ -62,3 +62,17 @@ def test_uniform_and_normal_laws():
     assert abs(u.mean() - 0.5) < 0.005
     z = rng.normal(0, "law", np.arange(200_000))
     assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
+
+
+def test_bulk_seeded_generators_equal_one_by_one():
+    from fedsim.rng import _pcg64_seeds, numpy_rng, numpy_rngs
+
+    keys = np.array([0, 1, 2**32 - 1, 2**32, 2**63 - 1, 2**64 - 1], dtype=np.uint64)  # one- and two-word seeds
+    for k, seeded in zip(keys.tolist(), _pcg64_seeds(keys)):
+        state = np.random.PCG64(k).state["state"]
+        assert seeded == (state["state"], state["inc"])
+    clients, jobs = np.arange(300) % 17, np.arange(300) * 7 + 3
+    bulk = [(g.permutation(50), g.random(3)) for g in numpy_rngs(5, "batches", clients, jobs)]
+    for (perm, r), c, j in zip(bulk, clients, jobs):
+        ref = numpy_rng(5, "batches", c, j)
+        assert np.array_equal(perm, ref.permutation(50)) and np.array_equal(r, ref.random(3))

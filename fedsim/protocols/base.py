@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from ..clock import to_seconds, to_ticks
@@ -22,7 +23,7 @@ from ..data.batching import job_indices
 from ..errors import DivergenceError
 from ..executors.base import Executor, Job, JobResult
 from ..outputs import EventLog
-from ..rng import numpy_rng
+from ..rng import numpy_rng, numpy_rngs
 from ..state_store import ClientStateStore
 from ..strategy import Payload, Strategy, Tensor
 from ..system.population import Population
@@ -79,16 +80,21 @@ class RunContext:
 
     def make_job(self, client: int, payload: Payload, version: int, job_id: int) -> Job:
         """Builds the job of `client` from `payload`; its batches are keyed by (seed, client, job_id)."""
+        return self._job(client, payload, version, job_id, numpy_rng(self.seed, "batches", client, job_id))
+
+    def make_jobs(self, clients: Sequence[int], payloads: Payload | Sequence[Payload], version: int,
+                  job_ids: Sequence[int]) -> list[Job]:
+        """Builds many jobs at once (one payload for all, or one each); equal to calling
+        `make_job` for each, with the keyed generators seeded in bulk."""
+        clients, job_ids = [int(c) for c in clients], [int(j) for j in job_ids]
+        each = payloads if not isinstance(payloads, Payload) else [payloads] * len(clients)
+        gens = numpy_rngs(self.seed, "batches", clients, job_ids)
+        return [self._job(c, p, version, j, g) for c, p, j, g in zip(clients, each, job_ids, gens)]
+
+    def _job(self, client: int, payload: Payload, version: int, job_id: int, rng: np.random.Generator) -> Job:
         local = self.config.local
-        indices = job_indices(
-            self.data.client_train[client],
-            local.batch_size,
-            local.epochs,
-            local.steps,
-            local.sampling,
-            local.drop_last,
-            numpy_rng(self.seed, "batches", client, job_id),
-        )
+        indices = job_indices(self.data.client_train[client], local.batch_size, local.epochs, local.steps,
+                              local.sampling, local.drop_last, rng)
         return Job(job_id, client, version, payload, self.client_state(client), indices, self.data.num_samples(client))
 
     def log(self, time: int, kind: str, **fields: Any) -> None:

@@ -111,7 +111,7 @@ class DecentralizedProtocol(RoundProtocol):
         ids = nodes[active]
 
         x = state.models  # never written in place (y below is a new tensor): payloads are views of its rows
-        jobs = [ctx.make_job(int(i), Payload(x[i]), r, int(job_ids[i])) for i in ids]
+        jobs = ctx.make_jobs(ids, [Payload(x[i]) for i in ids], r, job_ids[ids])
         results = ctx.executor.run(jobs)
         w = self.topology.mixing(r)
         w = w if active.all() else restrict(w, active)

@@ -128,7 +128,7 @@ class SyncProtocol(RoundProtocol):
         payload = ctx.strategy.publish(state.server)
         down = nbytes(payload)
         job_ids = state.next_job + np.arange(m)
-        jobs = [ctx.make_job(int(c), payload, state.version, int(j)) for c, j in zip(cohort, job_ids)]
+        jobs = ctx.make_jobs(cohort, payload, state.version, job_ids)
         lost, lost_at = ctx.population.drops(cohort, job_ids)
         results = {r.client: r for r in ctx.executor.run([j for j, gone in zip(jobs, lost) if not gone])}
         # a client whose code raised (executor.on_client_error='drop') is lost when its job would end
