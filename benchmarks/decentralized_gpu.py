@@ -94,7 +94,7 @@ class Timed:
         run.protocol.step = timed_step
         ctx.executor.run = timed(ex_run, "executor_s")
         ctx.strategy = ctx.strategy._replace(merge=timed(merge, "gossip_s"))
-        ctx.make_job = timed(ctx.make_job, "jobs_s", sync=False)  # host work only: batch indices, Job objects
+        ctx.make_jobs = timed(ctx.make_jobs, "jobs_s", sync=False)  # host work only: batch indices, Job objects
 
     def sync(self) -> None:
         if self.cuda:
@@ -135,7 +135,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {dev}; {args.nodes} nodes, "
           f"MLP 60-200-10, DFedAvg, 4 local steps of batch 16 + 1 gossip step per round")
     head = (f"{'topology':12s} {'variant':11s} {'s/round':>9s} {'rounds/s':>9s} {'node-upd/s':>11s} "
-            f"{'vs serial':>9s} {'1st round s':>11s} {'executor':>8s} {'gossip':>7s} {'make_job':>8s} "
+            f"{'vs serial':>9s} {'1st round s':>11s} {'executor':>8s} {'gossip':>7s} {'make_jobs':>9s} "
             f"{'rel diff @' + str(compare_at):>12s} {'accuracy':>8s}")
     lines = []
     for topo in args.topologies.split(","):
@@ -152,7 +152,7 @@ def main() -> None:
             speed = f"{ref['s_per_round'] / r['s_per_round']:.1f}x" if ref is not None else "–"
             line = (f"{topo:12s} {v:11s} {r['s_per_round']:9.4f} {1 / r['s_per_round']:9.2f} "
                     f"{args.nodes / r['s_per_round']:11.0f} {speed:>9s} {r['first_round_s']:11.2f} "
-                    f"{r['executor_share']:8.0%} {r['gossip_share']:7.1%} {r['jobs_share']:8.0%} {diff:>12s} "
+                    f"{r['executor_share']:8.0%} {r['gossip_share']:7.1%} {r['jobs_share']:9.0%} {diff:>12s} "
                     f"{r['accuracy']:8.4f}")
             lines.append(line)
             print(line, f"(models on {r['device']}, {rounds} rounds, build {r['build_s']:.1f} s)", flush=True)

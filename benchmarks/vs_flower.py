@@ -9,12 +9,12 @@ process and all its children (Ray's raylet, GCS and workers for Flower), sampled
 0.1 s.
 
 * Flower 1.42: ``flwr.simulation.run_simulation`` with a ServerApp running the message
-  API's FedAvg (``strategy.start``) and a ClientApp (``@app.train``), Ray backend, with its
-  default client resources and with ``num_cpus: 1`` per client (the best setting found
-  here; MEASUREMENTS.md).
-* fedsim: serial and vmap executors (and ray when `executor.kind: ray` is registered), with
-  torch's default thread count, and the vmap executor again with ``run.torch_threads: 1``
-  (Ray sets each Flower client actor's thread count to its num_cpus the same way).
+  API's FedAvg (``strategy.start``) and the ClientApp of ``_flower_w.py`` (imported by
+  reference, data loaded once per actor), Ray backend, with its default client resources
+  and with ``num_cpus: 1`` per client (the best setting found here; MEASUREMENTS.md).
+* fedsim: serial, ray and vmap executors with torch's default thread count; the vmap
+  executor again with ``run.torch_threads: 1`` (Ray sets each Flower client actor's thread
+  count to its num_cpus the same way), and both with ``executor.compile: true``.
 
     python benchmarks/vs_flower.py [--rounds 20]
 """

@@ -332,8 +332,9 @@ def vmap(
             always come back where the job's model lives, so a run resumed from a checkpoint
             (saved on the CPU) continues on the CPU.
         compile: Compile each cohort function with ``torch.compile`` (Inductor) before its
-            first run: fuses the vectorised step's elementwise work, 1.5x faster on an H200
-            for a small CNN (benchmarks/README.md), at a one-off cost of tens of seconds per
+            first run: fuses the vectorised step's elementwise work — 1.4-1.5x faster on an
+            H200 for small CNNs, ~2x on the CPU for an MLP (benchmarks/README.md) — at a
+            one-off cost of tens of seconds per
             cohort shape (an asynchronous run with many cohort sizes pays it per size). Results
             match the eager path to float rounding, not bitwise. Needs a C++ compiler on the CPU
             and Triton on CUDA; if compiling fails the executor warns and runs eagerly.
