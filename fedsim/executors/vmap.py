@@ -161,10 +161,9 @@ class VmapExecutor(Executor):
                 fill()
 
     def _store(self, jobs: list[Job], outputs: list) -> None:
-        done = self._done
+        done, result = self._done, JobResult
         for job, out in zip(jobs, outputs):
-            done[job.job_id] = JobResult(job.job_id, job.client, job.version, out, job.num_samples,
-                                         job.indices.shape[0])
+            done[job.job_id] = result(job.job_id, job.client, job.version, out, job.num_samples, len(job.indices))
 
     def run(self, jobs: Sequence[Job]) -> list[JobResult]:
         """Runs `jobs` (with any still pending) and returns their results in the jobs' order."""
