@@ -66,15 +66,16 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     import time
 
-    from .reproduce import available, check_executor, load_paper, reproduce
+    from .reproduce import available, check_executor, check_settings, load_paper, reproduce
 
     check_executor(args.executor)
+    check_settings(args.set)
     names = available() if args.name == "all" else [args.name]
     load_paper(names[0])  # an unknown name fails before anything runs
     for name in names:
         out = Path(args.out) / name if args.name == "all" else Path(args.out)
         start = time.perf_counter()
-        result = reproduce(name, out, quick=args.quick, executor=args.executor)
+        result = reproduce(name, out, quick=args.quick, executor=args.executor, settings=args.set)
         print(f"{name}: {sum(c.supported is True for c in result.claims)}/{len(result.claims)} claims supported "
               f"({time.perf_counter() - start:.0f} s); see {result.out / 'claims.md'}")
     return 0
@@ -164,6 +165,9 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--quick", action="store_true", help="reduced version (a few minutes on 2 cores)")
     rp.add_argument("--executor",
                     help="executor kind for every run: serial, vmap, or ray (one local Ray for all of a paper's runs)")
+    rp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for every run, after the paper's own (repeatable), e.g. "
+                         "--set ray.address=auto --set executor.device=cuda")
     rp.set_defaults(func=_cmd_reproduce)
 
     ga = sub.add_parser("gallery", help="write docs/gallery.md from reproductions' claims.md and figures")

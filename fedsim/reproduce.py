@@ -22,9 +22,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from .errors import FedsimError
+
+if TYPE_CHECKING:
+    from .config.ray_section import RaySection
 
 PAPERS_DIR = Path(__file__).resolve().parents[1] / "experiments" / "papers"
 
@@ -101,25 +104,27 @@ def describe_runs(runs: Sequence[tuple[RunSpec, int]]) -> str:
     return f"{len(runs)} runs: {len(per)} curves, seeds {seeds} ({each} per curve)"
 
 
-def command(name: str, quick: bool, executor: str | None = None) -> str:
+def command(name: str, quick: bool, executor: str | None = None, settings: Sequence[str] = ()) -> str:
     """Returns the command line that regenerates a reproduction."""
     return " ".join(["fedsim reproduce", name, *(["--quick"] if quick else []),
-                     *([f"--executor {executor}"] if executor else []), "--out DIR"])
+                     *([f"--executor {executor}"] if executor else []), *(f"--set {x}" for x in settings),
+                     "--out DIR"])
 
 
 def claims_markdown(title: str, claims: Sequence[Claim], figures: Sequence[Path], quick: bool, seconds: float,
                     name: str = "", runs: str = "", executor: str | None = None, cpu_seconds: float | None = None,
-                    full_runtime: str | None = None, load: str = "") -> str:
+                    full_runtime: str | None = None, load: str = "", settings: Sequence[str] = ()) -> str:
     """Renders claims.md: what was run and how to run it again, the figures, the claim table."""
     mark = {True: "yes", False: "**no**", None: "inconclusive"}
     cpu = f"; CPU time {cpu_seconds:.0f} s" if cpu_seconds is not None else ""
     busy = f"; load average {load} at the end" if load else ""
     lines = [f"# {title}", "", f"Mode: {'quick' if quick else 'full'}; run time {seconds:.0f} s{cpu}{busy}.  "]
     if runs:
-        lines.append(f"Runs: {runs}; executor: {executor or 'serial'}.  ")
+        extra = f"; overrides: {', '.join(settings)}" if settings else ""
+        lines.append(f"Runs: {runs}; executor: {executor or 'serial'}{extra}.  ")
     if name:
         full = f" (full mode: {full_runtime})" if quick and full_runtime else ""
-        lines.append(f"Regenerate: `{command(name, quick, executor)}`{full}.")
+        lines.append(f"Regenerate: `{command(name, quick, executor, settings)}`{full}.")
     lines += [""] + [f"![{f.stem}]({f.name})" for f in figures]
     lines += ["", "| claim | measured | supported |", "|---|---|---|"]
     lines += [f"| {c.claim} | {c.measured} | {mark[c.supported]} |" for c in claims]
@@ -137,16 +142,17 @@ def check_executor(executor: str | None) -> None:
 
 
 @contextlib.contextmanager
-def shared_ray(executor: str | None) -> Iterator[None]:
-    """With the Ray executor, starts one private local Ray for all of a paper's runs (each run
-    would otherwise start and stop its own) and stops it at the end; otherwise does nothing."""
+def shared_ray(executor: str | None, section: "RaySection | None" = None) -> Iterator[None]:
+    """With the Ray executor, connects once for all of a paper's runs as the runs' `ray`
+    section says (by default one private local Ray, stopped at the end; each run would
+    otherwise start and stop its own); otherwise does nothing."""
     if executor != "ray":
         yield
         return
     from .config.ray_section import RaySection
     from .executors.ray_cluster import connect
 
-    connection = connect(RaySection())
+    connection = connect(section or RaySection())
     try:
         yield
     finally:
@@ -159,34 +165,56 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def _ray_section(config: Any) -> "RaySection | None":
+    from .config.ray_section import RaySection
+
+    return RaySection(**config.extra.get("ray", {})) if config is not None else None
+
+
+def check_settings(settings: Sequence[str]) -> None:
+    """Raises FedsimError before any run if a `--set` override is not KEY=VALUE."""
+    for item in settings:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise FedsimError(f"--set: expected KEY=VALUE (e.g. ray.address=auto), got {item!r}")
+
+
 def reproduce(name: str, out: Path, quick: bool = False, executor: str | None = None,
-              progress: Callable[[str], Any] = print, papers_dir: Path = PAPERS_DIR) -> Result:
-    """Runs every RunSpec of paper `name` (each seed), then its report; writes out/claims.md."""
+              progress: Callable[[str], Any] = print, papers_dir: Path = PAPERS_DIR,
+              settings: Sequence[str] = ()) -> Result:
+    """Runs every RunSpec of paper `name` (each seed), then its report; writes out/claims.md.
+    `settings` are config overrides (KEY=VALUE) applied to every run after the paper's own,
+    e.g. ``ray.address=auto`` or ``executor.device=cuda``."""
     from .config import load_config
     from .runner import execute
 
     check_executor(executor)
+    check_settings(settings)
     paper = load_paper(name, papers_dir)
     runs = plan(paper, quick)
+
+    def run_config(spec: RunSpec, seed: int):
+        overrides = [*spec.overrides, f"seed={seed}", "run.progress=false"]
+        if quick:
+            overrides += list(spec.quick)
+        if executor:
+            overrides.append(f"executor.kind={executor}")
+        return load_config(papers_dir / name / spec.config, [*overrides, *settings])
+
+    first = run_config(*runs[0]) if runs else None  # a bad override stops here, before anything runs
     out.mkdir(parents=True, exist_ok=True)
     start, cpu0 = time.perf_counter(), _cpu_seconds()
     results: dict[str, list[Path]] = {}
-    with shared_ray(executor):
+    with shared_ray(executor, _ray_section(first)):
         for spec, seed in runs:
-            overrides = [*spec.overrides, f"seed={seed}", "run.progress=false"]
-            if quick:
-                overrides += list(spec.quick)
-            if executor:
-                overrides.append(f"executor.kind={executor}")
             folder = out / "runs" / f"{spec.label}-seed{seed}".replace(" ", "_").replace("/", "_")
             progress(f"[{name}] {spec.label} seed {seed} -> {folder}")
-            execute(load_config(papers_dir / name / spec.config, overrides), folder, overwrite=True, progress=False)
+            execute(run_config(spec, seed), folder, overwrite=True, progress=False)
             results.setdefault(spec.label, []).append(folder)
     before = set(out.glob("*.png"))
     claims = list(paper.report(results, out))
     figures = sorted(set(out.glob("*.png")) - before) or sorted(out.glob("*.png"))
     text = claims_markdown(getattr(paper, "TITLE", name), claims, figures, quick, time.perf_counter() - start,
-                           name=name, runs=describe_runs(runs), executor=executor,
+                           name=name, runs=describe_runs(runs), executor=executor, settings=settings,
                            cpu_seconds=_cpu_seconds() - cpu0, full_runtime=getattr(paper, "FULL_RUNTIME", None),
                            load=load_average())
     (out / "claims.md").write_text(text)

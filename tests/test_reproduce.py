@@ -191,3 +191,22 @@ def test_docs_gallery_is_generated_from_the_papers_results(tmp_path):
         f"docs/gallery.md is out of date: run `{invocation}` from the repository root"
     shipped = sorted(p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs" / "gallery").rglob("*.png"))
     assert shipped == sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "gallery").rglob("*.png"))
+
+
+def test_set_overrides_reach_every_run_and_the_regenerate_line(papers, tmp_path):
+    reproduce("toy", tmp_path, quick=True, executor="vmap", progress=lambda s: None, papers_dir=papers,
+              settings=["executor.device=cpu", "ray.address=auto"])
+    for run in (tmp_path / "runs").iterdir():
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        assert cfg["executor"]["device"] == "cpu" and cfg["ray"]["address"] == "auto"
+    text = (tmp_path / "claims.md").read_text()
+    assert "executor: vmap; overrides: executor.device=cpu, ray.address=auto." in text
+    assert "`fedsim reproduce toy --quick --executor vmap --set executor.device=cpu --set ray.address=auto --out DIR`" in text
+
+
+def test_bad_set_overrides_stop_before_running(papers, tmp_path):
+    with pytest.raises(FedsimError, match="--set: expected KEY=VALUE"):
+        reproduce("toy", tmp_path / "a", quick=True, papers_dir=papers, settings=["executor.device"])
+    proc = subprocess.run(fedsim_cmd("reproduce", "momentum", "--quick", "--set", "executor.devize=cpu",
+                                     "--out", str(tmp_path / "b")), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "executor.devize" in proc.stderr and not (tmp_path / "b").exists()
