@@ -167,6 +167,10 @@ class AsyncProtocol(Protocol, Hooks):
         st.refs[v] = st.refs.get(v, 0) + 1
         payload = st.models[v]
         j = self.ctx.make_job(client, payload, v, job)
+        pending = self._buffered_state(st, client)
+        if pending is not None:  # the client continues from its last accepted job, not yet stored
+            j = replace(j, state=pending)
+            st.dispatch_states[job] = pending  # a resume resubmits the job with it
         if submit:
             self.ctx.executor.submit(j)
         down = nbytes(payload)
@@ -207,6 +211,17 @@ class AsyncProtocol(Protocol, Hooks):
             loss = r.output.metrics.get("train_loss")
             if loss is not None:
                 st.losses_seen.append(float(loss))
+
+    @staticmethod
+    def _buffered_state(st: AsyncState, client: int) -> dict[str, Tensor] | None:
+        """The client state of `client`'s newest result waiting in the buffer (accepted, to be
+        aggregated), or None. A client redispatched before its last update is aggregated must
+        start from that update's state: the server will apply the update, and a strategy with
+        a server-side copy of client state (EF21's h_i) must see the same sequence."""
+        for u in reversed(st.buffer):
+            if u.client == client and u.job in st.results:
+                return st.results[u.job].output.state
+        return None
 
     def _keep_dispatch_states(self, st: AsyncState, client: int) -> None:
         """Before `client`'s stored state changes: remembers it for the client's jobs still computing."""
