@@ -105,6 +105,23 @@ def test_a_failing_compile_warns_and_runs_eagerly(monkeypatch):
     assert b.ctx.executor.compile is False and b.ctx.executor.unsupported is None
 
 
+def test_compiled_cohorts_are_padded_to_a_few_sizes(monkeypatch):
+    # an asynchronous run forms cohorts of many sizes; each compiled shape costs a compile
+    compiled = []
+
+    def counting(fn, **kwargs):
+        compiled.append(fn)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", counting)
+    cfg = quadratic_config(protocol={"name": "async", "concurrency": 10, "buffer_size": 3},
+                           system={"compute": {"name": "lognormal", "mean": 1.0, "sigma": 1.0}},
+                           run={"rounds": 60, "eval_every": 60})
+    a, b = compare_runs(cfg, compile=True)
+    sizes = b.ctx.executor._sizes  # EXACT_SIZES exact cohort sizes, then bucketed ones
+    assert len(sizes) <= 9 and len(compiled) <= 2 * len(sizes)  # × payload shared or stacked
+
+
 # ---- executor-level tests with per-job payloads, client state and extras (async / gossip shapes)
 
 def _stateful_strategy() -> Strategy:

@@ -210,7 +210,8 @@ class VmapExecutor(Executor):
             return outputs
 
     def _run_cohort_with(self, jobs: list[Job], compiled: bool) -> list:
-        pad = self._padded_size(len(jobs)) if self.runner is not None else None
+        # static shapes (CUDA graphs, compiled functions): pad to a bounded set of cohort sizes
+        pad = self._padded_size(len(jobs)) if self.runner is not None or compiled else None
         st = stack(jobs, self.device, pad_to=pad)
         idx = torch.from_numpy(st.indices).to(self.device)
         fn_key = (signature(jobs[0]), st.size, st.params_dim, tuple(sorted(st.extras_dims.items())), compiled)
@@ -334,7 +335,7 @@ def vmap(
             first run: fuses the vectorised step's elementwise work — 1.4-1.5x faster on an
             H200 for small CNNs, ~2x on the CPU for an MLP (benchmarks/README.md) — at a
             one-off cost of tens of seconds per
-            cohort shape (an asynchronous run with many cohort sizes pays it per size). Results
+            cohort shape (cohorts are padded to at most a few sizes, as for CUDA graphs). Results
             match the eager path to float rounding, not bitwise. Needs a C++ compiler on the CPU
             and Triton on CUDA; if compiling fails the executor warns and runs eagerly.
     """
