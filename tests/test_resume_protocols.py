@@ -113,7 +113,7 @@ def assert_work_in_flight(name: str, state) -> None:
 RAY = pytest.mark.slow  # a Ray cluster and actor processes for three runs: ~30-60 s a case on 2 shared cores
 PAIRS = [pytest.param(name, "serial", id=f"{name}-serial") for name in sorted(CASES)] + [
     pytest.param(name, "ray", id=f"{name}-ray", marks=RAY) for name in ("sync", "async_fedbuff")
-]
+] + [pytest.param(name, "vmap", id=f"{name}-vmap") for name in ("sync", "async_fedbuff", "decentralized")]
 
 
 @pytest.mark.parametrize("name,executor", PAIRS)
@@ -123,6 +123,10 @@ def test_sigkill_then_resume_equals_uninterrupted(name, executor, tmp_path, tmp_
         cluster = request.getfixturevalue("cluster")  # started for this module, stopped after it
         cfg = merge(cfg, {"executor": {"kind": "ray", "num_cpus": 1, "num_actors": 2}})
         extra_args = (f"ray.address={cluster.address}",)  # in this process, runs reuse the connected Ray
+    if executor == "vmap":  # resumed in-flight jobs form other cohorts than in the reference run
+        cfg = merge(cfg, {"executor": {"kind": "vmap", "device": "cpu"}})
+        if name == "async_fedbuff":  # the compressed strategy is not vectorisable: vmap would run it serially
+            cfg["strategy"] = dict(SCAFFOLD)
     reference = tmp_path / "reference"
     run_config(cfg, reference)
     evaluations = len(read_jsonl(reference / "metrics.jsonl"))
