@@ -112,7 +112,7 @@ def assert_work_in_flight(name: str, state) -> None:
 
 RAY = pytest.mark.slow  # a Ray cluster and actor processes for three runs: ~30-60 s a case on 2 shared cores
 PAIRS = [pytest.param(name, "serial", id=f"{name}-serial") for name in sorted(CASES)] + [
-    pytest.param(name, "ray", id=f"{name}-ray", marks=RAY) for name in ("sync", "async_fedbuff")
+    pytest.param(name, "ray", id=f"{name}-ray", marks=RAY) for name in ("sync", "async_fedbuff", "decentralized", "async_gossip")
 ] + [pytest.param(name, "vmap", id=f"{name}-vmap") for name in ("sync", "async_fedbuff", "decentralized")]
 
 
