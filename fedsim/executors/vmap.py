@@ -334,10 +334,10 @@ def vmap(
         compile: Compile each cohort function with ``torch.compile`` (Inductor) before its
             first run: fuses the vectorised step's elementwise work — 1.4-1.5x faster on an
             H200 for small CNNs, ~2x on the CPU for an MLP (benchmarks/README.md) — at a
-            one-off cost of tens of seconds per
-            cohort shape (cohorts are padded to at most a few sizes, as for CUDA graphs). Results
-            match the eager path to float rounding, not bitwise. Needs a C++ compiler on the CPU
-            and Triton on CUDA; if compiling fails the executor warns and runs eagerly.
+            one-off cost of tens of seconds per cohort shape (cohorts are padded to at most a
+            few sizes, as for CUDA graphs). Results match the eager path to float rounding,
+            not bitwise. Needs a C++ compiler on the CPU and Triton on CUDA; if compiling
+            fails the executor warns and runs eagerly.
     """
     return VmapExecutor(device, max_chunk, precision, graphs, conv, randomness, on_unsupported,
                         keep_freed_memory, keep_on_device, compile)
