@@ -37,11 +37,28 @@ def numpy_rngs(seed: int, purpose: str, *ids: Sequence[int]) -> Iterator[np.rand
     The yielded generator is ONE object, re-seeded for every row: use it before taking the next.
     """
     keys = np.array([key(seed, purpose, *row) for row in zip(*ids)], dtype=np.uint64)
+    if not _bulk_seeding_matches_numpy():
+        yield from (np.random.default_rng(int(k)) for k in keys)
+        return
     bits = np.random.PCG64()
     gen = np.random.Generator(bits)
     for state, inc in _pcg64_seeds(keys):
         bits.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": inc}, "has_uint32": 0, "uinteger": 0}
         yield gen
+
+
+_BULK_OK: list[bool] = []
+
+
+def _bulk_seeding_matches_numpy() -> bool:
+    """Checks once per process that `_pcg64_seeds` reproduces this numpy's seeding (it is
+    numpy's documented, stable algorithm; a mismatch falls back to one generator per key)."""
+    if not _BULK_OK:
+        probe = [0, 7, 2**40 + 3, 2**63 - 1]
+        mine = _pcg64_seeds(np.array(probe, dtype=np.uint64))
+        ref = [np.random.PCG64(k).state["state"] for k in probe]
+        _BULK_OK.append(mine == [(r["state"], r["inc"]) for r in ref])
+    return _BULK_OK[0]
 
 
 # numpy's SeedSequence (numpy/random/bit_generator.pyx), vectorised over many integer seeds
