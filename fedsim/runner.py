@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import threading
 import time
@@ -306,16 +307,34 @@ def execute(config: Config, out_dir: Path | None, overwrite: bool = False, progr
     """Builds and runs `config` (with `protocol` instead of the config's, if given); with
     `out_dir`, writes the whole run folder. Returns the Run."""
     run = build(config, protocol)
+    created = out_dir is not None and not out_dir.exists()
     if out_dir is not None:
         prepare_run_dir(out_dir, overwrite)
         write_config(out_dir, config.resolved())
         if config.run.state_dir is None:  # spilled client state lives in the run folder
             run.ctx.store.spill_root = out_dir
-    with _write_errors(out_dir):
+    with _write_errors(out_dir), _no_files_for_a_refused_config(run, out_dir, created):
         drive(run, out_dir, progress)
         if out_dir is not None:
             _finish(run, out_dir)
     return run
+
+
+@contextmanager
+def _no_files_for_a_refused_config(run: Run, out_dir: Path | None, created: bool) -> Iterator[None]:
+    """A config error found while starting the protocol (before its first evaluation) is
+    reported like one found while building: what this run wrote is removed (the folder too,
+    if this run created it)."""
+    try:
+        yield
+    except ConfigError:
+        if out_dir is not None and not run.rows:
+            if created:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            else:
+                for item in out_dir.iterdir():
+                    shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
+        raise
 
 
 def resume(out_dir: Path, progress: bool | None = None) -> Run:

@@ -94,3 +94,18 @@ def test_existing_run_folder_is_refused(tmp_yaml, tmp_path, capsys):
     assert main(["run", str(tmp_yaml(digits_config())), "--out", str(out), "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "metrics.jsonl").read_text() == "{}\n"
+
+
+@pytest.mark.parametrize("protocol", [{"name": "async_gossip"}, {"name": "decentralized", "init": "independent"}])
+def test_independent_init_of_a_model_without_initialisers_is_refused_before_any_file(tmp_yaml, tmp_path, capsys,
+                                                                                       protocol):
+    from .conftest import quadratic_config
+
+    cfg = quadratic_config(protocol=protocol, strategy={"name": "gossip" if protocol["name"] == "async_gossip" else "dfedavg"},
+                           topology={"name": "ring"}, run={"rounds": None, "time_budget": 0.1}
+                           if protocol["name"] == "async_gossip" else {"rounds": 2})
+    out = tmp_path / "run"
+    code = main(["run", str(tmp_yaml(cfg)), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("fedsim: error: protocol.init") and "use init: shared" in err, err
+    assert not out.exists()

@@ -35,7 +35,7 @@ from ..errors import ConfigError
 from ..registry import PROTOCOLS
 from ..strategy import Payload, Tensor
 from .base import Protocol, ProtocolState, RunContext, check_finite
-from .nodes import INITS, build_topology, eval_sample, initial_models, node_metrics
+from .nodes import INITS, build_topology, check_init, eval_sample, initial_models, node_metrics
 
 ARRIVE, TRAINED, WAKE = 0, 1, 2  # event priorities at equal times
 
@@ -64,6 +64,7 @@ class AsyncGossipProtocol(Protocol):
         self.eval_nodes = eval_nodes
 
     def setup(self, ctx: RunContext) -> None:
+        check_init(ctx.task, self.init_mode)
         if ctx.strategy.channel is not None:
             raise ConfigError("protocol.name", f"strategy {ctx.config.strategy.name!r} compresses synchronous gossip "
                               "steps (a channel); use protocol 'decentralized'")

@@ -37,7 +37,7 @@ from ..registry import PROTOCOLS
 from ..rng import key
 from ..strategy import Payload, Tensor
 from .base import Protocol, ProtocolState, RunContext, wait_for_availability
-from .nodes import INITS, build_topology, eval_sample, initial_models, node_metrics, stacked_updates
+from .nodes import INITS, build_topology, check_init, eval_sample, initial_models, node_metrics, stacked_updates
 from .rounds import FINISH, WAIT, RoundProtocol
 
 MAX_GAP_NODES = 1024  # the spectral gap (a dense SVD) is reported up to this many nodes
@@ -80,6 +80,7 @@ class DecentralizedProtocol(RoundProtocol):
         self.eval_nodes = eval_nodes
 
     def setup(self, ctx: RunContext) -> None:
+        check_init(ctx.task, self.init_mode)
         self.topology = build_topology(ctx)
         channel = ctx.strategy.channel
         if channel is not None and channel.static_graph and not self.topology.static:

@@ -34,13 +34,19 @@ def build_topology(ctx: RunContext):
     return build(ctx.config.topology, ctx.num_clients, ctx.seed)
 
 
+def check_init(task: Task, init: str) -> None:
+    """Raises ConfigError (at set-up, before any output is written) if `init` cannot be done
+    for this model: 'independent' needs layers with ``reset_parameters()``."""
+    if init == "independent" and not any(hasattr(m, "reset_parameters") for m in task.module.modules()):
+        raise ConfigError("protocol.init", "the model has no layer with reset_parameters(); use init: shared")
+
+
 def independent_params(task: Task, seed: int, nodes: int) -> torch.Tensor:
     """Returns ``[nodes, d]`` fresh initialisations, node i's drawn from key(seed, 'init/node', i)
     by calling every layer's ``reset_parameters()`` (PyTorch's default initialisers)."""
+    check_init(task, "independent")
     module = copy.deepcopy(task.module)
     layers = [m for m in module.modules() if hasattr(m, "reset_parameters")]
-    if not layers:
-        raise ConfigError("protocol.init", "the model has no layer with reset_parameters(); use init: shared")
     rows = []
     with torch.random.fork_rng(devices=[]):
         for i in range(nodes):
