@@ -247,9 +247,14 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
                 dstate.last_rounds = state.rounds
             if every_tick is not None:
                 budget = ctx.budget_ticks()
-                end = min(budget, state.time) if math.isfinite(budget) else state.time
+                # stopped by the time budget (a round that would end after it is not performed):
+                # the model stands until the budget, and the rows due until then say so
+                by_rounds = ctx.out_of_rounds(state)
+                end = budget if math.isfinite(budget) and not by_rounds else state.time
                 while dstate.next_eval <= end:
                     record_due(state)
+                if by_rounds and run.rows[-1]["round"] != state.rounds:  # the final model, off the grid
+                    record(state, state.time)
             elif run.rows[-1]["round"] != state.rounds or run.rows[-1]["virtual_time"] != to_seconds(state.time):
                 record(state, state.time)
     finally:

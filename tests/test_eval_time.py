@@ -30,5 +30,17 @@ def test_row_at_t_holds_the_rounds_ended_by_t(name, tmp_path):
             if e["kind"] == end_event]
     assert len(ends) >= 6
     times = [r["virtual_time"] for r in run.rows]
-    assert times == [0.25 * k for k in range(len(times))] and ends[-1] - 0.25 < times[-1] <= 8.0
+    # the grid runs to the budget: the model stands from the last round's end until then
+    assert times == [0.25 * k for k in range(len(times))] and times[-1] == 8.0
     assert [r["round"] for r in run.rows] == [sum(t <= r["virtual_time"] for t in ends) for r in run.rows]
+    assert run.rows[-1]["round"] == run.final_state.rounds  # the last row is the final model
+
+
+@pytest.mark.parametrize("name", ["sync", "decentralized"])
+def test_a_run_stopped_by_rounds_ends_with_a_row_of_its_final_model(name):
+    change, _ = CASES[name]
+    cfg = merge(quadratic_config(system=SPEEDS, run={"rounds": 7, "eval_every_time": 0.25}), change)
+    run = run_config(cfg)
+    last = run.rows[-1]
+    assert last["round"] == 7 and last["virtual_time"] * 4 % 1 != 0  # off the grid: the 7th round's end
+    assert [r["virtual_time"] for r in run.rows[:-1]] == [0.25 * k for k in range(len(run.rows) - 1)]
