@@ -63,6 +63,18 @@ def run_config(cfg: dict[str, Any], out: Path | None = None, overrides: tuple[st
     return execute(load_config(cfg, overrides), out, progress=False)
 
 
+def tutorial_plugin(page: str, folder: Path, plugin_file: str) -> dict[str, Any]:
+    """Writes the first ```python block of docs/`page` to folder/`plugin_file` and returns the
+    page's first ```yaml block as a config mapping (the tutorials' code, executed as written)."""
+    import re
+
+    import yaml
+
+    blocks = re.findall(r"```(python|yaml)\n(.*?)```", (ROOT / "docs" / page).read_text(), flags=re.S)
+    (folder / plugin_file).write_text(next(code for lang, code in blocks if lang == "python"))
+    return yaml.safe_load(next(code for lang, code in blocks if lang == "yaml"))
+
+
 def fedsim_cmd(*args: str) -> list[str]:
     """The command line that runs this checkout's fedsim CLI."""
     return [sys.executable, "-m", "fedsim", *args]

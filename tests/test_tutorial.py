@@ -1,7 +1,6 @@
 """Executes docs/tutorial-strategy.md: its strategy file and config must work as the page says."""
 from __future__ import annotations
 
-import re
 
 import numpy as np
 import pytest
@@ -10,18 +9,14 @@ import yaml
 
 from fedsim.strategy import CombineContext, Msg
 
-from .conftest import ROOT, quadratic_config, run_config
+from .conftest import quadratic_config, run_config, tutorial_plugin
 
-PAGE = (ROOT / "docs" / "tutorial-strategy.md").read_text()
-BLOCKS = re.findall(r"```(python|yaml)\n(.*?)```", PAGE, flags=re.S)
 
 
 @pytest.fixture(scope="module")
 def plugin(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tutorial")
-    (folder / "my_fedexp.py").write_text(next(code for lang, code in BLOCKS if lang == "python"))
-    cfg = yaml.safe_load(next(code for lang, code in BLOCKS if lang == "yaml"))
-    return folder, cfg
+    return folder, tutorial_plugin("tutorial-strategy.md", folder, "my_fedexp.py")
 
 
 def load_fedexp(folder):
@@ -70,15 +65,10 @@ def test_fedexp_beats_fedavg_per_round_on_the_quadratic(plugin):
     assert exp < 0.9 * avg, (exp, avg)
 
 
-BEHAVIOUR = (ROOT / "docs" / "tutorial-behaviour.md").read_text()
-
-
 def test_behaviour_tutorial_model_restricts_dispatch(tmp_path):
     import json
 
-    blocks = re.findall(r"```(python|yaml)\n(.*?)```", BEHAVIOUR, flags=re.S)
-    (tmp_path / "my_diurnal.py").write_text(next(code for lang, code in blocks if lang == "python"))
-    cfg = yaml.safe_load(next(code for lang, code in blocks if lang == "yaml"))
+    cfg = tutorial_plugin("tutorial-behaviour.md", tmp_path, "my_diurnal.py")
     cfg["run"]["progress"] = False
     (tmp_path / "diurnal.yaml").write_text(yaml.safe_dump(cfg))
     from fedsim import rng

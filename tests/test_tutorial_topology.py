@@ -1,7 +1,6 @@
 """Executes docs/tutorial-topology.md: its topology file and config must work as the page says."""
 from __future__ import annotations
 
-import re
 import subprocess
 
 import networkx as nx
@@ -9,10 +8,8 @@ import numpy as np
 import pytest
 import yaml
 
-from .conftest import ROOT, fedsim_cmd
+from .conftest import ROOT, fedsim_cmd, tutorial_plugin
 
-PAGE = (ROOT / "docs" / "tutorial-topology.md").read_text()
-BLOCKS = re.findall(r"```(python|yaml)\n(.*?)```", PAGE, flags=re.S)
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +18,7 @@ def folder(tmp_path_factory):
     from fedsim.config.load import import_plugin
 
     path = tmp_path_factory.mktemp("topology_tutorial")
-    (path / "my_topology.py").write_text(next(code for lang, code in BLOCKS if lang == "python"))
-    cfg = yaml.safe_load(next(code for lang, code in BLOCKS if lang == "yaml"))
+    cfg = tutorial_plugin("tutorial-topology.md", path, "my_topology.py")
     cfg["run"].update(rounds=6, eval_every=3, progress=False, torch_threads=1)  # one thread: fast on a busy machine
     (path / "cliques.yaml").write_text(yaml.safe_dump(cfg))
     import_plugin("my_topology.py", path)
