@@ -22,12 +22,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .errors import FedsimError
-
-if TYPE_CHECKING:
-    from .config.ray_section import RaySection
 
 PAPERS_DIR = Path(__file__).resolve().parents[1] / "experiments" / "papers"
 
@@ -142,7 +139,7 @@ def check_executor(executor: str | None) -> None:
 
 
 @contextlib.contextmanager
-def shared_ray(executor: str | None, section: "RaySection | None" = None) -> Iterator[None]:
+def shared_ray(executor: str | None, ray: Mapping[str, Any] | None = None) -> Iterator[None]:
     """With the Ray executor, connects once for all of a paper's runs as the runs' `ray`
     section says (by default one private local Ray, stopped at the end; each run would
     otherwise start and stop its own); otherwise does nothing."""
@@ -152,7 +149,7 @@ def shared_ray(executor: str | None, section: "RaySection | None" = None) -> Ite
     from .config.ray_section import RaySection
     from .executors.ray_cluster import connect
 
-    connection = connect(section or RaySection())
+    connection = connect(RaySection(**(ray or {})))
     try:
         yield
     finally:
@@ -163,12 +160,6 @@ def _cpu_seconds() -> float:
     """CPU time of this process and its finished children (Ray's own processes not included)."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def _ray_section(config: Any) -> "RaySection | None":
-    from .config.ray_section import RaySection
-
-    return RaySection(**config.extra.get("ray", {})) if config is not None else None
 
 
 def check_settings(settings: Sequence[str]) -> None:
@@ -204,11 +195,11 @@ def reproduce(name: str, out: Path, quick: bool = False, executor: str | None = 
     out.mkdir(parents=True, exist_ok=True)
     start, cpu0 = time.perf_counter(), _cpu_seconds()
     results: dict[str, list[Path]] = {}
-    with shared_ray(executor, _ray_section(first)):
-        for spec, seed in runs:
+    with shared_ray(executor, first.extra.get("ray") if first is not None else None):
+        for i, (spec, seed) in enumerate(runs):
             folder = out / "runs" / f"{spec.label}-seed{seed}".replace(" ", "_").replace("/", "_")
             progress(f"[{name}] {spec.label} seed {seed} -> {folder}")
-            execute(run_config(spec, seed), folder, overwrite=True, progress=False)
+            execute(first if i == 0 else run_config(spec, seed), folder, overwrite=True, progress=False)
             results.setdefault(spec.label, []).append(folder)
     before = set(out.glob("*.png"))
     claims = list(paper.report(results, out))

@@ -146,13 +146,7 @@ def _metric_filler(names: list[str], columns: list[Tensor], rows: list[dict[str,
         host.copy_(stacked, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-    done = False
-
     def fill() -> None:
-        nonlocal done
-        if done:
-            return
-        done = True
         if on_gpu:
             ready.synchronize()
             values = host.tolist()
