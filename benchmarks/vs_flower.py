@@ -159,7 +159,11 @@ def main() -> None:
             threads = int(args.child[1]) if len(args.child) > 1 and args.child[1] != "0" else None
             res = _fedsim_child(kind, args.rounds, threads, "compile" in args.child[2:])
         res["t0"] = T0
-        print(json.dumps(res))
+        print(json.dumps(res), flush=True)
+        if kind != "flower":  # exit as the `fedsim` command does
+            from fedsim.cli import skip_final_collection
+
+            skip_final_collection()
         return
     from fedsim.registry import EXECUTORS
 

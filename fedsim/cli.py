@@ -6,6 +6,7 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import warnings
 from pathlib import Path
@@ -217,5 +218,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.formatwarning = _python_format_warning
 
 
+def skip_final_collection() -> None:
+    """Exempts every live object from the interpreter's garbage collections at exit
+    (``gc.freeze``): with torch loaded they cost 0.4-0.7 s of a short run's wall time, for
+    memory the OS takes back anyway. Everything the run wrote is already closed."""
+    gc.freeze()
+
+
+def console() -> int:
+    """The `fedsim` command: `main` on the command line's arguments, then a quick exit;
+    returns the exit status."""
+    status = main()
+    skip_final_collection()
+    return status
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(console())

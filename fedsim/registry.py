@@ -2,7 +2,8 @@
 
 A component is a plain function (factory) registered under a name; its keyword signature
 is its configuration schema (see `fedsim.config.components`). Registering is one decorator
-in one file: built-in modules are imported on first lookup, user modules through the
+in one file: built-in modules are imported on lookup (the module named like the component
+first, every built-in module when that one does not register it), user modules through the
 config's `plugins:` list, and a name of the form ``package.module:factory`` is imported
 directly without any registration.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -64,6 +66,21 @@ class Registry:
 
         return deco
 
+    def _load_named(self, name: str) -> None:
+        """Imports the built-in module named `name`, if any (the usual layout: one file per
+        component); spares a lookup the import of every other built-in module and its
+        dependencies (networkx, scipy, ray)."""
+        if not name.isidentifier():
+            return
+        for package in self._builtin_packages:
+            module = f"{package}.{name}"
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):  # `package` is a plain module
+                found = False
+            if found:
+                importlib.import_module(module)
+
     def _load_builtins(self) -> None:
         if not self._loaded:
             self._loaded = True
@@ -81,7 +98,10 @@ class Registry:
 
     def get(self, name: str, path: str = "") -> Entry:
         """Returns the entry for `name`, or raises ConfigError at `path` listing the known names."""
-        self._load_builtins()
+        if name not in self._entries and not self._loaded:
+            self._load_named(name)
+        if name not in self._entries:
+            self._load_builtins()
         if name in self._entries:
             return self._entries[name]
         if ":" in name:

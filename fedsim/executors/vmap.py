@@ -3,7 +3,8 @@
 Submitted jobs wait until a result is asked for; then every pending job runs, grouped into
 cohorts of equal shapes (`cohort.py`: same [K, B] index shape, state and extras layout).
 For a cohort, the strategy's own ``local(payload, state, batches, grad_fn, hp)`` is mapped
-over the stacked clients with ``grad_fn = torch.func.grad_and_value(task.loss)`` (a pure
+over the stacked clients with ``grad_fn = torch.func.grad_and_value(task.loss)`` (built
+without importing ``torch._dynamo`` on the eager path: `light_grad.py`; a pure
 ``functional_call`` loss whose masked mean makes padded rows contribute nothing), so every
 client's gradient is exactly its own and each result equals the serial executor's up to
 float rounding (tests/test_vmap_executor.py: ≤ 1e-6 relative on the CPU in fp32).
@@ -33,6 +34,7 @@ from ..strategy import Batches, Payload, Strategy, Tensor
 from ..task import Task
 from .base import Executor, Job, JobResult, Worker, WorkerSpec
 from .cohort import Stacked, group, signature, stack, unstack
+from .light_grad import grad_and_value
 from .graphs import StaticCohortRunner, bucket, clone_tree
 from .precision import PRECISIONS, keep_freed_memory, precision
 from .unfold_conv import with_unfold_convs
@@ -98,7 +100,7 @@ class VmapExecutor(Executor):
             self.task = Task((module if swapped else copy.deepcopy(module)).to(self.device), base.kind, base.info)
         else:
             self.task = base
-        self.grad_fn = torch.func.grad_and_value(self.task.loss)
+        self.grad_fn = grad_and_value(self.task.loss)
         self.x = spec.x_train.to(self.device)
         self.y = spec.y_train.to(self.device)
         self.mask_dtype = self.x.dtype if self.x.is_floating_point() else torch.float32
@@ -218,8 +220,9 @@ class VmapExecutor(Executor):
         inputs = (st.params, st.extras, st.state, idx)
 
         def build():
-            fn = self._cohort_fn(st)
-            return torch.compile(fn, dynamic=False) if compiled else fn
+            if not compiled:
+                return self._cohort_fn(st, self.grad_fn)
+            return torch.compile(self._cohort_fn(st, torch.func.grad_and_value(self.task.loss)), dynamic=False)
 
         with precision(self.precision, self.device.type), self._keyed_rng(jobs[0].job_id):
             if self.runner is not None:
@@ -257,8 +260,8 @@ class VmapExecutor(Executor):
             torch.manual_seed(key(self.spec.seed, "vmap-cohort", job_id))
             yield
 
-    def _cohort_fn(self, st: Stacked):
-        local, grad_fn, hp = self.strategy.local, self.grad_fn, self.spec.hp
+    def _cohort_fn(self, st: Stacked, grad_fn):
+        local, hp = self.strategy.local, self.spec.hp
 
         def one(params, extras, state, x, y, mask):
             out = local(Payload(params, extras), state, Batches(x, y, mask), grad_fn, hp)
