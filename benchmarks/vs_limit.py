@@ -5,7 +5,10 @@ Every client holds 64 samples and runs one local epoch of batch 16 (K = 4 SGD st
 ``executor.run(jobs)`` (stacking, the K vectorised steps, splitting the results). The
 limit trains ONE model for the same K steps on batches of (clients × 16) samples: the
 same FLOPs without per-client structure, in the same precision. Both are timed after
-warm-up (CUDA graph capture included there), synchronised, best of several repeats.
+warm-up (CUDA graph capture included there), synchronised, best of several calls; the
+contenders are timed back to back `--repeats` times and each ratio is the median of the
+repeats' ratios (the host's speed drifts between minutes, and both sides are host-bound
+for small models).
 
     python benchmarks/vs_limit.py --device cpu --models mlp --clients 100
     python benchmarks/vs_limit.py --device cuda --models mlp,cnn28,cnn32 --clients 100,1000
@@ -136,6 +139,8 @@ def main() -> None:
     ap.add_argument("--clients", default="100")
     ap.add_argument("--compiled-limit", action="store_true",
                     help="also time the limit with the module compiled (torch.compile), for compiled variants")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="rounds of timing every contender back to back; ratios are medians over them")
     ap.add_argument("--variants", default="auto",
                     help="comma list of precision/graphs/conv[/compile], e.g. fp32/eager/native, tf32/graphs/native/compile")
     args = ap.parse_args()
@@ -158,39 +163,68 @@ def main() -> None:
             idx = client_indices(n)
             torch.manual_seed(0)
             base = make()
-            limits: dict[tuple[str, bool], float] = {}
+            limits: dict[tuple, Callable[[], object] | None] = {}  # the limit's step per (mode, graphed/compiled)
+
+            def limit(mode: str, kind: bool | str) -> Callable[[], object] | None:
+                if (mode, kind) not in limits:
+                    try:
+                        limits[(mode, kind)] = limit_step(_copy(base), x, y, idx, mode, device, kind is True,
+                                                          compiled=kind == "compiled")
+                    except Exception as exc:  # noqa: BLE001 - report and go on
+                        print(f"  limit {mode} {kind} failed: {type(exc).__name__}: {exc}"[:300])
+                        limits[(mode, kind)] = None
+                return limits[(mode, kind)]
+
             for variant in variants:
                 mode, graphs, conv, *rest = variant.split("/")
                 compiled = rest == ["compile"]
-                for graphed in ((False, True) if device.type == "cuda" else (False,)):
-                    if (mode, graphed) not in limits:
-                        try:
-                            step = limit_step(_copy(base), x, y, idx, mode, device, graphed)
-                            limits[(mode, graphed)] = n / best_time(step, device)
-                        except Exception as exc:  # noqa: BLE001 - report and go on
-                            print(f"  limit {mode} graphed={graphed} failed: {type(exc).__name__}: {exc}"[:300])
-                            limits[(mode, graphed)] = float("nan")
+                kinds: list[bool | str] = [False, True] if device.type == "cuda" else [False]
+                if compiled and args.compiled_limit:
+                    kinds.append("compiled")
                 try:
                     fn = vmap_round(_copy(base), shape, x, y, idx, device, precision_mode=mode,
                                     graphs=graphs == "graphs", conv=conv, compile_cohorts=compiled)
-                    ups = n / best_time(fn, device)
-                    replay = replay_only(fn)
-                    core = n / best_time(replay, device) if replay is not None else float("nan")
+                    replay = None
+                except Exception as exc:  # noqa: BLE001
+                    print(f"  vmap {variant} failed: {type(exc).__name__}: {exc}"[:300])
+                    continue
+                # each repeat times every contender once, back to back; ratios are taken within a
+                # repeat, and the median over repeats is reported (the host's speed drifts)
+                times: dict[str, list[float]] = {}
+                try:
+                    for _ in range(args.repeats):
+                        times.setdefault("vmap", []).append(best_time(fn, device))
+                        replay = replay if replay is not None else replay_only(fn)
+                        if replay is not None:
+                            times.setdefault("graph", []).append(best_time(replay, device))
+                        for kind in kinds:
+                            step = limit(mode, kind)
+                            if step is not None:
+                                times.setdefault(str(kind), []).append(best_time(step, device))
+                except Exception as exc:  # noqa: BLE001
+                    print(f"  vmap {variant} failed: {type(exc).__name__}: {exc}"[:300])
+                    continue
+                finally:
                     fn.executor.close()  # frees its captured graphs' memory pools before the next variant
                     del fn, replay
                     gc.collect()
-                except Exception as exc:  # noqa: BLE001
-                    print(f"  vmap {variant} failed: {type(exc).__name__}: {exc}"[:300])
-                    ups = core = float("nan")
-                lim, glim = limits[(mode, False)], limits.get((mode, True), float("nan"))
-                row = (f"{model:6s} {n:7d} {variant:28s} {ups:11.0f} {lim:12.0f} {ups / lim:6.2f} {glim:14.0f} "
-                       f"{ups / glim:6.2f} {core:12.0f} {core / glim:6.2f}")
-                if compiled and args.compiled_limit:
-                    if (mode, "compiled") not in limits:
-                        step = limit_step(_copy(base), x, y, idx, mode, device, False, compiled=True)
-                        limits[(mode, "compiled")] = n / best_time(step, device)
-                    clim = limits[(mode, "compiled")]
-                    row += f"   compiled limit {clim:9.0f} ratio {ups / clim:5.2f}"
+
+                def ups(name: str) -> float:
+                    return n / float(np.median(times[name])) if name in times else float("nan")
+
+                def ratio(a: str, b: str) -> float:
+                    if a not in times or b not in times:
+                        return float("nan")
+                    return float(np.median([tb / ta for ta, tb in zip(times[a], times[b])]))
+
+                row = (f"{model:6s} {n:7d} {variant:28s} {ups('vmap'):11.0f} {ups('False'):12.0f} "
+                       f"{ratio('vmap', 'False'):6.2f} {ups('True'):14.0f} {ratio('vmap', 'True'):6.2f} "
+                       f"{ups('graph'):12.0f} {ratio('graph', 'True'):6.2f}")
+                if "compiled" in times:
+                    row += f"   compiled limit {ups('compiled'):9.0f} ratio {ratio('vmap', 'compiled'):5.2f}"
+                if args.repeats > 1:
+                    spread = [tb / ta for ta, tb in zip(times["vmap"], times.get("False", []))]
+                    row += f"   (ratio over repeats {min(spread):.2f}-{max(spread):.2f})" if spread else ""
                 print(row, flush=True)
                 rows.append(row)
                 if device.type == "cuda":

@@ -47,6 +47,11 @@ def _as_tensors(values: dict[str, Any]) -> dict[str, Tensor]:
     return {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in values.items()}
 
 
+def _results(jobs: Sequence[Job], outputs: Sequence) -> list[JobResult]:
+    result = JobResult
+    return [result(j.job_id, j.client, j.version, out, j.num_samples, len(j.indices)) for j, out in zip(jobs, outputs)]
+
+
 def _is_oom(exc: BaseException) -> bool:
     text = str(exc)
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
@@ -151,50 +156,58 @@ class VmapExecutor(Executor):
     def _flush(self) -> None:
         jobs = list(self._pending.values())
         self._pending.clear()
+        done = self._done
+        for res in self._results(jobs):
+            done[res.job_id] = res
+
+    def _results(self, jobs: list[Job]) -> list[JobResult]:
+        """Runs `jobs` cohort by cohort; returns their results, cohort after cohort."""
         if self.unsupported is not None:
-            self._store(jobs, [self.serial.run(j).output for j in jobs])
-            return
+            return _results(jobs, [self.serial.run(j).output for j in jobs])
+        results: list[JobResult] = []
         try:
             for cohort in group(jobs):
-                self._run_group(cohort)
+                results += self._run_group(cohort)
         finally:  # the cohorts' metrics reach the host last: results are built meanwhile
             fills, self._fills = self._fills, []
             for fill in fills:
                 fill()
-
-    def _store(self, jobs: list[Job], outputs: list) -> None:
-        done, result = self._done, JobResult
-        for job, out in zip(jobs, outputs):
-            done[job.job_id] = result(job.job_id, job.client, job.version, out, job.num_samples, len(job.indices))
+        return results
 
     def run(self, jobs: Sequence[Job]) -> list[JobResult]:
         """Runs `jobs` (with any still pending) and returns their results in the jobs' order."""
-        pending = self._pending
-        for job in jobs:
-            pending[job.job_id] = job
-        if pending:
+        if self._pending:
+            for job in jobs:
+                self._pending[job.job_id] = job
             self._flush()
-        done = self._done
-        return [done.pop(job.job_id) for job in jobs]
+            done = self._done
+            return [done.pop(job.job_id) for job in jobs]
+        results = self._results(list(jobs))  # nothing else pending: no bookkeeping by job id
+        if all(r.job_id == j.job_id for r, j in zip(results, jobs)):
+            return results
+        by_id = {r.job_id: r for r in results}  # several cohorts: back to the jobs' order
+        return [by_id[j.job_id] for j in jobs]
 
-    def _run_group(self, jobs: list[Job]) -> None:
+    def _run_group(self, jobs: list[Job]) -> list[JobResult]:
         size = min(x for x in (len(jobs), self.max_chunk, self.chunk_cap) if x is not None)
+        results: list[JobResult] = []
         i = 0
         while i < len(jobs):
             part = jobs[i : i + size]
             if self.unsupported is not None:
-                self._store(part, [self.serial.run(j).output for j in part])
+                results += _results(part, [self.serial.run(j).output for j in part])
             else:
                 try:
-                    self._store(part, self._run_cohort(part))
+                    results += _results(part, self._run_cohort(part))
                 except Exception as exc:  # noqa: BLE001 - classified below
                     if _is_oom(exc) and size > 1:
                         size = self.chunk_cap = max(1, len(part) // 2)
                         if self.device.type == "cuda":
                             torch.cuda.empty_cache()
                         continue
-                    self._store(part, self._not_vectorisable(part, exc))
+                    results += _results(part, self._not_vectorisable(part, exc))
             i += len(part)
+        return results
 
     def _run_cohort(self, jobs: list[Job]) -> list:
         if not self.compile:
