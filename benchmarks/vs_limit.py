@@ -19,6 +19,7 @@ import argparse
 import gc
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -108,7 +109,12 @@ def limit_step(module: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: list[np
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         run()
-    return graph.replay
+
+    def replay() -> None:
+        graph.replay()
+
+    replay.keep_alive = run  # type: ignore[attr-defined]  # the batches and parameters the graph reads
+    return replay
 
 
 def vmap_round(module: nn.Module, shape, x, y, idx, device: torch.device, **knobs) -> Callable[[], object]:
@@ -203,6 +209,7 @@ def main() -> None:
                                 times.setdefault(str(kind), []).append(best_time(step, device))
                 except Exception as exc:  # noqa: BLE001
                     print(f"  vmap {variant} failed: {type(exc).__name__}: {exc}"[:300])
+                    traceback.print_exc()
                     continue
                 finally:
                     fn.executor.close()  # frees its captured graphs' memory pools before the next variant
