@@ -55,6 +55,8 @@ class Registry:
         """Decorator: registers `factory` under `name` and returns it unchanged."""
 
         def deco(factory: Callable[..., Any]) -> Callable[..., Any]:
+            if not self._is_builtin(factory):
+                self._load_builtins()  # a plugin's name must not shadow a built-in one not imported yet
             existing = self._entries.get(name)
             if existing is not None and existing.factory is not factory and (
                 existing.factory.__module__ != factory.__module__
@@ -65,6 +67,10 @@ class Registry:
             return factory
 
         return deco
+
+    def _is_builtin(self, factory: Callable[..., Any]) -> bool:
+        module = getattr(factory, "__module__", "") or ""
+        return any(module == p or module.startswith(p + ".") for p in self._builtin_packages)
 
     def _load_named(self, name: str) -> None:
         """Imports the built-in module named `name`, if any (the usual layout: one file per

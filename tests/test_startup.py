@@ -120,3 +120,17 @@ def test_the_fedsim_command_runs_as_a_module():
     proc = subprocess.run([sys.executable, "-m", "fedsim", "list"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "fedavg" in proc.stdout
+
+
+def test_a_plugin_cannot_shadow_a_built_in_name_that_was_not_imported_yet():
+    res = _python(
+        "import json\n"
+        "from fedsim.registry import STRATEGIES\n"
+        "def fedadam(): pass\n"
+        "try:\n"
+        "    STRATEGIES.register('fedadam')(fedadam)\n"
+        "    print(json.dumps('registered'))\n"
+        "except ValueError as exc:\n"
+        "    print(json.dumps(str(exc)))"
+    )
+    assert res == "strategy 'fedadam' is registered twice"
