@@ -93,6 +93,26 @@ def tmp_yaml(tmp_path: Path):
     return write
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _forget_test_plugins():
+    """Names a test module's plugins registered (tutorial files, test strategies) and the
+    plugin modules it imported are dropped after it, so no test file sees another's components."""
+    from fedsim import registry
+    from fedsim.compressors import COMPRESSORS
+
+    regs = [v for v in vars(registry).values() if isinstance(v, registry.Registry)] + [COMPRESSORS]
+    before = [set(r._entries) for r in regs]
+    modules = set(sys.modules)
+    yield
+    for reg, names in zip(regs, before):
+        for name, entry in list(reg._entries.items()):
+            if name not in names and not reg._is_builtin(entry.factory):
+                del reg._entries[name]
+    for name in set(sys.modules) - modules:
+        if name.startswith("fedsim_plugin_"):
+            del sys.modules[name]
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
     """runner.build applies run.torch_threads to the whole process (also from module-scoped
