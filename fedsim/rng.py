@@ -25,6 +25,16 @@ def key(seed: int, purpose: str, *ids: int) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & _MASK63
 
 
+def keys(seed: int, purpose: str, *ids: Sequence[int]) -> list[int]:
+    """Returns ``key(seed, purpose, *row)`` for every row of the zipped id sequences (the
+    common prefix is formatted once: ~2.5x cheaper per row)."""
+    prefix, sep = f"{int(seed)}\x1f{purpose}", "\x1f"
+    blake, from_bytes = hashlib.blake2b, int.from_bytes
+    columns = [[str(int(i)) for i in col] for col in ids]
+    return [from_bytes(blake(sep.join((prefix, *row)).encode(), digest_size=8).digest(), "little") & _MASK63
+            for row in zip(*columns)]
+
+
 def numpy_rng(seed: int, purpose: str, *ids: int) -> np.random.Generator:
     """Returns a numpy Generator seeded by the key of (seed, purpose, ids)."""
     return np.random.default_rng(key(seed, purpose, *ids))
@@ -36,13 +46,13 @@ def numpy_rngs(seed: int, purpose: str, *ids: Sequence[int]) -> Iterator[np.rand
 
     The yielded generator is ONE object, re-seeded for every row: use it before taking the next.
     """
-    keys = np.array([key(seed, purpose, *row) for row in zip(*ids)], dtype=np.uint64)
+    seeds = np.array(keys(seed, purpose, *ids), dtype=np.uint64)
     if not _bulk_seeding_matches_numpy():
-        yield from (np.random.default_rng(int(k)) for k in keys)
+        yield from (np.random.default_rng(int(k)) for k in seeds)
         return
     bits = np.random.PCG64()
     gen = np.random.Generator(bits)
-    for state, inc in _pcg64_seeds(keys):
+    for state, inc in _pcg64_seeds(seeds):
         bits.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": inc}, "has_uint32": 0, "uinteger": 0}
         yield gen
 

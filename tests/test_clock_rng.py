@@ -76,3 +76,13 @@ def test_bulk_seeded_generators_equal_one_by_one():
     for (perm, r), c, j in zip(bulk, clients, jobs):
         ref = numpy_rng(5, "batches", c, j)
         assert np.array_equal(perm, ref.permutation(50)) and np.array_equal(r, ref.random(3))
+
+
+def test_bulk_keys_equal_key_row_by_row():
+    from fedsim.rng import key, keys
+
+    a, b, c = np.arange(-5, 45), np.arange(50) * 2**40, [True, False] * 25
+    assert keys(7, "p", a) == [key(7, "p", x) for x in a]
+    assert keys(7, "batches", a, b) == [key(7, "batches", x, y) for x, y in zip(a, b)]
+    assert keys(2**40, "x\x1fy", a, b, c) == [key(2**40, "x\x1fy", x, y, z) for x, y, z in zip(a, b, c)]
+    assert keys(1, "p") == [] and keys(1, "p", []) == []

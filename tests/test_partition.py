@@ -58,3 +58,36 @@ def test_min_size_is_respected_or_refused():
     assert min(len(p) for p in parts) >= 10
     with pytest.raises(ValueError):
         dirichlet_per_class(ctx(n=200), alpha=0.01, min_size=6, max_tries=3)
+
+
+def _job_indices_reference(client_indices, b, epochs, drop_last, rng):
+    """The epoch sampler as first written (one array per pass, concatenated): the reference
+    the faster one must reproduce draw for draw."""
+    n = len(client_indices)
+    if n == 0:
+        return np.zeros((0, b), dtype=np.int64)
+    rows = []
+    for _ in range(epochs):
+        perm = client_indices[rng.permutation(n)]
+        full = n // b
+        if full:
+            rows.append(perm[: full * b].reshape(full, b))
+        rest = n - full * b
+        if rest and not (drop_last and full):
+            last = np.full((1, b), -1, dtype=np.int64)
+            last[0, :rest] = perm[full * b :]
+            rows.append(last)
+    return np.concatenate(rows) if rows else np.zeros((0, b), dtype=np.int64)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32])
+def test_epoch_batches_equal_the_reference_sampler(dtype):
+    from fedsim.data.batching import job_indices
+
+    cases = [(n, b, e, d) for n in (0, 1, 5, 16, 17, 64, 70) for b in (1, 4, 16, 20) for e in (0, 1, 2, 3)
+             for d in (False, True)]
+    for n, b, epochs, drop_last in cases:
+        idx = np.arange(100, 100 + n, dtype=dtype)
+        got = job_indices(idx, b, epochs, None, "epoch", drop_last, np.random.default_rng(n * 7 + b))
+        want = _job_indices_reference(idx, b, epochs, drop_last, np.random.default_rng(n * 7 + b))
+        assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want), (n, b, epochs, drop_last)

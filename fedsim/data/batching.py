@@ -37,18 +37,22 @@ def job_indices(
         need = steps * b
         order = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])[:need]
         return client_indices[order].reshape(steps, b)
-    rows = []
-    for _ in range(epochs):
-        perm = client_indices[rng.permutation(n)]
-        full = n // b
-        if full:
-            rows.append(perm[: full * b].reshape(full, b))
-        rest = n - full * b
-        if rest and not (drop_last and full):
-            last = np.full((1, b), -1, dtype=np.int64)
-            last[0, :rest] = perm[full * b :]
-            rows.append(last)
-    return np.concatenate(rows) if rows else np.zeros((0, b), dtype=np.int64)
+    if epochs <= 0:
+        return np.zeros((0, b), dtype=np.int64)
+    full, rest = divmod(n, b)
+    tail = 1 if rest and not (drop_last and full) else 0  # a short last batch, padded with −1
+    if epochs == 1 and not tail:  # the common case: one shuffled pass in full batches
+        return client_indices[rng.permutation(n)][: full * b].reshape(full, b)
+    per = full + tail
+    used = min(n, per * b)  # samples a pass places: all of them, or the full batches' with drop_last
+    dtype = client_indices.dtype
+    if tail and dtype != np.int64:  # the padded row is int64, as the padding value −1 needs
+        dtype = np.result_type(dtype, np.int64)
+    out = np.empty((epochs, per * b), dtype=dtype)
+    out.fill(-1)
+    for e in range(epochs):
+        out[e, :used] = client_indices[rng.permutation(n)[:used]]
+    return out.reshape(epochs * per, b)
 
 
 def gather_batches(x: torch.Tensor, y: torch.Tensor, indices: np.ndarray) -> Batches:
