@@ -47,9 +47,12 @@ def _as_tensors(values: dict[str, Any]) -> dict[str, Tensor]:
     return {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in values.items()}
 
 
-def _results(jobs: Sequence[Job], outputs: Sequence) -> list[JobResult]:
+def _results(jobs: Sequence[Job], outputs: Sequence, steps: int | None = None) -> list[JobResult]:
+    """JobResults of `jobs` from their outputs; `steps`: the step count they all share (a cohort's)."""
     result = JobResult
-    return [result(j.job_id, j.client, j.version, out, j.num_samples, len(j.indices)) for j, out in zip(jobs, outputs)]
+    if steps is None:
+        return [result(j.job_id, j.client, j.version, out, j.num_samples, len(j.indices)) for j, out in zip(jobs, outputs)]
+    return [result(j.job_id, j.client, j.version, out, j.num_samples, steps) for j, out in zip(jobs, outputs)]
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -157,22 +160,24 @@ class VmapExecutor(Executor):
         jobs = list(self._pending.values())
         self._pending.clear()
         done = self._done
-        for res in self._results(jobs):
+        for res in self._results(jobs)[0]:
             done[res.job_id] = res
 
-    def _results(self, jobs: list[Job]) -> list[JobResult]:
-        """Runs `jobs` cohort by cohort; returns their results, cohort after cohort."""
+    def _results(self, jobs: list[Job]) -> tuple[list[JobResult], bool]:
+        """Runs `jobs` cohort by cohort; returns their results, cohort after cohort, and
+        whether that is the jobs' own order (one cohort)."""
         if self.unsupported is not None:
-            return _results(jobs, [self.serial.run(j).output for j in jobs])
+            return _results(jobs, [self.serial.run(j).output for j in jobs]), True
         results: list[JobResult] = []
+        cohorts = group(jobs)
         try:
-            for cohort in group(jobs):
+            for cohort in cohorts:
                 results += self._run_group(cohort)
         finally:  # the cohorts' metrics reach the host last: results are built meanwhile
             fills, self._fills = self._fills, []
             for fill in fills:
                 fill()
-        return results
+        return results, len(cohorts) <= 1
 
     def run(self, jobs: Sequence[Job]) -> list[JobResult]:
         """Runs `jobs` (with any still pending) and returns their results in the jobs' order."""
@@ -182,8 +187,8 @@ class VmapExecutor(Executor):
             self._flush()
             done = self._done
             return [done.pop(job.job_id) for job in jobs]
-        results = self._results(list(jobs))  # nothing else pending: no bookkeeping by job id
-        if all(r.job_id == j.job_id for r, j in zip(results, jobs)):
+        results, in_order = self._results(list(jobs))  # nothing else pending: no bookkeeping by job id
+        if in_order:
             return results
         by_id = {r.job_id: r for r in results}  # several cohorts: back to the jobs' order
         return [by_id[j.job_id] for j in jobs]
@@ -198,7 +203,7 @@ class VmapExecutor(Executor):
                 results += _results(part, [self.serial.run(j).output for j in part])
             else:
                 try:
-                    results += _results(part, self._run_cohort(part))
+                    results += _results(part, self._run_cohort(part), part[0].num_steps)
                 except Exception as exc:  # noqa: BLE001 - classified below
                     if _is_oom(exc) and size > 1:
                         size = self.chunk_cap = max(1, len(part) // 2)
