@@ -6,13 +6,41 @@ from typing import Sequence
 import torch
 
 
+STACK_BYTES = 1 << 28  # on a GPU, vectors are summed in stacks of at most this many bytes
+STACK_MAX_VECTOR_BYTES = 1 << 20  # larger vectors are added one by one (the copy would cost more than the launch)
+
+
 def weighted_sum(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """Returns Σ_i w_i v_i, accumulated in the given order (in a buffer this function owns)."""
+    """Returns Σ_i w_i v_i (in a buffer this function owns).
+
+    On the CPU the terms are accumulated one by one in the given order. On a GPU, vectors of
+    at most `STACK_MAX_VECTOR_BYTES` are stacked (at most `STACK_BYTES` at a time) and each
+    stack is reduced in one kernel: one launch per vector costs ~5 µs of host time, which
+    dominated a round of 1,000 clients (1,000 × 14k floats on an H200: 5.7 ms one by one,
+    0.40 ms stacked; 50 × 1.2M floats: 0.30 ms one by one, 0.40 ms stacked, hence the
+    size limit). The result is deterministic for given inputs, and agrees with the
+    one-by-one order up to float rounding.
+    """
     if not vectors:
         raise ValueError("weighted_sum of no vectors")
-    out = torch.zeros_like(vectors[0])
+    first = vectors[0]
+    if first.is_cuda and len(vectors) > 1 and first.numel() * first.element_size() <= STACK_MAX_VECTOR_BYTES:
+        return _stacked_weighted_sum(list(vectors), [float(w) for w in weights])
+    out = torch.zeros_like(first)
     for v, w in zip(vectors, weights):
         out.add_(v, alpha=float(w))
+    return out
+
+
+def _stacked_weighted_sum(vectors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    first = vectors[0]
+    rows = max(1, STACK_BYTES // max(1, first.numel() * first.element_size()))
+    w_all = torch.tensor(weights, dtype=first.dtype).to(first.device, non_blocking=True)
+    out = torch.zeros_like(first)
+    for start in range(0, len(vectors), rows):
+        stacked = torch.stack(vectors[start : start + rows])
+        w = w_all[start : start + len(stacked)].view(-1, *([1] * first.dim()))
+        out.add_((stacked * w).sum(0))
     return out
 
 
