@@ -19,20 +19,21 @@ import torch
 _MASK63 = (1 << 63) - 1
 
 
+def _digest(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & _MASK63
+
+
 def key(seed: int, purpose: str, *ids: int) -> int:
     """Returns a 63-bit integer derived from (seed, purpose, ids)."""
-    text = "\x1f".join([str(int(seed)), purpose, *(str(int(i)) for i in ids)])
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & _MASK63
+    return _digest("\x1f".join([str(int(seed)), purpose, *(str(int(i)) for i in ids)]))
 
 
 def keys(seed: int, purpose: str, *ids: Sequence[int]) -> list[int]:
     """Returns ``key(seed, purpose, *row)`` for every row of the zipped id sequences (the
     common prefix is formatted once: ~2.5x cheaper per row)."""
-    prefix, sep = f"{int(seed)}\x1f{purpose}", "\x1f"
-    blake, from_bytes = hashlib.blake2b, int.from_bytes
+    prefix = f"{int(seed)}\x1f{purpose}"
     columns = [[str(int(i)) for i in col] for col in ids]
-    return [from_bytes(blake(sep.join((prefix, *row)).encode(), digest_size=8).digest(), "little") & _MASK63
-            for row in zip(*columns)]
+    return [_digest("\x1f".join((prefix, *row))) for row in zip(*columns)]
 
 
 def numpy_rng(seed: int, purpose: str, *ids: int) -> np.random.Generator:

@@ -35,7 +35,7 @@ def weighted_sum(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> t
 def _stacked_weighted_sum(vectors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     first = vectors[0]
     rows = max(1, STACK_BYTES // max(1, first.numel() * first.element_size()))
-    w_all = torch.tensor(weights, dtype=first.dtype).to(first.device, non_blocking=True)
+    w_all = torch.tensor(weights, dtype=first.dtype, device=first.device)
     out = torch.zeros_like(first)
     for start in range(0, len(vectors), rows):
         stacked = torch.stack(vectors[start : start + rows])

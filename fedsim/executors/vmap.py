@@ -30,7 +30,7 @@ from ..config import Ge, OneOf
 from ..errors import ConfigError, FedsimError
 from ..registry import EXECUTORS
 from ..rng import key
-from ..strategy import Batches, Payload, Strategy, Tensor
+from ..strategy import Batches, GradFn, Payload, Strategy, Tensor
 from ..task import Task
 from .base import Executor, Job, JobResult, Worker, WorkerSpec
 from .cohort import Stacked, group, signature, stack, unstack
@@ -47,7 +47,7 @@ def _as_tensors(values: dict[str, Any]) -> dict[str, Tensor]:
     return {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in values.items()}
 
 
-def _results(jobs: Sequence[Job], outputs: Sequence, steps: int | None = None) -> list[JobResult]:
+def _job_results(jobs: Sequence[Job], outputs: Sequence, steps: int | None = None) -> list[JobResult]:
     """JobResults of `jobs` from their outputs; `steps`: the step count they all share (a cohort's)."""
     result = JobResult
     if steps is None:
@@ -160,14 +160,14 @@ class VmapExecutor(Executor):
         jobs = list(self._pending.values())
         self._pending.clear()
         done = self._done
-        for res in self._results(jobs)[0]:
+        for res in self._run_jobs(jobs)[0]:
             done[res.job_id] = res
 
-    def _results(self, jobs: list[Job]) -> tuple[list[JobResult], bool]:
+    def _run_jobs(self, jobs: list[Job]) -> tuple[list[JobResult], bool]:
         """Runs `jobs` cohort by cohort; returns their results, cohort after cohort, and
         whether that is the jobs' own order (one cohort)."""
         if self.unsupported is not None:
-            return _results(jobs, [self.serial.run(j).output for j in jobs]), True
+            return _job_results(jobs, [self.serial.run(j).output for j in jobs]), True
         results: list[JobResult] = []
         cohorts = group(jobs)
         try:
@@ -187,7 +187,7 @@ class VmapExecutor(Executor):
             self._flush()
             done = self._done
             return [done.pop(job.job_id) for job in jobs]
-        results, in_order = self._results(list(jobs))  # nothing else pending: no bookkeeping by job id
+        results, in_order = self._run_jobs(list(jobs))  # nothing else pending: no bookkeeping by job id
         if in_order:
             return results
         by_id = {r.job_id: r for r in results}  # several cohorts: back to the jobs' order
@@ -200,17 +200,17 @@ class VmapExecutor(Executor):
         while i < len(jobs):
             part = jobs[i : i + size]
             if self.unsupported is not None:
-                results += _results(part, [self.serial.run(j).output for j in part])
+                results += _job_results(part, [self.serial.run(j).output for j in part])
             else:
                 try:
-                    results += _results(part, self._run_cohort(part), part[0].num_steps)
+                    results += _job_results(part, self._run_cohort(part), part[0].num_steps)
                 except Exception as exc:  # noqa: BLE001 - classified below
                     if _is_oom(exc) and size > 1:
                         size = self.chunk_cap = max(1, len(part) // 2)
                         if self.device.type == "cuda":
                             torch.cuda.empty_cache()
                         continue
-                    results += _results(part, self._not_vectorisable(part, exc))
+                    results += _job_results(part, self._not_vectorisable(part, exc))
             i += len(part)
         return results
 
@@ -278,7 +278,7 @@ class VmapExecutor(Executor):
             torch.manual_seed(key(self.spec.seed, "vmap-cohort", job_id))
             yield
 
-    def _cohort_fn(self, st: Stacked, grad_fn):
+    def _cohort_fn(self, st: Stacked, grad_fn: GradFn):
         local, hp = self.strategy.local, self.spec.hp
 
         def one(params, extras, state, x, y, mask):
