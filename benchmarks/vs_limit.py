@@ -2,7 +2,9 @@
 
 Every client holds 64 samples and runs one local epoch of batch 16 (K = 4 SGD steps, lr
 0.05) from the same global model. The vmap executor runs the whole cohort through
-``executor.run(jobs)`` (stacking, the K vectorised steps, splitting the results). The
+``executor.run(jobs)`` (stacking, the K vectorised steps, the stacked results; a second
+column also builds every client's `JobResult` from them, as a consumer that reads results one
+by one does — the synchronous and decentralized protocols read them as arrays). The
 limit trains ONE model for the same K steps on batches of (clients × 16) samples: the
 same FLOPs without per-client structure, in the same precision. Both are timed after
 warm-up (CUDA graph capture included there), synchronised, best of several calls; the
@@ -200,6 +202,7 @@ def main() -> None:
                 try:
                     for _ in range(args.repeats):
                         times.setdefault("vmap", []).append(best_time(fn, device))
+                        times.setdefault("objects", []).append(best_time(lambda: list(fn()), device))
                         replay = replay if replay is not None else replay_only(fn)
                         if replay is not None:
                             times.setdefault("graph", []).append(best_time(replay, device))
@@ -227,6 +230,7 @@ def main() -> None:
                 row = (f"{model:6s} {n:7d} {variant:28s} {ups('vmap'):11.0f} {ups('False'):12.0f} "
                        f"{ratio('vmap', 'False'):6.2f} {ups('True'):14.0f} {ratio('vmap', 'True'):6.2f} "
                        f"{ups('graph'):12.0f} {ratio('graph', 'True'):6.2f}")
+                row += f"   with per-client objects {ups('objects'):9.0f} ratio {ratio('objects', 'False'):5.2f}"
                 if "compiled" in times:
                     row += f"   compiled limit {ups('compiled'):9.0f} ratio {ratio('vmap', 'compiled'):5.2f}"
                 if args.repeats > 1:

@@ -12,6 +12,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 
 from . import vec
+from .messages import MsgBatch
 from .staleness import StalenessFn, constant
 from .strategy import CombineContext, LocalUpdate, Msg, Payload, Strategy, Tensor
 
@@ -22,6 +23,8 @@ def weighted_sum(staleness: StalenessFn = constant()) -> Reduce:
     """Returns the reducer Σ_i w_i · s(τ_i) · u_i (weights already normalised by the protocol)."""
 
     def reduce(msgs: Sequence[Msg]) -> Tensor:
+        if isinstance(msgs, MsgBatch) and msgs.stacked:  # one stack, no per-client objects; the same sum
+            return vec.weighted_rows(msgs.updates, msgs.staleness_weights(staleness).tolist())
         return vec.weighted_sum([m.update for m in msgs], [m.weight * staleness(m.staleness) for m in msgs])
 
     return reduce

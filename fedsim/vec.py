@@ -32,13 +32,31 @@ def weighted_sum(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> t
     return out
 
 
-def _stacked_weighted_sum(vectors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+def weighted_rows(stack: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """Returns Σ_i w_i stack[i] for a stack of vectors ``[m, ...]`` — exactly (bitwise)
+    ``weighted_sum(list(stack), weights)``, without the per-vector copies on a GPU."""
+    if len(stack) == 0:
+        raise ValueError("weighted_rows of no vectors")
+    if len(stack) != len(weights):
+        raise ValueError(f"{len(stack)} vectors and {len(weights)} weights")
+    row = stack[0]
+    if stack.is_cuda and len(stack) > 1 and row.numel() * row.element_size() <= STACK_MAX_VECTOR_BYTES:
+        return _stacked_weighted_sum(stack, [float(w) for w in weights])
+    out = torch.zeros_like(row)
+    for v, w in zip(stack.unbind(0), weights):
+        out.add_(v, alpha=float(w))
+    return out
+
+
+def _stacked_weighted_sum(vectors: list[torch.Tensor] | torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """Σ w_i v_i in stacks of at most STACK_BYTES; `vectors` may already be one stacked tensor."""
     first = vectors[0]
     rows = max(1, STACK_BYTES // max(1, first.numel() * first.element_size()))
     w_all = torch.tensor(weights, dtype=first.dtype, device=first.device)
     out = torch.zeros_like(first)
     for start in range(0, len(vectors), rows):
-        stacked = torch.stack(vectors[start : start + rows])
+        part = vectors[start : start + rows]
+        stacked = part if isinstance(part, torch.Tensor) else torch.stack(part)
         w = w_all[start : start + len(stacked)].view(-1, *([1] * first.dim()))
         out.add_((stacked * w).sum(0))
     return out

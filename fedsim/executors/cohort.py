@@ -8,14 +8,17 @@ global model) is passed once and broadcast (vmap ``in_dims=None``); otherwise it
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 import torch
 
-from ..strategy import ClientOutput, Tensor
+from ..strategy import Tensor
 from .base import Job
+from .results import ResultBatch
 
 
 def _shape_sig(tensors: dict[str, Any]) -> tuple:
@@ -32,13 +35,20 @@ def signature(job: Job) -> Hashable:
             _shape_sig(dict(job.state)) if job.state else ())
 
 
+def all_same(values: Sequence[Any]) -> bool:
+    """True when every value is the same object as the first (identity, not equality)."""
+    return all(map(operator.is_, values, repeat(values[0]))) if values else True
+
+
 def group(jobs: Sequence[Job]) -> list[list[Job]]:
     """Splits jobs into groups of equal `signature`, keeping submission order inside a group."""
     if not jobs:
         return []
     first = jobs[0]
     shape = first.indices.shape
-    if all(j.payload is first.payload and not j.state and j.indices.shape == shape for j in jobs):
+    # C-level loops (this runs for every round's ~1,000 jobs)
+    if (all_same([j.payload for j in jobs]) and not any([j.state for j in jobs])
+            and [j.indices.shape for j in jobs].count(shape) == len(jobs)):
         return [list(jobs)]  # a synchronous round of stateless clients: one cohort
     groups: dict[Hashable, list[Job]] = {}
     payload_sigs: dict[int, Hashable] = {}  # jobs of one round share one payload object
@@ -75,7 +85,7 @@ class Stacked:
 
 def _shared_or_stacked(values: list[Any], device: torch.device) -> tuple[Any, int | None]:
     first = values[0]
-    if all(v is first for v in values) or not isinstance(first, torch.Tensor):
+    if all_same(values) or not isinstance(first, torch.Tensor):
         return (first.to(device) if isinstance(first, torch.Tensor) else first), None
     return torch.stack(values).to(device), 0
 
@@ -100,45 +110,29 @@ def stack(jobs: Sequence[Job], device: torch.device, pad_to: int | None = None) 
     return Stacked(params, extras, state, indices, pdim, edims)
 
 
-def unstack(out: tuple[Tensor, dict, dict, dict], n: int, device: torch.device) -> tuple[list[ClientOutput], Callable[[], None]]:
-    """Splits a vectorised call's outputs (update, state, extras, metrics; each [m ≥ n, ...])
-    into n per-job ClientOutputs on `device` (where the jobs' models came from).
+def unstack(out: tuple[Tensor, dict, dict, dict], jobs: Sequence[Job], device: torch.device,
+            steps: int) -> tuple[ResultBatch, Callable[[], None]]:
+    """Keeps a vectorised call's outputs (update, state, extras, metrics; each [m ≥ n, ...])
+    as the `ResultBatch` of the cohort's n = len(jobs) jobs, on `device` (where the jobs'
+    models came from).
 
-    Returns (outputs, fill): the outputs' metric dicts are complete only after ``fill()``,
-    which waits for the metrics to reach the host. On CUDA the copy is queued without
-    waiting, so the outputs are built while the GPU still computes.
-
-    Updates and extras are views of one copy (short-lived uplinks); each client state is
-    cloned, because the runtime may keep it for the rest of the run and a view would pin the
-    whole cohort's stack in memory.
+    Returns (batch, fill): the batch's metrics arrive with ``fill()``, which waits for them
+    to reach the host. On CUDA the copy is queued without waiting, so later cohorts (and the
+    host's bookkeeping) proceed while the GPU still computes.
     """
+    n = len(jobs)
     update, state, extras, metrics = out
-    update = update[:n].to(device).unbind(0)
-    state = {k: v[:n].to(device) for k, v in state.items()}
-    extras = {k: v[:n].to(device).unbind(0) for k, v in extras.items()}
+    batch = ResultBatch(jobs, update[:n].to(device), {k: v[:n].to(device) for k, v in state.items()},
+                        {k: v[:n].to(device) for k, v in extras.items()}, steps)
     names = list(metrics)
-    rows: list[dict[str, Any]] = [{} for _ in range(n)]
-    fill = _metric_filler(names, [metrics[k][:n].detach() for k in names], rows)
-    if not state and not extras:  # the common case, kept lean: this runs once per client
-        new = tuple.__new__  # ClientOutput(...) without the NamedTuple's Python-level __new__
-        return [new(ClientOutput, (u, {}, {}, r)) for u, r in zip(update, rows)], fill
-    outputs = [
-        ClientOutput(
-            update[i],
-            {k: v[i].clone() for k, v in state.items()},
-            {k: v[i] for k, v in extras.items()},
-            rows[i],
-        )
-        for i in range(n)
-    ]
-    return outputs, fill
+    return batch, _metric_filler(names, [metrics[k][:n].detach() for k in names], batch)
 
 
-def _metric_filler(names: list[str], columns: list[Tensor], rows: list[dict[str, Any]]) -> Callable[[], None]:
+def _metric_filler(names: list[str], columns: list[Tensor], batch: ResultBatch) -> Callable[[], None]:
     """Starts moving per-client scalar metrics to the host; returns the function that waits
-    for them and writes them into `rows` (one dict per client)."""
+    for them and gives them to `batch` as columns."""
     if not names:
-        return lambda: None
+        return lambda: batch.set_metrics({})
     on_gpu = columns[0].device.type == "cuda" and all(c.dim() == 1 and c.device == columns[0].device for c in columns)
     if on_gpu:
         stacked = torch.stack([c.to(torch.float64) for c in columns])
@@ -146,14 +140,13 @@ def _metric_filler(names: list[str], columns: list[Tensor], rows: list[dict[str,
         host.copy_(stacked, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
+
     def fill() -> None:
         if on_gpu:
             ready.synchronize()
             values = host.tolist()
         else:
             values = [c.cpu().double().tolist() for c in columns]
-        for name, column in zip(names, values):
-            for row, value in zip(rows, column):
-                row[name] = value
+        batch.set_metrics(dict(zip(names, values)))
 
     return fill

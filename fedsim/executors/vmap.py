@@ -36,6 +36,7 @@ from .base import Executor, Job, JobResult, Worker, WorkerSpec
 from .cohort import Stacked, group, signature, stack, unstack
 from .light_grad import grad_and_value
 from .graphs import StaticCohortRunner, bucket, clone_tree
+from .results import ResultBatch, merge_batches
 from .precision import PRECISIONS, keep_freed_memory, precision
 from .unfold_conv import with_unfold_convs
 
@@ -47,12 +48,9 @@ def _as_tensors(values: dict[str, Any]) -> dict[str, Tensor]:
     return {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in values.items()}
 
 
-def _job_results(jobs: Sequence[Job], outputs: Sequence, steps: int | None = None) -> list[JobResult]:
-    """JobResults of `jobs` from their outputs; `steps`: the step count they all share (a cohort's)."""
-    result = JobResult
-    if steps is None:
-        return [result(j.job_id, j.client, j.version, out, j.num_samples, len(j.indices)) for j, out in zip(jobs, outputs)]
-    return [result(j.job_id, j.client, j.version, out, j.num_samples, steps) for j, out in zip(jobs, outputs)]
+def _job_results(jobs: Sequence[Job], outputs: Sequence) -> list[JobResult]:
+    """JobResults of `jobs` from their (client-by-client) outputs."""
+    return [JobResult(j.job_id, j.client, j.version, out, j.num_samples, len(j.indices)) for j, out in zip(jobs, outputs)]
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -163,24 +161,32 @@ class VmapExecutor(Executor):
         for res in self._run_jobs(jobs)[0]:
             done[res.job_id] = res
 
-    def _run_jobs(self, jobs: list[Job]) -> tuple[list[JobResult], bool]:
+    def _run_jobs(self, jobs: list[Job]) -> tuple[Sequence[JobResult], bool]:
         """Runs `jobs` cohort by cohort; returns their results, cohort after cohort, and
-        whether that is the jobs' own order (one cohort)."""
+        whether that is the jobs' own order (one cohort). A single vectorised cohort comes
+        back as its `ResultBatch` (no per-client objects are built)."""
         if self.unsupported is not None:
             return _job_results(jobs, [self.serial.run(j).output for j in jobs]), True
-        results: list[JobResult] = []
+        pieces: list[Sequence[JobResult]] = []
         cohorts = group(jobs)
         try:
             for cohort in cohorts:
-                results += self._run_group(cohort)
-        finally:  # the cohorts' metrics reach the host last: results are built meanwhile
+                pieces += self._run_group(cohort)
+        finally:  # the cohorts' metrics reach the host last: other cohorts run meanwhile
             fills, self._fills = self._fills, []
             for fill in fills:
                 fill()
-        return results, len(cohorts) <= 1
+        if len(pieces) == 1:
+            return pieces[0], len(cohorts) <= 1
+        if pieces and all(isinstance(p, ResultBatch) for p in pieces):
+            merged = merge_batches(pieces, jobs)  # cohorts of different step counts (non-IID sizes)
+            if merged is not None:
+                return merged, True
+        return [r for piece in pieces for r in piece], len(cohorts) <= 1
 
-    def run(self, jobs: Sequence[Job]) -> list[JobResult]:
-        """Runs `jobs` (with any still pending) and returns their results in the jobs' order."""
+    def run(self, jobs: Sequence[Job]) -> Sequence[JobResult]:
+        """Runs `jobs` (with any still pending) and returns their results in the jobs' order:
+        a `ResultBatch` when they formed one vectorised cohort, else a list."""
         if self._pending:
             for job in jobs:
                 self._pending[job.job_id] = job
@@ -193,28 +199,29 @@ class VmapExecutor(Executor):
         by_id = {r.job_id: r for r in results}  # several cohorts: back to the jobs' order
         return [by_id[j.job_id] for j in jobs]
 
-    def _run_group(self, jobs: list[Job]) -> list[JobResult]:
+    def _run_group(self, jobs: list[Job]) -> list[Sequence[JobResult]]:
+        """Runs one group of equal signature, in chunks; returns each chunk's results."""
         size = min(x for x in (len(jobs), self.max_chunk, self.chunk_cap) if x is not None)
-        results: list[JobResult] = []
+        pieces: list[Sequence[JobResult]] = []
         i = 0
         while i < len(jobs):
             part = jobs[i : i + size]
             if self.unsupported is not None:
-                results += _job_results(part, [self.serial.run(j).output for j in part])
+                pieces.append(_job_results(part, [self.serial.run(j).output for j in part]))
             else:
                 try:
-                    results += _job_results(part, self._run_cohort(part), part[0].num_steps)
+                    pieces.append(self._run_cohort(part))
                 except Exception as exc:  # noqa: BLE001 - classified below
                     if _is_oom(exc) and size > 1:
                         size = self.chunk_cap = max(1, len(part) // 2)
                         if self.device.type == "cuda":
                             torch.cuda.empty_cache()
                         continue
-                    results += _job_results(part, self._not_vectorisable(part, exc))
+                    pieces.append(_job_results(part, self._not_vectorisable(part, exc)))
             i += len(part)
-        return results
+        return pieces
 
-    def _run_cohort(self, jobs: list[Job]) -> list:
+    def _run_cohort(self, jobs: list[Job]) -> ResultBatch:
         if not self.compile:
             return self._run_cohort_with(jobs, compiled=False)
         try:
@@ -229,7 +236,7 @@ class VmapExecutor(Executor):
             self.compile = False
             return outputs
 
-    def _run_cohort_with(self, jobs: list[Job], compiled: bool) -> list:
+    def _run_cohort_with(self, jobs: list[Job], compiled: bool) -> ResultBatch:
         # static shapes (CUDA graphs, compiled functions): pad to a bounded set of cohort sizes
         pad = self._padded_size(len(jobs)) if self.runner is not None or compiled else None
         st = stack(jobs, self.device, pad_to=pad)
@@ -254,9 +261,9 @@ class VmapExecutor(Executor):
             # the graph's output buffers are overwritten by the next replay, and results may be
             # fetched after it (asynchronous protocols); elsewhere unstack's .to(home) copies
             out = clone_tree(out)
-        outputs, fill = unstack(out, len(jobs), home)
+        batch, fill = unstack(out, jobs, home, jobs[0].num_steps)
         self._fills.append(fill)
-        return outputs
+        return batch
 
     def _padded_size(self, n: int) -> int:
         """Cohort size to capture: n itself for the first few sizes seen (a synchronous run has

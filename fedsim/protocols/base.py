@@ -125,14 +125,17 @@ def wait_for_availability(ctx: RunContext, state: ProtocolState) -> ProtocolStat
     return state
 
 
+def diverged(client: int, round_: int, time: int) -> DivergenceError:
+    """Returns the error for a client whose update has NaN or inf entries."""
+    return DivergenceError(f"client {client}'s update has NaN/inf in round {round_} (virtual time "
+                           f"{to_seconds(time):.6g} s); lower local.lr or the server learning rate")
+
+
 def check_finite(result: JobResult, round_: int, time: int) -> None:
     """Raises DivergenceError if a client's update has NaN or inf entries."""
     upd = result.output.update
     if isinstance(upd, torch.Tensor) and not bool(torch.isfinite(upd).all()):
-        raise DivergenceError(
-            f"client {result.client}'s update has NaN/inf in round {round_} (virtual time "
-            f"{to_seconds(time):.6g} s); lower local.lr or the server learning rate"
-        )
+        raise diverged(result.client, round_, time)
 
 
 def suspect_rows(totals: Tensor) -> list[int]:
@@ -157,6 +160,19 @@ def check_all_finite(results: Sequence[JobResult], round_: int, time: int) -> No
     totals = torch._foreach_norm(ups, 1) if ups[0].device.type != "cpu" else [u.sum() for u in ups]
     for i in suspect_rows(torch.stack(totals)):
         check_finite(tensors[i][0], round_, time)
+
+
+def check_rows_finite(updates: Tensor, clients: Sequence[int], round_: int, time: int) -> None:
+    """`check_all_finite` for updates stacked as rows ``[m, ...]`` (row i from `clients[i]`):
+    one reduction per row and one device synchronisation; raises DivergenceError naming the
+    first client whose update has NaN or inf entries."""
+    if len(updates) == 0:
+        return
+    flat = updates.reshape(len(updates), -1)
+    totals = flat.sum(1) if flat.device.type == "cpu" else torch.linalg.vector_norm(flat, 1, dim=1)
+    for i in suspect_rows(totals):  # an overflowing sum is a false alarm: check those rows entry by entry
+        if not bool(torch.isfinite(flat[i]).all()):
+            raise diverged(clients[i], round_, time)
 
 
 def uplink_bytes(result: JobResult) -> int:

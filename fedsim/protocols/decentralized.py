@@ -20,7 +20,7 @@ time the round); the protocol state holds the channel's per-node state.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,9 @@ from ..registry import PROTOCOLS
 from ..rng import key
 from ..strategy import Payload, Tensor
 from .base import Protocol, ProtocolState, RunContext, wait_for_availability
-from .nodes import INITS, build_topology, check_init, eval_sample, initial_models, node_metrics, stacked_updates
+from ..executors.results import stacked_update_rows
+from .nodes import (INITS, build_topology, check_init, eval_sample, initial_models, mean_train_loss, node_metrics,
+                    stacked_updates)
 from .rounds import FINISH, WAIT, RoundProtocol
 
 MAX_GAP_NODES = 1024  # the spectral gap (a dense SVD) is reported up to this many nodes
@@ -59,7 +61,7 @@ class GossipRound:
     """A planned round: the nodes that trained, their results, the round's W and message counts."""
 
     ids: np.ndarray  # nodes that train and gossip
-    results: list[JobResult]
+    results: Sequence[JobResult]
     w: Any  # the round's mixing matrix, restricted to the active nodes
     everyone: bool  # every node active
     recv: np.ndarray  # models each node receives per gossip step
@@ -154,9 +156,8 @@ class DecentralizedProtocol(RoundProtocol):
         if ctx.events is not None:
             ctx.log(t0, "train", round=r, nodes=ids.tolist())
             ctx.log(end, "gossip", round=r, steps=q, messages=int(q * plan.sent.sum()))
-        losses = [res.output.metrics["train_loss"] for res in results if "train_loss" in res.output.metrics]
         state.models = y
-        state.train_loss = float(np.mean(losses)) if losses else None
+        state.train_loss = mean_train_loss(results)
         state.active = len(ids)
         state.spectral_gap = self._spectral_gap(plan.w, plan.everyone)
         state.bytes_up += int(plan.bytes_up.sum())
@@ -168,13 +169,13 @@ class DecentralizedProtocol(RoundProtocol):
         state.finished = ctx.out_of_rounds(state)
         return state
 
-    def _channel_gossip(self, ctx: RunContext, state: DecentralizedState, ids: np.ndarray, results: list[JobResult],
+    def _channel_gossip(self, ctx: RunContext, state: DecentralizedState, ids: np.ndarray, results: Sequence[JobResult],
                         w: Any, everyone: bool) -> tuple[tuple[Tensor, Any], np.ndarray, np.ndarray]:
         """Runs the round's Q steps of the strategy's channel on the trained stack, without changing
         `state`; returns ((new stack, channel state), bytes each node received, bytes each sent)."""
         y = state.models.clone()
         if results:
-            y[torch.as_tensor(ids, device=y.device)] = torch.stack([res.output.update for res in results])
+            y[torch.as_tensor(ids, device=y.device)] = stacked_update_rows(results)
         wt, channel, cstate = self._mixing_tensor(w, everyone, y), ctx.strategy.channel, state.channel
         senders, r = message_counts(w)[1] > 0, state.rounds
         down, up = np.zeros(len(y), dtype=np.int64), np.zeros(len(y), dtype=np.int64)

@@ -13,16 +13,17 @@ when n is small; ``node_loss_*`` for tasks without accuracy), ``consensus_distan
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError
 from ..executors.base import JobResult
+from ..executors.results import ResultBatch, stacked_update_rows
 from ..rng import key, numpy_rng
 from ..task import Task
-from .base import RunContext, check_finite, suspect_rows
+from .base import RunContext, check_rows_finite
 
 INITS = ("shared", "independent")
 
@@ -94,11 +95,21 @@ def node_metrics(ctx: RunContext, models: torch.Tensor, nodes: np.ndarray) -> di
     return out
 
 
-def stacked_updates(results: list[JobResult], round_: int, time: int) -> torch.Tensor:
-    """Returns the nodes' new models ``[m, d]`` (row r: results[r]'s), checked for NaN/inf by
-    one reduction over the stack (one device synchronisation per round, not one per node);
-    raises DivergenceError naming the first node that diverged."""
-    y = torch.stack([res.output.update for res in results])
-    for i in suspect_rows(y.sum(dim=1)):  # NaN/inf survive a row's sum (an overflow is re-checked)
-        check_finite(results[i], round_, time)
+def stacked_updates(results: Sequence[JobResult], round_: int, time: int) -> torch.Tensor:
+    """Returns the nodes' new models ``[m, d]`` (row r: results[r]'s; a `ResultBatch`'s own
+    stack, uncopied), checked for NaN/inf by one reduction over the stack (one device
+    synchronisation per round, not one per node); raises DivergenceError naming the first
+    node that diverged."""
+    y = stacked_update_rows(results)
+    check_rows_finite(y, [j.client for j in results.jobs] if isinstance(results, ResultBatch)
+                      else [r.client for r in results], round_, time)
     return y
+
+
+def mean_train_loss(results: Sequence[JobResult]) -> float | None:
+    """Returns the mean of the results' train_loss metrics (None when none reported one)."""
+    if isinstance(results, ResultBatch):
+        column = results.metrics.get("train_loss")
+        return float(np.mean(column)) if column else None
+    losses = [r.output.metrics["train_loss"] for r in results if "train_loss" in r.output.metrics]
+    return float(np.mean(losses)) if losses else None

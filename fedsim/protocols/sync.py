@@ -24,10 +24,13 @@ from ..errors import ConfigError
 from ..executors.base import Job, JobResult
 from ..registry import PROTOCOLS
 from ..rng import numpy_rng
-from ..strategy import CombineContext, Msg, Payload, Tensor
-from .base import Protocol, ProtocolState, RunContext, check_all_finite, uplink_bytes, wait_for_availability
+from ..strategy import CombineContext, Payload, Tensor
+from ..executors.results import ResultBatch
+from ..messages import MsgBatch
+from .base import (Protocol, ProtocolState, RunContext, check_all_finite, check_rows_finite, uplink_bytes,
+                   wait_for_availability)
 from .rounds import FINISH, WAIT, RoundProtocol
-from .weighting import IMPORTANCES, WEIGHTINGS, aggregation_weights, importance
+from .weighting import IMPORTANCES, WEIGHTINGS, aggregation_weight_array, importance
 
 
 @dataclass
@@ -42,18 +45,20 @@ class SyncState(ProtocolState):
     train_loss: float | None = None  # mean local loss of the last round's aggregated clients
     client_metrics: dict[str, float] = field(default_factory=dict)  # mean of each other client metric, same round
 
-    def close_round(self, ctx: RunContext, accepted: Sequence[JobResult], jobs: int, stragglers: int,
-                    dropped: int, bytes_down: int, end: int) -> None:
-        """Books a round whose `accepted` results were aggregated: statistics, counters, clock."""
-        losses = [r.output.metrics.get("train_loss") for r in accepted]
-        losses = [x for x in losses if x is not None]
-        self.train_loss = float(np.mean(losses)) if losses else None
-        self.client_metrics = mean_client_metrics([r.output.metrics for r in accepted], skip=("train_loss",))
-        self.participants = len(accepted)
+    def close_round(self, ctx: RunContext, results: Sequence[JobResult], jobs: int, stragglers: int,
+                    dropped: int, bytes_down: int, end: int, rows: np.ndarray | None = None) -> None:
+        """Books a round that aggregated `results` (or its `rows`, in aggregation order):
+        statistics, counters, clock."""
+        rows = np.arange(len(results)) if rows is None else rows
+        self.train_loss, self.client_metrics = round_metrics(results, rows)
+        self.participants = len(rows)
         self.stragglers += stragglers
         self.dropped += dropped
         self.bytes_down += bytes_down
-        self.bytes_up += int(sum(uplink_bytes(r) for r in accepted))
+        if isinstance(results, ResultBatch):
+            self.bytes_up += results.uplink_bytes() * len(rows)
+        else:
+            self.bytes_up += int(sum(uplink_bytes(results[i]) for i in rows.tolist()))
         self.next_job += jobs
         self.version += 1
         self.rounds += 1
@@ -64,14 +69,16 @@ class SyncState(ProtocolState):
 
 @dataclass
 class SyncRound:
-    """A planned round: its jobs, their results and when each arrives or is lost (ticks)."""
+    """A planned round: its jobs, their results, and when each arrives or is lost (ticks)."""
 
     t0: int
     available: int  # clients available at t0
     payload: Payload
     jobs: list[Job]
-    results: dict[int, JobResult]  # client -> result, for jobs that were not lost
-    on_time: list[tuple[int, int]]  # (arrival, client), in arrival order, aggregated
+    results: Sequence[JobResult]  # of the jobs that were not lost, in the jobs' order
+    on_time: np.ndarray  # the aggregated jobs (indices into `jobs`), in arrival order
+    on_time_at: np.ndarray  # their arrival ticks
+    rows: np.ndarray  # their rows in `results`
     late: list[tuple[int, int]]  # (arrival, client) after the deadline: stragglers
     losses: list[tuple[int, int]]  # (when lost, client)
     cut: int | None  # the deadline's tick
@@ -130,30 +137,40 @@ class SyncProtocol(RoundProtocol):
         job_ids = state.next_job + np.arange(m)
         jobs = ctx.make_jobs(cohort, payload, state.version, job_ids)
         lost, lost_at = ctx.population.drops(cohort, job_ids)
-        results = {r.client: r for r in ctx.executor.run([j for j, gone in zip(jobs, lost) if not gone])}
+        ran = np.flatnonzero(~lost)  # results[k] belongs to jobs[ran[k]]
+        results = ctx.executor.run([jobs[i] for i in ran.tolist()])
         # a client whose code raised (executor.on_client_error='drop') is lost when its job would end
-        failed = np.array([j.client in results and results[j.client].failed for j in jobs], dtype=bool)
+        row = np.full(m, -1, dtype=np.int64)
+        row[ran] = np.arange(len(ran))
+        failed = np.zeros(m, dtype=bool)
+        ups = np.zeros(m, dtype=np.int64)
+        if isinstance(results, ResultBatch):  # stacked results never hold a failure
+            ups[ran] = results.uplink_bytes() if len(ran) else 0
+        else:
+            failed[ran] = [r.failed for r in results]
+            ups[ran] = [0 if r.failed else uplink_bytes(r) for r in results]
         lost, lost_at = lost | failed, np.where(failed, 1.0, lost_at)
-        results = {c: r for c, r in results.items() if not r.failed}
-        ups = np.array([uplink_bytes(results[j.client]) if j.client in results else 0 for j in jobs])
-        durations = ctx.population.job_ticks(cohort, [j.num_steps for j in jobs], np.full(m, down), ups, job_ids)
+        durations = np.asarray(
+            ctx.population.job_ticks(cohort, [j.num_steps for j in jobs], np.full(m, down), ups, job_ids), dtype=np.int64)
 
         cut = t0 + to_ticks(self.deadline) if self.deadline is not None else None
-        arrivals, losses = [], []
-        for job, dur, gone, frac in zip(jobs, durations, lost, lost_at):
-            if gone:
-                losses.append((t0 + int(round(frac * dur)), job.client))
-            else:
-                arrivals.append((t0 + dur, job.client))
-        arrivals.sort()
-        on_time = [(t, c) for t, c in arrivals if cut is None or t <= cut]
-        late = [(t, c) for t, c in arrivals if cut is not None and t > cut]
-        end = max([t for t, _ in arrivals] + [t for t, _ in losses] + [t0])
+        came = np.flatnonzero(~lost)
+        arrive = t0 + durations[came]
+        order = np.lexsort((cohort[came], arrive))  # by arrival, then client
+        came, arrive = came[order], arrive[order]
+        gone = np.flatnonzero(lost)
+        lost_t = t0 + np.round(lost_at[gone] * durations[gone]).astype(np.int64)
+        in_time = np.ones(len(came), dtype=bool) if cut is None else arrive <= cut
+        late = list(zip(arrive[~in_time].tolist(), cohort[came[~in_time]].tolist()))
+        losses = list(zip(lost_t.tolist(), cohort[gone].tolist()))
+        end = max(int(arrive.max(initial=t0)), int(lost_t.max(initial=t0)), t0)
         if cut is not None:
             end = min(end, cut)
         if end > ctx.budget_ticks():
             return FINISH
-        return SyncRound(t0, len(available), payload, jobs, results, on_time, late, losses, cut, end)
+        on_time = came[in_time]
+        return SyncRound(t0, len(available), payload, jobs, results, on_time, arrive[in_time], row[on_time],
+                         late, losses, cut, end)
 
     def plan_end(self, plan: SyncRound | str) -> int | None:
         return plan.end if isinstance(plan, SyncRound) else None
@@ -165,37 +182,40 @@ class SyncProtocol(RoundProtocol):
         if plan == WAIT:
             return wait_for_availability(ctx, state)
         t0, end, m, payload = plan.t0, plan.end, len(plan.jobs), plan.payload
-        accepted = [plan.results[c] for _, c in plan.on_time]
-        weights = aggregation_weights(
-            self.weighting,
-            [r.client for r in accepted],
-            [r.num_samples for r in accepted],
-            self._p,
-            [m / plan.available] * len(accepted),
+        jobs, on_time, rows, results = plan.jobs, plan.on_time, plan.rows, plan.results
+        clients = [jobs[i].client for i in on_time.tolist()]
+        weights = aggregation_weight_array(
+            self.weighting, clients, [jobs[i].num_samples for i in on_time.tolist()], self._p,
+            np.full(len(clients), m / plan.available),
         )
-        msgs = [
-            Msg(r.client, r.output.update, w, 0, r.num_samples, r.num_steps, payload.params, r.output.extras)
-            for r, w in zip(accepted, weights)
-        ]
-        check_all_finite(accepted, state.rounds, t0)
+        msgs = MsgBatch(results, rows, weights, None, payload.params)
+        if msgs.stacked:
+            check_rows_finite(msgs.updates, clients, state.rounds, t0)
+        else:
+            check_all_finite([results[i] for i in rows.tolist()], state.rounds, t0)
         state.server = ctx.strategy.combine(
             state.server, msgs, CombineContext(ctx.num_clients, state.version, to_seconds(end))
         )
-        for r in accepted:
-            ctx.store.put(r.client, r.output.state)
+        if isinstance(results, ResultBatch):
+            if results.state:  # the store copies each row it keeps
+                for c, i in zip(clients, rows.tolist()):
+                    ctx.store.put(c, {k: v[i] for k, v in results.state.items()})
+        else:
+            for c, i in zip(clients, rows.tolist()):
+                ctx.store.put(c, results[i].output.state)
 
         if ctx.events is not None:
-            for job in plan.jobs:
+            for job in jobs:
                 ctx.log(t0, "dispatch", client=job.client, version=state.version, job=job.job_id)
             for t, c in plan.losses:
                 ctx.log(t, "drop", client=c, version=state.version)
-            for t, c in plan.on_time:
+            for t, c in zip(plan.on_time_at.tolist(), clients):
                 ctx.log(t, "arrival", client=c, version=state.version, staleness=0)
             for t, c in plan.late:
                 ctx.log(plan.cut, "straggler", client=c, version=state.version, would_arrive=to_seconds(t))
-            ctx.log(end, "aggregate", version=state.version + 1, clients=[r.client for r in accepted])
+            ctx.log(end, "aggregate", version=state.version + 1, clients=clients)
 
-        state.close_round(ctx, accepted, m, len(plan.late), len(plan.losses), nbytes(payload) * m, end)
+        state.close_round(ctx, results, m, len(plan.late), len(plan.losses), nbytes(payload) * m, end, rows)
         return state
 
     def eval_params(self, ctx: RunContext, state: SyncState) -> Tensor:
@@ -222,6 +242,17 @@ def mean_client_metrics(metrics: list[Mapping[str, Any]], skip: tuple[str, ...] 
             if k not in skip and v is not None:
                 seen.setdefault(k, []).append(float(v))
     return {k: float(np.mean(v)) for k, v in seen.items()}
+
+
+def round_metrics(results: Sequence[JobResult], rows: np.ndarray) -> tuple[float | None, dict[str, float]]:
+    """Returns (mean train_loss, {name: mean} of the other client metrics) over `results`' `rows`
+    (None / absent when no client reported one); reads a `ResultBatch`'s metric columns directly."""
+    if isinstance(results, ResultBatch):
+        means = {k: float(np.mean(np.asarray(col)[rows])) for k, col in results.metrics.items() if len(rows)}
+        return means.pop("train_loss", None), means
+    metrics = [results[i].output.metrics for i in rows.tolist()]
+    losses = [x for x in (m.get("train_loss") for m in metrics) if x is not None]
+    return (float(np.mean(losses)) if losses else None), mean_client_metrics(metrics, skip=("train_loss",))
 
 
 @PROTOCOLS.register("sync")

@@ -32,15 +32,28 @@ def aggregation_weights(
     freq: Sequence[float] | None = None,
 ) -> list[float]:
     """Returns w_i for the clients of one aggregation under `rule` (see the module docstring)."""
-    if not clients:
-        return []
+    return aggregation_weight_array(rule, clients, num_samples, p, freq).tolist()
+
+
+def aggregation_weight_array(
+    rule: str,
+    clients: Sequence[int] | np.ndarray,
+    num_samples: Sequence[int] | np.ndarray,
+    p: np.ndarray | None = None,
+    freq: Sequence[float] | np.ndarray | None = None,
+) -> np.ndarray:
+    """`aggregation_weights` as a float64 array (the same values, computed without a Python loop)."""
+    k = len(clients)
+    if rule not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {rule!r} (known: {', '.join(WEIGHTINGS)})")
+    if not k:
+        return np.zeros(0, dtype=np.float64)
     if rule == "samples":
-        total = float(sum(num_samples))
-        return [n / total if total else 1.0 / len(clients) for n in num_samples]
+        n = np.asarray(num_samples, dtype=np.int64)
+        total = float(n.sum())
+        return n / total if total else np.full(k, 1.0 / k)
     if rule == "identical":
-        return [1.0 / len(clients)] * len(clients)
-    if rule == "unbiased":
-        if p is None or freq is None:
-            raise ValueError("the unbiased weighting needs importances p and frequencies f")
-        return [float(p[c]) / float(f) for c, f in zip(clients, freq)]
-    raise ValueError(f"unknown weighting {rule!r} (known: {', '.join(WEIGHTINGS)})")
+        return np.full(k, 1.0 / k)
+    if p is None or freq is None:
+        raise ValueError("the unbiased weighting needs importances p and frequencies f")
+    return np.asarray(p, dtype=np.float64)[np.asarray(clients, dtype=np.int64)] / np.asarray(freq, dtype=np.float64)
