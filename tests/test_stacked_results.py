@@ -82,8 +82,9 @@ def test_cohorts_of_different_step_counts_merge_into_one_batch_in_job_order():
         want = ex.serial.run(job)
         assert (res.client, res.num_steps) == (want.client, want.num_steps) == (job.client, steps[i])
         torch.testing.assert_close(res.output.update, want.output.update, rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(res.output.state["c"], want.output.state["c"], rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(res.output.extras["dc"], want.output.extras["dc"], rtol=1e-5, atol=1e-7)
+        # c_i and Δc_i divide the update by Kη (≥ 0.1 here): its rounding, 10× larger
+        torch.testing.assert_close(res.output.state["c"], want.output.state["c"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(res.output.extras["dc"], want.output.extras["dc"], rtol=1e-4, atol=1e-5)
         assert res.output.metrics["train_loss"] == pytest.approx(want.output.metrics["train_loss"], rel=1e-6)
 
 
@@ -115,6 +116,30 @@ def test_batch_state_rows_are_copies_and_extras_views():
         assert res.output.extras["dc"].data_ptr() == batch.extras["dc"][i].data_ptr()  # a view
         want = ex.serial.run(jobs[i]).output
         torch.testing.assert_close(res.output.extras["dc"], want.extras["dc"], rtol=1e-5, atol=1e-7)
+
+
+def test_results_built_before_the_metrics_arrive_get_them():
+    batch = ResultBatch(_jobs(3, Payload(torch.zeros(2))), torch.arange(6.0).reshape(3, 2), {}, {}, 2)
+    early = batch.results()
+    assert [r.output.metrics for r in early] == [{}, {}, {}]
+    batch.set_metrics({"train_loss": [0.5, 1.5, 2.5], "norm": [1.0, 2.0, 3.0]})
+    assert [r.output.metrics for r in batch] == [{"train_loss": 0.5, "norm": 1.0}, {"train_loss": 1.5, "norm": 2.0},
+                                                 {"train_loss": 2.5, "norm": 3.0}]
+    assert batch.results() is early
+
+
+def test_submitted_jobs_fetched_one_by_one_equal_the_batch():
+    from strategies.fedavg import fedavg
+
+    ex, task = _executor(fedavg())
+    jobs = _jobs(6, Payload(task.initial_params()))
+    batch = ex.run(jobs)
+    for job in jobs[::-1]:
+        ex.submit(job)
+    fetched = [ex.result(job.job_id) for job in jobs]
+    for a, b in zip(batch, fetched):
+        assert a.job_id == b.job_id and torch.equal(a.output.update, b.output.update)
+        assert a.output.metrics == b.output.metrics and set(a.output.metrics) == {"train_loss"}
 
 
 def test_batch_checks_its_rows():

@@ -29,7 +29,7 @@ class ResultBatch(Sequence[JobResult]):
     metric columns arrive with `set_metrics` (the executor copies them to the host last).
     """
 
-    __slots__ = ("jobs", "updates", "state", "extras", "steps", "_metrics", "_items")
+    __slots__ = ("jobs", "updates", "state", "extras", "steps", "_metrics", "_items", "_rows")
 
     def __init__(self, jobs: Sequence[Job], updates: Tensor, state: Mapping[str, Tensor],
                  extras: Mapping[str, Tensor], steps: int | Sequence[int]):
@@ -42,11 +42,16 @@ class ResultBatch(Sequence[JobResult]):
         self.steps = steps  # local steps: one count for all rows (a cohort's), or one per row
         self._metrics: dict[str, list[float]] | None = None
         self._items: list[JobResult] | None = None
+        self._rows: list[dict[str, Any]] | None = None  # the built results' metric dicts, until metrics arrive
 
     # ---- the facts, as arrays --------------------------------------------------------------
     def set_metrics(self, columns: dict[str, list[float]]) -> None:
-        """Stores the per-client scalar metrics, one list of n floats per name."""
+        """Stores the per-client scalar metrics, one list of n floats per name (and writes
+        them into the per-client results if those were built before they arrived)."""
         self._metrics = columns
+        if self._rows is not None:
+            _fill_rows(self._rows, columns)
+            self._rows = None
 
     @property
     def metrics(self) -> dict[str, list[float]]:
@@ -88,18 +93,27 @@ class ResultBatch(Sequence[JobResult]):
 
         Updates and extras are views of the stacked tensors (short-lived uplinks); each
         client state is cloned, because the runtime may keep it for the rest of the run
-        and a view would pin the whole stack in memory."""
+        and a view would pin the whole stack in memory. Called before the metrics arrive
+        (the executor does, to build them while the device computes), the results' metric
+        dicts are filled when they do."""
         if self._items is None:
-            self._items = _job_results(self.jobs, _outputs(self), self.steps)
+            rows: list[dict[str, Any]] = [{} for _ in range(len(self))]
+            if self._metrics is not None:
+                _fill_rows(rows, self._metrics)
+            else:
+                self._rows = rows
+            self._items = _job_results(self.jobs, _outputs(self, rows), self.steps)
         return self._items
 
 
-def _outputs(batch: ResultBatch) -> list[ClientOutput]:
-    n, metrics = len(batch), batch.metrics
-    rows: list[dict[str, Any]] = [{} for _ in range(n)]
-    for name, column in metrics.items():
+def _fill_rows(rows: list[dict[str, Any]], columns: dict[str, list[float]]) -> None:
+    for name, column in columns.items():
         for row, value in zip(rows, column):
             row[name] = value
+
+
+def _outputs(batch: ResultBatch, rows: list[dict[str, Any]]) -> list[ClientOutput]:
+    n = len(batch)
     updates = batch.updates.unbind(0)
     if not batch.state and not batch.extras:  # the common case, kept lean: this runs once per client
         new = tuple.__new__  # ClientOutput(...) without the NamedTuple's Python-level __new__

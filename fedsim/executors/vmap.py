@@ -158,20 +158,24 @@ class VmapExecutor(Executor):
         jobs = list(self._pending.values())
         self._pending.clear()
         done = self._done
-        for res in self._run_jobs(jobs)[0]:
+        for res in self._run_jobs(jobs, objects=True)[0]:
             done[res.job_id] = res
 
-    def _run_jobs(self, jobs: list[Job]) -> tuple[Sequence[JobResult], bool]:
+    def _run_jobs(self, jobs: list[Job], objects: bool = False) -> tuple[Sequence[JobResult], bool]:
         """Runs `jobs` cohort by cohort; returns their results, cohort after cohort, and
-        whether that is the jobs' own order (one cohort). A single vectorised cohort comes
-        back as its `ResultBatch` (no per-client objects are built)."""
+        whether that is the jobs' own order (one cohort). Vectorised cohorts come back as one
+        `ResultBatch` when they can share a stack; with `objects`, each cohort's per-client
+        JobResults are built while the device still computes (their metrics arrive last)."""
         if self.unsupported is not None:
             return _job_results(jobs, [self.serial.run(j).output for j in jobs]), True
         pieces: list[Sequence[JobResult]] = []
         cohorts = group(jobs)
         try:
             for cohort in cohorts:
-                pieces += self._run_group(cohort)
+                for piece in self._run_group(cohort):
+                    if objects and isinstance(piece, ResultBatch):
+                        piece = piece.results()
+                    pieces.append(piece)
         finally:  # the cohorts' metrics reach the host last: other cohorts run meanwhile
             fills, self._fills = self._fills, []
             for fill in fills:
