@@ -12,6 +12,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedsim.blocks import weighted_sum
 from fedsim.errors import DivergenceError
@@ -20,6 +22,7 @@ from fedsim.executors.results import ResultBatch, merge_batches, stacked_update_
 from fedsim.executors.vmap import VmapExecutor
 from fedsim.messages import MsgBatch
 from fedsim.protocols.base import check_rows_finite
+from fedsim.protocols.sync import time_round
 from fedsim.protocols.weighting import WEIGHTINGS, aggregation_weight_array, aggregation_weights
 from fedsim.staleness import polynomial
 from fedsim.strategy import ClientOutput, LocalHP, Msg, Payload
@@ -304,3 +307,33 @@ def test_decentralized_array_path_equals_per_client_path_bitwise(monkeypatch):
     assert [{k: v for k, v in r.items() if k != "wall_time"} for r in a.rows] == [
         {k: v for k, v in r.items() if k != "wall_time"} for r in b.rows]
     assert torch.equal(a.final_state.models, b.final_state.models)
+
+
+def _time_round_loop(t0, clients, durations, lost, lost_at, cut):
+    """The synchronous protocol's round timing as it was written before it worked on arrays."""
+    arrivals, losses = [], []
+    for client, dur, gone, frac in zip(clients.tolist(), durations, lost, lost_at):
+        if gone:
+            losses.append((t0 + int(round(frac * dur)), client))
+        else:
+            arrivals.append((t0 + dur, client))
+    arrivals.sort()
+    on_time = [(t, c) for t, c in arrivals if cut is None or t <= cut]
+    late = [(t, c) for t, c in arrivals if cut is not None and t > cut]
+    end = max([t for t, _ in arrivals] + [t for t, _ in losses] + [t0])
+    return on_time, late, losses, end if cut is None else min(end, cut)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 40), st.integers(0, 2**31), st.integers(0, 10**12), st.booleans(), st.floats(0.0, 1.0))
+def test_round_timing_equals_the_reference_loop(m, seed, t0, with_cut, lost_p):
+    rng = np.random.default_rng(seed)
+    clients = rng.choice(10 * m, m, replace=False)  # any order: ties break by client id
+    durations = rng.integers(0, 50, m).tolist()  # small: ties in arrival time are common
+    lost = rng.random(m) < lost_p
+    lost_at = np.where(rng.random(m) < 0.2, 0.5, rng.random(m))  # exact halves: rounding to even
+    cut = t0 + int(rng.integers(0, 60)) if with_cut else None
+    timing = time_round(t0, clients, durations, lost, lost_at, cut)
+    on_time, late, losses, end = _time_round_loop(t0, clients, durations, lost, lost_at, cut)
+    assert list(zip(timing.on_time_at.tolist(), clients[timing.on_time].tolist())) == on_time
+    assert (timing.late, timing.losses, timing.end) == (late, losses, end)

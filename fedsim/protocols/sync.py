@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Mapping, Optional, Sequence
+from typing import Annotated, Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -22,11 +22,11 @@ from ..comm import nbytes
 from ..config import Ge, Gt, OneOf, Range
 from ..errors import ConfigError
 from ..executors.base import Job, JobResult
+from ..executors.results import ResultBatch
+from ..messages import MsgBatch
 from ..registry import PROTOCOLS
 from ..rng import numpy_rng
 from ..strategy import CombineContext, Payload, Tensor
-from ..executors.results import ResultBatch
-from ..messages import MsgBatch
 from .base import (Protocol, ProtocolState, RunContext, check_all_finite, check_rows_finite, uplink_bytes,
                    wait_for_availability)
 from .rounds import FINISH, WAIT, RoundProtocol
@@ -83,6 +83,35 @@ class SyncRound:
     losses: list[tuple[int, int]]  # (when lost, client)
     cut: int | None  # the deadline's tick
     end: int
+
+
+class RoundTiming(NamedTuple):
+    """When a round's jobs arrive or are lost, and when the round ends (ticks)."""
+
+    on_time: np.ndarray  # the jobs that arrive by the deadline (indices), by arrival, then client
+    on_time_at: np.ndarray  # their arrival ticks
+    late: list[tuple[int, int]]  # (arrival, client) of the jobs that arrive after the deadline, same order
+    losses: list[tuple[int, int]]  # (when lost, client) of the lost jobs, in job order
+    end: int  # the last arrival or loss, cut at the deadline; t0 if nothing happens
+
+
+def time_round(t0: int, clients: np.ndarray, durations: np.ndarray, lost: np.ndarray, lost_at: np.ndarray,
+               cut: int | None) -> RoundTiming:
+    """Times a round that starts at `t0`: job i of `clients[i]` takes `durations[i]` ticks, or,
+    when `lost[i]`, disappears after the fraction `lost_at[i]` of it (rounded half to even);
+    `cut` is the deadline's tick (None: no deadline). Returns the `RoundTiming`."""
+    durations = np.asarray(durations, dtype=np.int64)
+    came = np.flatnonzero(~lost)
+    arrive = t0 + durations[came]
+    order = np.lexsort((clients[came], arrive))  # by arrival, then client
+    came, arrive = came[order], arrive[order]
+    gone = np.flatnonzero(lost)
+    lost_t = t0 + np.round(lost_at[gone] * durations[gone]).astype(np.int64)
+    in_time = np.ones(len(came), dtype=bool) if cut is None else arrive <= cut
+    late = list(zip(arrive[~in_time].tolist(), clients[came[~in_time]].tolist()))
+    losses = list(zip(lost_t.tolist(), clients[gone].tolist()))
+    end = max(int(arrive.max(initial=t0)), int(lost_t.max(initial=t0)), t0)
+    return RoundTiming(came[in_time], arrive[in_time], late, losses, end if cut is None else min(end, cut))
 
 
 class SyncProtocol(RoundProtocol):
@@ -150,27 +179,14 @@ class SyncProtocol(RoundProtocol):
             failed[ran] = [r.failed for r in results]
             ups[ran] = [0 if r.failed else uplink_bytes(r) for r in results]
         lost, lost_at = lost | failed, np.where(failed, 1.0, lost_at)
-        durations = np.asarray(
-            ctx.population.job_ticks(cohort, [j.num_steps for j in jobs], np.full(m, down), ups, job_ids), dtype=np.int64)
+        durations = ctx.population.job_ticks(cohort, [j.num_steps for j in jobs], np.full(m, down), ups, job_ids)
 
         cut = t0 + to_ticks(self.deadline) if self.deadline is not None else None
-        came = np.flatnonzero(~lost)
-        arrive = t0 + durations[came]
-        order = np.lexsort((cohort[came], arrive))  # by arrival, then client
-        came, arrive = came[order], arrive[order]
-        gone = np.flatnonzero(lost)
-        lost_t = t0 + np.round(lost_at[gone] * durations[gone]).astype(np.int64)
-        in_time = np.ones(len(came), dtype=bool) if cut is None else arrive <= cut
-        late = list(zip(arrive[~in_time].tolist(), cohort[came[~in_time]].tolist()))
-        losses = list(zip(lost_t.tolist(), cohort[gone].tolist()))
-        end = max(int(arrive.max(initial=t0)), int(lost_t.max(initial=t0)), t0)
-        if cut is not None:
-            end = min(end, cut)
-        if end > ctx.budget_ticks():
+        timing = time_round(t0, cohort, durations, lost, lost_at, cut)
+        if timing.end > ctx.budget_ticks():
             return FINISH
-        on_time = came[in_time]
-        return SyncRound(t0, len(available), payload, jobs, results, on_time, arrive[in_time], row[on_time],
-                         late, losses, cut, end)
+        return SyncRound(t0, len(available), payload, jobs, results, timing.on_time, timing.on_time_at,
+                         row[timing.on_time], timing.late, timing.losses, cut, timing.end)
 
     def plan_end(self, plan: SyncRound | str) -> int | None:
         return plan.end if isinstance(plan, SyncRound) else None
