@@ -33,11 +33,11 @@ from ..comm import nbytes
 from ..config import Ge, OneOf
 from ..errors import ConfigError
 from ..executors.base import JobResult
+from ..executors.results import stacked_update_rows
 from ..registry import PROTOCOLS
 from ..rng import key
 from ..strategy import Payload, Tensor
 from .base import Protocol, ProtocolState, RunContext, wait_for_availability
-from ..executors.results import stacked_update_rows
 from .nodes import (INITS, build_topology, check_init, eval_sample, initial_models, mean_train_loss, node_metrics,
                     stacked_updates)
 from .rounds import FINISH, WAIT, RoundProtocol
