@@ -24,7 +24,7 @@ def weighted_sum(staleness: StalenessFn = constant()) -> Reduce:
 
     def reduce(msgs: Sequence[Msg]) -> Tensor:
         if isinstance(msgs, MsgBatch) and msgs.stacked:  # one stack, no per-client objects; the same sum
-            return vec.weighted_rows(msgs.updates, msgs.staleness_weights(staleness).tolist())
+            return vec.weighted_sum(msgs.updates, msgs.staleness_weights(staleness).tolist())
         return vec.weighted_sum([m.update for m in msgs], [m.weight * staleness(m.staleness) for m in msgs])
 
     return reduce

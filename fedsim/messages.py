@@ -11,23 +11,25 @@ read messages one by one are unaffected.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence, overload
+from typing import Any, Sequence
 
 import numpy as np
 
 from .executors.base import JobResult
 from .executors.results import ResultBatch, stacked_update_rows
+from .lazy_seq import BuiltOnce
 from .strategy import Msg, Tensor
 
 
-class MsgBatch(Sequence[Msg]):
+class MsgBatch(BuiltOnce[Msg]):
     """Message i is the result ``results[rows[i]]`` with weight ``weights[i]`` and staleness
     ``staleness[i]``, sent from the model `base` (shared by all; None when they differ)."""
 
-    __slots__ = ("results", "rows", "weights", "staleness", "base", "_msgs", "_updates")
+    __slots__ = ("results", "rows", "weights", "staleness", "base", "_updates")
 
     def __init__(self, results: Sequence[JobResult], rows: np.ndarray, weights: np.ndarray,
                  staleness: np.ndarray | None = None, base: Tensor | None = None):
+        super().__init__()
         self.results = results
         self.rows = np.asarray(rows, dtype=np.int64)
         self.weights = np.asarray(weights, dtype=np.float64)
@@ -35,7 +37,6 @@ class MsgBatch(Sequence[Msg]):
         if not len(self.rows) == len(self.weights) == len(self.staleness):
             raise ValueError("rows, weights and staleness must have one entry per message")
         self.base = base
-        self._msgs: list[Msg] | None = None
         self._updates: Tensor | None = None
 
     @property
@@ -59,26 +60,16 @@ class MsgBatch(Sequence[Msg]):
     def __len__(self) -> int:
         return len(self.rows)
 
-    @overload
-    def __getitem__(self, i: int) -> Msg: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[Msg]: ...
-    def __getitem__(self, i: Any) -> Any:
-        return self.msgs()[i]
-
-    def __iter__(self) -> Iterator[Msg]:
-        return iter(self.msgs())
-
     def msgs(self) -> list[Msg]:
         """Returns the per-message `Msg`s (built on the first call, then kept)."""
-        if self._msgs is None:
-            results, base = self.results, self.base
-            self._msgs = [
-                Msg(r.client, r.output.update, w, s, r.num_samples, r.num_steps, base, r.output.extras)
-                for r, w, s in zip((results[i] for i in self.rows.tolist()), self.weights.tolist(),
-                                   self.staleness.tolist())
-            ]
-        return self._msgs
+        return self.built()
+
+    def _build(self) -> list[Msg]:
+        results, base = self.results, self.base
+        return [
+            Msg(r.client, r.output.update, w, s, r.num_samples, r.num_steps, base, r.output.extras)
+            for r, w, s in zip((results[i] for i in self.rows.tolist()), self.weights.tolist(), self.staleness.tolist())
+        ]
 
 
 __all__ = ["MsgBatch"]

@@ -10,8 +10,10 @@ STACK_BYTES = 1 << 28  # on a GPU, vectors are summed in stacks of at most this 
 STACK_MAX_VECTOR_BYTES = 1 << 20  # larger vectors are added one by one (the copy would cost more than the launch)
 
 
-def weighted_sum(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """Returns Σ_i w_i v_i (in a buffer this function owns).
+def weighted_sum(vectors: Sequence[torch.Tensor] | torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """Returns Σ_i w_i v_i (in a buffer this function owns), for a sequence of equal-shape
+    tensors or one stacked tensor ``[m, ...]`` of them (the same result, bit for bit; a
+    stack is reduced without copying its rows).
 
     On the CPU the terms are accumulated one by one in the given order. On a GPU, vectors of
     at most `STACK_MAX_VECTOR_BYTES` are stacked (at most `STACK_BYTES` at a time) and each
@@ -21,29 +23,16 @@ def weighted_sum(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> t
     size limit). The result is deterministic for given inputs, and agrees with the
     one-by-one order up to float rounding.
     """
-    if not vectors:
+    if len(vectors) == 0:
         raise ValueError("weighted_sum of no vectors")
+    if len(vectors) != len(weights):
+        raise ValueError(f"{len(vectors)} vectors and {len(weights)} weights")
     first = vectors[0]
     if first.is_cuda and len(vectors) > 1 and first.numel() * first.element_size() <= STACK_MAX_VECTOR_BYTES:
-        return _stacked_weighted_sum(list(vectors), [float(w) for w in weights])
-    out = torch.zeros_like(first)
-    for v, w in zip(vectors, weights):
-        out.add_(v, alpha=float(w))
-    return out
-
-
-def weighted_rows(stack: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
-    """Returns Σ_i w_i stack[i] for a stack of vectors ``[m, ...]`` — exactly (bitwise)
-    ``weighted_sum(list(stack), weights)``, without the per-vector copies on a GPU."""
-    if len(stack) == 0:
-        raise ValueError("weighted_rows of no vectors")
-    if len(stack) != len(weights):
-        raise ValueError(f"{len(stack)} vectors and {len(weights)} weights")
-    row = stack[0]
-    if stack.is_cuda and len(stack) > 1 and row.numel() * row.element_size() <= STACK_MAX_VECTOR_BYTES:
+        stack = vectors if isinstance(vectors, torch.Tensor) else list(vectors)
         return _stacked_weighted_sum(stack, [float(w) for w in weights])
-    out = torch.zeros_like(row)
-    for v, w in zip(stack.unbind(0), weights):
+    out = torch.zeros_like(first)
+    for v, w in zip(vectors, weights):  # a stacked tensor iterates over its rows
         out.add_(v, alpha=float(w))
     return out
 

@@ -57,7 +57,6 @@ def test_vmap_returns_a_batch_that_reads_as_the_serial_results():
     batch = ex.run(jobs)
     assert isinstance(batch, ResultBatch) and len(batch) == 6
     assert batch.clients.tolist() == [j.client for j in jobs]
-    assert batch.num_samples.tolist() == [j.num_samples for j in jobs]
     assert batch.uplink_bytes() == task.initial_params().numel() * 4
     for job, res, row in zip(jobs, batch, range(6)):
         want = ex.serial.run(job)
@@ -205,22 +204,22 @@ def test_msg_batch_over_per_client_results_builds_messages():
 
 
 @pytest.mark.parametrize("n", [1, 2, 9])
-def test_weighted_rows_equals_weighted_sum_bitwise(n):
+def test_weighted_sum_of_a_stack_equals_that_of_its_rows_bitwise(n):
     stack = torch.randn(n, 33) * 1e3
     w = np.random.default_rng(n).random(n).tolist()
-    assert torch.equal(vec.weighted_rows(stack, w), vec.weighted_sum(list(stack), w))
+    assert torch.equal(vec.weighted_sum(stack, w), vec.weighted_sum(list(stack), w))
     with pytest.raises(ValueError, match="weights"):
-        vec.weighted_rows(stack, w + [1.0])
+        vec.weighted_sum(stack, w + [1.0])
     with pytest.raises(ValueError, match="no vectors"):
-        vec.weighted_rows(stack[:0], [])
+        vec.weighted_sum(stack[:0], [])
 
 
 @CUDA
-def test_weighted_rows_on_cuda_equals_weighted_sum_bitwise(monkeypatch):
+def test_weighted_sum_of_a_stack_on_cuda_equals_that_of_its_rows_bitwise(monkeypatch):
     monkeypatch.setattr(vec, "STACK_BYTES", 7 * 1000 * 4)  # several stacks
     stack = torch.randn(50, 1000, device="cuda")
     w = np.random.default_rng(0).random(50).tolist()
-    assert torch.equal(vec.weighted_rows(stack, w), vec.weighted_sum(list(stack), w))
+    assert torch.equal(vec.weighted_sum(stack, w), vec.weighted_sum(list(stack), w))
     msgs = _msgs(300, 500, device="cuda")
     reduce = weighted_sum()
     assert torch.equal(reduce(msgs), reduce(list(msgs)))
@@ -271,9 +270,10 @@ def _per_client(monkeypatch):
 def test_sync_array_path_equals_per_client_path_bitwise(monkeypatch, tmp_path, extra):
     cfg = merge(digits_config(run={"rounds": 5, "eval_every": 1, "log_events": True, "torch_threads": 1},
                               executor={"kind": "vmap", "device": "cpu"}), extra)
-    stacked_sums: list[int] = []
-    real_rows = vec.weighted_rows
-    monkeypatch.setattr(vec, "weighted_rows", lambda s, w: stacked_sums.append(len(s)) or real_rows(s, w))
+    stacked_sums: list[int] = []  # sums taken over a stacked tensor, not a list of updates
+    real_sum = vec.weighted_sum
+    monkeypatch.setattr(vec, "weighted_sum",
+                        lambda v, w: (isinstance(v, torch.Tensor) and stacked_sums.append(len(v))) or real_sum(v, w))
     a = run_config(cfg, tmp_path / "stacked")
     used = len(stacked_sums)
     with monkeypatch.context() as m:

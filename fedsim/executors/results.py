@@ -12,36 +12,37 @@ Every result in a batch succeeded (a failed job is never part of one).
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping, Sequence, overload
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from ..comm import nbytes
+from ..lazy_seq import BuiltOnce
 from ..strategy import ClientOutput, Tensor
 from .base import Job, JobResult
 
 
-class ResultBatch(Sequence[JobResult]):
+class ResultBatch(BuiltOnce[JobResult]):
     """The results of `jobs`, row i belonging to ``jobs[i]``; see the module docstring.
 
     `updates` is ``[n, ...]``; `state` and `extras` map names to ``[n, ...]`` tensors;
     metric columns arrive with `set_metrics` (the executor copies them to the host last).
     """
 
-    __slots__ = ("jobs", "updates", "state", "extras", "steps", "_metrics", "_items", "_rows")
+    __slots__ = ("jobs", "updates", "state", "extras", "steps", "_metrics", "_rows")
 
     def __init__(self, jobs: Sequence[Job], updates: Tensor, state: Mapping[str, Tensor],
                  extras: Mapping[str, Tensor], steps: int | Sequence[int]):
         if updates.shape[0] != len(jobs):
             raise ValueError(f"{updates.shape[0]} update rows for {len(jobs)} jobs")
+        super().__init__()
         self.jobs = jobs
         self.updates = updates
         self.state = dict(state)
         self.extras = dict(extras)
         self.steps = steps  # local steps: one count for all rows (a cohort's), or one per row
         self._metrics: dict[str, list[float]] | None = None
-        self._items: list[JobResult] | None = None
         self._rows: list[dict[str, Any]] | None = None  # the built results' metric dicts, until metrics arrive
 
     # ---- the facts, as arrays --------------------------------------------------------------
@@ -65,11 +66,6 @@ class ResultBatch(Sequence[JobResult]):
         """The rows' client ids."""
         return np.fromiter((j.client for j in self.jobs), dtype=np.int64, count=len(self.jobs))
 
-    @property
-    def num_samples(self) -> np.ndarray:
-        """The rows' training-set sizes n_i."""
-        return np.fromiter((j.num_samples for j in self.jobs), dtype=np.int64, count=len(self.jobs))
-
     def uplink_bytes(self) -> int:
         """Bytes one client sends (the same for every row: one update and one row of each extra)."""
         return nbytes(self.updates[0]) + sum(nbytes(v[0]) for v in self.extras.values())
@@ -77,16 +73,6 @@ class ResultBatch(Sequence[JobResult]):
     # ---- the Sequence[JobResult] view --------------------------------------------------------
     def __len__(self) -> int:
         return len(self.jobs)
-
-    @overload
-    def __getitem__(self, i: int) -> JobResult: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[JobResult]: ...
-    def __getitem__(self, i: Any) -> Any:
-        return self.results()[i]
-
-    def __iter__(self) -> Iterator[JobResult]:
-        return iter(self.results())
 
     def results(self) -> list[JobResult]:
         """Returns the per-client JobResults (built on the first call, then kept).
@@ -96,14 +82,15 @@ class ResultBatch(Sequence[JobResult]):
         and a view would pin the whole stack in memory. Called before the metrics arrive
         (the executor does, to build them while the device computes), the results' metric
         dicts are filled when they do."""
-        if self._items is None:
-            rows: list[dict[str, Any]] = [{} for _ in range(len(self))]
-            if self._metrics is not None:
-                _fill_rows(rows, self._metrics)
-            else:
-                self._rows = rows
-            self._items = _job_results(self.jobs, _outputs(self, rows), self.steps)
-        return self._items
+        return self.built()
+
+    def _build(self) -> list[JobResult]:
+        rows: list[dict[str, Any]] = [{} for _ in range(len(self))]
+        if self._metrics is not None:
+            _fill_rows(rows, self._metrics)
+        else:
+            self._rows = rows
+        return job_results(self.jobs, _outputs(self, rows), self.steps)
 
 
 def _fill_rows(rows: list[dict[str, Any]], columns: dict[str, list[float]]) -> None:
@@ -126,7 +113,8 @@ def _outputs(batch: ResultBatch, rows: list[dict[str, Any]]) -> list[ClientOutpu
     ]
 
 
-def _job_results(jobs: Sequence[Job], outputs: Sequence[ClientOutput | None], steps: int | Sequence[int]) -> list[JobResult]:
+def job_results(jobs: Sequence[Job], outputs: Sequence[ClientOutput | None], steps: int | Sequence[int]) -> list[JobResult]:
+    """Returns the JobResults of `jobs` from their outputs; `steps`: one local-step count for all, or one each."""
     result = JobResult
     if isinstance(steps, int):
         return [result(j.job_id, j.client, j.version, out, j.num_samples, steps) for j, out in zip(jobs, outputs)]
@@ -173,4 +161,4 @@ def stacked_update_rows(results: Sequence[JobResult], rows: Sequence[int] | np.n
     return torch.stack([r.output.update for r in picked])
 
 
-__all__ = ["ResultBatch", "merge_batches", "stacked_update_rows"]
+__all__ = ["ResultBatch", "job_results", "merge_batches", "stacked_update_rows"]

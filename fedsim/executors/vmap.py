@@ -36,7 +36,7 @@ from .base import Executor, Job, JobResult, Worker, WorkerSpec
 from .cohort import Stacked, group, signature, stack, unstack
 from .light_grad import grad_and_value
 from .graphs import StaticCohortRunner, bucket, clone_tree
-from .results import ResultBatch, merge_batches
+from .results import ResultBatch, job_results, merge_batches
 from .precision import PRECISIONS, keep_freed_memory, precision
 from .unfold_conv import with_unfold_convs
 
@@ -50,7 +50,7 @@ def _as_tensors(values: dict[str, Any]) -> dict[str, Tensor]:
 
 def _job_results(jobs: Sequence[Job], outputs: Sequence) -> list[JobResult]:
     """JobResults of `jobs` from their (client-by-client) outputs."""
-    return [JobResult(j.job_id, j.client, j.version, out, j.num_samples, len(j.indices)) for j, out in zip(jobs, outputs)]
+    return job_results(jobs, outputs, [len(j.indices) for j in jobs])
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -190,7 +190,8 @@ class VmapExecutor(Executor):
 
     def run(self, jobs: Sequence[Job]) -> Sequence[JobResult]:
         """Runs `jobs` (with any still pending) and returns their results in the jobs' order:
-        a `ResultBatch` when they formed one vectorised cohort, else a list."""
+        a `ResultBatch` when they ran vectorised with one update layout (cohorts of different
+        step counts merged), else a list."""
         if self._pending:
             for job in jobs:
                 self._pending[job.job_id] = job

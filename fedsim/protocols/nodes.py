@@ -101,8 +101,8 @@ def stacked_updates(results: Sequence[JobResult], round_: int, time: int) -> tor
     synchronisation per round, not one per node); raises DivergenceError naming the first
     node that diverged."""
     y = stacked_update_rows(results)
-    check_rows_finite(y, [j.client for j in results.jobs] if isinstance(results, ResultBatch)
-                      else [r.client for r in results], round_, time)
+    clients = results.clients.tolist() if isinstance(results, ResultBatch) else [r.client for r in results]
+    check_rows_finite(y, clients, round_, time)
     return y
 
 
