@@ -7,25 +7,23 @@ the transform; new server optimisers are new transforms, not new strategies.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple
 
 import torch
 
 from . import vec
-from .messages import MsgBatch
 from .staleness import StalenessFn, constant
-from .strategy import CombineContext, LocalUpdate, Msg, Payload, Strategy, Tensor
+from .contributions import Contributions
+from .strategy import CombineContext, LocalUpdate, Payload, ServerStrategy, Tensor
 
-Reduce = Callable[[Sequence[Msg]], Tensor]
+Reduce = Callable[[Contributions], Tensor]
 
 
 def weighted_sum(staleness: StalenessFn = constant()) -> Reduce:
     """Returns the reducer Σ_i w_i · s(τ_i) · u_i (weights already normalised by the protocol)."""
 
-    def reduce(msgs: Sequence[Msg]) -> Tensor:
-        if isinstance(msgs, MsgBatch) and msgs.stacked:  # one stack, no per-client objects; the same sum
-            return vec.weighted_sum(msgs.updates, msgs.staleness_weights(staleness).tolist())
-        return vec.weighted_sum([m.update for m in msgs], [m.weight * staleness(m.staleness) for m in msgs])
+    def reduce(c: Contributions) -> Tensor:
+        return vec.weighted_sum(c.updates, c.scaled_weights(staleness).tolist())
 
     return reduce
 
@@ -127,8 +125,8 @@ def fl_server(
     reduce: Reduce | None = None,
     transform: Transform | None = None,
     client_state: Callable[[Tensor], dict[str, Tensor]] | None = None,
-) -> Strategy:
-    """Returns a server-based strategy: x ← x − transform(reduce(msgs)).
+) -> ServerStrategy:
+    """Returns a server-based strategy: x ← x − transform(reduce(contributions)).
 
     An aggregation with no messages (an empty FedFix window) leaves the state unchanged.
     """
@@ -141,13 +139,13 @@ def fl_server(
     def publish(state: ServerState) -> Payload:
         return Payload(state.params)
 
-    def combine(state: ServerState, msgs: Sequence[Msg], ctx: CombineContext) -> ServerState:
-        if not msgs:
+    def combine(state: ServerState, contribs: Contributions, ctx: CombineContext) -> ServerState:
+        if not len(contribs):
             return state
-        step, opt = transform.update(reduce(msgs), state.opt, state.params)
+        step, opt = transform.update(reduce(contribs), state.opt, state.params)
         return ServerState(state.params - step, opt)
 
-    return Strategy(
+    return ServerStrategy(
         local=local,
         init=init,
         publish=publish,

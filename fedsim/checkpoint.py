@@ -135,19 +135,19 @@ def save(run_dir: Path, index: int, payload: dict[str, Any], keep: int) -> Path:
         raise
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
-    for store in folder.glob("store-*"):  # store folders whose checkpoint is gone
-        if not (folder / f"ckpt-{store.name.removeprefix('store-')}.pt").exists():
+    for store in [*folder.glob("store-*"), *folder.glob("memory-*")]:  # store folders whose checkpoint is gone
+        if not (folder / f"ckpt-{store.name.rpartition('-')[2]}.pt").exists():
             shutil.rmtree(store, ignore_errors=True)
     return path
 
 
-def store_entry(run_dir: Path, index: int, store: ClientStateStore) -> Any:
+def store_entry(run_dir: Path, index: int, store: ClientStateStore, name: str = "store") -> Any:
     """Returns the client-state store's part of checkpoint `index`: its entries inline when
     they are all in memory, else the name of a folder beside the checkpoint into which they
     are streamed (so a spilled store is never read into memory at once)."""
     if not store.spilled:
         return store.snapshot()
-    folder = checkpoint_dir(run_dir) / f"store-{index:09d}"
+    folder = checkpoint_dir(run_dir) / f"{name}-{index:09d}"
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     store.snapshot(tmp)

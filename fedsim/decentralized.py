@@ -2,7 +2,7 @@
 
 Gossip messages carry parameters (not pseudo-gradients): a node's job returns its new model
 y_K in ``ClientOutput.update``, and the protocol merges the nodes' models with the
-strategy's rule (`fedsim.merge`), ``gossip_steps`` times per synchronous round.
+strategy's rule (`fedsim.merge`); how often and over which messages is the protocol's business.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from .local import Direction, gradient, local_lr, sgd_steps
 from .merge import mix
-from .strategy import Batches, ClientOutput, ClientState, GradFn, LocalHP, LocalUpdate, Payload, Strategy
+from .strategy import Batches, ClientOutput, ClientState, GossipStrategy, GradFn, LocalHP, LocalUpdate, Payload
 
 
 def train_params(direction: Direction = gradient, momentum: float | None = None) -> LocalUpdate:
@@ -27,6 +27,6 @@ def train_params(direction: Direction = gradient, momentum: float | None = None)
     return local
 
 
-def decentralized(local: LocalUpdate, merge=mix, gossip_steps: int = 1) -> Strategy:
-    """Returns a decentralized strategy: `local` on every node, then `gossip_steps` merges."""
-    return Strategy(local=local, merge=merge, gossip_steps=gossip_steps)
+def decentralized(local: LocalUpdate, merge=mix) -> GossipStrategy:
+    """Returns a decentralized strategy: `local` on every node, then the protocol's merges with `merge`."""
+    return GossipStrategy(local=local, merge=merge)

@@ -16,16 +16,18 @@ learning rate γ (x^{r+1} = x^r − γ g^{r+1}) is γ = η_g·η·K: η_g = 1 is
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal, NamedTuple, Optional, Sequence
+from typing import Annotated, Literal, NamedTuple, Optional
 
+import numpy as np
 import torch
 
 from . import vec
 from .config.checks import Range
 from .blocks import weighted_sum
 from .local import local_lr, sgd_steps
-from .strategy import Batch, Batches, ClientOutput, ClientState, CombineContext, GradFn, LocalHP, LocalUpdate, Msg
-from .strategy import Payload, Strategy, Tensor
+from .contributions import Contributions
+from .strategy import Batch, Batches, ClientOutput, ClientState, CombineContext, GradFn, LocalHP, LocalUpdate
+from .strategy import Payload, ServerStrategy, Tensor
 
 # How a client refreshes its control variate c_i:
 #   "I": ∇F_i at the received model x, averaged over the job's batches (K extra gradients);
@@ -85,14 +87,14 @@ def drift_local(beta: float = 1.0, control: ControlOption | None = None, vr: boo
     return local
 
 
-def per_step_mean(msgs: Sequence[Msg]) -> Tensor:
+def per_step_mean(c: Contributions) -> Tensor:
     """Returns Σ_i w_i u_i / K_i: the weighted mean model displacement per local step (= ηg)."""
-    return vec.weighted_sum([m.update for m in msgs], [m.weight / max(m.num_steps, 1) for m in msgs])
+    return vec.weighted_sum(c.updates, (c.weights / np.maximum(c.num_steps, 1)).tolist())
 
 
-def control_step(c: Tensor, msgs: Sequence[Msg], num_clients: int) -> Tensor:
+def control_step(c: Tensor, contribs: Contributions, num_clients: int) -> Tensor:
     """Returns c + (1/N) Σ_{i∈S} Δc_i, which keeps c = (1/N) Σ_i c_i over the population."""
-    return c + vec.weighted_sum([m.extras["dc"] for m in msgs], [1.0 / num_clients] * len(msgs))
+    return c + vec.weighted_sum(contribs.extras["dc"], [1.0 / num_clients] * len(contribs))
 
 
 def drift_server(
@@ -102,7 +104,7 @@ def drift_server(
     control: bool = False,
     vr: bool = False,
     g0: G0 = "zero",
-) -> Strategy:
+) -> ServerStrategy:
     """Returns a server-based strategy: x ← x − η_g Σ w_i u_i, plus the momentum ηg (with
     `momentum`), the control variate c (with `control`) and x^{r−1} (with `vr`), all published
     to clients as payload extras 'g', 'c', 'prev'. With g0='first_round' no g is sent before
@@ -119,13 +121,13 @@ def drift_server(
         extras = {"g": state.g, "c": state.c, "prev": state.prev}
         return Payload(state.params, {k: v for k, v in extras.items() if v is not None})
 
-    def combine(state: DriftState, msgs: Sequence[Msg], ctx: CombineContext) -> DriftState:
-        if not msgs:
+    def combine(state: DriftState, contribs: Contributions, ctx: CombineContext) -> DriftState:
+        if not len(contribs):
             return state
         return DriftState(
-            state.params - server_lr * reduce(msgs),
-            per_step_mean(msgs) if momentum else None,
-            control_step(state.c, msgs, ctx.num_clients) if control else None,
+            state.params - server_lr * reduce(contribs),
+            per_step_mean(contribs) if momentum else None,
+            control_step(state.c, contribs, ctx.num_clients) if control else None,
             state.params if vr else None,
         )
 
@@ -137,7 +139,7 @@ def drift_server(
             out["control_norm"] = float(vec.norm(state.c))
         return out
 
-    return Strategy(
+    return ServerStrategy(
         local=local,
         init=init,
         publish=publish,

@@ -29,8 +29,9 @@ from .errors import ConfigError, DivergenceError, FedsimError, Interrupted
 from .executors.base import Executor, WorkerSpec, build_executor
 from .outputs import EventLog, JsonlLog, prepare_run_dir, read_jsonl, write_atomic, write_config, write_summary
 from .protocols.base import Protocol, ProtocolState, RunContext
+from .protocols.clocks import Clock, VirtualClock
 from .state_store import ClientStateStore
-from .strategy import LocalHP, Strategy
+from .strategy import LocalHP, Strategy, kind_of
 from .system.population import Population
 from .task import build_task
 
@@ -58,39 +59,50 @@ class Run:
     wall_time: float = 0.0
 
 
-def build(config: Config, protocol: Protocol | None = None) -> Run:
-    """Builds data, model, strategy, population, executor and protocol from `config`
-    (`protocol`, if given, replaces the config's: e.g. a Flower ServerApp's)."""
+def build(config: Config, clock: Clock | None = None, executor: Executor | None = None) -> Run:
+    """Builds data, model, strategy, clock, executor and protocol from `config`. By default the
+    clock is virtual (the population's behaviour models) and the executor the config's; a
+    deployment passes its own (a Flower ServerApp: the wall clock and its SuperNodes)."""
     if config.run.torch_threads:
         torch.set_num_threads(config.run.torch_threads)
     data = build_federated_data(config.data, config.partition, config.seed)
     task = build_task(config.model, data.source, config.seed)
     strategy: Strategy = config.strategy.build()
-    protocol = protocol if protocol is not None else config.protocol.build()
-    if protocol.requires == "server" and not strategy.server_based:
-        raise ConfigError(
-            "strategy.name",
-            f"{config.strategy.name!r} is a decentralized strategy; protocol {config.protocol.name!r} needs a server part",
-        )
-    if protocol.requires == "decentralized" and not strategy.decentralized:
-        raise ConfigError(
-            "strategy.name",
-            f"{config.strategy.name!r} has no gossip merge rule; protocol {config.protocol.name!r} is decentralized",
-        )
-    population = Population.build(config.system, data.num_clients, config.seed)
-    executor: Executor = build_executor(config)
+    protocol = config.protocol.build()
+    check_pairing(config, strategy, protocol)
+    if clock is None:
+        clock = VirtualClock(Population.build(config.system, data.num_clients, config.seed))
+    executor = executor if executor is not None else build_executor(config)
     if executor.on_client_error == "drop" and not protocol.drops_failed_jobs:
         raise ConfigError("executor.on_client_error",
                           f"protocol {config.protocol.name!r} cannot drop a client whose code failed; use 'stop'")
     hp = LocalHP(config.local.lr, config.local.momentum, config.local.weight_decay)
-    executor.start(WorkerSpec(task, data.x_train, data.y_train, config.strategy, hp, config.seed), strategy)
+    executor.start(WorkerSpec(task, data.x_train, data.y_train, config.strategy, hp, config.seed, data.num_clients),
+                   strategy)
     budget = config.run.state_memory_mb
-    store = ClientStateStore(int(budget * 2**20) if budget is not None else None, config.run.state_dir)
-    ctx = RunContext(config, data, task, strategy, population, executor, store)
+    budget = int(budget * 2**20) if budget is not None else None
+    store = ClientStateStore(budget, config.run.state_dir)
+    memory = ClientStateStore(budget, config.run.state_dir)
+    ctx = RunContext(config, data, task, strategy, clock, executor, store, memory=memory)
     if executor.model_device is not None:  # e.g. vmap with keep_on_device: the server runs there too
         ctx.initial_params = ctx.initial_params.to(executor.model_device)
     protocol.setup(ctx)
     return Run(config, ctx, protocol)
+
+
+def check_pairing(config: Config, strategy: Any, protocol: Protocol) -> None:
+    """Raises ConfigError unless the strategy is of the kind the protocol drives and declares it."""
+    try:
+        kind = kind_of(strategy)
+    except TypeError as exc:
+        raise ConfigError("strategy.name", f"{config.strategy.name!r}: {exc}") from None
+    name, needed = config.protocol.name, protocol.strategy_kind
+    if kind != needed:
+        what = {"server": "a server-based strategy", "gossip": "a gossip (decentralized) strategy"}
+        raise ConfigError("strategy.name", f"{config.strategy.name!r} is {what[kind]}; protocol {name!r} needs {what[needed]}")
+    if strategy.protocols is not None and name not in strategy.protocols:
+        raise ConfigError("protocol.name", f"strategy {config.strategy.name!r} runs under protocol "
+                          f"{' or '.join(map(repr, strategy.protocols))}, not {name!r}")
 
 
 def evaluate(run: Run, state: ProtocolState, at_tick: int, wall: float) -> dict[str, Any]:
@@ -157,6 +169,7 @@ def _write_checkpoint(run: Run, out_dir: Path, state: ProtocolState, dstate: Dri
         "param_dim": ctx.task.layout.dim,
         "protocol_state": state,
         "store": ckpt.store_entry(out_dir, dstate.checkpoints, ctx.store),
+        "memory": ckpt.store_entry(out_dir, dstate.checkpoints, ctx.memory, "memory"),
         "driver": snapshot,
         "rows": json.dumps(run.rows),
         "events_bytes": events_bytes,
@@ -261,6 +274,7 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
         bar.close()
         ctx.executor.close()
         ctx.store.close()
+        ctx.memory.close()
         if metrics:
             metrics.close()
         if ctx.events is not None:
@@ -308,16 +322,16 @@ def _write_errors(out_dir: Path | None) -> Iterator[None]:
 
 
 def execute(config: Config, out_dir: Path | None, overwrite: bool = False, progress: bool | None = None,
-            protocol: Protocol | None = None) -> Run:
-    """Builds and runs `config` (with `protocol` instead of the config's, if given); with
-    `out_dir`, writes the whole run folder. Returns the Run."""
-    run = build(config, protocol)
+            clock: Clock | None = None, executor: Executor | None = None) -> Run:
+    """Builds and runs `config` (on `clock` and `executor` instead of the defaults, if given;
+    see `build`); with `out_dir`, writes the whole run folder. Returns the Run."""
+    run = build(config, clock, executor)
     created = out_dir is not None and not out_dir.exists()
     if out_dir is not None:
         prepare_run_dir(out_dir, overwrite)
         write_config(out_dir, config.resolved())
         if config.run.state_dir is None:  # spilled client state lives in the run folder
-            run.ctx.store.spill_root = out_dir
+            run.ctx.store.spill_root = run.ctx.memory.spill_root = out_dir
     with _write_errors(out_dir), _no_files_for_a_refused_config(run, out_dir, created):
         drive(run, out_dir, progress)
         if out_dir is not None:
@@ -351,7 +365,7 @@ def resume(out_dir: Path, progress: bool | None = None) -> Run:
     payload, path = ckpt.load_latest(out_dir, trusted=config.plugins)
     run = build(config)
     if config.run.state_dir is None:  # spilled client state lives in the run folder
-        run.ctx.store.spill_root = out_dir
+        run.ctx.store.spill_root = run.ctx.memory.spill_root = out_dir
     if payload.get("protocol") != config.protocol.name:
         raise FedsimError(f"{path.name} was written by protocol {payload.get('protocol')!r}, config says {config.protocol.name!r}")
     if payload.get("param_dim") != run.ctx.task.layout.dim:
@@ -359,6 +373,7 @@ def resume(out_dir: Path, progress: bool | None = None) -> Run:
             f"{path.name} holds a model of {payload.get('param_dim')} parameters; the config's model has {run.ctx.task.layout.dim}"
         )
     ckpt.restore_store(out_dir, payload["store"], run.ctx.store)
+    ckpt.restore_store(out_dir, payload.get("memory", {}), run.ctx.memory)
     run.rows = json.loads(payload["rows"])
     write_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in run.rows))
     events = out_dir / "events.jsonl"

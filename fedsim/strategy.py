@@ -1,36 +1,46 @@
-"""The strategy contract: pure functions plus explicit state.
+"""The strategy contract: two kinds of strategies, each pure functions plus explicit state.
 
 Sign convention (fixed everywhere): an FL client's update is a pseudo-gradient
 ``u = x_start − y_end`` — the model it received minus the model it ended with. A server
 applies ``x ← x − η_g · aggregate(u)``. Gossip merges work on parameters.
 
-A strategy is a `Strategy` named tuple:
+Both kinds share the client part, ``local(payload, state, batches, grad_fn, hp) ->
+ClientOutput``: pure over tensors; it gets a gradient function from the engine and never sees
+an nn.Module, so the same code runs client by client, in Ray actors, under
+``torch.func.vmap`` and on a Flower SuperNode. ``client_state(params)`` gives a client's
+initial persistent state (None: stateless); the runtime keeps it per client
+(`fedsim.state_store`) and writes it back only when the client's result is accepted.
 
-* ``local(payload, state, batches, grad_fn, hp) -> ClientOutput`` — the client part. Pure
-  over tensors; it gets a gradient function from the engine and never sees an nn.Module,
-  so the same code runs client by client, in Ray actors, and under ``torch.func.vmap``.
-* ``init(params) -> S``, ``publish(S) -> Payload``, ``combine(S, msgs, ctx) -> S``,
-  ``params(S) -> x`` — the server part, for server-based protocols (sync and async). The
-  runtime decides *when* combine runs and fills each `Msg` (weight, staleness, base).
-* ``merge(models, weights, own, layout) -> params`` — the receiver rule of decentralized
-  protocols, pure over stacks: ``models [m, d]`` are every model involved, ``weights [k, m]``
-  (dense or sparse) give receiver r's weight on each of them in row r, ``own [k]`` is the
-  index of receiver r's own model in `models`, and ``layout`` (`fedsim.params.ParamLayout`)
-  cuts a row into the model's tensors for per-tensor rules. Returns the ``[k, d]`` merged
-  models. Plain mixing is ``weights @ models``: a synchronous gossip step over all n nodes is
-  one (sparse) matmul (k = m = n, own = arange(n)); an asynchronous receiver merges its own
-  model with its buffer (k = 1, own = [0]). See `fedsim.merge`.
-* ``gossip_steps`` — Q, the gossip (merge) steps per round in synchronous decentralized protocols.
-* ``channel`` — optional `fedsim.channel.Channel`: a stateful gossip step (compressed messages,
-  CHOCO's public copies) that synchronous decentralized protocols run instead of ``merge``.
-* ``client_state(params) -> dict`` — the initial persistent per-client state (None: stateless).
+* `ServerStrategy` — a server folds clients' contributions into its own state (sync and
+  async protocols): ``init(params) -> S``, ``publish(S) -> Payload``,
+  ``combine(S, contributions, ctx) -> S``, ``params(S) -> x``. The protocol decides *when*
+  combine runs and fills each row's weight, staleness and base (`fedsim.contributions`).
+  Optionally ``receive(contributions, memory) -> (contributions, new memory)`` turns the
+  raw contributions into what combine reads before every aggregation (decoding compressed
+  messages), given the server's memory of each row's sender (rows ``[m, ...]``, as before
+  this aggregation; a sender may have several rows) and returning its new memory rows, which
+  the runtime keeps per sender in the client-state store once the rows are aggregated (the
+  last row of a sender wins); ``sender_memory(params)`` gives a sender's initial memory.
+* `GossipStrategy` — every node holds a model and merges it with its neighbours' (the
+  decentralized protocols): ``merge(models, weights, own, layout) -> params``, pure over
+  stacks: ``models [m, d]`` are every model involved, ``weights [k, m]`` (dense or sparse)
+  give receiver r's weight on each of them in row r, ``own [k]`` is the index of receiver r's
+  own model in `models`, ``layout`` cuts a row into the model's tensors. A node's ``local``
+  returns its new *parameters* in ``ClientOutput.update``. How often nodes gossip and
+  whether messages are compressed are protocol settings, not the strategy's.
+
+``protocols`` (None: every protocol of the strategy's kind) restricts a strategy to the
+protocols it was designed for (FedAsync: one arrival at a time).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Union
 
 import torch
+
+if TYPE_CHECKING:
+    from .contributions import Contributions
 
 Tensor = torch.Tensor
 ClientState = Mapping[str, Tensor]
@@ -88,20 +98,6 @@ class ClientOutput(NamedTuple):
     metrics: dict[str, Tensor]  # scalars, e.g. {"train_loss": ...}
 
 
-@dataclass(slots=True)  # built once per aggregated client: not frozen, which is ~1.5 µs cheaper
-class Msg:
-    """One contribution as a receiver sees it; the runtime fills every field."""
-
-    sender: int
-    update: Tensor
-    weight: float  # aggregation coefficient chosen by the protocol's weighting rule
-    staleness: int = 0  # server versions since the sender's model was published
-    num_samples: int = 0
-    num_steps: int = 0
-    base: Tensor | None = None  # the model the sender started from
-    extras: Mapping[str, Tensor] = field(default_factory=dict)
-
-
 @dataclass(frozen=True)
 class CombineContext:
     """Read-only facts about the aggregation the runtime is performing."""
@@ -114,26 +110,40 @@ class CombineContext:
 LocalUpdate = Callable[[Payload, ClientState, Batches, GradFn, LocalHP], ClientOutput]
 
 
-class Strategy(NamedTuple):
-    """A federated or decentralized algorithm; see the module docstring for each field."""
+Merge = Callable[[Tensor, Tensor, Tensor, Any], Tensor]  # (models, weights, own, layout) -> merged
+
+
+class ServerStrategy(NamedTuple):
+    """A server-based algorithm (sync and async protocols); see the module docstring."""
 
     local: LocalUpdate
-    init: Callable[[Tensor], Any] | None = None
-    publish: Callable[[Any], Payload] | None = None
-    combine: Callable[[Any, Sequence[Msg], CombineContext], Any] | None = None
-    params: Callable[[Any], Tensor] | None = None
+    init: Callable[[Tensor], Any]
+    publish: Callable[[Any], Payload]
+    combine: Callable[[Any, "Contributions", CombineContext], Any]
+    params: Callable[[Any], Tensor]
     client_state: Callable[[Tensor], dict[str, Tensor]] | None = None
     metrics: Callable[[Any], dict[str, float]] | None = None
-    merge: Callable[[Tensor, Tensor, Tensor, Any], Tensor] | None = None
-    gossip_steps: int = 1
-    channel: Any = None  # fedsim.channel.Channel, or None: gossip sends the dense models
+    receive: Callable[["Contributions", Mapping[str, Tensor]], "tuple[Contributions, dict[str, Tensor]]"] | None = None
+    sender_memory: Callable[[Tensor], dict[str, Tensor]] | None = None
+    protocols: tuple[str, ...] | None = None
 
-    @property
-    def server_based(self) -> bool:
-        """True when the strategy has a server part (runs under sync/async protocols)."""
-        return self.combine is not None
 
-    @property
-    def decentralized(self) -> bool:
-        """True when the strategy has a gossip merge rule (runs under gossip protocols)."""
-        return self.merge is not None
+class GossipStrategy(NamedTuple):
+    """A decentralized algorithm (the gossip protocols); see the module docstring."""
+
+    local: LocalUpdate
+    merge: Merge
+    client_state: Callable[[Tensor], dict[str, Tensor]] | None = None
+    protocols: tuple[str, ...] | None = None
+
+
+Strategy = Union[ServerStrategy, GossipStrategy]
+STRATEGY_KINDS = {"server": ServerStrategy, "gossip": GossipStrategy}
+
+
+def kind_of(strategy: Any) -> str:
+    """Returns 'server' or 'gossip' for a strategy; raises TypeError for anything else."""
+    for name, cls in STRATEGY_KINDS.items():
+        if isinstance(strategy, cls):
+            return name
+    raise TypeError(f"a strategy factory must return a ServerStrategy or a GossipStrategy, not {type(strategy).__name__}")

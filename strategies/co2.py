@@ -22,13 +22,14 @@ CO2's wall-time gain from overlapping them is not modelled, only the staleness.
 """
 from __future__ import annotations
 
-from typing import Annotated, NamedTuple, Optional, Sequence
+from typing import Annotated, NamedTuple, Optional
 
 from fedsim.blocks import weighted_sum
 from fedsim.config import Gt, Range
 from fedsim.local import plain_sgd
 from fedsim.registry import STRATEGIES
-from fedsim.strategy import CombineContext, Msg, Payload, Strategy, Tensor
+from fedsim.contributions import Contributions
+from fedsim.strategy import CombineContext, Payload, ServerStrategy, Tensor
 
 
 class CO2State(NamedTuple):
@@ -46,7 +47,7 @@ def co2(
     gap_penalty: Annotated[float, Gt(0)] = 1.0,
     clip: Annotated[Optional[float], Gt(0)] = None,
     stale: bool = True,
-) -> Strategy:
+) -> ServerStrategy:
     """CO2: local SGD whose averaging overlaps the next local phase (one outer step stale).
 
     Args:
@@ -58,10 +59,10 @@ def co2(
     """
     average = weighted_sum()
 
-    def combine(state: CO2State, msgs: Sequence[Msg], ctx: CombineContext) -> CO2State:
-        if not msgs:
+    def combine(state: CO2State, contribs: Contributions, ctx: CombineContext) -> CO2State:
+        if not len(contribs):
             return state
-        d = average(msgs)
+        d = average(contribs)
         used, in_flight = (state.in_flight, d) if stale else (d, None)
         if used is None:  # the first phase's average has not arrived yet
             return CO2State(state.anchor, state.momentum, in_flight)
@@ -70,10 +71,11 @@ def co2(
             m = m.clamp(-clip, clip)
         return CO2State(state.anchor - outer_lr * m, m, in_flight)
 
-    return Strategy(
+    return ServerStrategy(
         local=plain_sgd(),
         init=lambda x: CO2State(x, x.new_zeros(x.shape), None),
         publish=lambda s: Payload(s.anchor),
         combine=combine,
         params=lambda s: s.anchor,
+        protocols=("sync",),  # the all-reduce of synchronous workers; no asynchronous form is defined
     )

@@ -3,33 +3,27 @@
 Wraps an inner strategy: each client runs the inner local update, then sends its update u_i
 through a compressor C (fedsim/compressors.py) under a feedback rule (fedsim/feedback.py:
 none, EF, EF21 — Richtárik et al. 2021 —, EControl — Gao, Islamov, Stich, arXiv
-2311.05645). The server decodes every message before the inner combine sees it; for EF21
-and EControl it keeps each client's estimate h_i (what the client's h_i is known to be) and
-hands the inner strategy h_i + Δ_i. With full participation and FedAvg this is exactly
-EF21/EControl's server: x ← x − η_g Σ_i w_i h_i. Only the update is compressed (inner
-extras travel dense); `bytes_up` counts the encoded size.
-Memory: the server's estimates cost one vector per client that has reported (EF21, EControl).
+2311.05645). The server decodes every message before the inner combine sees it (``receive``);
+for EF21 and EControl it keeps each client's estimate h_i (what the client's h_i is known to
+be) as per-sender memory in the client-state store and hands the inner strategy h_i + Δ_i.
+With full participation and FedAvg this is exactly EF21/EControl's server:
+x ← x − η_g Σ_i w_i h_i. Only the update is compressed (inner extras travel dense);
+`bytes_up` counts the encoded size.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Annotated, Any, Literal, NamedTuple, Sequence
+from typing import Annotated, Any, Literal, Mapping
 
 import torch
 
 from fedsim import feedback as fb
 from fedsim.compressors import COMPRESSORS, job_key
 from fedsim.config import ComponentSpec, Ge
-from fedsim.errors import DivergenceError
+from fedsim.contributions import Contributions
 from fedsim.registry import STRATEGIES
-from fedsim.strategy import Batches, ClientOutput, ClientState, CombineContext, GradFn, LocalHP, Msg, Payload, Strategy, Tensor
+from fedsim.strategy import Batches, ClientOutput, ClientState, GradFn, LocalHP, Payload, ServerStrategy, Tensor
 
-
-class CompressedState(NamedTuple):
-    """Server state: the inner strategy's state and the per-client estimates h_i."""
-
-    inner: Any
-    estimates: dict[int, Tensor]
+ESTIMATE = "h"  # the server's copy of a client's EF21/EControl estimate, in its per-sender memory
 
 
 @STRATEGIES.register("compressed")
@@ -38,7 +32,7 @@ def compressed(
     compressor: Any = "topk",
     feedback: Literal["none", "ef", "ef21", "econtrol"] = "none",
     eta: Annotated[float, Ge(0)] = 0.1,
-) -> Strategy:
+) -> ServerStrategy:
     """Any server-based strategy with a compressed client→server update.
 
     Args:
@@ -49,11 +43,13 @@ def compressed(
         feedback: Error feedback: 'none', 'ef' (error memory), 'ef21', 'econtrol'.
         eta: EControl's feedback strength η (η = 0 gives EF21; ignored by other rules).
     """
-    base: Strategy = ComponentSpec(STRATEGIES, default="fedavg").resolve("strategy.inner", inner).build()
+    base = ComponentSpec(STRATEGIES, default="fedavg").resolve("strategy.inner", inner).build()
     comp = ComponentSpec(COMPRESSORS).resolve("strategy.compressor", compressor).build()
-    if not base.server_based:
+    if not isinstance(base, ServerStrategy):
         raise ValueError(f"inner strategy {inner!r} has no server part; compressed wraps server-based strategies")
-    rule, keys = feedback, fb.STATE_KEYS[feedback]
+    if base.receive is not None:
+        raise ValueError(f"inner strategy {inner!r} already decodes its contributions; it cannot be compressed again")
+    rule, keys, tracked = feedback, fb.STATE_KEYS[feedback], fb.tracks_estimate(feedback)
 
     def local(payload: Payload, state: ClientState, batches: Batches, grad_fn: GradFn, hp: LocalHP) -> ClientOutput:
         own = {k: v for k, v in state.items() if k not in keys}
@@ -65,24 +61,21 @@ def compressed(
         own = base.client_state(params) if base.client_state is not None else {}
         return {**own, **fb.initial_state(rule, params)}
 
-    def combine(state: CompressedState, msgs: Sequence[Msg], ctx: CombineContext) -> CompressedState:
-        estimates, dense = dict(state.estimates), []
-        for m in msgs:
-            vector = fb.receive(rule, m.update, estimates.get(m.sender))
-            if not bool(torch.isfinite(vector).all()):  # the protocol's check sees only encoded messages
-                raise DivergenceError(f"client {m.sender}'s decoded update has NaN/inf at server version "
-                                      f"{ctx.version}; lower local.lr, the server learning rate or eta")
-            if fb.tracks_estimate(rule):
-                estimates[m.sender] = vector
-            dense.append(dataclasses.replace(m, update=vector))
-        return CompressedState(base.combine(state.inner, dense, ctx), estimates)
+    def receive(contribs: Contributions, memory: Mapping[str, Tensor]) -> tuple[Contributions, dict[str, Tensor]]:
+        """Decodes each message (for EF21/EControl: the sender's estimate h_i + Δ_i, which is
+        also the server's new copy of h_i; a sender with several messages in one aggregation
+        builds each on the one before)."""
+        known, latest, vectors = memory.get(ESTIMATE), {}, []
+        for i, (sender, msg) in enumerate(zip(contribs.senders.tolist(), contribs.updates)):
+            vector = fb.receive(rule, msg, latest.get(sender, known[i]) if tracked else None)
+            latest[sender] = vector
+            vectors.append(vector)
+        stacked = torch.stack(vectors)
+        return contribs.replace(updates=stacked), ({ESTIMATE: stacked} if tracked else {})
 
-    return Strategy(
+    return base._replace(
         local=local,
-        init=lambda params: CompressedState(base.init(params), {}),  # type: ignore[misc]
-        publish=lambda s: base.publish(s.inner),  # type: ignore[misc]
-        combine=combine,
-        params=lambda s: base.params(s.inner),  # type: ignore[misc]
         client_state=client_state if (keys or base.client_state is not None) else None,
-        metrics=(lambda s: base.metrics(s.inner)) if base.metrics is not None else None,  # type: ignore[misc]
+        receive=receive,
+        sender_memory=(lambda params: {ESTIMATE: torch.zeros_like(params)}) if tracked else None,
     )

@@ -10,29 +10,24 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fedsim.config import Ge, Range
+from fedsim.config import Range
 from fedsim.decentralized import decentralized, train_params
 from fedsim.registry import STRATEGIES
-from fedsim.strategy import Strategy
+from fedsim.strategy import GossipStrategy
 
 
 @STRATEGIES.register("dfedavg")
-def dfedavg(gossip_steps: Annotated[int, Ge(1)] = 1) -> Strategy:
-    """Decentralized FedAvg: local SGD (``local.*``), then gossip with the topology's mixing matrix.
-
-    Args:
-        gossip_steps: Gossip steps Q per round (the paper: 1; Q > 1 is multiple gossip steps).
-    """
-    return decentralized(train_params(), gossip_steps=gossip_steps)
+def dfedavg() -> GossipStrategy:
+    """Decentralized FedAvg: local SGD (``local.*``), then gossip with the topology's mixing matrix
+    (``protocol.gossip_steps`` times per round: the paper's 1, or more for multiple gossip steps)."""
+    return decentralized(train_params())
 
 
 @STRATEGIES.register("dfedavgm")
-def dfedavgm(momentum: Annotated[float, Range(0.0, 1.0, open_hi=True)] = 0.9,
-             gossip_steps: Annotated[int, Ge(1)] = 1) -> Strategy:
+def dfedavgm(momentum: Annotated[float, Range(0.0, 1.0, open_hi=True)] = 0.9) -> GossipStrategy:
     """DFedAvg with local heavy-ball momentum θ (overrides ``local.momentum``).
 
     Args:
         momentum: θ, the local momentum; the buffer restarts at zero every round.
-        gossip_steps: Gossip steps Q per round.
     """
-    return decentralized(train_params(momentum=momentum), gossip_steps=gossip_steps)
+    return decentralized(train_params(momentum=momentum))

@@ -12,14 +12,15 @@ Formulas checked against Plato's and FedLab's FedAsync servers (the paper's own 
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Sequence
+from typing import Annotated, Any
 
 from fedsim.blocks import ServerState, fl_server
 from fedsim.config import Ge, Range
 from fedsim.local import gradient, local_lr, sgd_steps
 from fedsim.registry import STRATEGIES
 from fedsim.staleness import from_config
-from fedsim.strategy import Batches, ClientOutput, ClientState, CombineContext, GradFn, LocalHP, Msg, Payload, Strategy
+from fedsim.contributions import Contributions
+from fedsim.strategy import Batches, ClientOutput, ClientState, CombineContext, GradFn, LocalHP, Payload, ServerStrategy
 
 
 @STRATEGIES.register("fedasync")
@@ -27,7 +28,7 @@ def fedasync(
     alpha: Annotated[float, Range(0.0, 1.0, open_lo=True)] = 0.6,
     staleness: Any = "constant",
     rho: Annotated[float, Ge(0)] = 0.0,
-) -> Strategy:
+) -> ServerStrategy:
     """Asynchronous mixing of client models into the global model.
 
     Args:
@@ -47,9 +48,9 @@ def fedasync(
         y, loss = sgd_steps(x0, batches, grad_fn, hp, proximal if rho else gradient, lr=local_lr(payload, hp))
         return ClientOutput(x0 - y, {}, {}, {"train_loss": loss})
 
-    def combine(state: ServerState, msgs: Sequence[Msg], ctx: CombineContext) -> ServerState:
+    def combine(state: ServerState, contribs: Contributions, ctx: CombineContext) -> ServerState:
         x = state.params
-        mix = sum(m.weight * alpha * s(m.staleness) * ((m.base - m.update) - x) for m in msgs)  # y_i = x_τ − u_i
-        return ServerState(x + mix, state.opt) if msgs else state
+        mix = sum(c.weight * alpha * s(c.staleness) * ((c.base - c.update) - x) for c in contribs.rows())  # y_i = x_τ − u_i
+        return ServerState(x + mix, state.opt) if len(contribs) else state
 
     return fl_server(local)._replace(combine=combine)

@@ -10,7 +10,7 @@ that take more steps.
 """
 from __future__ import annotations
 
-from typing import Annotated, Sequence
+from typing import Annotated
 
 import torch
 
@@ -19,7 +19,8 @@ from fedsim.blocks import fl_server, sgd
 from fedsim.config import Gt
 from fedsim.local import local_lr, sgd_steps
 from fedsim.registry import STRATEGIES
-from fedsim.strategy import Batches, ClientOutput, ClientState, GradFn, LocalHP, Msg, Payload, Strategy, Tensor
+from fedsim.contributions import Contributions
+from fedsim.strategy import Batches, ClientOutput, ClientState, GradFn, LocalHP, Payload, ServerStrategy, Tensor
 
 
 def step_weight_norm(steps: int, momentum: float) -> float:
@@ -37,15 +38,16 @@ def nova_local(payload: Payload, state: ClientState, batches: Batches, grad_fn: 
     return ClientOutput(payload.params - y, {}, {"a_norm": a}, {"train_loss": loss})
 
 
-def normalized_average(msgs: Sequence[Msg]) -> Tensor:
+def normalized_average(c: Contributions) -> Tensor:
     """Returns τ_eff Σ_i w_i u_i / ‖a_i‖₁ with τ_eff = Σ_i w_i ‖a_i‖₁ (weights as the protocol set them)."""
-    a = [max(float(m.extras["a_norm"]), 1e-12) for m in msgs]
-    tau_eff = sum(m.weight * ai for m, ai in zip(msgs, a))
-    return tau_eff * vec.weighted_sum([m.update for m in msgs], [m.weight / ai for m, ai in zip(msgs, a)])
+    a = [max(ai, 1e-12) for ai in c.extras["a_norm"].tolist()]
+    w = c.weights.tolist()
+    tau_eff = sum(wi * ai for wi, ai in zip(w, a))
+    return tau_eff * vec.weighted_sum(c.updates, [wi / ai for wi, ai in zip(w, a)])
 
 
 @STRATEGIES.register("fednova")
-def fednova(server_lr: Annotated[float, Gt(0)] = 1.0) -> Strategy:
+def fednova(server_lr: Annotated[float, Gt(0)] = 1.0) -> ServerStrategy:
     """Normalised averaging: each client's update is divided by its number of local steps.
 
     Args:

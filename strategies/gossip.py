@@ -14,11 +14,11 @@ from __future__ import annotations
 from fedsim.decentralized import decentralized, train_params
 from fedsim.merge import mix, variance_corrected
 from fedsim.registry import STRATEGIES
-from fedsim.strategy import Strategy
+from fedsim.strategy import GossipStrategy
 
 
 @STRATEGIES.register("gossip")
-def gossip(variance_correction: bool = False) -> Strategy:
+def gossip(variance_correction: bool = False) -> GossipStrategy:
     """Gossip learning: local SGD, then merge the received models (plain or VCA).
 
     Args:

@@ -8,7 +8,7 @@
   k and its job uploads ``extras`` {count: k, version: the version it was sent}; the
   server's model counts applications per slot i·M + k — an update applied twice leaves a
   2, a state not kept leaves a 2 as well. ``combine`` checks version + staleness = the
-  server version, and that ``Msg.base`` is the model the client was sent.
+  server version, and that each row's base is the model the client was sent.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from fedsim import vec
 from fedsim.blocks import fl_server
 from fedsim.local import sgd_steps
 from fedsim.registry import STRATEGIES
-from fedsim.strategy import ClientOutput, Payload, Strategy
+from fedsim.strategy import ClientOutput, Payload, ServerStrategy
 
 
 class ScaffoldState(NamedTuple):
@@ -29,7 +29,7 @@ class ScaffoldState(NamedTuple):
 
 
 @STRATEGIES.register("scaffold_probe")
-def scaffold_probe(server_lr: float = 1.0) -> Strategy:
+def scaffold_probe(server_lr: float = 1.0) -> ServerStrategy:
     """SCAFFOLD option II (test copy, see the module docstring).
 
     Args:
@@ -47,14 +47,14 @@ def scaffold_probe(server_lr: float = 1.0) -> Strategy:
         ci_new = ci - c + (payload.params - y) / (batches.num_steps * hp.lr)
         return ClientOutput(payload.params - y, {"c": ci_new}, {"dc": ci_new - ci}, {"train_loss": loss})
 
-    def combine(s, msgs, ctx):
-        if not msgs:
+    def combine(s, got, ctx):
+        if not len(got):
             return s
-        u = vec.weighted_sum([m.update for m in msgs], [m.weight for m in msgs])
-        dc = vec.weighted_sum([m.extras["dc"] for m in msgs], [1.0 / ctx.num_clients] * len(msgs))
+        u = vec.weighted_sum(got.updates, got.weights.tolist())
+        dc = vec.weighted_sum(got.extras["dc"], [1.0 / ctx.num_clients] * len(got))
         return ScaffoldState(s.x - server_lr * u, s.c + dc)
 
-    return Strategy(
+    return ServerStrategy(
         local=local,
         init=lambda x: ScaffoldState(x, torch.zeros_like(x)),
         publish=lambda s: Payload(s.x, {"c": s.c}),
@@ -67,11 +67,11 @@ def scaffold_probe(server_lr: float = 1.0) -> Strategy:
 class ProbeState(NamedTuple):
     counts: torch.Tensor
     version: int
-    published: torch.Tensor  # the model of each version, to check Msg.base: row v = version v
+    published: torch.Tensor  # the model of each version, to check the rows' bases: row v = version v
 
 
 @STRATEGIES.register("probe")
-def probe(slots: int = 16) -> Strategy:
+def probe(slots: int = 16) -> ServerStrategy:
     """Counts applied updates per (client, job) slot (see the module docstring).
 
     Args:
@@ -83,20 +83,20 @@ def probe(slots: int = 16) -> Strategy:
         extras = {"count": k.clone(), "version": payload.extras["version"]}
         return ClientOutput(torch.zeros_like(payload.params), {"count": k + 1}, extras, {"train_loss": torch.tensor(0.0)})
 
-    def combine(s, msgs, ctx):
+    def combine(s, got, ctx):
         if s.version != ctx.version:
             raise AssertionError(f"combine at server version {ctx.version}, strategy saw {s.version}")
         counts = s.counts.clone()
-        for m in msgs:
+        for m in got.rows():
             sent = int(m.extras["version"])
             if sent + m.staleness != ctx.version:
                 raise AssertionError(f"client {m.sender}: sent version {sent} + staleness {m.staleness} != {ctx.version}")
             if not torch.equal(m.base, s.published[sent]):
-                raise AssertionError(f"client {m.sender}: Msg.base is not the model of version {sent}")
+                raise AssertionError(f"client {m.sender}: its base is not the model of version {sent}")
             counts[m.sender * slots + int(m.extras["count"])] += 1
         return ProbeState(counts, s.version + 1, torch.cat([s.published, counts[None]]))
 
-    return Strategy(
+    return ServerStrategy(
         local=local,
         init=lambda x: ProbeState(torch.zeros_like(x), 0, torch.zeros_like(x)[None]),
         publish=lambda s: Payload(s.counts, {"version": torch.tensor(s.version)}),
@@ -107,7 +107,7 @@ def probe(slots: int = 16) -> Strategy:
 
 
 @STRATEGIES.register("fails_on_client")
-def fails_on_client() -> Strategy:
+def fails_on_client() -> ServerStrategy:
     """A server part that averages, and a client part that raises (to test error reporting)."""
 
     def local(payload, state, batches, grad_fn, hp):

@@ -6,7 +6,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fedsim.strategy import Batch, Batches, CombineContext, LocalHP, Msg
+from fedsim.contributions import contributions
+from fedsim.strategy import Batch, Batches, CombineContext, LocalHP
 
 
 def quad_grad(a: float, b) -> object:
@@ -33,16 +34,28 @@ def quadratic(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np
 
 
 def one_round(s, state, clients: Sequence[tuple], weights: Sequence[float], hp: LocalHP = LocalHP(lr=0.1),
-              client_states: list | None = None, round_: int = 0):
-    """Runs every (grad_fn, K) client from the published model, then combines; returns the new
-    server state (client states, when given, are read and replaced in place)."""
+              client_states: list | None = None, round_: int = 0, memory: dict | None = None):
+    """Runs every (grad_fn, K) client from the published model, then the strategy's `receive`
+    step (with the senders' memory: `memory`, client -> its entry, updated in place) and
+    combine, as a protocol does; returns the new server state (client states, when given, are
+    read and replaced in place)."""
     payload = s.publish(state)
-    msgs = []
+    ups, extras, ks = [], [], []
     for i, ((grad, k), w) in enumerate(zip(clients, weights)):
         torch.default_generator.manual_seed(1000 * round_ + i)  # as the executor seeds each job
         own = client_states[i] if client_states is not None else {}
         out = s.local(payload, own, steps(k), grad, hp)
         if client_states is not None:
             client_states[i] = out.state
-        msgs.append(Msg(i, out.update, w, num_steps=k, extras=out.extras))
+        ups.append(out.update)
+        extras.append(out.extras)
+        ks.append(k)
+    msgs = contributions(ups, weights, num_steps=ks, extras={k: [e[k] for e in extras] for k in extras[0]})
+    if getattr(s, "receive", None) is not None:
+        memory = {} if memory is None else memory
+        rows = [memory.get(i) or s.sender_memory(payload.params) for i in range(len(ups))] if s.sender_memory else []
+        msgs, new = s.receive(msgs, {k: torch.stack([r[k] for r in rows]) for k in rows[0]} if rows else {})
+        for k, v in new.items():
+            for i in range(len(ups)):
+                memory.setdefault(i, {})[k] = v[i]
     return s.combine(state, msgs, CombineContext(len(clients), round_, 0.0))

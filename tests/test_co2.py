@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedsim.strategy import CombineContext, LocalHP, Msg
+from fedsim.contributions import contributions
+from fedsim.strategy import CombineContext, LocalHP
 from strategies.co2 import co2
 
 from .conftest import quadratic_config, run_config
@@ -35,7 +36,7 @@ def test_one_step_stale_recursion_by_hand():
     ds = [torch.tensor(v, dtype=torch.float64) for v in ([1.0, -2.0], [0.5, 0.5], [-1.0, 4.0])]
     xs = []
     for d in ds:
-        state = s.combine(state, [Msg(0, d, 1.0)], CTX)
+        state = s.combine(state, contributions([d], [1.0]), CTX)
         xs.append(s.params(state).clone())
     m1 = ds[0] / lam
     m2 = beta * m1 + ds[1] / lam
@@ -50,7 +51,7 @@ def test_outer_momentum_is_clipped_elementwise():
     s = co2(outer_lr=1.0, outer_momentum=0.9, clip=0.3, stale=False)
     state = s.init(torch.zeros(3, dtype=torch.float64))
     for _ in range(5):
-        state = s.combine(state, [Msg(0, torch.tensor([1.0, -0.02, -5.0], dtype=torch.float64), 1.0)], CTX)
+        state = s.combine(state, contributions([torch.tensor([1.0, -0.02, -5.0], dtype=torch.float64)], [1.0]), CTX)
     assert state.momentum.tolist() == pytest.approx([0.3, -0.02 * (1 - 0.9**5) / (1 - 0.9), -0.3])
     assert s.params(state).tolist()[0] == pytest.approx(-1.5)  # five steps of exactly φ
 

@@ -11,7 +11,8 @@ from fedsim.checkpoint import list_checkpoints
 from fedsim.cli import main
 from fedsim.errors import ConfigError, DivergenceError
 from fedsim.outputs import read_jsonl
-from strategies.compressed_gossip import compressed_gossip
+from fedsim.channel import build_channel
+from fedsim.merge import mix
 from topologies.mixing import as_tensor, metropolis_hastings
 
 from .conftest import merge, quadratic_config, run_config
@@ -32,18 +33,18 @@ def _one_thread():
 def iterate(strategy, steps: int, lr=lambda t: 0.0):
     """Runs `steps` iterations of x ← channel(x − η_t ∇F(x)) from x_i = b_i (η = 0: gossip only);
     returns the node stack and the mean's drift from its start at every step."""
-    x, ch = B.clone(), strategy.channel
+    x, ch = B.clone(), strategy
     state, senders, drift = ch.init(x), np.ones(N, dtype=bool), []
     start = x.mean(0)
     for t in range(steps):
         x = x - lr(t) * A * (x - B)  # full-batch gradient of ½ a_i ‖x − b_i‖²
-        x, state, _ = ch.step(x, W, state, senders, t, None)
+        x, state, _ = ch.step(x, W, state, senders, t, None, mix)
         drift.append(float((x.mean(0) - start).norm()))
     return x, np.array(drift)
 
 
 def gossip(feedback: str, gamma: float, comp=TOP10):
-    return compressed_gossip(inner="dfedavg", compressor=comp, feedback=feedback, gamma=gamma)
+    return build_channel("protocol.compression", {"compressor": comp, "feedback": feedback, "gamma": gamma})
 
 
 def test_choco_gossip_reaches_the_exact_average_while_naive_topk_does_not():
@@ -70,12 +71,12 @@ def test_choco_needs_a_contractive_compressor():
 
 
 def test_a_diverging_gossip_step_says_what_to_change():
-    ch = gossip("ef21", 0.3).channel
+    ch = gossip("ef21", 0.3)
     x = 1.7e308 * (-1.0) ** torch.arange(N, dtype=torch.float64)[:, None] * torch.ones(N, D, dtype=torch.float64)
-    with pytest.raises(DivergenceError, match="lower strategy.gamma"):  # neighbours' differences overflow
-        ch.step(x, W, ch.init(x), np.ones(N, dtype=bool), 0, None)
+    with pytest.raises(DivergenceError, match="lower protocol.compression.gamma"):  # neighbours' differences overflow
+        ch.step(x, W, ch.init(x), np.ones(N, dtype=bool), 0, None, mix)
     x[3, 0] = float("inf")  # NaN/inf from local training: the protocol reports it (local.lr), not the channel
-    assert not bool(torch.isfinite(ch.step(x, W, ch.init(x), np.ones(N, dtype=bool), 0, None)[0]).all())
+    assert not bool(torch.isfinite(ch.step(x, W, ch.init(x), np.ones(N, dtype=bool), 0, None, mix)[0]).all())
 
 
 def test_choco_sgd_reaches_the_fixed_point_of_uncompressed_dsgd():
@@ -105,8 +106,9 @@ def test_choco_sgd_with_decreasing_steps_approaches_the_optimum_as_fast_as_dsgd(
     assert naive > 3.0, naive
 
 
-def ring_config(strategy, **sections):
-    cfg = quadratic_config(data={"num_clients": N, "dim": D}, strategy=strategy, protocol={"name": "decentralized"},
+def ring_config(compression=None, strategy="dfedavg", gossip_steps=1, **sections):
+    protocol = {"name": "decentralized", "gossip_steps": gossip_steps, "compression": compression}
+    cfg = quadratic_config(data={"num_clients": N, "dim": D}, strategy=strategy, protocol=protocol,
                            topology={"name": "ring"}, local={"steps": 1}, run={"rounds": 4, "eval_every": 2})
     return merge(cfg, sections)
 
@@ -115,21 +117,21 @@ def test_bytes_and_round_time_count_the_encoded_messages():
     # Top-2 of d = 20 float64: 2·(⌈log₂ 20⌉ + 64) = 138 bits → 18 bytes per message. Ring of 8,
     # Q = 2 steps: 8 nodes × 2 neighbours × 2 steps × 18 = 576 bytes up (and down) per round.
     link = {"name": "constant", "bandwidth_down": 1e3, "bandwidth_up": 500.0, "latency": 0.05}
-    strat = {"name": "compressed_gossip", "inner": {"name": "dfedavg", "gossip_steps": 2}, "compressor": TOP10,
-             "gamma": 0.2}
-    run = run_config(ring_config(strat, system={"compute": {"name": "constant", "step_time": 0.01}, "link": link}))
+    comp = {"compressor": TOP10, "gamma": 0.2}
+    run = run_config(ring_config(comp, gossip_steps=2,
+                                 system={"compute": {"name": "constant", "step_time": 0.01}, "link": link}))
     assert [r["bytes_up"] for r in run.rows] == [0, 2 * 576, 4 * 576]
     assert run.rows[-1]["bytes_down"] == 4 * 576
     per_node = 2 * 2 * 18  # each node sends (and receives) 2 messages per step
     round_time = 0.01 + 2 * 0.05 + per_node / 1e3 + per_node / 500.0
     assert run.rows[-1]["virtual_time"] == pytest.approx(4 * round_time, abs=1e-8)
-    qsgd = run_config(ring_config({**strat, "compressor": {"name": "qsgd", "bits": 4, "bucket": 8}}))
+    qsgd = run_config(ring_config({**comp, "compressor": {"name": "qsgd", "bits": 4, "bucket": 8}}, gossip_steps=2))
     # QSGD 4-bit, buckets of 8: 80 bits → 10 bytes + 3 float64 norms = 34 bytes per message
     assert qsgd.rows[-1]["bytes_up"] == 4 * 8 * 2 * 2 * 34
 
 
 def test_offline_nodes_send_nothing_and_keep_their_public_copy():
-    cfg = ring_config({"name": "compressed_gossip", "compressor": TOP10, "gamma": 0.2},
+    cfg = ring_config({"compressor": TOP10, "gamma": 0.2},
                       system={"dropout": {"name": "bernoulli", "p": 0.4}}, run={"rounds": 1, "eval_every": 1})
     run = run_config(cfg)
     lost, _ = run.ctx.population.drops(np.arange(N), np.arange(N))  # round 0: job ids 0..7
@@ -142,20 +144,18 @@ def test_offline_nodes_send_nothing_and_keep_their_public_copy():
         assert bool(x_hat[i].any()) == (i in senders)  # x̂⁰ = 0 changes only where a message went out
 
 
-@pytest.mark.parametrize("inner", ["dfedavg", {"name": "dfedsam_mgs", "gossip_steps": 2},
-                                   {"name": "gossip", "variance_correction": True}])
-def test_identity_compressor_with_gamma_one_is_the_inner_gossip(inner):
-    plain = run_config(ring_config(inner))
-    wrapped = run_config(ring_config({"name": "compressed_gossip", "inner": inner, "compressor": "identity",
-                                      "gamma": 1.0}))
+@pytest.mark.parametrize("inner,q", [("dfedavg", 1), ("dfedsam", 2), ({"name": "gossip", "variance_correction": True}, 1)])
+def test_identity_compressor_with_gamma_one_is_the_inner_gossip(inner, q):
+    plain = run_config(ring_config(None, inner, q))
+    wrapped = run_config(ring_config({"compressor": "identity", "gamma": 1.0}, inner, q))
     assert torch.allclose(plain.final_state.models, wrapped.final_state.models, atol=1e-12, rtol=0)
     assert plain.rows[-1]["bytes_up"] == wrapped.rows[-1]["bytes_up"]
     assert plain.rows[-1]["bytes_down"] == wrapped.rows[-1]["bytes_down"]
 
 
 def test_resume_restores_the_public_copies(tmp_path):
-    strat = {"name": "compressed_gossip", "compressor": {"name": "qsgd", "bits": 2, "bucket": 4}, "gamma": 0.2}
-    cfg = ring_config(strat, run={"rounds": 6, "eval_every": 1, "checkpoint_every": 1, "keep_checkpoints": 4})
+    comp = {"compressor": {"name": "qsgd", "bits": 2, "bucket": 4}, "gamma": 0.2}
+    cfg = ring_config(comp, run={"rounds": 6, "eval_every": 1, "checkpoint_every": 1, "keep_checkpoints": 4})
     run_config(cfg, tmp_path / "ref")
     out = tmp_path / "run"
     run_config(cfg, out)
@@ -168,12 +168,11 @@ def test_resume_restores_the_public_copies(tmp_path):
 
 
 @pytest.mark.parametrize("cfg, path, match", [
-    (ring_config({"name": "compressed_gossip", "compressor": TOP10}), "strategy.gamma", "gamma"),
-    (ring_config({"name": "compressed_gossip", "inner": "fedavg", "gamma": 0.5}), "strategy", "decentralized"),
-    (ring_config({"name": "compressed_gossip", "gamma": 0.5}, topology={"name": "random_matching"}),
-     "topology.name", "static graph"),
-    (ring_config({"name": "compressed_gossip", "gamma": 0.5}, protocol={"name": "async_gossip", "init": "shared"}),
-     "protocol.name", "decentralized"),
+    (ring_config({"compressor": TOP10}), "protocol.compression.gamma", "gamma"),
+    (ring_config({"compressor": TOP10, "gamma": 1.5}), "protocol.compression.gamma", "1"),
+    (ring_config({"compressor": "nope", "gamma": 0.5}), "protocol.compression.compressor.name", "topk"),
+    (ring_config({"compressor": TOP10, "gamma": 0.5, "feedbak": "ef"}), "protocol.compression.feedbak", "feedback"),
+    (ring_config({"gamma": 0.5}, topology={"name": "random_matching"}), "topology.name", "static graph"),
 ])
 def test_bad_compressed_gossip_configs_name_the_key(cfg, path, match):
     with pytest.raises(ConfigError, match=match) as info:
@@ -182,8 +181,7 @@ def test_bad_compressed_gossip_configs_name_the_key(cfg, path, match):
 
 
 def test_naive_rules_run_on_time_varying_graphs():
-    strat = {"name": "compressed_gossip", "compressor": TOP10, "feedback": "ef", "gamma": 0.2}
-    run = run_config(ring_config(strat, topology={"name": "random_matching"}))
+    run = run_config(ring_config({"compressor": TOP10, "feedback": "ef", "gamma": 0.2}, topology={"name": "random_matching"}))
     assert run.final_state.channel["feedback.e"].abs().sum() > 0  # DeepSqueeze's error memory is in use
 
 
@@ -193,7 +191,7 @@ def test_naive_rules_run_on_time_varying_graphs():
 def test_cuda_node_stack_on_the_gpu_equals_serial(comp):
     from .test_decentralized import dec_config
 
-    cfg = dec_config(strategy={"name": "compressed_gossip", "compressor": comp, "gamma": 0.1})
+    cfg = dec_config(protocol={"compression": {"compressor": comp, "gamma": 0.1}})
     cpu = run_config(cfg)
     gpu = run_config({**cfg, "executor": {"kind": "vmap", "device": "cuda", "keep_on_device": True}})
     assert gpu.final_state.channel["feedback.h"].device.type == "cuda"

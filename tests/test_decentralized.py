@@ -65,7 +65,7 @@ def test_complete_graph_with_uniform_weights_is_a_fedavg_round():
 
 def test_many_gossip_steps_on_a_ring_act_like_the_complete_graph():
     # W_ring^Q → 11ᵀ/n: λ^Q = 0.805^300 ≈ 1e-28, so DFedAvg-MGS on the ring runs the complete graph's iterates
-    ring = run_config(quad_dec_config(strategy={"gossip_steps": 300}, topology={"name": "ring"}))
+    ring = run_config(quad_dec_config(protocol={"gossip_steps": 300}, topology={"name": "ring"}))
     full = run_config(quad_dec_config(topology={"name": "complete", "mixing": "uniform"}))
     assert torch.allclose(ring.final_state.models, full.final_state.models, atol=1e-10, rtol=0)
     one = run_config(quad_dec_config(topology={"name": "ring"}))
@@ -121,15 +121,19 @@ def test_init_modes():
 
 
 def test_strategy_and_protocol_must_match():
-    with pytest.raises(ConfigError, match=r"strategy\.name: 'dfedsam' is a decentralized strategy"):
+    with pytest.raises(ConfigError, match=r"strategy\.name: 'dfedsam' is a gossip \(decentralized\) strategy; "
+                                          r"protocol 'sync' needs a server-based strategy"):
         run_config(dec_config(strategy={"name": "dfedsam"}, protocol={"name": "sync"}))
-    with pytest.raises(ConfigError, match=r"strategy\.name: 'fedavg' has no gossip merge rule"):
+    with pytest.raises(ConfigError, match=r"strategy\.name: 'fedavg' is a server-based strategy; protocol "
+                                          r"'decentralized' needs a gossip"):
         run_config(dec_config(strategy={"name": "fedavg"}))
+    with pytest.raises(ConfigError, match=r"protocol\.name: strategy 'co2' runs under protocol 'sync', not 'async'"):
+        run_config(merge(dec_config(strategy={"name": "co2"}, protocol={"name": "async"}), {"topology": None}))
 
 
 def test_bytes_and_round_time():
     # ring of 8, Q = 2: each node sends and receives 2 models per gossip step
-    cfg = dec_config(strategy={"gossip_steps": 2}, run={"rounds": 2, "eval_every": 1},
+    cfg = dec_config(protocol={"gossip_steps": 2}, run={"rounds": 2, "eval_every": 1},
                      system={"compute": {"name": "constant", "step_time": 0.01},
                              "link": {"name": "constant", "bandwidth_down": 1e6, "bandwidth_up": 2.5e5, "latency": 0.05}})
     run = run_config(cfg)

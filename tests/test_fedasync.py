@@ -10,7 +10,8 @@ import torch
 
 from fedsim.config import load_config
 from fedsim.runner import build
-from fedsim.strategy import CombineContext, LocalHP, Msg
+from fedsim.contributions import contributions
+from fedsim.strategy import CombineContext, LocalHP
 from strategies.fedasync import fedasync
 
 from .conftest import quadratic_config, run_config
@@ -22,12 +23,12 @@ def test_mixing_golden_numbers():
     # x = 0; the client started from x_τ = 1 and uploads u = 0.4, so y = 0.6
     s = fedasync(alpha=0.5, staleness={"name": "polynomial", "a": 0.5})
     state = s.init(torch.zeros(1, dtype=torch.float64))
-    msg = Msg(0, torch.tensor([0.4], dtype=torch.float64), 1.0, staleness=3, base=torch.ones(1, dtype=torch.float64))
-    new = s.combine(state, [msg], CombineContext(1, 7, 0.0))
+    msg = contributions([torch.tensor([0.4], dtype=torch.float64)], [1.0], staleness=[3], bases=torch.ones(1, dtype=torch.float64))
+    new = s.combine(state, msg, CombineContext(1, 7, 0.0))
     # α_t = 0.5 · (1 + 3)^−½ = 0.25: x = 0.75·0 + 0.25·0.6
     assert s.params(new).item() == pytest.approx(0.15)
     assert s.params(state).item() == 0.0
-    assert s.combine(state, [], CombineContext(1, 7, 0.0)) is state
+    assert s.combine(state, msg.take([]), CombineContext(1, 7, 0.0)) is state
 
 
 def test_hinge_staleness_keeps_alpha_up_to_b():
@@ -35,7 +36,7 @@ def test_hinge_staleness_keeps_alpha_up_to_b():
     state = s.init(torch.zeros(1, dtype=torch.float64))
     base = torch.ones(1, dtype=torch.float64)
     zero = torch.zeros(1, dtype=torch.float64)
-    mixed = [s.params(s.combine(state, [Msg(0, zero, 1.0, staleness=k, base=base)], CombineContext(1, 0, 0.0))).item()
+    mixed = [s.params(s.combine(state, contributions([zero], [1.0], staleness=[k], bases=base), CombineContext(1, 0, 0.0))).item()
              for k in (0, 1, 2, 3)]
     # s = 1, 1, 1/(2·1 + 1), 1/(2·2 + 1)
     assert mixed == pytest.approx([0.8, 0.8, 0.8 / 3, 0.8 / 5])

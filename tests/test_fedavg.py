@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fedsim.protocols.weighting import aggregation_weights
-from fedsim.strategy import Batch, Batches, CombineContext, LocalHP, Msg
+from fedsim.contributions import contributions
+from fedsim.strategy import Batch, Batches, CombineContext, LocalHP
 from strategies.fedavg import fedavg
 
 from .conftest import quadratic_config, run_config
@@ -39,7 +40,7 @@ def test_golden_two_clients_two_steps():
     assert out0.update.item() == pytest.approx(0.0)
     assert out1.update.item() == pytest.approx(-1.08)
     w = aggregation_weights("samples", [0, 1], [30, 10])  # n = 30 and 10 samples
-    msgs = [Msg(0, out0.update, w[0]), Msg(1, out1.update, w[1])]
+    msgs = contributions([out0.update, out1.update], w)
     new = s.combine(state, msgs, CombineContext(2, 0, 0.0))
     # Assert: u = 0.75·0 + 0.25·(−1.08) = −0.27; x1 = 0 − 0.5·(−0.27) = 0.135
     assert s.params(new).item() == pytest.approx(0.135)
@@ -53,7 +54,7 @@ def test_golden_server_momentum_three_rounds():
     state = s.init(torch.zeros(1))
     xs = []
     for r in range(3):
-        state = s.combine(state, [Msg(0, torch.tensor([-1.0]), 1.0)], CombineContext(1, r, 0.0))
+        state = s.combine(state, contributions([torch.tensor([-1.0])], [1.0]), CombineContext(1, r, 0.0))
         xs.append(s.params(state).item())
     # v: 1, 1.5, 1.75 → x: 1, 2.5, 4.25
     assert xs == pytest.approx([1.0, 2.5, 4.25])

@@ -12,7 +12,7 @@ import torch
 
 from fedsim.cli import main
 from fedsim.hypergrad import StepRule, hyper_sgd_steps, hypergrad_lr, hypergradient
-from fedsim.protocols.sync import mean_client_metrics
+from fedsim.contributions import contributions
 from fedsim.strategy import Batches, LocalHP
 
 from .conftest import digits_config, quadratic_config, run_config
@@ -196,9 +196,9 @@ def test_every_row_after_round_0_logs_both_rates():
     run = run_config(digits_config(strategy={"name": "fedhyper_full"}, run={"rounds": 4, "eval_every": 1}))
     assert all("global_lr" in r for r in run.rows)
     assert all(r["local_lr"] > 0 for r in run.rows[1:])
-    assert mean_client_metrics([{"local_lr": 1.0, "train_loss": 5.0}, {"local_lr": 3.0}], skip=("train_loss",)) == {
-        "local_lr": 2.0
-    }
+    two = contributions(torch.zeros(2, 1)).replace(metrics={"local_lr": np.array([1.0, 3.0]),
+                                                            "train_loss": np.array([5.0, np.nan])})
+    assert two.metric_means() == {"local_lr": 2.0, "train_loss": 5.0}  # a metric only some clients report
 
 
 @pytest.mark.parametrize("strategy,path,words", [

@@ -6,7 +6,7 @@
 * A deployment on 127.0.0.1 (SuperLink + two SuperNodes, insecure) runs FedAvg and a
   SCAFFOLD (control variates as payload extras, c_i as node state) for two rounds each:
   metrics and final model equal fedsim's serial run up to float rounding.
-* The asynchronous ServerApp on three SuperNodes, one delayed on purpose: FedBuff (K = 2)
+* The config's asynchronous protocol on three SuperNodes, one delayed on purpose: FedBuff (K = 2)
   performs exactly the set number of aggregations, the fast nodes do not wait for the slow
   one, and no update is lost or applied twice (the `probe` strategy counts applications).
 
@@ -111,6 +111,7 @@ def test_deployment_async_fedbuff_loses_and_repeats_nothing(tmp_path):
         "data": {"name": "quadratic", "num_clients": n, "dim": n * slots},
         "model": {"name": "vector"}, "strategy": {"name": "probe", "slots": slots},
         "local": {"lr": 0.1, "batch_size": 1, "steps": 1},
+        "protocol": {"name": "async", "buffer_size": k},
         "run": {"rounds": aggregations, "log_events": True},
     }
     path = tmp_path / "cfg.yaml"
@@ -119,7 +120,7 @@ def test_deployment_async_fedbuff_loses_and_repeats_nothing(tmp_path):
     dep = Deployment(tmp_path, nodes=nodes)
     try:
         out = tmp_path / "out"
-        res = dep.run(APP, {"config": str(path), "out-dir": str(out), "mode": "async", "buffer-size": k})
+        res = dep.run(APP, {"config": str(path), "out-dir": str(out)})
         _, counts = flower_result(out, dep, res)
     finally:
         dep.stop()

@@ -1,10 +1,12 @@
 """Flat vectors, extras and whole job messages survive Flower's records and wire format bit for bit."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from fedsim.executors.base import JobResult
+from fedsim.contributions import from_outputs
+from fedsim.executors.base import Job
 from fedsim.flower.messages import TrainTask, decode_result, decode_task, encode_result, encode_task
 from fedsim.flower.records import record_to_vector, records_to_tensors, tensors_to_records, vector_to_record
 from fedsim.params import ParamLayout
@@ -79,14 +81,16 @@ def test_train_task_and_result_round_trip():
     assert content.config_records["fedsim"]["config"] == "seed: 0\n"
 
     out = ClientOutput(x * 2, {"c_i": x}, {"dc": x / 3, "lr": torch.tensor(0.05)}, {"train_loss": 0.75, "grad_norm": 2.0})
-    result = JobResult(17, 4, 3, out, num_samples=120, num_steps=8)
-    reply = over_the_wire(encode_result(result, LAYOUT))
-    back = decode_result(reply, LAYOUT)
-    assert (back.job_id, back.client, back.version, back.num_samples, back.num_steps) == (17, 4, 3, 120, 8)
-    assert same_bits(back.output.update, x * 2)
-    assert same_bits(back.output.extras["dc"], x / 3) and same_bits(back.output.extras["lr"], torch.tensor(0.05))
-    assert back.output.metrics == {"train_loss": 0.75, "grad_norm": 2.0}
-    assert back.output.state == {}  # the client's state stays on its node
+    job = Job(17, 4, 3, task.payload, {}, np.zeros((8, 16), dtype=np.int64), 120)
+    reply = over_the_wire(encode_result(from_outputs([job], [out]), LAYOUT))
+    job_id, client, back = decode_result(reply, LAYOUT)
+    assert (job_id, client) == (17, 4)
+    meta = reply.config_records["fedsim"]
+    assert (meta["version"], meta["num-samples"], meta["num-steps"]) == (3, 120, 8)
+    assert same_bits(back.update, x * 2)
+    assert same_bits(back.extras["dc"], x / 3) and same_bits(back.extras["lr"], torch.tensor(0.05))
+    assert back.metrics == {"train_loss": 0.75, "grad_norm": 2.0}
+    assert back.state == {}  # the client's state stays on its node
     assert reply.metric_records["metrics"]["num-examples"] == 120  # Flower's convention
 
 

@@ -23,7 +23,7 @@ def test_job_runner_matches_the_worker():
     runner = JobRunner(spec, x, y, threads=torch.get_num_threads(), gpu_fraction=0.0)
     got = runner.run(replace(job, payload=None), payload)
     want = ctx.executor._worker.run(job)
-    assert got.error is None and (got.job_id, got.client) == (7, 3)
-    assert torch.equal(got.output.update, want.output.update)
-    assert got.output.metrics == want.output.metrics
+    assert not isinstance(got, str)  # not a failure's traceback
+    assert torch.equal(got.update, want.update)
+    assert got.metrics == want.metrics
     assert runner.ready()["device"] == "cpu" and runner.memory()["rss"] > 0

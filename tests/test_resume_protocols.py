@@ -52,9 +52,9 @@ CASES = {
                      "run": {"time_budget": 12.0, "eval_every_time": 0.4}},
     "decentralized": {"protocol": {"name": "decentralized"}, "topology": {"name": "random_matching"},
                       "strategy": {"name": "dfedavgm", "momentum": 0.5}, "run": {"rounds": 40}},
-    "decentralized_choco": {"protocol": {"name": "decentralized"}, "topology": {"name": "ring"}, "run": {"rounds": 40},
-                            "strategy": {"name": "compressed_gossip", "gamma": 0.2,
-                                         "compressor": {"name": "qsgd", "bits": 2, "bucket": 2, "contractive": True}}},
+    "decentralized_choco": {"protocol": {"name": "decentralized", "compression": {
+                                "gamma": 0.2, "compressor": {"name": "qsgd", "bits": 2, "bucket": 2, "contractive": True}}},
+                            "topology": {"name": "ring"}, "run": {"rounds": 40}, "strategy": {"name": "dfedavg"}},
     "async_gossip": {"protocol": {"name": "async_gossip", "init": "shared", "eval_nodes": 4},
                      "topology": {"name": "random_regular", "degree": 3},
                      "strategy": {"name": "gossip"}, "run": {"time_budget": 12.0, "eval_every_time": 0.3}},

@@ -7,7 +7,8 @@ import pytest
 import torch
 import yaml
 
-from fedsim.strategy import CombineContext, Msg
+from fedsim.contributions import contributions
+from fedsim.strategy import CombineContext
 
 from .conftest import quadratic_config, run_config, tutorial_plugin
 
@@ -45,10 +46,10 @@ def test_fedexp_step_is_the_formula(plugin):
     s = fedexp(eps=1e-3)
     state = s.init(torch.zeros(2, dtype=torch.float64))
     u1, u2 = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
-    new = s.combine(state, [Msg(0, u1, 0.5), Msg(1, u2, 0.5)], CombineContext(2, 0, 0.0))
+    new = s.combine(state, contributions([u1, u2], [0.5, 0.5]), CombineContext(2, 0, 0.0))
     # Σ w‖u‖² = 1; ū = (0.5, 0.5), ‖ū‖² = 0.5 → η = max(1, 1 / (2·0.501)) = 0.998 → 1
     assert new.server_lr == 1.0
-    opposite = s.combine(state, [Msg(0, u1, 0.5), Msg(1, -0.9 * u1, 0.5)], CombineContext(2, 0, 0.0))
+    opposite = s.combine(state, contributions([u1, -0.9 * u1], [0.5, 0.5]), CombineContext(2, 0, 0.0))
     # ū = (0.05, 0), ‖ū‖² = 0.0025; Σ w‖u‖² = 0.905 → η = 0.905 / (2·0.0035)
     assert opposite.server_lr == pytest.approx(0.905 / (2 * 0.0035))
     assert torch.allclose(opposite.params, -opposite.server_lr * torch.tensor([0.05, 0.0], dtype=torch.float64))

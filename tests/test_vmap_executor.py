@@ -18,7 +18,9 @@ from fedsim.executors.precision import keep_freed_memory, precision
 from fedsim.executors.vmap import VmapExecutor
 from fedsim.local import sgd_steps
 from fedsim.runner import build
-from fedsim.strategy import ClientOutput, LocalHP, Payload, Strategy
+from fedsim.merge import mix
+from fedsim.state_store import ClientStateStore
+from fedsim.strategy import ClientOutput, GossipStrategy, LocalHP, Payload
 
 from .conftest import digits_config, quadratic_config, run_config
 
@@ -124,7 +126,7 @@ def test_compiled_cohorts_are_padded_to_a_few_sizes(monkeypatch):
 
 # ---- executor-level tests with per-job payloads, client state and extras (async / gossip shapes)
 
-def _stateful_strategy() -> Strategy:
+def _stateful_strategy() -> GossipStrategy:
     """A SCAFFOLD-shaped client: corrected direction g − c_i + c, new c_i, extras {'dc'}."""
 
     def local(payload, state, batches, grad_fn, hp):
@@ -138,7 +140,7 @@ def _stateful_strategy() -> Strategy:
         new_ci = ci - c + (payload.params - y) / (hp.lr * max(batches.num_steps, 1))
         return ClientOutput(payload.params - y, {"c": new_ci}, {"dc": new_ci - ci}, {"train_loss": loss, "k": 3})
 
-    return Strategy(local=local, client_state=lambda p: {"c": torch.zeros_like(p)})
+    return GossipStrategy(local, mix, client_state=lambda p: {"c": torch.zeros_like(p)})  # executors read only local
 
 
 def _jobs(run, strategy, shared_payload: bool, n: int = 8):
@@ -168,16 +170,19 @@ def test_stacked_payloads_state_and_extras_equal_serial(shared_payload):
     jobs = _jobs(run, strategy, shared_payload)
     assert len(group(jobs)) > 1  # uneven clients: several step counts
     got = ex.run(jobs)
-    for job, r in zip(jobs, got):
+    assert got.jobs.tolist() == [j.job_id for j in jobs] and got.senders.tolist() == [j.client for j in jobs]
+    assert got.num_steps.tolist() == [j.num_steps for j in jobs]
+    for i, job in enumerate(jobs):
         want = worker.run(job)
-        assert r.job_id == job.job_id and r.client == job.client and r.num_steps == job.num_steps
-        assert rel(r.output.update, want.output.update) <= RTOL
-        assert rel(r.output.state["c"], want.output.state["c"]) <= RTOL
-        assert rel(r.output.extras["dc"], want.output.extras["dc"]) <= RTOL
-        assert r.output.metrics["train_loss"] == pytest.approx(want.output.metrics["train_loss"], rel=RTOL)
-        assert r.output.metrics["k"] == 3.0
-        # a client's state must not pin the whole cohort's stack in memory
-        assert r.output.state["c"].untyped_storage().nbytes() == r.output.state["c"].numel() * 4
+        assert rel(got.updates[i], want.update) <= RTOL
+        assert rel(got.state["c"][i], want.state["c"]) <= RTOL
+        assert rel(got.extras["dc"][i], want.extras["dc"]) <= RTOL
+        assert got.metrics["train_loss"][i] == pytest.approx(want.metrics["train_loss"], rel=RTOL)
+        assert got.metrics["k"][i] == 3.0
+    # a client's stored state must not pin the whole cohort's stack in memory
+    store = ClientStateStore()
+    store.put(0, {"c": got.state["c"][1]})
+    assert store.get(0)["c"].untyped_storage().nbytes() == got.state["c"][1].numel() * 4
 
 
 def test_results_in_any_order_and_discard():
@@ -188,7 +193,7 @@ def test_results_in_any_order_and_discard():
     for j in jobs:
         ex.submit(j)
     ex.discard(2)
-    got = [ex.result(j).job_id for j in (5, 0, 3)]
+    got = [int(ex.result(j).jobs[0]) for j in (5, 0, 3)]
     assert got == [5, 0, 3]
     assert set(ex._done) == {1, 4}  # computed with the others, kept until asked for
     with pytest.raises(KeyError):
@@ -213,13 +218,13 @@ def test_out_of_memory_splits_the_cohort(monkeypatch):
     got = ex.run(jobs)
     assert sizes == [8, 4, 2, 2, 2, 2] and ex.chunk_cap == 2  # halved until it fit, then kept
     worker = Worker(spec_of(run), run.ctx.strategy)
-    for job, r in zip(jobs, got):
-        assert rel(r.output.update, worker.run(job).output.update) <= RTOL
+    for job, u in zip(jobs, got.updates):
+        assert rel(u, worker.run(job).update) <= RTOL
 
 
 # ---- strategies that cannot be vectorised
 
-def _branchy_strategy(fail_always: bool = False) -> Strategy:
+def _branchy_strategy(fail_always: bool = False) -> GossipStrategy:
     def local(payload, state, batches, grad_fn, hp):
         y = payload.params
         for k in range(batches.num_steps):
@@ -231,7 +236,7 @@ def _branchy_strategy(fail_always: bool = False) -> Strategy:
             y = y - hp.lr * g
         return ClientOutput(payload.params - y, {}, {}, {})
 
-    return Strategy(local=local)
+    return GossipStrategy(local, mix)
 
 
 def test_unvectorisable_strategy_falls_back_with_a_warning():
@@ -244,8 +249,8 @@ def test_unvectorisable_strategy_falls_back_with_a_warning():
         got = ex.run(jobs)
     assert ex.unsupported is not None and "control flow" in ex.unsupported
     serial = Worker(spec_of(run), strategy)
-    for job, r in zip(jobs, got):
-        assert torch.equal(r.output.update, serial.run(job).output.update)
+    for job, u in zip(jobs, got.updates):
+        assert torch.equal(u, serial.run(job).update)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once; later jobs run serially without noise
         ex.run([run.ctx.make_job(0, payload, 1, 100)])

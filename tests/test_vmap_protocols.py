@@ -85,7 +85,7 @@ def test_async_buffered_equals_serial(cohort_sizes):
 
 
 def test_decentralized_dfedsam_with_dropouts_equals_serial(cohort_sizes):
-    cfg = dec_config(strategy={"name": "dfedsam", "rho": 0.05, "gossip_steps": 2}, topology={"name": "exponential"},
+    cfg = dec_config(strategy={"name": "dfedsam", "rho": 0.05}, protocol={"gossip_steps": 2}, topology={"name": "exponential"},
                      system={"dropout": {"name": "bernoulli", "p": 0.3}}, run={"rounds": 4, "eval_every": 2})
     a, _ = assert_same_run(cfg, cohort_sizes)
     assert min(r["active_nodes"] for r in a.rows[1:]) < 8  # some nodes sat rounds out

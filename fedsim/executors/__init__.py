@@ -1,4 +1,4 @@
 """Executors: where client jobs run (serial in-process; Ray actors; vmap cohorts)."""
-from .base import Executor, Job, JobResult, Worker, WorkerSpec
+from .base import Executor, Job, Worker, WorkerSpec
 
-__all__ = ["Executor", "Job", "JobResult", "Worker", "WorkerSpec"]
+__all__ = ["Executor", "Job", "Worker", "WorkerSpec"]

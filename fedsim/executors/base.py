@@ -21,6 +21,7 @@ from ..config.components import Component
 from ..data.batching import gather_batches
 from ..errors import ClientJobError
 from ..rng import key
+from ..contributions import Contributions, from_outputs
 from ..strategy import ClientOutput, LocalHP, Payload, Strategy, Tensor
 from ..task import Task
 
@@ -48,24 +49,6 @@ class Job:
         return int(self.indices.shape[0])
 
 
-@dataclass(slots=True)
-class JobResult:
-    """What came back from a job: its output, or (with on_client_error='drop') the error (read-only)."""
-
-    job_id: int
-    client: int
-    version: int
-    output: ClientOutput | None
-    num_samples: int
-    num_steps: int
-    error: str | None = None  # traceback of the user code that failed; output is then None
-
-    @property
-    def failed(self) -> bool:
-        """True when the client's code raised; protocols treat the client as dropped."""
-        return self.error is not None
-
-
 @dataclass
 class WorkerSpec:
     """Everything a worker needs to run jobs; picklable (Ray ships it once per actor)."""
@@ -76,6 +59,7 @@ class WorkerSpec:
     strategy: Component
     hp: LocalHP
     seed: int
+    num_clients: int = 0  # the population size N
 
 
 class Worker:
@@ -85,16 +69,16 @@ class Worker:
         self.spec = spec
         self.strategy = strategy if strategy is not None else spec.strategy.build()
 
-    def run(self, job: Job) -> JobResult:
-        """Runs one job and returns its detached result; user errors become ClientJobError."""
-        result = self.attempt(job)
-        if result.error is not None:
-            raise ClientJobError(job.client, job.job_id, result.error)
-        return result
+    def run(self, job: Job) -> ClientOutput:
+        """Runs one job and returns its detached output; user errors become ClientJobError."""
+        out = self.attempt(job)
+        if isinstance(out, str):
+            raise ClientJobError(job.client, job.job_id, out)
+        return out
 
-    def attempt(self, job: Job) -> JobResult:
-        """Runs one job; an exception in user code is returned as a failed result (with its
-        traceback) instead of being raised."""
+    def attempt(self, job: Job) -> ClientOutput | str:
+        """Runs one job and returns its detached output; an exception in user code is
+        returned as its traceback (a str) instead of being raised."""
         spec = self.spec
         batches = gather_batches(spec.x_train, spec.y_train, job.indices)
         try:
@@ -104,32 +88,34 @@ class Worker:
                 torch.default_generator.manual_seed(key(spec.seed, "job", job.job_id))
                 out = self.strategy.local(job.payload, job.state, batches, spec.task.grad_fn, spec.hp)
         except Exception:  # noqa: BLE001 - user code: keep the original traceback
-            return JobResult(job.job_id, job.client, job.version, None, job.num_samples, job.num_steps,
-                             error=traceback.format_exc())
-        out = ClientOutput(
+            return traceback.format_exc()
+        return ClientOutput(
             out.update.detach(),
             {k: v.detach() for k, v in out.state.items()},
             {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in out.extras.items()},
             {k: float(v) for k, v in out.metrics.items()},
         )
-        return JobResult(job.job_id, job.client, job.version, out, job.num_samples, job.num_steps)
 
 
 class Executor(ABC):
-    """Runs jobs somewhere; `result` may be called in any order for submitted jobs.
+    """Runs jobs somewhere and returns their `Contributions`; `result` may be called in any
+    order for submitted jobs.
 
     `on_client_error` says what a job whose user code raised becomes: 'stop' raises
-    ClientJobError (client id + original traceback), 'drop' returns it as a failed result,
-    which protocols treat like a client that dropped out.
+    ClientJobError (client id + original traceback), 'drop' leaves its row out (`result`
+    returns no row), which protocols treat like a client that dropped out.
     """
 
     on_client_error: str = "stop"
 
-    def checked(self, result: JobResult) -> JobResult:
-        """Applies `on_client_error` to a result and returns it (raises ClientJobError on 'stop')."""
-        if result.error is not None and self.on_client_error == "stop":
-            raise ClientJobError(result.client, result.job_id, result.error)
-        return result
+    def contribution(self, job: Job, outcome: ClientOutput | str) -> Contributions:
+        """Returns the one-row contributions of `job`'s outcome (a ClientOutput, or the
+        traceback of its failed user code: raised as ClientJobError on 'stop', no row on 'drop')."""
+        if isinstance(outcome, str):
+            if self.on_client_error == "stop":
+                raise ClientJobError(job.client, job.job_id, outcome)
+            return Contributions.empty()
+        return from_outputs([job], [outcome])
 
     @abstractmethod
     def start(self, spec: WorkerSpec, strategy: Strategy | None = None) -> None:
@@ -140,12 +126,24 @@ class Executor(ABC):
         """Queues a job; it may start running at once."""
 
     @abstractmethod
-    def result(self, job_id: int) -> JobResult:
-        """Blocks until the result of a submitted job is available and returns it."""
+    def result(self, job_id: int) -> Contributions:
+        """Blocks until a submitted job is done and returns its one-row contributions (no
+        row: its user code failed and on_client_error is 'drop')."""
 
     def discard(self, job_id: int) -> None:
         """Forgets a submitted job whose result will not be needed (default: fetch and drop)."""
         self.result(job_id)
+
+    def poll(self, until: float) -> list[int]:
+        """Waits until submitted jobs finish or the monotonic clock reaches `until`; returns
+        the finished jobs' ids (their `result` no longer blocks). Needed by the wall clock only:
+        executors that run jobs on demand (serial, vmap) do not implement it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run on the wall clock")
+
+    def keep_states(self, jobs: np.ndarray, clients: np.ndarray) -> None:
+        """Learns that the client state these jobs produced is their clients' state from now on
+        (the job was aggregated, or its client restarts from it); a deployment tells the nodes,
+        which keep the states. Default: nothing to do (the protocol keeps states in its store)."""
 
     model_device: torch.device | None = None  # where the runner keeps the model (None: CPU)
 
@@ -154,11 +152,12 @@ class Executor(ABC):
         `Task.evaluate`); returns Task.evaluate's metrics."""
         return task.evaluate(params, x, y, batch_size)
 
-    def run(self, jobs: Sequence[Job]) -> list[JobResult]:
-        """Submits all jobs and returns their results in the jobs' order."""
+    def run(self, jobs: Sequence[Job]) -> Contributions:
+        """Runs all jobs and returns their contributions, one row per job in the jobs' order
+        (without the jobs whose user code failed, when on_client_error is 'drop')."""
         for job in jobs:
             self.submit(job)
-        return [self.result(job.job_id) for job in jobs]
+        return Contributions.concat([self.result(job.job_id) for job in jobs])
 
     def close(self) -> None:
         """Stops workers and frees resources."""

@@ -18,7 +18,7 @@ import torch
 
 from ..strategy import Tensor
 from .base import Job
-from .results import ResultBatch
+from ..contributions import Contributions
 
 
 def _shape_sig(tensors: dict[str, Any]) -> tuple:
@@ -111,31 +111,39 @@ def stack(jobs: Sequence[Job], device: torch.device, pad_to: int | None = None) 
 
 
 def unstack(out: tuple[Tensor, dict, dict, dict], jobs: Sequence[Job], device: torch.device,
-            steps: int) -> tuple[ResultBatch, Callable[[], None]]:
+            steps: int) -> tuple[Contributions, Callable[[], None]]:
     """Keeps a vectorised call's outputs (update, state, extras, metrics; each [m ≥ n, ...])
-    as the `ResultBatch` of the cohort's n = len(jobs) jobs, on `device` (where the jobs'
+    as the `Contributions` of the cohort's n = len(jobs) jobs, on `device` (where the jobs'
     models came from).
 
-    Returns (batch, fill): the batch's metrics arrive with ``fill()``, which waits for them
-    to reach the host. On CUDA the copy is queued without waiting, so later cohorts (and the
-    host's bookkeeping) proceed while the GPU still computes.
+    Returns (contributions, fill): their metric columns arrive with ``fill()``, which waits
+    for them to reach the host. On CUDA the copy is queued without waiting, so later cohorts
+    (and the host's bookkeeping) proceed while the GPU still computes. Until ``fill()`` ran
+    the value must not leave the executor.
     """
     n = len(jobs)
     update, state, extras, metrics = out
-    batch = ResultBatch(jobs, update[:n].to(device), {k: v[:n].to(device) for k, v in state.items()},
-                        {k: v[:n].to(device) for k, v in extras.items()}, steps)
+    ids = np.empty((4, n), dtype=np.int64)
+    ids[0] = [j.client for j in jobs]
+    ids[1] = [j.num_samples for j in jobs]
+    ids[2] = [j.job_id for j in jobs]
+    ids[3] = [j.version for j in jobs]
+    columns: dict[str, np.ndarray] = {}
+    contribs = Contributions(ids[0], update[:n].to(device), ids[1], np.full(n, steps, dtype=np.int64), ids[2], ids[3],
+                             {k: v[:n].to(device) for k, v in extras.items()},
+                             {k: v[:n].to(device) for k, v in state.items()}, columns)
     names = list(metrics)
-    return batch, _metric_filler(names, [metrics[k][:n].detach() for k in names], batch)
+    return contribs, _metric_filler(names, [metrics[k][:n].detach() for k in names], columns)
 
 
-def _metric_filler(names: list[str], columns: list[Tensor], batch: ResultBatch) -> Callable[[], None]:
+def _metric_filler(names: list[str], values: list[Tensor], columns: dict[str, np.ndarray]) -> Callable[[], None]:
     """Starts moving per-client scalar metrics to the host; returns the function that waits
-    for them and gives them to `batch` as columns."""
+    for them and writes them into `columns` (name -> float64 array)."""
     if not names:
-        return lambda: batch.set_metrics({})
-    on_gpu = columns[0].device.type == "cuda" and all(c.dim() == 1 and c.device == columns[0].device for c in columns)
+        return lambda: None
+    on_gpu = values[0].device.type == "cuda" and all(c.dim() == 1 and c.device == values[0].device for c in values)
     if on_gpu:
-        stacked = torch.stack([c.to(torch.float64) for c in columns])
+        stacked = torch.stack([c.to(torch.float64) for c in values])
         host = torch.empty(stacked.shape, dtype=torch.float64, pin_memory=True)
         host.copy_(stacked, non_blocking=True)
         ready = torch.cuda.Event()
@@ -144,9 +152,9 @@ def _metric_filler(names: list[str], columns: list[Tensor], batch: ResultBatch) 
     def fill() -> None:
         if on_gpu:
             ready.synchronize()
-            values = host.tolist()
+            rows = host.numpy().copy()
         else:
-            values = [c.cpu().double().tolist() for c in columns]
-        batch.set_metrics(dict(zip(names, values)))
+            rows = [c.detach().cpu().double().reshape(-1).numpy() for c in values]
+        columns.update(zip(names, rows))
 
     return fill

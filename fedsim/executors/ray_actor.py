@@ -18,7 +18,7 @@ import torch
 
 from ..rng import key
 from ..strategy import ClientOutput, Payload
-from .base import Job, JobResult, Worker, WorkerSpec
+from .base import Job, Worker, WorkerSpec
 
 
 def to_device(value: Any, device: torch.device) -> Any:
@@ -73,16 +73,14 @@ class JobRunner:
         package = str(Path(__file__).resolve().parents[1])
         return {"node": node, "pid": os.getpid(), "device": str(self.device), "fedsim": package}
 
-    def run(self, job: Job, payload: Payload) -> JobResult:
+    def run(self, job: Job, payload: Payload) -> ClientOutput | str:
         """Runs `job` from `payload` (sent apart, as a shared object-store reference) and returns
-        its result on the CPU; errors in user code come back as a failed result."""
+        its output on the CPU; an error in user code comes back as its traceback (a str)."""
         job = replace(job, payload=to_device(payload, self.device), state=to_device(job.state, self.device))
         if self.device.type == "cuda":  # the Worker keys the CPU generator; key the GPU's too (dropout there)
             torch.cuda.manual_seed(key(self.worker.spec.seed, "job", job.job_id))
-        result = self.worker.attempt(job)
-        if result.output is None:
-            return result
-        return replace(result, output=to_device(result.output, torch.device("cpu")))
+        out = self.worker.attempt(job)
+        return out if isinstance(out, str) else to_device(out, torch.device("cpu"))
 
     def memory(self) -> dict[str, int]:
         """Returns this process's resident set size and unique set size (bytes)."""

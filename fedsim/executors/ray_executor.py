@@ -36,7 +36,9 @@ from ..config.schema import knob
 from ..errors import ConfigError, FedsimError
 from ..registry import EXECUTORS
 from ..strategy import Payload, Strategy
-from .base import Executor, Job, JobResult, OnClientError, WorkerSpec
+from ..contributions import Contributions
+from ..strategy import ClientOutput
+from .base import Executor, Job, OnClientError, WorkerSpec
 from .ray_actor import JobRunner
 from .ray_cluster import Connection, connect, ship_by_value
 
@@ -102,7 +104,7 @@ class RayExecutor(Executor):
         self._queue: deque[int] = deque()
         self._pending: dict[int, _Pending] = {}
         self._running: dict[Any, tuple[int, _Slot]] = {}  # ObjectRef -> (job id, slot)
-        self._done: dict[int, JobResult] = {}
+        self._done: dict[int, tuple[Job, ClientOutput | str]] = {}  # job id -> (job, output or its code's traceback)
         self._payloads: dict[int, list[Any]] = {}  # id(payload) -> [payload, ref, jobs using it]
         self._shared: tuple[Any, ...] = ()  # refs of the spec and the data
 
@@ -149,7 +151,7 @@ class RayExecutor(Executor):
         self._queue.append(job.job_id)
         self._dispatch()
 
-    def result(self, job_id: int) -> JobResult:
+    def result(self, job_id: int) -> Contributions:
         import ray
 
         if job_id not in self._pending and job_id not in self._done:
@@ -158,7 +160,7 @@ class RayExecutor(Executor):
             ready, _ = ray.wait(list(self._running), num_returns=1)
             self._collect(ready[0])
             self._dispatch()
-        return self.checked(self._done.pop(job_id))
+        return self.contribution(*self._done.pop(job_id))
 
     def discard(self, job_id: int) -> None:
         if self._done.pop(job_id, None) is not None or job_id not in self._pending:
@@ -195,7 +197,7 @@ class RayExecutor(Executor):
             client = self._pending[job_id].job.client
             raise FedsimError(f"client {client} (job {job_id}): Ray could not run the job: {exc}") from None
         if not self._pending[job_id].discarded:
-            self._done[job_id] = result
+            self._done[job_id] = (self._pending[job_id].job, result)
         self._release(job_id)
 
     def _actor_lost(self, slot: _Slot, job_id: int, exc: Exception) -> None:

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 from ..registry import EXECUTORS
+from typing import Sequence
+
+from ..contributions import Contributions, from_outputs
+from ..errors import ClientJobError
 from ..strategy import Strategy
-from .base import Executor, Job, JobResult, OnClientError, Worker, WorkerSpec
+from .base import Executor, Job, OnClientError, Worker, WorkerSpec
 
 
 class SerialExecutor(Executor):
@@ -20,10 +24,26 @@ class SerialExecutor(Executor):
     def submit(self, job: Job) -> None:
         self._pending[job.job_id] = job
 
-    def result(self, job_id: int) -> JobResult:
+    def result(self, job_id: int) -> Contributions:
         if self._worker is None:
             raise RuntimeError("executor not started")
-        return self.checked(self._worker.attempt(self._pending.pop(job_id)))
+        job = self._pending.pop(job_id)
+        return self.contribution(job, self._worker.attempt(job))
+
+    def run(self, jobs: Sequence[Job]) -> Contributions:
+        """Runs the jobs one after another and stacks their outputs (failed ones left out on 'drop')."""
+        if self._worker is None:
+            raise RuntimeError("executor not started")
+        done, outputs = [], []
+        for job in jobs:
+            out = self._worker.attempt(job)
+            if isinstance(out, str):
+                if self.on_client_error == "stop":
+                    raise ClientJobError(job.client, job.job_id, out)
+                continue
+            done.append(job)
+            outputs.append(out)
+        return from_outputs(done, outputs)
 
     def discard(self, job_id: int) -> None:
         self._pending.pop(job_id, None)

@@ -32,11 +32,11 @@ from ..registry import EXECUTORS
 from ..rng import key
 from ..strategy import Batches, GradFn, Payload, Strategy, Tensor
 from ..task import Task
-from .base import Executor, Job, JobResult, Worker, WorkerSpec
+from ..contributions import Contributions, from_outputs
+from .base import Executor, Job, Worker, WorkerSpec
 from .cohort import Stacked, group, signature, stack, unstack
 from .light_grad import grad_and_value
 from .graphs import StaticCohortRunner, bucket, clone_tree
-from .results import ResultBatch, job_results, merge_batches
 from .precision import PRECISIONS, keep_freed_memory, precision
 from .unfold_conv import with_unfold_convs
 
@@ -46,11 +46,6 @@ EXACT_SIZES = 8  # distinct cohort sizes captured exactly before padding to buck
 
 def _as_tensors(values: dict[str, Any]) -> dict[str, Tensor]:
     return {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in values.items()}
-
-
-def _job_results(jobs: Sequence[Job], outputs: Sequence) -> list[JobResult]:
-    """JobResults of `jobs` from their (client-by-client) outputs."""
-    return job_results(jobs, outputs, [len(j.indices) for j in jobs])
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -89,7 +84,7 @@ class VmapExecutor(Executor):
         self.unsupported: str | None = None  # why vmap was given up (fallback mode)
         self.chunk_cap: int | None = None  # largest cohort that fit in memory, once one did not
         self._pending: dict[int, Job] = {}
-        self._done: dict[int, JobResult] = {}
+        self._done: dict[int, Contributions] = {}  # job id -> its row, run but not yet fetched
         self._fills: list = []  # metric copies still on their way to the host (see cohort.unstack)
 
     # ---- set-up --------------------------------------------------------------------------
@@ -127,7 +122,7 @@ class VmapExecutor(Executor):
     def submit(self, job: Job) -> None:
         self._pending[job.job_id] = job
 
-    def result(self, job_id: int) -> JobResult:
+    def result(self, job_id: int) -> Contributions:
         if job_id not in self._done:
             if job_id not in self._pending:
                 raise KeyError(f"job {job_id} was not submitted")
@@ -158,61 +153,47 @@ class VmapExecutor(Executor):
         jobs = list(self._pending.values())
         self._pending.clear()
         done = self._done
-        for res in self._run_jobs(jobs, objects=True)[0]:
-            done[res.job_id] = res
+        contribs = self._run_jobs(jobs)
+        for i, job_id in enumerate(contribs.jobs.tolist()):
+            done[job_id] = contribs.row(i)
 
-    def _run_jobs(self, jobs: list[Job], objects: bool = False) -> tuple[Sequence[JobResult], bool]:
-        """Runs `jobs` cohort by cohort; returns their results, cohort after cohort, and
-        whether that is the jobs' own order (one cohort). Vectorised cohorts come back as one
-        `ResultBatch` when they can share a stack; with `objects`, each cohort's per-client
-        JobResults are built while the device still computes (their metrics arrive last)."""
+    def _run_jobs(self, jobs: list[Job]) -> Contributions:
+        """Runs `jobs` cohort by cohort; returns their contributions in the jobs' order."""
         if self.unsupported is not None:
-            return _job_results(jobs, [self.serial.run(j).output for j in jobs]), True
-        pieces: list[Sequence[JobResult]] = []
+            return from_outputs(jobs, [self.serial.run(j) for j in jobs])
+        pieces: list[Contributions] = []
         cohorts = group(jobs)
         try:
             for cohort in cohorts:
-                for piece in self._run_group(cohort):
-                    if objects and isinstance(piece, ResultBatch):
-                        piece = piece.results()
-                    pieces.append(piece)
+                pieces.extend(self._run_group(cohort))
         finally:  # the cohorts' metrics reach the host last: other cohorts run meanwhile
             fills, self._fills = self._fills, []
             for fill in fills:
                 fill()
-        if len(pieces) == 1:
-            return pieces[0], len(cohorts) <= 1
-        if pieces and all(isinstance(p, ResultBatch) for p in pieces):
-            merged = merge_batches(pieces, jobs)  # cohorts of different step counts (non-IID sizes)
-            if merged is not None:
-                return merged, True
-        return [r for piece in pieces for r in piece], len(cohorts) <= 1
+        merged = Contributions.concat(pieces)
+        if len(cohorts) <= 1:
+            return merged
+        at = {job_id: i for i, job_id in enumerate(merged.jobs.tolist())}  # several cohorts: back to the jobs' order
+        return merged.take([at[j.job_id] for j in jobs])
 
-    def run(self, jobs: Sequence[Job]) -> Sequence[JobResult]:
-        """Runs `jobs` (with any still pending) and returns their results in the jobs' order:
-        a `ResultBatch` when they ran vectorised with one update layout (cohorts of different
-        step counts merged), else a list."""
-        if self._pending:
-            for job in jobs:
-                self._pending[job.job_id] = job
-            self._flush()
-            done = self._done
-            return [done.pop(job.job_id) for job in jobs]
-        results, in_order = self._run_jobs(list(jobs))  # nothing else pending: no bookkeeping by job id
-        if in_order:
-            return results
-        by_id = {r.job_id: r for r in results}  # several cohorts: back to the jobs' order
-        return [by_id[j.job_id] for j in jobs]
+    def run(self, jobs: Sequence[Job]) -> Contributions:
+        """Runs `jobs` (with any still pending) and returns their contributions in the jobs' order."""
+        if not self._pending:
+            return self._run_jobs(list(jobs))
+        for job in jobs:
+            self._pending[job.job_id] = job
+        self._flush()
+        return Contributions.concat([self._done.pop(job.job_id) for job in jobs])
 
-    def _run_group(self, jobs: list[Job]) -> list[Sequence[JobResult]]:
-        """Runs one group of equal signature, in chunks; returns each chunk's results."""
+    def _run_group(self, jobs: list[Job]) -> list[Contributions]:
+        """Runs one group of equal signature, in chunks; returns each chunk's contributions."""
         size = min(x for x in (len(jobs), self.max_chunk, self.chunk_cap) if x is not None)
-        pieces: list[Sequence[JobResult]] = []
+        pieces: list[Contributions] = []
         i = 0
         while i < len(jobs):
             part = jobs[i : i + size]
             if self.unsupported is not None:
-                pieces.append(_job_results(part, [self.serial.run(j).output for j in part]))
+                pieces.append(from_outputs(part, [self.serial.run(j) for j in part]))
             else:
                 try:
                     pieces.append(self._run_cohort(part))
@@ -222,11 +203,11 @@ class VmapExecutor(Executor):
                         if self.device.type == "cuda":
                             torch.cuda.empty_cache()
                         continue
-                    pieces.append(_job_results(part, self._not_vectorisable(part, exc)))
+                    pieces.append(from_outputs(part, self._not_vectorisable(part, exc)))
             i += len(part)
         return pieces
 
-    def _run_cohort(self, jobs: list[Job]) -> ResultBatch:
+    def _run_cohort(self, jobs: list[Job]) -> Contributions:
         if not self.compile:
             return self._run_cohort_with(jobs, compiled=False)
         try:
@@ -241,7 +222,7 @@ class VmapExecutor(Executor):
             self.compile = False
             return outputs
 
-    def _run_cohort_with(self, jobs: list[Job], compiled: bool) -> ResultBatch:
+    def _run_cohort_with(self, jobs: list[Job], compiled: bool) -> Contributions:
         # static shapes (CUDA graphs, compiled functions): pad to a bounded set of cohort sizes
         pad = self._padded_size(len(jobs)) if self.runner is not None or compiled else None
         st = stack(jobs, self.device, pad_to=pad)
@@ -310,7 +291,7 @@ class VmapExecutor(Executor):
         """Re-runs `jobs` client by client (a user error surfaces here as ClientJobError, as
         with the serial executor); if they succeed, vmap itself was the problem: report it,
         then fall back or stop as configured. Returns the serial outputs."""
-        outputs = [self.serial.run(j).output for j in jobs]
+        outputs = [self.serial.run(j) for j in jobs]
         name = getattr(self.spec.strategy, "name", "?")
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         msg = (

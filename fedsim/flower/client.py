@@ -101,10 +101,10 @@ def train(message: Message, context: Context) -> Message:
     committed = state.committed()
     if committed is not None:
         job = dataclasses.replace(job, state=committed)
-    (result,) = ctx.executor.run([job])
-    state.hold(task.job_id, result.output.state)
+    got = ctx.executor.run([job])
+    state.hold(task.job_id, {k: v[0] for k, v in got.state.items()})
     time.sleep(float(context.node_config.get("delay", 0.0)))
-    return Message(encode_result(result, ctx.task.layout), reply_to=message)
+    return Message(encode_result(got, ctx.task.layout), reply_to=message)
 
 
 def query(message: Message, context: Context) -> Message:

@@ -17,7 +17,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from ..errors import FedsimError
-from ..executors.base import JobResult
+from ..strategy import ClientOutput
 from ..params import ParamLayout
 from .messages import QUERY, TRAIN, TrainTask, decode_node_client, decode_result, encode_query, encode_task
 
@@ -83,8 +83,9 @@ class NodeLink:
         for task, mid in zip(tasks, ids):
             self.in_flight[mid] = Dispatched(task.client, task.job_id)
 
-    def collect(self) -> tuple[list[JobResult], list[Dispatched]]:
-        """Returns (results, lost jobs) that arrived since the last call, each ordered by job id."""
+    def collect(self) -> tuple[list[tuple[int, ClientOutput]], list[Dispatched]]:
+        """Returns ((job id, output) of the replies, lost jobs) that arrived since the last
+        call, each ordered by job id."""
         if not self.in_flight:
             return [], []
         results, lost = [], []
@@ -98,14 +99,14 @@ class NodeLink:
                     continue
                 raise FedsimError(f"client {job.client} (job {job.job_id}, node {self.nodes[job.client]}) "
                                   f"failed: {reply.error.reason}")
-            result = decode_result(reply.content, self.layout)
-            if (result.client, result.job_id) != (job.client, job.job_id):
+            job_id, client, output = decode_result(reply.content, self.layout)
+            if (client, job_id) != (job.client, job.job_id):
                 raise FedsimError(f"a reply for job {job.job_id} of client {job.client} carries "
-                                  f"job {result.job_id} of client {result.client}")
-            results.append(result)
-        return sorted(results, key=lambda r: r.job_id), sorted(lost, key=lambda d: d.job_id)
+                                  f"job {job_id} of client {client}")
+            results.append((job_id, output))
+        return sorted(results, key=lambda r: r[0]), sorted(lost, key=lambda d: d.job_id)
 
-    def wait(self, until: float) -> tuple[list[JobResult], list[Dispatched]]:
+    def wait(self, until: float) -> tuple[list[tuple[int, ClientOutput]], list[Dispatched]]:
         """Polls until something arrives, nothing is in flight, or the monotonic clock reaches `until`."""
         while True:
             results, lost = self.collect()

@@ -9,7 +9,8 @@
 * train reply: ``arrays`` (the update u = x_start − y_end), ``extras`` /
   ``extras-numbers`` (``ClientOutput.extras``), ``metrics`` (the client's metrics plus
   Flower's conventional ``num-examples``) and ``fedsim`` {client, job, version,
-  num-samples, num-steps}. The client's new persistent state never leaves the node.
+  num-samples, num-steps}. The client's new persistent state never leaves the node; the
+  server trusts only the update, extras and metrics (the rest of the row it knows itself).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from ..executors.base import JobResult
+from ..contributions import Contributions
 from ..params import ParamLayout
 from ..strategy import ClientOutput, Payload
 from .records import record_to_vector, records_to_tensors, tensors_to_records, vector_to_record
@@ -80,23 +81,25 @@ def decode_task(content: RecordDict, layout: ParamLayout) -> TrainTask:
                      Payload(params, extras))
 
 
-def encode_result(result: JobResult, layout: ParamLayout) -> RecordDict:
-    """Returns the content of a train reply (the client's new state is not included)."""
-    out = result.output
+def encode_result(got: Contributions, layout: ParamLayout) -> RecordDict:
+    """Returns the content of a train reply from a job's one-row contributions (the
+    client's new state is not included)."""
+    n = int(got.num_samples[0])
     meta = ConfigRecord({
-        "client": result.client, "job": result.job_id, "version": result.version,
-        "num-samples": result.num_samples, "num-steps": result.num_steps,
+        "client": int(got.senders[0]), "job": int(got.jobs[0]), "version": int(got.versions[0]),
+        "num-samples": n, "num-steps": int(got.num_steps[0]),
     })
-    metrics = MetricRecord({**{k: float(v) for k, v in out.metrics.items()}, "num-examples": result.num_samples})
-    return _with_extras({"arrays": vector_to_record(out.update, layout), "metrics": metrics, "fedsim": meta}, out.extras)
+    values = {k: float(v[0]) for k, v in got.metrics.items() if v[0] == v[0]}  # NaN: not reported
+    metrics = MetricRecord({**values, "num-examples": n})
+    extras = {k: v[0] for k, v in got.extras.items()}
+    return _with_extras({"arrays": vector_to_record(got.updates[0], layout), "metrics": metrics, "fedsim": meta}, extras)
 
 
-def decode_result(content: RecordDict, layout: ParamLayout) -> JobResult:
-    """Inverse of `encode_result`; the output's state is empty (it stayed on the node)."""
+def decode_result(content: RecordDict, layout: ParamLayout) -> tuple[int, int, ClientOutput]:
+    """Inverse of `encode_result`: (job id, client, the client's output without its state,
+    which stayed on the node)."""
     meta = content.config_records["fedsim"]
     metrics = {k: float(v) for k, v in content.metric_records["metrics"].items() if k != "num-examples"}
     extras = records_to_tensors(content.array_records["extras"], content.config_records["extras-numbers"])
     update = record_to_vector(content.array_records["arrays"], layout)
-    output = ClientOutput(update, {}, extras, metrics)
-    return JobResult(int(meta["job"]), int(meta["client"]), int(meta["version"]), output,
-                     int(meta["num-samples"]), int(meta["num-steps"]))
+    return int(meta["job"]), int(meta["client"]), ClientOutput(update, {}, extras, metrics)

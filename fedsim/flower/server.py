@@ -1,10 +1,11 @@
-"""The ServerApp: a fedsim config run on a Flower deployment, synchronously or asynchronously.
+"""The ServerApp: a fedsim config run on a Flower deployment.
 
-It reads the fedsim config named by Flower's run config (`fedsim.flower.settings`), builds
-the run exactly as ``fedsim run`` would — data, model, strategy — with a Flower protocol
-in place of the config's executor and clock (`FlowerSync` or `FlowerAsync`), and lets
-`fedsim.runner` drive it: the run folder (config.yaml, metrics.jsonl, events.jsonl,
-summary.json, final_model.pt, curves.png) is written where the ServerApp runs.
+It reads the fedsim config named by Flower's run config (`fedsim.flower.settings`) and runs
+it exactly as ``fedsim run`` would — the same data, model, strategy and protocol code — with
+two things swapped: the wall clock for the virtual one and the SuperNodes (`FlowerExecutor`)
+for the config's executor. `fedsim.runner` drives it: the run folder (config.yaml,
+metrics.jsonl, events.jsonl, summary.json, final_model.pt, curves.png) is written where the
+ServerApp runs. Protocols that exist only in simulation (the decentralized ones) refuse.
 """
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ from .. import runner
 from ..config import Config, load_config
 from ..config.schema import COMPONENTS
 from ..outputs import default_run_dir
-from .asynchronous import FlowerAsync
+from ..protocols.clocks import WallClock
+from .executor import FlowerExecutor
 from .settings import FlowerSettings, read_settings
-from .sync import FlowerSync
 
 
 def deployment_config(source: str | Path, overrides: Sequence[str] = ()) -> Config:
@@ -44,10 +45,11 @@ def app_folder(grid: Grid) -> Path:
 
 def run_on_grid(grid: Grid, config: Config, settings: FlowerSettings) -> runner.Run:
     """Runs `config` over the SuperNodes reachable through `grid`; returns the finished Run."""
-    protocol = FlowerSync(grid, settings) if settings.mode == "sync" else FlowerAsync(grid, settings)
+    clock = WallClock(settings.reply_timeout)
+    executor = FlowerExecutor(grid, config, settings, clock)
     out = Path(settings.out_dir) if settings.out_dir else default_run_dir(f"flower-{config.name}")
-    log(INFO, "fedsim: %s run of %r, run folder %s", settings.mode, config.name, out)
-    run = runner.execute(config, out, progress=False, protocol=protocol)
+    log(INFO, "fedsim: %s run of %r, run folder %s", config.protocol.name, config.name, out)
+    run = runner.execute(config, out, progress=False, clock=clock, executor=executor)
     last = run.rows[-1]
     log(INFO, "fedsim: done after %d aggregations: test_loss=%.6g test_accuracy=%s",
         last["aggregations"], last["test_loss"], last["test_accuracy"])

@@ -1,9 +1,12 @@
 """The asynchronous schedule: who is in flight, when updates arrive, when the server aggregates.
 
-This module knows nothing of models or learning. It moves jobs through the virtual clock
+This module knows nothing of models or learning. It moves jobs through an event queue
 (`fedsim.clock.EventQueue`, integer ticks) and calls four hooks at the moments where the
-learning side acts (`Hooks`). With `Trace` as the hooks it simulates a schedule alone — the
-frequencies Fraboni et al.'s "weight" variants need, and schedule tests without learning.
+learning side acts (`Hooks`). When a job computes, whether it is lost and when it arrives
+come from the run's clock (`fedsim.protocols.clocks`): predicted from the population's
+behaviour models under virtual time, observed as replies come in under wall time. With
+`Trace` as the hooks it simulates a schedule alone — the frequencies Fraboni et al.'s
+"weight" variants need, and schedule tests without learning.
 
 A run keeps `Rules.concurrency` job slots filled. Per job:
 
@@ -33,8 +36,8 @@ import numpy as np
 
 from ..clock import EventQueue, to_seconds, to_ticks
 from ..rng import numpy_rng
-from ..system.population import Population
 from .base import ProtocolState
+from .clocks import Clock
 
 IMMEDIATE, AT_AGGREGATION = "immediate", "aggregation"
 _RANK = {"done": 0, "arrival": 1, "lost": 2, "window": 3, "retry": 4}
@@ -152,12 +155,14 @@ class Trace(Hooks):
 
 
 class Engine:
-    """Drives a `ScheduleState` event by event under `Rules`, calling `Hooks`."""
+    """Drives a `ScheduleState` event by event under `Rules`, calling `Hooks`; `executor` is
+    what a wall clock polls for finished jobs (None under virtual time)."""
 
-    def __init__(self, rules: Rules, population: Population, num_clients: int, seed: int,
-                 budget: float = math.inf, max_aggregations: int | None = None):
+    def __init__(self, rules: Rules, clock: Clock, num_clients: int, seed: int,
+                 budget: float = math.inf, max_aggregations: int | None = None, executor: Any = None):
         self.rules = rules
-        self.population = population
+        self.clock = clock
+        self.executor = executor
         self.num_clients = num_clients
         self.seed = seed
         self.budget = budget  # ticks (inf: none)
@@ -179,6 +184,7 @@ class Engine:
 
     def step(self, st: ScheduleState, hooks: Hooks) -> ScheduleState:
         """Handles the next event; sets `finished` at the budget, the aggregation cap, or when idle."""
+        self.clock.wait(st, self.executor, priority)
         ev = st.queue.peek()
         capped = self.max_aggregations is not None and st.aggregations >= self.max_aggregations
         if capped or ev is None or ev.time > self.budget:
@@ -206,8 +212,7 @@ class Engine:
         if up is None:  # the client's code failed (executor.on_client_error='drop'): lost now
             st.queue.push(t, "lost", priority("lost", f.client), job=job)
             return
-        total = self.population.job_ticks([f.client], [f.steps], [f.bytes_down], [up], [job])[0]
-        st.queue.push(max(f.start + total, t), "arrival", priority("arrival", f.client), job=job)
+        st.queue.push(self.clock.arrival(f, up, t), "arrival", priority("arrival", f.client), job=job)
 
     def _on_arrival(self, st: ScheduleState, hooks: Hooks, t: int, job: int) -> None:
         f = st.flights.pop(job)
@@ -249,7 +254,7 @@ class Engine:
         st.aggregations += 1
         st.rounds = st.aggregations
         hooks.log(t, "aggregate", version=st.version, clients=[u.client for u in updates],
-                  staleness=[u.staleness for u in updates])
+                  jobs=[u.job for u in updates], staleness=[u.staleness for u in updates])
         st.free += len(st.parked)
         st.parked = []
 
@@ -262,13 +267,13 @@ class Engine:
         busy = {f.client for f in st.flights.values()}
         busy.update(st.parked)
         idle = np.array([c for c in range(self.num_clients) if c not in busy], dtype=np.int64)
-        ready = self.population.available(idle, to_seconds(t)) if len(idle) else idle
+        ready = self.clock.available(idle, t) if len(idle) else idle
         if len(ready) > st.free:
             ready = np.sort(numpy_rng(self.seed, "async/dispatch", st.next_job).choice(ready, st.free, replace=False))
         for client in ready:
             self._dispatch(st, hooks, int(client), t)
         if st.free > 0 and st.retry_at is None:
-            nxt = self.population.next_availability_change(to_seconds(t))
+            nxt = self.clock.next_availability_change(t)
             if math.isfinite(nxt) and to_ticks(nxt) > t:
                 st.retry_at = to_ticks(nxt)
                 st.queue.push(st.retry_at, "retry", priority("retry"))
@@ -277,12 +282,12 @@ class Engine:
         job = st.next_job
         st.next_job += 1
         st.free -= 1
-        lost, lost_at = self.population.drops(np.array([client]), np.array([job]))
-        steps, down = hooks.dispatch(st, client, job, submit=not bool(lost[0]))
-        compute = self.population.job_ticks([client], [steps], [down], [0], [job])[0]
+        lost_at = self.clock.lost_at(client, job)
+        steps, down = hooks.dispatch(st, client, job, submit=lost_at is None)
+        done = self.clock.compute_end(client, job, steps, down, t)
         st.flights[job] = Flight(job, client, st.version, t, steps, down)
         hooks.log(t, "dispatch", client=client, version=st.version, job=job)
-        if lost[0]:
-            st.queue.push(t + int(round(float(lost_at[0]) * compute)), "lost", priority("lost", client), job=job)
-        else:
-            st.queue.push(t + compute, "done", priority("done", client), job=job)
+        if lost_at is not None:
+            st.queue.push(t + int(round(lost_at * (done - t))), "lost", priority("lost", client), job=job)
+        elif done is not None:  # else the clock queues it when the job's reply comes in (`Clock.wait`)
+            st.queue.push(done, "done", priority("done", client), job=job)

@@ -34,8 +34,8 @@ from ..config import Ge, OneOf, Range
 from ..errors import ConfigError
 from ..registry import PROTOCOLS
 from ..strategy import Payload, Tensor
-from .base import Protocol, ProtocolState, RunContext, check_finite
-from .nodes import INITS, build_topology, check_init, eval_sample, initial_models, node_metrics
+from .base import Protocol, ProtocolState, RunContext
+from .nodes import INITS, build_topology, check_init, check_simulated, eval_sample, initial_models, node_metrics
 
 ARRIVE, TRAINED, WAKE = 0, 1, 2  # event priorities at equal times
 
@@ -55,7 +55,7 @@ class GossipState(ProtocolState):
 class AsyncGossipProtocol(Protocol):
     """See the module docstring."""
 
-    requires = "decentralized"
+    strategy_kind = "gossip"
 
     def __init__(self, init: str, buffer_size: int | None, self_weight: float | None, eval_nodes: int):
         self.init_mode = init
@@ -64,10 +64,8 @@ class AsyncGossipProtocol(Protocol):
         self.eval_nodes = eval_nodes
 
     def setup(self, ctx: RunContext) -> None:
+        check_simulated(ctx)
         check_init(ctx.task, self.init_mode)
-        if ctx.strategy.channel is not None:
-            raise ConfigError("protocol.name", f"strategy {ctx.config.strategy.name!r} compresses synchronous gossip "
-                              "steps (a channel); use protocol 'decentralized'")
         topo = build_topology(ctx)
         if not topo.static:
             raise ConfigError("topology.name", f"{topo.name!r} changes every round; the asynchronous gossip "
@@ -148,12 +146,12 @@ class AsyncGossipProtocol(Protocol):
     def _finish(self, ctx: RunContext, state: GossipState, i: int, job_id: int) -> None:
         """Node i's job ended: adopt, push, merge if the buffer is full, start the next job."""
         t = state.time
-        res = ctx.executor.result(job_id)
-        check_finite(res, state.rounds, t)
-        state.models[i] = res.output.update
-        loss = res.output.metrics.get("train_loss")
-        if loss is not None:
-            state.loss_sum, state.loss_count = state.loss_sum + loss, state.loss_count + 1
+        res, _ = ctx.receive(ctx.executor.result(job_id), state.rounds, t)
+        ctx.accept(res)
+        state.models[i] = res.updates[0]
+        loss = res.metrics.get("train_loss")
+        if loss is not None and not np.isnan(loss[0]):
+            state.loss_sum, state.loss_count = state.loss_sum + float(loss[0]), state.loss_count + 1
         state.jobs_done += 1
         state.rounds = state.jobs_done // ctx.num_clients
         self._push(ctx, state, i)

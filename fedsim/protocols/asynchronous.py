@@ -37,12 +37,12 @@ from ..clock import to_seconds, to_ticks
 from ..comm import nbytes
 from ..config import Ge, Gt, OneOf
 from ..errors import ConfigError
-from ..executors.base import JobResult
+from ..contributions import Contributions
 from ..registry import PROTOCOLS
-from ..strategy import CombineContext, Msg, Payload, Tensor
+from ..strategy import CombineContext, Payload, Tensor
 from .async_engine import AT_AGGREGATION, IMMEDIATE, Engine, Flight, Hooks, Rules, ScheduleState, Trace, Update
-from .base import Protocol, RunContext, check_finite, uplink_bytes
-from .weighting import IMPORTANCES, WEIGHTINGS, aggregation_weights, importance
+from .base import Protocol, RunContext
+from .weighting import IMPORTANCES, WEIGHTINGS, aggregation_weight_array, count_updates, importance, online_frequencies
 
 
 @dataclass
@@ -52,19 +52,20 @@ class AsyncState(ScheduleState):
     server: Any = None
     models: dict[int, Payload] = field(default_factory=dict)  # version -> payload still referenced
     refs: dict[int, int] = field(default_factory=dict)  # version -> jobs/updates referring to it
-    results: dict[int, JobResult] = field(default_factory=dict)  # job -> result not yet aggregated
+    results: dict[int, Contributions] = field(default_factory=dict)  # job -> its row, not yet aggregated
     # job -> the client state a still-computing job was dispatched with, kept once the store's
     # entry for its client has changed since (to resubmit the job exactly after a resume)
     dispatch_states: dict[int, dict[str, Tensor]] = field(default_factory=dict)
     # accumulators since the last evaluation
     staleness_seen: list[int] = field(default_factory=list)
     losses_seen: list[float] = field(default_factory=list)
+    participation: np.ndarray | None = None  # updates aggregated per client (weighting 'unbiased_online')
 
 
 class AsyncProtocol(Protocol, Hooks):
     """See the module docstring."""
 
-    requires = "server"
+    strategy_kind = "server"
     drops_failed_jobs = True
 
     def __init__(self, concurrency: int | None, buffer_size: int, window: float | None, redispatch: str,
@@ -95,7 +96,10 @@ class AsyncProtocol(Protocol, Hooks):
             raise ConfigError("protocol.window", f"{self.window} s is below the clock's resolution (1 ns)")
         rules = Rules(conc, self.buffer_size, window, self.redispatch, self.max_staleness)
         self.ctx = ctx
-        self.engine = Engine(rules, ctx.population, n, ctx.seed, ctx.budget_ticks(), ctx.run.rounds)
+        if self.weighting == "unbiased" and not ctx.clock.virtual:
+            raise ConfigError("protocol.weighting", "'unbiased' traces the schedule in advance, which only a "
+                              "simulation can; use 'unbiased_online' (frequencies estimated from the arrivals)")
+        self.engine = Engine(rules, ctx.clock, n, ctx.seed, ctx.budget_ticks(), ctx.run.rounds, ctx.executor)
         self._p = importance(ctx.data.samples_per_client(), self.client_weights)
         self._f = self.schedule_frequencies(ctx) if self.weighting == "unbiased" else None
         self._submitted = False  # in-flight jobs are resubmitted (`resume`) before the first step after a restore
@@ -111,6 +115,8 @@ class AsyncProtocol(Protocol, Hooks):
 
     def init(self, ctx: RunContext) -> AsyncState:
         st = AsyncState(server=ctx.strategy.init(ctx.initial_params))
+        if self.weighting == "unbiased_online":
+            st.participation = np.zeros(ctx.num_clients, dtype=np.int64)
         self._submitted = True
         return self.engine.start(st, self)
 
@@ -167,10 +173,11 @@ class AsyncProtocol(Protocol, Hooks):
         st.refs[v] = st.refs.get(v, 0) + 1
         payload = st.models[v]
         j = self.ctx.make_job(client, payload, v, job)
-        pending = self._buffered_state(st, client)
+        pending = self._buffered(st, client)
         if pending is not None:  # the client continues from its last accepted job, not yet stored
-            j = replace(j, state=pending)
-            st.dispatch_states[job] = pending  # a resume resubmits the job with it
+            j = replace(j, state=pending[1])
+            st.dispatch_states[job] = pending[1]  # a resume resubmits the job with it
+            self.ctx.executor.keep_states(np.array([pending[0]]), np.array([client]))
         if submit:
             self.ctx.executor.submit(j)
         down = nbytes(payload)
@@ -180,47 +187,49 @@ class AsyncProtocol(Protocol, Hooks):
     def finish(self, st: AsyncState, flight: Flight) -> int | None:
         result = self.ctx.executor.result(flight.job)
         st.dispatch_states.pop(flight.job, None)
-        if result.failed:
+        if not len(result):  # its code failed (executor.on_client_error='drop')
             return None
-        check_finite(result, st.rounds, st.time)
         st.results[flight.job] = result
-        up = uplink_bytes(result)
+        up = int(result.uplink_bytes()[0])
         st.bytes_up += up
         return up
 
     def aggregate(self, st: AsyncState, updates: list[Update], time: int) -> None:
         ctx = self.ctx
-        results = [st.results.pop(u.job) for u in updates]
-        clients = [u.client for u in updates]
+        got = Contributions.concat([st.results.pop(u.job) for u in updates])
+        clients = got.senders
         freq = None
         if self._f is not None:  # a client the learning-free schedule never aggregated: count it once
             floor = 1.0 / max(st.aggregations + 1, 1)
-            freq = [self._f[c] if self._f[c] > 0 else floor for c in clients]
-        weights = aggregation_weights(self.weighting, clients, [r.num_samples for r in results], self._p, freq)
-        msgs = [
-            Msg(u.client, r.output.update, w, u.staleness, r.num_samples, r.num_steps,
-                st.models[u.version].params, r.output.extras)
-            for u, r, w in zip(updates, results, weights)
-        ]
-        st.server = ctx.strategy.combine(st.server, msgs, CombineContext(ctx.num_clients, st.version, to_seconds(time)))
-        for u, r in zip(updates, results):
+            freq = np.where(self._f[clients] > 0, self._f[clients], floor)
+        elif st.participation is not None:
+            freq = online_frequencies(st.participation, st.aggregations, clients)
+            count_updates(st.participation, clients)
+        staleness = np.array([u.staleness for u in updates], dtype=np.int64)
+        bases = tuple(st.models[u.version].params for u in updates)
+        weights = aggregation_weight_array(self.weighting, clients, got.num_samples, self._p, freq)
+        got = got.replace(weights=weights, staleness=staleness, bases=bases[0] if len(set(map(id, bases))) == 1 else bases)
+        got, memory = ctx.receive(got, st.rounds, time)
+        st.server = ctx.strategy.combine(st.server, got, CombineContext(ctx.num_clients, st.version, to_seconds(time)))
+        for i, u in enumerate(updates):  # one by one: a client may have several updates in the buffer
             self._keep_dispatch_states(st, u.client)
-            ctx.store.put(u.client, r.output.state)
+            ctx.accept(got.row(i), {k: v[i : i + 1] for k, v in memory.items()})
             self.release(st, u.job, u.version)
-            st.staleness_seen.append(u.staleness)
-            loss = r.output.metrics.get("train_loss")
-            if loss is not None:
-                st.losses_seen.append(float(loss))
+        st.staleness_seen.extend(staleness.tolist())
+        losses = got.metrics.get("train_loss")
+        if losses is not None:
+            st.losses_seen.extend(float(x) for x in losses if not np.isnan(x))
 
     @staticmethod
-    def _buffered_state(st: AsyncState, client: int) -> dict[str, Tensor] | None:
-        """The client state of `client`'s newest result waiting in the buffer (accepted, to be
+    def _buffered(st: AsyncState, client: int) -> tuple[int, dict[str, Tensor]] | None:
+        """(job, client state) of `client`'s newest result waiting in the buffer (accepted, to be
         aggregated), or None. A client redispatched before its last update is aggregated must
         start from that update's state: the server will apply the update, and a strategy with
         a server-side copy of client state (EF21's h_i) must see the same sequence."""
         for u in reversed(st.buffer):
             if u.client == client and u.job in st.results:
-                return st.results[u.job].output.state
+                row = st.results[u.job]
+                return u.job, {k: v[0] for k, v in row.state.items()}
         return None
 
     def _keep_dispatch_states(self, st: AsyncState, client: int) -> None:
@@ -264,7 +273,9 @@ def asynchronous(
             or 'auto' (aggregation with a window, immediate otherwise).
         max_staleness: Discard updates more than this many versions stale (None: keep all).
         weighting: Aggregation weights d_i: 'identical' (1/|S|), 'samples' (n_i/Σn_j),
-            'unbiased' (p_i/f_i, Fraboni et al.'s "weight" variants).
+            'unbiased' (p_i/f_i, Fraboni et al.'s "weight" variants, f_i from a learning-free
+            trace of the schedule: simulation only) or 'unbiased_online' (p_i/f_i with f_i
+            estimated from the arrivals so far: simulation and deployment).
         client_weights: Client importance p_i in the objective, for 'unbiased': 'samples' or 'uniform'.
     """
     return AsyncProtocol(concurrency, buffer_size, window, redispatch, max_staleness, weighting, client_weights)

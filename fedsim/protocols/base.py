@@ -10,24 +10,23 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from ..clock import to_seconds, to_ticks
-from ..comm import nbytes
 from ..config.load import Config
 from ..data.base import FederatedData
 from ..data.batching import job_indices
-from ..errors import DivergenceError
-from ..executors.base import Executor, Job, JobResult
+from ..contributions import Contributions
+from ..executors.base import Executor, Job
 from ..outputs import EventLog
 from ..rng import numpy_rng, numpy_rngs
 from ..state_store import ClientStateStore
 from ..strategy import Payload, Strategy, Tensor
-from ..system.population import Population
 from ..task import Task
+from .clocks import Clock
 
 
 @dataclass
@@ -52,18 +51,21 @@ class RunContext:
         data: FederatedData,
         task: Task,
         strategy: Strategy,
-        population: Population,
+        clock: Clock,
         executor: Executor,
         store: ClientStateStore,
         events: EventLog | None = None,
+        memory: ClientStateStore | None = None,
     ):
         self.config = config
         self.data = data
         self.task = task
         self.strategy = strategy
-        self.population = population
+        self.clock = clock
+        self.population = clock.population  # the behaviour models, under virtual time (else None)
         self.executor = executor
-        self.store = store
+        self.store = store  # each client's persistent state (travels with its jobs)
+        self.memory = memory if memory is not None else ClientStateStore()  # the server's memory of each sender
         self.events = events
         self.seed = config.seed
         self.run = config.run
@@ -97,6 +99,39 @@ class RunContext:
                               local.sampling, local.drop_last, rng)
         return Job(job_id, client, version, payload, self.client_state(client), indices, self.data.num_samples(client))
 
+    def receive(self, contribs: Contributions, round_: int, time: int) -> tuple[Contributions, dict[str, Tensor]]:
+        """Returns `contribs` as combine reads them — after the strategy's ``receive`` step,
+        given its senders' memory — and the senders' new memory rows; raises DivergenceError
+        if an update has NaN or inf entries (the one finiteness check of every protocol)."""
+        memory: dict[str, Tensor] = {}
+        receive = getattr(self.strategy, "receive", None)
+        if receive is not None and len(contribs):
+            contribs, memory = receive(contribs, self._memory_rows(contribs.senders))
+        contribs.check_finite(round_, to_seconds(time))
+        return contribs, memory
+
+    def _memory_rows(self, senders: np.ndarray) -> dict[str, Tensor]:
+        init = getattr(self.strategy, "sender_memory", None)
+        if init is None:
+            return {}
+        rows = []
+        for s in senders.tolist():
+            got = self.memory.get(s)
+            rows.append(got if got is not None else init(self.initial_params))
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def accept(self, contribs: Contributions, memory: Mapping[str, Tensor] | None = None) -> None:
+        """Keeps what the acceptance of `contribs` changes: each sender's new client state and
+        the server's new memory of it (`receive`)."""
+        self.executor.keep_states(contribs.jobs, contribs.senders)
+        senders = contribs.senders.tolist()
+        if contribs.state:
+            for i, client in enumerate(senders):
+                self.store.put(client, {k: v[i] for k, v in contribs.state.items()})
+        if memory:
+            for i, client in enumerate(senders):
+                self.memory.put(client, {k: v[i] for k, v in memory.items()})
+
     def log(self, time: int, kind: str, **fields: Any) -> None:
         """Appends an event to events.jsonl when `run.log_events` is on."""
         if self.events is not None:
@@ -115,7 +150,7 @@ def wait_for_availability(ctx: RunContext, state: ProtocolState) -> ProtocolStat
     """With no client available now: moves the state to the next availability change, or
     finishes it when there is none before the time budget. Returns the state."""
     t0 = state.time
-    nxt = ctx.population.next_availability_change(to_seconds(t0))
+    nxt = ctx.clock.next_availability_change(t0)
     if not math.isfinite(nxt) or to_ticks(nxt) > ctx.budget_ticks():
         state.finished = True
         return state
@@ -125,66 +160,11 @@ def wait_for_availability(ctx: RunContext, state: ProtocolState) -> ProtocolStat
     return state
 
 
-def diverged(client: int, round_: int, time: int) -> DivergenceError:
-    """Returns the error for a client whose update has NaN or inf entries."""
-    return DivergenceError(f"client {client}'s update has NaN/inf in round {round_} (virtual time "
-                           f"{to_seconds(time):.6g} s); lower local.lr or the server learning rate")
-
-
-def check_finite(result: JobResult, round_: int, time: int) -> None:
-    """Raises DivergenceError if a client's update has NaN or inf entries."""
-    upd = result.output.update
-    if isinstance(upd, torch.Tensor) and not bool(torch.isfinite(upd).all()):
-        raise diverged(result.client, round_, time)
-
-
-def suspect_rows(totals: Tensor) -> list[int]:
-    """Returns the indices of the non-finite entries of `totals` (one device sync)."""
-    return torch.nonzero(~torch.isfinite(totals)).flatten().tolist()
-
-
-def check_all_finite(results: Sequence[JobResult], round_: int, time: int) -> None:
-    """`check_finite` for a whole aggregation at the cost of one reduction per update and one
-    device synchronisation: each update is reduced to one number (its sum on the CPU, its L1
-    norm in one fused kernel elsewhere) in which a NaN or inf entry survives; the few updates
-    so flagged (an overflowing sum too) are then checked entry by entry."""
-    tensors = [(r, r.output.update) for r in results if isinstance(r.output.update, torch.Tensor)]
-    if not tensors:
-        return
-    ups = [u for _, u in tensors]
-    same = all(u.device == ups[0].device and u.dtype == ups[0].dtype for u in ups)
-    if not same:
-        for r, _ in tensors:
-            check_finite(r, round_, time)
-        return
-    totals = torch._foreach_norm(ups, 1) if ups[0].device.type != "cpu" else [u.sum() for u in ups]
-    for i in suspect_rows(torch.stack(totals)):
-        check_finite(tensors[i][0], round_, time)
-
-
-def check_rows_finite(updates: Tensor, clients: Sequence[int], round_: int, time: int) -> None:
-    """`check_all_finite` for updates stacked as rows ``[m, ...]`` (row i from `clients[i]`):
-    one reduction per row and one device synchronisation; raises DivergenceError naming the
-    first client whose update has NaN or inf entries."""
-    if len(updates) == 0:
-        return
-    flat = updates.reshape(len(updates), -1)
-    totals = flat.sum(1) if flat.device.type == "cpu" else torch.linalg.vector_norm(flat, 1, dim=1)
-    for i in suspect_rows(totals):  # an overflowing sum is a false alarm: check those rows entry by entry
-        if not bool(torch.isfinite(flat[i]).all()):
-            raise diverged(clients[i], round_, time)
-
-
-def uplink_bytes(result: JobResult) -> int:
-    """Returns the bytes the client sent for this result."""
-    return nbytes(result.output)
-
-
 class Protocol(ABC):
     """A scheduler of rounds or events; see the module docstring."""
 
-    requires: str = "server"  # 'server' (needs combine) or 'decentralized' (needs merge)
-    drops_failed_jobs: bool = False  # treats a failed JobResult (executor.on_client_error='drop') as a drop
+    strategy_kind: str = "server"  # the kind of strategy it drives: 'server' or 'gossip' (fedsim.strategy)
+    drops_failed_jobs: bool = False  # treats a job whose code failed (executor.on_client_error='drop') as a drop
 
     def setup(self, ctx: RunContext) -> None:
         """Validates the protocol against the run and derives constants (called once, before
@@ -214,4 +194,4 @@ class Protocol(ABC):
         return {}
 
 
-__all__ = ["Protocol", "ProtocolState", "RunContext", "check_finite", "uplink_bytes", "wait_for_availability"]
+__all__ = ["Protocol", "ProtocolState", "RunContext", "wait_for_availability"]

@@ -2,7 +2,7 @@
 
 Round r starts at virtual time t_r. Every available node i whose job is not lost runs one
 local job (K steps, via the executor) from its model x_i, giving y_i; then the nodes merge
-Q = ``strategy.gossip_steps`` times with the round's mixing matrix W_r (all nodes use the
+Q = ``gossip_steps`` times with the round's mixing matrix W_r (all nodes use the
 previous step's models: ``Y ← merge(Y, W_r)``, a matmul for plain mixing; W_r is dense up
 to 256 nodes and a sparse CSR tensor beyond, on the device of the node stack — the GPU
 with the vmap executor's ``keep_on_device``, where the nodes' local steps run as one
@@ -13,33 +13,31 @@ of the round lasts its compute time plus the transfer of Q·deg_i models each wa
 round ends when the slowest node is done. A round that would end after run.time_budget is
 not performed (the round is planned before it is applied, `rounds.RoundProtocol`, so
 time-based evaluation sees its end). Bytes: ``bytes_up`` counts models sent, ``bytes_down``
-models received — or, for a strategy with a `fedsim.channel.Channel` (compressed gossip,
+models received — or, with ``compression`` (a `fedsim.channel.Channel`: compressed gossip,
 CHOCO), the encoded messages of its gossip steps, which then run in the plan (their sizes
 time the round); the protocol state holds the channel's per-node state.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Sequence
+from typing import Annotated, Any, Optional
 
 import numpy as np
 import torch
 
 from topologies.mixing import as_tensor, message_counts, restrict, spectral_gap
 
-from ..channel import link_bytes
+from ..channel import build_channel, link_bytes
 from ..clock import to_seconds
 from ..comm import nbytes
 from ..config import Ge, OneOf
 from ..errors import ConfigError
-from ..executors.base import JobResult
-from ..executors.results import stacked_update_rows
+from ..contributions import Contributions
 from ..registry import PROTOCOLS
 from ..rng import key
 from ..strategy import Payload, Tensor
 from .base import Protocol, ProtocolState, RunContext, wait_for_availability
-from .nodes import (INITS, build_topology, check_init, eval_sample, initial_models, mean_train_loss, node_metrics,
-                    stacked_updates)
+from .nodes import INITS, build_topology, check_init, check_simulated, eval_sample, initial_models, node_metrics
 from .rounds import FINISH, WAIT, RoundProtocol
 
 MAX_GAP_NODES = 1024  # the spectral gap (a dense SVD) is reported up to this many nodes
@@ -61,7 +59,7 @@ class GossipRound:
     """A planned round: the nodes that trained, their results, the round's W and message counts."""
 
     ids: np.ndarray  # nodes that train and gossip
-    results: Sequence[JobResult]
+    results: Contributions  # their jobs' results (the new models), in `ids` order
     w: Any  # the round's mixing matrix, restricted to the active nodes
     everyone: bool  # every node active
     recv: np.ndarray  # models each node receives per gossip step
@@ -75,19 +73,22 @@ class GossipRound:
 class DecentralizedProtocol(RoundProtocol):
     """See the module docstring."""
 
-    requires = "decentralized"
+    strategy_kind = "gossip"
 
-    def __init__(self, init: str, eval_nodes: int):
+    def __init__(self, init: str, eval_nodes: int, gossip_steps: int = 1, compression: Any = None):
         self.init_mode = init
         self.eval_nodes = eval_nodes
+        self.gossip_steps = gossip_steps
+        self.channel = build_channel("protocol.compression", compression)
 
     def setup(self, ctx: RunContext) -> None:
+        check_simulated(ctx)
         check_init(ctx.task, self.init_mode)
         self.topology = build_topology(ctx)
-        channel = ctx.strategy.channel
+        channel = self.channel
         if channel is not None and channel.static_graph and not self.topology.static:
-            raise ConfigError("topology.name", f"{self.topology.name!r} changes every round; strategy "
-                              f"{ctx.config.strategy.name!r} keeps state per neighbour and needs a static graph")
+            raise ConfigError("topology.name", f"{self.topology.name!r} changes every round; compressed gossip "
+                              "with public copies (feedback ef21/econtrol) keeps state per neighbour and needs a static graph")
         small = ctx.num_clients <= MAX_GAP_NODES
         self._static_gap = spectral_gap(self.topology.mixing(0)) if self.topology.static and small else None
         self._nodes = eval_sample(ctx.num_clients, self.eval_nodes, ctx.seed)
@@ -95,7 +96,7 @@ class DecentralizedProtocol(RoundProtocol):
 
     def init(self, ctx: RunContext) -> DecentralizedState:
         models = initial_models(ctx, self.init_mode)
-        channel = ctx.strategy.channel
+        channel = self.channel
         return DecentralizedState(models=models, channel=channel.init(models) if channel is not None else None)
 
     def plan(self, ctx: RunContext, state: DecentralizedState) -> GossipRound | str:
@@ -119,9 +120,9 @@ class DecentralizedProtocol(RoundProtocol):
         w = self.topology.mixing(r)
         w = w if active.all() else restrict(w, active)
         recv, sent = message_counts(w)
-        q, size, gossiped = ctx.strategy.gossip_steps, nbytes(x[0]), None
+        q, size, gossiped = self.gossip_steps, nbytes(x[0]), None
         down, up = q * size * recv, q * size * sent
-        if ctx.strategy.channel is not None:
+        if self.channel is not None:
             gossiped, down, up = self._channel_gossip(ctx, state, ids, results, w, bool(active.all()))
         durations = ctx.population.job_ticks(ids, [j.num_steps for j in jobs], down[ids], up[ids], job_ids[ids])
         end = t0 + max(durations, default=0)
@@ -138,16 +139,16 @@ class DecentralizedProtocol(RoundProtocol):
             return state
         if plan == WAIT:
             return wait_for_availability(ctx, state)
-        n, t0, r, end, ids, results = ctx.num_clients, state.time, state.rounds, plan.end, plan.ids, plan.results
-        q = ctx.strategy.gossip_steps
+        n, t0, r, end, ids = ctx.num_clients, state.time, state.rounds, plan.end, plan.ids
+        q = self.gossip_steps
+        results, _ = ctx.receive(plan.results, r, t0)  # the NaN/inf check (a channel's plan gossiped unchecked)
+        ctx.accept(results)
         if plan.gossiped is not None:
-            if results:
-                stacked_updates(results, r, t0)  # the NaN/inf check (the plan gossiped unchecked)
             y, state.channel = plan.gossiped
         else:
             y = state.models.clone()
-            if results:
-                y[torch.as_tensor(ids, device=y.device)] = stacked_updates(results, r, t0)
+            if len(results):
+                y[torch.as_tensor(ids, device=y.device)] = results.updates
             wt = self._mixing_tensor(plan.w, plan.everyone, y)
             own = torch.arange(n, device=y.device)
             for _ in range(q):
@@ -157,7 +158,7 @@ class DecentralizedProtocol(RoundProtocol):
             ctx.log(t0, "train", round=r, nodes=ids.tolist())
             ctx.log(end, "gossip", round=r, steps=q, messages=int(q * plan.sent.sum()))
         state.models = y
-        state.train_loss = mean_train_loss(results)
+        state.train_loss = results.metric_means().get("train_loss")
         state.active = len(ids)
         state.spectral_gap = self._spectral_gap(plan.w, plan.everyone)
         state.bytes_up += int(plan.bytes_up.sum())
@@ -169,19 +170,19 @@ class DecentralizedProtocol(RoundProtocol):
         state.finished = ctx.out_of_rounds(state)
         return state
 
-    def _channel_gossip(self, ctx: RunContext, state: DecentralizedState, ids: np.ndarray, results: Sequence[JobResult],
+    def _channel_gossip(self, ctx: RunContext, state: DecentralizedState, ids: np.ndarray, results: Contributions,
                         w: Any, everyone: bool) -> tuple[tuple[Tensor, Any], np.ndarray, np.ndarray]:
         """Runs the round's Q steps of the strategy's channel on the trained stack, without changing
         `state`; returns ((new stack, channel state), bytes each node received, bytes each sent)."""
         y = state.models.clone()
-        if results:
-            y[torch.as_tensor(ids, device=y.device)] = stacked_update_rows(results)
-        wt, channel, cstate = self._mixing_tensor(w, everyone, y), ctx.strategy.channel, state.channel
+        if len(results):
+            y[torch.as_tensor(ids, device=y.device)] = results.updates
+        wt, channel, cstate = self._mixing_tensor(w, everyone, y), self.channel, state.channel
         senders, r = message_counts(w)[1] > 0, state.rounds
         down, up = np.zeros(len(y), dtype=np.int64), np.zeros(len(y), dtype=np.int64)
-        for s in range(ctx.strategy.gossip_steps):
+        for s in range(self.gossip_steps):
             y, cstate, sizes = channel.step(y, wt, cstate, senders, key(ctx.seed, "gossip/channel", r, s),
-                                            ctx.task.layout)
+                                            ctx.task.layout, ctx.strategy.merge)
             d, u = link_bytes(w, sizes)
             down, up = down + d, up + u
         return (y, cstate), down, up
@@ -215,6 +216,8 @@ class DecentralizedProtocol(RoundProtocol):
 def decentralized(
     init: Annotated[str, OneOf(INITS)] = "shared",
     eval_nodes: Annotated[int, Ge(0)] = 16,
+    gossip_steps: Annotated[int, Ge(1)] = 1,
+    compression: Optional[dict] = None,
 ) -> Protocol:
     """Synchronous decentralized learning: all nodes train, then gossip Q times over the topology.
 
@@ -223,5 +226,12 @@ def decentralized(
             from its own keyed initialisation).
         eval_nodes: Nodes whose own test accuracy is measured at each evaluation (a keyed
             sample when there are more; 0 turns per-node metrics off).
+        gossip_steps: Gossip steps Q per round (1: DFedAvg, DFedSAM; Q > 1: multiple gossip
+            steps, e.g. DFedSAM-MGS with Q = 4).
+        compression: Compressed gossip messages (CHOCO-SGD with feedback ef21): {compressor:
+            topk {ratio} | randk | sign | qsgd {bits, bucket, contractive} | identity, feedback:
+            ef21 (CHOCO, default) | none | ef (DeepSqueeze) | econtrol, gamma: the consensus step
+            γ ∈ (0, 1] (required; Top-1% on a ring of 20: 0.05), eta: EControl's η (0.1)};
+            null: dense models.
     """
-    return DecentralizedProtocol(init, eval_nodes)
+    return DecentralizedProtocol(init, eval_nodes, gossip_steps, compression)

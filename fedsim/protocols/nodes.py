@@ -13,17 +13,15 @@ when n is small; ``node_loss_*`` for tasks without accuracy), ``consensus_distan
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..executors.base import JobResult
-from ..executors.results import ResultBatch, stacked_update_rows
 from ..rng import key, numpy_rng
 from ..task import Task
-from .base import RunContext, check_rows_finite
+from .base import RunContext
 
 INITS = ("shared", "independent")
 
@@ -33,6 +31,13 @@ def build_topology(ctx: RunContext):
     from topologies.base import build_topology as build
 
     return build(ctx.config.topology, ctx.num_clients, ctx.seed)
+
+
+def check_simulated(ctx: RunContext) -> None:
+    """Raises ConfigError unless the run is simulated: the decentralized protocols take their
+    timing and topology from the population models (no deployment transport exists for them)."""
+    if not ctx.clock.virtual:
+        raise ConfigError("protocol.name", f"protocol {ctx.config.protocol.name!r} runs in simulation only")
 
 
 def check_init(task: Task, init: str) -> None:
@@ -93,23 +98,3 @@ def node_metrics(ctx: RunContext, models: torch.Tensor, nodes: np.ndarray) -> di
         out.update({f"node_{name}_mean": float(v.mean()), f"node_{name}_std": float(v.std()),
                     f"node_{name}_min": float(v.min()), f"node_{name}_max": float(v.max())})
     return out
-
-
-def stacked_updates(results: Sequence[JobResult], round_: int, time: int) -> torch.Tensor:
-    """Returns the nodes' new models ``[m, d]`` (row r: results[r]'s; a `ResultBatch`'s own
-    stack, uncopied), checked for NaN/inf by one reduction over the stack (one device
-    synchronisation per round, not one per node); raises DivergenceError naming the first
-    node that diverged."""
-    y = stacked_update_rows(results)
-    clients = results.clients.tolist() if isinstance(results, ResultBatch) else [r.client for r in results]
-    check_rows_finite(y, clients, round_, time)
-    return y
-
-
-def mean_train_loss(results: Sequence[JobResult]) -> float | None:
-    """Returns the mean of the results' train_loss metrics (None when none reported one)."""
-    if isinstance(results, ResultBatch):
-        column = results.metrics.get("train_loss")
-        return float(np.mean(column)) if column else None
-    losses = [r.output.metrics["train_loss"] for r in results if "train_loss" in r.output.metrics]
-    return float(np.mean(losses)) if losses else None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Mapping, NamedTuple, Optional, Sequence
+from typing import Annotated, Any, Optional
 
 import numpy as np
 
@@ -21,16 +21,14 @@ from ..clock import to_seconds, to_ticks
 from ..comm import nbytes
 from ..config import Ge, Gt, OneOf, Range
 from ..errors import ConfigError
-from ..executors.base import Job, JobResult
-from ..executors.results import ResultBatch
-from ..messages import MsgBatch
+from ..contributions import Contributions
+from ..executors.base import Job
 from ..registry import PROTOCOLS
 from ..rng import numpy_rng
 from ..strategy import CombineContext, Payload, Tensor
-from .base import (Protocol, ProtocolState, RunContext, check_all_finite, check_rows_finite, uplink_bytes,
-                   wait_for_availability)
+from .base import Protocol, ProtocolState, RunContext, wait_for_availability
 from .rounds import FINISH, WAIT, RoundProtocol
-from .weighting import IMPORTANCES, WEIGHTINGS, aggregation_weight_array, importance
+from .weighting import IMPORTANCES, WEIGHTINGS, aggregation_weight_array, count_updates, importance, online_frequencies
 
 
 @dataclass
@@ -44,21 +42,18 @@ class SyncState(ProtocolState):
     participants: int = 0  # clients aggregated in the last round
     train_loss: float | None = None  # mean local loss of the last round's aggregated clients
     client_metrics: dict[str, float] = field(default_factory=dict)  # mean of each other client metric, same round
+    participation: np.ndarray | None = None  # rounds each client was aggregated in (weighting 'unbiased_online')
 
-    def close_round(self, ctx: RunContext, results: Sequence[JobResult], jobs: int, stragglers: int,
-                    dropped: int, bytes_down: int, end: int, rows: np.ndarray | None = None) -> None:
-        """Books a round that aggregated `results` (or its `rows`, in aggregation order):
-        statistics, counters, clock."""
-        rows = np.arange(len(results)) if rows is None else rows
-        self.train_loss, self.client_metrics = round_metrics(results, rows)
-        self.participants = len(rows)
+    def close_round(self, ctx: RunContext, aggregated: Contributions, jobs: int, stragglers: int,
+                    dropped: int, bytes_down: int, bytes_up: int, end: int) -> None:
+        """Books a round that aggregated `aggregated`: statistics, counters, clock."""
+        means = aggregated.metric_means()
+        self.train_loss, self.client_metrics = means.pop("train_loss", None), means
+        self.participants = len(aggregated)
         self.stragglers += stragglers
         self.dropped += dropped
         self.bytes_down += bytes_down
-        if isinstance(results, ResultBatch):
-            self.bytes_up += results.uplink_bytes() * len(rows)
-        else:
-            self.bytes_up += int(sum(uplink_bytes(results[i]) for i in rows.tolist()))
+        self.bytes_up += bytes_up
         self.next_job += jobs
         self.version += 1
         self.rounds += 1
@@ -75,49 +70,18 @@ class SyncRound:
     available: int  # clients available at t0
     payload: Payload
     jobs: list[Job]
-    results: Sequence[JobResult]  # of the jobs that were not lost, in the jobs' order
-    on_time: np.ndarray  # the aggregated jobs (indices into `jobs`), in arrival order
+    aggregated: Contributions  # of the jobs that arrived by the deadline, in arrival order
     on_time_at: np.ndarray  # their arrival ticks
-    rows: np.ndarray  # their rows in `results`
     late: list[tuple[int, int]]  # (arrival, client) after the deadline: stragglers
     losses: list[tuple[int, int]]  # (when lost, client)
     cut: int | None  # the deadline's tick
     end: int
 
 
-class RoundTiming(NamedTuple):
-    """When a round's jobs arrive or are lost, and when the round ends (ticks)."""
-
-    on_time: np.ndarray  # the jobs that arrive by the deadline (indices), by arrival, then client
-    on_time_at: np.ndarray  # their arrival ticks
-    late: list[tuple[int, int]]  # (arrival, client) of the jobs that arrive after the deadline, same order
-    losses: list[tuple[int, int]]  # (when lost, client) of the lost jobs, in job order
-    end: int  # the last arrival or loss, cut at the deadline; t0 if nothing happens
-
-
-def time_round(t0: int, clients: np.ndarray, durations: np.ndarray, lost: np.ndarray, lost_at: np.ndarray,
-               cut: int | None) -> RoundTiming:
-    """Times a round that starts at `t0`: job i of `clients[i]` takes `durations[i]` ticks, or,
-    when `lost[i]`, disappears after the fraction `lost_at[i]` of it (rounded half to even);
-    `cut` is the deadline's tick (None: no deadline). Returns the `RoundTiming`."""
-    durations = np.asarray(durations, dtype=np.int64)
-    came = np.flatnonzero(~lost)
-    arrive = t0 + durations[came]
-    order = np.lexsort((clients[came], arrive))  # by arrival, then client
-    came, arrive = came[order], arrive[order]
-    gone = np.flatnonzero(lost)
-    lost_t = t0 + np.round(lost_at[gone] * durations[gone]).astype(np.int64)
-    in_time = np.ones(len(came), dtype=bool) if cut is None else arrive <= cut
-    late = list(zip(arrive[~in_time].tolist(), clients[came[~in_time]].tolist()))
-    losses = list(zip(lost_t.tolist(), clients[gone].tolist()))
-    end = max(int(arrive.max(initial=t0)), int(lost_t.max(initial=t0)), t0)
-    return RoundTiming(came[in_time], arrive[in_time], late, losses, end if cut is None else min(end, cut))
-
-
 class SyncProtocol(RoundProtocol):
     """See the module docstring."""
 
-    requires = "server"
+    strategy_kind = "server"
     drops_failed_jobs = True
 
     def __init__(self, clients_per_round: int | None, fraction: float | None, deadline: float | None,
@@ -147,46 +111,30 @@ class SyncProtocol(RoundProtocol):
         self._p = importance(ctx.data.samples_per_client(), self.client_weights)
 
     def init(self, ctx: RunContext) -> SyncState:
-        return SyncState(server=ctx.strategy.init(ctx.initial_params))
+        state = SyncState(server=ctx.strategy.init(ctx.initial_params))
+        if self.weighting == "unbiased_online":
+            state.participation = np.zeros(ctx.num_clients, dtype=np.int64)
+        return state
 
     def plan(self, ctx: RunContext, state: SyncState) -> SyncRound | str:
         """Samples the round's cohort, runs its jobs and times them; returns the round, or
         'finish' (out of rounds, or it would end after the budget) or 'wait' (no client available)."""
         if ctx.out_of_rounds(state):
             return FINISH
-        t0 = state.time
-        everyone = np.arange(ctx.num_clients)
-        available = ctx.population.available(everyone, to_seconds(t0))
+        t0 = ctx.clock.start(state.time)
+        available = ctx.clock.available(np.arange(ctx.num_clients), t0)
         if len(available) == 0:
             return WAIT
         m = min(self.cohort_size(ctx.num_clients), len(available))
         cohort = np.sort(numpy_rng(ctx.seed, "sample", state.rounds).choice(available, m, replace=False))
         payload = ctx.strategy.publish(state.server)
-        down = nbytes(payload)
-        job_ids = state.next_job + np.arange(m)
-        jobs = ctx.make_jobs(cohort, payload, state.version, job_ids)
-        lost, lost_at = ctx.population.drops(cohort, job_ids)
-        ran = np.flatnonzero(~lost)  # results[k] belongs to jobs[ran[k]]
-        results = ctx.executor.run([jobs[i] for i in ran.tolist()])
-        # a client whose code raised (executor.on_client_error='drop') is lost when its job would end
-        row = np.full(m, -1, dtype=np.int64)
-        row[ran] = np.arange(len(ran))
-        failed = np.zeros(m, dtype=bool)
-        ups = np.zeros(m, dtype=np.int64)
-        if isinstance(results, ResultBatch):  # stacked results never hold a failure
-            ups[ran] = results.uplink_bytes() if len(ran) else 0
-        else:
-            failed[ran] = [r.failed for r in results]
-            ups[ran] = [0 if r.failed else uplink_bytes(r) for r in results]
-        lost, lost_at = lost | failed, np.where(failed, 1.0, lost_at)
-        durations = ctx.population.job_ticks(cohort, [j.num_steps for j in jobs], np.full(m, down), ups, job_ids)
-
+        jobs = ctx.make_jobs(cohort, payload, state.version, state.next_job + np.arange(m))
         cut = t0 + to_ticks(self.deadline) if self.deadline is not None else None
-        timing = time_round(t0, cohort, durations, lost, lost_at, cut)
-        if timing.end > ctx.budget_ticks():
+        out = ctx.clock.run_round(ctx.executor, jobs, t0, cut, nbytes(payload))
+        if out.end > ctx.budget_ticks():
             return FINISH
-        return SyncRound(t0, len(available), payload, jobs, results, timing.on_time, timing.on_time_at,
-                         row[timing.on_time], timing.late, timing.losses, cut, timing.end)
+        return SyncRound(t0, len(available), payload, jobs, out.results, out.arrivals, out.late, out.losses, cut,
+                         out.end)
 
     def plan_end(self, plan: SyncRound | str) -> int | None:
         return plan.end if isinstance(plan, SyncRound) else None
@@ -197,28 +145,19 @@ class SyncProtocol(RoundProtocol):
             return state
         if plan == WAIT:
             return wait_for_availability(ctx, state)
-        t0, end, m, payload = plan.t0, plan.end, len(plan.jobs), plan.payload
-        jobs, on_time, rows, results = plan.jobs, plan.on_time, plan.rows, plan.results
-        clients = [jobs[i].client for i in on_time.tolist()]
-        weights = aggregation_weight_array(
-            self.weighting, clients, [jobs[i].num_samples for i in on_time.tolist()], self._p,
-            np.full(len(clients), m / plan.available),
-        )
-        msgs = MsgBatch(results, rows, weights, None, payload.params)
-        if msgs.stacked:
-            check_rows_finite(msgs.updates, clients, state.rounds, t0)
-        else:
-            check_all_finite([results[i] for i in rows.tolist()], state.rounds, t0)
-        state.server = ctx.strategy.combine(
-            state.server, msgs, CombineContext(ctx.num_clients, state.version, to_seconds(end))
-        )
-        if isinstance(results, ResultBatch):
-            if results.state:  # the store copies each row it keeps
-                for c, i in zip(clients, rows.tolist()):
-                    ctx.store.put(c, {k: v[i] for k, v in results.state.items()})
-        else:
-            for c, i in zip(clients, rows.tolist()):
-                ctx.store.put(c, results[i].output.state)
+        t0, end, m, payload, jobs = plan.t0, plan.end, len(plan.jobs), plan.payload, plan.jobs
+        got = plan.aggregated
+        clients = got.senders.tolist()
+        freq = np.full(len(got), m / plan.available)  # the sampling probability
+        if state.participation is not None:
+            freq = online_frequencies(state.participation, state.rounds, got.senders)
+            count_updates(state.participation, got.senders)
+        weights = aggregation_weight_array(self.weighting, got.senders, got.num_samples, self._p, freq)
+        got = got.replace(weights=weights, staleness=np.zeros(len(got), dtype=np.int64), bases=payload.params)
+        bytes_up = int(got.uplink_bytes().sum())  # what was sent (before `receive` decodes it)
+        got, memory = ctx.receive(got, state.rounds, t0)
+        state.server = ctx.strategy.combine(state.server, got, CombineContext(ctx.num_clients, state.version, to_seconds(end)))
+        ctx.accept(got, memory)
 
         if ctx.events is not None:
             for job in jobs:
@@ -231,7 +170,7 @@ class SyncProtocol(RoundProtocol):
                 ctx.log(plan.cut, "straggler", client=c, version=state.version, would_arrive=to_seconds(t))
             ctx.log(end, "aggregate", version=state.version + 1, clients=clients)
 
-        state.close_round(ctx, results, m, len(plan.late), len(plan.losses), nbytes(payload) * m, end, rows)
+        state.close_round(ctx, got, m, len(plan.late), len(plan.losses), nbytes(payload) * m, bytes_up, end)
         return state
 
     def eval_params(self, ctx: RunContext, state: SyncState) -> Tensor:
@@ -250,27 +189,6 @@ class SyncProtocol(RoundProtocol):
         return out
 
 
-def mean_client_metrics(metrics: list[Mapping[str, Any]], skip: tuple[str, ...] = ()) -> dict[str, float]:
-    """Returns {name: mean over the clients that reported it} for every scalar client metric not in `skip`."""
-    seen: dict[str, list[float]] = {}
-    for m in metrics:
-        for k, v in m.items():
-            if k not in skip and v is not None:
-                seen.setdefault(k, []).append(float(v))
-    return {k: float(np.mean(v)) for k, v in seen.items()}
-
-
-def round_metrics(results: Sequence[JobResult], rows: np.ndarray) -> tuple[float | None, dict[str, float]]:
-    """Returns (mean train_loss, {name: mean} of the other client metrics) over `results`' `rows`
-    (None / absent when no client reported one); reads a `ResultBatch`'s metric columns directly."""
-    if isinstance(results, ResultBatch):
-        means = {k: float(np.mean(np.asarray(col)[rows])) for k, col in results.metrics.items() if len(rows)}
-        return means.pop("train_loss", None), means
-    metrics = [results[i].output.metrics for i in rows.tolist()]
-    losses = [x for x in (m.get("train_loss") for m in metrics) if x is not None]
-    return (float(np.mean(losses)) if losses else None), mean_client_metrics(metrics, skip=("train_loss",))
-
-
 @PROTOCOLS.register("sync")
 def sync(
     clients_per_round: Annotated[Optional[int], Ge(1)] = None,
@@ -286,7 +204,8 @@ def sync(
         fraction: Alternatively, the fraction of the population sampled per round.
         deadline: Round deadline in virtual seconds; later results are discarded as stragglers.
         weighting: Aggregation weights: 'samples' (n_i / Σ n_j), 'identical' (1/|S|),
-            'unbiased' (p_i / f_i, f_i = sampling probability).
+            'unbiased' (p_i / f_i, f_i = sampling probability), 'unbiased_online' (p_i / f_i,
+            f_i = the client's share of the rounds so far, this one included).
         client_weights: Client importance p_i in the objective, for 'unbiased': 'samples' or 'uniform'.
     """
     return SyncProtocol(clients_per_round, fraction, deadline, weighting, client_weights)

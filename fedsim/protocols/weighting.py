@@ -4,7 +4,13 @@
 * ``identical``: w_i = 1/|S| — the plain mean (Fraboni's "identical"; FedBuff-c: 1/c).
 * ``unbiased``: w_i = p_i / f_i — Fraboni's "weight" variants: p_i is the client's importance
   in the federated objective and f_i its expected share of aggregations, so that the
-  expected weight per aggregation is p_i and the scheme optimises Σ p_i L_i.
+  expected weight per aggregation is p_i and the scheme optimises Σ p_i L_i. The protocol
+  knows f_i in advance (the oracle: the sampling probability of a synchronous round, or a
+  learning-free trace of the asynchronous schedule), which only a simulation can do.
+* ``unbiased_online``: the same w_i = p_i / f_i with f_i estimated from what has been
+  observed so far (`online_frequencies`): client i's updates in the aggregations up to this
+  one, divided by their number. It needs no knowledge of the schedule, so a deployment can
+  use it, and a simulation gives the same weights for the same arrivals.
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-WEIGHTINGS = ("samples", "identical", "unbiased")
+WEIGHTINGS = ("samples", "identical", "unbiased", "unbiased_online")
 IMPORTANCES = ("samples", "uniform")
 
 
@@ -55,5 +61,20 @@ def aggregation_weight_array(
     if rule == "identical":
         return np.full(k, 1.0 / k)
     if p is None or freq is None:
-        raise ValueError("the unbiased weighting needs importances p and frequencies f")
+        raise ValueError(f"the {rule} weighting needs importances p and frequencies f")
     return np.asarray(p, dtype=np.float64)[np.asarray(clients, dtype=np.int64)] / np.asarray(freq, dtype=np.float64)
+
+
+def online_frequencies(counts: np.ndarray, done: int, clients: np.ndarray) -> np.ndarray:
+    """Returns the estimated f_i of each of `clients` (one entry per update, a client may
+    appear more than once) for the aggregation after `done` earlier ones: (c_i + k_i) / (done + 1),
+    c_i = client i's updates in those (``counts[i]``), k_i = its updates in this one."""
+    clients = np.asarray(clients, dtype=np.int64)
+    here = np.unique(clients, return_inverse=True)[1]
+    k = np.bincount(here)[here]
+    return (np.asarray(counts, dtype=np.float64)[clients] + k) / (done + 1)
+
+
+def count_updates(counts: np.ndarray, clients: np.ndarray) -> None:
+    """Adds one update of each of `clients` to `counts` (in place; repeated clients count each time)."""
+    np.add.at(counts, np.asarray(clients, dtype=np.int64), 1)

@@ -36,7 +36,7 @@ TOPOLOGIES = {
 METHODS = {
     "DFedAvg": ["strategy.name=dfedavg"],
     "DFedSAM": ["strategy.name=dfedsam", f"strategy.rho={RHO}"],
-    "DFedSAM-MGS": ["strategy.name=dfedsam_mgs", f"strategy.rho={RHO}", "strategy.gossip_steps=4"],
+    "DFedSAM-MGS": ["strategy.name=dfedsam", f"strategy.rho={RHO}", "protocol.gossip_steps=4"],
 }
 QUICK = ["run.rounds=40"]
 RUNS = [

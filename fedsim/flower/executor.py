@@ -1,0 +1,114 @@
+"""The Flower executor: jobs travel as messages to SuperNodes, results come back as replies.
+
+It is the deployment's transport, nothing more: the protocols (`fedsim.protocols`) decide
+who trains when and how results are aggregated, on the wall clock
+(`fedsim.protocols.clocks.WallClock`), exactly as they do in simulation with a local
+executor. `submit` queues a job for its client's node (queued jobs are pushed together at the
+next `poll`, `result` or `run`), `poll` pulls the replies that came in, and `result` returns a
+job's one-row `Contributions` (no row when its node went away). The row is built from the
+server's own job (client, sample count, steps) and the reply's update, extras and metrics.
+
+A client's persistent state stays on its node; `keep_states` tells the executor which job of
+each client produced the state to keep (it was aggregated, or the client restarts from it),
+and the next message to that client carries it, so the node commits that job's state (a
+straggler's state is dropped).
+"""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+import yaml
+from flwr.serverapp import Grid
+
+from ..config.load import Config
+from ..contributions import Contributions, from_outputs
+from ..errors import FedsimError
+from ..executors.base import Executor, Job, WorkerSpec
+from ..protocols.clocks import WallClock
+from ..strategy import Strategy
+from .link import NodeLink
+from .messages import TrainTask
+from .settings import FlowerSettings
+
+
+class FlowerExecutor(Executor):
+    """See the module docstring."""
+
+    def __init__(self, grid: Grid, config: Config, settings: FlowerSettings, clock: WallClock):
+        self.grid = grid
+        self.config = config
+        self.settings = settings
+        self.clock = clock
+        self._jobs: dict[int, Job] = {}  # submitted, not yet fetched
+        self._outbox: list[Job] = []
+        self._done: dict[int, Contributions] = {}
+        self._accepted: dict[int, int] = {}  # client -> its last job the server aggregated
+
+    def start(self, spec: WorkerSpec, strategy: Strategy | None = None) -> None:
+        """Connects to the SuperNodes (one per client, found by its partition-id); the wall
+        clock starts once they are all there."""
+        text = yaml.safe_dump(self.config.resolved(), sort_keys=False)
+        self.link = NodeLink(self.grid, text, spec.task.layout, self.settings.poll_interval)
+        self.link.connect(spec.num_clients, self.settings.node_timeout)
+        self.clock.restart()
+
+    def submit(self, job: Job) -> None:
+        self._jobs[job.job_id] = job
+        self._outbox.append(job)
+
+    def _flush(self) -> None:
+        if not self._outbox:
+            return
+        by_version: dict[int, list[Job]] = {}
+        for job in self._outbox:
+            by_version.setdefault(job.version, []).append(job)
+        self._outbox = []
+        for version, jobs in by_version.items():
+            tasks = [TrainTask(j.client, j.job_id, j.version, self._accepted.get(j.client, -1), j.payload) for j in jobs]
+            self.link.dispatch(tasks, group=str(version))
+
+    def poll(self, until: float) -> list[int]:
+        """Waits until replies come in or the monotonic clock reaches `until`; returns the ids
+        of the jobs that finished (answered, or lost with their node)."""
+        self._flush()
+        results, lost = self.link.wait(until)
+        for job_id, output in results:
+            self._done[job_id] = from_outputs([self._jobs[job_id]], [output])
+        for d in lost:
+            self._done[d.job_id] = Contributions.empty()
+        return [job_id for job_id, _ in results] + [d.job_id for d in lost]
+
+    def result(self, job_id: int) -> Contributions:
+        if job_id not in self._jobs:
+            raise KeyError(f"job {job_id} was not submitted (or its result was already taken)")
+        deadline = time.monotonic() + self.settings.reply_timeout
+        while job_id not in self._done:
+            if time.monotonic() >= deadline:
+                raise FedsimError(f"no reply from client {self._jobs[job_id].client} (job {job_id}) within "
+                                  f"reply-timeout={self.settings.reply_timeout:g} s")
+            self.poll(deadline)
+        del self._jobs[job_id]
+        return self._done.pop(job_id)
+
+    def discard(self, job_id: int) -> None:
+        self._outbox = [j for j in self._outbox if j.job_id != job_id]
+        self._jobs.pop(job_id, None)
+        self._done.pop(job_id, None)
+        self.link.abandon({job_id})
+
+    def keep_states(self, jobs: np.ndarray, clients: np.ndarray) -> None:
+        for job, client in zip(jobs.tolist(), clients.tolist()):
+            self._accepted[client] = job
+
+    def run(self, jobs: Sequence[Job]) -> Contributions:
+        for job in jobs:
+            self.submit(job)
+        return Contributions.concat([self.result(j.job_id) for j in jobs])
+
+    def close(self) -> None:
+        if hasattr(self, "link"):
+            self.link.abandon(set(self._jobs))
+        self._jobs.clear()
+        self._done.clear()
