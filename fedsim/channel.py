@@ -1,44 +1,87 @@
-"""Gossip channels: what a gossip step sends when the messages are not dense models.
+"""Gossip channels: what gossip sends when the messages are compressed instead of dense models.
 
-A decentralized protocol given ``compression:`` (`build_channel`) runs each of its gossip
-steps as ``channel.step`` instead of the strategy's plain ``merge``, and keeps the channel's
-per-node state in its own state (so it is checkpointed):
+A decentralized protocol given ``compression:`` (`build_channel`) sends, for every gossip
+exchange, a compressed message per sender (`Channel.send`) and moves every receiver towards
+the merge of what it knows of its neighbours, ``x ← x + γ (merge(views) − own view)``
+(`Channel.step` for a synchronous step over all nodes; the asynchronous gossip protocol does
+the same per receiver). A node's channel state (CHOCO's public copy x̂, an error memory)
+is per-node memory the runtime keeps in its client-state store, outside the node's jobs
+(`RunContext.memory`), so it is bounded, spilled and checkpointed like any client state.
 
-* ``init(models [n, d]) -> state``: the initial channel state (a dict of ``[n, d]`` stacks,
-  e.g. CHOCO's public copies x̂), from the initial node stack;
-* ``step(models, weights, state, senders, key, layout, merge) -> (models, state, sizes)``:
-  one gossip step of all n nodes, mixing with the strategy's ``merge`` rule. ``senders [n]`` (bool) marks the nodes with at least one
-  out-link this step (the others send nothing and must not change their channel state),
-  ``key`` keys the step's compression randomness, and ``sizes [n]`` (int) is the encoded
-  size in bytes of the message each node sent to every one of its out-neighbours (0 for
-  non-senders);
-* ``static_graph``: True when receivers keep state per sender (CHOCO's x̂_j), which is only
-  consistent when the neighbours do not change; the protocol then refuses time-varying
-  topologies.
-
-`link_bytes` turns the per-node message sizes into the bytes each node sends and receives.
+``static_graph`` is True when receivers must know each sender's past messages (CHOCO's
+x̂_j), which is only consistent when the neighbours do not change; the protocols then refuse
+time-varying topologies. `link_bytes` turns per-node message sizes into the bytes each node
+sends and receives in a synchronous step.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Literal, Mapping, NamedTuple
+from typing import Annotated, Any, Literal, Mapping, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
+from . import feedback as fb
+from .comm import nbytes
+from .compressors import Compressor, decode
 from .config.checks import Ge, Range
+from .errors import DivergenceError
+from .rng import key as rng_key
 
 Tensor = torch.Tensor
-ChannelStep = Callable[[Tensor, Tensor, Any, np.ndarray, int, Any, Any], "tuple[Tensor, Any, np.ndarray]"]
 
 
 class Channel(NamedTuple):
-    """A stateful gossip exchange; see the module docstring."""
+    """Compressed gossip under a feedback rule (see `Compression` for the rules)."""
 
-    init: Callable[[Tensor], Any]
-    step: ChannelStep
-    static_graph: bool = False
+    compress: Compressor
+    feedback: str
+    gamma: float
+    eta: float = 0.0
+
+    @property
+    def static_graph(self) -> bool:
+        """True when receivers rely on each sender's past messages (the public copies x̂)."""
+        return fb.tracks_estimate(self.feedback)
+
+    def initial_state(self, model: Tensor) -> dict[str, Tensor]:
+        """Returns a node's channel state before it sent anything (zeros shaped like its model)."""
+        return fb.initial_state(self.feedback, model)
+
+    def send(self, x: Tensor, state: Mapping[str, Tensor], key: int) -> tuple[Any, dict[str, Tensor], Tensor]:
+        """Returns (the message a node with model x sends, its new channel state, the view its
+        receivers take of it: the public copy x̂ under ef21/econtrol, else the decoded message)."""
+        msg, new = fb.send(self.feedback, x, {k: state[k] for k in fb.STATE_KEYS[self.feedback]}, self.compress, key,
+                           self.eta)
+        return msg, new, (new[fb.ESTIMATE] if self.static_graph else decode(msg))
+
+    def consensus(self, x: Tensor, mixed: Tensor, view: Tensor) -> Tensor:
+        """Returns x + γ (mixed − view); raises DivergenceError if that overflows from finite x."""
+        out = x + self.gamma * (mixed - view)
+        if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(x).all()):  # else: training diverged
+            raise DivergenceError("compressed gossip diverged (NaN/inf in the node models); lower "
+                                  "protocol.compression.gamma, or use a contractive compressor (e.g. qsgd with "
+                                  "contractive: true)")
+        return out
+
+    def step(self, x: Tensor, w: Tensor, state: Mapping[str, Tensor], senders: np.ndarray, key: int, layout: Any,
+             merge: Any) -> tuple[Tensor, dict[str, Tensor], np.ndarray]:
+        """One synchronous gossip step of all n nodes: every node with an out-link (``senders``)
+        sends, then every node moves towards ``merge`` of the views with the mixing matrix w.
+        `state` maps names to ``[n, ...]`` stacks. Returns (new models, new state, the encoded
+        size in bytes of the message each node sent to each out-neighbour, 0 for non-senders)."""
+        new, sizes = {k: v.clone() for k, v in state.items()}, np.zeros(len(x), dtype=np.int64)
+        view = new[fb.ESTIMATE] if self.static_graph else x.clone()  # non-senders: any finite row (no link uses it)
+        for i in np.flatnonzero(senders):
+            msg, st, seen = self.send(x[i], {k: v[i] for k, v in state.items()}, rng_key(key, "node", i))
+            sizes[i] = nbytes(msg)
+            for k, v in st.items():
+                new[k][i] = v
+            if not self.static_graph:
+                view[i] = seen
+        mixed = merge(view, w, torch.arange(len(x), device=x.device), layout)
+        return self.consensus(x, mixed, view), new, sizes
 
 
 def link_bytes(w: sp.csr_array, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -95,34 +138,4 @@ def build_channel(path: str, raw: Mapping[str, Any] | None) -> Channel | None:
                           "and the graph (Top-1% on a ring of 20: 0.05; identity: 1 is plain gossip)")
     spec = Compression(**validate_knobs(path, dict(raw), dataclass_knobs(Compression), "gossip compression"))
     comp = ComponentSpec(COMPRESSORS).resolve(f"{path}.compressor", spec.compressor).build()
-    return compressed_channel(comp, spec.feedback, spec.gamma, spec.eta)
-
-
-def compressed_channel(compress: Any, feedback: str, gamma: float, eta: float) -> Channel:
-    """Returns the channel of `Compression` for a built compressor."""
-    from . import feedback as fb
-    from .comm import nbytes
-    from .compressors import decode
-    from .errors import DivergenceError
-    from .rng import key as rng_key
-
-    keys, tracked = fb.STATE_KEYS[feedback], fb.tracks_estimate(feedback)
-
-    def step(x: Tensor, w: Tensor, state: dict, senders: np.ndarray, key: int, layout: Any, merge: Any) -> tuple:
-        new, sizes = {k: v.clone() for k, v in state.items()}, np.zeros(len(x), dtype=np.int64)
-        view = new[fb.ESTIMATE] if tracked else x.clone()  # non-senders: any finite row (no link uses it)
-        for i in np.flatnonzero(senders):
-            msg, st = fb.send(feedback, x[i], {k: state[k][i] for k in keys}, compress, rng_key(key, "node", i), eta)
-            sizes[i] = nbytes(msg)
-            for k, v in st.items():
-                new[k][i] = v
-            if not tracked:
-                view[i] = decode(msg)
-        mixed = merge(view, w, torch.arange(len(x), device=x.device), layout)
-        out = x + gamma * (mixed - view)
-        if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(x).all()):  # else: training diverged
-            raise DivergenceError("compressed gossip diverged (NaN/inf in the node models); lower "
-                                  "protocol.compression.gamma, or use a contractive compressor (e.g. qsgd with contractive: true)")
-        return out, new, sizes
-
-    return Channel(lambda models: fb.initial_state(feedback, models), step, static_graph=tracked)
+    return Channel(comp, spec.feedback, spec.gamma, spec.eta)

@@ -15,7 +15,8 @@ not performed (the round is planned before it is applied, `rounds.RoundProtocol`
 time-based evaluation sees its end). Bytes: ``bytes_up`` counts models sent, ``bytes_down``
 models received — or, with ``compression`` (a `fedsim.channel.Channel`: compressed gossip,
 CHOCO), the encoded messages of its gossip steps, which then run in the plan (their sizes
-time the round); the protocol state holds the channel's per-node state.
+time the round); each node's channel state is kept in the run's per-node memory
+(`RunContext.memory`).
 """
 from __future__ import annotations
 
@@ -48,7 +49,6 @@ class DecentralizedState(ProtocolState):
     """Progress plus the node stack and the last round's statistics."""
 
     models: Tensor | None = None  # [n, d]: node i's model in row i
-    channel: Any = None  # the strategy's channel state (fedsim.channel), if it has a channel
     train_loss: float | None = None
     active: int = 0  # nodes that trained and gossiped in the last round
     spectral_gap: float | None = None  # of the last round's mixing matrix
@@ -67,7 +67,7 @@ class GossipRound:
     end: int
     bytes_down: np.ndarray  # bytes each node receives in the round's Q gossip steps
     bytes_up: np.ndarray  # bytes each node sends in them
-    gossiped: tuple[Tensor, Any] | None = None  # with a channel: the new stack and channel state
+    gossiped: tuple[Tensor, dict[int, dict[str, Tensor]]] | None = None  # with a channel: new stack, changed node states
 
 
 class DecentralizedProtocol(RoundProtocol):
@@ -95,9 +95,7 @@ class DecentralizedProtocol(RoundProtocol):
         self._static_w: Tensor | None = None
 
     def init(self, ctx: RunContext) -> DecentralizedState:
-        models = initial_models(ctx, self.init_mode)
-        channel = self.channel
-        return DecentralizedState(models=models, channel=channel.init(models) if channel is not None else None)
+        return DecentralizedState(models=initial_models(ctx, self.init_mode))
 
     def plan(self, ctx: RunContext, state: DecentralizedState) -> GossipRound | str:
         """Runs the round's jobs and times the round; returns it, or 'finish' (out of rounds,
@@ -144,7 +142,9 @@ class DecentralizedProtocol(RoundProtocol):
         results, _ = ctx.receive(plan.results, r, t0)  # the NaN/inf check (a channel's plan gossiped unchecked)
         ctx.accept(results)
         if plan.gossiped is not None:
-            y, state.channel = plan.gossiped
+            y, changed = plan.gossiped
+            for node, st in changed.items():
+                ctx.memory.put(node, st)
         else:
             y = state.models.clone()
             if len(results):
@@ -171,13 +171,16 @@ class DecentralizedProtocol(RoundProtocol):
         return state
 
     def _channel_gossip(self, ctx: RunContext, state: DecentralizedState, ids: np.ndarray, results: Contributions,
-                        w: Any, everyone: bool) -> tuple[tuple[Tensor, Any], np.ndarray, np.ndarray]:
-        """Runs the round's Q steps of the strategy's channel on the trained stack, without changing
-        `state`; returns ((new stack, channel state), bytes each node received, bytes each sent)."""
+                        w: Any, everyone: bool) -> tuple[tuple[Tensor, dict], np.ndarray, np.ndarray]:
+        """Runs the round's Q steps of the compressed channel on the trained stack, without
+        changing `state` or the nodes' memory; returns ((new stack, {node: new channel state}
+        of the nodes that sent), bytes each node received, bytes each sent)."""
         y = state.models.clone()
         if len(results):
             y[torch.as_tensor(ids, device=y.device)] = results.updates
-        wt, channel, cstate = self._mixing_tensor(w, everyone, y), self.channel, state.channel
+        wt, channel = self._mixing_tensor(w, everyone, y), self.channel
+        rows = [ctx.memory.get(i) or channel.initial_state(y[i]) for i in range(len(y))]
+        cstate = {k: torch.stack([r[k] for r in rows]).to(y.device) for k in rows[0]}
         senders, r = message_counts(w)[1] > 0, state.rounds
         down, up = np.zeros(len(y), dtype=np.int64), np.zeros(len(y), dtype=np.int64)
         for s in range(self.gossip_steps):
@@ -185,7 +188,8 @@ class DecentralizedProtocol(RoundProtocol):
                                             ctx.task.layout, ctx.strategy.merge)
             d, u = link_bytes(w, sizes)
             down, up = down + d, up + u
-        return (y, cstate), down, up
+        changed = {int(i): {k: v[i] for k, v in cstate.items()} for i in np.flatnonzero(senders)} if cstate else {}
+        return (y, changed), down, up
 
     def _mixing_tensor(self, w: Any, everyone: bool, like: Tensor) -> Tensor:
         """Returns W as a tensor on the stack's device (dense up to 256 nodes, sparse CSR beyond);
