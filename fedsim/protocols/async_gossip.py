@@ -13,7 +13,11 @@ job ends at time t the node
 3. starts its next job from the (merged) model.
 
 A buffer keeps the newest model per sender. Arrivals at a tick are handled before the
-jobs that end at that tick. A lost job (dropout) produces nothing; the node starts over
+jobs that end at that tick. With ``compression`` (`fedsim.channel`) a push sends one
+compressed message under the feedback rule, receivers buffer the sender's view (CHOCO: its
+public copy x̂_i), and a merge moves the node by x ← x + γ (merge(own view, views) − own view);
+the identity compressor with γ = 1 is plain gossip. A node's channel state is kept in the
+run's per-node memory. A lost job (dropout) produces nothing; the node starts over
 after the part of the job it spent. An unavailable node sleeps until availability changes.
 ``rounds`` counts n completed jobs (one job per node on average, as one synchronous round);
 ``aggregations`` counts merges; ``bytes_up`` / ``bytes_down`` models sent / received.
@@ -27,9 +31,12 @@ from typing import Annotated, Any, Optional
 import numpy as np
 import torch
 
+from .. import feedback as fb
 from .. import rng
+from ..rng import key
 from ..clock import EventQueue, to_seconds, to_ticks
 from ..comm import nbytes
+from ..channel import build_channel
 from ..config import Ge, OneOf, Range
 from ..errors import ConfigError
 from ..registry import PROTOCOLS
@@ -57,11 +64,13 @@ class AsyncGossipProtocol(Protocol):
 
     strategy_kind = "gossip"
 
-    def __init__(self, init: str, buffer_size: int | None, self_weight: float | None, eval_nodes: int):
+    def __init__(self, init: str, buffer_size: int | None, self_weight: float | None, eval_nodes: int,
+                 compression: Any = None):
         self.init_mode = init
         self.buffer_size = buffer_size
         self.self_weight = self_weight
         self.eval_nodes = eval_nodes
+        self.channel = build_channel("protocol.compression", compression)
 
     def setup(self, ctx: RunContext) -> None:
         check_simulated(ctx)
@@ -111,7 +120,7 @@ class AsyncGossipProtocol(Protocol):
         state.time = ev.time
         if ev.kind == "arrive":
             state.buffers.setdefault(ev.data["node"], {})[ev.data["sender"]] = ev.data["model"]
-            state.bytes_down += nbytes(ev.data["model"])
+            state.bytes_down += ev.data.get("size", nbytes(ev.data["model"]))
             ctx.log(ev.time, "arrive", node=ev.data["node"], sender=ev.data["sender"])
         elif ev.kind == "trained":
             self._finish(ctx, state, ev.data["node"], ev.data["job"])
@@ -154,30 +163,51 @@ class AsyncGossipProtocol(Protocol):
             state.loss_sum, state.loss_count = state.loss_sum + float(loss[0]), state.loss_count + 1
         state.jobs_done += 1
         state.rounds = state.jobs_done // ctx.num_clients
-        self._push(ctx, state, i)
+        view = self._push(ctx, state, i, job_id)
         buffer = state.buffers.get(i, {})
         if len(buffer) >= self.needed[i]:
             senders = sorted(buffer)
-            state.models[i] = self._merge(ctx, state.models[i], [buffer[s] for s in senders])
+            received = [buffer[s] for s in senders]
+            if self.channel is None:
+                state.models[i] = self._merge(ctx, state.models[i], received)
+            else:
+                own = view if view is not None else self._own_view(ctx, i, state.models[i])
+                state.models[i] = self.channel.consensus(state.models[i], self._merge(ctx, own, received), own)
             state.buffers[i] = {}
             state.aggregations += 1
             ctx.log(t, "merge", node=i, senders=senders)
         self._start(ctx, state, i)
 
-    def _push(self, ctx: RunContext, state: GossipState, i: int) -> None:
-        """Sends a copy of node i's model to each out-neighbour, arriving after the link delays."""
+    def _push(self, ctx: RunContext, state: GossipState, i: int, job_id: int) -> Tensor | None:
+        """Sends node i's model (with compression: one message) to each out-neighbour, arriving
+        after the link delays; returns what the receivers take of it (None: no neighbour)."""
         targets = self.out[i]
         if not targets:
-            return
+            return None
         model = state.models[i].clone()
         size = nbytes(model)
+        if self.channel is not None:
+            own = ctx.memory.get(i) or self.channel.initial_state(model)
+            msg, kept, model = self.channel.send(model, own, key(ctx.seed, "gossip/channel", job_id))
+            ctx.memory.put(i, kept)
+            size = nbytes(msg)
         link = ctx.population.link
         up = float(link.transfer_time(np.array([i]), np.array([0]), np.array([size * len(targets)]))[0])
         down = link.transfer_time(np.array(targets), np.full(len(targets), size), np.zeros(len(targets)))
         for j, d in zip(targets, down):
-            state.queue.push(state.time + to_ticks(up + float(d)), "arrive", ARRIVE, node=j, sender=i, model=model)
+            state.queue.push(state.time + to_ticks(up + float(d)), "arrive", ARRIVE, node=j, sender=i, model=model,
+                             size=size)
         state.bytes_up += size * len(targets)
         ctx.log(state.time, "push", node=i, to=targets)
+        return model
+
+    def _own_view(self, ctx: RunContext, i: int, model: Tensor) -> Tensor:
+        """What node i's neighbours know of it when it merges without having pushed: its public
+        copy under ef21/econtrol, else its model."""
+        if not self.channel.static_graph:
+            return model
+        kept = ctx.memory.get(i) or self.channel.initial_state(model)
+        return kept[fb.ESTIMATE].to(model.device)
 
     def _merge(self, ctx: RunContext, own: Tensor, received: list[Tensor]) -> Tensor:
         """Returns own merged with the received models under the strategy's rule."""
@@ -207,6 +237,7 @@ def async_gossip(
     buffer_size: Annotated[Optional[int], Ge(1)] = None,
     self_weight: Annotated[Optional[float], Range(0.0, 1.0)] = 0.5,
     eval_nodes: Annotated[int, Ge(0)] = 16,
+    compression: Optional[dict] = None,
 ) -> Protocol:
     """Asynchronous gossip learning: nodes train on their own clocks, push, and merge full buffers.
 
@@ -218,5 +249,7 @@ def async_gossip(
             average 50"); null gives every model in the merge the same weight.
         eval_nodes: Nodes whose own test accuracy is measured at each evaluation (a keyed
             sample when there are more; 0 turns per-node metrics off).
+        compression: Compressed gossip messages, as for the decentralized protocol ({compressor,
+            feedback, gamma, eta}; null: dense models).
     """
-    return AsyncGossipProtocol(init, buffer_size, self_weight, eval_nodes)
+    return AsyncGossipProtocol(init, buffer_size, self_weight, eval_nodes, compression)
