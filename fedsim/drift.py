@@ -1,150 +1,75 @@
-"""Client-drift corrections shared by the momentum and control-variate strategies.
+"""Client-drift pieces: the corrections SCAFFOLD, FedAvg-M and SCAFFOLD-M compose.
 
-Cheng, Huang, Wu, Yuan (ICLR 2024, arXiv 2306.16504) extend FedAvg and SCAFFOLD with one
-local step direction, here with every piece optional:
+Each piece is one line of an algorithm box, as a pure function over flat tensors, so that
+``strategies/scaffold.py``, ``fedavg_m.py`` and ``scaffold_m.py`` read against their papers:
 
-    d = β (∇F_i(y; ξ) − c_i + c) + (1 − β) (g + [∇F_i(y; ξ) − ∇F_i(x^{r−1}; ξ)]_VR)
-
-(SCAFFOLD: β = 1; FedAvg-M: no c_i, c; the VR forms add the bracket), and one server rule:
-x ← x − η_g Σ_i w_i u_i, g ← Σ_i w_i u_i / (η K_i), c ← c + (1/N) Σ_{i∈S} (c_i⁺ − c_i).
+* `corrected` — SCAFFOLD's control-variate correction of a local gradient, g − c_i + c;
+* `toward` — client momentum toward the server's estimate, β d + (1 − β) g
+  (FedCM / FedAvg-M, SCAFFOLD-M);
+* `storm` — the STORM correction with the same sample at the previous global model,
+  g + ∇F(y; ξ) − ∇F(x^{r−1}; ξ) (the -VR forms);
+* `gradient_at` (option I), `from_displacement` (option II) and the mean of a job's path
+  gradients (SCAFFOLD-M) — ways to refresh a client's control variate c_i;
+* `per_step_mean` and `control_step` — the server's momentum estimate and control variate.
 
 Units: the server does not know the clients' learning rate η, so it keeps and publishes
-ηg = Σ_i w_i u_i / K_i (the mean model displacement per local step) and each client divides
-by its own η. With one η and one K this is exactly the paper's
-g^{r+1} = (1/(ηK|S|)) Σ_{i∈S} (x^r − y_i^K) (with w_i = 1/|S|), and the paper's global
-learning rate γ (x^{r+1} = x^r − γ g^{r+1}) is γ = η_g·η·K: η_g = 1 is plain averaging.
+ηg = Σ_i w_i u_i / K_i (the mean model displacement per local step; `per_step_mean`) and
+each client divides by its own η. With one η and one K this is exactly
+g^{r+1} = (1/(ηK|S|)) Σ_{i∈S} (x^r − y_i^K) (with w_i = 1/|S|), and a paper's global learning
+rate γ (x^{r+1} = x^r − γ g^{r+1}) is γ = η_g·η·K: η_g = 1 is plain averaging.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal, NamedTuple, Optional
+from typing import Annotated, Literal
 
 import numpy as np
-import torch
 
 from . import vec
 from .config.checks import Range
-from .blocks import weighted_sum
-from .local import local_lr, sgd_steps
 from .contributions import Contributions
-from .strategy import Batch, Batches, ClientOutput, ClientState, CombineContext, GradFn, LocalHP, LocalUpdate
-from .strategy import Payload, ServerStrategy, Tensor
+from .strategy import Batches, GradFn, Tensor
 
-# How a client refreshes its control variate c_i:
-#   "I": ∇F_i at the received model x, averaged over the job's batches (K extra gradients);
-#   "II": c_i − c + (x − y_K)/(Kη) (SCAFFOLD's free option);
-#   "path": the mean of the K fresh gradients ∇F_i(y_k; ξ_k) of this job (SCAFFOLD-M).
-ControlOption = Literal["I", "II", "path"]
 Beta = Annotated[float, Range(0.0, 1.0, open_lo=True)]  # β ∈ (0, 1], the weight of the fresh gradient
 # g^0: 'zero' (g^0 = 0, so the first ~1/β rounds move by about β) or 'first_round' (round 0
 # runs without momentum and sets g^1 from its updates, like STORM's d_0 = ∇f(x_0; ξ_0)).
 G0 = Literal["zero", "first_round"]
 
 
-class DriftState(NamedTuple):
-    """Server state: x^r and, where the strategy uses them, ηg^r, c and x^{r−1}."""
-
-    params: Tensor
-    g: Optional[Tensor] = None  # η·g^r, the momentum (gradient estimate) in per-step units
-    c: Optional[Tensor] = None  # server control variate c = (1/N) Σ_i c_i
-    prev: Optional[Tensor] = None  # x^{r−1}, for the variance-reduced forms
+def corrected(grad: Tensor, shift: Tensor) -> Tensor:
+    """Returns SCAFFOLD's corrected gradient g + (c − c_i), `shift` = c − c_i (computed once per job)."""
+    return grad + shift
 
 
-def drift_local(beta: float = 1.0, control: ControlOption | None = None, vr: bool = False) -> LocalUpdate:
-    """Returns the client part: K steps along d (module docstring), upload u = x − y_K and,
-    with `control`, Δc_i = c_i⁺ − c_i as extra 'dc' and c_i⁺ as the new state."""
-
-    def local(payload: Payload, state: ClientState, batches: Batches, grad_fn: GradFn, hp: LocalHP) -> ClientOutput:
-        x, extras = payload.params, payload.extras
-        eta = local_lr(payload, hp)
-        shift = extras["c"] - state["c"] if control else None  # c − c_i
-        g = extras["g"] / eta if "g" in extras else None
-        total = [0.0]  # Σ_k ∇F_i(y_k; ξ_k), for control="path"
-
-        def direction(y: Tensor, batch: Batch, grad_fn: GradFn, k: int) -> tuple[Tensor, Tensor]:
-            grad, loss = grad_fn(y, batch)
-            if control == "path":
-                total[0] = total[0] + grad
-            d = grad if shift is None else grad + shift
-            if g is not None:
-                # VR: STORM-style correction with the same sample ξ at the previous global model
-                fresh = g + grad - grad_fn(extras["prev"], batch)[0] if vr else g
-                d = beta * d + (1 - beta) * fresh
-            return d, loss
-
-        y, loss = sgd_steps(x, batches, grad_fn, hp, direction, lr=eta)
-        u = x - y
-        if control is None:
-            return ClientOutput(u, {}, {}, {"train_loss": loss})
-        k = max(batches.num_steps, 1)
-        if control == "II":
-            c_new = state["c"] - extras["c"] + u / (k * eta)
-        elif control == "I":
-            c_new = sum(grad_fn(x, batches[j])[0] for j in range(batches.num_steps)) / k
-        else:
-            c_new = total[0] / k
-        return ClientOutput(u, {"c": c_new}, {"dc": c_new - state["c"]}, {"train_loss": loss})
-
-    return local
+def toward(d: Tensor, g: Tensor, beta: float) -> Tensor:
+    """Returns β d + (1 − β) g: a step direction pulled toward the server's estimate g."""
+    return beta * d + (1 - beta) * g
 
 
-def per_step_mean(c: Contributions) -> Tensor:
+def storm(g: Tensor, grad: Tensor, grad_prev: Tensor) -> Tensor:
+    """Returns g + ∇F(y; ξ) − ∇F(x^{r−1}; ξ): STORM's correction of the estimate g with the same sample."""
+    return g + grad - grad_prev
+
+
+def gradient_at(x: Tensor, batches: Batches, grad_fn: GradFn) -> Tensor:
+    """Returns the mean of ∇F(x; ξ_k) over the job's K batches (SCAFFOLD's option I: one extra pass)."""
+    k = max(batches.num_steps, 1)
+    return sum(grad_fn(x, batches[j])[0] for j in range(batches.num_steps)) / k
+
+
+def from_displacement(c_i: Tensor, c: Tensor, u: Tensor, steps: int, lr: Tensor | float) -> Tensor:
+    """Returns c_i − c + u / (K η): SCAFFOLD's option II (free: from the model displacement u = x − y_K)."""
+    return c_i - c + u / (max(steps, 1) * lr)
+
+
+def per_step_mean(got: Contributions) -> Tensor:
     """Returns Σ_i w_i u_i / K_i: the weighted mean model displacement per local step (= ηg)."""
-    return vec.weighted_sum(c.updates, (c.weights / np.maximum(c.num_steps, 1)).tolist())
+    return vec.weighted_sum(got.updates, (got.weights / np.maximum(got.num_steps, 1)).tolist())
 
 
-def control_step(c: Tensor, contribs: Contributions, num_clients: int) -> Tensor:
-    """Returns c + (1/N) Σ_{i∈S} Δc_i, which keeps c = (1/N) Σ_i c_i over the population."""
-    return c + vec.weighted_sum(contribs.extras["dc"], [1.0 / num_clients] * len(contribs))
+def control_step(c: Tensor, got: Contributions, num_clients: int) -> Tensor:
+    """Returns c + (1/N) Σ_{i∈S} Δc_i (extra 'dc'), which keeps c = (1/N) Σ_i c_i over the population."""
+    return c + vec.weighted_sum(got.extras["dc"], [1.0 / num_clients] * len(got))
 
 
-def drift_server(
-    local: LocalUpdate,
-    server_lr: float = 1.0,
-    momentum: bool = False,
-    control: bool = False,
-    vr: bool = False,
-    g0: G0 = "zero",
-) -> ServerStrategy:
-    """Returns a server-based strategy: x ← x − η_g Σ w_i u_i, plus the momentum ηg (with
-    `momentum`), the control variate c (with `control`) and x^{r−1} (with `vr`), all published
-    to clients as payload extras 'g', 'c', 'prev'. With g0='first_round' no g is sent before
-    the first aggregation, so clients step with β = 1 (no momentum) in round 0 and g^1 is a
-    plain gradient estimate. An empty aggregation changes nothing."""
-    reduce = weighted_sum()
-
-    def init(params: Tensor) -> DriftState:
-        zero = torch.zeros_like(params)
-        g = zero if momentum and g0 == "zero" else None
-        return DriftState(params, g, zero if control else None, params if vr else None)
-
-    def publish(state: DriftState) -> Payload:
-        extras = {"g": state.g, "c": state.c, "prev": state.prev}
-        return Payload(state.params, {k: v for k, v in extras.items() if v is not None})
-
-    def combine(state: DriftState, contribs: Contributions, ctx: CombineContext) -> DriftState:
-        if not len(contribs):
-            return state
-        return DriftState(
-            state.params - server_lr * reduce(contribs),
-            per_step_mean(contribs) if momentum else None,
-            control_step(state.c, contribs, ctx.num_clients) if control else None,
-            state.params if vr else None,
-        )
-
-    def metrics(state: DriftState) -> dict[str, float]:
-        out = {}
-        if state.g is not None:
-            out["momentum_norm"] = float(vec.norm(state.g))
-        if state.c is not None:
-            out["control_norm"] = float(vec.norm(state.c))
-        return out
-
-    return ServerStrategy(
-        local=local,
-        init=init,
-        publish=publish,
-        combine=combine,
-        params=lambda s: s.params,
-        client_state=(lambda p: {"c": torch.zeros_like(p)}) if control else None,
-        metrics=metrics,
-    )
+__all__ = ["Beta", "G0", "control_step", "corrected", "from_displacement", "gradient_at", "per_step_mean", "storm",
+           "toward"]

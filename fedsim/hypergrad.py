@@ -30,7 +30,7 @@ from . import vec
 from .blocks import Transform
 from .errors import ConfigError
 from .local import local_lr, sgd_step, sgd_steps
-from .strategy import Batches, ClientOutput, ClientState, GradFn, LocalHP, LocalUpdate, Payload, Strategy, Tensor
+from .strategy import Batches, ClientOutput, ClientState, GradFn, LocalHP, LocalUpdate, Payload, ServerStrategy, Tensor
 
 Normalize = Literal["none", "cosine", "sigmoid"]  # forms of the hypergradient, see `hypergradient`
 
@@ -161,10 +161,10 @@ def hyper_local(rule: StepRule | None = None, lr_lo: float = 0.0, lr_hi: float =
 
 
 def with_server_extras(
-    strategy: Strategy,
+    strategy: ServerStrategy,
     extras: Callable[[Any], Mapping[str, Tensor]],
     metrics: Callable[[Any], Mapping[str, Tensor | float]],
-) -> Strategy:
+) -> ServerStrategy:
     """Returns an `fl_server` strategy whose payload adds extras(transform state) and whose
     evaluation metrics are metrics(transform state) (tensors turned into floats)."""
     return strategy._replace(

@@ -33,11 +33,13 @@ from fedsim.strategy import CombineContext, Payload, ServerStrategy, Tensor
 
 
 class CO2State(NamedTuple):
-    """Anchor x_t, outer momentum m, and d_t, the average whose all-reduce is still in flight."""
+    """Anchor x_t, outer momentum m, and d_t, the average whose all-reduce is still in flight
+    (meaningful once `pending`: the first phase's average arrives one outer step late)."""
 
     anchor: Tensor
     momentum: Tensor
-    in_flight: Optional[Tensor]
+    in_flight: Tensor
+    pending: bool
 
 
 @STRATEGIES.register("co2")
@@ -63,17 +65,17 @@ def co2(
         if not len(contribs):
             return state
         d = average(contribs)
-        used, in_flight = (state.in_flight, d) if stale else (d, None)
-        if used is None:  # the first phase's average has not arrived yet
-            return CO2State(state.anchor, state.momentum, in_flight)
+        if stale and not state.pending:  # the first phase's average has not arrived yet
+            return CO2State(state.anchor, state.momentum, d, True)
+        used, in_flight = (state.in_flight, d) if stale else (d, state.in_flight)
         m = outer_momentum * state.momentum + used / gap_penalty
         if clip is not None:
             m = m.clamp(-clip, clip)
-        return CO2State(state.anchor - outer_lr * m, m, in_flight)
+        return CO2State(state.anchor - outer_lr * m, m, in_flight, stale)
 
     return ServerStrategy(
         local=plain_sgd(),
-        init=lambda x: CO2State(x, x.new_zeros(x.shape), None),
+        init=lambda x: CO2State(x, x.new_zeros(x.shape), x.new_zeros(x.shape), False),
         publish=lambda s: Payload(s.anchor),
         combine=combine,
         params=lambda s: s.anchor,

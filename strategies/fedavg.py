@@ -14,7 +14,7 @@ from fedsim.config import Gt, Range
 from fedsim.local import plain_sgd
 from fedsim.registry import STRATEGIES
 from fedsim.staleness import from_config
-from fedsim.strategy import Strategy
+from fedsim.strategy import ServerStrategy
 
 
 @STRATEGIES.register("fedavg")
@@ -23,7 +23,7 @@ def fedavg(
     server_momentum: Annotated[float, Range(0.0, 1.0, open_hi=True)] = 0.0,
     nesterov: bool = False,
     staleness: Any = "constant",
-) -> Strategy:
+) -> ServerStrategy:
     """Federated averaging, with optional server momentum (FedAvgM).
 
     Args:

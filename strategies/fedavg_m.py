@@ -9,8 +9,7 @@ Downlink: x and g (x^{r−1} too for VR); uplink: u_i only. Clients are stateles
 Verified: the FedAvg-M update against FedCM's reference code (RickZack/GHBM, fedcm_client.py:
 grad·α + (1 − α)·Δ/(lr·K); fedcm_center_server.py: Δ = mean pseudo-gradient), which ICLR
 reviewers state is the same algorithm, and x^{r+1} = x^r − γ g^{r+1} as quoted in the reviews.
-Implemented as recalled (ALGORITHMS.md §2.4; the Algorithm boxes were not retrievable): the
-VR direction. Measured with it: on exact quadratics FedAvg-M-VR's fixed point is FedAvg's at
+Implemented as recalled (the paper's Algorithm boxes could not be read): the VR direction. Measured with it: on exact quadratics FedAvg-M-VR's fixed point is FedAvg's at
 lr η (FedAvg-M's is at ηβ); on digits (η = 0.05 or 0.01, K = 20) the VR forms do not train.
 Choices (the box's initialisation could not be checked either): round 0 runs without momentum
 and sets g^1 (g0='first_round'; 'zero' starts from g^0 = 0, so the first ~1/β rounds move by
@@ -18,18 +17,33 @@ about β); x^{−1} = x^0.
 """
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
+import torch
+
+from fedsim import vec
+from fedsim.blocks import weighted_sum
 from fedsim.config import Gt
-from fedsim.drift import G0, Beta, drift_local, drift_server
+from fedsim.contributions import Contributions
+from fedsim.drift import G0, Beta, per_step_mean, storm, toward
+from fedsim.local import local_lr, sgd_steps
 from fedsim.registry import STRATEGIES
-from fedsim.strategy import Strategy
+from fedsim.strategy import ClientOutput, CombineContext, Payload, ServerStrategy, Tensor
+
+
+class MomentumState(NamedTuple):
+    """Server state: x^r, ηg^r (in per-step units, `fedsim.drift`), x^{r−1}, and whether g is in use yet."""
+
+    params: Tensor
+    g: Tensor
+    prev: Tensor
+    started: bool
 
 
 @STRATEGIES.register("fedavg_m")
 def fedavg_m(
     beta: Beta = 0.1, server_lr: Annotated[float, Gt(0)] = 1.0, vr: bool = False, g0: G0 = "first_round"
-) -> Strategy:
+) -> ServerStrategy:
     """FedAvg with client-level momentum towards the server's gradient estimate (FedCM).
 
     Args:
@@ -38,11 +52,43 @@ def fedavg_m(
         vr: Use the variance-reduced direction (FedAvg-M-VR; two gradients per local step).
         g0: 'first_round' (round 0 without momentum; g^1 from its updates) or 'zero' (g^0 = 0).
     """
-    return drift_server(drift_local(beta, vr=vr), server_lr, momentum=True, vr=vr, g0=g0)
+    average = weighted_sum()
+
+    def local(payload: Payload, state, batches, grad_fn, hp) -> ClientOutput:
+        x, extras, eta = payload.params, payload.extras, local_lr(payload, hp)
+        g = extras["g"] / eta if "g" in extras else None  # absent in round 0 with g0 = 'first_round'
+
+        def direction(y, batch, grad_fn, k):  # β ∇F_i(y; ξ) + (1 − β) g^r; VR: g^r + ∇F_i(y; ξ) − ∇F_i(x^{r−1}; ξ)
+            grad, loss = grad_fn(y, batch)
+            if g is None:
+                return grad, loss
+            return toward(grad, storm(g, grad, grad_fn(extras["prev"], batch)[0]) if vr else g, beta), loss
+
+        y, loss = sgd_steps(x, batches, grad_fn, hp, direction, lr=eta)
+        return ClientOutput(x - y, {}, {}, {"train_loss": loss})
+
+    def combine(s: MomentumState, got: Contributions, ctx: CombineContext) -> MomentumState:
+        if not len(got):
+            return s
+        # g^{r+1} = Σ_i w_i (x^r − y_i^K)/(ηK);  x^{r+1} = x^r − γ g^{r+1}
+        return MomentumState(s.params - server_lr * average(got), per_step_mean(got), s.params, True)
+
+    def publish(s: MomentumState) -> Payload:
+        extras = {"g": s.g} if s.started else {}
+        return Payload(s.params, {**extras, "prev": s.prev} if vr else extras)
+
+    return ServerStrategy(
+        local=local,
+        init=lambda x: MomentumState(x, torch.zeros_like(x), x, g0 == "zero"),
+        publish=publish,
+        combine=combine,
+        params=lambda s: s.params,
+        metrics=lambda s: {"momentum_norm": float(vec.norm(s.g))} if s.started else {},
+    )
 
 
 @STRATEGIES.register("fedavg_m_vr")
-def fedavg_m_vr(beta: Beta = 0.1, server_lr: Annotated[float, Gt(0)] = 1.0, g0: G0 = "first_round") -> Strategy:
+def fedavg_m_vr(beta: Beta = 0.1, server_lr: Annotated[float, Gt(0)] = 1.0, g0: G0 = "first_round") -> ServerStrategy:
     """FedAvg-M-VR: `fedavg_m` with `vr: true` (see fedavg_m for the knobs).
 
     Args:

@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fedsim.config import Ge, Gt, Range
-from fedsim.hypergrad import Normalize, StepRule, check_bounds
+from fedsim.blocks import chain, fl_server, sgd
+from fedsim.hypergrad import Normalize, StepRule, check_bounds, hyper_local, last_update, with_server_extras
 from fedsim.registry import STRATEGIES
-from fedsim.strategy import Strategy
+from fedsim.strategy import ServerStrategy
 
 from .fedhyper_g import hyper_global
 
@@ -27,7 +28,7 @@ def fedhyper_cl(
     multiplier_min: Annotated[float, Gt(0)] = 0.1,
     multiplier_max: Annotated[float, Gt(0)] = 10.0,
     client_normalize: Normalize = "none",
-) -> Strategy:
+) -> ServerStrategy:
     """FedHyper-CL: every client schedules its own rate per step; fixed global rate.
 
     Args:
@@ -40,8 +41,9 @@ def fedhyper_cl(
         client_normalize: 'none', 'cosine' or 'sigmoid' form of both inner products.
     """
     rule = client_rule(client_hyper_lr, global_coef, growth_cap, multiplier_min, multiplier_max, client_normalize)
-    # the server is FedHyper-G frozen at η_g (β_h = 0): plain FedAvg that also sends Δ_{t−1}
-    return hyper_global(server_lr, 0.0, server_lr, server_lr, "none", 0.0, rule)
+    # the server: x ← x − η_g u_t (FedAvg), keeping u_t to send as Δ_{t−1} next round
+    server = fl_server(hyper_local(rule), transform=chain(last_update(), sgd(server_lr)))
+    return with_server_extras(server, lambda opt: {"prev_update": opt[0]}, lambda opt: {"global_lr": server_lr})
 
 
 @STRATEGIES.register("fedhyper_full")
@@ -58,7 +60,7 @@ def fedhyper_full(
     multiplier_min: Annotated[float, Gt(0)] = 0.1,
     multiplier_max: Annotated[float, Gt(0)] = 10.0,
     client_normalize: Normalize = "none",
-) -> Strategy:
+) -> ServerStrategy:
     """FedHyper-FULL: FedHyper-GM on the server and FedHyper-CL on the clients.
 
     Args:

@@ -15,7 +15,7 @@ from fedsim.config import Ge, Gt, Range
 from fedsim.hypergrad import (Normalize, StepRule, check_bounds, hyper_local, hypergrad_lr, last_update,
                               with_server_extras)
 from fedsim.registry import STRATEGIES
-from fedsim.strategy import Strategy
+from fedsim.strategy import ServerStrategy
 
 
 @STRATEGIES.register("fedhyper_g")
@@ -25,7 +25,7 @@ def fedhyper_g(
     lr_min: Annotated[float, Gt(0)] = 0.2,
     lr_max: Annotated[float, Gt(0)] = 5.0,
     normalize: Normalize = "none",
-) -> Strategy:
+) -> ServerStrategy:
     """FedHyper-G: a global learning rate driven by the hypergradient.
 
     Args:
@@ -47,7 +47,7 @@ def fedhyper_gm(
     lr_max: Annotated[float, Gt(0)] = 5.0,
     normalize: Normalize = "none",
     momentum: Annotated[float, Range(0.0, 1.0, open_hi=True)] = 0.9,
-) -> Strategy:
+) -> ServerStrategy:
     """FedHyper-GM: FedHyper-G with server momentum (the code's recommended variant).
 
     Args:
@@ -62,7 +62,7 @@ def fedhyper_gm(
 
 
 def hyper_global(server_lr: float, hyper_lr: float, lr_min: float, lr_max: float, normalize: str, momentum: float,
-                 rule: StepRule | None = None) -> Strategy:
+                 rule: StepRule | None = None) -> ServerStrategy:
     """Returns the G/GM server; with a client `rule` (CL, FULL) the payload adds u_{t−1} as `prev_update`."""
     check_bounds("strategy.server_lr", lr_min, server_lr, lr_max)
     transform = hypergrad_lr(server_lr, hyper_lr, lr_min, lr_max, momentum, normalize)

@@ -17,7 +17,7 @@ from fedsim.config import Ge, Gt
 from fedsim.errors import ConfigError
 from fedsim.hypergrad import Normalize, hyper_local, hypergrad_lr, with_server_extras
 from fedsim.registry import STRATEGIES
-from fedsim.strategy import Strategy
+from fedsim.strategy import ServerStrategy
 
 
 @STRATEGIES.register("fedhyper_sl")
@@ -27,7 +27,7 @@ def fedhyper_sl(
     local_lr_min: Annotated[float, Gt(0)] = 0.001,
     local_lr_max: Annotated[float, Gt(0)] = 0.1,
     normalize: Normalize = "none",
-) -> Strategy:
+) -> ServerStrategy:
     """FedHyper-SL: the server schedules the clients' learning rate by the hypergradient.
 
     Args:

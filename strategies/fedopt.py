@@ -15,14 +15,14 @@ from fedsim.blocks import adagrad, adam, fl_server, yogi
 from fedsim.config import Gt, Range
 from fedsim.local import plain_sgd
 from fedsim.registry import STRATEGIES
-from fedsim.strategy import Strategy
+from fedsim.strategy import ServerStrategy
 
 Beta = Annotated[float, Range(0.0, 1.0, open_hi=True)]
 
 
 @STRATEGIES.register("fedadam")
 def fedadam(server_lr: Annotated[float, Gt(0)] = 0.01, beta1: Beta = 0.9, beta2: Beta = 0.99,
-            tau: Annotated[float, Gt(0)] = 1e-3, bias_correction: bool = False) -> Strategy:
+            tau: Annotated[float, Gt(0)] = 1e-3, bias_correction: bool = False) -> ServerStrategy:
     """FedAvg clients, Adam on the server: v ← β₂v + (1−β₂)u².
 
     Args:
@@ -37,7 +37,7 @@ def fedadam(server_lr: Annotated[float, Gt(0)] = 0.01, beta1: Beta = 0.9, beta2:
 
 @STRATEGIES.register("fedyogi")
 def fedyogi(server_lr: Annotated[float, Gt(0)] = 0.01, beta1: Beta = 0.9, beta2: Beta = 0.99,
-            tau: Annotated[float, Gt(0)] = 1e-3) -> Strategy:
+            tau: Annotated[float, Gt(0)] = 1e-3) -> ServerStrategy:
     """FedAvg clients, Yogi on the server: v ← v − (1−β₂)u²·sign(v − u²).
 
     Args:
@@ -51,7 +51,7 @@ def fedyogi(server_lr: Annotated[float, Gt(0)] = 0.01, beta1: Beta = 0.9, beta2:
 
 @STRATEGIES.register("fedadagrad")
 def fedadagrad(server_lr: Annotated[float, Gt(0)] = 0.01, beta1: Beta = 0.0,
-               tau: Annotated[float, Gt(0)] = 1e-3) -> Strategy:
+               tau: Annotated[float, Gt(0)] = 1e-3) -> ServerStrategy:
     """FedAvg clients, Adagrad on the server: v ← v + u².
 
     Args:

@@ -14,7 +14,7 @@ from fedsim.config import Ge, Gt
 from fedsim.local import local_lr, sgd_steps
 from fedsim.registry import STRATEGIES
 from fedsim.staleness import from_config
-from fedsim.strategy import Batch, Batches, ClientOutput, ClientState, GradFn, LocalHP, LocalUpdate, Payload, Strategy, Tensor
+from fedsim.strategy import Batch, Batches, ClientOutput, ClientState, GradFn, LocalHP, LocalUpdate, Payload, ServerStrategy, Tensor
 
 
 def proximal_sgd(mu: float) -> LocalUpdate:
@@ -38,7 +38,7 @@ def fedprox(
     mu: Annotated[float, Ge(0)] = 0.01,
     server_lr: Annotated[float, Gt(0)] = 1.0,
     staleness: Any = "constant",
-) -> Strategy:
+) -> ServerStrategy:
     """FedAvg with a proximal term μ/2‖y − x‖² in every client's local objective.
 
     Args:

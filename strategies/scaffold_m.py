@@ -7,8 +7,8 @@ c ← c + (1/N) Σ_{i∈S} Δc_i. SCAFFOLD-M-VR adds the STORM term with the sam
 d = ∇F_i(y; ξ) + (1 − β)(g^r − ∇F_i(x^{r−1}; ξ)) − β (c_i − c).
 Downlink: x, c, g (x^{r−1} too for VR); uplink: u_i, Δc_i; per client: c_i.
 
-Implemented as recalled (ALGORITHMS.md §2.3–2.4; the Algorithm boxes were not retrievable):
-the c_i⁺ rule and the VR direction. Checked here instead: with β = 1 SCAFFOLD-M is SCAFFOLD
+Implemented as recalled (the paper's Algorithm boxes could not be read): the c_i⁺ rule and the
+VR direction. Checked here instead: with β = 1 SCAFFOLD-M is SCAFFOLD
 (option II equals the mean of the path gradients), and it reaches the exact optimum of
 heterogeneous quadratics with full and partial participation (tests/test_momentum.py).
 Measured: with stochastic gradients SCAFFOLD-M-VR's error is ~10× below SCAFFOLD-M's
@@ -18,18 +18,34 @@ x^{−1} = x^0; w_i from the protocol's weighting.
 """
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
+import torch
+
+from fedsim import vec
+from fedsim.blocks import weighted_sum
 from fedsim.config import Gt
-from fedsim.drift import G0, Beta, drift_local, drift_server
+from fedsim.contributions import Contributions
+from fedsim.drift import G0, Beta, control_step, corrected, per_step_mean, storm, toward
+from fedsim.local import local_lr, sgd_steps
 from fedsim.registry import STRATEGIES
-from fedsim.strategy import Strategy
+from fedsim.strategy import ClientOutput, CombineContext, Payload, ServerStrategy, Tensor
+
+
+class MomentumState(NamedTuple):
+    """Server state: x^r, ηg^r (in per-step units, `fedsim.drift`), x^{r−1}, and whether g is in use yet, and the server control variate c."""
+
+    params: Tensor
+    g: Tensor
+    prev: Tensor
+    started: bool
+    c: Tensor
 
 
 @STRATEGIES.register("scaffold_m")
 def scaffold_m(
     beta: Beta = 0.1, server_lr: Annotated[float, Gt(0)] = 1.0, vr: bool = False, g0: G0 = "first_round"
-) -> Strategy:
+) -> ServerStrategy:
     """SCAFFOLD with client-level momentum towards the server's gradient estimate.
 
     Args:
@@ -38,12 +54,54 @@ def scaffold_m(
         vr: Use the variance-reduced direction (SCAFFOLD-M-VR; two gradients per local step).
         g0: 'first_round' (round 0 without momentum; g^1 from its updates) or 'zero' (g^0 = 0).
     """
-    local = drift_local(beta, control="path", vr=vr)
-    return drift_server(local, server_lr, momentum=True, control=True, vr=vr, g0=g0)
+    average = weighted_sum()
+
+    def local(payload: Payload, state, batches, grad_fn, hp) -> ClientOutput:
+        x, extras, c_i, eta = payload.params, payload.extras, state["c"], local_lr(payload, hp)
+        shift = extras["c"] - c_i  # c − c_i
+        g = extras["g"] / eta if "g" in extras else None  # absent in round 0 with g0 = 'first_round'
+        path = [0.0]  # Σ_k ∇F_i(y_k; ξ_k)
+
+        def direction(y, batch, grad_fn, k):  # β (∇F_i(y; ξ) − c_i + c) + (1 − β) g^r; VR: STORM-corrected g^r
+            grad, loss = grad_fn(y, batch)
+            path[0] = path[0] + grad
+            d = corrected(grad, shift)
+            if g is None:
+                return d, loss
+            return toward(d, storm(g, grad, grad_fn(extras["prev"], batch)[0]) if vr else g, beta), loss
+
+        y, loss = sgd_steps(x, batches, grad_fn, hp, direction, lr=eta)
+        c_new = path[0] / max(batches.num_steps, 1)  # c_i⁺: the mean of the job's fresh gradients
+        return ClientOutput(x - y, {"c": c_new}, {"dc": c_new - c_i}, {"train_loss": loss})
+
+    def combine(s: MomentumState, got: Contributions, ctx: CombineContext) -> MomentumState:
+        if not len(got):
+            return s
+        # g^{r+1} = Σ_i w_i u_i/(ηK);  x^{r+1} = x^r − γ g^{r+1};  c ← c + (1/N) Σ_{i∈S} Δc_i
+        return MomentumState(s.params - server_lr * average(got), per_step_mean(got), s.params, True,
+                             control_step(s.c, got, ctx.num_clients))
+
+    def publish(s: MomentumState) -> Payload:
+        extras = {"g": s.g, "c": s.c} if s.started else {"c": s.c}
+        return Payload(s.params, {**extras, "prev": s.prev} if vr else extras)
+
+    def metrics(s: MomentumState) -> dict[str, float]:
+        out = {"momentum_norm": float(vec.norm(s.g))} if s.started else {}
+        return {**out, "control_norm": float(vec.norm(s.c))}
+
+    return ServerStrategy(
+        local=local,
+        init=lambda x: MomentumState(x, torch.zeros_like(x), x, g0 == "zero", torch.zeros_like(x)),
+        publish=publish,
+        combine=combine,
+        params=lambda s: s.params,
+        client_state=lambda x: {"c": torch.zeros_like(x)},
+        metrics=metrics,
+    )
 
 
 @STRATEGIES.register("scaffold_m_vr")
-def scaffold_m_vr(beta: Beta = 0.1, server_lr: Annotated[float, Gt(0)] = 1.0, g0: G0 = "first_round") -> Strategy:
+def scaffold_m_vr(beta: Beta = 0.1, server_lr: Annotated[float, Gt(0)] = 1.0, g0: G0 = "first_round") -> ServerStrategy:
     """SCAFFOLD-M-VR: `scaffold_m` with `vr: true` (see scaffold_m for the knobs).
 
     Args:

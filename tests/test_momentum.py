@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedsim.drift import drift_local
+from strategies.scaffold_m import scaffold_m_vr
 from fedsim.strategy import Batches, LocalHP, Payload
 
 from .conftest import quadratic_config, run_config
@@ -90,7 +90,7 @@ def test_scaffold_m_with_beta_one_is_scaffold(name):
 def test_scaffold_m_vr_direction_by_hand():
     # Prepare: f(x) = ½·2·(x − 3)², so ∇F(y) = 2(y − 3). η = 0.1, β = 0.5, K = 2,
     # x = 1, x^{r−1} = 0, c = 0.4, c_i = 1, ηg = 0.3 (g = 3).
-    local = drift_local(beta=0.5, control="path", vr=True)
+    local = scaffold_m_vr(beta=0.5).local
     payload = Payload(torch.tensor([1.0], dtype=torch.float64),
                       {"c": torch.tensor([0.4], dtype=torch.float64), "g": torch.tensor([0.3], dtype=torch.float64),
                        "prev": torch.tensor([0.0], dtype=torch.float64)})
