@@ -25,6 +25,7 @@ class FlowerProtocol(Protocol):
     """Base of the sync and async Flower protocols (see the module docstring)."""
 
     requires = "server"
+    clock_runs_alone = True  # the wall clock
 
     def __init__(self, grid: Grid, settings: FlowerSettings):
         self.grid = grid

@@ -185,6 +185,9 @@ class Protocol(ABC):
 
     requires: str = "server"  # 'server' (needs combine) or 'decentralized' (needs merge)
     drops_failed_jobs: bool = False  # treats a failed JobResult (executor.on_client_error='drop') as a drop
+    # the clock moves whatever the jobs take (a wall clock; FedFix windows that clients wait
+    # for): run.time_budget is reached even if no job takes virtual time (fedsim.stall)
+    clock_runs_alone: bool = False
 
     def setup(self, ctx: RunContext) -> None:
         """Validates the protocol against the run and derives constants (called once, before
