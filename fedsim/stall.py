@@ -92,7 +92,7 @@ class StallWatch:
         self.by_time = run.time_budget is not None
         self.per_client = run.stall_jobs_per_client
         self.max_jobs = None if run.stall_jobs_per_client is None else run.stall_jobs_per_client * num_clients
-        self.max_idle = None if run.max_idle_time is None else run.max_idle_time
+        self.max_idle = run.max_idle_time
         self.marks = marks
 
     def start(self, rounds: int, time: int, jobs: int) -> None:
@@ -112,7 +112,7 @@ class StallWatch:
             m.update(busy=time, seen_jobs=jobs, seen_rounds=rounds)
         elif self.max_idle is not None and time - m["busy"] >= to_ticks(self.max_idle):
             return (f"no job started and no round completed from virtual time {to_seconds(m['busy']):.6g} s to "
-                    f"{to_seconds(time):.6g} s (run.max_idle_time={self.max_idle:g}): no client is available")
+                    f"{to_seconds(time):.6g} s: is no client available any more? (run.max_idle_time={self.max_idle:g} s)")
         return None
 
     def _no_progress(self, jobs: int) -> str:

@@ -90,7 +90,7 @@ def test_no_client_ever_available_stops_after_max_idle_time(protocol, tmp_path):
     code, err, out = cli(tmp_path, cfg)
     assert code == 4, err
     assert "no progress: no job started and no round completed from virtual time 0 s to 300 s" in one_line(err)
-    assert "run.max_idle_time=300" in err and list_checkpoints(out)
+    assert "is no client available any more? (run.max_idle_time=300 s)" in err and list_checkpoints(out)
 
 
 def test_a_resumed_stalled_run_stops_where_it_stopped(tmp_path):
