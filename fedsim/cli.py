@@ -1,7 +1,7 @@
 """The `fedsim` command line: run, resume, plot, reproduce, gallery, config-reference, list.
 
-Every user error is one line on stderr and an exit status (2 bad input, 3 divergence),
-never a traceback.
+Every user error is one line on stderr and an exit status (2 bad input, 3 divergence, 4 no
+progress, 130 interrupted; see fedsim/errors.py), never a traceback.
 """
 from __future__ import annotations
 

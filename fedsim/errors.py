@@ -1,4 +1,8 @@
-"""Errors that reach the user as one line and an exit status, never as a traceback."""
+"""Errors that reach the user as one line and an exit status, never as a traceback.
+
+Exit statuses: 2 a problem the user can fix before running (config, data, folders), 3 the
+training diverged, 4 the run stopped making progress toward its end, 130 interrupted.
+"""
 from __future__ import annotations
 
 
@@ -22,9 +26,17 @@ class DataError(FedsimError):
 
 
 class DivergenceError(FedsimError):
-    """Training produced NaN or inf; carries where it happened."""
+    """Training diverged: NaN or inf in an update or the test loss, or a test loss that stays
+    far above its initial value (`fedsim.divergence`); says where it happened."""
 
     exit_code = 3
+
+
+class NoProgressError(FedsimError):
+    """The run stopped moving toward its end (`fedsim.stall`): jobs that never complete a
+    round or move the clock, or no job for a long virtual time; a checkpoint is written."""
+
+    exit_code = 4
 
 
 class ClientJobError(FedsimError):

@@ -21,8 +21,10 @@ from .errors import FedsimError
 
 
 def _clean(value: Any) -> Any:
+    """Returns `value` as JSON can hold it: tensors and numpy scalars as Python numbers, NaN and
+    ±inf as null (JSON has neither; a stand-in number would read as a real measurement)."""
     if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else (1e308 if value > 0 else -1e308)
+        return None
     if hasattr(value, "item") and callable(value.item):
         return _clean(value.item())
     if isinstance(value, dict):

@@ -25,11 +25,13 @@ from . import checkpoint as ckpt
 from .clock import to_seconds, to_ticks
 from .config.load import Config, load_config
 from .data import build_federated_data
-from .errors import ConfigError, DivergenceError, FedsimError, Interrupted
+from .divergence import chance_accuracy, diverged, last_finite, shown
+from .errors import ConfigError, DivergenceError, FedsimError, Interrupted, NoProgressError
 from .executors.base import Executor, WorkerSpec, build_executor
 from .outputs import EventLog, JsonlLog, prepare_run_dir, read_jsonl, write_atomic, write_config, write_summary
 from .protocols.base import Protocol, ProtocolState, RunContext
 from .protocols.clocks import Clock, VirtualClock
+from .stall import StallWatch, check_horizon, warn_if_nothing_done
 from .state_store import ClientStateStore
 from .strategy import LocalHP, Strategy, kind_of
 from .system.population import Population
@@ -45,6 +47,7 @@ class DriverState:
     evaluations: int = 0
     checkpoints: int = 0
     wall_offset: float = 0.0  # wall seconds spent before a resume
+    stall: dict[str, int] = field(default_factory=dict)  # what the StallWatch has seen
 
 
 @dataclass
@@ -70,8 +73,12 @@ def build(config: Config, clock: Clock | None = None, executor: Executor | None 
     strategy: Strategy = config.strategy.build()
     protocol = config.protocol.build()
     check_pairing(config, strategy, protocol)
-    if clock is None:
-        clock = VirtualClock(Population.build(config.system, data.num_clients, config.seed))
+    if clock is None:  # simulated: virtual time from the population's behaviour models
+        population = Population.build(config.system, data.num_clients, config.seed)
+        if not protocol.clock_runs_alone:
+            model_bytes = task.layout.dim * torch.empty(0, dtype=task.dtype).element_size()
+            check_horizon(config, population, data.samples_per_client(), model_bytes)
+        clock = VirtualClock(population)
     executor = executor if executor is not None else build_executor(config)
     if executor.on_client_error == "drop" and not protocol.drops_failed_jobs:
         raise ConfigError("executor.on_client_error",
@@ -162,7 +169,8 @@ def _write_checkpoint(run: Run, out_dir: Path, state: ProtocolState, dstate: Dri
         events_bytes = ctx.events.path.stat().st_size
     dstate.checkpoints += 1
     # last_rounds = the state's rounds: their evaluation, if due, is done (rows are made before checkpoints)
-    snapshot = DriverState(dstate.next_eval, state.rounds, dstate.evaluations, dstate.checkpoints, wall)
+    snapshot = DriverState(dstate.next_eval, state.rounds, dstate.evaluations, dstate.checkpoints, wall,
+                           dict(dstate.stall))
     payload = {
         "format": 1,
         "protocol": run.config.protocol.name,
@@ -175,6 +183,13 @@ def _write_checkpoint(run: Run, out_dir: Path, state: ProtocolState, dstate: Dri
         "events_bytes": events_bytes,
     }
     ckpt.save(out_dir, dstate.checkpoints, payload, run.config.run.keep_checkpoints)
+
+
+def _diverged(what: str, last: dict[str, Any], label: str, out_dir: Path | None) -> DivergenceError:
+    """Returns the one-line DivergenceError: what diverged, the `last` metrics before it (named
+    `label`), and whether a checkpoint is kept."""
+    kept = " (last checkpoint kept)" if out_dir and ckpt.list_checkpoints(out_dir) else ""
+    return DivergenceError(f"{what}; {label}: {shown(last)}{kept}")
 
 
 def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
@@ -202,6 +217,9 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
     else:
         state, dstate = resume
         proto.resume(ctx, state)
+    watch = StallWatch(run.config, ctx.num_clients, dstate.stall)
+    src = ctx.data.source
+    chance = chance_accuracy(src.y_test.cpu().numpy()) if src.task == "classification" else None
 
     def wall() -> float:
         return dstate.wall_offset + time.perf_counter() - wall_start
@@ -212,6 +230,10 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
         dstate.evaluations += 1
         if metrics:
             metrics.append(row)
+        verdict = diverged(run.rows, cfg, chance)
+        if verdict is not None:  # before a checkpoint could hold the diverged model
+            raise _diverged(f"{verdict.what}; lower local.lr or the server learning rate", verdict.last,
+                            verdict.label, out_dir)
         acc = row.get("test_accuracy")
         bar.set_postfix_str(f"acc={acc:.4f}" if acc is not None else f"loss={row['test_loss']:.4g}")
         if out_dir and cfg.checkpoint_every and dstate.evaluations % cfg.checkpoint_every == 0:
@@ -234,6 +256,7 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
             if state is None:
                 state = proto.init(ctx)
                 record(state, state.time)
+            watch.start(state.rounds, state.time, state.next_job)
             advance_bar(state)
             while not state.finished:
                 if flag.signal is not None:
@@ -242,6 +265,12 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
                     name = signal.Signals(flag.signal).name
                     hint = f"; resume with: fedsim resume {out_dir}" if out_dir else ""
                     raise Interrupted(f"stopped by {name} at round {state.rounds} (checkpoint written){hint}")
+                stalled = watch.check(state.rounds, state.time, state.next_job)  # a resumed stall: at once
+                if stalled is not None:
+                    if out_dir:
+                        _write_checkpoint(run, out_dir, state, dstate, wall())
+                    kept = f" (checkpoint written in {out_dir})" if out_dir else ""
+                    raise NoProgressError(f"no progress: {stalled}; stopped at round {state.rounds}{kept}")
                 if every_tick is not None:
                     nt = proto.next_time(ctx, state)
                     while nt is not None and nt > dstate.next_eval and dstate.next_eval <= ctx.budget_ticks():
@@ -249,11 +278,7 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
                 try:
                     state = proto.step(ctx, state)
                 except DivergenceError as exc:
-                    finite = [r for r in run.rows if math.isfinite(r["test_loss"])]  # the model can blow up first
-                    last = finite[-1] if finite else {}
-                    shown = {k: last.get(k) for k in ("round", "virtual_time", "test_accuracy", "test_loss")}
-                    kept = " (last checkpoint kept)" if out_dir and ckpt.list_checkpoints(out_dir) else ""
-                    raise DivergenceError(f"{exc}; last finite metrics: {shown}{kept}") from None
+                    raise _diverged(str(exc), last_finite(run.rows), "last finite metrics", out_dir) from None
                 advance_bar(state)
                 if every_tick is None and state.rounds != dstate.last_rounds and state.rounds % cfg.eval_every == 0:
                     record(state, state.time)
@@ -270,6 +295,7 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
                     record(state, state.time)
             elif run.rows[-1]["round"] != state.rounds or run.rows[-1]["virtual_time"] != to_seconds(state.time):
                 record(state, state.time)
+            warn_if_nothing_done(run.config, state.rounds, state.aggregations, state.time)
     finally:
         bar.close()
         ctx.executor.close()

@@ -101,7 +101,12 @@ class RunSection:
     rounds: Annotated[Optional[int], Ge(1)] = knob(
         None, "Stop after this many rounds (server aggregations for server-based protocols)."
     )
-    time_budget: Annotated[Optional[float], Gt(0)] = knob(None, "Stop at this virtual time (seconds).")
+    time_budget: Annotated[Optional[float], Gt(0)] = knob(
+        None,
+        "Stop at this virtual time (seconds). Refused when no job takes virtual time (the clock would never "
+        "get there) and when it ends before the fastest client can finish its first job's local steps; a "
+        "run that it ends before the first round completes warns.",
+    )
     eval_every: Annotated[int, Ge(1)] = knob(1, "Evaluate every this many rounds / aggregations.")
     eval_every_time: Annotated[Optional[float], Gt(0)] = knob(
         None, "Evaluate every this many virtual seconds instead of counting rounds."
@@ -114,6 +119,28 @@ class RunSection:
         5, "Write a checkpoint every this many evaluations (0: only on interruption)."
     )
     keep_checkpoints: Annotated[int, Ge(1)] = knob(2, "How many of the newest checkpoints to keep.")
+    divergence_factor: Annotated[Optional[float], Gt(1)] = knob(
+        4.0,
+        "Stop as diverged (exit status 3) when, for `divergence_evals` evaluations in a row, the test loss is "
+        "above this many times its initial value (when that is > 0) and the test accuracy, where measured, is "
+        "at chance level (at most the most common test class's share plus a tenth of the rest). null: off. "
+        "A NaN or infinite test loss always stops the run.",
+    )
+    divergence_evals: Annotated[int, Ge(1)] = knob(
+        3, "Evaluations in a row that must show divergence (see `divergence_factor`) to stop the run."
+    )
+    stall_jobs_per_client: Annotated[Optional[int], Ge(1)] = knob(
+        100,
+        "Stop with exit status 4 (checkpoint written) when this many jobs per client (× data.num_clients) "
+        "start without the run getting closer to its end: no round completed (with `rounds`) and the "
+        "clock did not move (with `time_budget`), e.g. every job is lost. null: never.",
+    )
+    max_idle_time: Annotated[Optional[float], Gt(0)] = knob(
+        86400.0,
+        "Stop with exit status 4 (checkpoint written) after this many virtual seconds in which no job "
+        "started and no round completed, e.g. when no client is ever available again; keep it above the "
+        "longest job's duration. null: never.",
+    )
     state_memory_mb: Annotated[Optional[float], Ge(0)] = knob(
         1024.0,
         "Memory budget (MiB) for per-client persistent state (SCAFFOLD's c_i, …); the least recently "

@@ -4,14 +4,27 @@ from __future__ import annotations
 import numpy as np
 
 from ..config.components import Component
+from ..errors import ConfigError, DataError
 from ..rng import numpy_rng
-from .base import FederatedData, PartitionContext, SourceContext
+from .base import FederatedData, PartitionContext, SourceContext, SourceData
+
+
+def check_not_empty(source: SourceData, name: str, test_fraction: float) -> None:
+    """Raises DataError (ConfigError when `data.test_fraction` is 0) if the source has no
+    training or no test samples: nothing could be trained or evaluated."""
+    if len(source.y_train) == 0:
+        raise DataError(f"data source {name!r} has 0 training samples")
+    if len(source.y_test) == 0:
+        if test_fraction == 0:
+            raise ConfigError("data.test_fraction", f"0 leaves data source {name!r} with no test samples")
+        raise DataError(f"data source {name!r} has 0 test samples")
 
 
 def build_federated_data(data: Component, partition: Component, seed: int) -> FederatedData:
     """Returns the FederatedData described by the `data` section (source, partition, splits)."""
     common = data.common
     source = data.build(SourceContext(common["num_clients"], seed, common["test_fraction"]))
+    check_not_empty(source, data.name, common["test_fraction"])
     labels = source.y_train.numpy() if source.task == "classification" else np.zeros(len(source.y_train), dtype=np.int64)
     ctx = PartitionContext(
         labels=labels,

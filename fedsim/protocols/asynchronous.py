@@ -76,6 +76,7 @@ class AsyncProtocol(Protocol, Hooks):
         self.buffer_size = buffer_size
         self.window = window
         self.redispatch = redispatch if redispatch != "auto" else (AT_AGGREGATION if window else IMMEDIATE)
+        self.clock_runs_alone = window is not None and self.redispatch == AT_AGGREGATION  # windows tick on
         self.max_staleness = max_staleness
         self.weighting = weighting
         self.client_weights = client_weights

@@ -165,6 +165,9 @@ class Protocol(ABC):
 
     strategy_kind: str = "server"  # the kind of strategy it drives: 'server' or 'gossip' (fedsim.strategy)
     drops_failed_jobs: bool = False  # treats a job whose code failed (executor.on_client_error='drop') as a drop
+    # the clock moves whatever the jobs take (FedFix windows that clients wait for): under virtual
+    # time, run.time_budget is reached even if no job takes virtual time (fedsim.stall)
+    clock_runs_alone: bool = False
 
     def setup(self, ctx: RunContext) -> None:
         """Validates the protocol against the run and derives constants (called once, before
