@@ -214,6 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedsim: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as exc:  # user code (a plugin, a factory) called sys.exit
+        print(f"fedsim: error: sys.exit({exc.code!r}) was called by the run's code (a plugin or a factory)",
+              file=sys.stderr)
+        return 2
     finally:
         warnings.formatwarning = _python_format_warning
 
