@@ -85,10 +85,10 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 def _cmd_gallery(args: argparse.Namespace) -> int:
     import shlex
 
-    from .gallery import build
+    from .gallery import build, source_folders
 
     invocation = "fedsim gallery " + " ".join(shlex.quote(s) for s in args.sources)
-    page = build([Path(s) for s in args.sources], Path(args.docs), invocation)
+    page = build(source_folders(args.sources), Path(args.docs), invocation)
     print(f"wrote {page} and {page.parent / 'gallery'}/")
     return 0
 
@@ -107,6 +107,13 @@ def _cmd_reference(args: argparse.Namespace) -> int:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     from . import registry
+
+    if args.kind and not args.config and Path(args.kind).suffix in (".yaml", ".yml"):  # `fedsim list CONFIG`
+        args.kind, args.config = None, args.kind
+    if args.config:  # its plugins register their components
+        from .config import load_config
+
+        load_config(args.config)
 
     kinds = {
         "strategies": registry.STRATEGIES,
@@ -172,7 +179,9 @@ def parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=_cmd_reproduce)
 
     ga = sub.add_parser("gallery", help="write docs/gallery.md from reproductions' claims.md and figures")
-    ga.add_argument("sources", nargs="+", help="folders written by `fedsim reproduce` (NAME or all)")
+    ga.add_argument("sources", nargs="+",
+                    help="folders written by `fedsim reproduce`, or paper names (NAME: the committed results in "
+                         "experiments/papers/NAME/results; all: every paper's)")
     ga.add_argument("--docs", default="docs", help="docs folder to write gallery.md and gallery/ into")
     ga.set_defaults(func=_cmd_gallery)
 
@@ -182,6 +191,7 @@ def parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list registered components")
     ls.add_argument("kind", nargs="?", help="strategies, protocols, executors, data, partitions, models, ...")
+    ls.add_argument("config", nargs="?", help="a config file whose plugins to load first (their components are listed too)")
     ls.set_defaults(func=_cmd_list)
     return p
 
@@ -214,6 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedsim: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as exc:  # user code (a plugin, a factory) called sys.exit
+        print(f"fedsim: error: sys.exit({exc.code!r}) was called by the run's code (a plugin or a factory)",
+              file=sys.stderr)
+        return 2
     finally:
         warnings.formatwarning = _python_format_warning
 

@@ -38,6 +38,24 @@ class Entry:
     body: list[str]  # figure and table lines, images still relative to `folder`
 
 
+def source_folders(sources: Sequence[str], papers_dir: Path = PAPERS_DIR) -> list[Path]:
+    """Returns the folder each command-line source names: an existing folder as given; a paper
+    name, its committed results (papers_dir/NAME/results); ``all``, every paper's results.
+    Raises FedsimError for anything else."""
+    names = available(papers_dir)
+    folders = []
+    for src in sources:
+        if Path(src).is_dir():
+            folders.append(Path(src))
+        elif src == "all":
+            folders += [papers_dir / n / "results" for n in names if (papers_dir / n / "results").is_dir()]
+        elif src in names:
+            folders.append(papers_dir / src / "results")
+        else:
+            raise FedsimError(f"{src}: neither a folder nor a paper name (papers: {', '.join(names)}, all)")
+    return folders
+
+
 def find_claims(sources: Sequence[Path]) -> list[Path]:
     """Returns every claims.md in the sources (a reproduction folder, or a folder of them)."""
     found = []

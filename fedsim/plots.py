@@ -33,6 +33,35 @@ def _series(rows: list[dict[str, Any]], x: str, y: str) -> tuple[list[float], li
     return xs, ys
 
 
+def _number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
+
+
+def run_metrics(run_dir: Path, x: str, y: str) -> list[dict[str, Any]]:
+    """Returns the metrics rows of `run_dir`; raises FedsimError (one line, naming the file)
+    if metrics.jsonl is unreadable, a row is not a JSON object, or a row's `x` or `y` is
+    neither a number nor null."""
+    metrics = run_dir / "metrics.jsonl"
+    try:
+        ((_, rows),) = iter_runs([run_dir])
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0] if str(exc) else ""
+        raise FedsimError(f"{metrics}: not a readable metrics file ({type(exc).__name__}: {why})") from None
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise FedsimError(f"{metrics}: row {i} is a JSON {type(row).__name__}, not an object of metrics")
+        for key in (x, y):
+            if row.get(key) is not None and not _number(row[key]):
+                raise FedsimError(f"{metrics}: row {i}: {key} is {str(row[key])[:40]!r}, not a number")
+    return rows
+
+
 def curves(run_dir: Path, rows: list[dict[str, Any]]) -> Path:
     """Draws the run's metric against round and against virtual time into curves.png."""
     y = "test_accuracy" if any(r.get("test_accuracy") is not None for r in rows) else "test_loss"
@@ -57,10 +86,15 @@ def curves(run_dir: Path, rows: list[dict[str, Any]]) -> Path:
 
 def overlay(run_dirs: Sequence[str | Path], x: str, y: str, out: str | Path, labels: Sequence[str] | None = None,
             title: str | None = None, logy: bool = False) -> Path:
-    """Overlays metric `y` against `x` for several runs with a legend; returns the PNG path."""
+    """Overlays metric `y` against `x` for several runs with a legend (`labels`: one per run,
+    in order; default the folder names); returns the PNG path. Raises FedsimError for a
+    label count that does not match, unreadable metrics, or an image that cannot be written."""
+    if labels and len(labels) != len(run_dirs):
+        raise FedsimError(f"{len(labels)} label(s) for {len(run_dirs)} runs: give one --label per run, in order")
+    loaded = [(Path(p), run_metrics(Path(p), x, y)) for p in run_dirs]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     drawn = 0
-    for i, (path, rows) in enumerate(iter_runs(list(run_dirs))):
+    for i, (path, rows) in enumerate(loaded):
         xs, ys = _series(rows, x, y)
         if not xs:
             continue
@@ -79,7 +113,11 @@ def overlay(run_dirs: Sequence[str | Path], x: str, y: str, out: str | Path, lab
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=120)
+    except (OSError, ValueError) as exc:
+        raise FedsimError(f"cannot write {out}: {exc}") from None
+    finally:
+        plt.close(fig)
     return out

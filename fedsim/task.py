@@ -180,6 +180,29 @@ def _probe_input(task: Task) -> Tensor:
     return torch.randn((2, *shape), generator=gen, dtype=task.info.get("input_dtype", torch.float32))
 
 
+def check_model_fits(module: nn.Module, name: str, source: SourceData) -> None:
+    """Runs `module` on two training inputs (eval mode, no gradient, global RNG untouched);
+    raises ConfigError at `model` unless it accepts them and gives one row of num_classes
+    scores per input (classification) or one point per input (quadratic task)."""
+    x = source.x_train[:2]
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            out = module(x)
+    except Exception as exc:  # noqa: BLE001 - any failure means the model does not fit the data
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        raise ConfigError("model", f"{name} does not accept the data's inputs of shape {list(x.shape[1:])}: "
+                                   f"{type(exc).__name__}: {detail}") from None
+    finally:
+        module.train(was_training)
+    want = (len(x), source.num_classes) if source.task == "classification" else tuple(x.shape)
+    if not isinstance(out, Tensor) or tuple(out.shape) != want:
+        got = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ConfigError("model", f"{name} gives outputs of shape {got} for {len(x)} inputs; the data needs "
+                                   f"{list(want)} ({'one score per class' if source.task == 'classification' else 'one point per input'})")
+
+
 def build_task(model: Component, source: SourceData, seed: int) -> Task:
     """Builds the model described by `model` for `source`, initialised from key(seed, 'init')."""
     ctx = ModelContext(tuple(source.input_shape), source.num_classes, source.task, source.x_train.dtype)
@@ -197,6 +220,7 @@ def build_task(model: Component, source: SourceData, seed: int) -> Task:
     if not any(True for _ in module.parameters()):
         raise ConfigError("model", "the model has no parameters")
     module = module.to(source.x_train.dtype) if source.task == "quadratic" else module
+    check_model_fits(module, model.name, source)
     info = dict(source.info)
     info["input_shape"] = tuple(source.input_shape)
     info["input_dtype"] = source.x_train.dtype

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import json
 from pathlib import Path
 
 import yaml
@@ -144,3 +145,82 @@ def test_random_protocol_topology_executor_sections_fail_cleanly(tmp_path_factor
     for path, value in mutations:
         set_path(cfg, path, value)
     check_clean_failure(tmp_path_factory.mktemp("fuzz"), cfg)
+
+
+# ---------------------------------------------------------------- YAML documents
+ODD_SCALARS = [
+    "x", "fedavg", "1", "-0", "0x1F", "0o17", "1_000", "1e400", "-1e-400", ".nan", "-.inf", "~", "null", "yes", "on",
+    "off", "2024-01-01", "2001-12-14t21:59:43.10-05:00", "!!binary aGk=", "!!set {a, b}", "!!str 1", "!!float 1",
+    "!!python/object:os.system x", "!!omap [a: 1]", "'${oc.env:HOME}'", "'${nope}'", "'\\${x}'", "'${.a}${.a}'", "'???'",
+    "'é✓'", "'" + "x" * 3000 + "'", "*undefined", "&", "!", "|", "'a: b'", "[]", "{}", "? [a]", "<<",
+]
+KEYS = ["name", "seed", "plugins", "data", "model", "strategy", "local", "system", "protocol", "executor", "run",
+        "topology", "ray", "lr", "a", "num_clients", "rounds", "1", "on", "null", "<<", "'spaced key'"]
+
+
+def flow(draw, depth: int) -> str:
+    """A random flow-style YAML node: an odd scalar, a list, or a mapping (keys may repeat)."""
+    kind = draw(st.sampled_from(["scalar", "scalar", "list", "map"] if depth < 4 else ["scalar"]))
+    if kind == "scalar":
+        return draw(st.sampled_from(ODD_SCALARS))
+    items = draw(st.integers(0, 3))
+    if kind == "list":
+        return "[" + ", ".join(flow(draw, depth + 1) for _ in range(items)) + "]"
+    return "{" + ", ".join(f"{draw(st.sampled_from(KEYS))}: {flow(draw, depth + 1)}" for _ in range(items)) + "}"
+
+
+@st.composite
+def yaml_documents(draw) -> str:
+    """A config-shaped YAML text: valid sections (a quadratic run) among lines that repeat
+    keys, define and expand aliases (up to 10**12 values), nest deeply and hold odd scalars."""
+    lines = [f"{k}: {json.dumps(v)}"  # JSON is YAML's flow style
+             for k, v in RESOLVED.items() if draw(st.booleans()) or k in ("run", "data")]
+    for _ in range(draw(st.integers(0, 4))):
+        kind = draw(st.sampled_from(["node", "aliases", "nesting", "duplicate", "merge"]))
+        at = draw(st.integers(0, len(lines)))
+        if kind == "node":
+            lines.insert(at, f"{draw(st.sampled_from(KEYS))}: {flow(draw, 0)}")
+        elif kind == "aliases":  # a chain of lists, each repeating the previous one `fan` times
+            fan, levels = draw(st.integers(1, 10)), draw(st.integers(1, 12))
+            target = draw(st.sampled_from(["local", "strategy", "data", "x"]))
+            a = f"a{len(lines)}_"  # anchors unique in the document
+            chain = [f"  l0: &{a}0 {flow(draw, 2)}"]
+            chain += [f"  l{i}: &{a}{i} [{', '.join([f'*{a}{i - 1}'] * fan)}]" for i in range(1, levels)]
+            lines.insert(at, f"{target}:\n" + "\n".join(chain))
+        elif kind == "nesting":
+            n = draw(st.sampled_from([3, 49, 50, 51, 400, 5000]))
+            lines.insert(at, f"{draw(st.sampled_from(KEYS))}: " + "[" * n + "]" * n)
+        elif kind == "duplicate" and lines:
+            lines.insert(at, draw(st.sampled_from(lines)))
+        elif kind == "merge":
+            lines.insert(at, "local: {<<: " + draw(st.sampled_from(["{lr: 0.1}", "[{lr: 0.1}, {steps: 2}]", "1"]))
+                         + ", lr: 0.2}")
+    return "\n".join(lines) + "\n"
+
+
+def _warm_cli(base: Path) -> None:
+    """Imports what `fedsim list` imports (every registry's built-ins), outside the timing."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["list"]) == 0
+
+
+@settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", "150")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(text=yaml_documents())
+def test_yaml_documents_load_or_fail_in_one_line_within_a_second(tmp_path_factory, text):
+    import time
+
+    base = tmp_path_factory.mktemp("yamlfuzz")
+    _warm_cli(base)
+    cfg = base / "cfg.yaml"
+    cfg.write_text(text)
+    err = io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["list", "strategies", str(cfg)])  # the real loader behind the CLI's error handling
+    elapsed = time.perf_counter() - start
+    message = err.getvalue()
+    assert elapsed < 1.0, f"{elapsed:.2f} s for:\n{text[:2000]}"
+    assert code in (0, 2), message
+    if code == 2:
+        assert message.startswith("fedsim: error: ") and len(message.strip().splitlines()) == 1, message

@@ -110,3 +110,70 @@ def test_cifar_missing_says_what_to_do(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="cifar-10-batches-bin"):
         cifar10(CTX, root=str(tmp_path / "empty"))
+
+
+def test_mnist_in_torchvisions_layout(tmp_path):
+    files = write_mnist(tmp_path / "data" / "MNIST" / "raw", gz=True)
+    src = mnist(CTX, root=str(tmp_path / "data"))
+    assert np.array_equal(src.y_train.numpy(), files["train-labels-idx1-ubyte"])
+
+
+def test_mnist_missing_names_every_layout(tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(DataError, match="MNIST/raw"):
+        mnist(CTX, root=str(tmp_path / "data"))
+
+
+@pytest.mark.parametrize("split", ["train", "t10k"])
+def test_mnist_label_outside_classes_is_refused_naming_file_and_value(tmp_path, split):
+    write_mnist(tmp_path / "m")
+    labels = np.arange(6 if split == "train" else 3) % 10
+    labels[1] = 12
+    (tmp_path / "m" / f"{split}-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    with pytest.raises(DataError, match=f"{split}-labels-idx1-ubyte: label 12 is outside 0..9"):
+        mnist(CTX, root=str(tmp_path / "m"))
+
+
+def write_cifar_py(folder, batches=range(1, 6), labels=(1, 2, 3, 4), test_labels=(1, 2, 3, 4)):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(2)
+    for name, lab in [*[(f"data_batch_{i}", labels) for i in batches], ("test_batch", test_labels)]:
+        batch = {b"data": rng.integers(0, 256, (len(lab), 3072)).astype(np.uint8), b"labels": list(lab)}
+        (folder / name).write_bytes(pickle.dumps(batch))
+
+
+@pytest.mark.parametrize("labels,bad", [((1, 10, 3, 4), 10), ((1, 2, -1, 4), -1)])
+def test_cifar_python_label_outside_classes_is_refused(tmp_path, labels, bad):
+    write_cifar_py(tmp_path / "c" / "cifar-10-batches-py", test_labels=labels)
+    with pytest.raises(DataError, match=f"test_batch: label {bad} is outside 0..9"):
+        cifar10(CTX, root=str(tmp_path / "c"))
+
+
+def test_cifar_python_labels_that_are_not_integers_are_refused(tmp_path):
+    write_cifar_py(tmp_path / "c" / "cifar-10-batches-py", labels=("a", "b", "c", "d"))
+    with pytest.raises(DataError, match="data_batch_1: labels must be integers"):
+        cifar10(CTX, root=str(tmp_path / "c"))
+
+
+def test_cifar_with_some_training_batches_is_refused_unless_listed(tmp_path):
+    write_cifar_py(tmp_path / "c" / "cifar-10-batches-py", batches=(1, 3))
+    with pytest.raises(DataError, match="data_batch_2, data_batch_4, data_batch_5 missing"):
+        cifar10(CTX, root=str(tmp_path / "c"))
+    src = cifar10(CTX, root=str(tmp_path / "c"), batches=[1, 3])
+    assert tuple(src.x_train.shape) == (8, 3, 32, 32)
+    with pytest.raises(DataError, match="data_batch_2 missing"):
+        cifar10(CTX, root=str(tmp_path / "c"), batches=[1, 2])
+
+
+def test_a_bad_data_folder_is_one_line_before_any_file(tmp_path, tmp_yaml, capsys):
+    from fedsim.cli import main
+
+    from .conftest import digits_config
+
+    write_cifar_py(tmp_path / "c" / "cifar-10-batches-py", batches=(1,))
+    cfg = tmp_yaml({**digits_config(run={"rounds": 1}), "data": {"name": "cifar10", "root": str(tmp_path / "c"),
+                                                                 "num_clients": 4}})
+    code = main(["run", str(cfg), "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "data_batch_2" in err, err
+    assert not (tmp_path / "run").exists()

@@ -8,6 +8,7 @@ so an impossible value is reported with its key path before any work starts.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -122,3 +123,38 @@ class Each(Check):
 
     def describe(self) -> str:
         return f"each {self.check.describe()}"
+
+
+def physical_memory() -> int | None:
+    """Returns this machine's physical memory in bytes, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class FitsInMemory(Check):
+    """value × `bytes_each` fits in this machine's physical memory; `bytes_each` is a lower
+    bound of what one unit (a client) costs, so only counts that cannot fit are refused."""
+
+    bytes_each: int
+    what: str
+
+    def problem(self, value: Any) -> str | None:
+        memory = physical_memory()
+        if not _num(value) or memory is None or value * self.bytes_each <= memory:
+            return None
+        return (f"{value:,} {self.what} need at least {_bytes(value * self.bytes_each)} of memory "
+                f"({self.bytes_each} B each), more than this machine's {_bytes(memory)}")
+
+    def describe(self) -> str:
+        return f"× {self.bytes_each} B ≤ physical memory"

@@ -200,6 +200,14 @@ def _friendly(msg: str) -> str:
     return msg
 
 
+def import_type(spec: str) -> type:
+    """Returns the class named by ``"package.module:Name"``."""
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 @dataclass(frozen=True)
 class Component:
     """A resolved component: which factory, and the validated keyword arguments for it."""
@@ -209,20 +217,41 @@ class Component:
     kwargs: dict[str, Any]
     common: dict[str, Any]
     path: str
+    name_key: str = "name"
+    returns: str | None = None  # "package.module:Class" that the factory must return
+
+    @property
+    def dotted(self) -> bool:
+        """Whether the factory was named ``package.module:factory`` rather than registered."""
+        return ":" in self.name
 
     def build(self, *args: Any, **extra: Any) -> Any:
-        """Calls the factory with `args` (engine context) and the validated kwargs.
+        """Calls the factory with `args` (engine context) and the validated kwargs; returns
+        what it built.
 
-        A ValueError raised by the factory becomes a ConfigError at this section's path.
+        A ValueError raised by the factory becomes a ConfigError at this section's path; any
+        error of a ``package.module:factory`` (whose signature may not fit what the engine
+        passes) and a result that is not a `returns` one become a ConfigError at its name key.
         """
         try:
-            return self.entry.factory(*args, **self.kwargs, **extra)
+            built = self.entry.factory(*args, **self.kwargs, **extra)
         except ConfigError as exc:
             if exc.path and not exc.path.startswith(self.path):
                 raise ConfigError(_join(self.path, exc.path), exc.message) from None
             raise
         except ValueError as exc:
             raise ConfigError(self.path, str(exc)) from None
+        except (Exception, SystemExit) as exc:
+            if not self.dotted:
+                raise
+            what = f"sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
+            raise ConfigError(_join(self.path, self.name_key), f"{self.name} failed: {what}") from None
+        if self.returns is not None:
+            cls = import_type(self.returns)
+            if not isinstance(built, cls):
+                raise ConfigError(_join(self.path, self.name_key),
+                                  f"{self.name!r} returned {type(built).__name__}, not a {cls.__name__}")
+        return built
 
     def resolved(self, name_key: str = "name") -> dict[str, Any]:
         """Returns the section as it would be written back: name, common keys, kwargs."""
@@ -238,6 +267,7 @@ class ComponentSpec:
     default: str | None = None
     common: type | None = None  # dataclass of keys shared by every choice (e.g. data.num_clients)
     context_params: tuple[str, ...] = CONTEXT_PARAMS  # factory parameters the engine fills
+    returns: str | None = None  # "package.module:Class" every factory must return (checked when built)
 
     def resolve(self, path: str, raw: Any) -> Component:
         """Validates the section at `path` and returns the resolved Component."""
@@ -255,9 +285,13 @@ class ComponentSpec:
             raise ConfigError(_join(path, self.name_key), f"expected a name string, got {name!r}")
         entry = self.registry.get(name, _join(path, self.name_key))
         common_knobs = dataclass_knobs(self.common) if self.common else []
-        own = signature_knobs(entry.factory, self.context_params)
+        try:
+            own = signature_knobs(entry.factory, self.context_params)
+        except Exception as exc:  # noqa: BLE001 - e.g. a builtin without a signature, unresolvable annotations
+            raise ConfigError(_join(path, self.name_key),
+                              f"cannot read the keyword arguments of {name!r} ({type(exc).__name__}: {exc})") from None
         common_names = {k.name for k in common_knobs}
         knobs = common_knobs + [k for k in own if k.name not in common_names]
         values = validate_knobs(path, raw, knobs, f"{self.registry.kind} {name!r}")
         common = {k: values.pop(k) for k in common_names}
-        return Component(name, entry, values, common, path)
+        return Component(name, entry, values, common, path, self.name_key, self.returns)

@@ -8,13 +8,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
 from ..errors import ConfigError
 from .components import Component, dataclass_knobs, validate_knobs
+from .interpolation import resolve_interpolations
 from .ray_section import RaySection
+from .safe_yaml import MalformedYAML, parse_yaml
 from .schema import COMPONENTS, NESTED_COMPONENTS, SCALARS, SECTIONS, LocalSection, RunSection
 
 
@@ -85,9 +83,11 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any]]:
         if not key:
             raise ConfigError(item, "override has an empty key")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
+            value = parse_yaml(text, f"override {item!r}") if text.strip() else None
+        except MalformedYAML:
             value = text
+        except ConfigError as exc:  # refused YAML: its path is inside the value
+            raise ConfigError(f"{key}.{exc.path}" if exc.path else key, exc.message) from None
         out.append((key.split("."), value))
     return out
 
@@ -113,18 +113,23 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return raw
 
 
+def check_run_name(name: str) -> None:
+    """Raises ConfigError unless `name` can be one folder name (runs/<name>-<time>): not empty,
+    at most 200 characters, no path separators or control characters."""
+    bad = sorted({c for c in name if c in "/\\" or ord(c) < 32 or ord(c) == 127})
+    if not name or len(name) > 200 or bad:
+        why = f"contains {', '.join(map(repr, bad))}" if bad else "is empty" if not name else "is longer than 200 characters"
+        raise ConfigError("name", f"must be usable as a folder name (runs/<name>-<time>); {name[:60]!r} {why}")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Reads a YAML mapping, raising ConfigError for missing files and malformed YAML."""
+    """Reads a YAML mapping, raising ConfigError for missing files, malformed YAML and YAML
+    that `parse_yaml` refuses (duplicate keys, alias bombs, deep nesting)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError("", f"{p} is a folder, not a config file" if p.is_dir() else f"config file not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError("", f"{p}: malformed YAML{where}: {problem}") from None
+        raw = parse_yaml(p.read_text(), str(p))
     except UnicodeDecodeError:
         raise ConfigError("", f"{p}: not a text (YAML) file") from None
     if raw is None:
@@ -158,16 +163,10 @@ def import_plugin(spec: str, base_dir: Path) -> None:
         importlib.import_module(spec)
     except ConfigError:
         raise
+    except SystemExit as exc:
+        raise ConfigError("plugins", f"{spec!r} called sys.exit({exc.code!r}) while being imported") from None
     except Exception as exc:  # noqa: BLE001 - any import failure is a config problem
         raise ConfigError("plugins", f"cannot import {spec!r}: {type(exc).__name__}: {exc}") from None
-
-
-def _resolve_interpolations(raw: dict[str, Any]) -> dict[str, Any]:
-    try:
-        return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)  # type: ignore[return-value]
-    except OmegaConfBaseException as exc:
-        key = str(getattr(exc, "full_key", "") or "")
-        raise ConfigError(key, str(exc).splitlines()[0]) from None
 
 
 def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
@@ -177,7 +176,7 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
     """
     raw = read_yaml(source) if isinstance(source, (str, Path)) else copy.deepcopy(dict(source))
     raw = apply_overrides(raw, overrides)
-    raw = _resolve_interpolations(raw)
+    raw = resolve_interpolations(raw)
 
     known = set(SCALARS) | set(COMPONENTS) | set(SECTIONS) | set(EXTRA_SECTIONS)
     for key in raw:
@@ -201,6 +200,7 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(key, f"expected a list of module names, got {value!r}")
         scalars[key] = value
+    check_run_name(scalars["name"])
     base_dir = Path(source).resolve().parent if isinstance(source, (str, Path)) else Path.cwd()
     for module in scalars["plugins"]:
         import_plugin(module, base_dir)

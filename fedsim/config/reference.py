@@ -11,7 +11,9 @@ from dataclasses import MISSING
 from typing import Any, Iterable
 
 from .components import ComponentSpec, Knob, dataclass_knobs, signature_knobs
+from .interpolation import MAX_CHAIN, MAX_RESOLVED_CHARS
 from .load import EXTRA_SECTIONS
+from .safe_yaml import MAX_CHARS, MAX_DEPTH, MAX_VALUES
 from .schema import COMPONENTS, NESTED_COMPONENTS, SCALARS, SECTIONS, TOP_LEVEL_HELP
 
 
@@ -74,6 +76,35 @@ def _component_section(path: str, spec: ComponentSpec) -> list[str]:
     return lines
 
 
+def yaml_rules() -> list[str]:
+    """Returns the section on what a config file may contain (limits from their modules)."""
+    return [
+        "## The config file",
+        "",
+        "A config is a YAML mapping of the sections below; `key.path=value` overrides on the",
+        "command line are read the same way. Refused with the key path and line, before",
+        "anything runs:",
+        "",
+        "- a key given twice in one mapping (`local: {lr: 0.05, lr: 5.0}`); overriding a key that",
+        "  a merge (`<<: *defaults`) brought in is fine;",
+        "- keys that are not strings (`1:`, `on:`, `null:`; quote them) and values other than",
+        "  strings, numbers, booleans, null, lists and mappings (dates, `!!binary`, `!!set`);",
+        f"- nesting deeper than {MAX_DEPTH} levels, and documents that expand, through aliases",
+        f"  (`*name`) and merges, to more than {MAX_VALUES:,} values or {MAX_CHARS:,} characters;",
+        "  this is checked on the YAML node graph before anything is expanded.",
+        "",
+        "Interpolations are resolved once, when the config is read: `${data.num_clients}`,",
+        "`${.lr}` (relative) and `${oc.env:VAR,default}` (an environment variable). The run",
+        "uses the resolved values and config.yaml records them — an environment value",
+        "included, so do not interpolate secrets. Refused: interpolations whose result would",
+        f"exceed {MAX_RESOLVED_CHARS:,} characters or that chain more than {MAX_CHAIN} deep,",
+        "and a resolved value that still holds `${` (an escaped `\\${`, or an environment",
+        "value holding one), which would be resolved again, differently, when config.yaml",
+        "is read on resume.",
+        "",
+    ]
+
+
 def generate() -> str:
     """Returns the full configuration reference as Markdown."""
     lines = [
@@ -84,6 +115,7 @@ def generate() -> str:
         "default, allowed range and meaning. Component sections take a name (or `kind` for",
         "`executor`) plus that choice's own keys; a bare string is shorthand for the name.",
         "",
+        *yaml_rules(),
         "## Top level",
         "",
         "| key | meaning |",

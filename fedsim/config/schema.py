@@ -21,7 +21,7 @@ from ..registry import (
     STRATEGIES,
     TOPOLOGIES,
 )
-from .checks import Ge, Gt, OneOf, Range
+from .checks import FitsInMemory, Ge, Gt, OneOf, Range
 from .components import ComponentSpec
 
 
@@ -33,11 +33,18 @@ def knob(default: Any, help: str, *checks: Any) -> Any:
     return field(default=default, metadata=meta)
 
 
+CLIENT_BYTES = 256  # below what a client costs with the smallest source (~400 B: index arrays, behaviour models)
+
+
 @dataclass
 class DataCommon:
     """Keys of the `data` section shared by every data source."""
 
-    num_clients: Annotated[int, Ge(1)] = knob(10, "Number of clients (or gossip nodes) in the population.")
+    num_clients: Annotated[int, Ge(1), FitsInMemory(CLIENT_BYTES, "clients")] = knob(
+        10, "Number of clients (or gossip nodes) in the population. A population that cannot fit in this "
+        f"machine's memory at {CLIENT_BYTES} bytes per client (less than any data source needs) is refused "
+        "before anything is built."
+    )
     partition: Any = knob(
         "auto",
         "How training samples are split among clients: a partitioner name or a mapping "
@@ -164,7 +171,8 @@ class SystemSection:
 
 
 TOP_LEVEL_HELP = {
-    "name": "Experiment name, used for the default run folder runs/<name>-<timestamp>.",
+    "name": "Experiment name, used for the default run folder runs/<name>-<timestamp>: one folder name "
+            "(1-200 characters, no '/', '\\' or control characters).",
     "seed": "Seed of every random draw; each draw is keyed by (seed, purpose, ids).",
     "plugins": "Python modules imported before the config is read (they register components).",
     "data": "Data source (name + its knobs) and how it is split among clients.",
@@ -178,20 +186,23 @@ TOP_LEVEL_HELP = {
     "run": RunSection.__doc__,
 }
 
+# `returns`: what a factory must build (models and topologies check their own results)
 COMPONENTS: dict[str, ComponentSpec] = {
-    "data": ComponentSpec(DATA_SOURCES, default="digits", common=DataCommon),
+    "data": ComponentSpec(DATA_SOURCES, default="digits", common=DataCommon, returns="fedsim.data.base:SourceData"),
     "model": ComponentSpec(MODELS, default="auto", context_params=("ctx", "input_shape", "num_classes")),
-    "strategy": ComponentSpec(STRATEGIES, default="fedavg"),
-    "protocol": ComponentSpec(PROTOCOLS, default="sync"),
+    "strategy": ComponentSpec(STRATEGIES, default="fedavg", returns="fedsim.strategy:Strategy"),
+    "protocol": ComponentSpec(PROTOCOLS, default="sync", returns="fedsim.protocols.base:Protocol"),
     "topology": ComponentSpec(TOPOLOGIES, default="ring", common=TopologyCommon),
-    "executor": ComponentSpec(EXECUTORS, name_key="kind", default="serial"),
+    "executor": ComponentSpec(EXECUTORS, name_key="kind", default="serial", returns="fedsim.executors.base:Executor"),
 }
 NESTED_COMPONENTS: dict[str, ComponentSpec] = {
-    "data.partition": ComponentSpec(PARTITIONERS, default="auto"),
-    "system.compute": ComponentSpec(COMPUTE_MODELS, default="constant", common=ComputeCommon),
-    "system.link": ComponentSpec(LINK_MODELS, default="ideal"),
-    "system.availability": ComponentSpec(AVAILABILITY_MODELS, default="always"),
-    "system.dropout": ComponentSpec(DROPOUT_MODELS, default="none"),
+    "data.partition": ComponentSpec(PARTITIONERS, default="auto", returns="builtins:list"),
+    "system.compute": ComponentSpec(COMPUTE_MODELS, default="constant", common=ComputeCommon,
+                                    returns="fedsim.system.models:ComputeModel"),
+    "system.link": ComponentSpec(LINK_MODELS, default="ideal", returns="fedsim.system.models:LinkModel"),
+    "system.availability": ComponentSpec(AVAILABILITY_MODELS, default="always",
+                                         returns="fedsim.system.models:AvailabilityModel"),
+    "system.dropout": ComponentSpec(DROPOUT_MODELS, default="none", returns="fedsim.system.models:DropoutModel"),
 }
 SECTIONS: dict[str, type] = {"local": LocalSection, "run": RunSection, "system": SystemSection}
 SCALARS = {"name": (str, "experiment"), "seed": (int, 0), "plugins": (list, [])}

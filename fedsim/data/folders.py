@@ -12,9 +12,12 @@ import pickle
 import struct
 from pathlib import Path
 
+from typing import Annotated, List, Optional
+
 import numpy as np
 import torch
 
+from ..config import Each, Range
 from ..errors import DataError
 from ..registry import DATA_SOURCES
 from .base import SourceContext, SourceData
@@ -25,29 +28,42 @@ MNIST_FILES = {
     "test_x": "t10k-images-idx3-ubyte",
     "test_y": "t10k-labels-idx1-ubyte",
 }
+MNIST_FOLDERS = (".", "raw", "MNIST/raw")  # the files themselves, a raw/ folder, torchvision's root
 MNIST_HINT = (
     "put the four MNIST IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-    "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, optionally .gz) in {root} — "
-    "e.g. from https://yann.lecun.com/exdb/mnist/ or any MNIST mirror"
+    "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, optionally .gz) in {root}, {root}/raw or "
+    "{root}/MNIST/raw (torchvision's layout) — e.g. from https://yann.lecun.com/exdb/mnist/ or any MNIST mirror"
 )
 CIFAR_HINT = (
     "put CIFAR-10 in {root}: either cifar-10-batches-bin/ (data_batch_1..5.bin, test_batch.bin) "
-    "or cifar-10-batches-py/ (data_batch_1..5, test_batch), extracted from "
+    "or cifar-10-batches-py/ (data_batch_1..5, test_batch; torchvision's layout), extracted from "
     "https://www.cs.toronto.edu/~kriz/cifar.html"
 )
+NUM_CLASSES = 10  # MNIST and CIFAR-10
 
 
-def _open_maybe_gz(root: Path, name: str, hint: str) -> bytes:
-    for candidate in (root / name, root / f"{name}.gz", root / "raw" / name, root / "raw" / f"{name}.gz"):
-        if candidate.is_file():
-            raw = candidate.read_bytes()
-            if candidate.suffix == ".gz":
-                try:
-                    raw = gzip.decompress(raw)
-                except (OSError, EOFError) as exc:
-                    raise DataError(f"{candidate}: not a valid gzip file ({exc})") from None
-            return raw
+def _open_maybe_gz(root: Path, name: str, hint: str) -> tuple[Path, bytes]:
+    """Returns (path, contents) of file `name` (or name.gz, decompressed) in one of MNIST_FOLDERS."""
+    for folder in MNIST_FOLDERS:
+        for candidate in (root / folder / name, root / folder / f"{name}.gz"):
+            if candidate.is_file():
+                raw = candidate.read_bytes()
+                if candidate.suffix == ".gz":
+                    try:
+                        raw = gzip.decompress(raw)
+                    except (OSError, EOFError) as exc:
+                        raise DataError(f"{candidate}: not a valid gzip file ({exc})") from None
+                return candidate, raw
     raise DataError(f"missing {name} in {root}: {hint.format(root=root)}")
+
+
+def check_labels(labels: np.ndarray, where: Path) -> None:
+    """Raises DataError naming `where` and the first bad value unless every label is a class
+    index in [0, NUM_CLASSES)."""
+    bad = labels[(labels < 0) | (labels >= NUM_CLASSES)]
+    if bad.size:
+        raise DataError(f"{where}: label {int(bad[0])} is outside 0..{NUM_CLASSES - 1} "
+                        f"({bad.size} of {labels.size} labels are)")
 
 
 def read_idx(raw: bytes, name: str) -> np.ndarray:
@@ -70,16 +86,18 @@ def mnist(ctx: SourceContext, root: str = "data/mnist") -> SourceData:
     """MNIST from local IDX files; images scaled to [0, 1] and shaped [1, 28, 28].
 
     Args:
-        root: Folder holding the four IDX files (or a raw/ subfolder with them).
+        root: Folder holding the four IDX files, or a raw/ or MNIST/raw/ (torchvision's layout) folder with them.
     """
     base = Path(root)
     if not base.is_dir():
         raise DataError(f"MNIST folder {base} does not exist: {MNIST_HINT.format(root=base)}")
-    arrays = {k: read_idx(_open_maybe_gz(base, f, MNIST_HINT), f) for k, f in MNIST_FILES.items()}
+    files = {k: _open_maybe_gz(base, f, MNIST_HINT) for k, f in MNIST_FILES.items()}
+    arrays = {k: read_idx(raw, str(path)) for k, (path, raw) in files.items()}
     for split in ("train", "test"):
         xs, ys = arrays[f"{split}_x"], arrays[f"{split}_y"]
         if xs.ndim != 3 or ys.ndim != 1 or len(xs) != len(ys):
             raise DataError(f"MNIST {split}: images {xs.shape} and labels {ys.shape} do not match")
+        check_labels(ys, files[f"{split}_y"][0])
     to_x = lambda a: torch.tensor(a, dtype=torch.float32).unsqueeze(1) / 255.0  # noqa: E731
     to_y = lambda a: torch.tensor(a, dtype=torch.int64)  # noqa: E731
     return SourceData(
@@ -118,10 +136,20 @@ def _cifar_py_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     labels = batch.get(b"labels", batch.get("labels"))
     if data is None or labels is None:
         raise DataError(f"{path}: CIFAR-10 batch without 'data' and 'labels'")
-    data = np.asarray(data, dtype=np.uint8)
-    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-        raise DataError(f"{path}: expected data [n, 3072] and n labels, got {data.shape} and {len(labels)}")
-    return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
+    try:
+        data = np.asarray(data)
+        labels = np.asarray(labels)
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"{path}: 'data' and 'labels' are not arrays ({exc})") from None
+    if data.dtype.kind not in "iu" or data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (len(data),):
+        raise DataError(f"{path}: expected integer data [n, 3072] and n labels, got {data.dtype} {list(data.shape)} "
+                        f"and {list(labels.shape)}")
+    if data.size and (data.min() < 0 or data.max() > 255):
+        raise DataError(f"{path}: pixel values must be 0..255, got {data.min()}..{data.max()}")
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{path}: labels must be integers, got {labels.dtype}")
+    check_labels(labels, path)
+    return data.astype(np.uint8).reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 def _cifar_bin_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -130,27 +158,39 @@ def _cifar_bin_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: size {raw.size} is not a multiple of 3073 (1 label byte + 3072 pixels)")
     rows = raw.reshape(-1, 3073)
     labels = rows[:, 0].astype(np.int64)
-    if labels.max() > 9:
-        raise DataError(f"{path}: label {labels.max()} out of range 0..9")
+    check_labels(labels, path)
     return rows[:, 1:].reshape(-1, 3, 32, 32), labels
 
 
 @DATA_SOURCES.register("cifar10")
-def cifar10(ctx: SourceContext, root: str = "data/cifar10") -> SourceData:
+def cifar10(
+    ctx: SourceContext,
+    root: str = "data/cifar10",
+    batches: Annotated[Optional[List[int]], Each(Range(1, 5))] = None,
+) -> SourceData:
     """CIFAR-10 from a local folder (binary or python version); images [3, 32, 32] in [0, 1].
 
     Args:
         root: Folder holding cifar-10-batches-bin/ or cifar-10-batches-py/ (or their files directly).
+        batches: Training batches to read (N of data_batch_N, 1..5); default all five, and a folder
+            that lacks any of them is refused rather than trained on in part.
     """
     base = Path(root)
     if not base.is_dir():
         raise DataError(f"CIFAR-10 folder {base} does not exist: {CIFAR_HINT.format(root=base)}")
+    wanted = sorted(set(batches)) if batches is not None else [1, 2, 3, 4, 5]
+    if batches is not None and (not batches or len(wanted) != len(batches)):
+        raise ValueError(f"batches: give each of 1..5 at most once, and at least one (got {batches})")
     for sub, ext, reader in (("cifar-10-batches-bin", ".bin", _cifar_bin_batch), ("cifar-10-batches-py", "", _cifar_py_batch)):
         for folder in (base / sub, base):
-            train_files = [folder / f"data_batch_{i}{ext}" for i in range(1, 6)]
+            train_files = [folder / f"data_batch_{i}{ext}" for i in wanted]
             test_file = folder / f"test_batch{ext}"
             present = [f for f in train_files if f.is_file()]
             if present and test_file.is_file():
+                if len(present) < len(train_files):
+                    missing = ", ".join(f.name for f in train_files if not f.is_file())
+                    raise DataError(f"{folder}: {missing} missing; put all of data_batch_1..5 there, or list the "
+                                    "ones to use in data.batches (e.g. batches: [1, 2])")
                 tr = [reader(f) for f in present]
                 xte, yte = reader(test_file)
                 xtr = np.concatenate([t[0] for t in tr])
