@@ -139,6 +139,7 @@ class GossipStrategy(NamedTuple):
 
 Strategy = Union[ServerStrategy, GossipStrategy]
 STRATEGY_KINDS = {"server": ServerStrategy, "gossip": GossipStrategy}
+STRATEGY_TYPES = (ServerStrategy, GossipStrategy)  # what a strategy factory must return
 
 
 def kind_of(strategy: Any) -> str:

@@ -265,7 +265,7 @@ def exits_when_built():
 
 @pytest.mark.parametrize("change,path,words", [
     ({"data": {"name": "os:system", "command": "true"}}, "data.name", "os:system failed: TypeError"),
-    ({"strategy": {"name": "fedsim_test_factories:not_a_strategy"}}, "strategy.name", "returned dict, not a Strategy"),
+    ({"strategy": {"name": "fedsim_test_factories:not_a_strategy"}}, "strategy.name", "returned dict, not a ServerStrategy or GossipStrategy"),
     ({"strategy": {"name": "fedsim_test_factories:exits"}}, "strategy.name", "failed: sys.exit(0)"),
     ({"data": {"partition": "os:getcwd"}}, "data.partition.name", "os:getcwd failed: TypeError"),
     ({"system": {"compute": "fedsim_test_factories:compute"}}, "system.compute.name",

@@ -200,8 +200,8 @@ def _friendly(msg: str) -> str:
     return msg
 
 
-def import_type(spec: str) -> type:
-    """Returns the class named by ``"package.module:Name"``."""
+def import_type(spec: str) -> Any:
+    """Returns the class (or tuple of classes) named by ``"package.module:Name"``."""
     import importlib
 
     module, _, attr = spec.partition(":")
@@ -249,8 +249,9 @@ class Component:
         if self.returns is not None:
             cls = import_type(self.returns)
             if not isinstance(built, cls):
+                want = " or ".join(c.__name__ for c in cls) if isinstance(cls, tuple) else cls.__name__
                 raise ConfigError(_join(self.path, self.name_key),
-                                  f"{self.name!r} returned {type(built).__name__}, not a {cls.__name__}")
+                                  f"{self.name!r} returned {type(built).__name__}, not a {want}")
         return built
 
     def resolved(self, name_key: str = "name") -> dict[str, Any]:

@@ -190,7 +190,7 @@ TOP_LEVEL_HELP = {
 COMPONENTS: dict[str, ComponentSpec] = {
     "data": ComponentSpec(DATA_SOURCES, default="digits", common=DataCommon, returns="fedsim.data.base:SourceData"),
     "model": ComponentSpec(MODELS, default="auto", context_params=("ctx", "input_shape", "num_classes")),
-    "strategy": ComponentSpec(STRATEGIES, default="fedavg", returns="fedsim.strategy:Strategy"),
+    "strategy": ComponentSpec(STRATEGIES, default="fedavg", returns="fedsim.strategy:STRATEGY_TYPES"),
     "protocol": ComponentSpec(PROTOCOLS, default="sync", returns="fedsim.protocols.base:Protocol"),
     "topology": ComponentSpec(TOPOLOGIES, default="ring", common=TopologyCommon),
     "executor": ComponentSpec(EXECUTORS, name_key="kind", default="serial", returns="fedsim.executors.base:Executor"),
