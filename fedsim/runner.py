@@ -29,6 +29,7 @@ from .errors import ConfigError, DivergenceError, FedsimError, Interrupted
 from .executors.base import Executor, WorkerSpec, build_executor
 from .outputs import EventLog, JsonlLog, prepare_run_dir, read_jsonl, write_atomic, write_config, write_summary
 from .protocols.base import Protocol, ProtocolState, RunContext
+from .rng import initialised_cuda, key, keyed_torch, set_torch_states, torch_states
 from .state_store import ClientStateStore
 from .strategy import LocalHP, Strategy
 from .system.population import Population
@@ -44,6 +45,7 @@ class DriverState:
     evaluations: int = 0
     checkpoints: int = 0
     wall_offset: float = 0.0  # wall seconds spent before a resume
+    rng: list | None = None  # the driver's torch generator states (see `drive`); None: start keyed
 
 
 @dataclass
@@ -150,7 +152,8 @@ def _write_checkpoint(run: Run, out_dir: Path, state: ProtocolState, dstate: Dri
         events_bytes = ctx.events.path.stat().st_size
     dstate.checkpoints += 1
     # last_rounds = the state's rounds: their evaluation, if due, is done (rows are made before checkpoints)
-    snapshot = DriverState(dstate.next_eval, state.rounds, dstate.evaluations, dstate.checkpoints, wall)
+    snapshot = DriverState(dstate.next_eval, state.rounds, dstate.evaluations, dstate.checkpoints, wall,
+                           torch_states(initialised_cuda()))
     payload = {
         "format": 1,
         "protocol": run.config.protocol.name,
@@ -170,6 +173,10 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
 
     With `out_dir`, rows go to metrics.jsonl as they are made, events to events.jsonl,
     and checkpoints to checkpoints/. Returns the metrics rows.
+
+    User code that runs here (a strategy's server part, a model's evaluation) and draws from
+    torch's global generators gets them keyed by the run's seed, continued across a resume
+    (checkpoints hold their state); the caller's generators are put back after.
     """
     cfg = run.config.run
     ctx, proto = run.ctx, run.protocol
@@ -217,7 +224,9 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
             bar.update(min(to_seconds(state.time), cfg.time_budget) - bar.n)
 
     try:
-        with _catch_signals(flag):
+        with _catch_signals(flag), keyed_torch(key(run.config.seed, "driver"), initialised_cuda()):
+            if dstate.rng is not None:
+                set_torch_states(dstate.rng, initialised_cuda())
             if state is None:
                 state = proto.init(ctx)
                 record(state, state.time)

@@ -21,7 +21,7 @@ import torch
 from ..errors import ConfigError
 from ..executors.base import JobResult
 from ..executors.results import ResultBatch, stacked_update_rows
-from ..rng import key, numpy_rng
+from ..rng import key, keyed_torch, numpy_rng
 from ..task import Task
 from .base import RunContext, check_rows_finite
 
@@ -49,12 +49,11 @@ def independent_params(task: Task, seed: int, nodes: int) -> torch.Tensor:
     module = copy.deepcopy(task.module)
     layers = [m for m in module.modules() if hasattr(m, "reset_parameters")]
     rows = []
-    with torch.random.fork_rng(devices=[]):
-        for i in range(nodes):
-            torch.manual_seed(key(seed, "init/node", i))
+    for i in range(nodes):
+        with keyed_torch(key(seed, "init/node", i)):
             for layer in layers:
                 layer.reset_parameters()
-            rows.append(task.layout.flatten({k: v.detach() for k, v in module.named_parameters()}))
+        rows.append(task.layout.flatten({k: v.detach() for k, v in module.named_parameters()}))
     return torch.stack(rows)
 
 
