@@ -24,6 +24,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .clock import to_seconds, to_ticks
 from .config.load import Config, load_config
+from .config.plugins import plugin_module
 from .data import build_federated_data
 from .errors import ConfigError, DivergenceError, FedsimError, Interrupted
 from .executors.base import Executor, WorkerSpec, build_executor
@@ -357,7 +358,7 @@ def resume(out_dir: Path, progress: bool | None = None) -> Run:
     if not cfg_path.is_file():
         raise FedsimError(f"{out_dir} is not a run folder (no config.yaml)")
     config = load_config(cfg_path)
-    payload, path = ckpt.load_latest(out_dir, trusted=config.plugins)
+    payload, path = ckpt.load_latest(out_dir, trusted=[plugin_module(p) for p in config.plugins])
     run = build(config)
     if config.run.state_dir is None:  # spilled client state lives in the run folder
         run.ctx.store.spill_root = out_dir
