@@ -151,7 +151,7 @@ def decode(msg: Message) -> Tensor:
 
 def job_key(purpose: str = "compress") -> int:
     """Returns a key for a job's compression randomness, derived from the seed the executor gave
-    the job (``torch.manual_seed(key(seed, "job", job_id))`` in `fedsim.executors.base.Worker`),
+    the job (``keyed_torch(key(seed, "job", job_id))`` in `fedsim.executors.base.Worker`),
     so draws depend on (seed, job) only and never consume the job's own random stream."""
     return rng_key(torch.initial_seed(), purpose)
 

@@ -7,10 +7,16 @@ which results come back. Two kinds of draws:
   (a client's batch order, a model's initialisation).
 * `uniform` / `normal`: counter-based hashes (SplitMix64), vectorised over an id array, for
   per-client draws in large populations (availability, dropout, speed profiles) in O(ids).
+
+Code that cannot take a generator (random layers such as dropout, ``reset_parameters``)
+draws from torch's global generators; every such block runs inside `keyed_torch`, which
+seeds them by a key and restores them after, so no draw depends on what ran before it in
+the process. This is the only module that seeds or forks a global generator.
 """
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -149,3 +155,46 @@ def normal(seed: int, purpose: str, ids: np.ndarray | int, *extra: int) -> np.nd
     u1 = uniform(seed, purpose + "/u1", ids, *extra)
     u2 = uniform(seed, purpose + "/u2", ids, *extra)
     return np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2.0 * np.pi * u2)
+
+
+def cuda_index(device: torch.device | None) -> list[int]:
+    """Returns ``[index]`` of a CUDA `device` (the current device when it has none), else ``[]``."""
+    if device is None or device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
+def initialised_cuda() -> list[int]:
+    """Returns every CUDA device index once CUDA is initialised in this process, else ``[]``
+    (asking for more would initialise CUDA)."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+
+
+def seed_torch(seed_key: int, cuda: Sequence[int] = ()) -> None:
+    """Seeds torch's global CPU generator and the generators of the CUDA devices `cuda` only
+    (``torch.manual_seed`` would also queue a seed for every other CUDA device)."""
+    torch.default_generator.manual_seed(seed_key)
+    for index in cuda:
+        torch.cuda.default_generators[index].manual_seed(seed_key)
+
+
+@contextmanager
+def keyed_torch(seed_key: int, cuda: Sequence[int] = ()) -> Iterator[None]:
+    """Runs the block with torch's global CPU generator (and those of the CUDA devices `cuda`)
+    seeded by `seed_key`, and puts them back as they were after it."""
+    with torch.random.fork_rng(devices=list(cuda)):
+        seed_torch(seed_key, cuda)
+        yield
+
+
+def torch_states(cuda: Sequence[int] = ()) -> list[torch.Tensor]:
+    """Returns the states of torch's global CPU generator and of the CUDA devices `cuda`."""
+    return [torch.default_generator.get_state(), *(torch.cuda.get_rng_state(i) for i in cuda)]
+
+
+def set_torch_states(states: Sequence[torch.Tensor], cuda: Sequence[int] = ()) -> None:
+    """Restores states saved by `torch_states` (CUDA ones only if the device count matches)."""
+    torch.default_generator.set_state(states[0])
+    if len(states) == len(cuda) + 1:
+        for index, state in zip(cuda, states[1:]):
+            torch.cuda.set_rng_state(state, index)

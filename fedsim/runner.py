@@ -24,6 +24,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .clock import to_seconds, to_ticks
 from .config.load import Config, load_config
+from .config.plugins import plugin_module
 from .data import build_federated_data
 from .divergence import chance_accuracy, diverged, last_finite, shown
 from .errors import ConfigError, DivergenceError, FedsimError, Interrupted, NoProgressError
@@ -32,6 +33,7 @@ from .outputs import EventLog, JsonlLog, prepare_run_dir, read_jsonl, write_atom
 from .protocols.base import Protocol, ProtocolState, RunContext
 from .protocols.clocks import Clock, VirtualClock
 from .stall import StallWatch, check_horizon, warn_if_nothing_done
+from .rng import initialised_cuda, key, keyed_torch, set_torch_states, torch_states
 from .state_store import ClientStateStore
 from .strategy import LocalHP, Strategy, kind_of
 from .system.population import Population
@@ -48,6 +50,7 @@ class DriverState:
     checkpoints: int = 0
     wall_offset: float = 0.0  # wall seconds spent before a resume
     stall: dict[str, int] = field(default_factory=dict)  # what the StallWatch has seen
+    rng: list | None = None  # the driver's torch generator states (see `drive`); None: start keyed
 
 
 @dataclass
@@ -170,7 +173,7 @@ def _write_checkpoint(run: Run, out_dir: Path, state: ProtocolState, dstate: Dri
     dstate.checkpoints += 1
     # last_rounds = the state's rounds: their evaluation, if due, is done (rows are made before checkpoints)
     snapshot = DriverState(dstate.next_eval, state.rounds, dstate.evaluations, dstate.checkpoints, wall,
-                           dict(dstate.stall))
+                           dict(dstate.stall), torch_states(initialised_cuda()))
     payload = {
         "format": 1,
         "protocol": run.config.protocol.name,
@@ -198,6 +201,10 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
 
     With `out_dir`, rows go to metrics.jsonl as they are made, events to events.jsonl,
     and checkpoints to checkpoints/. Returns the metrics rows.
+
+    User code that runs here (a strategy's server part, a model's evaluation) and draws from
+    torch's global generators gets them keyed by the run's seed, continued across a resume
+    (checkpoints hold their state); the caller's generators are put back after.
     """
     cfg = run.config.run
     ctx, proto = run.ctx, run.protocol
@@ -252,7 +259,9 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
             bar.update(min(to_seconds(state.time), cfg.time_budget) - bar.n)
 
     try:
-        with _catch_signals(flag):
+        with _catch_signals(flag), keyed_torch(key(run.config.seed, "driver"), initialised_cuda()):
+            if dstate.rng is not None:
+                set_torch_states(dstate.rng, initialised_cuda())
             if state is None:
                 state = proto.init(ctx)
                 record(state, state.time)
@@ -388,7 +397,7 @@ def resume(out_dir: Path, progress: bool | None = None) -> Run:
     if not cfg_path.is_file():
         raise FedsimError(f"{out_dir} is not a run folder (no config.yaml)")
     config = load_config(cfg_path)
-    payload, path = ckpt.load_latest(out_dir, trusted=config.plugins)
+    payload, path = ckpt.load_latest(out_dir, trusted=[plugin_module(p) for p in config.plugins])
     run = build(config)
     if config.run.state_dir is None:  # spilled client state lives in the run folder
         run.ctx.store.spill_root = run.ctx.memory.spill_root = out_dir

@@ -24,7 +24,7 @@ from .data.base import SourceData
 from .errors import ConfigError
 from .models import ModelContext, call_user_factory
 from .params import ParamLayout
-from .rng import key
+from .rng import cuda_index, key, keyed_torch, seed_torch
 from .strategy import Batch, Tensor
 
 
@@ -162,10 +162,12 @@ class _BoundModule:
             params = task.initial_params()
             probe = _probe_input(task)
             bound.module.train(task.module.training)
-            with torch.no_grad():
-                torch.manual_seed(0)
+            # random layers draw the same masks in both calls; the generators are put back, so
+            # the job this first call runs in draws from its own key as every later job does
+            cuda = cuda_index(params.device)
+            with torch.no_grad(), keyed_torch(0, cuda):
                 a = bound(params, probe)
-                torch.manual_seed(0)
+                seed_torch(0, cuda)
                 b = task.forward(params, probe)
             return bound if torch.equal(a, b) else None
         except Exception:  # noqa: BLE001 - any failure means: use functional_call
@@ -206,8 +208,7 @@ def check_model_fits(module: nn.Module, name: str, source: SourceData) -> None:
 def build_task(model: Component, source: SourceData, seed: int) -> Task:
     """Builds the model described by `model` for `source`, initialised from key(seed, 'init')."""
     ctx = ModelContext(tuple(source.input_shape), source.num_classes, source.task, source.x_train.dtype)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(key(seed, "init"))
+    with keyed_torch(key(seed, "init")):
         if ":" in model.name:
             try:
                 module = call_user_factory(model.entry.factory, ctx, model.kwargs)

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.util
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -11,6 +9,7 @@ from typing import Any, Mapping, Sequence
 from ..errors import ConfigError
 from .components import Component, dataclass_knobs, validate_knobs
 from .interpolation import resolve_interpolations
+from .plugins import import_plugin, load_plugins, plugin_module, record_dirs  # noqa: F401 - import_plugin: API
 from .ray_section import RaySection
 from .safe_yaml import MalformedYAML, parse_yaml
 from .schema import COMPONENTS, NESTED_COMPONENTS, SCALARS, SECTIONS, LocalSection, RunSection
@@ -32,7 +31,7 @@ class Config:
 
     name: str
     seed: int
-    plugins: list[str]
+    plugins: list[str]  # as found from any folder: a file plugin's absolute path, a module's name
     data: Component
     partition: Component
     model: Component
@@ -44,6 +43,7 @@ class Config:
     executor: Component
     run: RunSection
     extra: dict[str, Any] = field(default_factory=dict)  # validated sections added by extensions
+    plugin_dirs: list[str] = field(default_factory=list)  # folders user modules were imported from
 
     def resolved(self) -> dict[str, Any]:
         """Returns the configuration with every default filled in, as written to config.yaml."""
@@ -53,6 +53,7 @@ class Config:
             "name": self.name,
             "seed": self.seed,
             "plugins": list(self.plugins),
+            "plugin_dirs": list(self.plugin_dirs),
             "data": data,
             "model": self.model.resolved(),
             "strategy": self.strategy.resolved(),
@@ -139,34 +140,6 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def import_plugin(spec: str, base_dir: Path) -> None:
-    """Imports a plugin: a module name (searched also in `base_dir` and the working folder)
-    or a path to a .py file (relative to `base_dir`, the config file's folder)."""
-    import sys
-
-    try:
-        if spec.endswith(".py"):
-            path = (base_dir / spec).resolve()
-            if not path.is_file():
-                raise ConfigError("plugins", f"plugin file not found: {path}")
-            name = f"fedsim_plugin_{path.stem}"
-            if name not in sys.modules:
-                module_spec = importlib.util.spec_from_file_location(name, path)
-                assert module_spec and module_spec.loader
-                module = importlib.util.module_from_spec(module_spec)
-                sys.modules[name] = module
-                module_spec.loader.exec_module(module)
-            return
-        for folder in (str(base_dir), str(Path.cwd())):
-            if folder not in sys.path:
-                sys.path.append(folder)
-        importlib.import_module(spec)
-    except ConfigError:
-        raise
-    except SystemExit as exc:
-        raise ConfigError("plugins", f"{spec!r} called sys.exit({exc.code!r}) while being imported") from None
-    except Exception as exc:  # noqa: BLE001 - any import failure is a config problem
-        raise ConfigError("plugins", f"cannot import {spec!r}: {type(exc).__name__}: {exc}") from None
 
 
 def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
@@ -198,12 +171,12 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
             if value is None:
                 value = []
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(key, f"expected a list of module names, got {value!r}")
+                what = "folders" if key == "plugin_dirs" else "module names"
+                raise ConfigError(key, f"expected a list of {what}, got {value!r}")
         scalars[key] = value
     check_run_name(scalars["name"])
     base_dir = Path(source).resolve().parent if isinstance(source, (str, Path)) else Path.cwd()
-    for module in scalars["plugins"]:
-        import_plugin(module, base_dir)
+    plugins, plugin_dirs = load_plugins(scalars["plugins"], scalars["plugin_dirs"], base_dir)
 
     def section(name: str, cls: type) -> Any:
         value = raw.get(name) or {}
@@ -233,10 +206,13 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
 
     if run.rounds is None and run.time_budget is None:
         raise ConfigError("run", "set a stopping rule: run.rounds and/or run.time_budget")
+    named = [data, partition, *comps.values(), topology, *vars(system).values()]
+    dotted = [c.name.partition(":")[0] for c in named if c is not None and ":" in c.name]  # 'module:factory'
     return Config(
         name=scalars["name"],
         seed=scalars["seed"],
-        plugins=scalars["plugins"],
+        plugins=plugins,
+        plugin_dirs=record_dirs(plugin_dirs, [*map(plugin_module, plugins), *dotted]),
         data=data,
         partition=partition,
         local=local,

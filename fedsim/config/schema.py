@@ -175,6 +175,8 @@ TOP_LEVEL_HELP = {
             "(1-200 characters, no '/', '\\' or control characters).",
     "seed": "Seed of every random draw; each draw is keyed by (seed, purpose, ids).",
     "plugins": "Python modules imported before the config is read (they register components).",
+    "plugin_dirs": "Folders put on the import path for plugins and 'module:factory' names (fedsim "
+                   "records where they were found, so a saved config.yaml works from any folder).",
     "data": "Data source (name + its knobs) and how it is split among clients.",
     "model": "Model architecture (name + knobs, or 'package.module:factory').",
     "strategy": "The FL / gossip algorithm (name + its hyperparameters).",
@@ -205,4 +207,4 @@ NESTED_COMPONENTS: dict[str, ComponentSpec] = {
     "system.dropout": ComponentSpec(DROPOUT_MODELS, default="none", returns="fedsim.system.models:DropoutModel"),
 }
 SECTIONS: dict[str, type] = {"local": LocalSection, "run": RunSection, "system": SystemSection}
-SCALARS = {"name": (str, "experiment"), "seed": (int, 0), "plugins": (list, [])}
+SCALARS = {"name": (str, "experiment"), "seed": (int, 0), "plugins": (list, []), "plugin_dirs": (list, [])}

@@ -20,7 +20,7 @@ from ..config.checks import OneOf
 from ..config.components import Component
 from ..data.batching import gather_batches
 from ..errors import ClientJobError
-from ..rng import key
+from ..rng import cuda_index, key, keyed_torch
 from ..contributions import Contributions, from_outputs
 from ..strategy import ClientOutput, LocalHP, Payload, Strategy, Tensor
 from ..task import Task
@@ -82,10 +82,8 @@ class Worker:
         spec = self.spec
         batches = gather_batches(spec.x_train, spec.y_train, job.indices)
         try:
-            with torch.random.fork_rng(devices=[]):
-                # stochastic layers (dropout); CPU generator only — fork_rng restores only that one,
-                # and torch.manual_seed would also queue a lazy CUDA seed (≈0.2 ms per job)
-                torch.default_generator.manual_seed(key(spec.seed, "job", job.job_id))
+            # random layers (dropout) draw from the job's key, on the CPU and the data's CUDA device
+            with keyed_torch(key(spec.seed, "job", job.job_id), cuda_index(spec.x_train.device)):
                 out = self.strategy.local(job.payload, job.state, batches, spec.task.grad_fn, spec.hp)
         except Exception:  # noqa: BLE001 - user code: keep the original traceback
             return traceback.format_exc()

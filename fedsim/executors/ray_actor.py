@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..rng import key
 from ..strategy import ClientOutput, Payload
 from .base import Job, Worker, WorkerSpec
 
@@ -77,8 +76,6 @@ class JobRunner:
         """Runs `job` from `payload` (sent apart, as a shared object-store reference) and returns
         its output on the CPU; an error in user code comes back as its traceback (a str)."""
         job = replace(job, payload=to_device(payload, self.device), state=to_device(job.state, self.device))
-        if self.device.type == "cuda":  # the Worker keys the CPU generator; key the GPU's too (dropout there)
-            torch.cuda.manual_seed(key(self.worker.spec.seed, "job", job.job_id))
         out = self.worker.attempt(job)
         return out if isinstance(out, str) else to_device(out, torch.device("cpu"))
 

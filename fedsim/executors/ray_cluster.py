@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..config.plugins import plugin_module
 from ..config.ray_section import RaySection
 from ..errors import ConfigError
 
@@ -115,8 +116,6 @@ def ship_by_value(modules: Sequence[str]) -> None:
     from ray import cloudpickle
 
     for spec in modules:
-        # fedsim.config.load.import_plugin's module name for a plugin given as a .py path
-        name = f"fedsim_plugin_{Path(spec).stem}" if spec.endswith(".py") else spec
-        module = sys.modules.get(name)
+        module = sys.modules.get(plugin_module(spec))
         if module is not None:
             cloudpickle.register_pickle_by_value(module)

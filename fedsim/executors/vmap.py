@@ -29,7 +29,7 @@ import torch
 from ..config import Ge, OneOf
 from ..errors import ConfigError, FedsimError
 from ..registry import EXECUTORS
-from ..rng import key
+from ..rng import cuda_index, key, keyed_torch
 from ..strategy import Batches, GradFn, Payload, Strategy, Tensor
 from ..task import Task
 from ..contributions import Contributions, from_outputs
@@ -262,13 +262,12 @@ class VmapExecutor(Executor):
 
     @contextlib.contextmanager
     def _keyed_rng(self, job_id: int) -> Iterator[None]:
-        """With random layers allowed, seeds torch's generators by (seed, first job of the cohort)."""
+        """With random layers allowed, seeds torch's generators (CPU and the executor's device)
+        by the key of the cohort's first job, as the serial executor seeds that job's."""
         if self.randomness == "error":
             yield
             return
-        cuda = self.device.type == "cuda"
-        with torch.random.fork_rng(devices=[self.device.index or 0] if cuda else []):
-            torch.manual_seed(key(self.spec.seed, "vmap-cohort", job_id))
+        with keyed_torch(key(self.spec.seed, "job", job_id), cuda_index(self.device)):
             yield
 
     def _cohort_fn(self, st: Stacked, grad_fn: GradFn):

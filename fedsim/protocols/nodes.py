@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..rng import key, numpy_rng
+from ..rng import key, keyed_torch, numpy_rng
 from ..task import Task
 from .base import RunContext
 
@@ -54,12 +54,11 @@ def independent_params(task: Task, seed: int, nodes: int) -> torch.Tensor:
     module = copy.deepcopy(task.module)
     layers = [m for m in module.modules() if hasattr(m, "reset_parameters")]
     rows = []
-    with torch.random.fork_rng(devices=[]):
-        for i in range(nodes):
-            torch.manual_seed(key(seed, "init/node", i))
+    for i in range(nodes):
+        with keyed_torch(key(seed, "init/node", i)):
             for layer in layers:
                 layer.reset_parameters()
-            rows.append(task.layout.flatten({k: v.detach() for k, v in module.named_parameters()}))
+        rows.append(task.layout.flatten({k: v.detach() for k, v in module.named_parameters()}))
     return torch.stack(rows)
 
 
