@@ -185,6 +185,9 @@ class Protocol(ABC):
 
     requires: str = "server"  # 'server' (needs combine) or 'decentralized' (needs merge)
     drops_failed_jobs: bool = False  # treats a failed JobResult (executor.on_client_error='drop') as a drop
+    # a step changes the state only once its jobs' results are in: a step that gives up waiting
+    # for them (a signal, lost workers) leaves the state as the previous step left it
+    state_kept_while_waiting: bool = False
 
     def setup(self, ctx: RunContext) -> None:
         """Validates the protocol against the run and derives constants (called once, before
