@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._workload import workload_w  # noqa: E402
 from fedsim.config import load_config  # noqa: E402
+from fedsim.executors.ray_cluster import loopback_only  # noqa: E402
 from fedsim.runner import build  # noqa: E402
 
 MB = 2**20
@@ -66,7 +67,8 @@ def main() -> None:
     args = ap.parse_args()
     import ray
 
-    ray.init(address="local", num_cpus=max(args.actors), include_dashboard=False, logging_level=logging.WARNING)
+    with loopback_only():  # its processes listen on 127.0.0.1 only
+        ray.init(address="local", num_cpus=max(args.actors), include_dashboard=False, logging_level=logging.WARNING)
     try:
         results = {"serial": run_variant({"executor": "serial"}, args.rounds, args.sample_every, args.epochs)}
         for n in args.actors:

@@ -11,10 +11,13 @@ process and all its children (Ray's raylet, GCS and workers for Flower), sampled
 * Flower 1.42: ``flwr.simulation.run_simulation`` with a ServerApp running the message
   API's FedAvg (``strategy.start``) and the ClientApp of ``_flower_w.py`` (imported by
   reference, data loaded once per actor), Ray backend, with its default client resources
-  and with ``num_cpus: 1`` per client (the best setting found here; MEASUREMENTS.md).
+  and with ``num_cpus: 1`` per client (the best setting found here).
 * fedsim: serial, ray and vmap executors with torch's default thread count; the vmap
   executor again with ``run.torch_threads: 1`` (Ray sets each Flower client actor's thread
   count to its num_cpus the same way), and both with ``executor.compile: true``.
+
+Every Ray started here (Flower's and fedsim's) listens on 127.0.0.1 only (each variant's
+process gets Ray's single-machine mode, fedsim.executors.ray_cluster.LOOPBACK_ENV).
 
     python benchmarks/vs_flower.py [--rounds 20]
 """
@@ -122,9 +125,11 @@ def _tree_rss(pid: int) -> int:
 
 def run_variant(args: list[str]) -> dict:
     """Runs one variant in a child process; returns its JSON result plus wall time and peak RSS."""
+    from fedsim.executors.ray_cluster import LOOPBACK_ENV
+
     start = time.time()
     proc = subprocess.Popen([sys.executable, __file__, "--child", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": os.pathsep.join(
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **LOOPBACK_ENV, "TQDM_DISABLE": "1", "PYTHONPATH": os.pathsep.join(
                                 filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
     peak = [0]
 

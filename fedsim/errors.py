@@ -49,6 +49,17 @@ class ClientJobError(FedsimError):
         super().__init__(f"client {client} (job {job_id}) failed in its local update:\n{detail}")
 
 
+class StepAbandoned(FedsimError):
+    """A step gave up waiting for its jobs, so it did not happen: a signal asked the run to
+    stop (`signal` holds its number), or the workers cannot run the jobs (none can be placed,
+    none answers, or they died too often). The runner turns it into the run's last line and
+    writes a checkpoint where the protocol's state allows (fedsim.runner)."""
+
+    def __init__(self, message: str, signal: int | None = None):
+        super().__init__(message)
+        self.signal = signal
+
+
 class Interrupted(FedsimError):
     """The run was stopped by SIGINT/SIGTERM after writing a checkpoint."""
 

@@ -22,12 +22,13 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import stopping
 from .clock import to_seconds, to_ticks
 from .config.load import Config, load_config
 from .config.plugins import plugin_module
 from .data import build_federated_data
 from .divergence import chance_accuracy, diverged, last_finite, shown
-from .errors import ConfigError, DivergenceError, FedsimError, Interrupted, NoProgressError
+from .errors import ConfigError, DivergenceError, FedsimError, Interrupted, NoProgressError, StepAbandoned
 from .executors.base import Executor, WorkerSpec, build_executor
 from .outputs import EventLog, JsonlLog, prepare_run_dir, read_jsonl, write_atomic, write_config, write_summary
 from .protocols.base import Protocol, ProtocolState, RunContext
@@ -137,10 +138,12 @@ def evaluate(run: Run, state: ProtocolState, at_tick: int, wall: float) -> dict[
 
 
 class _StopFlag:
-    """Set by SIGINT/SIGTERM; the driver checks it between steps."""
+    """Set by SIGINT/SIGTERM; the driver checks it between steps. With `interrupt_waits` the
+    signal also ends a step that waits on other processes (fedsim.stopping)."""
 
-    def __init__(self) -> None:
+    def __init__(self, interrupt_waits: bool = False) -> None:
         self.signal: int | None = None
+        self.interrupt_waits = interrupt_waits
 
 
 @contextmanager
@@ -154,12 +157,15 @@ def _catch_signals(flag: _StopFlag) -> Iterator[None]:
         if flag.signal is not None:  # a second Ctrl-C: stop at once
             raise KeyboardInterrupt
         flag.signal = signum
+        if flag.interrupt_waits:
+            stopping.request(signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous[sig] = signal.signal(sig, handler)
     try:
         yield
     finally:
+        stopping.clear()
         for sig, h in previous.items():
             signal.signal(sig, h)
 
@@ -195,6 +201,27 @@ def _diverged(what: str, last: dict[str, Any], label: str, out_dir: Path | None)
     return DivergenceError(f"{what}; {label}: {shown(last)}{kept}")
 
 
+def _abandoned(run: Run, out_dir: Path | None, state: ProtocolState | None, dstate: DriverState, wall: float,
+               exc: StepAbandoned) -> FedsimError:
+    """Returns the error that ends a run whose step gave up waiting for its jobs. Writes a
+    checkpoint of the state the step started from when the protocol had not changed it yet
+    (`state_kept_while_waiting`); otherwise a resume starts from the newest checkpoint."""
+    at = f" at round {state.rounds}" if state is not None else " before the first round"
+    note = ""
+    if out_dir is not None:
+        resume = f"; resume with: fedsim resume {out_dir}"
+        if state is not None and run.protocol.state_kept_while_waiting:
+            _write_checkpoint(run, out_dir, state, dstate, wall)
+            note = f" (checkpoint written){resume}"
+        elif ckpt.list_checkpoints(out_dir):
+            note = f" (the newest checkpoint is kept){resume}"
+        else:
+            note = " (no checkpoint was written yet)"
+    if exc.signal is not None:
+        return Interrupted(f"stopped by {signal.Signals(exc.signal).name}{at}{note}")
+    return StepAbandoned(f"{exc}; stopped{at}{note}")
+
+
 def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
           resume: tuple[ProtocolState, DriverState] | None = None) -> list[dict[str, Any]]:
     """Runs the protocol to its stopping rule, evaluating and checkpointing as configured.
@@ -216,7 +243,7 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
     wall_start = time.perf_counter()
     total = cfg.rounds if cfg.rounds is not None else cfg.time_budget
     bar = tqdm(total=total, disable=not show, unit="round" if cfg.rounds is not None else "s", dynamic_ncols=True)
-    flag = _StopFlag()
+    flag = _StopFlag(interrupt_waits=proto.state_kept_while_waiting)
 
     if resume is None:
         state = None
@@ -305,6 +332,8 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
             elif run.rows[-1]["round"] != state.rounds or run.rows[-1]["virtual_time"] != to_seconds(state.time):
                 record(state, state.time)
             warn_if_nothing_done(run.config, state.rounds, state.aggregations, state.time)
+    except StepAbandoned as exc:  # a step gave up waiting for its jobs: a signal, or lost workers
+        raise _abandoned(run, out_dir, state, dstate, wall(), exc) from None
     finally:
         bar.close()
         ctx.executor.close()

@@ -80,6 +80,33 @@ def fedsim_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedsim", *args]
 
 
+def exposed_sockets() -> list[str]:
+    """Returns the sockets of this process and of every process it started (and they started)
+    that listen for TCP or are bound for UDP on an address other than loopback, each as
+    'name[pid] address:port' (the Ray tests check that Ray's processes bind 127.0.0.1 only)."""
+    import ipaddress
+    import socket
+
+    import psutil
+
+    def loopback(ip: str) -> bool:
+        addr = ipaddress.ip_address(ip.split("%")[0])
+        return (addr.ipv4_mapped or addr).is_loopback if addr.version == 6 else addr.is_loopback
+
+    me = psutil.Process()
+    found = []
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            name, conns = proc.name(), proc.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        for c in conns:
+            bound = c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM and not c.raddr)
+            if bound and c.laddr and not loopback(c.laddr.ip):
+                found.append(f"{name}[{proc.pid}] {c.laddr.ip}:{c.laddr.port}")
+    return found
+
+
 @pytest.fixture
 def tmp_yaml(tmp_path: Path):
     """Writes a config mapping to a YAML file and returns its path."""

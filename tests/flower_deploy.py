@@ -2,7 +2,7 @@
 
 Every process gets free ports, its own FLWR_HOME, this checkout first on PYTHONPATH, and —
 for the simulation engine — its own local Ray instance (RAY_ADDRESS=local, a private
-RAY_TMPDIR), so nothing joins another Ray cluster on the machine. `stop` ends every
+RAY_TMPDIR, listening on 127.0.0.1 only), so nothing joins another Ray cluster on the machine. `stop` ends every
 process started here and all their descendants (Flower detaches its SuperExec, so the
 process tree is recorded while the parents are alive), also after a failure.
 """
@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 import psutil
+
+from fedsim.executors.ray_cluster import LOOPBACK_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -52,6 +54,7 @@ class Deployment:
         self.env = dict(
             os.environ, FLWR_HOME=str(self.home), PYTHONPATH=str(ROOT), PATH=f"{BIN}:{os.environ['PATH']}",
             OMP_NUM_THREADS="1", FLWR_DISABLE_UPDATE_CHECK="1", RAY_ADDRESS="local", RAY_TMPDIR=str(self.ray_tmp),
+            **LOOPBACK_ENV,  # the simulation engine's Ray listens on 127.0.0.1 only
         )
         self.procs: list[subprocess.Popen] = []
         self.tree: dict[int, psutil.Process] = {}

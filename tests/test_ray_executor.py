@@ -1,25 +1,31 @@
 """The Ray executor gives the serial executor's results: any number of actors, two nodes,
-an actor killed mid-run; user errors name the client and keep the original traceback.
+an actor killed mid-run; user errors name the client and keep the original traceback; a
+lost node or a SIGTERM ends a run blocked on Ray at once, with one line and a checkpoint.
 
 One two-node Ray cluster (`ray.cluster_utils.Cluster`, one CPU per node) is started for the
-module and stopped after it, also on failure. Runs inside this process attach to it; one
-run goes through the CLI, attaching by `ray.address`. Every run sets run.torch_threads=1:
-results are bitwise identical only between processes that use the same number of torch
-threads (a matmul's reduction order depends on it), see docs/ray.md.
+module on 127.0.0.1 only and stopped after it, also on failure. Runs inside this process
+attach to it; runs through the CLI attach by `ray.address`. Every run sets
+run.torch_threads=1: results are bitwise identical only between processes that use the same
+number of torch threads (a matmul's reduction order depends on it), see docs/ray.md.
 """
 from __future__ import annotations
 
 import json
 import logging
+import signal
 import subprocess
+import time
 import warnings
 from pathlib import Path
 
 import pytest
 
+from fedsim import checkpoint as ckpt
 from fedsim.errors import ClientJobError
+from fedsim.executors.ray_cluster import loopback_only
+from fedsim.runner import resume
 
-from .conftest import ROOT, digits_config, fedsim_cmd, merge, run_config
+from .conftest import ROOT, digits_config, exposed_sockets, fedsim_cmd, merge, run_config
 from .test_decentralized import dec_config
 from .test_determinism import strip
 
@@ -50,21 +56,22 @@ def cluster():
     # attaches); put back what was there, so that no other process wanders into it.
     pointer = Path(get_ray_address_file(None))
     before = pointer.read_text() if pointer.exists() else None
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    if before is None:
-        pointer.unlink(missing_ok=True)
-    else:
-        pointer.write_text(before)
-    try:
-        c.add_node(num_cpus=1)
-        c.wait_for_nodes()
-        with warnings.catch_warnings():  # Ray's notice about a future accelerator-env default
-            warnings.simplefilter("ignore", FutureWarning)
-            ray.init(address=c.address, logging_level=logging.WARNING)
-        yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
+    with loopback_only():  # the nodes, their workers and the CLI runs started here: 127.0.0.1 only
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        if before is None:
+            pointer.unlink(missing_ok=True)
+        else:
+            pointer.write_text(before)
+        try:
+            c.add_node(num_cpus=1)
+            c.wait_for_nodes()
+            with warnings.catch_warnings():  # Ray's notice about a future accelerator-env default
+                warnings.simplefilter("ignore", FutureWarning)
+                ray.init(address=c.address, logging_level=logging.WARNING)
+            yield c
+        finally:
+            ray.shutdown()
+            c.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +102,12 @@ def test_cli_attaches_by_address(cluster, serial_rows, tmp_path, tmp_yaml):
     assert cluster.address in (out / "config.yaml").read_text()
 
 
+def test_every_ray_process_listens_on_loopback_only(cluster):
+    assert ray.get(ray.remote(num_cpus=0)(lambda: 1).remote()) == 1  # a worker process, among those checked
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+    assert exposed_sockets() == []
+
+
 def test_killed_actor_is_replaced_and_results_do_not_change(cluster, serial_rows, tmp_path):
     marker = tmp_path / "killed"
     cfg = merge(CONFIGS["sync"], {"strategy": {"name": f"{FAULTS}:fedavg_dies_once", "marker": str(marker)}})
@@ -121,6 +134,90 @@ def test_client_error_can_drop_the_client(cluster, serial_rows):
     remote = strip(run_config(on_ray(cfg, num_actors=2, on_client_error="drop")).rows)
     assert remote == serial
     assert serial[-1]["dropped"] > serial_rows["sync"][-1]["dropped"]
+
+
+def test_silent_actor_is_replaced_after_job_timeout(cluster, serial_rows, tmp_path):
+    marker = tmp_path / "stalled"
+    cfg = merge(on_ray(CONFIGS["sync"], num_actors=1, job_timeout=3),
+                {"strategy": {"name": f"{FAULTS}:fedavg_stalls", "marker": str(marker), "seconds": 600, "job": 6}})
+    run = run_config(cfg)
+    assert marker.exists() and run.ctx.executor.replacements == 1
+    assert strip(run.rows) == serial_rows["sync"]
+
+
+def test_run_goes_on_with_the_actors_left_when_a_lost_node_cannot_be_replaced(cluster, serial_rows, tmp_path):
+    node = cluster.add_node(num_cpus=1, resources={"doomed": 1})
+    marker = tmp_path / "killed"
+    groups = [{"num_actors": 1}, {"num_actors": 1, "resources": {"doomed": 1}}]  # the second only fits there
+    cfg = merge(on_ray(CONFIGS["sync"], groups=groups),
+                {"strategy": {"name": f"{FAULTS}:fedavg_loses_its_node", "marker": str(marker), "resource": "doomed"}})
+    try:
+        run = run_config(cfg)
+    finally:
+        cluster.remove_node(node, allow_graceful=False)
+    assert marker.exists() and run.ctx.executor.replacements == 1
+    assert strip(run.rows) == serial_rows["sync"]
+
+
+def run_cli(cluster, cfg, out: Path, tmp_yaml) -> subprocess.Popen:
+    """Starts `fedsim run` on `cfg`, attached to the cluster; its stderr goes to out.stderr."""
+    err = open(out.with_suffix(".stderr"), "w")  # a file, not a pipe: Ray's driver can print a lot
+    cmd = fedsim_cmd("run", str(tmp_yaml(cfg)), f"ray.address={cluster.address}", "--out", str(out), "--quiet")
+    with err:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+
+
+def last_words(out: Path) -> tuple[list[str], str]:
+    """Returns fedsim's own lines on the run's stderr and the whole of it."""
+    text = out.with_suffix(".stderr").read_text()
+    return [line for line in text.splitlines() if line.startswith("fedsim:")], text
+
+
+def test_lost_node_ends_the_run_with_one_line_and_a_checkpoint(cluster, tmp_path, tmp_yaml):
+    node = cluster.add_node(num_cpus=1, resources={"doomed": 1})  # the only node the run's actor fits on
+    marker, out = tmp_path / "killed", tmp_path / "run"
+    cfg = merge(on_ray(CONFIGS["sync"], num_actors=1, resources={"doomed": 1}, actor_start_timeout=10),
+                {"strategy": {"name": f"{FAULTS}:fedavg_loses_its_node", "marker": str(marker), "resource": "doomed",
+                              "job": 6}})
+    proc = run_cli(cluster, cfg, out, tmp_yaml)
+    try:
+        proc.wait(timeout=300)
+        ended = time.time()
+    finally:
+        proc.kill()
+        cluster.remove_node(node, allow_graceful=False)
+    ours, text = last_words(out)
+    assert proc.returncode == 2 and len(ours) == 1 and "Traceback" not in text, text[-3000:]
+    assert ours[0].startswith("fedsim: error: no Ray actor is left and none could be placed within "
+                              "executor.actor_start_timeout=10 s")
+    assert ours[0].endswith(f"; stopped at round 1 (checkpoint written); resume with: fedsim resume {out}")
+    assert ended - marker.stat().st_mtime < 60  # Ray notices the lost node in ~15 s, then 10 s to place an actor
+    payload, _ = ckpt.load_latest(out)
+    assert payload["protocol_state"].rounds == 1
+
+
+def test_sigterm_ends_a_run_blocked_on_ray_with_a_checkpoint(cluster, serial_rows, tmp_path, tmp_yaml):
+    marker, out = tmp_path / "stalled", tmp_path / "run"
+    cfg = merge(on_ray(CONFIGS["sync"], num_actors=1),
+                {"strategy": {"name": f"{FAULTS}:fedavg_stalls", "marker": str(marker), "seconds": 60, "job": 6}})
+    proc = run_cli(cluster, cfg, out, tmp_yaml)
+    try:
+        began = time.monotonic()
+        while not marker.exists():  # the 6th job (round 2) has begun its 60 s sleep
+            assert proc.poll() is None and time.monotonic() - began < 300, last_words(out)[1][-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        proc.wait(timeout=120)
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+    ours, text = last_words(out)
+    assert proc.returncode == 130 and ours == [
+        f"fedsim: error: stopped by SIGTERM at round 1 (checkpoint written); resume with: fedsim resume {out}"
+    ], text[-3000:]
+    assert took < 15  # not the 60 s the job sleeps
+    assert strip(resume(out, progress=False).rows) == serial_rows["sync"]  # the checkpoint is a sound one
 
 
 def test_payloads_that_view_a_larger_tensor_are_compacted_before_put():

@@ -3,6 +3,8 @@
 * `connect`: reuses a Ray already initialised in this process; otherwise starts a private
   local Ray (``ray.address: null``; stopped again by `Connection.close`) or attaches to a
   cluster (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``; only this driver disconnects).
+* `loopback_only`: the private local Ray binds 127.0.0.1 and nothing else (Ray's own
+  default is every interface of the machine).
 * The code: actors must import *this* checkout's fedsim, strategies and topologies (a
   worktree or a clean clone, not whatever else is installed). `ray.code: path` puts the
   checkout first on the actors' PYTHONPATH; `upload` ships the packages in the job's runtime
@@ -18,9 +20,10 @@ import logging
 import os
 import sys
 import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..config.plugins import plugin_module
 from ..config.ray_section import RaySection
@@ -28,6 +31,8 @@ from ..errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout that holds fedsim/
 PACKAGES = ("fedsim", "strategies", "topologies")
+# Ray's single-machine mode (its default on macOS and Windows), and no usage statistics
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 @dataclass
@@ -72,18 +77,47 @@ def _init(section: RaySection, runtime_env: dict[str, Any] | None) -> None:
     import ray
 
     options: dict[str, Any] = {"logging_level": logging.WARNING, "runtime_env": runtime_env}
-    if section.address is None:
+    local = section.address is None
+    if local:
         options.update(address="local", include_dashboard=False, num_cpus=section.num_cpus,
                        num_gpus=section.num_gpus, object_store_memory=section.object_store_memory)
     else:
         options.update(address=section.address)
     try:
-        with warnings.catch_warnings():  # Ray's notice about a future default for accelerator env vars
-            warnings.simplefilter("ignore", FutureWarning)
+        with warnings.catch_warnings(), (loopback_only() if local else nullcontext()):
+            warnings.simplefilter("ignore", FutureWarning)  # Ray's notice about a future accelerator env default
             ray.init(**options)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         where = "start a local Ray" if section.address is None else f"attach to Ray at {section.address!r}"
         raise ConfigError("ray.address", f"cannot {where}: {str(exc).splitlines()[0]}") from None
+
+
+@contextmanager
+def loopback_only() -> Iterator[None]:
+    """Ray processes started inside this block (a local Ray, the nodes of a test cluster, and
+    the workers they start later) listen on 127.0.0.1 only and report nothing off the machine.
+
+    Ray replaces a node address of 127.0.0.1 by the machine's interface address, and its
+    servers then listen on every interface; in Ray's single-machine mode the node address
+    stays 127.0.0.1 and every server binds to it. The mode is an environment variable, which
+    the processes started inside inherit, and a constant Ray reads from it when imported,
+    which is set in this process for the block. Both are put back after it.
+    """
+    from ray._private import ray_constants
+
+    saved_env = {k: os.environ.get(k) for k in LOOPBACK_ENV}
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update(LOOPBACK_ENV)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _single_host() -> bool:

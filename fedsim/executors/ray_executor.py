@@ -8,9 +8,13 @@
   driver and go to whichever actor frees up first, so faster actors (a GPU group) take more.
   The order in which results arrive does not matter: the protocol consumes them in
   virtual-time order and every random draw is keyed, so results equal the serial executor's.
-* **Faults.** An actor that dies (killed process, out of memory, lost node) is replaced by a
-  new one of its group, and its jobs are re-run from the same inputs (so results do not
-  change), up to `max_job_retries` times per job. An exception in user code comes back with
+* **Faults.** An actor that dies (killed process, out of memory, lost node) or holds a job
+  past `job_timeout` is replaced by a new one of its group, and its jobs are re-run from the
+  same inputs (so results do not change), up to `max_job_retries` times per job. Jobs go
+  only to started actors, so the run goes on with the others while a replacement waits
+  for room; when none is left and none starts within `actor_start_timeout`, the step gives
+  up (StepAbandoned) and the runner stops with a checkpoint. Waits on Ray are short slices,
+  so a stop signal ends them (fedsim.stopping). An exception in user code comes back with
   the client id and the original traceback, and stops the run or drops the client
   (`on_client_error`).
 * **Memory.** The driver keeps object references only while a job needs them; actors keep
@@ -21,6 +25,8 @@ run, and only runs on Ray should pay for importing Ray.
 """
 from __future__ import annotations
 
+import re
+import time
 import warnings
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -28,12 +34,13 @@ from typing import Annotated, Any, Dict, List, Mapping, Optional
 
 import torch
 
+from .. import stopping
 from ..config.checks import Ge, Gt
 from ..config.components import dataclass_knobs, validate_knobs
 from ..config.load import Config
 from ..config.ray_section import RaySection
 from ..config.schema import knob
-from ..errors import ConfigError, FedsimError
+from ..errors import ConfigError, FedsimError, StepAbandoned
 from ..registry import EXECUTORS
 from ..strategy import Payload, Strategy
 from ..contributions import Contributions
@@ -43,6 +50,7 @@ from .ray_actor import JobRunner
 from .ray_cluster import Connection, connect, ship_by_value
 
 READY_WARN_S = 60.0  # warn when actors take this long to start (a busy or too small cluster)
+WAIT_SLICE_S = 0.5  # longest single wait on Ray: a stop request and the timeouts are checked between them
 
 
 @dataclass
@@ -69,11 +77,14 @@ class ActorGroup:
 
 @dataclass(eq=False)
 class _Slot:
-    """A live actor and the jobs it holds."""
+    """An actor and the jobs it holds."""
 
     handle: Any
     group: ActorGroup
+    starting: Any = None  # the ObjectRef of its `ready` call until it has answered (then None)
+    since: float = field(default_factory=time.monotonic)  # created, started, or last answered a job
     running: set[int] = field(default_factory=set)
+    warned: bool = False  # a warning said it is not placed yet
 
 
 @dataclass
@@ -88,7 +99,8 @@ class RayExecutor(Executor):
     """See the module docstring."""
 
     def __init__(self, groups: list[ActorGroup], section: RaySection, code_modules: list[str], threads: int | None,
-                 on_client_error: str, max_job_retries: int, jobs_per_actor: int):
+                 on_client_error: str, max_job_retries: int, jobs_per_actor: int, actor_start_timeout: float = 300.0,
+                 job_timeout: float | None = None):
         self.groups = groups
         self.threads = threads
         self.section = section
@@ -96,9 +108,11 @@ class RayExecutor(Executor):
         self.on_client_error = on_client_error
         self.max_job_retries = max_job_retries
         self.jobs_per_actor = jobs_per_actor
-        self.replacements = 0  # actors replaced after dying
+        self.actor_start_timeout = actor_start_timeout
+        self.job_timeout = job_timeout
+        self.replacements = 0  # actors replaced after dying or falling silent
         self.models_put = 0  # payloads (model versions) put in the object store
-        self.placement: list[dict[str, Any]] = []  # per actor started: JobRunner.ready()
+        self.placement: list[dict[str, Any]] = []  # per actor started (replacements too): JobRunner.ready()
         self._conn: Connection | None = None
         self._slots: list[_Slot] = []
         self._queue: deque[int] = deque()
@@ -127,15 +141,35 @@ class RayExecutor(Executor):
         groups = [replace(g, num_actors=g.num_actors or _fitting(g)) for g in self.groups]
         _check_fits(groups)
         self._slots = [self._new_slot(g) for g in groups for _ in range(g.num_actors or 1)]
-        self.placement = _wait_ready([s.handle.ready.remote() for s in self._slots])
+        self._await_pool()
 
     def _new_slot(self, group: ActorGroup) -> _Slot:
+        """Creates an actor of `group`; it takes jobs once its `ready` call has answered."""
         assert self._conn is not None
         handle = self._actor_class.options(
             num_cpus=group.num_cpus, num_gpus=group.num_gpus, resources=dict(group.resources),
             runtime_env=self._conn.runtime_env, max_restarts=0, max_task_retries=0,
         ).remote(*self._shared, self.threads or max(1, int(group.num_cpus)), group.num_gpus)
-        return _Slot(handle, group)
+        return _Slot(handle, group, starting=handle.ready.remote())
+
+    def _await_pool(self) -> None:
+        """Waits until every actor has started (warning after READY_WARN_S); raises FedsimError
+        when one cannot start or some are not placed within `actor_start_timeout`."""
+        import ray
+
+        began, warned = time.monotonic(), False
+        while starting := [s.starting for s in self._slots if s.starting is not None]:
+            ready, _ = ray.wait(starting, num_returns=len(starting), timeout=WAIT_SLICE_S)
+            for ref in ready:
+                self._take(ref)
+            left, waited = len(starting) - len(ready), time.monotonic() - began
+            if left and waited > self.actor_start_timeout:
+                raise FedsimError(f"{left} of {len(self._slots)} Ray actors were not placed within "
+                                  f"executor.actor_start_timeout={self.actor_start_timeout:g} s; {self._room()}")
+            if left and not warned and waited > READY_WARN_S:
+                warned = True
+                warnings.warn(f"{left} Ray actor(s) still starting after {READY_WARN_S:.0f} s "
+                              "(is the cluster busy?)", RuntimeWarning, stacklevel=2)
 
     # -- jobs -----------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -152,13 +186,10 @@ class RayExecutor(Executor):
         self._dispatch()
 
     def result(self, job_id: int) -> Contributions:
-        import ray
-
         if job_id not in self._pending and job_id not in self._done:
             raise KeyError(f"job {job_id} was not submitted (or its result was already taken)")
         while job_id not in self._done:
-            ready, _ = ray.wait(list(self._running), num_returns=1)
-            self._collect(ready[0])
+            self._await_answer()
             self._dispatch()
         return self.contribution(*self._done.pop(job_id))
 
@@ -172,15 +203,84 @@ class RayExecutor(Executor):
             self._pending[job_id].discarded = True
 
     def _dispatch(self) -> None:
-        while self._queue and self._slots:
-            slot = min(self._slots, key=lambda s: len(s.running))
-            if len(slot.running) >= self.jobs_per_actor:
+        """Hands queued jobs to the started actors holding the fewest (actors still starting,
+        e.g. replacements that do not fit anywhere yet, take none)."""
+        while self._queue:
+            live = [s for s in self._slots if s.starting is None]
+            slot = min(live, key=lambda s: len(s.running), default=None)
+            if slot is None or len(slot.running) >= self.jobs_per_actor:
                 return
             job_id = self._queue.popleft()
             pending = self._pending[job_id]
             ref = slot.handle.run.remote(pending.job, self._payloads[pending.payload][1])
             self._running[ref] = (job_id, slot)
+            if not slot.running:
+                slot.since = time.monotonic()
             slot.running.add(job_id)
+
+    def _await_answer(self) -> None:
+        """Waits for the next job result or started actor and takes it in. Waits in slices of
+        WAIT_SLICE_S; between them, gives up when a stop was requested (fedsim.stopping) or
+        when no actor has been able to start for `actor_start_timeout`, and replaces an actor
+        that has held a job for longer than `job_timeout` without answering."""
+        import ray
+
+        while True:
+            refs = [*self._running, *(s.starting for s in self._slots if s.starting is not None)]
+            if not refs:
+                raise RuntimeError("the Ray executor waits for a job that no actor holds or will take")
+            ready, _ = ray.wait(refs, num_returns=1, timeout=WAIT_SLICE_S)
+            if ready:
+                self._take(ready[0])
+                return
+            stopping.check()
+            self._check_timeouts()
+
+    def _check_timeouts(self) -> None:
+        now = time.monotonic()
+        live = [s for s in self._slots if s.starting is None]
+        if not live and now - max(s.since for s in self._slots) > self.actor_start_timeout:  # since the last loss
+            raise StepAbandoned(f"no Ray actor is left and none could be placed within "
+                                f"executor.actor_start_timeout={self.actor_start_timeout:g} s; {self._room()}")
+        for slot in self._slots:
+            if slot.starting is not None and not slot.warned and live and now - slot.since > READY_WARN_S:
+                slot.warned = True
+                warnings.warn(f"a replacement Ray actor is not placed after {READY_WARN_S:.0f} s (a node was "
+                              f"lost?); the run goes on with {len(live)} actor(s); {self._room()}",
+                              RuntimeWarning, stacklevel=2)
+        if self.job_timeout is not None:
+            for slot in live:
+                if slot.running and now - slot.since > self.job_timeout:
+                    self._actor_lost(slot, TimeoutError(
+                        f"no answer within executor.job_timeout={self.job_timeout:g} s"))
+
+    def _room(self) -> str:
+        """Says what the actors still starting need and what the cluster has free."""
+        import ray
+
+        needs = list({str(s.group.demand()): s.group.demand() for s in self._slots if s.starting is not None}.values())
+        keys = {k for need in needs for k in need}
+        try:
+            free = ray.available_resources()
+        except Exception:  # noqa: BLE001 - only for the message
+            return f"an actor needs {' or '.join(map(str, needs))}"
+        return (f"an actor needs {' or '.join(map(str, needs))}, the cluster has "
+                f"{ {k: free.get(k, 0.0) for k in sorted(keys)} } free")
+
+    def _take(self, ref: Any) -> None:
+        """Takes in a finished job or a started actor."""
+        import ray
+        from ray.exceptions import RayError
+
+        if ref in self._running:
+            self._collect(ref)
+            return
+        slot = next(s for s in self._slots if s.starting is not None and s.starting == ref)
+        try:
+            self.placement.append(ray.get(ref))
+        except RayError as exc:
+            raise StepAbandoned(f"a Ray actor could not start: {_gist(exc)}") from None
+        slot.starting, slot.since = None, time.monotonic()
 
     def _collect(self, ref: Any) -> None:
         import ray
@@ -188,10 +288,11 @@ class RayExecutor(Executor):
 
         job_id, slot = self._running.pop(ref)
         slot.running.discard(job_id)
+        slot.since = time.monotonic()
         try:
             result = ray.get(ref)
         except (RayActorError, WorkerCrashedError, OutOfMemoryError, NodeDiedError, ObjectLostError) as exc:
-            self._actor_lost(slot, job_id, exc)
+            self._actor_lost(slot, exc, job_id)
             return
         except RayError as exc:
             client = self._pending[job_id].job.client
@@ -200,28 +301,29 @@ class RayExecutor(Executor):
             self._done[job_id] = (self._pending[job_id].job, result)
         self._release(job_id)
 
-    def _actor_lost(self, slot: _Slot, job_id: int, exc: Exception) -> None:
-        """Replaces a dead actor (once) and queues its jobs again, first in line."""
+    def _actor_lost(self, slot: _Slot, exc: BaseException, job_id: int | None = None) -> None:
+        """Replaces a dead or silent actor and queues its jobs (and `job_id`) again, first in
+        line; raises StepAbandoned when a job has lost its actor more than max_job_retries times."""
         import ray
 
-        again = {job_id}
-        if any(s is slot for s in self._slots):
-            again |= slot.running
-            self._running = {r: v for r, v in self._running.items() if v[1] is not slot}
-            self._slots[[i for i, s in enumerate(self._slots) if s is slot][0]] = self._new_slot(slot.group)
-            self.replacements += 1
-            try:
-                ray.kill(slot.handle)
-            except Exception:  # noqa: BLE001 - it is already gone
-                pass
+        again = slot.running | ({job_id} if job_id is not None else set())
+        self._running = {r: v for r, v in self._running.items() if v[1] is not slot}
+        self._slots[[i for i, s in enumerate(self._slots) if s is slot][0]] = self._new_slot(slot.group)
+        self.replacements += 1
+        try:
+            ray.kill(slot.handle)
+        except Exception:  # noqa: BLE001 - it is already gone
+            pass
         for jid in sorted(again, reverse=True):
             pending = self._pending[jid]
+            if pending.discarded:  # nobody waits for its result
+                self._release(jid)
+                continue
             pending.attempts += 1
             if pending.attempts > self.max_job_retries:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise FedsimError(
-                    f"client {pending.job.client} (job {jid}): its Ray actor died {pending.attempts} times "
-                    f"(executor.max_job_retries={self.max_job_retries}); last error: {first}"
+                raise StepAbandoned(
+                    f"client {pending.job.client} (job {jid}): its Ray actor was lost {pending.attempts} times "
+                    f"(executor.max_job_retries={self.max_job_retries}); last error: {_gist(exc)}"
                 )
             self._queue.appendleft(jid)
 
@@ -234,10 +336,10 @@ class RayExecutor(Executor):
 
     # -- introspection and shutdown -------------------------------------------------------
     def memory(self) -> list[dict[str, int]]:
-        """Returns each live actor's {'rss', 'uss'} in bytes."""
+        """Returns each started actor's {'rss', 'uss'} in bytes."""
         import ray
 
-        return ray.get([s.handle.memory.remote() for s in self._slots])
+        return ray.get([s.handle.memory.remote() for s in self._slots if s.starting is None])
 
     def close(self) -> None:
         if self._conn is None:
@@ -253,6 +355,14 @@ class RayExecutor(Executor):
         self._queue.clear()
         self._conn.close()
         self._conn = None
+
+
+def _gist(exc: BaseException) -> str:
+    """Returns the line of a (possibly long) error message that says what went wrong: the
+    last one naming an exception, else the first."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", line)]
+    return named[-1] if named else lines[0] if lines else type(exc).__name__
 
 
 def _compact(payload: Payload) -> Payload:
@@ -298,24 +408,6 @@ def _check_fits(groups: list[ActorGroup]) -> None:
                           f"{ {k: have.get(k, 0.0) for k in short} }; lower num_actors or the per-actor resources")
 
 
-def _wait_ready(refs: list[Any]) -> list[dict[str, Any]]:
-    """Waits for every actor to start; an actor that cannot start stops the run with its error."""
-    import ray
-    from ray.exceptions import RayError
-
-    done, waiting = [], list(refs)
-    while waiting:
-        ready, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=READY_WARN_S)
-        done += ready
-        if waiting:
-            warnings.warn(f"{len(waiting)} Ray actor(s) still starting after {READY_WARN_S:.0f} s "
-                          "(is the cluster busy?)", RuntimeWarning, stacklevel=2)
-    try:
-        return ray.get(refs)
-    except RayError as exc:
-        raise FedsimError(f"a Ray actor could not start: {exc}") from None
-
-
 @EXECUTORS.register("ray")
 def ray_executor(
     ctx: Config,
@@ -327,6 +419,8 @@ def ray_executor(
     on_client_error: OnClientError = "stop",
     max_job_retries: Annotated[int, Ge(0)] = 3,
     jobs_per_actor: Annotated[int, Ge(1)] = 2,
+    actor_start_timeout: Annotated[float, Gt(0)] = 300.0,
+    job_timeout: Annotated[Optional[float], Gt(0)] = None,
 ) -> Executor:
     """Runs client jobs on a pool of Ray actors (see docs/ray.md); the cluster is the `ray` section.
 
@@ -343,9 +437,14 @@ def ray_executor(
         on_client_error: When a client's training code raises: 'stop' ends the run with the
             client id and the original traceback; 'drop' treats that client as dropped out.
         max_job_retries: Times a job is re-run after its actor died (killed, out of memory,
-            node lost) before the run stops.
+            node lost) or did not answer within job_timeout, before the run stops.
         jobs_per_actor: Jobs queued on one actor at a time (2 overlaps transfer and compute);
             the rest wait in the driver for the first free actor.
+        actor_start_timeout: Seconds the actors may take to be placed and started: at the
+            start, all of them; after losing actors (e.g. a node), at least one of them. Past
+            it the run stops, with a checkpoint where the protocol allows (docs/ray.md).
+        job_timeout: Seconds an actor may hold a job without answering before it counts as
+            lost (null: no limit; a job may take as long as it takes).
     """
     if groups:
         chosen = []
@@ -361,4 +460,4 @@ def ray_executor(
     # user code that runs in actors: plugins, and a strategy or model given as 'module:factory'
     dotted = [c.name.partition(":")[0] for c in (ctx.strategy, ctx.model) if ":" in c.name]
     return RayExecutor(chosen, section, [*ctx.plugins, *dotted], ctx.run.torch_threads, on_client_error,
-                       max_job_retries, jobs_per_actor)
+                       max_job_retries, jobs_per_actor, actor_start_timeout, job_timeout)

@@ -168,6 +168,9 @@ class Protocol(ABC):
     # the clock moves whatever the jobs take (FedFix windows that clients wait for): under virtual
     # time, run.time_budget is reached even if no job takes virtual time (fedsim.stall)
     clock_runs_alone: bool = False
+    # a step changes the state only once its jobs' results are in: a step that gives up waiting
+    # for them (a signal, lost workers) leaves the state as the previous step left it
+    state_kept_while_waiting: bool = False
 
     def setup(self, ctx: RunContext) -> None:
         """Validates the protocol against the run and derives constants (called once, before

@@ -21,6 +21,7 @@ class RoundProtocol(Protocol):
     """A protocol that plans a round (`plan`) and then applies it (`apply`)."""
 
     _planned: tuple[tuple[int, ...], Any] | None = None
+    state_kept_while_waiting = True  # `plan` runs the jobs without touching the state
 
     @abstractmethod
     def plan(self, ctx: RunContext, state: ProtocolState) -> Any:
