@@ -14,6 +14,7 @@ import torch
 from . import vec
 from .messages import MsgBatch
 from .staleness import StalenessFn, constant
+from .state_types import checkpointable
 from .strategy import CombineContext, LocalUpdate, Msg, Payload, Strategy, Tensor
 
 Reduce = Callable[[Sequence[Msg]], Tensor]
@@ -68,6 +69,7 @@ def chain(*transforms: Transform) -> Transform:
     return Transform(init, update)
 
 
+@checkpointable
 class AdaptiveState(NamedTuple):
     """State of the FedOpt transforms: first moment m, second moment v, steps taken t."""
 
@@ -115,6 +117,7 @@ def adagrad(lr: float, b1: float = 0.0, tau: float = 1e-3) -> Transform:
     return _adaptive(lr, b1, tau, lambda v, g2: v + g2, tau**2)
 
 
+@checkpointable
 class ServerState(NamedTuple):
     """State of `fl_server`: the global model x and the transform's state."""
 

@@ -24,6 +24,7 @@ from . import vec
 from .config.checks import Range
 from .blocks import weighted_sum
 from .local import local_lr, sgd_steps
+from .state_types import checkpointable
 from .strategy import Batch, Batches, ClientOutput, ClientState, CombineContext, GradFn, LocalHP, LocalUpdate, Msg
 from .strategy import Payload, Strategy, Tensor
 
@@ -38,6 +39,7 @@ Beta = Annotated[float, Range(0.0, 1.0, open_lo=True)]  # β ∈ (0, 1], the wei
 G0 = Literal["zero", "first_round"]
 
 
+@checkpointable
 class DriftState(NamedTuple):
     """Server state: x^r and, where the strategy uses them, ηg^r, c and x^{r−1}."""
 

@@ -30,11 +30,13 @@ from .executors.base import Executor, WorkerSpec, build_executor
 from .outputs import EventLog, JsonlLog, prepare_run_dir, read_jsonl, write_atomic, write_config, write_summary
 from .protocols.base import Protocol, ProtocolState, RunContext
 from .state_store import ClientStateStore
+from .state_types import checkpointable
 from .strategy import LocalHP, Strategy
 from .system.population import Population
 from .task import build_task
 
 
+@checkpointable
 @dataclass
 class DriverState:
     """The driver's own bookkeeping, checkpointed with the protocol state."""
@@ -348,7 +350,7 @@ def resume(out_dir: Path, progress: bool | None = None) -> Run:
     if not cfg_path.is_file():
         raise FedsimError(f"{out_dir} is not a run folder (no config.yaml)")
     config = load_config(cfg_path)
-    payload, path = ckpt.load_latest(out_dir, trusted=config.plugins)
+    payload, path = ckpt.load_latest(out_dir)
     run = build(config)
     if config.run.state_dir is None:  # spilled client state lives in the run folder
         run.ctx.store.spill_root = out_dir

@@ -32,6 +32,8 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
+from .state_types import checkpointable
+
 Tensor = torch.Tensor
 ClientState = Mapping[str, Tensor]
 
@@ -71,6 +73,7 @@ class LocalHP:
     weight_decay: float = 0.0
 
 
+@checkpointable
 @dataclass(frozen=True)
 class Payload:
     """What a receiver publishes to its clients: the model and algorithm extras (c, g, lr…)."""
@@ -79,6 +82,7 @@ class Payload:
     extras: Mapping[str, Tensor] = field(default_factory=dict)
 
 
+@checkpointable
 class ClientOutput(NamedTuple):
     """Result of one local update: the uplink and the client's new persistent state."""
 

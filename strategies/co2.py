@@ -28,9 +28,11 @@ from fedsim.blocks import weighted_sum
 from fedsim.config import Gt, Range
 from fedsim.local import plain_sgd
 from fedsim.registry import STRATEGIES
+from fedsim.state_types import checkpointable
 from fedsim.strategy import CombineContext, Msg, Payload, Strategy, Tensor
 
 
+@checkpointable
 class CO2State(NamedTuple):
     """Anchor x_t, outer momentum m, and d_t, the average whose all-reduce is still in flight."""
 

@@ -22,9 +22,11 @@ from fedsim.compressors import COMPRESSORS, job_key
 from fedsim.config import ComponentSpec, Ge
 from fedsim.errors import DivergenceError
 from fedsim.registry import STRATEGIES
+from fedsim.state_types import checkpointable
 from fedsim.strategy import Batches, ClientOutput, ClientState, CombineContext, GradFn, LocalHP, Msg, Payload, Strategy, Tensor
 
 
+@checkpointable
 class CompressedState(NamedTuple):
     """Server state: the inner strategy's state and the per-client estimates h_i."""
 

@@ -21,6 +21,7 @@ from ..config.components import Component
 from ..data.batching import gather_batches
 from ..errors import ClientJobError
 from ..rng import key
+from ..state_types import checkpointable
 from ..strategy import ClientOutput, LocalHP, Payload, Strategy, Tensor
 from ..task import Task
 
@@ -48,6 +49,7 @@ class Job:
         return int(self.indices.shape[0])
 
 
+@checkpointable
 @dataclass(slots=True)
 class JobResult:
     """What came back from a job: its output, or (with on_client_error='drop') the error (read-only)."""

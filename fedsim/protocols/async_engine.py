@@ -33,6 +33,7 @@ import numpy as np
 
 from ..clock import EventQueue, to_seconds, to_ticks
 from ..rng import numpy_rng
+from ..state_types import checkpointable
 from ..system.population import Population
 from .base import ProtocolState
 
@@ -56,6 +57,7 @@ class Rules:
     max_staleness: int | None = None  # discard updates staler than this
 
 
+@checkpointable
 @dataclass(frozen=True)
 class Flight:
     """A job in flight: its client, the model version it started from, when, and its size."""
@@ -68,6 +70,7 @@ class Flight:
     bytes_down: int
 
 
+@checkpointable
 @dataclass(frozen=True)
 class Update:
     """An arrived, buffered update waiting for the next aggregation."""

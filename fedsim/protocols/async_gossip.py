@@ -33,6 +33,7 @@ from ..comm import nbytes
 from ..config import Ge, OneOf, Range
 from ..errors import ConfigError
 from ..registry import PROTOCOLS
+from ..state_types import checkpointable
 from ..strategy import Payload, Tensor
 from .base import Protocol, ProtocolState, RunContext, check_finite
 from .nodes import INITS, build_topology, check_init, eval_sample, initial_models, node_metrics
@@ -40,6 +41,7 @@ from .nodes import INITS, build_topology, check_init, eval_sample, initial_model
 ARRIVE, TRAINED, WAKE = 0, 1, 2  # event priorities at equal times
 
 
+@checkpointable
 @dataclass
 class GossipState(ProtocolState):
     """Progress plus the node stack, the event queue and the receive buffers."""

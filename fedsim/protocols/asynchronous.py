@@ -39,12 +39,14 @@ from ..config import Ge, Gt, OneOf
 from ..errors import ConfigError
 from ..executors.base import JobResult
 from ..registry import PROTOCOLS
+from ..state_types import checkpointable
 from ..strategy import CombineContext, Msg, Payload, Tensor
 from .async_engine import AT_AGGREGATION, IMMEDIATE, Engine, Flight, Hooks, Rules, ScheduleState, Trace, Update
 from .base import Protocol, RunContext, check_finite, uplink_bytes
 from .weighting import IMPORTANCES, WEIGHTINGS, aggregation_weights, importance
 
 
+@checkpointable
 @dataclass
 class AsyncState(ScheduleState):
     """The schedule plus the server's strategy state, the sent models and the results in flight."""

@@ -36,6 +36,7 @@ from ..executors.base import JobResult
 from ..executors.results import stacked_update_rows
 from ..registry import PROTOCOLS
 from ..rng import key
+from ..state_types import checkpointable
 from ..strategy import Payload, Tensor
 from .base import Protocol, ProtocolState, RunContext, wait_for_availability
 from .nodes import (INITS, build_topology, check_init, eval_sample, initial_models, mean_train_loss, node_metrics,
@@ -45,6 +46,7 @@ from .rounds import FINISH, WAIT, RoundProtocol
 MAX_GAP_NODES = 1024  # the spectral gap (a dense SVD) is reported up to this many nodes
 
 
+@checkpointable
 @dataclass
 class DecentralizedState(ProtocolState):
     """Progress plus the node stack and the last round's statistics."""

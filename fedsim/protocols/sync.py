@@ -26,6 +26,7 @@ from ..executors.results import ResultBatch
 from ..messages import MsgBatch
 from ..registry import PROTOCOLS
 from ..rng import numpy_rng
+from ..state_types import checkpointable
 from ..strategy import CombineContext, Payload, Tensor
 from .base import (Protocol, ProtocolState, RunContext, check_all_finite, check_rows_finite, uplink_bytes,
                    wait_for_availability)
@@ -33,6 +34,7 @@ from .rounds import FINISH, WAIT, RoundProtocol
 from .weighting import IMPORTANCES, WEIGHTINGS, aggregation_weight_array, importance
 
 
+@checkpointable
 @dataclass
 class SyncState(ProtocolState):
     """Progress plus the server's strategy state and round statistics."""
