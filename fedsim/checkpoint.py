@@ -13,6 +13,7 @@ disk is streamed into a folder beside its checkpoint instead (`store_entry`).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import re
 import shutil
@@ -26,10 +27,12 @@ import torch
 
 from .clock import EventQueue
 from .errors import FedsimError
-from .state_store import ClientStateStore
+from .outputs import atomic_temp_files
+from .state_store import SPILL_PREFIX, ClientStateStore
 from .state_types import lookup, qualified_name, registered
 
 CKPT_RE = re.compile(r"^ckpt-(\d{9})\.pt$")
+STORE_RE = re.compile(r"^store-(\d{9})$")
 # what `fedsim.runner` writes; a readable file without these is not a checkpoint (skipped like a corrupt one)
 PAYLOAD_KEYS = frozenset({"format", "protocol", "param_dim", "protocol_state", "store", "driver", "rows", "events_bytes"})
 
@@ -144,27 +147,67 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
+class _Sink:
+    """A file for ``torch.save`` that keeps the OSError of a failed write: torch reports it
+    only as ``RuntimeError: [enforce fail at inline_container.cc]``, without the cause."""
+
+    def __init__(self, fh: Any):
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save``s `obj` to `path` through a temporary file (fsync, rename), so `path` is
+    whole or absent; a failed write (a full disk) raises its OSError, never torch's bare
+    RuntimeError, and leaves no temporary file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            sink = _Sink(fh)
+            try:
+                torch.save(obj, sink)  # type: ignore[arg-type]
+            except RuntimeError as exc:
+                if sink.error is not None:
+                    raise sink.error from None
+                if "inline_container" in str(exc) or "PytorchStreamWriter" in str(exc):  # its writer failed
+                    raise OSError(errno.EIO, f"torch.save could not write {path.name} ({exc})") from None
+                raise
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def save(run_dir: Path, index: int, payload: dict[str, Any], keep: int) -> Path:
     """Writes checkpoint number `index` atomically (temp file + rename); keeps the newest `keep`."""
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"ckpt-{index:09d}.pt"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ckpt-", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(encode(payload), tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_atomic(encode(payload), path)
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
-    for store in folder.glob("store-*"):  # store folders whose checkpoint is gone
-        if not (folder / f"ckpt-{store.name.removeprefix('store-')}.pt").exists():
-            shutil.rmtree(store, ignore_errors=True)
+    for store in _orphan_stores(folder):
+        shutil.rmtree(store, ignore_errors=True)
     return path
+
+
+def _orphan_stores(folder: Path) -> list[Path]:
+    """Returns the store folders in `folder` whose checkpoint is gone."""
+    return [s for s in sorted(folder.glob("store-*")) if STORE_RE.match(s.name)
+            and not (folder / f"ckpt-{s.name.removeprefix('store-')}.pt").exists()]
 
 
 def store_entry(run_dir: Path, index: int, store: ClientStateStore) -> Any:
@@ -182,9 +225,6 @@ def store_entry(run_dir: Path, index: int, store: ClientStateStore) -> Any:
     return folder.name
 
 
-STORE_RE = re.compile(r"^store-(\d{9})$")
-
-
 def restore_store(run_dir: Path, entry: Any, store: ClientStateStore) -> None:
     """Restores `store` from a checkpoint's `store_entry`: its entries, or the name of a
     store folder beside the checkpoint (FedsimError for any other name: never a path)."""
@@ -195,12 +235,38 @@ def restore_store(run_dir: Path, entry: Any, store: ClientStateStore) -> None:
     store.restore(entry)
 
 
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Deletes what a run killed midway leaves behind: checkpoint and store temporaries,
+    store folders whose checkpoint is gone, temporaries of atomic writes, and spilled client
+    state in the run folder; returns what it removed. Only for the process holding the run
+    folder's lock (another run's temporaries are live)."""
+    folder = checkpoint_dir(run_dir)
+    found = atomic_temp_files(run_dir) + sorted(run_dir.glob(f"{SPILL_PREFIX}*"))
+    if folder.is_dir():
+        found += sorted(folder.glob(".ckpt-*.tmp")) + sorted(folder.glob(".store-*.tmp"))
+        found += _orphan_stores(folder)
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+    return found
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Returns the run's checkpoint files, oldest first."""
     folder = checkpoint_dir(run_dir)
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if CKPT_RE.match(p.name))
+
+
+def _import_builtin_state_classes() -> None:
+    """Imports the modules of fedsim's own state classes, so that they are registered: every
+    built-in protocol and strategy (with the blocks, compressors… they use) and the runner.
+    (Plugins register theirs when the run's config imports them.)"""
+    from . import runner  # noqa: F401 - DriverState
+    from .registry import import_all
+
+    import_all("fedsim.protocols")
+    import_all("strategies")
 
 
 def load_latest(run_dir: Path) -> tuple[dict[str, Any], Path]:
@@ -210,6 +276,7 @@ def load_latest(run_dir: Path) -> tuple[dict[str, Any], Path]:
     files = list_checkpoints(run_dir)
     if not files:
         raise FedsimError(f"{run_dir} has no checkpoint to resume from")
+    _import_builtin_state_classes()
     for path in reversed(files):
         try:
             payload = decode(torch.load(path, weights_only=True))

@@ -35,6 +35,8 @@ Layout = tuple[tuple[str, str, tuple[int, ...]], ...]  # (name, dtype, shape) pe
 ALIGN = 16
 _PAD = np.zeros(ALIGN, dtype=np.uint8)
 
+SPILL_PREFIX = "client-state-"  # the private spill folder made in `spill_root`
+
 
 def layout_of(state: State) -> Layout:
     """Returns the layout of a state: (name, dtype, shape) of each tensor, sorted by name."""
@@ -220,7 +222,7 @@ class ClientStateStore:
         if self._dir is None:
             if self.spill_root is not None:
                 self.spill_root.mkdir(parents=True, exist_ok=True)
-            self._dir = Path(tempfile.mkdtemp(prefix="client-state-", dir=self.spill_root))
+            self._dir = Path(tempfile.mkdtemp(prefix=SPILL_PREFIX, dir=self.spill_root))
             # also removed if the store is garbage-collected or the interpreter exits unclosed
             self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
         return self._dir

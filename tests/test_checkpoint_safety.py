@@ -200,3 +200,19 @@ def test_every_strategy_checkpoints_and_loads_back(tmp_path):
             warnings.simplefilter("error")  # an unreadable checkpoint would only warn
             payload, _ = load_latest(out)
         assert payload["protocol_state"].rounds == 2, name
+
+
+def test_a_fresh_process_loads_a_checkpoint_without_the_config(tmp_path):
+    """The built-in state classes are registered before decoding, whatever was imported."""
+    import subprocess
+
+    from .conftest import ROOT
+
+    out = tmp_path / "run"
+    run_config(quadratic_config(protocol={"name": "async", "buffer_size": 2}, strategy={"name": "scaffold"},
+                                run={"rounds": 3, "eval_every": 1, "checkpoint_every": 1}), out)
+    code = (f"from pathlib import Path; from fedsim.checkpoint import load_latest; "
+            f"print(type(load_latest(Path({str(out)!r}))[0]['protocol_state']).__name__)")
+    done = subprocess.run([sys.executable, "-W", "error", "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "AsyncState", done.stderr
