@@ -41,9 +41,10 @@ def toml_value(v) -> str:
 
 
 class Deployment:
-    """See the module docstring. `nodes`: one node-config string per SuperNode."""
+    """See the module docstring. `nodes`: one node-config string per SuperNode; `env`: added
+    to every process's environment."""
 
-    def __init__(self, workdir: Path, nodes: list[str] = (), simulation: bool = False):
+    def __init__(self, workdir: Path, nodes: list[str] = (), simulation: bool = False, env: dict | None = None):
         self.workdir = workdir
         self.home = workdir / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
@@ -52,6 +53,7 @@ class Deployment:
         self.env = dict(
             os.environ, FLWR_HOME=str(self.home), PYTHONPATH=str(ROOT), PATH=f"{BIN}:{os.environ['PATH']}",
             OMP_NUM_THREADS="1", FLWR_DISABLE_UPDATE_CHECK="1", RAY_ADDRESS="local", RAY_TMPDIR=str(self.ray_tmp),
+            **(env or {}),
         )
         self.procs: list[subprocess.Popen] = []
         self.tree: dict[int, psutil.Process] = {}
