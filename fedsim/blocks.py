@@ -15,6 +15,7 @@ from . import vec
 from .staleness import StalenessFn, constant
 from .contributions import Contributions
 from .strategy import CombineContext, LocalUpdate, Payload, ServerStrategy, Tensor
+from .state_types import checkpointable
 
 Reduce = Callable[[Contributions], Tensor]
 
@@ -66,6 +67,7 @@ def chain(*transforms: Transform) -> Transform:
     return Transform(init, update)
 
 
+@checkpointable
 class AdaptiveState(NamedTuple):
     """State of the FedOpt transforms: first moment m, second moment v, steps taken t."""
 
@@ -113,6 +115,7 @@ def adagrad(lr: float, b1: float = 0.0, tau: float = 1e-3) -> Transform:
     return _adaptive(lr, b1, tau, lambda v, g2: v + g2, tau**2)
 
 
+@checkpointable
 class ServerState(NamedTuple):
     """State of `fl_server`: the global model x and the transform's state."""
 

@@ -32,7 +32,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             run = resume(out, progress=progress)
             _print_final(run, out)
             return 0
-        overwrite = True  # a folder with no checkpoint yet: start over
+        overwrite = True  # a run folder with no checkpoint yet: start over (if fedsim created it)
     else:
         overwrite = args.overwrite
     run = execute(config, out, overwrite=overwrite, progress=progress)
@@ -148,7 +148,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="experiment YAML file")
     r.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. strategy.server_lr=0.5")
     r.add_argument("--out", help="run folder (default runs/<name>-<timestamp>)")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run folder (only one fedsim created: it holds a .fedsim-run file)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     r.set_defaults(func=_cmd_run)

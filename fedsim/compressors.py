@@ -35,6 +35,7 @@ from .config import Ge, Range
 from .registry import Registry
 from .rng import key as rng_key
 from .rng import torch_generator
+from .state_types import checkpointable
 
 Tensor = torch.Tensor
 COMPRESSORS = Registry("compressor", ["fedsim.compressors"])
@@ -66,6 +67,7 @@ class Encoded:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
+@checkpointable
 @dataclass(frozen=True)
 class Sparse(Encoded):
     """k (index, value) pairs of a d-vector: k·(⌈log₂ d⌉ + value bits) bits."""
@@ -84,6 +86,7 @@ class Sparse(Encoded):
         return _bits_to_bytes(k * (index_bits(self.dim) + 8 * self.values.element_size()))
 
 
+@checkpointable
 @dataclass(frozen=True)
 class SeededSparse(Encoded):
     """k values at coordinates drawn from `key`: k value bits plus the 64-bit key."""
@@ -102,6 +105,7 @@ class SeededSparse(Encoded):
         return _bits_to_bytes(self.values.numel() * 8 * self.values.element_size()) + 8
 
 
+@checkpointable
 @dataclass(frozen=True)
 class Signs(Encoded):
     """One bit per coordinate (True = +) and one scale."""
@@ -117,6 +121,7 @@ class Signs(Encoded):
         return _bits_to_bytes(self.positive.numel()) + self.scale.element_size()
 
 
+@checkpointable
 @dataclass(frozen=True)
 class Quantized(Encoded):
     """Per coordinate `bits` bits (sign + level in [0, s]); one norm per bucket."""

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .errors import DivergenceError
+from .state_types import checkpointable
 
 Tensor = torch.Tensor
 
@@ -43,6 +44,7 @@ class Contribution(NamedTuple):
     extras: Mapping[str, Tensor]
 
 
+@checkpointable
 @dataclass(frozen=True, slots=True, eq=False)
 class Contributions:
     """See the module docstring. Every column has one entry per row (``len`` = m)."""

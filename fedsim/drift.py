@@ -28,6 +28,7 @@ from . import vec
 from .config.checks import Range
 from .contributions import Contributions
 from .strategy import Batches, GradFn, Tensor
+from .state_types import checkpointable
 
 Beta = Annotated[float, Range(0.0, 1.0, open_lo=True)]  # β ∈ (0, 1], the weight of the fresh gradient
 # g^0: 'zero' (g^0 = 0, so the first ~1/β rounds move by about β) or 'first_round' (round 0

@@ -9,7 +9,6 @@ are copied as 256-colour PNGs (a third of matplotlib's RGBA size for line plots)
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -69,12 +68,17 @@ def find_claims(sources: Sequence[Path]) -> list[Path]:
 
 def paper_name(claims: Path, text: str, papers_dir: Path) -> str:
     """Returns the paper a claims.md belongs to: from its Regenerate line, else the nearest
-    folder above it that is named like a paper (e.g. experiments/papers/NAME/results)."""
+    folder above it that is named like a paper (e.g. experiments/papers/NAME/results). It
+    is always one of the papers in `papers_dir`: a claims.md names a paper, never a path to
+    code (FedsimError otherwise)."""
+    known = set(available(papers_dir))
     for line in text.splitlines():
         m = REGENERATE.match(line)
         if m:
+            if m.group(1) not in known:
+                raise FedsimError(f"{claims}: its Regenerate line names {m.group(1)[:80]!r}, which is not one of "
+                                  f"fedsim's papers (known: {', '.join(sorted(known))})")
             return m.group(1)
-    known = set(available(papers_dir))
     for part in reversed(claims.resolve().parent.parts):
         if part in known:
             return part
@@ -152,7 +156,8 @@ def render(entries: Sequence[Entry], invocation: str, papers_dir: Path = PAPERS_
 
 def build(sources: Sequence[Path], docs: Path, invocation: str, papers_dir: Path = PAPERS_DIR) -> Path:
     """Writes docs/gallery.md and docs/gallery/NAME/*.png from the sources' claims.md files
-    (docs/gallery/ is rebuilt from scratch); returns the page's path."""
+    (the PNGs of docs/gallery/*/ are rebuilt from scratch); returns the page's path. Runs
+    no code named by the files: each paper is one of `papers_dir`'s."""
     entries = [read_entry(c, papers_dir) for c in find_claims(sources)]
     names = [e.name for e in entries]
     twice = sorted({n for n in names if names.count(n) > 1})
@@ -161,12 +166,15 @@ def build(sources: Sequence[Path], docs: Path, invocation: str, papers_dir: Path
     order = {n: i for i, n in enumerate(available(papers_dir))}
     entries.sort(key=lambda e: order.get(e.name, len(order)))
     folder = docs / "gallery"
-    shutil.rmtree(folder, ignore_errors=True)
+    for old in folder.glob("*/*.png"):  # what an earlier build wrote; nothing else is deleted
+        old.unlink()
     for e in entries:
         for line in e.body:
             m = IMAGE.match(line)
             if m:
                 src = e.folder / m.group(2)
+                if not src.resolve().is_relative_to(e.folder.resolve()):
+                    raise FedsimError(f"{e.folder / 'claims.md'} shows {m.group(2)[:80]}, outside its folder")
                 if not src.is_file():
                     raise FedsimError(f"{e.folder / 'claims.md'} shows {m.group(2)}, which is not there")
                 copy_figure(src, folder / e.name / src.name)

@@ -31,6 +31,7 @@ from .blocks import Transform
 from .errors import ConfigError
 from .local import local_lr, sgd_step, sgd_steps
 from .strategy import Batches, ClientOutput, ClientState, GradFn, LocalHP, LocalUpdate, Payload, ServerStrategy, Tensor
+from .state_types import checkpointable
 
 Normalize = Literal["none", "cosine", "sigmoid"]  # forms of the hypergradient, see `hypergradient`
 
@@ -45,6 +46,7 @@ def hypergradient(a: Tensor, b: Tensor, normalize: str = "none") -> Tensor:
     return vec.dot(a, b)
 
 
+@checkpointable
 class HyperLR(NamedTuple):
     """State of `hypergrad_lr`: the current rate and the previous update (or momentum buffer)."""
 

@@ -5,16 +5,18 @@ is its configuration schema (see `fedsim.config.components`). Registering is one
 in one file: built-in modules are imported on lookup (the module named like the component
 first, every built-in module when that one does not register it), user modules through the
 config's `plugins:` list, and a name of the form ``package.module:factory`` is imported
-directly without any registration.
+directly without any registration (except within `registered_names_only`).
 """
 from __future__ import annotations
 
+import contextvars
 import difflib
 import importlib
 import importlib.util
 import pkgutil
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from .errors import ConfigError
 
@@ -111,11 +113,29 @@ class Registry:
         if name in self._entries:
             return self._entries[name]
         if ":" in name:
+            why = _DOTTED_REFUSED.get()
+            if why is not None:
+                raise ConfigError(path, f"{name[:120]!r} is not a registered {self.kind}; {why}")
             return Entry(name, _import_dotted(name, path))
         known = sorted(self._entries)
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(path, f"unknown {self.kind} {name!r}{hint} (known: {', '.join(known)})")
+
+
+_DOTTED_REFUSED: contextvars.ContextVar[str | None] = contextvars.ContextVar("fedsim_dotted_refused", default=None)
+
+
+@contextmanager
+def registered_names_only(why: str) -> Iterator[None]:
+    """Within the context, `Registry.get` refuses ``package.module:factory`` names (which
+    import and call code) with a ConfigError ending in `why`: for configs that are data, such
+    as one a Flower node receives from the server."""
+    token = _DOTTED_REFUSED.set(why)
+    try:
+        yield
+    finally:
+        _DOTTED_REFUSED.reset(token)
 
 
 def _import_dotted(spec: str, path: str) -> Callable[..., Any]:

@@ -65,12 +65,13 @@ def available(papers_dir: Path = PAPERS_DIR) -> list[str]:
 
 
 def load_paper(name: str, papers_dir: Path = PAPERS_DIR) -> ModuleType:
-    """Imports <papers_dir>/<name>/reproduce.py; raises FedsimError for unknown names."""
+    """Imports <papers_dir>/<name>/reproduce.py; raises FedsimError for a name that is not one
+    of `available` (so never a path: a name with `/` or `..` is unknown)."""
     path = papers_dir / name / "reproduce.py"
-    if not path.is_file():
+    names = available(papers_dir)
+    if name not in names:
         import difflib
 
-        names = available(papers_dir)
         close = difflib.get_close_matches(name, names, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise FedsimError(f"unknown paper {name!r}{hint} (known: {', '.join(names)}, all)")

@@ -25,22 +25,24 @@ from . import checkpoint as ckpt
 from . import stopping
 from .clock import to_seconds, to_ticks
 from .config.load import Config, load_config
-from .config.plugins import plugin_module
 from .data import build_federated_data
 from .divergence import chance_accuracy, diverged, last_finite, shown
 from .errors import ConfigError, DivergenceError, FedsimError, Interrupted, NoProgressError, StepAbandoned
 from .executors.base import Executor, WorkerSpec, build_executor
-from .outputs import EventLog, JsonlLog, prepare_run_dir, read_jsonl, write_atomic, write_config, write_summary
+from .outputs import (EventLog, JsonlLog, RunDirLock, check_run_dir, empty_folder, folder_write_problem, prepare_run_dir,
+                      read_jsonl, write_atomic, write_config, write_summary)
 from .protocols.base import Protocol, ProtocolState, RunContext
 from .protocols.clocks import Clock, VirtualClock
 from .stall import StallWatch, check_horizon, warn_if_nothing_done
 from .rng import initialised_cuda, key, keyed_torch, set_torch_states, torch_states
 from .state_store import ClientStateStore
+from .state_types import checkpointable
 from .strategy import LocalHP, Strategy, kind_of
 from .system.population import Population
 from .task import build_task
 
 
+@checkpointable
 @dataclass
 class DriverState:
     """The driver's own bookkeeping, checkpointed with the protocol state."""
@@ -72,6 +74,10 @@ def build(config: Config, clock: Clock | None = None, executor: Executor | None 
     deployment passes its own (a Flower ServerApp: the wall clock and its SuperNodes)."""
     if config.run.torch_threads:
         torch.set_num_threads(config.run.torch_threads)
+    if config.run.state_dir is not None:
+        problem = folder_write_problem(Path(config.run.state_dir))
+        if problem:
+            raise ConfigError("run.state_dir", f"cannot write to {config.run.state_dir} ({problem})")
     data = build_federated_data(config.data, config.partition, config.seed)
     task = build_task(config.model, data.source, config.seed)
     strategy: Strategy = config.strategy.build()
@@ -364,69 +370,94 @@ def _finish(run: Run, out_dir: Path) -> None:
             "wall_time": run.wall_time,
         },
     )
-    torch.save(run.protocol.eval_params(run.ctx, state).detach().cpu(), out_dir / "final_model.pt")
+    ckpt.save_atomic(run.protocol.eval_params(run.ctx, state).detach().cpu(), out_dir / "final_model.pt")
     from .plots import curves  # matplotlib is slow to import; Flower's per-job processes never plot
 
     curves(out_dir, run.rows)
 
 
+def _resume_hint(out_dir: Path | None) -> str:
+    """'; resume with: …' where `out_dir` holds a checkpoint, else ''."""
+    if out_dir is None or not ckpt.list_checkpoints(out_dir):
+        return ""
+    return f"; its newest checkpoint is kept, resume with: fedsim resume {out_dir}"
+
+
 @contextmanager
-def _write_errors(out_dir: Path | None) -> Iterator[None]:
-    """Turns a failed write into the run folder (a full disk, a lost mount) into one line that
-    says what was kept; checkpoints are written atomically, so the newest one is whole."""
+def _one_line_errors(out_dir: Path | None) -> Iterator[None]:
+    """Turns a failed write into the run folder (a full disk, a read-only or lost mount) and a
+    second Ctrl-C into one line that says what was kept and, where a checkpoint exists, how to
+    resume; checkpoints are written atomically, so the newest one is whole."""
     try:
         yield
+    except KeyboardInterrupt:
+        raise Interrupted(f"stopped at once by a second interrupt{_resume_hint(out_dir)}") from None
     except OSError as exc:
         if isinstance(exc, ConnectionError) or exc.errno is None:  # not a file system error
             raise
-        if out_dir is None or not ckpt.list_checkpoints(out_dir):
+        hint = _resume_hint(out_dir)
+        if not hint:
             raise FedsimError(f"a write failed: {exc}") from None
-        raise FedsimError(f"cannot write the run folder: {exc}; its newest checkpoint is kept, "
-                          f"resume with: fedsim resume {out_dir}") from None
+        raise FedsimError(f"cannot write the run folder: {exc}{hint}") from None
 
 
 def execute(config: Config, out_dir: Path | None, overwrite: bool = False, progress: bool | None = None,
             clock: Clock | None = None, executor: Executor | None = None) -> Run:
     """Builds and runs `config` (on `clock` and `executor` instead of the defaults, if given;
-    see `build`); with `out_dir`, writes the whole run folder. Returns the Run."""
-    run = build(config, clock, executor)
-    created = out_dir is not None and not out_dir.exists()
+    see `build`); with `out_dir`, writes the whole run folder, holding its lock. Returns the Run."""
     if out_dir is not None:
-        prepare_run_dir(out_dir, overwrite)
+        check_run_dir(out_dir, overwrite)  # refused before anything is built
+    run = build(config, clock, executor)
+    if out_dir is None:
+        with _one_line_errors(None):
+            drive(run, None, progress)
+        return run
+    try:
+        lock = prepare_run_dir(out_dir, overwrite)
+    except BaseException:
+        run.ctx.executor.close()
+        raise
+    with lock, _one_line_errors(out_dir), _nothing_left_before_the_first_row(run, out_dir, lock.created):
         write_config(out_dir, config.resolved())
         if config.run.state_dir is None:  # spilled client state lives in the run folder
             run.ctx.store.spill_root = run.ctx.memory.spill_root = out_dir
-    with _write_errors(out_dir), _no_files_for_a_refused_config(run, out_dir, created):
         drive(run, out_dir, progress)
-        if out_dir is not None:
-            _finish(run, out_dir)
+        _finish(run, out_dir)
     return run
 
 
 @contextmanager
-def _no_files_for_a_refused_config(run: Run, out_dir: Path | None, created: bool) -> Iterator[None]:
+def _nothing_left_before_the_first_row(run: Run, out_dir: Path, created: bool) -> Iterator[None]:
     """A config error found while starting the protocol (before its first evaluation) is
-    reported like one found while building: what this run wrote is removed (the folder too,
-    if this run created it)."""
+    reported like one found while building, and a write that fails that early (a full disk
+    at config.yaml) leaves nothing either: what this run wrote is removed (the folder too,
+    if this run created it; it is fedsim's own run folder in any case)."""
     try:
         yield
-    except ConfigError:
-        if out_dir is not None and not run.rows:
+    except (ConfigError, OSError, KeyboardInterrupt):
+        if not run.rows:
             if created:
                 shutil.rmtree(out_dir, ignore_errors=True)
             else:
-                for item in out_dir.iterdir():
-                    shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
+                empty_folder(out_dir, ignore_errors=True)
         raise
 
 
 def resume(out_dir: Path, progress: bool | None = None) -> Run:
-    """Continues the run in `out_dir` from its newest valid checkpoint and finishes it."""
-    cfg_path = out_dir / "config.yaml"
-    if not cfg_path.is_file():
+    """Continues the run in `out_dir` from its newest valid checkpoint and finishes it,
+    holding the run folder's lock (a folder another process writes is refused); first removes
+    the temporary files a killed run left."""
+    if not (out_dir / "config.yaml").is_file():
         raise FedsimError(f"{out_dir} is not a run folder (no config.yaml)")
+    with _one_line_errors(out_dir), RunDirLock(out_dir):
+        ckpt.remove_leftovers(out_dir)
+        return _resume(out_dir, progress)
+
+
+def _resume(out_dir: Path, progress: bool | None) -> Run:
+    cfg_path = out_dir / "config.yaml"
     config = load_config(cfg_path)
-    payload, path = ckpt.load_latest(out_dir, trusted=[plugin_module(p) for p in config.plugins])
+    payload, path = ckpt.load_latest(out_dir)
     run = build(config)
     if config.run.state_dir is None:  # spilled client state lives in the run folder
         run.ctx.store.spill_root = run.ctx.memory.spill_root = out_dir
@@ -444,9 +475,8 @@ def resume(out_dir: Path, progress: bool | None = None) -> Run:
     if events.exists():
         with events.open("r+b") as fh:
             fh.truncate(int(payload["events_bytes"]))
-    with _write_errors(out_dir):
-        drive(run, out_dir, progress, resume=(payload["protocol_state"], payload["driver"]))
-        _finish(run, out_dir)
+    drive(run, out_dir, progress, resume=(payload["protocol_state"], payload["driver"]))
+    _finish(run, out_dir)
     return run
 
 

@@ -35,6 +35,8 @@ Layout = tuple[tuple[str, str, tuple[int, ...]], ...]  # (name, dtype, shape) pe
 ALIGN = 16
 _PAD = np.zeros(ALIGN, dtype=np.uint8)
 
+SPILL_PREFIX = "client-state-"  # the private spill folder made in `spill_root`
+
 
 def layout_of(state: State) -> Layout:
     """Returns the layout of a state: (name, dtype, shape) of each tensor, sorted by name."""
@@ -58,13 +60,21 @@ def _compact(t: Tensor) -> Tensor:
     return t
 
 
+def _dtype(name: str) -> torch.dtype:
+    """Returns the torch dtype called `name` (a layout read back from disk names only dtypes)."""
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{str(name)[:40]!r} is not a torch dtype")
+    return dtype
+
+
 class SlotFile:
     """A file of fixed-size slots, each holding one state of a given layout."""
 
     def __init__(self, path: Path, layout: Layout, create: bool = True):
         self.path = path
         self.layout = layout
-        self.dtypes = [getattr(torch, dt) for _, dt, _ in layout]
+        self.dtypes = [_dtype(dt) for _, dt, _ in layout]
         self.sizes = [int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=d).element_size()
                       for (_, _, shape), d in zip(layout, self.dtypes)]
         # every tensor starts at a multiple of ALIGN bytes, so reads can view one buffer
@@ -212,7 +222,7 @@ class ClientStateStore:
         if self._dir is None:
             if self.spill_root is not None:
                 self.spill_root.mkdir(parents=True, exist_ok=True)
-            self._dir = Path(tempfile.mkdtemp(prefix="client-state-", dir=self.spill_root))
+            self._dir = Path(tempfile.mkdtemp(prefix=SPILL_PREFIX, dir=self.spill_root))
             # also removed if the store is garbage-collected or the interpreter exits unclosed
             self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
         return self._dir
@@ -291,6 +301,8 @@ class ClientStateStore:
         meta = json.loads((path / "index.json").read_text())
         for entry in meta["files"]:
             layout = tuple((n, dt, tuple(shape)) for n, dt, shape in entry["layout"])
+            if Path(entry["file"]).name != entry["file"]:  # a file of this folder, never a path elsewhere
+                raise ValueError(f"{path / 'index.json'} names {str(entry['file'])[:80]!r}, not a file of its folder")
             src = SlotFile(path / entry["file"], layout, create=False)
             try:
                 for slot, client in enumerate(entry["clients"]):

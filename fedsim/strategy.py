@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Union
 
 import torch
 
+from .state_types import checkpointable
 if TYPE_CHECKING:
     from .contributions import Contributions
 
@@ -81,6 +82,7 @@ class LocalHP:
     weight_decay: float = 0.0
 
 
+@checkpointable
 @dataclass(frozen=True)
 class Payload:
     """What a receiver publishes to its clients: the model and algorithm extras (c, g, lr…)."""
@@ -89,6 +91,7 @@ class Payload:
     extras: Mapping[str, Tensor] = field(default_factory=dict)
 
 
+@checkpointable
 class ClientOutput(NamedTuple):
     """Result of one local update: the uplink and the client's new persistent state."""
 

@@ -30,8 +30,10 @@ from fedsim.local import plain_sgd
 from fedsim.registry import STRATEGIES
 from fedsim.contributions import Contributions
 from fedsim.strategy import CombineContext, Payload, ServerStrategy, Tensor
+from fedsim.state_types import checkpointable
 
 
+@checkpointable
 class CO2State(NamedTuple):
     """Anchor x_t, outer momentum m, and d_t, the average whose all-reduce is still in flight
     (meaningful once `pending`: the first phase's average arrives one outer step late)."""

@@ -21,6 +21,7 @@ from fedsim.compressors import COMPRESSORS, job_key
 from fedsim.config import ComponentSpec, Ge
 from fedsim.contributions import Contributions
 from fedsim.registry import STRATEGIES
+from fedsim.state_types import checkpointable
 from fedsim.strategy import Batches, ClientOutput, ClientState, GradFn, LocalHP, Payload, ServerStrategy, Tensor
 
 ESTIMATE = "h"  # the server's copy of a client's EF21/EControl estimate, in its per-sender memory

@@ -26,8 +26,10 @@ from fedsim.drift import control_step, corrected, from_displacement, gradient_at
 from fedsim.local import local_lr, sgd_steps
 from fedsim.registry import STRATEGIES
 from fedsim.strategy import ClientOutput, CombineContext, Payload, ServerStrategy, Tensor
+from fedsim.state_types import checkpointable
 
 
+@checkpointable
 class ScaffoldState(NamedTuple):
     """Server state: the global model x and the server control variate c."""
 

@@ -30,8 +30,10 @@ from fedsim.drift import G0, Beta, control_step, corrected, per_step_mean, storm
 from fedsim.local import local_lr, sgd_steps
 from fedsim.registry import STRATEGIES
 from fedsim.strategy import ClientOutput, CombineContext, Payload, ServerStrategy, Tensor
+from fedsim.state_types import checkpointable
 
 
+@checkpointable
 class MomentumState(NamedTuple):
     """Server state: x^r, ηg^r (in per-step units, `fedsim.drift`), x^{r−1}, and whether g is in use yet, and the server control variate c."""
 

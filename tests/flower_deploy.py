@@ -43,9 +43,10 @@ def toml_value(v) -> str:
 
 
 class Deployment:
-    """See the module docstring. `nodes`: one node-config string per SuperNode."""
+    """See the module docstring. `nodes`: one node-config string per SuperNode; `env`: added
+    to every process's environment."""
 
-    def __init__(self, workdir: Path, nodes: list[str] = (), simulation: bool = False):
+    def __init__(self, workdir: Path, nodes: list[str] = (), simulation: bool = False, env: dict | None = None):
         self.workdir = workdir
         self.home = workdir / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
@@ -55,6 +56,7 @@ class Deployment:
             os.environ, FLWR_HOME=str(self.home), PYTHONPATH=str(ROOT), PATH=f"{BIN}:{os.environ['PATH']}",
             OMP_NUM_THREADS="1", FLWR_DISABLE_UPDATE_CHECK="1", RAY_ADDRESS="local", RAY_TMPDIR=str(self.ray_tmp),
             **LOOPBACK_ENV,  # the simulation engine's Ray listens on 127.0.0.1 only
+            **(env or {}),
         )
         self.procs: list[subprocess.Popen] = []
         self.tree: dict[int, psutil.Process] = {}

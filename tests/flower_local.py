@@ -28,16 +28,18 @@ def over_the_wire(obj):
 class LocalGrid(Grid):
     """Nodes 1000 + i serve partition i. Node i's k-th train reply becomes visible `delays[i]`
     seconds (or `delays[i][k]`) after the push; nodes in `unavailable` answer train messages
-    with Flower's NODE_UNAVAILABLE error."""
+    with Flower's NODE_UNAVAILABLE error. `every_node` is added to every node's node config."""
 
     def __init__(self, client_app, num_nodes: int, delays: dict[int, float | list[float]] | None = None,
-                 node_config: dict[int, dict] | None = None, unavailable: set[int] = frozenset()):
+                 node_config: dict[int, dict] | None = None, unavailable: set[int] = frozenset(),
+                 every_node: dict | None = None):
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # what a ServerApp process has
         self.app = client_app
         self.delays = delays or {}
         self.contexts = {
             1000 + i: Context(run_id=1, node_id=1000 + i,
-                              node_config=(node_config or {}).get(i, {"partition-id": i, "num-partitions": num_nodes}),
+                              node_config={**(node_config or {}).get(i, {"partition-id": i, "num-partitions": num_nodes}),
+                                           **(every_node or {})},
                               state=RecordDict(), run_config={})
             for i in range(num_nodes)
         }

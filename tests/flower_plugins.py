@@ -20,9 +20,11 @@ from fedsim import vec
 from fedsim.blocks import fl_server
 from fedsim.local import sgd_steps
 from fedsim.registry import STRATEGIES
+from fedsim.state_types import checkpointable
 from fedsim.strategy import ClientOutput, Payload, ServerStrategy
 
 
+@checkpointable
 class ScaffoldState(NamedTuple):
     x: torch.Tensor
     c: torch.Tensor
@@ -64,6 +66,7 @@ def scaffold_probe(server_lr: float = 1.0) -> ServerStrategy:
     )
 
 
+@checkpointable
 class ProbeState(NamedTuple):
     counts: torch.Tensor
     version: int

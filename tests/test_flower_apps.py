@@ -32,6 +32,7 @@ PLUGINS = [str(ROOT / "tests" / "flower_plugins.py")]
 def flower_run(tmp_path: Path, cfg: dict, num_nodes: int | None = None, settings: dict | None = None, **grid):
     """Runs `cfg` through the ServerApp over a LocalGrid; returns (rows, final model, events, grid)."""
     out = tmp_path / "flower"
+    grid.setdefault("every_node", {"plugins": " ".join(PLUGINS)})  # the nodes trust the test strategies
     grid = LocalGrid(client_app(), num_nodes or cfg["data"]["num_clients"], **grid)
     run = run_on_grid(grid, deployment_config(cfg), read_settings({**(settings or {}), "out-dir": str(out)}))
     events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()] if (out / "events.jsonl").exists() else []
@@ -173,3 +174,75 @@ def test_only_the_flower_package_imports_flwr():
     offenders = subprocess.run(["grep", "-rlE", r"^\s*(import|from) flwr", "fedsim", "strategies"],
                                cwd=ROOT, capture_output=True, text=True).stdout.split()
     assert offenders and all(p.startswith("fedsim/flower/") for p in offenders), offenders
+
+
+EVIL_MODULE = '''
+from pathlib import Path
+
+from fedsim.registry import STRATEGIES
+
+Path({marker!r}).write_text("imported")
+
+
+def strategy():
+    from strategies.fedavg import fedavg
+
+    return fedavg()
+
+
+if __name__.startswith("fedsim_plugin"):  # as a plugin
+    STRATEGIES.register("evil_only")(strategy)
+'''
+
+
+@pytest.fixture
+def evil(tmp_path, monkeypatch):
+    """A module that leaves a marker when it is imported (as `evil_factories`, or as a plugin
+    .py file, which registers the strategy 'evil_only'); returns (marker, plugin file)."""
+    from fedsim.flower.client import node_run
+
+    marker = tmp_path / "marker.txt"
+    (tmp_path / "evil_factories.py").write_text(EVIL_MODULE.format(marker=str(marker)))
+    plugin = tmp_path / "plugin" / "evil_plugin.py"
+    plugin.parent.mkdir()
+    plugin.write_text(EVIL_MODULE.format(marker=str(marker)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    node_run.cache_clear()
+    yield marker, plugin
+    node_run.cache_clear()
+
+
+def test_node_refuses_a_dotted_factory_from_the_server_unless_its_node_config_allows(evil, monkeypatch):
+    import yaml as _yaml
+
+    from fedsim.flower.client import NodeTrust, node_run, node_trust
+
+    marker, _ = evil
+    text = _yaml.safe_dump(small(strategy={"name": "evil_factories:strategy"}))
+    with pytest.raises(ConfigError, match="'evil_factories:strategy' is not a registered strategy; this node accepts "
+                                          "only registered names"):
+        node_run(text, node_trust({"partition-id": 0}))
+    assert not marker.exists()
+    node_run(text, node_trust({"partition-id": 0, "allow-dotted-factories": True})).ctx.executor.close()
+    assert marker.exists()  # the node's own choice
+    monkeypatch.setenv("FEDSIM_NODE_CONFIG", 'plugins="a.py b" allow-dotted-factories=true')
+    assert node_trust({}) == NodeTrust(("a.py", "b"), True)
+    assert node_trust({"allow-dotted-factories": False}) == NodeTrust(("a.py", "b"), False)
+
+
+def test_node_imports_its_own_plugins_never_the_servers(evil):
+    import yaml as _yaml
+
+    from fedsim.flower.client import NodeTrust, node_run
+
+    marker, plugin = evil
+    text = _yaml.safe_dump(small(plugins=[str(plugin)]))  # fedavg: the plugin is not even needed
+    node_run(text, NodeTrust()).ctx.executor.close()
+    assert not marker.exists()
+    text = _yaml.safe_dump(small(plugins=[str(plugin)], strategy={"name": "evil_only"}))
+    with pytest.raises(ConfigError, match=r"unknown strategy 'evil_only'.*the server's config names plugins .* node "
+                                          r"imports only from its own node config \(plugins="):
+        node_run(text, NodeTrust())
+    assert not marker.exists()
+    node_run(text, NodeTrust((str(plugin),))).ctx.executor.close()  # the node's own plugin
+    assert marker.exists()

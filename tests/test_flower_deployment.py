@@ -63,7 +63,8 @@ def assert_same_trajectory(rows, final, ref_rows, ref_final) -> None:
 def test_flower_simulation_engine_matches_fedsim(tmp_path):
     # the shipped app, with a stateful strategy: Flower's simulated nodes keep c_i between rounds
     overrides = ["run.rounds=2", "strategy.name=scaffold_probe", f"plugins=[{PLUGINS}]"]
-    dep = Deployment(tmp_path, simulation=True)
+    # simulated nodes have no node config of their own: they trust the test plugin through their environment
+    dep = Deployment(tmp_path, simulation=True, env={"FEDSIM_NODE_CONFIG": f'plugins="{PLUGINS}"'})
     try:
         out = tmp_path / "out"
         res = dep.run(APP, {"overrides": " ".join(overrides), "out-dir": str(out)},
@@ -78,7 +79,7 @@ def test_flower_simulation_engine_matches_fedsim(tmp_path):
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     dep = Deployment(tmp_path_factory.mktemp("deploy"),
-                     nodes=[f"partition-id={i} num-partitions=2" for i in range(2)])
+                     nodes=[f'partition-id={i} num-partitions=2 plugins="{PLUGINS}"' for i in range(2)])
     yield dep
     dep.stop()
     assert not dep.leftovers()
@@ -116,7 +117,8 @@ def test_deployment_async_fedbuff_loses_and_repeats_nothing(tmp_path):
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    nodes = [f"partition-id={i} num-partitions={n}" + (" delay=20.0" if i == 0 else "") for i in range(n)]
+    nodes = [f'partition-id={i} num-partitions={n} plugins="{PLUGINS}"' + (" delay=20.0" if i == 0 else "")
+             for i in range(n)]
     dep = Deployment(tmp_path, nodes=nodes)
     try:
         out = tmp_path / "out"

@@ -210,3 +210,37 @@ def test_bad_set_overrides_stop_before_running(papers, tmp_path):
     proc = subprocess.run(fedsim_cmd("reproduce", "momentum", "--quick", "--set", "executor.devize=cpu",
                                      "--out", str(tmp_path / "b")), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "executor.devize" in proc.stderr and not (tmp_path / "b").exists()
+
+
+def test_gallery_never_runs_code_from_a_path_a_claims_file_names(quick, papers, tmp_path):
+    marker = tmp_path / "marker.txt"
+    evil = papers.parent / "evil"  # a reproduce.py next to the papers folder, reached by `..`
+    evil.mkdir(exist_ok=True)
+    (evil / "reproduce.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nRUNS = []\n")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "toy.png").write_bytes((quick.out / "toy.png").read_bytes())
+    claims = (quick.out / "claims.md").read_text()
+    (src / "claims.md").write_text(claims.replace("fedsim reproduce toy", "fedsim reproduce ../evil"))
+    with pytest.raises(FedsimError, match="Regenerate line names '../evil', which is not one of fedsim's papers"):
+        build([src], tmp_path / "docs", "g", papers_dir=papers)
+    assert not marker.exists()
+    with pytest.raises(FedsimError, match="unknown paper '../evil'"):
+        reproduce("../evil", tmp_path / "out", papers_dir=papers)
+    assert not marker.exists()
+    # a figure is copied only from the reproduction's own folder
+    (src / "claims.md").write_text(claims.replace("![toy](toy.png)", f"![toy](../{quick.out.name}/toy.png)"))
+    with pytest.raises(FedsimError, match="outside its folder"):
+        build([src], tmp_path / "docs", "g", papers_dir=papers)
+
+
+def test_gallery_deletes_only_the_figures_it_writes(quick, papers, tmp_path):
+    docs = tmp_path / "docs"
+    (docs / "gallery" / "old").mkdir(parents=True)
+    (docs / "gallery" / "old" / "stale.png").write_bytes(b"png")
+    (docs / "gallery" / "README.txt").write_text("the user's")
+    (docs / "gallery" / "notes").mkdir()
+    (docs / "gallery" / "notes" / "draft.md").write_text("the user's")
+    build([quick.out], docs, "g", papers_dir=papers)
+    assert not (docs / "gallery" / "old" / "stale.png").exists() and (docs / "gallery" / "toy" / "toy.png").is_file()
+    assert (docs / "gallery" / "README.txt").read_text() == (docs / "gallery" / "notes" / "draft.md").read_text()

@@ -22,6 +22,7 @@ from ..data.batching import gather_batches
 from ..errors import ClientJobError
 from ..rng import cuda_index, key, keyed_torch
 from ..contributions import Contributions, from_outputs
+from ..state_types import checkpointable
 from ..strategy import ClientOutput, LocalHP, Payload, Strategy, Tensor
 from ..task import Task
 

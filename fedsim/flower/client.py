@@ -15,12 +15,23 @@ job as accepted (a straggler's state is dropped).
 
 Node config ``delay`` (seconds, default 0) makes the node wait that long before replying —
 a slow device on a local test deployment.
+
+The config a node receives is data from the network, not code: the node never imports the
+plugins it names, only those of its own node config ``plugins`` (space-separated modules
+or .py files), and refuses ``package.module:factory`` component names unless its node
+config sets ``allow-dotted-factories=true``. Where Flower fixes the node config (its
+simulation engine), the same keys can be given in the node's environment, as
+``FEDSIM_NODE_CONFIG='plugins="my_strategy.py"'``.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import yaml
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -28,16 +39,58 @@ from flwr.clientapp import ClientApp
 
 from .. import runner
 from ..config import load_config
-from ..errors import FedsimError
+from ..errors import ConfigError, FedsimError
+from ..registry import registered_names_only
 from ..strategy import Tensor
 from .messages import config_text, decode_task, encode_node_client, encode_result
 from .records import records_to_tensors, tensors_to_records
 
 
+NODE_CONFIG_ENV = "FEDSIM_NODE_CONFIG"
+
+
+@dataclass(frozen=True)
+class NodeTrust:
+    """What code this node runs for a config it receives: its own plugins, and whether
+    ``package.module:factory`` component names are accepted."""
+
+    plugins: tuple[str, ...] = ()
+    allow_dotted: bool = False
+
+
+def node_trust(node_config: Mapping[str, Any]) -> NodeTrust:
+    """Reads `NodeTrust` from the node config, over the keys of $FEDSIM_NODE_CONFIG
+    (``key=value`` pairs as in ``--node-config``)."""
+    from flwr.common.config import parse_config_args
+
+    merged = {**parse_config_args([os.environ.get(NODE_CONFIG_ENV, "")]), **node_config}
+    allow = merged.get("allow-dotted-factories", False)
+    if not isinstance(allow, bool):
+        raise FedsimError(f"node config allow-dotted-factories must be true or false, got {allow!r}")
+    return NodeTrust(tuple(str(merged.get("plugins", "")).split()), allow)
+
+
 @functools.lru_cache(maxsize=2)
-def node_run(config: str) -> runner.Run:
-    """Returns the run built from a config text (cached: Flower's simulation reuses processes)."""
-    return runner.build(load_config(yaml.safe_load(config)))
+def node_run(config: str, trust: NodeTrust = NodeTrust()) -> runner.Run:
+    """Returns the run built from a config text the server sent (cached: Flower's simulation
+    reuses processes). The text is data: the node imports `trust.plugins` instead of the
+    plugins it names, and accepts dotted factory names only if `trust.allow_dotted`."""
+    raw = yaml.safe_load(config)
+    if not isinstance(raw, dict):
+        raise FedsimError("the server sent a config that is not a mapping")
+    asked = raw.get("plugins") or []
+    raw["plugins"] = list(trust.plugins)
+    guard = nullcontext() if trust.allow_dotted else registered_names_only(
+        "this node accepts only registered names (node config allow-dotted-factories=true accepts "
+        "package.module:factory names)")
+    try:
+        with guard:
+            return runner.build(load_config(raw))
+    except ConfigError as exc:
+        if asked and list(asked) != list(trust.plugins) and "unknown" in exc.message:
+            raise ConfigError(exc.path, f"{exc.message}; the server's config names plugins {asked}, which a node "
+                                        f"imports only from its own node config (plugins=\"...\")") from None
+        raise
 
 
 def node_client(context: Context, num_clients: int) -> int:
@@ -89,7 +142,7 @@ class NodeState:
 
 def train(message: Message, context: Context) -> Message:
     """Runs one fedsim job on this node and replies with its update, extras and metrics."""
-    run = node_run(config_text(message.content))
+    run = node_run(config_text(message.content), node_trust(context.node_config))
     ctx = run.ctx
     task = decode_task(message.content, ctx.task.layout)
     client = node_client(context, ctx.num_clients)
@@ -109,7 +162,7 @@ def train(message: Message, context: Context) -> Message:
 
 def query(message: Message, context: Context) -> Message:
     """Tells the server which fedsim client this node serves (after checking it fits the config)."""
-    ctx = node_run(config_text(message.content)).ctx
+    ctx = node_run(config_text(message.content), node_trust(context.node_config)).ctx
     return Message(encode_node_client(node_client(context, ctx.num_clients)), reply_to=message)
 
 

@@ -36,6 +36,7 @@ import numpy as np
 
 from ..clock import EventQueue, to_seconds, to_ticks
 from ..rng import numpy_rng
+from ..state_types import checkpointable
 from .base import ProtocolState
 from .clocks import Clock
 
@@ -59,6 +60,7 @@ class Rules:
     max_staleness: int | None = None  # discard updates staler than this
 
 
+@checkpointable
 @dataclass(frozen=True)
 class Flight:
     """A job in flight: its client, the model version it started from, when, and its size."""
@@ -71,6 +73,7 @@ class Flight:
     bytes_down: int
 
 
+@checkpointable
 @dataclass(frozen=True)
 class Update:
     """An arrived, buffered update waiting for the next aggregation."""

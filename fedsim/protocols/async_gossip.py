@@ -40,6 +40,7 @@ from ..channel import build_channel
 from ..config import Ge, OneOf, Range
 from ..errors import ConfigError
 from ..registry import PROTOCOLS
+from ..state_types import checkpointable
 from ..strategy import Payload, Tensor
 from .base import Protocol, ProtocolState, RunContext
 from .nodes import INITS, build_topology, check_init, check_simulated, eval_sample, initial_models, node_metrics
@@ -47,6 +48,7 @@ from .nodes import INITS, build_topology, check_init, check_simulated, eval_samp
 ARRIVE, TRAINED, WAKE = 0, 1, 2  # event priorities at equal times
 
 
+@checkpointable
 @dataclass
 class GossipState(ProtocolState):
     """Progress plus the node stack, the event queue and the receive buffers."""

@@ -39,12 +39,14 @@ from ..config import Ge, Gt, OneOf
 from ..errors import ConfigError
 from ..contributions import Contributions
 from ..registry import PROTOCOLS
+from ..state_types import checkpointable
 from ..strategy import CombineContext, Payload, Tensor
 from .async_engine import AT_AGGREGATION, IMMEDIATE, Engine, Flight, Hooks, Rules, ScheduleState, Trace, Update
 from .base import Protocol, RunContext
 from .weighting import IMPORTANCES, WEIGHTINGS, aggregation_weight_array, count_updates, importance, online_frequencies
 
 
+@checkpointable
 @dataclass
 class AsyncState(ScheduleState):
     """The schedule plus the server's strategy state, the sent models and the results in flight."""

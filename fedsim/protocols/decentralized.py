@@ -36,6 +36,7 @@ from ..errors import ConfigError
 from ..contributions import Contributions
 from ..registry import PROTOCOLS
 from ..rng import key
+from ..state_types import checkpointable
 from ..strategy import Payload, Tensor
 from .base import Protocol, ProtocolState, RunContext, wait_for_availability
 from .nodes import INITS, build_topology, check_init, check_simulated, eval_sample, initial_models, node_metrics
@@ -44,6 +45,7 @@ from .rounds import FINISH, WAIT, RoundProtocol
 MAX_GAP_NODES = 1024  # the spectral gap (a dense SVD) is reported up to this many nodes
 
 
+@checkpointable
 @dataclass
 class DecentralizedState(ProtocolState):
     """Progress plus the node stack and the last round's statistics."""

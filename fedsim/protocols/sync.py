@@ -25,12 +25,14 @@ from ..contributions import Contributions
 from ..executors.base import Job
 from ..registry import PROTOCOLS
 from ..rng import numpy_rng
+from ..state_types import checkpointable
 from ..strategy import CombineContext, Payload, Tensor
 from .base import Protocol, ProtocolState, RunContext, wait_for_availability
 from .rounds import FINISH, WAIT, RoundProtocol
 from .weighting import IMPORTANCES, WEIGHTINGS, aggregation_weight_array, count_updates, importance, online_frequencies
 
 
+@checkpointable
 @dataclass
 class SyncState(ProtocolState):
     """Progress plus the server's strategy state and round statistics."""
