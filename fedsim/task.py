@@ -190,7 +190,7 @@ def check_model_fits(module: nn.Module, name: str, source: SourceData) -> None:
     was_training = module.training
     module.eval()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), keyed_torch(key(0, "model/check")):  # the global generator is restored after
             out = module(x)
     except Exception as exc:  # noqa: BLE001 - any failure means the model does not fit the data
         detail = str(exc).splitlines()[0] if str(exc) else ""

@@ -181,17 +181,28 @@ def test_every_strategy_checkpoints_and_loads_back(tmp_path):
 
     from .conftest import merge
 
-    extra = {"compressed": {"inner": "fedavg", "compressor": {"name": "qsgd", "bits": 2}, "feedback": "econtrol"},
-             "compressed_gossip": {"gamma": 0.2, "compressor": {"name": "topk", "ratio": 0.5}}}
-    server = {"protocol": {"name": "async", "buffer_size": 2, "concurrency": 4}}
+    from fedsim.strategy import ServerStrategy
+
+    extra = {"compressed": {"inner": "fedavg", "compressor": {"name": "qsgd", "bits": 2}, "feedback": "econtrol"}}
     gossip = {"protocol": {"name": "decentralized"}, "topology": {"name": "ring"}}
+    choco = {"protocol": {"name": "decentralized", "compression": {"compressor": {"name": "topk", "ratio": 0.5},
+                                                                   "gamma": 0.2}}, "topology": {"name": "ring"}}
     base = quadratic_config(run={"rounds": 2, "eval_every": 1, "checkpoint_every": 1})
     builtin = [e.name for e in STRATEGIES.entries() if e.factory.__module__.startswith("strategies.")]
     assert len(builtin) > 20
+    cases = []
     for name in builtin:
         strategy = {"name": name, **extra.get(name, {})}
-        server_based = load_config(merge(base, {"strategy": strategy})).strategy.build().server_based
-        cfg = merge(base, server if server_based else gossip)
+        built = load_config(merge(base, {"strategy": strategy})).strategy.build()
+        if isinstance(built, ServerStrategy):  # asynchronous where it may: in-flight jobs are in the state
+            proto = "async" if built.protocols is None or "async" in built.protocols else built.protocols[0]
+            cases.append((name, strategy, {"protocol": {"name": proto, "buffer_size": 2, "concurrency": 4}
+                                           if proto == "async" else {"name": proto}}))
+        else:
+            cases.append((name, strategy, gossip))
+    cases.append(("gossip+choco", {"name": "gossip"}, choco))  # the channel's per-node state, in the run's memory
+    for name, strategy, proto in cases:
+        cfg = merge(base, proto)
         cfg["strategy"] = strategy
         out = tmp_path / name
         out.mkdir()
