@@ -5,8 +5,13 @@ local step direction, here with every piece optional:
 
     d = β (∇F_i(y; ξ) − c_i + c) + (1 − β) (g + [∇F_i(y; ξ) − ∇F_i(x^{r−1}; ξ)]_VR)
 
-(SCAFFOLD: β = 1; FedAvg-M: no c_i, c; the VR forms add the bracket), and one server rule:
+(SCAFFOLD: β = 1; FedAvg-M: no c_i, c; the VR forms add the bracket, a STORM correction
+with the same sample ξ at the previous global model), and one server rule:
 x ← x − η_g Σ_i w_i u_i, g ← Σ_i w_i u_i / (η K_i), c ← c + (1/N) Σ_{i∈S} (c_i⁺ − c_i).
+FedAvg-M's direction is FedCM's (checked against FedCM's released code). The paper's
+Algorithm boxes could not be read here, so SCAFFOLD-M's c_i⁺ rule and the VR bracket are
+implemented as recalled, not checked (strategies/fedavg_m.py and scaffold_m.py say what
+they do and do not do).
 
 Units: the server does not know the clients' learning rate η, so it keeps and publishes
 ηg = Σ_i w_i u_i / K_i (the mean model displacement per local step) and each client divides
