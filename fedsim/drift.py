@@ -12,6 +12,11 @@ Each piece is one line of an algorithm box, as a pure function over flat tensors
   gradients (SCAFFOLD-M) — ways to refresh a client's control variate c_i;
 * `per_step_mean` and `control_step` — the server's momentum estimate and control variate.
 
+FedAvg-M's direction is FedCM's (checked against FedCM's released code). The momentum
+paper's Algorithm boxes could not be read, so SCAFFOLD-M's c_i⁺ rule and the STORM (VR)
+bracket are implemented as recalled, not checked (strategies/fedavg_m.py and scaffold_m.py
+say what they do and do not do).
+
 Units: the server does not know the clients' learning rate η, so it keeps and publishes
 ηg = Σ_i w_i u_i / K_i (the mean model displacement per local step; `per_step_mean`) and
 each client divides by its own η. With one η and one K this is exactly

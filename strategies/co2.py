@@ -3,19 +3,27 @@ updating with one-step-stale averaging, a staleness-gap penalty and outer-moment
 
 Every worker runs τ local steps from the shared anchor x_t; the all-reduce of the result
 runs while the next τ steps compute, so outer step t only sees d_{t−1} = x_{t−1} − x̄_{t−1}
-(the averaged pseudo-gradient of the previous phase): m ← β·m + d_{t−1}/λ,
-m ← clip(m, −φ, φ) element-wise, x_{t+1} = x_t − α·m. β = 0, α = 1, λ = 1 without
-staleness is Local SGD (periodic averaging); β > 0 without staleness is SlowMo.
+(the averaged pseudo-gradient of the previous phase, taken from the anchor that phase
+started at): m_t = β·m_{t−1} + d_{t−1}/λ, m_t ← clip(m_t, −φ, φ) element-wise,
+x_{t+1} = x_t − α·m_t. β = 0, α = 1, λ = 1 without staleness is Local SGD (periodic
+averaging); β > 0 without staleness is SlowMo.
 
-Verified against the authors' code (weigao266/fairscale-CO2, gossip/co2.py,
-`_perform_local_optimization`): m ← β·m + (x_anchor − x̄)/λ with a constant gap penalty λ
-(`co2_gap_penalty`, default 1), x_anchor ← x_anchor − α·m, workers reset to the anchor;
-defaults β = 0.5, α = 1, clip threshold 1 (clipping off). Their `_co2_clip` calls
-torch.clamp out of place and drops the result, so clipping is a no-op there; here it clips.
-Not verified (paper body not retrievable; reviews confirm Λ_t and φ exist): the paper's
-staleness-gap penalty may be adaptive — this implements the released constant λ. Our reading
-of "one-step stale": the delayed pseudo-gradient d_{t−1} is applied at the current anchor
-(the alternative, x_t − x̄_{t−1}, differs by the anchor's own last move).
+Which stale step the paper states is not verified: its body (Algorithm 1 and the
+staleness-gap penalty's formula) could not be read here — only its abstract, a figure and
+the ICLR reviews, which confirm a staleness-gap metric that scales the outer update and an
+outer-momentum clip, and that the penalty's analysis assumes a decaying inner learning
+rate, so the paper's penalty is probably adaptive where this λ is the released constant. The two readings differ in sign: this file applies the delayed
+pseudo-gradient at the current anchor (delayed-SGD style). The released code
+(weigao266/fairscale-CO2, gossip/co2.py, `_perform_local_optimization`) computes
+m ← β·m + (x_anchor − p)/λ, x_anchor ← x_anchor − α·m with the anchor already moved; if p
+is the stale average x̄_{t−1}, that is m_t = β·m_{t−1} + (x_t − x̄_{t−1})/λ
+= (β − α/λ)·m_{t−1} + d_{t−1}/λ, since x_t − x̄_{t−1} = d_{t−1} − α·m_{t−1}: with the code's
+defaults (β = 0.5, α = 1, λ = 1) the momentum-like term has coefficient −0.5, the
+opposite sign. (In the code's default memory-efficient mode p is gathered by a blocking
+reduce at the outer step, so there p is the current phase's average and the step is
+SlowMo's, without staleness.) Other released details followed: defaults β = 0.5, α = 1,
+λ = 1, clip threshold 1 with clipping off; the code's `_co2_clip` calls torch.clamp out of
+place and drops the result, so its clipping is a no-op; here it clips.
 Simulated on the synchronous protocol (full participation = all workers; the server's
 weighted sum = the all-reduce); its clock charges communication after computation, so
 CO2's wall-time gain from overlapping them is not modelled, only the staleness.

@@ -9,11 +9,18 @@ Downlink: x and g (x^{r−1} too for VR); uplink: u_i only. Clients are stateles
 Verified: the FedAvg-M update against FedCM's reference code (RickZack/GHBM, fedcm_client.py:
 grad·α + (1 − α)·Δ/(lr·K); fedcm_center_server.py: Δ = mean pseudo-gradient), which ICLR
 reviewers state is the same algorithm, and x^{r+1} = x^r − γ g^{r+1} as quoted in the reviews.
-Implemented as recalled (the paper's Algorithm boxes could not be read): the VR direction. Measured with it: on exact quadratics FedAvg-M-VR's fixed point is FedAvg's at
-lr η (FedAvg-M's is at ηβ); on digits (η = 0.05 or 0.01, K = 20) the VR forms do not train.
-Choices (the box's initialisation could not be checked either): round 0 runs without momentum
-and sets g^1 (g0='first_round'; 'zero' starts from g^0 = 0, so the first ~1/β rounds move by
-about β); x^{−1} = x^0.
+Not verified: the VR direction. The paper's Algorithm 1 could not be read here (only its
+abstract and reviews were retrievable, and no released code was found), so it is the STORM form
+recalled above. What it does (tests/test_momentum.py): with one local step and exact
+gradients g^r is exactly ∇f(x^{r−1}), so the run is gradient descent with step γ for any β;
+on heterogeneous quadratics its fixed point is FedAvg's at lr η (FedAvg-M's is at ηβ).
+What it does not do: train a small MLP on non-IID digits with K = 20 minibatch steps — it
+diverges by round 10 at η = 0.05, collapses to chance after ~50 rounds at η = 0.01 and
+after ~100 at η = 0.0025 with γ = 0.2, also with β = 0.5 (experiments/papers/momentum,
+claims.md). The cause is not established; reading the paper's box is the first check.
+Choices (the box's initialisation could not be checked either): round 0 runs without
+momentum and sets g^1 (g0='first_round'; 'zero' starts from g^0 = 0, so the first ~1/β
+rounds move by about β); x^{−1} = x^0.
 """
 from __future__ import annotations
 

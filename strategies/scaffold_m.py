@@ -7,12 +7,14 @@ c ← c + (1/N) Σ_{i∈S} Δc_i. SCAFFOLD-M-VR adds the STORM term with the sam
 d = ∇F_i(y; ξ) + (1 − β)(g^r − ∇F_i(x^{r−1}; ξ)) − β (c_i − c).
 Downlink: x, c, g (x^{r−1} too for VR); uplink: u_i, Δc_i; per client: c_i.
 
-Implemented as recalled (the paper's Algorithm boxes could not be read): the c_i⁺ rule and the
-VR direction. Checked here instead: with β = 1 SCAFFOLD-M is SCAFFOLD
+Not verified: the c_i⁺ rule and the VR direction. The paper's Algorithm 2 could not be read
+here (only its abstract and reviews were retrievable, and no released code was found), so
+both are implemented as recalled. Checked instead: with β = 1 SCAFFOLD-M is SCAFFOLD
 (option II equals the mean of the path gradients), and it reaches the exact optimum of
 heterogeneous quadratics with full and partial participation (tests/test_momentum.py).
-Measured: with stochastic gradients SCAFFOLD-M-VR's error is ~10× below SCAFFOLD-M's
-(experiments/papers/momentum), but on digits (η = 0.05 or 0.01, K = 20) it does not train.
+Measured (experiments/papers/momentum, claims.md): with stochastic gradients on a quadratic
+SCAFFOLD-M-VR's error is ~10× below SCAFFOLD-M's, but on non-IID digits (an MLP, K = 20,
+η = 0.05) it does not train, like FedAvg-M-VR (see fedavg_m).
 Choices: round 0 without momentum by default (g0, as in fedavg_m), c = c_i = 0 at start,
 x^{−1} = x^0; w_i from the protocol's weighting.
 """

@@ -46,6 +46,23 @@ def test_one_step_stale_recursion_by_hand():
     assert torch.equal(state.in_flight, ds[2])
 
 
+def test_stale_step_uses_the_pseudo_gradient_from_the_anchor_its_phase_started_at():
+    # One worker, f = ½(x − 3)², η = 0.1, K = 1, β = 0.5, α = λ = 1, x_0 = 0. Phase t starts at
+    # anchor x_t and sends d_t = x_t − y_t with y_t = x_t − 0.1(x_t − 3); step t applies d_{t−1}:
+    #   t=0: d_0 = −0.3, no step yet            → x_1 = 0
+    #   t=1: d_1 = −0.3; m = d_0 = −0.3          → x_2 = 0.3
+    #   t=2: d_2 = −0.27; m = −0.15 + d_1 = −0.45 → x_3 = 0.75
+    #   t=3: m = −0.225 + d_2 = −0.495           → x_4 = 1.245
+    # (Reading the released code's x_anchor − x̄ as x_t − x̄_{t−1} instead gives x_3 = 0.45.)
+    s = co2(outer_lr=1.0, outer_momentum=0.5, gap_penalty=1.0)
+    state = s.init(torch.zeros(1, dtype=torch.float64))
+    anchors = []
+    for t in range(4):
+        state = one_round(s, state, [(quad_grad(1.0, [3.0]), 1)], [1.0], LocalHP(lr=0.1), round_=t)
+        anchors.append(s.params(state).item())
+    assert anchors == pytest.approx([0.0, 0.3, 0.75, 1.245], abs=1e-12)
+
+
 def test_outer_momentum_is_clipped_elementwise():
     # The released code's clamp is out of place, so its clipping is a no-op; here it clips.
     s = co2(outer_lr=1.0, outer_momentum=0.9, clip=0.3, stale=False)
@@ -58,7 +75,7 @@ def test_outer_momentum_is_clipped_elementwise():
 
 def test_stale_co2_converges_to_the_local_sgd_fixed_point():
     # One-step staleness changes the path, not the fixed point: d(x) = 0 ⇔ x = Local SGD's
-    # x_LS = Σ w_i b_i / Σ w_i with w_i = 1 − (1 − ηa_i)^K (ALGORITHMS.md §2.7), not x*.
+    # x_LS = Σ w_i b_i / Σ w_i with w_i = 1 − (1 − ηa_i)^K, not x*.
     a, b, opt = quadratic(8, 4)
     clients = [(quad_grad(float(ai), bi), 10) for ai, bi in zip(a, b)]
     s = co2(outer_lr=0.8, outer_momentum=0.2)

@@ -1,5 +1,6 @@
-"""Momentum and control variates (ALGORITHMS.md §2): fixed points on heterogeneous quadratics,
-reductions to FedAvg / SCAFFOLD at β = 1, a hand-computed direction, and the bytes each sends."""
+"""Momentum and control variates: fixed points on heterogeneous quadratics, reductions to
+FedAvg / SCAFFOLD at β = 1, the VR estimator's exactness, a hand-computed direction, and the
+bytes each sends."""
 from __future__ import annotations
 
 import numpy as np
@@ -47,8 +48,8 @@ def fedavg_fixed_point(info: dict, lr: float) -> np.ndarray:
          "scaffold_m-partial", "scaffold_m_vr-full"],
 )
 def test_control_variates_reach_the_true_optimum(strategy, protocol, rounds):
-    # ALGORITHMS.md §2.7 claims 2 and 4: with heterogeneous curvatures FedAvg is biased, but
-    # SCAFFOLD (η_g = 1) and SCAFFOLD-M converge to x* = Σ a_i b_i / Σ a_i exactly.
+    # With heterogeneous curvatures FedAvg is biased, but SCAFFOLD (η_g = 1) and SCAFFOLD-M
+    # converge to x* = Σ a_i b_i / Σ a_i exactly.
     run = quad(strategy, rounds, protocol)
     info = run.ctx.task.info
     assert np.abs(final(run) - info["optimum"]).max() < 1e-9
@@ -56,8 +57,8 @@ def test_control_variates_reach_the_true_optimum(strategy, protocol, rounds):
 
 
 def test_fedavg_m_converges_to_fedavg_fixed_point_at_local_lr_eta_beta():
-    # ALGORITHMS.md §2.7 claim 3: at a fixed point g = 0, so clients run plain SGD at lr ηβ:
-    # momentum shrinks client drift (by β) but does not remove it at a fixed η.
+    # At a fixed point g = 0, so clients run plain SGD at lr ηβ: momentum shrinks client
+    # drift (by β) but does not remove it at a fixed η.
     beta = 0.5
     run = quad({"name": "fedavg_m", "beta": beta}, 80)
     info = run.ctx.task.info
@@ -75,6 +76,27 @@ def test_fedavg_m_with_beta_one_is_fedavg_with_global_lr_gamma_over_eta_k(name):
     m = quad({"name": name, "beta": 1.0, "server_lr": server_lr}, 15, PARTIAL)
     f = quad({"name": "fedavg", "server_lr": server_lr}, 15, PARTIAL)
     assert torch.equal(m.protocol.eval_params(m.ctx, m.final_state), f.protocol.eval_params(f.ctx, f.final_state))
+
+
+def test_fedavg_m_vr_with_one_local_step_and_exact_gradients_is_gradient_descent():
+    # The VR estimate g^{r+1} = Σ_i w_i ∇F_i(x^r) + (1 − β)(g^r − Σ_i w_i ∇F_i(x^{r−1})) is exact
+    # once g^1 is (g0='first_round'): the run is GD with step γ = η_g·η, i.e. FedAvg with K = 1 —
+    # for any β, where FedAvg-M (an average of old gradients) is not.
+    one_step = {"local": {"lr": ETA, "batch_size": 1, "steps": 1}}
+    gd = quad({"name": "fedavg", "server_lr": 4.0}, 12, **one_step)
+    vr = quad({"name": "fedavg_m_vr", "beta": 0.1, "server_lr": 4.0}, 12, **one_step)
+    m = quad({"name": "fedavg_m", "beta": 0.1, "server_lr": 4.0}, 12, **one_step)
+    np.testing.assert_allclose(final(vr), final(gd), rtol=0, atol=1e-12)
+    assert np.abs(final(m) - final(gd)).max() > 1e-3
+
+
+def test_fedavg_m_vr_converges_to_fedavg_fixed_point_at_local_lr_eta():
+    # With K steps and g = 0 at a fixed point, client i's path from x gives
+    # x − y_K = β·(1 − (1 − ηa_i)^K)·(x − b_i): FedAvg's fixed point at lr η (not ηβ as
+    # FedAvg-M): the VR term undoes momentum's reduction of client drift.
+    run = quad({"name": "fedavg_m_vr", "beta": 0.5}, 120)
+    info = run.ctx.task.info
+    assert np.abs(final(run) - fedavg_fixed_point(info, ETA)).max() < 1e-9
 
 
 @pytest.mark.parametrize("name", ["scaffold_m", "scaffold_m_vr"])
