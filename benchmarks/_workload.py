@@ -1,4 +1,4 @@
-"""The anchor workload W of ../shared/MEASUREMENTS.md, as a fedsim config.
+"""Workload W, the benchmarks' small anchor workload (benchmarks/README.md), as a fedsim config.
 
 100 clients × 64 samples of a 60-feature Gaussian mixture (10 classes, Dirichlet(0.5)
 label proportions per client), MLP 60-200-10, one local epoch of batch 16 (4 SGD steps,

@@ -1,6 +1,6 @@
 """Scale: a population of 1,000,000 clients, 1,000 sampled per round, through the vmap executor.
 
-Cheap model (logistic regression on a 16-feature Gaussian mixture, two samples per client
+Cheap model (logistic regression on a 16-feature Gaussian mixture, 2.5 samples per client
 on average). Prints resident memory after building the population, its growth over the
 rounds, and seconds per round, next to the same run with a 10,000-client population: the
 per-round memory must not grow with the rounds, and what differs between the two

@@ -2,15 +2,15 @@
 
 Every client holds 64 samples and runs one local epoch of batch 16 (K = 4 SGD steps, lr
 0.05) from the same global model. The vmap executor runs the whole cohort through
-``executor.run(jobs)`` (stacking, the K vectorised steps, the stacked results, which the
-synchronous and decentralized protocols read as arrays); a second column submits the jobs
-and fetches each client's `JobResult`, as the asynchronous protocols do. The
-limit trains ONE model for the same K steps on batches of (clients × 16) samples: the
-same FLOPs without per-client structure, in the same precision. Both are timed after
-warm-up (CUDA graph capture included there), synchronised, best of several calls; the
-contenders are timed back to back `--repeats` times and each ratio is the median of the
-repeats' ratios (the host's speed drifts between minutes, and both sides are host-bound
-for small models).
+``executor.run(jobs)`` (stacking, the K vectorised steps, one `Contributions` for the
+cohort, which the synchronous and decentralized protocols read as columns); a second column
+submits the jobs and fetches each client's one-row `Contributions` with ``result(job_id)``,
+as the asynchronous protocols do. The limit trains ONE model for the same K steps on
+batches of (clients × 16) samples: the same FLOPs without per-client structure, in the
+same precision. Both are timed after warm-up (CUDA graph capture included there),
+synchronised, best of several calls; the contenders are timed back to back `--repeats`
+times and each ratio is the median of the repeats' ratios (the host's speed drifts between
+minutes, and both sides are host-bound for small models).
 
     python benchmarks/vs_limit.py --device cpu --models mlp --clients 100
     python benchmarks/vs_limit.py --device cuda --models mlp,cnn28,cnn32 --clients 100,1000
