@@ -130,7 +130,7 @@ def vmap_round(module: nn.Module, shape, x, y, idx, device: torch.device, **knob
     fn = lambda: ex.run(jobs)  # noqa: E731
 
     def one_by_one() -> list:
-        """The asynchronous protocols' way: submit every job, then fetch each JobResult."""
+        """The asynchronous protocols' way: submit every job, then fetch each one-row Contributions."""
         for job in jobs:
             ex.submit(job)
         return [ex.result(job.job_id) for job in jobs]

@@ -14,7 +14,7 @@ vector it would send uncompressed) with a compressor C. Rules, with the sender's
   EF21; η > 0 re-injects the accumulated compression error e with strength η.
 
 What was verified: EF21's and EF's rules are standard (EF21 paper, Alg. 1). EControl's lines
-are as ALGORITHMS.md §6.2 gives them (tagged RECALLED there): the paper body could not be
+are fedsim's reading of the paper, not checked against its algorithm box: the paper body could not be
 retrieved with the search tool (only its abstract and reviews: it "builds the error term
 and the gradient estimator from a single compressed message" and adds a parameter η that
 controls the strength of the feedback), which these lines match. A consistency check of the

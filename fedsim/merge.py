@@ -5,8 +5,8 @@ layout) -> [k, d]`` — row r of `weights` holds receiver r's weight on each mod
 is the index of receiver r's own model among `models`.
 
 * `mix`: plain gossip averaging, ``weights @ models`` (one matmul, sparse or dense).
-* `variance_corrected`: VCA (Tian, Al-Ars, Kitsak, Hofstee, arXiv 2404.04616, §5.2 of
-  ALGORITHMS.md, checked against the authors' code): mix, then rescale every parameter
+* `variance_corrected`: VCA (Tian, Al-Ars, Kitsak, Hofstee, arXiv 2404.04616, checked
+  against the authors' code; docs/algorithms.md): mix, then rescale every parameter
   tensor around its mean so that its variance equals the weighted mean variance of the
   *received* models (the receiver's own model is left out of the target).
 """

@@ -8,7 +8,7 @@ v^q = W v^{q−1}, x_i ← v_i^Q. DFedSAM is Q = 1; DFedSAM-MGS uses Q > 1 (the 
 
 Verified: the abstract (structure, rates with λ → λ^Q for MGS) and the SAM step of the
 DFedSAM-style code base (`davda54/sam`, ε = ρg/(‖g‖+1e-12), base optimiser step with the
-perturbed gradient). The Algorithm box itself could not be retrieved (ALGORITHMS.md §4).
+perturbed gradient). The Algorithm box itself could not be retrieved (docs/algorithms.md).
 Deviation: the paper's code uses sample-size-weighted neighbour averages, which are not
 doubly stochastic; we use the topology's mixing matrix (Metropolis–Hastings by default).
 """

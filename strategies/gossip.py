@@ -6,7 +6,7 @@ holds enough received models w_1..w_m, merges: a = α·w_self + (1 − α)·mean
 protocol's self weight; the VCA code: α = ½). VCA then rescales each parameter tensor of a
 around its mean so that Var(a_ℓ) = mean_j Var(w_j,ℓ), undoing the variance that averaging
 independently initialised models destroys. Verified against the authors' code
-(ALGORITHMS.md §5.2); as in their PyTorch port every tensor is corrected (biases too), but
+(docs/algorithms.md); as in their PyTorch port every tensor is corrected (biases too), but
 with no ε in the ratio and zero-variance tensors left as they are.
 """
 from __future__ import annotations

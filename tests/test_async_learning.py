@@ -1,5 +1,5 @@
 """Asynchronous learning: Fraboni et al.'s update rule replayed exactly, the surrogate-objective
-bias (ALGORITHMS.md §1.9), FedFix = FedAvg at equal speeds, determinism and resumption."""
+bias (docs/algorithms.md), FedFix = FedAvg at equal speeds, determinism and resumption."""
 from __future__ import annotations
 
 import copy
@@ -95,7 +95,7 @@ def test_only_referenced_models_are_kept():
         assert len(st.results) <= len(st.flights) + len(st.buffer)
 
 
-# ---------------------------------------------------------------- bias (ALGORITHMS.md §1.9)
+# ---------------------------------------------------------------- bias (docs/algorithms.md)
 def time_average(run, start: float, every: float = 0.05) -> np.ndarray:
     """Runs to the budget and returns the model averaged on a virtual-time grid from `start`."""
     ctx, proto = run.ctx, run.protocol

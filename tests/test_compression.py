@@ -121,7 +121,7 @@ def wrapper(feedback, eta=0.1, comp=None):
 
 
 def test_topk_stalls_without_feedback_while_ef21_and_econtrol_reach_the_optimum():
-    # ALGORITHMS.md §6.2: 10 clients, d = 20, Top-2 of each client's gradient step.
+    # (docs/algorithms.md, compression): 10 clients, d = 20, Top-2 of each client's gradient step.
     a, b, opt = quadratic(10, 20)
     dist = {}
     for rule in ("none", "ef21", "econtrol"):

