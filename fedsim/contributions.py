@@ -5,8 +5,9 @@ fills what the client computed (``updates`` ``[m, ...]``, ``extras``, ``state``,
 and what the job was (``senders``, ``jobs``, ``versions``, ``num_samples``, ``num_steps``);
 the protocol selects the rows it aggregates (`take`, `concat`) and sets what only it knows
 (``weights``, ``staleness``, ``bases``) before handing them to the strategy's ``combine``.
-It is frozen: every change is a new value (`replace`), and the tensors are never written in
-place.
+It is a value: nobody assigns its fields or writes its tensors in place; every change is a
+new value (`replace`). (The dataclass is not `frozen`: a frozen one costs ~2 µs more to build,
+and the asynchronous protocols build one per arriving client.)
 
 Most reducers read the columns (``vec.weighted_sum(c.updates, c.weights)``). A strategy that
 reads contributions one by one iterates `rows()`, which yields one `Contribution` per row.
@@ -45,7 +46,7 @@ class Contribution(NamedTuple):
 
 
 @checkpointable
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(slots=True, eq=False)
 class Contributions:
     """See the module docstring. Every column has one entry per row (``len`` = m)."""
 
@@ -106,6 +107,35 @@ class Contributions:
             None if self.weights is None else self.weights[s], None if self.staleness is None else self.staleness[s],
             self.bases if not isinstance(self.bases, tuple) else self.bases[s],
         )
+
+    def split(self) -> list["Contributions"]:
+        """Returns every row alone, in order: ``[self.row(i) for i in range(len(self))]``, built
+        column by column (a few times cheaper per row: an executor that answers job by job
+        splits each cohort once)."""
+        m = len(self)
+        if not m:
+            return []
+
+        def each(col: Any) -> list[Any]:
+            if col is None:
+                return [None] * m
+            if isinstance(col, torch.Tensor):
+                return list(col.unsqueeze(1).unbind(0))
+            if isinstance(col, np.ndarray):
+                return list(col.reshape(m, *col.shape[1:])[:, None])
+            return [col[i:i + 1] for i in range(m)]  # a tuple of encoded messages or bases
+
+        senders, updates, samples, steps, jobs, versions, weights, staleness = (
+            each(c) for c in (self.senders, self.updates, self.num_samples, self.num_steps, self.jobs,
+                              self.versions, self.weights, self.staleness))
+        extras = {k: each(v) for k, v in self.extras.items()}
+        state = {k: each(v) for k, v in self.state.items()}
+        metrics = {k: each(v) for k, v in self.metrics.items()}
+        bases = each(self.bases) if isinstance(self.bases, tuple) else [self.bases] * m
+        return [Contributions(senders[i], updates[i], samples[i], steps[i], jobs[i], versions[i],
+                              {k: v[i] for k, v in extras.items()}, {k: v[i] for k, v in state.items()},
+                              {k: v[i] for k, v in metrics.items()}, weights[i], staleness[i], bases[i])
+                for i in range(m)]
 
     @staticmethod
     def concat(parts: Sequence["Contributions"]) -> "Contributions":

@@ -152,6 +152,26 @@ def test_take_row_and_concat_keep_the_columns_aligned():
     assert rows[0].base is base and torch.equal(rows[1].extras["dc"], torch.eye(5, 4)[2])
 
 
+def test_split_equals_row_by_row_for_every_column():
+    bases = tuple(torch.full((4,), float(i)) for i in range(3))
+    c = contributions(torch.arange(12.0).reshape(3, 4), [0.5, 0.25, 0.25], senders=[4, 2, 8], staleness=[2, 0, 1],
+                      num_steps=[3, 1, 2], extras={"dc": torch.eye(3, 4)}, bases=bases)
+    c = c.replace(state={"m": -torch.eye(3, 4)}, metrics={"train_loss": np.array([0.1, np.nan, 0.3])})
+    split = c.split()
+    assert len(split) == 3 and Contributions.split(Contributions.empty()) == []
+    for i, (a, b) in enumerate(zip(split, (c.row(i) for i in range(3)))):
+        for name in Contributions.__slots__:
+            x, y = getattr(a, name), getattr(b, name)
+            if isinstance(x, dict):
+                assert x.keys() == y.keys() and all(np.array_equal(np.asarray(x[k]), np.asarray(y[k]), equal_nan=True)
+                                                    for k in x), name
+            elif isinstance(x, tuple):
+                assert len(x) == 1 and x[0] is y[0], name
+            else:
+                assert np.array_equal(np.asarray(x), np.asarray(y)) and x.shape == y.shape, name
+        assert a.updates.data_ptr() == c.updates[i].data_ptr()  # views, no copies
+
+
 def test_from_outputs_fills_missing_metrics_with_nan():
     jobs = _jobs(2, Payload(torch.zeros(3)))
     got = from_outputs(jobs, [ClientOutput(torch.ones(3), {}, {}, {"a": 1.0}),

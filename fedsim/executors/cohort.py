@@ -128,17 +128,17 @@ def unstack(out: tuple[Tensor, dict, dict, dict], jobs: Sequence[Job], device: t
     ids[1] = [j.num_samples for j in jobs]
     ids[2] = [j.job_id for j in jobs]
     ids[3] = [j.version for j in jobs]
-    columns: dict[str, np.ndarray] = {}
+    names = list(metrics)
+    columns = {k: np.full(n, np.nan) for k in names}  # written in place by fill(): rows split before it see them
     contribs = Contributions(ids[0], update[:n].to(device), ids[1], np.full(n, steps, dtype=np.int64), ids[2], ids[3],
                              {k: v[:n].to(device) for k, v in extras.items()},
                              {k: v[:n].to(device) for k, v in state.items()}, columns)
-    names = list(metrics)
     return contribs, _metric_filler(names, [metrics[k][:n].detach() for k in names], columns)
 
 
 def _metric_filler(names: list[str], values: list[Tensor], columns: dict[str, np.ndarray]) -> Callable[[], None]:
     """Starts moving per-client scalar metrics to the host; returns the function that waits
-    for them and writes them into `columns` (name -> float64 array)."""
+    for them and writes them into `columns` (name -> float64 array, written in place)."""
     if not names:
         return lambda: None
     on_gpu = values[0].device.type == "cuda" and all(c.dim() == 1 and c.device == values[0].device for c in values)
@@ -155,6 +155,7 @@ def _metric_filler(names: list[str], values: list[Tensor], columns: dict[str, np
             rows = host.numpy().copy()
         else:
             rows = [c.detach().cpu().double().reshape(-1).numpy() for c in values]
-        columns.update(zip(names, rows))
+        for name, row in zip(names, rows):
+            columns[name][:] = row
 
     return fill

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from typing import Annotated, Any, Iterator, Optional, Sequence
+from typing import Annotated, Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -152,29 +152,39 @@ class VmapExecutor(Executor):
     def _flush(self) -> None:
         jobs = list(self._pending.values())
         self._pending.clear()
-        done = self._done
-        contribs = self._run_jobs(jobs)
-        for i, job_id in enumerate(contribs.jobs.tolist()):
-            done[job_id] = contribs.row(i)
+        rows: list[Contributions] = []
+        # the asynchronous protocols take results job by job: each cohort is split into rows
+        # as soon as it is queued, while the device still computes
+        self._run_cohorts(jobs, lambda piece: rows.extend(piece.split()))
+        self._done.update(zip((int(r.jobs[0]) for r in rows), rows))
 
     def _run_jobs(self, jobs: list[Job]) -> Contributions:
         """Runs `jobs` cohort by cohort; returns their contributions in the jobs' order."""
-        if self.unsupported is not None:
-            return from_outputs(jobs, [self.serial.run(j) for j in jobs])
         pieces: list[Contributions] = []
+        several = self._run_cohorts(jobs, pieces.append) > 1
+        merged = Contributions.concat(pieces)
+        if not several:
+            return merged
+        at = {job_id: i for i, job_id in enumerate(merged.jobs.tolist())}  # several cohorts: back to the jobs' order
+        return merged.take([at[j.job_id] for j in jobs])
+
+    def _run_cohorts(self, jobs: list[Job], take: Callable[[Contributions], Any]) -> int:
+        """Runs `jobs` cohort by cohort, handing each chunk's contributions to `take` as it is
+        queued; returns once every chunk's metrics reached the host. Returns the number of
+        cohorts (1 when the pieces are in the jobs' order)."""
+        if self.unsupported is not None:
+            take(from_outputs(jobs, [self.serial.run(j) for j in jobs]))
+            return 1
         cohorts = group(jobs)
         try:
             for cohort in cohorts:
-                pieces.extend(self._run_group(cohort))
+                for piece in self._run_group(cohort):
+                    take(piece)
         finally:  # the cohorts' metrics reach the host last: other cohorts run meanwhile
             fills, self._fills = self._fills, []
             for fill in fills:
                 fill()
-        merged = Contributions.concat(pieces)
-        if len(cohorts) <= 1:
-            return merged
-        at = {job_id: i for i, job_id in enumerate(merged.jobs.tolist())}  # several cohorts: back to the jobs' order
-        return merged.take([at[j.job_id] for j in jobs])
+        return len(cohorts)
 
     def run(self, jobs: Sequence[Job]) -> Contributions:
         """Runs `jobs` (with any still pending) and returns their contributions in the jobs' order."""
