@@ -20,6 +20,7 @@ strategy's ``receive`` step turns them into a tensor before ``combine`` (see
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
@@ -116,26 +117,28 @@ class Contributions:
         if not m:
             return []
 
-        def each(col: Any) -> list[Any]:
+        def each(col: Any) -> Iterator[Any]:
             if col is None:
-                return [None] * m
+                return itertools.repeat(None, m)
             if isinstance(col, torch.Tensor):
-                return list(col.unsqueeze(1).unbind(0))
+                return iter(col.unsqueeze(1).unbind(0))
             if isinstance(col, np.ndarray):
-                return list(col.reshape(m, *col.shape[1:])[:, None])
-            return [col[i:i + 1] for i in range(m)]  # a tuple of encoded messages or bases
+                return iter(col[:, None])
+            return (col[i:i + 1] for i in range(m))  # a tuple of encoded messages or bases
 
-        senders, updates, samples, steps, jobs, versions, weights, staleness = (
-            each(c) for c in (self.senders, self.updates, self.num_samples, self.num_steps, self.jobs,
-                              self.versions, self.weights, self.staleness))
-        extras = {k: each(v) for k, v in self.extras.items()}
-        state = {k: each(v) for k, v in self.state.items()}
-        metrics = {k: each(v) for k, v in self.metrics.items()}
-        bases = each(self.bases) if isinstance(self.bases, tuple) else [self.bases] * m
-        return [Contributions(senders[i], updates[i], samples[i], steps[i], jobs[i], versions[i],
-                              {k: v[i] for k, v in extras.items()}, {k: v[i] for k, v in state.items()},
-                              {k: v[i] for k, v in metrics.items()}, weights[i], staleness[i], bases[i])
-                for i in range(m)]
+        def mappings(named: Mapping[str, Any]) -> Iterator[dict]:
+            if not named:
+                return (dict() for _ in range(m))
+            if len(named) == 1:
+                (name, col), = named.items()
+                return ({name: v} for v in each(col))
+            names = list(named)
+            return (dict(zip(names, vs)) for vs in zip(*(each(named[k]) for k in names)))
+
+        bases = each(self.bases) if isinstance(self.bases, tuple) else itertools.repeat(self.bases, m)
+        return list(map(Contributions, each(self.senders), each(self.updates), each(self.num_samples),
+                        each(self.num_steps), each(self.jobs), each(self.versions), mappings(self.extras),
+                        mappings(self.state), mappings(self.metrics), each(self.weights), each(self.staleness), bases))
 
     @staticmethod
     def concat(parts: Sequence["Contributions"]) -> "Contributions":
