@@ -10,7 +10,10 @@ A run keeps `Rules.concurrency` job slots filled. Per job:
 1. *dispatch* at t0: an idle, available client gets the current model version; its
    compute end is t0 + compute + download time (`done` event);
 2. *done*: the result is fetched, and the arrival is t0 + the full duration, now that the
-   uplink's real size is known (`arrival` event; for an ideal link, at the same tick);
+   uplink's real size is known (`arrival` event; for an ideal link, at the same tick).
+   t0 is the exact instant of the event that freed the slot (its tick and residue,
+   `fedsim.clock`), so a client's chain of jobs ends where the exact sum of its durations
+   falls, never off by one rounding per job;
 3. *arrival*: staleness = versions published since dispatch; beyond `max_staleness` the
    update is discarded, otherwise buffered. The server aggregates when the buffer holds
    `buffer_size` updates — or, with a `window`, at every multiple of the window (possibly
@@ -31,7 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..clock import EventQueue, to_seconds, to_ticks
+from ..clock import EventQueue, later, to_seconds, to_ticks
 from ..rng import numpy_rng
 from ..system.population import Population
 from .base import ProtocolState
@@ -63,9 +66,10 @@ class Flight:
     job: int
     client: int
     version: int
-    start: int
+    start: int  # tick
     steps: int
     bytes_down: int
+    start_residue: float = 0.0  # exact start − start, in ticks
 
 
 @dataclass(frozen=True)
@@ -184,10 +188,10 @@ class Engine:
         if capped or ev is None or ev.time > self.budget:
             st.finished = True
             if not capped and math.isfinite(self.budget):
-                st.time = int(self.budget)  # nothing changes the model until the budget ends
+                st.time, st.residue = int(self.budget), 0.0  # nothing changes the model until the budget ends
             return st
         ev = st.queue.pop()
-        st.time = ev.time
+        st.time, st.residue = ev.time, ev.residue
         getattr(self, f"_on_{ev.kind}")(st, hooks, ev.time, **ev.data)
         self._fill(st, hooks)
         return st
@@ -206,8 +210,9 @@ class Engine:
         if up is None:  # the client's code failed (executor.on_client_error='drop'): lost now
             st.queue.push(t, "lost", priority("lost", f.client), job=job)
             return
-        total = self.population.job_ticks([f.client], [f.steps], [f.bytes_down], [up], [job])[0]
-        st.queue.push(max(f.start + total, t), "arrival", priority("arrival", f.client), job=job)
+        total = self.population.job_seconds([f.client], [f.steps], [f.bytes_down], [up], [job])[0]
+        at, residue = max(later(f.start, f.start_residue, total), (t, st.residue))
+        st.queue.push(at, "arrival", priority("arrival", f.client), residue=residue, job=job)
 
     def _on_arrival(self, st: ScheduleState, hooks: Hooks, t: int, job: int) -> None:
         f = st.flights.pop(job)
@@ -279,10 +284,9 @@ class Engine:
         st.free -= 1
         lost, lost_at = self.population.drops(np.array([client]), np.array([job]))
         steps, down = hooks.dispatch(st, client, job, submit=not bool(lost[0]))
-        compute = self.population.job_ticks([client], [steps], [down], [0], [job])[0]
-        st.flights[job] = Flight(job, client, st.version, t, steps, down)
+        compute = self.population.job_seconds([client], [steps], [down], [0], [job])[0]
+        st.flights[job] = Flight(job, client, st.version, t, steps, down, st.residue)
         hooks.log(t, "dispatch", client=client, version=st.version, job=job)
-        if lost[0]:
-            st.queue.push(t + int(round(float(lost_at[0]) * compute)), "lost", priority("lost", client), job=job)
-        else:
-            st.queue.push(t + compute, "done", priority("done", client), job=job)
+        kind, seconds = ("lost", float(lost_at[0]) * compute) if lost[0] else ("done", compute)
+        at, residue = later(t, st.residue, seconds)
+        st.queue.push(at, kind, priority(kind, client), residue=residue, job=job)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .. import rng
-from ..clock import EventQueue, to_seconds, to_ticks
+from ..clock import EventQueue, later, to_seconds, to_ticks
 from ..comm import nbytes
 from ..config import Ge, OneOf, Range
 from ..errors import ConfigError
@@ -86,13 +86,14 @@ class AsyncGossipProtocol(Protocol):
         period = ctx.population.step_time(nodes) * self._steps
         phase = rng.uniform(ctx.seed, "gossip/phase", nodes) * period
         for i in nodes:
-            state.queue.push(to_ticks(phase[i]), "wake", WAKE, node=int(i))
+            at, residue = later(0, 0.0, phase[i])
+            state.queue.push(at, "wake", WAKE, residue=residue, node=int(i))
         return state
 
     def resume(self, ctx: RunContext, state: GossipState) -> None:
         """Resubmits the jobs still training in a restored state (the executor knows none of
         them). A node's model does not change while its job runs, so the job is rebuilt exactly."""
-        training = [data for _, _, _, kind, data in state.queue.snapshot()["events"] if kind == "trained"]
+        training = [ev.data for ev in state.queue.pending("trained")]
         for data in sorted(training, key=lambda d: d["job"]):
             i = data["node"]
             ctx.executor.submit(ctx.make_job(i, Payload(state.models[i].clone()), data["version"], data["job"]))
@@ -106,11 +107,11 @@ class AsyncGossipProtocol(Protocol):
         budget = ctx.budget_ticks()
         if ev is None or ev.time > budget or ctx.out_of_rounds(state):
             if ev is not None and ev.time > budget:
-                state.time = int(budget)  # nothing happens before the budget ends: the state holds there
+                state.time, state.residue = int(budget), 0.0  # nothing happens before the budget ends: the state holds there
             state.finished = True
             return state
         ev = state.queue.pop()
-        state.time = ev.time
+        state.time, state.residue = ev.time, ev.residue
         if ev.kind == "arrive":
             state.buffers.setdefault(ev.data["node"], {})[ev.data["sender"]] = ev.data["model"]
             state.bytes_down += nbytes(ev.data["model"])
@@ -128,22 +129,25 @@ class AsyncGossipProtocol(Protocol):
         if len(ctx.population.available(np.array([i]), to_seconds(t))) == 0:
             nxt = ctx.population.next_availability_change(to_seconds(t))
             if math.isfinite(nxt):
-                state.queue.push(max(t, to_ticks(nxt)), "wake", WAKE, node=i)
+                at, residue = max((t, state.residue), (to_ticks(nxt), 0.0))
+                state.queue.push(at, "wake", WAKE, residue=residue, node=i)
             return
         job_id = state.next_job
         state.next_job += 1
         job = ctx.make_job(i, Payload(state.models[i].clone()), state.jobs_done, job_id)
         ids, jobs = np.array([i]), np.array([job_id])
         pop = ctx.population
-        duration = to_ticks(pop.step_time(ids)[0] * job.num_steps * pop.jitter_factor(jobs)[0])  # compute only
+        duration = float(pop.step_time(ids)[0] * job.num_steps * pop.jitter_factor(jobs)[0])  # compute only
         lost, lost_at = pop.drops(ids, jobs)
         if lost[0]:
             ctx.log(t, "lost", node=i, job=job_id)
-            state.queue.push(t + int(round(lost_at[0] * duration)), "wake", WAKE, node=i)
+            at, residue = later(t, state.residue, float(lost_at[0]) * duration)
+            state.queue.push(at, "wake", WAKE, residue=residue, node=i)
             return
         ctx.executor.submit(job)
         ctx.log(t, "train", node=i, job=job_id)
-        state.queue.push(t + duration, "trained", TRAINED, node=i, job=job_id, version=job.version)
+        at, residue = later(t, state.residue, duration)
+        state.queue.push(at, "trained", TRAINED, residue=residue, node=i, job=job_id, version=job.version)
 
     def _finish(self, ctx: RunContext, state: GossipState, i: int, job_id: int) -> None:
         """Node i's job ended: adopt, push, merge if the buffer is full, start the next job."""
@@ -177,7 +181,8 @@ class AsyncGossipProtocol(Protocol):
         up = float(link.transfer_time(np.array([i]), np.array([0]), np.array([size * len(targets)]))[0])
         down = link.transfer_time(np.array(targets), np.full(len(targets), size), np.zeros(len(targets)))
         for j, d in zip(targets, down):
-            state.queue.push(state.time + to_ticks(up + float(d)), "arrive", ARRIVE, node=j, sender=i, model=model)
+            at, residue = later(state.time, state.residue, up + float(d))
+            state.queue.push(at, "arrive", ARRIVE, residue=residue, node=j, sender=i, model=model)
         state.bytes_up += size * len(targets)
         ctx.log(state.time, "push", node=i, to=targets)
 

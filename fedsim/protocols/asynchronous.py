@@ -7,7 +7,7 @@ client *received*, and the strategy adds it to the *current* model, with each `M
 here: weight d_i (`weighting`), staleness n − ρ_i, and base x^{ρ_i}. Sent models are kept
 only while an in-flight job or a buffered update still refers to them.
 
-Schemes (Fraboni et al., JMLR 2023, arXiv 2206.10189, §1 of ALGORITHMS.md; the schedules
+Schemes (Fraboni et al., JMLR 2023, arXiv 2206.10189; the schedules
 were checked against their code, FL/clients_schedule.py and FL/server.py):
 
 =================  ===========================================================
@@ -128,7 +128,7 @@ class AsyncProtocol(Protocol, Hooks):
     def resume(self, ctx: RunContext, state: AsyncState) -> None:
         """Resubmits the jobs still computing in a restored state (the executor knows none of
         them): those with a pending `done` event, each with the client state it started from."""
-        computing = sorted(data["job"] for _, _, _, kind, data in state.queue.snapshot()["events"] if kind == "done")
+        computing = sorted(ev.data["job"] for ev in state.queue.pending("done"))
         for job in computing:
             f = state.flights[job]
             j = ctx.make_job(f.client, state.models[f.version], f.version, f.job)

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from ..clock import to_seconds, to_ticks
+from ..clock import later, later_each, to_seconds
 from ..comm import nbytes
 from ..config import Ge, Gt, OneOf, Range
 from ..errors import ConfigError
@@ -46,9 +46,10 @@ class SyncState(ProtocolState):
     client_metrics: dict[str, float] = field(default_factory=dict)  # mean of each other client metric, same round
 
     def close_round(self, ctx: RunContext, results: Sequence[JobResult], jobs: int, stragglers: int,
-                    dropped: int, bytes_down: int, end: int, rows: np.ndarray | None = None) -> None:
-        """Books a round that aggregated `results` (or its `rows`, in aggregation order):
-        statistics, counters, clock."""
+                    dropped: int, bytes_down: int, end: int, rows: np.ndarray | None = None,
+                    residue: float = 0.0) -> None:
+        """Books a round that aggregated `results` (or its `rows`, in aggregation order) and
+        ended at tick `end` (`residue` ticks before its exact end): statistics, counters, clock."""
         rows = np.arange(len(results)) if rows is None else rows
         self.train_loss, self.client_metrics = round_metrics(results, rows)
         self.participants = len(rows)
@@ -63,7 +64,7 @@ class SyncState(ProtocolState):
         self.version += 1
         self.rounds += 1
         self.aggregations += 1
-        self.time = end
+        self.time, self.residue = end, residue
         self.finished = ctx.out_of_rounds(self)
 
 
@@ -83,6 +84,7 @@ class SyncRound:
     losses: list[tuple[int, int]]  # (when lost, client)
     cut: int | None  # the deadline's tick
     end: int
+    end_residue: float  # exact end − end, in ticks
 
 
 class RoundTiming(NamedTuple):
@@ -93,25 +95,35 @@ class RoundTiming(NamedTuple):
     late: list[tuple[int, int]]  # (arrival, client) of the jobs that arrive after the deadline, same order
     losses: list[tuple[int, int]]  # (when lost, client) of the lost jobs, in job order
     end: int  # the last arrival or loss, cut at the deadline; t0 if nothing happens
+    end_residue: float  # exact end − end, in ticks
+    cut: int | None  # the deadline's tick (None: no deadline)
 
 
-def time_round(t0: int, clients: np.ndarray, durations: np.ndarray, lost: np.ndarray, lost_at: np.ndarray,
-               cut: int | None) -> RoundTiming:
-    """Times a round that starts at `t0`: job i of `clients[i]` takes `durations[i]` ticks, or,
-    when `lost[i]`, disappears after the fraction `lost_at[i]` of it (rounded half to even);
-    `cut` is the deadline's tick (None: no deadline). Returns the `RoundTiming`."""
-    durations = np.asarray(durations, dtype=np.int64)
+def time_round(t0: int, residue: float, clients: np.ndarray, durations: np.ndarray, lost: np.ndarray,
+               lost_at: np.ndarray, deadline: float | None) -> RoundTiming:
+    """Times a round that starts at tick `t0` (`residue` ticks before its exact start): job i
+    of `clients[i]` takes `durations[i]` seconds, or, when `lost[i]`, disappears after the
+    fraction `lost_at[i]` of it; results later than `deadline` seconds after the start are
+    stragglers (None: no deadline). Every instant is the start plus a duration, rounded once
+    (`fedsim.clock.later_each`). Returns the `RoundTiming`."""
+    durations = np.asarray(durations, dtype=np.float64)
     came = np.flatnonzero(~lost)
-    arrive = t0 + durations[came]
+    arrive, _ = later_each(t0, residue, durations[came])
     order = np.lexsort((clients[came], arrive))  # by arrival, then client
     came, arrive = came[order], arrive[order]
     gone = np.flatnonzero(lost)
-    lost_t = t0 + np.round(lost_at[gone] * durations[gone]).astype(np.int64)
-    in_time = np.ones(len(came), dtype=bool) if cut is None else arrive <= cut
+    lost_after = lost_at[gone] * durations[gone]
+    lost_t, _ = later_each(t0, residue, lost_after)
+    cut = later(t0, residue, deadline) if deadline is not None else None
+    in_time = np.ones(len(came), dtype=bool) if cut is None else arrive <= cut[0]
     late = list(zip(arrive[~in_time].tolist(), clients[came[~in_time]].tolist()))
     losses = list(zip(lost_t.tolist(), clients[gone].tolist()))
-    end = max(int(arrive.max(initial=t0)), int(lost_t.max(initial=t0)), t0)
-    return RoundTiming(came[in_time], arrive[in_time], late, losses, end if cut is None else min(end, cut))
+    # `later` is monotone in the duration: the last instant is the one of the longest span
+    end = later(t0, residue, max(durations[came].max(initial=0.0), lost_after.max(initial=0.0)))
+    if cut is not None:
+        end = min(end, cut)
+    return RoundTiming(came[in_time], arrive[in_time], late, losses, end[0], end[1],
+                       cut[0] if cut is not None else None)
 
 
 class SyncProtocol(RoundProtocol):
@@ -179,14 +191,12 @@ class SyncProtocol(RoundProtocol):
             failed[ran] = [r.failed for r in results]
             ups[ran] = [0 if r.failed else uplink_bytes(r) for r in results]
         lost, lost_at = lost | failed, np.where(failed, 1.0, lost_at)
-        durations = ctx.population.job_ticks(cohort, [j.num_steps for j in jobs], np.full(m, down), ups, job_ids)
-
-        cut = t0 + to_ticks(self.deadline) if self.deadline is not None else None
-        timing = time_round(t0, cohort, durations, lost, lost_at, cut)
+        durations = ctx.population.job_seconds(cohort, [j.num_steps for j in jobs], np.full(m, down), ups, job_ids)
+        timing = time_round(t0, state.residue, cohort, durations, lost, lost_at, self.deadline)
         if timing.end > ctx.budget_ticks():
             return FINISH
         return SyncRound(t0, len(available), payload, jobs, results, timing.on_time, timing.on_time_at,
-                         row[timing.on_time], timing.late, timing.losses, cut, timing.end)
+                         row[timing.on_time], timing.late, timing.losses, timing.cut, timing.end, timing.end_residue)
 
     def plan_end(self, plan: SyncRound | str) -> int | None:
         return plan.end if isinstance(plan, SyncRound) else None
@@ -231,7 +241,8 @@ class SyncProtocol(RoundProtocol):
                 ctx.log(plan.cut, "straggler", client=c, version=state.version, would_arrive=to_seconds(t))
             ctx.log(end, "aggregate", version=state.version + 1, clients=clients)
 
-        state.close_round(ctx, results, m, len(plan.late), len(plan.losses), nbytes(payload) * m, end, rows)
+        state.close_round(ctx, results, m, len(plan.late), len(plan.losses), nbytes(payload) * m, end, rows,
+                          plan.end_residue)
         return state
 
     def eval_params(self, ctx: RunContext, state: SyncState) -> Tensor:
