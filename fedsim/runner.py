@@ -253,8 +253,9 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
                 end = budget if math.isfinite(budget) and not by_rounds else state.time
                 while dstate.next_eval <= end:
                     record_due(state)
-                if by_rounds and run.rows[-1]["round"] != state.rounds:  # the final model, off the grid
-                    record(state, state.time)
+                last = run.rows[-1]
+                if last["round"] != state.rounds or last["virtual_time"] != to_seconds(end):
+                    record(state, end)  # the final model at the end time, off the grid
             elif run.rows[-1]["round"] != state.rounds or run.rows[-1]["virtual_time"] != to_seconds(state.time):
                 record(state, state.time)
     finally:
