@@ -160,6 +160,43 @@ def test_schedule_equals_exact_fraboni_loop(protocol, scheme, param, spread, n, 
     assert got == [(round(t * TICKS_PER_SECOND), c) for t, c in want]
 
 
+@pytest.mark.parametrize("c,spread,n,budget", [(2, 80.0, 10, 400), (5, 80.0, 10, 400), (5, 50.0, 7, 60)])
+def test_fedbuff_at_the_budget_stops_or_completes_the_last_buffer(c, spread, n, budget):
+    protocol = {"buffer_size": c, "redispatch": "aggregation"}
+    tau = exact_tau(n, spread)
+    stopped = exact_schedule(tau, "fedbuff", Fraction(budget), c)
+    completed = exact_schedule(tau, "fedbuff", Fraction(budget), c, complete=True)
+    assert completed[:-1] == stopped and completed[-1][0] > budget  # one aggregation past T
+    for at_budget, want in (("stop", stopped), ("complete", completed)):
+        tr = trace({**protocol, "at_budget": at_budget}, n=n, spread=spread, budget=float(budget))
+        got = [(to_ticks(t), c) for t, c, _ in aggregations(tr)]
+        assert got == [(round(t * TICKS_PER_SECOND), c) for t, c in want], at_budget
+
+
+def test_completed_buffer_ends_the_run_after_the_budget(tmp_path):
+    # the learning run follows the schedule past T: its last row is the model of that
+    # aggregation, at its time; the grid rows stop at T
+    protocol = {"buffer_size": 2, "redispatch": "aggregation", "at_budget": "complete"}
+    cfg = async_config(protocol, n=7, spread=50.0, budget=2.0)
+    cfg["run"].update({"log_events": True, "eval_every_time": 0.5})
+    run = run_config(cfg, tmp_path / "run")
+    want = exact_schedule(exact_tau(7, 50.0), "fedbuff", Fraction(2), 2, complete=True)
+    assert want[-1][0] > 2
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    logged = [(to_ticks(e["time"]), e["clients"]) for e in events if e["kind"] == "aggregate"]
+    assert logged == [(round(t * TICKS_PER_SECOND), c) for t, c in want]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["virtual_time"] for r in rows] == [0.0, 0.5, 1.0, 1.5, 2.0, logged[-1][0] / TICKS_PER_SECOND]
+    assert rows[-1]["aggregations"] == len(want) == run.final_state.aggregations
+    assert rows[-2]["aggregations"] == len(want) - 1
+
+
+def test_a_window_cannot_complete_a_buffer():
+    with pytest.raises(ConfigError) as err:
+        build(load_config(async_config({"window": 0.5, "at_budget": "complete"})))
+    assert "protocol.at_budget" in str(err.value)
+
+
 def test_aggregation_counts_in_a_time_budget():
     n, budget = 10, Fraction("7.3")
     tau = exact_tau(n, 80.0)

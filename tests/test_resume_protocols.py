@@ -46,7 +46,9 @@ CASES = {
     # time-based evaluation: rows are written between rounds, at the ends the protocol reports
     "sync": {"protocol": {"name": "sync", "clients_per_round": 4, "deadline": 0.9}, "strategy": SCAFFOLD,
              "run": {"time_budget": 25.0, "eval_every_time": 0.5}},
-    "async_fedbuff": {"protocol": {"name": "async", "buffer_size": 3, "concurrency": 5, "max_staleness": 4},
+    # its last buffer is completed after the budget (at_budget: complete)
+    "async_fedbuff": {"protocol": {"name": "async", "buffer_size": 3, "concurrency": 5, "max_staleness": 4,
+                                   "at_budget": "complete"},
                       "strategy": ECONTROL, "run": {"time_budget": 20.0, "eval_every": 1}},
     "async_fedfix": {"protocol": {"name": "async", "window": 0.3, "concurrency": 6}, "strategy": SCAFFOLD,
                      "run": {"time_budget": 12.0, "eval_every_time": 0.4}},

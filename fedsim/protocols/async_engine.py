@@ -22,6 +22,12 @@ A run keeps `Rules.concurrency` job slots filled. Per job:
    aggregation (``aggregation``: the client waits for the new model). Lost jobs and
    discarded updates free their slot at once (nothing to wait for).
 
+The schedule stops at the time budget T: nothing that would happen after T is done. With
+`Rules.complete_buffer`, a buffer that holds updates at T but is not full is instead
+waited for — the schedule runs on past T until that buffer aggregates, then stops —
+which is how Fraboni et al.'s FedBuff loop ends (it only asks that the first update of
+an aggregation arrive by T).
+
 Ties at one tick are ordered: compute ends, then arrivals (lowest client id first, as
 Fraboni et al.'s argmin), then losses, then the window tick, so a client whose duration is
 an exact multiple of the window is aggregated in the window that ends at its arrival.
@@ -57,6 +63,7 @@ class Rules:
     window: int | None = None  # aggregate at every multiple of this many ticks instead
     redispatch: str = IMMEDIATE  # or AT_AGGREGATION
     max_staleness: int | None = None  # discard updates staler than this
+    complete_buffer: bool = False  # at the budget, run on until a partly filled buffer aggregates
 
 
 @dataclass(frozen=True)
@@ -182,12 +189,14 @@ class Engine:
         return ev.time if ev is not None else None
 
     def step(self, st: ScheduleState, hooks: Hooks) -> ScheduleState:
-        """Handles the next event; sets `finished` at the budget, the aggregation cap, or when idle."""
+        """Handles the next event; sets `finished` at the budget (or, completing the last buffer,
+        once it is aggregated), the aggregation cap, or when idle."""
         ev = st.queue.peek()
         capped = self.max_aggregations is not None and st.aggregations >= self.max_aggregations
-        if capped or ev is None or ev.time > self.budget:
+        completing = self.rules.complete_buffer and bool(st.buffer)
+        if capped or ev is None or (ev.time > self.budget and not completing):
             st.finished = True
-            if not capped and math.isfinite(self.budget):
+            if not capped and st.time < self.budget < math.inf:
                 st.time, st.residue = int(self.budget), 0.0  # nothing changes the model until the budget ends
             return st
         ev = st.queue.pop()

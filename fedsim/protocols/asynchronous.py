@@ -20,6 +20,11 @@ FedBuff-c          ``{name: async, buffer_size: c, redispatch: aggregation}``
 FedFix-Δt          ``{name: async, window: Δt}`` (redispatch defaults to the window)
 =================  ===========================================================
 
+At the time budget T the run stops (``at_budget: stop``): a buffer still short of K
+updates is not aggregated. Fraboni et al.'s FedBuff loop instead completes it — it runs
+while the earliest return is ≤ T, so its last aggregation can land after T:
+``at_budget: complete`` does the same (one aggregation past T at most).
+
 Weights: ``identical`` d_i = 1/|S| (Async_identical: 1; FedBuff-c: 1/c); ``unbiased``
 d_i = p_i / f_i, Fraboni's "weight" variants, with f_i = client i's updates per aggregation
 measured on a learning-free run of the same schedule (their rule for FedBuff; for Async and
@@ -43,6 +48,8 @@ from ..strategy import CombineContext, Msg, Payload, Tensor
 from .async_engine import AT_AGGREGATION, IMMEDIATE, Engine, Flight, Hooks, Rules, ScheduleState, Trace, Update
 from .base import Protocol, RunContext, check_finite, uplink_bytes
 from .weighting import IMPORTANCES, WEIGHTINGS, aggregation_weights, importance
+
+STOP, COMPLETE = "stop", "complete"  # at_budget: what the time budget does to a partly filled buffer
 
 
 @dataclass
@@ -68,9 +75,12 @@ class AsyncProtocol(Protocol, Hooks):
     drops_failed_jobs = True
 
     def __init__(self, concurrency: int | None, buffer_size: int, window: float | None, redispatch: str,
-                 max_staleness: int | None, weighting: str, client_weights: str):
+                 max_staleness: int | None, weighting: str, client_weights: str, at_budget: str = STOP):
         if window is not None and buffer_size != 1:
             raise ConfigError("protocol.buffer_size", "a window aggregates whatever arrived; leave buffer_size at 1")
+        if window is not None and at_budget != STOP:
+            raise ConfigError("protocol.at_budget", "a window aggregates at its boundaries, never a buffer "
+                              "left at the budget; leave at_budget at 'stop'")
         self.concurrency = concurrency
         self.buffer_size = buffer_size
         self.window = window
@@ -78,6 +88,7 @@ class AsyncProtocol(Protocol, Hooks):
         self.max_staleness = max_staleness
         self.weighting = weighting
         self.client_weights = client_weights
+        self.at_budget = at_budget
 
     # ------------------------------------------------------------------ set-up
     def setup(self, ctx: RunContext) -> None:
@@ -93,7 +104,8 @@ class AsyncProtocol(Protocol, Hooks):
         window = to_ticks(self.window) if self.window is not None else None
         if window is not None and window <= 0:
             raise ConfigError("protocol.window", f"{self.window} s is below the clock's resolution (1 ns)")
-        rules = Rules(conc, self.buffer_size, window, self.redispatch, self.max_staleness)
+        rules = Rules(conc, self.buffer_size, window, self.redispatch, self.max_staleness,
+                      complete_buffer=self.at_budget == COMPLETE)
         self.ctx = ctx
         self.engine = Engine(rules, ctx.population, n, ctx.seed, ctx.budget_ticks(), ctx.run.rounds)
         self._p = importance(ctx.data.samples_per_client(), self.client_weights)
@@ -250,6 +262,7 @@ def asynchronous(
     max_staleness: Annotated[Optional[int], Ge(0)] = None,
     weighting: Annotated[str, OneOf(WEIGHTINGS)] = "identical",
     client_weights: Annotated[str, OneOf(IMPORTANCES)] = "samples",
+    at_budget: Annotated[str, OneOf((STOP, COMPLETE))] = STOP,
 ) -> Protocol:
     """Asynchronous server: jobs in flight on the virtual clock, aggregation per K arrivals or per window.
 
@@ -266,5 +279,10 @@ def asynchronous(
         weighting: Aggregation weights d_i: 'identical' (1/|S|), 'samples' (n_i/Σn_j),
             'unbiased' (p_i/f_i, Fraboni et al.'s "weight" variants).
         client_weights: Client importance p_i in the objective, for 'unbiased': 'samples' or 'uniform'.
+        at_budget: What run.time_budget does to a buffer that holds updates but is not full:
+            'stop' (the run ends at the budget; they are never aggregated) or 'complete' (the
+            schedule runs on until that buffer is full and aggregates it once, after the
+            budget, as Fraboni et al.'s FedBuff loop). Not with a window.
     """
-    return AsyncProtocol(concurrency, buffer_size, window, redispatch, max_staleness, weighting, client_weights)
+    return AsyncProtocol(concurrency, buffer_size, window, redispatch, max_staleness, weighting, client_weights,
+                         at_budget)
