@@ -9,7 +9,7 @@ job ends at time t the node
    neighbour j at t + (upload of deg_i models on i's link) + (download of one on j's link);
 2. if its buffer holds ≥ ``buffer_size`` received models (default: its in-degree), merges
    them with the strategy's rule, weights ``[α, (1−α)/m, …]`` (α = ``self_weight``) and
-   empties the buffer — the DFL2 simulator's "train 50 / average 50" order (ALGORITHMS.md §5.3);
+   empties the buffer ("train 50 / average 50" for α = ½);
 3. starts its next job from the (merged) model.
 
 A buffer keeps the newest model per sender. Arrivals at a tick are handled before the
@@ -17,6 +17,19 @@ jobs that end at that tick. A lost job (dropout) produces nothing; the node star
 after the part of the job it spent. An unavailable node sleeps until availability changes.
 ``rounds`` counts n completed jobs (one job per node on average, as one synchronous round);
 ``aggregations`` counts merges; ``bytes_up`` / ``bytes_down`` models sent / received.
+
+The VCA authors' simulator (DFL2, Tian et al., arXiv 2404.04616) runs in discrete ticks:
+in each tick the nodes due train one batch — instantly, from their model of that moment —
+and push it; then every node whose buffer holds ≥ ``buffer_size`` models merges, whether
+it trained in that tick or not. Its buffer counts every model received: a neighbour that
+pushes twice before the merge fills two places, each averaged with weight 1/m. The rule
+above differs in three ways: a job trains from the model the node had when the job
+*started* (models arriving during it wait for the next one), a node merges only right
+after its own job, and a second model from one sender replaces the first. ``rule: dfl2``
+follows the authors instead: the node waits its compute time and then trains from its
+current model (the trainings fall on the same instants as above), every received model
+counts, and after all events of an instant each node whose buffer is full merges
+(``merge`` events at the end of the instant).
 """
 from __future__ import annotations
 
@@ -28,7 +41,7 @@ import numpy as np
 import torch
 
 from .. import rng
-from ..clock import EventQueue, later, to_seconds, to_ticks
+from ..clock import Event, EventQueue, later, to_seconds, to_ticks
 from ..comm import nbytes
 from ..config import Ge, OneOf, Range
 from ..errors import ConfigError
@@ -37,7 +50,8 @@ from ..strategy import Payload, Tensor
 from .base import Protocol, ProtocolState, RunContext, check_finite
 from .nodes import INITS, build_topology, check_init, eval_sample, initial_models, node_metrics
 
-ARRIVE, TRAINED, WAKE = 0, 1, 2  # event priorities at equal times
+ARRIVE, TRAINED, WAKE, MERGE = 0, 1, 2, 3  # event priorities at equal times
+OWN_JOB, DFL2 = "own_job", "dfl2"  # the `rule` knob
 
 
 @dataclass
@@ -46,7 +60,8 @@ class GossipState(ProtocolState):
 
     models: Tensor | None = None  # [n, d]
     queue: EventQueue = field(default_factory=EventQueue)
-    buffers: dict[int, dict[int, Tensor]] = field(default_factory=dict)  # receiver -> sender -> model
+    # receiver -> sender -> model (rule 'dfl2': (sender, arrival number) -> model: every model counts)
+    buffers: dict[int, dict[Any, Tensor]] = field(default_factory=dict)
     jobs_done: int = 0
     loss_sum: float = 0.0
     loss_count: int = 0
@@ -57,7 +72,9 @@ class AsyncGossipProtocol(Protocol):
 
     requires = "decentralized"
 
-    def __init__(self, init: str, buffer_size: int | None, self_weight: float | None, eval_nodes: int):
+    def __init__(self, init: str, buffer_size: int | None, self_weight: float | None, eval_nodes: int,
+                 rule: str = OWN_JOB):
+        self.rule = rule
         self.init_mode = init
         self.buffer_size = buffer_size
         self.self_weight = self_weight
@@ -92,8 +109,9 @@ class AsyncGossipProtocol(Protocol):
 
     def resume(self, ctx: RunContext, state: GossipState) -> None:
         """Resubmits the jobs still training in a restored state (the executor knows none of
-        them). A node's model does not change while its job runs, so the job is rebuilt exactly."""
-        training = [ev.data for ev in state.queue.pending("trained")]
+        them). A node's model does not change while its job runs, so the job is rebuilt exactly.
+        With rule 'dfl2' a job is submitted when it trains: none is in flight."""
+        training = [ev.data for ev in state.queue.pending("trained")] if self.rule == OWN_JOB else []
         for data in sorted(training, key=lambda d: d["job"]):
             i = data["node"]
             ctx.executor.submit(ctx.make_job(i, Payload(state.models[i].clone()), data["version"], data["job"]))
@@ -113,13 +131,13 @@ class AsyncGossipProtocol(Protocol):
         ev = state.queue.pop()
         state.time, state.residue = ev.time, ev.residue
         if ev.kind == "arrive":
-            state.buffers.setdefault(ev.data["node"], {})[ev.data["sender"]] = ev.data["model"]
-            state.bytes_down += nbytes(ev.data["model"])
-            ctx.log(ev.time, "arrive", node=ev.data["node"], sender=ev.data["sender"])
+            self._receive(ctx, state, ev)
         elif ev.kind == "trained":
             self._finish(ctx, state, ev.data["node"], ev.data["job"])
         elif ev.kind == "wake":
             self._start(ctx, state, ev.data["node"])
+        elif ev.kind == "merge":
+            self._merge_buffer(ctx, state, ev.data["node"])
         state.finished = ctx.out_of_rounds(state)
         return state
 
@@ -144,14 +162,19 @@ class AsyncGossipProtocol(Protocol):
             at, residue = later(t, state.residue, float(lost_at[0]) * duration)
             state.queue.push(at, "wake", WAKE, residue=residue, node=i)
             return
-        ctx.executor.submit(job)
-        ctx.log(t, "train", node=i, job=job_id)
+        if self.rule == OWN_JOB:  # with 'dfl2' the job is built and run when it trains, at its end
+            ctx.executor.submit(job)
+            ctx.log(t, "train", node=i, job=job_id)
         at, residue = later(t, state.residue, duration)
         state.queue.push(at, "trained", TRAINED, residue=residue, node=i, job=job_id, version=job.version)
 
     def _finish(self, ctx: RunContext, state: GossipState, i: int, job_id: int) -> None:
-        """Node i's job ended: adopt, push, merge if the buffer is full, start the next job."""
+        """Node i's job ended: adopt, push, merge if the buffer is full (rule 'own_job'),
+        start the next job."""
         t = state.time
+        if self.rule == DFL2:  # trains now, from the node's current model
+            ctx.log(t, "train", node=i, job=job_id)
+            ctx.executor.submit(ctx.make_job(i, Payload(state.models[i].clone()), state.jobs_done, job_id))
         res = ctx.executor.result(job_id)
         check_finite(res, state.rounds, t)
         state.models[i] = res.output.update
@@ -161,14 +184,31 @@ class AsyncGossipProtocol(Protocol):
         state.jobs_done += 1
         state.rounds = state.jobs_done // ctx.num_clients
         self._push(ctx, state, i)
-        buffer = state.buffers.get(i, {})
-        if len(buffer) >= self.needed[i]:
-            senders = sorted(buffer)
-            state.models[i] = self._merge(ctx, state.models[i], [buffer[s] for s in senders])
-            state.buffers[i] = {}
-            state.aggregations += 1
-            ctx.log(t, "merge", node=i, senders=senders)
+        if self.rule == OWN_JOB:
+            self._merge_buffer(ctx, state, i)
         self._start(ctx, state, i)
+
+    def _receive(self, ctx: RunContext, state: GossipState, ev: Event) -> None:
+        """A pushed model reaches its receiver's buffer (rule 'dfl2': and a merge is due at
+        the end of the instant when the buffer has just become full)."""
+        i, sender, model = ev.data["node"], ev.data["sender"], ev.data["model"]
+        buffer = state.buffers.setdefault(i, {})
+        buffer[sender if self.rule == OWN_JOB else (sender, ev.seq)] = model
+        state.bytes_down += nbytes(model)
+        ctx.log(ev.time, "arrive", node=i, sender=sender)
+        if self.rule == DFL2 and len(buffer) == self.needed[i]:
+            state.queue.push(ev.time, "merge", MERGE, residue=ev.residue, node=i)
+
+    def _merge_buffer(self, ctx: RunContext, state: GossipState, i: int) -> None:
+        """Merges node i's buffer into its model and empties it, if it holds enough models."""
+        buffer = state.buffers.get(i, {})
+        if len(buffer) < self.needed[i]:
+            return
+        keys = sorted(buffer)  # by sender (then arrival)
+        state.models[i] = self._merge(ctx, state.models[i], [buffer[k] for k in keys])
+        state.buffers[i] = {}
+        state.aggregations += 1
+        ctx.log(state.time, "merge", node=i, senders=[k if self.rule == OWN_JOB else k[0] for k in keys])
 
     def _push(self, ctx: RunContext, state: GossipState, i: int) -> None:
         """Sends a copy of node i's model to each out-neighbour, arriving after the link delays."""
@@ -214,6 +254,7 @@ def async_gossip(
     buffer_size: Annotated[Optional[int], Ge(1)] = None,
     self_weight: Annotated[Optional[float], Range(0.0, 1.0)] = 0.5,
     eval_nodes: Annotated[int, Ge(0)] = 16,
+    rule: Annotated[str, OneOf((OWN_JOB, DFL2))] = OWN_JOB,
 ) -> Protocol:
     """Asynchronous gossip learning: nodes train on their own clocks, push, and merge full buffers.
 
@@ -225,5 +266,11 @@ def async_gossip(
             average 50"); null gives every model in the merge the same weight.
         eval_nodes: Nodes whose own test accuracy is measured at each evaluation (a keyed
             sample when there are more; 0 turns per-node metrics off).
+        rule: When nodes train and merge. 'own_job': a job trains from the node's model at
+            its start; the node merges right after its own job, over the newest model of
+            each sender. 'dfl2' (the VCA authors' simulator): a node trains at the end of
+            its compute time, from its model of that moment; every received model counts
+            (one sender can fill several places); every node whose buffer is full merges
+            at the end of the instant it filled.
     """
-    return AsyncGossipProtocol(init, buffer_size, self_weight, eval_nodes)
+    return AsyncGossipProtocol(init, buffer_size, self_weight, eval_nodes, rule)
