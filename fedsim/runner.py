@@ -328,13 +328,15 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
             if every_tick is not None:
                 budget = ctx.budget_ticks()
                 # stopped by the time budget (a round that would end after it is not performed):
-                # the model stands until the budget, and the rows due until then say so
+                # the model stands until the budget, and the rows due until then say so; a
+                # schedule that completes its last aggregation after the budget ends there
                 by_rounds = ctx.out_of_rounds(state)
-                end = budget if math.isfinite(budget) and not by_rounds else state.time
-                while dstate.next_eval <= end:
+                end = max(budget, state.time) if math.isfinite(budget) and not by_rounds else state.time
+                while dstate.next_eval <= min(end, budget):
                     record_due(state)
-                if by_rounds and run.rows[-1]["round"] != state.rounds:  # the final model, off the grid
-                    record(state, state.time)
+                last = run.rows[-1]
+                if last["round"] != state.rounds or last["virtual_time"] != to_seconds(end):
+                    record(state, end)  # the final model at the end time, off the grid
             elif run.rows[-1]["round"] != state.rounds or run.rows[-1]["virtual_time"] != to_seconds(state.time):
                 record(state, state.time)
             warn_if_nothing_done(run.config, state.rounds, state.aggregations, state.time)

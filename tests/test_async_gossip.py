@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 
+from fedsim import rng
+from fedsim.clock import TICKS_PER_SECOND, to_ticks
 from fedsim.errors import ConfigError
 
 from .conftest import merge, run_config
@@ -114,3 +117,47 @@ def test_shared_init_without_correction_keeps_nodes_close():
 def test_time_varying_topology_is_refused():
     with pytest.raises(ConfigError, match=r"topology\.name: 'random_matching' changes every round"):
         run_config({**gossip_config(), "topology": {"name": "random_matching"}})
+
+
+def expected_merges(rule: str, train_times: dict[int, list[Fraction]], neighbours: list[list[int]], needed: int):
+    """The (tick, node, senders) of every merge, simulated from the nodes' training instants:
+    'own_job' merges the newest model per sender right after the node's own training;
+    'dfl2' (the VCA authors' simulator) counts every model and merges any full buffer after
+    all trainings of an instant."""
+    trains = sorted((t, i) for i, ts in train_times.items() for t in ts)
+    buffers: dict[int, list[int]] = {i: [] for i in train_times}
+    merges = []
+    for t in sorted({t for t, _ in trains}):
+        for _, i in [x for x in trains if x[0] == t]:
+            for j in neighbours[i]:
+                buffers[j] = [s for s in buffers[j] if s != i or rule == "dfl2"] + [i]
+            if rule == "own_job" and len(buffers[i]) >= needed:
+                merges.append((t, i, sorted(buffers[i])))
+                buffers[i] = []
+        for i in sorted(buffers) if rule == "dfl2" else []:
+            if len(buffers[i]) >= needed:
+                merges.append((t, i, sorted(buffers[i])))
+                buffers[i] = []
+    return [(round(t * TICKS_PER_SECOND), i, s) for t, i, s in merges]
+
+
+@pytest.mark.parametrize("rule", ["own_job", "dfl2"])
+def test_merge_times_follow_the_rule_on_a_triangle(rule, tmp_path):
+    # three nodes, each the neighbour of the two others (buffer: 2 models), periods 1, 0.75
+    # and 0.5 s: the fastest node pushes twice per period of the slowest, so the rules part
+    cfg = gossip_config(data={"num_clients": 3}, protocol={"name": "async_gossip", "rule": rule, "eval_nodes": 0},
+                        run={"time_budget": 6.0, "eval_every_time": 3.0})
+    cfg.update(system={"compute": {"name": "linear", "slowest": 1.0, "spread": 50.0}}, topology={"name": "ring"})
+    run = run_config(cfg, tmp_path)
+    nodes = np.arange(3)
+    tau = run.ctx.population.step_time(nodes)
+    phase = rng.uniform(0, "gossip/phase", nodes) * tau
+    trains = {i: [Fraction(phase[i]) + k * Fraction(tau[i]) for k in range(1, 13)
+                  if Fraction(phase[i]) + k * Fraction(tau[i]) <= 6] for i in range(3)}
+    want = expected_merges(rule, trains, run.protocol.out, 2)
+    got = [(to_ticks(e["time"]), e["node"], e["senders"]) for e in events(tmp_path) if e["kind"] == "merge"]
+    assert sorted(got) == sorted(want) and len(want) >= 8
+    other = expected_merges("own_job" if rule == "dfl2" else "dfl2", trains, run.protocol.out, 2)
+    assert sorted(other) != sorted(want)  # the rules give different merges here
+    if rule == "dfl2":
+        assert any(len(set(s)) < len(s) for _, _, s in want)  # a sender counted twice

@@ -2,17 +2,18 @@
 
 Four clients with linearly spaced durations τ = (1, 0.75, 0.5, 0.25) (Fraboni et al.'s F-75;
 one local step per job, so τ_i is the step time). Every expected sequence below was derived
-by hand from ALGORITHMS.md §1.3; `fraboni_schedule` re-states their clients_schedule.py
-loop in integer ticks for a second, independent check on larger schedules.
+by hand from their schedule code (FL/clients_schedule.py); `exact_schedule` re-states its
+loop in exact rational arithmetic for a second, independent check on long schedules.
 """
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 
 import numpy as np
 import pytest
 
-from fedsim.clock import to_ticks
+from fedsim.clock import TICKS_PER_SECOND, to_ticks
 from fedsim.config import load_config
 from fedsim.errors import ConfigError
 from fedsim.protocols.async_engine import ScheduleState, Trace
@@ -91,32 +92,42 @@ def test_buffer_of_everyone_is_synchronous_fedavg():
     assert got == [(t, [3, 2, 1, 0], [0, 0, 0, 0]) for t in (1.0, 2.0, 3.0)]
 
 
-# ---------------------------------------------------------------- Fraboni's loop, re-stated
-def fraboni_schedule(tau: list[int], scheme: str, budget: int, param: int = 0) -> list[tuple[int, list[int]]]:
-    """Fraboni et al.'s clients_schedule.py (ALGORITHMS.md §1.3) in integer ticks: the
-    (time, sorted clients) of each aggregation. Ties go to the lowest id (argmin; for FedBuff
-    np.argpartition leaves the order of ties unspecified). One deliberate difference: their
-    FedBuff loop may aggregate after T when the c-th arrival is late; the budget stops us at T."""
-    m = len(tau)
-    ret = list(tau)
-    out = []
+# ---------------------------------------------------------------- Fraboni's loop, in exact arithmetic
+def exact_tau(n: int, spread: float) -> list[Fraction]:
+    """τ_i = 1 − i·(spread/100)/(n − 1) as exact rationals (the decimals of the config)."""
+    return [1 - Fraction(str(spread)) / 100 * i / (n - 1) for i in range(n)]
+
+
+def exact_schedule(tau: list[Fraction], scheme: str, budget: Fraction, param: Fraction | int = 0,
+                   complete: bool = False) -> list[tuple[Fraction, list[int]]]:
+    """Fraboni et al.'s clients_schedule.py loop in exact rational
+    arithmetic: the (time, clients in arrival order) of each aggregation. Arrival order and
+    ties go by return time, then lowest id (their argmin; for FedBuff np.argpartition leaves
+    the order of ties unspecified). Their FedBuff loop only asks the earliest return to be
+    ≤ T, so its last aggregation may land after T (`complete`); without it the loop stops
+    at T like fedsim's default. FL is FedBuff with c = M, stopped at T (⌊T / max τ⌋ rounds)."""
+    m, ret, out = len(tau), list(tau), []
+
+    def by_return(ids):
+        return sorted(ids, key=lambda j: (ret[j], j))
+
     if scheme == "async":
         while min(ret) <= budget:
-            i = min(range(m), key=lambda j: (ret[j], j))
+            i = by_return(range(m))[0]
             out.append((ret[i], [i]))
             ret[i] += tau[i]
     elif scheme == "fedfix":
-        for n in range(budget // param):
-            t = (n + 1) * param
-            members = [i for i in range(m) if ret[i] <= t]
+        for k in range(1, int(budget // param) + 1):
+            t = k * param
+            members = by_return([i for i in range(m) if ret[i] <= t])
             out.append((t, members))
             for i in members:
                 ret[i] = t + tau[i]
     elif scheme == "fedbuff":
         while min(ret) <= budget:
-            members = sorted(sorted(range(m), key=lambda j: (ret[j], j))[:param])
-            t = max(ret[i] for i in members)
-            if t > budget:
+            members = by_return(range(m))[:param]
+            t = ret[members[-1]]
+            if t > budget and not complete:
                 break
             out.append((t, members))
             for i in members:
@@ -124,37 +135,77 @@ def fraboni_schedule(tau: list[int], scheme: str, budget: int, param: int = 0) -
     return out
 
 
-@pytest.mark.parametrize("spread,n", [(80.0, 10), (0.0, 6), (50.0, 7)])
-@pytest.mark.parametrize(
-    "protocol,scheme,param",
-    [
-        ({}, "async", 0),
-        ({"window": 0.2}, "fedfix", 0.2),
-        ({"window": 0.5}, "fedfix", 0.5),
-        ({"window": 0.8}, "fedfix", 0.8),
-        ({"buffer_size": 2, "redispatch": "aggregation"}, "fedbuff", 2),
-        ({"buffer_size": 5, "redispatch": "aggregation"}, "fedbuff", 5),
-    ],
-)
-def test_schedule_equals_fraboni_loop(protocol, scheme, param, spread, n):
-    budget = 6.0
-    tr = trace(protocol, n=n, spread=spread, budget=budget)
-    tau = [to_ticks(1.0 * (1.0 - i * (spread / 100.0) / (n - 1))) for i in range(n)]
-    p = to_ticks(param) if scheme == "fedfix" else param
-    want = fraboni_schedule(tau, scheme, to_ticks(budget), p)
-    got = [(to_ticks(t), sorted(c)) for t, c, _ in aggregations(tr)]
-    assert got == want
+SCHEMES = [  # (protocol, scheme, parameter): Fraboni et al.'s FL, Async, FedFix-Δt, FedBuff-c
+    ({"buffer_size": "n", "redispatch": "aggregation"}, "fedbuff", "n"),
+    ({}, "async", 0),
+    ({"window": 0.2}, "fedfix", Fraction(1, 5)),
+    ({"window": 0.5}, "fedfix", Fraction(1, 2)),
+    ({"window": 0.8}, "fedfix", Fraction(4, 5)),
+    ({"buffer_size": 2, "redispatch": "aggregation"}, "fedbuff", 2),
+    ({"buffer_size": 5, "redispatch": "aggregation"}, "fedbuff", 5),
+]
+
+
+@pytest.mark.parametrize("spread,n,budget", [(80.0, 10, 400), (50.0, 7, 60), (0.0, 6, 30)])
+@pytest.mark.parametrize("protocol,scheme,param", SCHEMES)
+def test_schedule_equals_exact_fraboni_loop(protocol, scheme, param, spread, n, budget):
+    # τ_i are not whole nanoseconds (5/9 s = 555555555.6 ns): rounding each job to a tick
+    # drifts by up to ½ tick per job, loses the arrival at exactly T (client 5 of F-80: 720
+    # jobs) and breaks exact ties by the drift instead of the lowest id
+    protocol = {k: n if v == "n" else v for k, v in protocol.items()}
+    param = n if param == "n" else param
+    tr = trace(protocol, n=n, spread=spread, budget=float(budget))
+    want = exact_schedule(exact_tau(n, spread), scheme, Fraction(budget), param)
+    got = [(to_ticks(t), c) for t, c, _ in aggregations(tr)]
+    assert got == [(round(t * TICKS_PER_SECOND), c) for t, c in want]
+
+
+@pytest.mark.parametrize("c,spread,n,budget", [(2, 80.0, 10, 400), (5, 80.0, 10, 400), (5, 50.0, 7, 60)])
+def test_fedbuff_at_the_budget_stops_or_completes_the_last_buffer(c, spread, n, budget):
+    protocol = {"buffer_size": c, "redispatch": "aggregation"}
+    tau = exact_tau(n, spread)
+    stopped = exact_schedule(tau, "fedbuff", Fraction(budget), c)
+    completed = exact_schedule(tau, "fedbuff", Fraction(budget), c, complete=True)
+    assert completed[:-1] == stopped and completed[-1][0] > budget  # one aggregation past T
+    for at_budget, want in (("stop", stopped), ("complete", completed)):
+        tr = trace({**protocol, "at_budget": at_budget}, n=n, spread=spread, budget=float(budget))
+        got = [(to_ticks(t), c) for t, c, _ in aggregations(tr)]
+        assert got == [(round(t * TICKS_PER_SECOND), c) for t, c in want], at_budget
+
+
+def test_completed_buffer_ends_the_run_after_the_budget(tmp_path):
+    # the learning run follows the schedule past T: its last row is the model of that
+    # aggregation, at its time; the grid rows stop at T
+    protocol = {"buffer_size": 2, "redispatch": "aggregation", "at_budget": "complete"}
+    cfg = async_config(protocol, n=7, spread=50.0, budget=2.0)
+    cfg["run"].update({"log_events": True, "eval_every_time": 0.5})
+    run = run_config(cfg, tmp_path / "run")
+    want = exact_schedule(exact_tau(7, 50.0), "fedbuff", Fraction(2), 2, complete=True)
+    assert want[-1][0] > 2
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    logged = [(to_ticks(e["time"]), e["clients"]) for e in events if e["kind"] == "aggregate"]
+    assert logged == [(round(t * TICKS_PER_SECOND), c) for t, c in want]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["virtual_time"] for r in rows] == [0.0, 0.5, 1.0, 1.5, 2.0, logged[-1][0] / TICKS_PER_SECOND]
+    assert rows[-1]["aggregations"] == len(want) == run.final_state.aggregations
+    assert rows[-2]["aggregations"] == len(want) - 1
+
+
+def test_a_window_cannot_complete_a_buffer():
+    with pytest.raises(ConfigError) as err:
+        build(load_config(async_config({"window": 0.5, "at_budget": "complete"})))
+    assert "protocol.at_budget" in str(err.value)
 
 
 def test_aggregation_counts_in_a_time_budget():
-    n, budget = 10, 7.3
-    tau = [to_ticks(1.0 - i * 0.8 / (n - 1)) for i in range(n)]
-    T = to_ticks(budget)
-    assert len(trace({}, n=n, spread=80.0, budget=budget).aggregations) == sum(T // t for t in tau)
-    for dt in (0.2, 0.5, 0.8):
-        assert len(trace({"window": dt}, n=n, spread=80.0, budget=budget).aggregations) == T // to_ticks(dt)
-    sync = trace({"buffer_size": n, "redispatch": "aggregation"}, n=n, spread=80.0, budget=budget)
-    assert len(sync.aggregations) == T // max(tau) == 7
+    n, budget = 10, Fraction("7.3")
+    tau = exact_tau(n, 80.0)
+    assert len(trace({}, n=n, spread=80.0, budget=7.3).aggregations) == sum(budget // t for t in tau)
+    for dt in ("0.2", "0.5", "0.8"):
+        got = len(trace({"window": float(dt)}, n=n, spread=80.0, budget=7.3).aggregations)
+        assert got == budget // Fraction(dt)
+    sync = trace({"buffer_size": n, "redispatch": "aggregation"}, n=n, spread=80.0, budget=7.3)
+    assert len(sync.aggregations) == budget // max(tau) == 7
 
 
 # ---------------------------------------------------------------- exact time

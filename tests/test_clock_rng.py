@@ -1,13 +1,18 @@
 """Virtual clock ordering and exact ticks; keyed random draws."""
 from __future__ import annotations
 
+import json
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
 
 from fedsim import rng
-from fedsim.clock import EventQueue, to_seconds, to_ticks
+from fedsim.clock import TICKS_PER_SECOND, EventQueue, later, later_each, to_seconds, to_ticks
+from fedsim.errors import FedsimError
+
+from .conftest import quadratic_config, run_config
 
 
 def test_events_pop_by_time_then_priority_then_insertion():
@@ -45,6 +50,57 @@ def test_ticks_make_window_membership_exact():
     window = to_ticks(0.2)
     assert math.ceil(to_ticks(0.6) / window) == 3
     assert to_seconds(to_ticks(1.25)) == 1.25
+
+
+def test_a_chain_of_durations_is_rounded_once_not_per_job():
+    # 5/9 s = 555555555.56 ns: rounded per job, 720 jobs would end 320 ns after 400 s
+    tau = 1.0 - 5 * 0.8 / 9
+    t, r = 0, 0.0
+    for _ in range(720):
+        t, r = later(t, r, tau)
+        assert -0.5 <= r <= 0.5
+    assert t == to_ticks(400.0) and 720 * to_ticks(tau) == t + 320
+
+
+def test_later_each_is_later_for_each_duration():
+    rng = np.random.default_rng(0)
+    seconds = np.concatenate([rng.random(500) * 10, np.arange(50) * 1e-9, [0.5e-9, 1.5e-9, 2.5e-9]])
+    for start in [(0, 0.0), (123456789, 0.4999), (10**12, -0.5)]:
+        ticks, residues = later_each(*start, seconds)
+        assert [(int(t), float(r)) for t, r in zip(ticks, residues)] == [later(*start, s) for s in seconds]
+    with pytest.raises(FedsimError):
+        later(0, 0.0, float("inf"))
+    with pytest.raises(FedsimError):
+        later_each(0, 0.0, np.array([1.0, float("nan")]))
+
+
+def test_residues_survive_a_snapshot():
+    q = EventQueue()
+    t, r = later(0, 0.0, 1 / 3)
+    q.push(t, "a", residue=r)
+    q.push(t + 1, "b")
+    ev = EventQueue.restore(q.snapshot()).pop()
+    assert (ev.time, ev.residue) == later(0, 0.0, 1 / 3) and ev.residue != 0.0
+    old = {"now": 0, "seq": 1, "events": [(5, 0, 0, "x", {})]}  # written before events kept a residue
+    assert EventQueue.restore(old).pop().residue == 0.0
+
+
+@pytest.mark.parametrize("protocol", [{"name": "sync"}, {"name": "decentralized"}])
+def test_rounds_end_at_exact_sums_of_durations(tmp_path, protocol):
+    # each round starts where the last one ended; 0.1234567891234 s is not a whole number
+    # of ticks, so rounding each round's length would drift a tick every ~4 rounds
+    slowest = "0.1234567891234"
+    cfg = quadratic_config(
+        data={"num_clients": 3}, local={"steps": 1},
+        system={"compute": {"name": "linear", "slowest": float(slowest), "spread": 50.0}},
+        protocol=protocol, run={"rounds": 12, "log_events": True},
+    )
+    if protocol["name"] == "decentralized":
+        cfg.update(strategy={"name": "dfedavg"}, topology={"name": "ring"})
+    run_config(cfg, tmp_path / "run")
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    ends = [e["time"] for e in events if e["kind"] in ("aggregate", "gossip")]
+    assert ends == [round(k * Fraction(slowest) * TICKS_PER_SECOND) / TICKS_PER_SECOND for k in range(1, 13)]
 
 
 def test_keyed_draws_depend_on_key_only():

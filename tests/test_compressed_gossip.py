@@ -198,9 +198,10 @@ def test_cuda_node_stack_on_the_gpu_equals_serial(comp):
     assert gpu.rows[-1]["bytes_up"] == cpu.rows[-1]["bytes_up"]
 
 
-def async_ring_config(compression):
+def async_ring_config(compression, rule="own_job"):
     return quadratic_config(data={"num_clients": N, "dim": D}, strategy={"name": "dfedavg"}, topology={"name": "ring"},
-                            protocol={"name": "async_gossip", "init": "shared", "compression": compression},
+                            protocol={"name": "async_gossip", "init": "shared", "compression": compression,
+                                      "rule": rule},
                             local={"lr": 0.02, "batch_size": 1, "steps": 1}, run={"rounds": 60, "eval_every": 60})
 
 
@@ -216,3 +217,11 @@ def test_compressed_asynchronous_gossip():
     assert dense["consensus_distance"] < choco.rows[-1]["consensus_distance"] < 0.6 * naive["consensus_distance"]
     assert choco.rows[-1]["dist_to_opt"] < 0.6 * naive["dist_to_opt"]
     assert all(bool(choco.ctx.memory.get(i)["feedback.h"].any()) for i in range(N))  # every public copy moved
+
+
+def test_an_exact_channel_is_plain_gossip_under_the_dfl2_rule():
+    # a 'dfl2' merge is an event of its own, after the node's push: its own view there is its model
+    dense = run_config(async_ring_config(None, "dfl2")).rows[-1]
+    same = run_config(async_ring_config({"compressor": "identity", "feedback": "none", "gamma": 1.0}, "dfl2")).rows[-1]
+    assert same == {**dense, "wall_time": same["wall_time"]}
+    assert dense != {**run_config(async_ring_config(None)).rows[-1], "wall_time": dense["wall_time"]}  # the rules part

@@ -5,8 +5,8 @@
 * `take`, `row` and `concat` keep every column aligned (bases shared or per row);
 * a reducer over the columns equals the per-row sum bit for bit, on the CPU and on CUDA;
 * the one finiteness check names the first bad sender, and an overflowing sum is no alarm;
-* the round timing equals the loop it replaced; the online participation estimate counts
-  what it has seen.
+* the round timing equals a one-job-at-a-time loop (every instant the exact start plus a
+  duration, rounded once); the online participation estimate counts what it has seen.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from fedsim import vec
 from fedsim.blocks import weighted_sum
+from fedsim.clock import later
 from fedsim.contributions import Contributions, contributions, from_outputs
 from fedsim.errors import ClientJobError, DivergenceError
 from fedsim.executors.base import Job, WorkerSpec
@@ -257,18 +258,20 @@ def test_the_finiteness_check_names_the_first_bad_sender():
     Contributions.empty().check_finite(0, 0.0)
 
 
-def _time_round_loop(t0, clients, durations, lost, lost_at, cut):
-    """The synchronous protocol's round timing as written before it worked on arrays."""
+def _time_round_loop(t0, residue, clients, durations, lost, lost_at, deadline):
+    """The synchronous protocol's round timing, one job at a time (as before it worked on arrays)."""
     arrivals, losses = [], []
     for client, dur, gone, frac in zip(clients.tolist(), durations, lost, lost_at):
         if gone:
-            losses.append((t0 + int(round(frac * dur)), client))
+            losses.append((later(t0, residue, frac * dur), client))
         else:
-            arrivals.append((t0 + dur, client))
-    arrivals.sort()
-    on_time = [(t, c) for t, c in arrivals if cut is None or t <= cut]
-    late = [(t, c) for t, c in arrivals if cut is not None and t > cut]
-    end = max([t for t, _ in arrivals] + [t for t, _ in losses] + [t0])
+            arrivals.append((later(t0, residue, dur), client))
+    arrivals.sort(key=lambda a: (a[0][0], a[1]))  # by tick, then client
+    cut = later(t0, residue, deadline) if deadline is not None else None
+    on_time = [(t, c) for (t, _), c in arrivals if cut is None or t <= cut[0]]
+    late = [(t, c) for (t, _), c in arrivals if cut is not None and t > cut[0]]
+    end = max([t for t, _ in arrivals] + [t for t, _ in losses] + [(t0, residue)])
+    losses = [(t, c) for (t, _), c in losses]
     return on_time, late, losses, end if cut is None else min(end, cut)
 
 
@@ -277,11 +280,14 @@ def _time_round_loop(t0, clients, durations, lost, lost_at, cut):
 def test_round_timing_equals_the_reference_loop(m, seed, t0, with_cut, lost_p):
     rng = np.random.default_rng(seed)
     clients = rng.choice(10 * m, m, replace=False)  # any order: ties break by client id
-    durations = rng.integers(0, 50, m).tolist()  # small: ties in arrival time are common
+    residue = float(rng.uniform(-0.5, 0.5))
+    # whole ticks (small: ties in arrival time are common) or any seconds
+    ns = rng.integers(0, 50, m) * 1e-9
+    durations = np.where(rng.random(m) < 0.5, ns, rng.random(m) * 1e-7)
     lost = rng.random(m) < lost_p
-    lost_at = np.where(rng.random(m) < 0.2, 0.5, rng.random(m))  # exact halves: rounding to even
-    cut = t0 + int(rng.integers(0, 60)) if with_cut else None
-    on_time, arrivals, late, losses, end = time_round(t0, clients, durations, lost, lost_at, cut)
-    want = _time_round_loop(t0, clients, durations, lost, lost_at, cut)
-    assert list(zip(arrivals.tolist(), clients[on_time].tolist())) == want[0]
-    assert (late, losses, end) == want[1:]
+    lost_at = np.where(rng.random(m) < 0.2, 0.5, rng.random(m))
+    deadline = int(rng.integers(0, 60)) * 1e-9 if with_cut else None
+    timing = time_round(t0, residue, clients, durations, lost, lost_at, deadline)
+    on_time, late, losses, end = _time_round_loop(t0, residue, clients, durations, lost, lost_at, deadline)
+    assert list(zip(timing.on_time_at.tolist(), clients[timing.on_time].tolist())) == on_time
+    assert (timing.late, timing.losses, (timing.end, timing.end_residue)) == (late, losses, end)

@@ -44,3 +44,19 @@ def test_a_run_stopped_by_rounds_ends_with_a_row_of_its_final_model(name):
     last = run.rows[-1]
     assert last["round"] == 7 and last["virtual_time"] * 4 % 1 != 0  # off the grid: the 7th round's end
     assert [r["virtual_time"] for r in run.rows[:-1]] == [0.25 * k for k in range(len(run.rows) - 1)]
+
+
+@pytest.mark.parametrize("name,budget,every", [(name, 8.1, 0.25) for name in sorted(CASES)] + [("async", 3.0, 5.0)])
+def test_a_budget_off_the_grid_ends_with_a_row_of_the_final_model_at_the_budget(name, budget, every, tmp_path):
+    change, end_event = CASES[name]
+    cfg = merge(quadratic_config(system=SPEEDS, run={"rounds": None, "time_budget": budget, "eval_every_time": every,
+                                                     "log_events": True}), change)
+    run = run_config(cfg, tmp_path)
+    ends = [e["time"] for e in map(json.loads, (tmp_path / "events.jsonl").read_text().splitlines())
+            if e["kind"] == end_event]
+    grid, last = [r["virtual_time"] for r in run.rows[:-1]], run.rows[-1]
+    assert grid == [every * k for k in range(len(grid))] and grid[-1] < budget
+    assert last["virtual_time"] == budget and last["round"] == len(ends) == run.final_state.rounds > 0
+    assert last["aggregations"] == run.final_state.aggregations
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final"] == last  # what the CLI's `final:` line shows

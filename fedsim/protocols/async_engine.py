@@ -13,7 +13,10 @@ A run keeps `Rules.concurrency` job slots filled. Per job:
 1. *dispatch* at t0: an idle, available client gets the current model version; its
    compute end is t0 + compute + download time (`done` event);
 2. *done*: the result is fetched, and the arrival is t0 + the full duration, now that the
-   uplink's real size is known (`arrival` event; for an ideal link, at the same tick);
+   uplink's real size is known (`arrival` event; for an ideal link, at the same tick).
+   Under virtual time t0 is the exact instant of the event that freed the slot (its tick
+   and residue, `fedsim.clock`), so a client's chain of jobs ends where the exact sum of
+   its durations falls, never off by one rounding per job;
 3. *arrival*: staleness = versions published since dispatch; beyond `max_staleness` the
    update is discarded, otherwise buffered. The server aggregates when the buffer holds
    `buffer_size` updates — or, with a `window`, at every multiple of the window (possibly
@@ -21,6 +24,12 @@ A run keeps `Rules.concurrency` job slots filled. Per job:
 4. *re-dispatch*: the freed slot is refilled at once (``immediate``) or at the next
    aggregation (``aggregation``: the client waits for the new model). Lost jobs and
    discarded updates free their slot at once (nothing to wait for).
+
+The schedule stops at the time budget T: nothing that would happen after T is done. With
+`Rules.complete_buffer`, a buffer that holds updates at T but is not full is instead
+waited for — the schedule runs on past T until that buffer aggregates, then stops —
+which is how Fraboni et al.'s FedBuff loop ends (it only asks that the first update of
+an aggregation arrive by T).
 
 Ties at one tick are ordered: compute ends, then arrivals (lowest client id first, as
 Fraboni et al.'s argmin), then losses, then the window tick, so a client whose duration is
@@ -58,6 +67,7 @@ class Rules:
     window: int | None = None  # aggregate at every multiple of this many ticks instead
     redispatch: str = IMMEDIATE  # or AT_AGGREGATION
     max_staleness: int | None = None  # discard updates staler than this
+    complete_buffer: bool = False  # at the budget, run on until a partly filled buffer aggregates
 
 
 @checkpointable
@@ -68,9 +78,10 @@ class Flight:
     job: int
     client: int
     version: int
-    start: int
+    start: int  # tick
     steps: int
     bytes_down: int
+    start_residue: float = 0.0  # exact start − start, in ticks
 
 
 @checkpointable
@@ -186,17 +197,19 @@ class Engine:
         return ev.time if ev is not None else None
 
     def step(self, st: ScheduleState, hooks: Hooks) -> ScheduleState:
-        """Handles the next event; sets `finished` at the budget, the aggregation cap, or when idle."""
+        """Handles the next event; sets `finished` at the budget (or, completing the last buffer,
+        once it is aggregated), the aggregation cap, or when idle."""
         self.clock.wait(st, self.executor, priority)
         ev = st.queue.peek()
         capped = self.max_aggregations is not None and st.aggregations >= self.max_aggregations
-        if capped or ev is None or ev.time > self.budget:
+        completing = self.rules.complete_buffer and bool(st.buffer)
+        if capped or ev is None or (ev.time > self.budget and not completing):
             st.finished = True
-            if not capped and math.isfinite(self.budget):
-                st.time = int(self.budget)  # nothing changes the model until the budget ends
+            if not capped and st.time < self.budget < math.inf:
+                st.time, st.residue = int(self.budget), 0.0  # nothing changes the model until the budget ends
             return st
         ev = st.queue.pop()
-        st.time = ev.time
+        st.time, st.residue = ev.time, ev.residue
         getattr(self, f"_on_{ev.kind}")(st, hooks, ev.time, **ev.data)
         self._fill(st, hooks)
         return st
@@ -215,7 +228,8 @@ class Engine:
         if up is None:  # the client's code failed (executor.on_client_error='drop'): lost now
             st.queue.push(t, "lost", priority("lost", f.client), job=job)
             return
-        st.queue.push(self.clock.arrival(f, up, t), "arrival", priority("arrival", f.client), job=job)
+        at, residue = self.clock.arrival(f, up, (t, st.residue))
+        st.queue.push(at, "arrival", priority("arrival", f.client), residue=residue, job=job)
 
     def _on_arrival(self, st: ScheduleState, hooks: Hooks, t: int, job: int) -> None:
         f = st.flights.pop(job)
@@ -287,10 +301,9 @@ class Engine:
         st.free -= 1
         lost_at = self.clock.lost_at(client, job)
         steps, down = hooks.dispatch(st, client, job, submit=lost_at is None)
-        done = self.clock.compute_end(client, job, steps, down, t)
-        st.flights[job] = Flight(job, client, st.version, t, steps, down)
+        st.flights[job] = Flight(job, client, st.version, t, steps, down, st.residue)
         hooks.log(t, "dispatch", client=client, version=st.version, job=job)
-        if lost_at is not None:
-            st.queue.push(t + int(round(lost_at * (done - t))), "lost", priority("lost", client), job=job)
-        elif done is not None:  # else the clock queues it when the job's reply comes in (`Clock.wait`)
-            st.queue.push(done, "done", priority("done", client), job=job)
+        kind, share = ("lost", lost_at) if lost_at is not None else ("done", 1.0)
+        end = self.clock.compute_end(client, job, steps, down, (t, st.residue), share)
+        if end is not None:  # else the clock queues it when the job's reply comes in (`Clock.wait`)
+            st.queue.push(end[0], kind, priority(kind, client), residue=end[1], job=job)

@@ -9,7 +9,7 @@ job ends at time t the node
    neighbour j at t + (upload of deg_i models on i's link) + (download of one on j's link);
 2. if its buffer holds ≥ ``buffer_size`` received models (default: its in-degree), merges
    them with the strategy's rule, weights ``[α, (1−α)/m, …]`` (α = ``self_weight``) and
-   empties the buffer — the DFL2 simulator's "train 50 / average 50" order (ALGORITHMS.md §5.3);
+   empties the buffer ("train 50 / average 50" for α = ½);
 3. starts its next job from the (merged) model.
 
 A buffer keeps the newest model per sender. Arrivals at a tick are handled before the
@@ -21,6 +21,21 @@ run's per-node memory. A lost job (dropout) produces nothing; the node starts ov
 after the part of the job it spent. An unavailable node sleeps until availability changes.
 ``rounds`` counts n completed jobs (one job per node on average, as one synchronous round);
 ``aggregations`` counts merges; ``bytes_up`` / ``bytes_down`` models sent / received.
+
+The VCA authors' simulator (DFL2, Tian et al., arXiv 2404.04616) runs in discrete ticks:
+in each tick the nodes due train one batch — instantly, from their model of that moment —
+and push it; then every node whose buffer holds ≥ ``buffer_size`` models merges, whether
+it trained in that tick or not. Its buffer counts every model received: a neighbour that
+pushes twice before the merge fills two places, each averaged with weight 1/m. The rule
+above differs in three ways: a job trains from the model the node had when the job
+*started* (models arriving during it wait for the next one), a node merges only right
+after its own job, and a second model from one sender replaces the first. ``rule: dfl2``
+follows the authors instead: the node waits its compute time and then trains from its
+current model (the trainings fall on the same instants as above), every received model
+counts, and after all events of an instant each node whose buffer is full merges
+(``merge`` events at the end of the instant). With ``compression`` such a merge takes the
+node's own view as a node that did not just push: its public copy under ef21/econtrol,
+else its model.
 """
 from __future__ import annotations
 
@@ -34,7 +49,7 @@ import torch
 from .. import feedback as fb
 from .. import rng
 from ..rng import key
-from ..clock import EventQueue, to_seconds, to_ticks
+from ..clock import Event, EventQueue, later, to_seconds, to_ticks
 from ..comm import nbytes
 from ..channel import build_channel
 from ..config import Ge, OneOf, Range
@@ -45,7 +60,8 @@ from ..strategy import Payload, Tensor
 from .base import Protocol, ProtocolState, RunContext
 from .nodes import INITS, build_topology, check_init, check_simulated, eval_sample, initial_models, node_metrics
 
-ARRIVE, TRAINED, WAKE = 0, 1, 2  # event priorities at equal times
+ARRIVE, TRAINED, WAKE, MERGE = 0, 1, 2, 3  # event priorities at equal times
+OWN_JOB, DFL2 = "own_job", "dfl2"  # the `rule` knob
 
 
 @checkpointable
@@ -55,7 +71,8 @@ class GossipState(ProtocolState):
 
     models: Tensor | None = None  # [n, d]
     queue: EventQueue = field(default_factory=EventQueue)
-    buffers: dict[int, dict[int, Tensor]] = field(default_factory=dict)  # receiver -> sender -> model
+    # receiver -> sender -> model (rule 'dfl2': (sender, arrival number) -> model: every model counts)
+    buffers: dict[int, dict[Any, Tensor]] = field(default_factory=dict)
     jobs_done: int = 0
     loss_sum: float = 0.0
     loss_count: int = 0
@@ -67,7 +84,8 @@ class AsyncGossipProtocol(Protocol):
     strategy_kind = "gossip"
 
     def __init__(self, init: str, buffer_size: int | None, self_weight: float | None, eval_nodes: int,
-                 compression: Any = None):
+                 compression: Any = None, rule: str = OWN_JOB):
+        self.rule = rule
         self.init_mode = init
         self.buffer_size = buffer_size
         self.self_weight = self_weight
@@ -95,13 +113,15 @@ class AsyncGossipProtocol(Protocol):
         period = ctx.population.step_time(nodes) * self._steps
         phase = rng.uniform(ctx.seed, "gossip/phase", nodes) * period
         for i in nodes:
-            state.queue.push(to_ticks(phase[i]), "wake", WAKE, node=int(i))
+            at, residue = later(0, 0.0, phase[i])
+            state.queue.push(at, "wake", WAKE, residue=residue, node=int(i))
         return state
 
     def resume(self, ctx: RunContext, state: GossipState) -> None:
         """Resubmits the jobs still training in a restored state (the executor knows none of
-        them). A node's model does not change while its job runs, so the job is rebuilt exactly."""
-        training = [data for _, _, _, kind, data in state.queue.snapshot()["events"] if kind == "trained"]
+        them). A node's model does not change while its job runs, so the job is rebuilt exactly.
+        With rule 'dfl2' a job is submitted when it trains: none is in flight."""
+        training = [ev.data for ev in state.queue.pending("trained")] if self.rule == OWN_JOB else []
         for data in sorted(training, key=lambda d: d["job"]):
             i = data["node"]
             ctx.executor.submit(ctx.make_job(i, Payload(state.models[i].clone()), data["version"], data["job"]))
@@ -115,19 +135,19 @@ class AsyncGossipProtocol(Protocol):
         budget = ctx.budget_ticks()
         if ev is None or ev.time > budget or ctx.out_of_rounds(state):
             if ev is not None and ev.time > budget:
-                state.time = int(budget)  # nothing happens before the budget ends: the state holds there
+                state.time, state.residue = int(budget), 0.0  # nothing happens before the budget ends: the state holds there
             state.finished = True
             return state
         ev = state.queue.pop()
-        state.time = ev.time
+        state.time, state.residue = ev.time, ev.residue
         if ev.kind == "arrive":
-            state.buffers.setdefault(ev.data["node"], {})[ev.data["sender"]] = ev.data["model"]
-            state.bytes_down += ev.data.get("size", nbytes(ev.data["model"]))
-            ctx.log(ev.time, "arrive", node=ev.data["node"], sender=ev.data["sender"])
+            self._receive(ctx, state, ev)
         elif ev.kind == "trained":
             self._finish(ctx, state, ev.data["node"], ev.data["job"])
         elif ev.kind == "wake":
             self._start(ctx, state, ev.data["node"])
+        elif ev.kind == "merge":
+            self._merge_buffer(ctx, state, ev.data["node"])
         state.finished = ctx.out_of_rounds(state)
         return state
 
@@ -137,26 +157,34 @@ class AsyncGossipProtocol(Protocol):
         if len(ctx.population.available(np.array([i]), to_seconds(t))) == 0:
             nxt = ctx.population.next_availability_change(to_seconds(t))
             if math.isfinite(nxt):
-                state.queue.push(max(t, to_ticks(nxt)), "wake", WAKE, node=i)
+                at, residue = max((t, state.residue), (to_ticks(nxt), 0.0))
+                state.queue.push(at, "wake", WAKE, residue=residue, node=i)
             return
         job_id = state.next_job
         state.next_job += 1
         job = ctx.make_job(i, Payload(state.models[i].clone()), state.jobs_done, job_id)
         ids, jobs = np.array([i]), np.array([job_id])
         pop = ctx.population
-        duration = to_ticks(pop.step_time(ids)[0] * job.num_steps * pop.jitter_factor(jobs)[0])  # compute only
+        duration = float(pop.step_time(ids)[0] * job.num_steps * pop.jitter_factor(jobs)[0])  # compute only
         lost, lost_at = pop.drops(ids, jobs)
         if lost[0]:
             ctx.log(t, "lost", node=i, job=job_id)
-            state.queue.push(t + int(round(lost_at[0] * duration)), "wake", WAKE, node=i)
+            at, residue = later(t, state.residue, float(lost_at[0]) * duration)
+            state.queue.push(at, "wake", WAKE, residue=residue, node=i)
             return
-        ctx.executor.submit(job)
-        ctx.log(t, "train", node=i, job=job_id)
-        state.queue.push(t + duration, "trained", TRAINED, node=i, job=job_id, version=job.version)
+        if self.rule == OWN_JOB:  # with 'dfl2' the job is built and run when it trains, at its end
+            ctx.executor.submit(job)
+            ctx.log(t, "train", node=i, job=job_id)
+        at, residue = later(t, state.residue, duration)
+        state.queue.push(at, "trained", TRAINED, residue=residue, node=i, job=job_id, version=job.version)
 
     def _finish(self, ctx: RunContext, state: GossipState, i: int, job_id: int) -> None:
-        """Node i's job ended: adopt, push, merge if the buffer is full, start the next job."""
+        """Node i's job ended: adopt, push, merge if the buffer is full (rule 'own_job'),
+        start the next job."""
         t = state.time
+        if self.rule == DFL2:  # trains now, from the node's current model
+            ctx.log(t, "train", node=i, job=job_id)
+            ctx.executor.submit(ctx.make_job(i, Payload(state.models[i].clone()), state.jobs_done, job_id))
         res, _ = ctx.receive(ctx.executor.result(job_id), state.rounds, t)
         ctx.accept(res)
         state.models[i] = res.updates[0]
@@ -166,19 +194,37 @@ class AsyncGossipProtocol(Protocol):
         state.jobs_done += 1
         state.rounds = state.jobs_done // ctx.num_clients
         view = self._push(ctx, state, i, job_id)
-        buffer = state.buffers.get(i, {})
-        if len(buffer) >= self.needed[i]:
-            senders = sorted(buffer)
-            received = [buffer[s] for s in senders]
-            if self.channel is None:
-                state.models[i] = self._merge(ctx, state.models[i], received)
-            else:
-                own = view if view is not None else self._own_view(ctx, i, state.models[i])
-                state.models[i] = self.channel.consensus(state.models[i], self._merge(ctx, own, received), own)
-            state.buffers[i] = {}
-            state.aggregations += 1
-            ctx.log(t, "merge", node=i, senders=senders)
+        if self.rule == OWN_JOB:
+            self._merge_buffer(ctx, state, i, view)
         self._start(ctx, state, i)
+
+    def _receive(self, ctx: RunContext, state: GossipState, ev: Event) -> None:
+        """A pushed model reaches its receiver's buffer (rule 'dfl2': and a merge is due at
+        the end of the instant when the buffer has just become full)."""
+        i, sender, model = ev.data["node"], ev.data["sender"], ev.data["model"]
+        buffer = state.buffers.setdefault(i, {})
+        buffer[sender if self.rule == OWN_JOB else (sender, ev.seq)] = model
+        state.bytes_down += ev.data.get("size", nbytes(model))
+        ctx.log(ev.time, "arrive", node=i, sender=sender)
+        if self.rule == DFL2 and len(buffer) == self.needed[i]:
+            state.queue.push(ev.time, "merge", MERGE, residue=ev.residue, node=i)
+
+    def _merge_buffer(self, ctx: RunContext, state: GossipState, i: int, view: Tensor | None = None) -> None:
+        """Merges node i's buffer into its model and empties it, if it holds enough models;
+        `view` is what its neighbours took of its last push (None: it did not just push)."""
+        buffer = state.buffers.get(i, {})
+        if len(buffer) < self.needed[i]:
+            return
+        keys = sorted(buffer)  # by sender (then arrival)
+        received = [buffer[k] for k in keys]
+        if self.channel is None:
+            state.models[i] = self._merge(ctx, state.models[i], received)
+        else:
+            own = view if view is not None else self._own_view(ctx, i, state.models[i])
+            state.models[i] = self.channel.consensus(state.models[i], self._merge(ctx, own, received), own)
+        state.buffers[i] = {}
+        state.aggregations += 1
+        ctx.log(state.time, "merge", node=i, senders=[k if self.rule == OWN_JOB else k[0] for k in keys])
 
     def _push(self, ctx: RunContext, state: GossipState, i: int, job_id: int) -> Tensor | None:
         """Sends node i's model (with compression: one message) to each out-neighbour, arriving
@@ -197,8 +243,8 @@ class AsyncGossipProtocol(Protocol):
         up = float(link.transfer_time(np.array([i]), np.array([0]), np.array([size * len(targets)]))[0])
         down = link.transfer_time(np.array(targets), np.full(len(targets), size), np.zeros(len(targets)))
         for j, d in zip(targets, down):
-            state.queue.push(state.time + to_ticks(up + float(d)), "arrive", ARRIVE, node=j, sender=i, model=model,
-                             size=size)
+            at, residue = later(state.time, state.residue, up + float(d))
+            state.queue.push(at, "arrive", ARRIVE, residue=residue, node=j, sender=i, model=model, size=size)
         state.bytes_up += size * len(targets)
         ctx.log(state.time, "push", node=i, to=targets)
         return model
@@ -240,6 +286,7 @@ def async_gossip(
     self_weight: Annotated[Optional[float], Range(0.0, 1.0)] = 0.5,
     eval_nodes: Annotated[int, Ge(0)] = 16,
     compression: Optional[dict] = None,
+    rule: Annotated[str, OneOf((OWN_JOB, DFL2))] = OWN_JOB,
 ) -> Protocol:
     """Asynchronous gossip learning: nodes train on their own clocks, push, and merge full buffers.
 
@@ -253,5 +300,11 @@ def async_gossip(
             sample when there are more; 0 turns per-node metrics off).
         compression: Compressed gossip messages, as for the decentralized protocol ({compressor,
             feedback, gamma, eta}; null: dense models).
+        rule: When nodes train and merge. 'own_job': a job trains from the node's model at
+            its start; the node merges right after its own job, over the newest model of
+            each sender. 'dfl2' (the VCA authors' simulator): a node trains at the end of
+            its compute time, from its model of that moment; every received model counts
+            (one sender can fill several places); every node whose buffer is full merges
+            at the end of the instant it filled.
     """
-    return AsyncGossipProtocol(init, buffer_size, self_weight, eval_nodes, compression)
+    return AsyncGossipProtocol(init, buffer_size, self_weight, eval_nodes, compression, rule)

@@ -3,11 +3,11 @@
 The schedule (`async_engine`) decides when jobs start, arrive and are aggregated; this
 protocol does the learning at those moments. Each job starts from the global model version
 current at its dispatch; its update u_i = x^{ρ_i} − y_i is a delta against the model the
-client *received*, and the strategy adds it to the *current* model, with each `Msg` filled
-here: weight d_i (`weighting`), staleness n − ρ_i, and base x^{ρ_i}. Sent models are kept
+client *received*, and the strategy adds it to the *current* model, with each contribution's
+columns filled here: weight d_i (`weighting`), staleness n − ρ_i, and base x^{ρ_i}. Sent models are kept
 only while an in-flight job or a buffered update still refers to them.
 
-Schemes (Fraboni et al., JMLR 2023, arXiv 2206.10189, §1 of ALGORITHMS.md; the schedules
+Schemes (Fraboni et al., JMLR 2023, arXiv 2206.10189; the schedules
 were checked against their code, FL/clients_schedule.py and FL/server.py):
 
 =================  ===========================================================
@@ -19,6 +19,11 @@ FedBuff-c          ``{name: async, buffer_size: c, redispatch: aggregation}``
                    (Fraboni's semi-synchronous variant: the c earliest wait for t)
 FedFix-Δt          ``{name: async, window: Δt}`` (redispatch defaults to the window)
 =================  ===========================================================
+
+At the time budget T the run stops (``at_budget: stop``): a buffer still short of K
+updates is not aggregated. Fraboni et al.'s FedBuff loop instead completes it — it runs
+while the earliest return is ≤ T, so its last aggregation can land after T:
+``at_budget: complete`` does the same (one aggregation past T at most).
 
 Weights: ``identical`` d_i = 1/|S| (Async_identical: 1; FedBuff-c: 1/c); ``unbiased``
 d_i = p_i / f_i, Fraboni's "weight" variants, with f_i = client i's updates per aggregation
@@ -44,6 +49,8 @@ from ..strategy import CombineContext, Payload, Tensor
 from .async_engine import AT_AGGREGATION, IMMEDIATE, Engine, Flight, Hooks, Rules, ScheduleState, Trace, Update
 from .base import Protocol, RunContext
 from .weighting import IMPORTANCES, WEIGHTINGS, aggregation_weight_array, count_updates, importance, online_frequencies
+
+STOP, COMPLETE = "stop", "complete"  # at_budget: what the time budget does to a partly filled buffer
 
 
 @checkpointable
@@ -71,9 +78,12 @@ class AsyncProtocol(Protocol, Hooks):
     drops_failed_jobs = True
 
     def __init__(self, concurrency: int | None, buffer_size: int, window: float | None, redispatch: str,
-                 max_staleness: int | None, weighting: str, client_weights: str):
+                 max_staleness: int | None, weighting: str, client_weights: str, at_budget: str = STOP):
         if window is not None and buffer_size != 1:
             raise ConfigError("protocol.buffer_size", "a window aggregates whatever arrived; leave buffer_size at 1")
+        if window is not None and at_budget != STOP:
+            raise ConfigError("protocol.at_budget", "a window aggregates at its boundaries, never a buffer "
+                              "left at the budget; leave at_budget at 'stop'")
         self.concurrency = concurrency
         self.buffer_size = buffer_size
         self.window = window
@@ -82,6 +92,7 @@ class AsyncProtocol(Protocol, Hooks):
         self.max_staleness = max_staleness
         self.weighting = weighting
         self.client_weights = client_weights
+        self.at_budget = at_budget
 
     # ------------------------------------------------------------------ set-up
     def setup(self, ctx: RunContext) -> None:
@@ -97,7 +108,8 @@ class AsyncProtocol(Protocol, Hooks):
         window = to_ticks(self.window) if self.window is not None else None
         if window is not None and window <= 0:
             raise ConfigError("protocol.window", f"{self.window} s is below the clock's resolution (1 ns)")
-        rules = Rules(conc, self.buffer_size, window, self.redispatch, self.max_staleness)
+        rules = Rules(conc, self.buffer_size, window, self.redispatch, self.max_staleness,
+                      complete_buffer=self.at_budget == COMPLETE)
         self.ctx = ctx
         if self.weighting == "unbiased" and not ctx.clock.virtual:
             raise ConfigError("protocol.weighting", "'unbiased' traces the schedule in advance, which only a "
@@ -137,7 +149,7 @@ class AsyncProtocol(Protocol, Hooks):
     def resume(self, ctx: RunContext, state: AsyncState) -> None:
         """Resubmits the jobs still computing in a restored state (the executor knows none of
         them): those with a pending `done` event, each with the client state it started from."""
-        computing = sorted(data["job"] for _, _, _, kind, data in state.queue.snapshot()["events"] if kind == "done")
+        computing = sorted(ev.data["job"] for ev in state.queue.pending("done"))
         for job in computing:
             f = state.flights[job]
             j = ctx.make_job(f.client, state.models[f.version], f.version, f.job)
@@ -262,6 +274,7 @@ def asynchronous(
     max_staleness: Annotated[Optional[int], Ge(0)] = None,
     weighting: Annotated[str, OneOf(WEIGHTINGS)] = "identical",
     client_weights: Annotated[str, OneOf(IMPORTANCES)] = "samples",
+    at_budget: Annotated[str, OneOf((STOP, COMPLETE))] = STOP,
 ) -> Protocol:
     """Asynchronous server: jobs in flight on the virtual clock, aggregation per K arrivals or per window.
 
@@ -280,5 +293,10 @@ def asynchronous(
             trace of the schedule: simulation only) or 'unbiased_online' (p_i/f_i with f_i
             estimated from the arrivals so far: simulation and deployment).
         client_weights: Client importance p_i in the objective, for 'unbiased': 'samples' or 'uniform'.
+        at_budget: What run.time_budget does to a buffer that holds updates but is not full:
+            'stop' (the run ends at the budget; they are never aggregated) or 'complete' (the
+            schedule runs on until that buffer is full and aggregates it once, after the
+            budget, as Fraboni et al.'s FedBuff loop). Not with a window.
     """
-    return AsyncProtocol(concurrency, buffer_size, window, redispatch, max_staleness, weighting, client_weights)
+    return AsyncProtocol(concurrency, buffer_size, window, redispatch, max_staleness, weighting, client_weights,
+                         at_budget)

@@ -1,6 +1,6 @@
 """What every protocol shares: its progress state, the run context, and the interface.
 
-A protocol says *when* things happen (DESIGN.md: sync rounds, async arrivals, gossip). It
+A protocol says *when* things happen (sync rounds, async arrivals, gossip). It
 is a small state machine driven by `fedsim.runner`: ``init`` makes the state, ``step``
 advances it by one round or one event, and the runner evaluates and checkpoints between
 steps. All protocol state lives in the returned dataclass, never in the protocol object.
@@ -36,6 +36,7 @@ class ProtocolState:
     rounds: int = 0  # completed rounds (server-based: aggregations)
     aggregations: int = 0  # times a receiver folded messages into its model
     time: int = 0  # virtual time in ticks
+    residue: float = 0.0  # exact virtual time − time, in ticks (fedsim.clock: durations add up unrounded)
     bytes_up: int = 0
     bytes_down: int = 0
     next_job: int = 0  # global job counter (keys each job's batches and randomness)
@@ -156,7 +157,7 @@ def wait_for_availability(ctx: RunContext, state: ProtocolState) -> ProtocolStat
         return state
     ctx.log(t0, "idle", until=nxt)
     # at least one tick later: a slot boundary computed in float seconds can round back onto t0
-    state.time = max(to_ticks(nxt), t0 + 1)
+    state.time, state.residue = max(to_ticks(nxt), t0 + 1), 0.0
     return state
 
 

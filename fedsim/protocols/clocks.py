@@ -14,6 +14,11 @@ lost: it asks its clock. The same protocol code therefore runs in both worlds.
 Two entry points serve the protocols: `run_round` (a synchronous round: run the jobs, say
 which arrived by the deadline and when) and the event hooks of the asynchronous schedule
 (`fedsim.protocols.async_engine`): `lost_at`, `compute_end`, `arrival` and `wait`.
+
+Instants are (tick, residue) pairs (`fedsim.clock`): under virtual time a job's end is its
+exact start plus its duration, rounded to a tick once (`fedsim.clock.later`), so a chain of
+jobs ends where the exact sum of its durations falls. Under wall time every instant is an
+observed tick and its residue is 0.
 """
 from __future__ import annotations
 
@@ -21,11 +26,11 @@ import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import numpy as np
 
-from ..clock import to_seconds, to_ticks
+from ..clock import later, later_each, to_seconds, to_ticks
 from ..contributions import Contributions
 from ..errors import FedsimError
 from ..executors.base import Executor, Job
@@ -44,6 +49,8 @@ class RoundOutcome:
     late: list[tuple[int, int]]  # (arrival, client) of the jobs that arrived after the deadline (stragglers)
     losses: list[tuple[int, int]]  # (when lost, client), in job order
     end: int  # the last arrival or loss, cut at the deadline; the round's start if nothing happened
+    end_residue: float = 0.0  # exact end − end, in ticks
+    cut: int | None = None  # the deadline's tick (None: no deadline)
 
 
 class Clock(ABC):
@@ -65,10 +72,11 @@ class Clock(ABC):
         """Returns the next time (seconds) at which availability may change (inf: never)."""
 
     @abstractmethod
-    def run_round(self, executor: Executor, jobs: Sequence[Job], t0: int, cut: int | None,
-                  bytes_down: int) -> RoundOutcome:
-        """Runs a synchronous round's jobs (each sent `bytes_down` bytes) from tick t0, with
-        the deadline `cut` (None: wait for every job); returns what happened."""
+    def run_round(self, executor: Executor, jobs: Sequence[Job], t0: int, deadline: float | None,
+                  bytes_down: int, residue: float = 0.0) -> RoundOutcome:
+        """Runs a synchronous round's jobs (each sent `bytes_down` bytes) from tick t0
+        (`residue` ticks before its exact start); results later than `deadline` seconds after
+        the start are stragglers (None: wait for every job). Returns what happened."""
 
     # ---- the asynchronous schedule's hooks ----------------------------------------------------
     @abstractmethod
@@ -76,13 +84,15 @@ class Clock(ABC):
         """Returns the fraction of its compute time after which a job disappears, or None if it is not lost."""
 
     @abstractmethod
-    def compute_end(self, client: int, job: int, steps: int, bytes_down: int, t: int) -> int | None:
-        """Returns the tick at which a job dispatched at t has computed (None: the clock
-        learns it by `wait`)."""
+    def compute_end(self, client: int, job: int, steps: int, bytes_down: int, start: tuple[int, float],
+                    share: float = 1.0) -> tuple[int, float] | None:
+        """Returns the instant (tick, residue) at which the share `share` of the compute of a
+        job dispatched at the instant `start` is done (None: the clock learns it by `wait`)."""
 
     @abstractmethod
-    def arrival(self, flight: "Flight", bytes_up: int, t: int) -> int:
-        """Returns the tick at which a job whose result was fetched at t (sending `bytes_up`) arrives."""
+    def arrival(self, flight: "Flight", bytes_up: int, now: tuple[int, float]) -> tuple[int, float]:
+        """Returns the instant (tick, residue) at which a job whose result was fetched at the
+        instant `now` (sending `bytes_up`) arrives."""
 
     def wait(self, st: "ScheduleState", executor: Executor, priority: Any) -> None:
         """Blocks until the next event is due, queueing the jobs that finished meanwhile."""
@@ -105,8 +115,8 @@ class VirtualClock(Clock):
     def next_availability_change(self, t: int) -> float:
         return self.population.next_availability_change(to_seconds(t))
 
-    def run_round(self, executor: Executor, jobs: Sequence[Job], t0: int, cut: int | None,
-                  bytes_down: int) -> RoundOutcome:
+    def run_round(self, executor: Executor, jobs: Sequence[Job], t0: int, deadline: float | None,
+                  bytes_down: int, residue: float = 0.0) -> RoundOutcome:
         pop, m = self.population, len(jobs)
         clients = np.fromiter((j.client for j in jobs), np.int64, m)
         job_ids = np.fromiter((j.job_id for j in jobs), np.int64, m)
@@ -121,43 +131,63 @@ class VirtualClock(Clock):
         ups = np.zeros(m, dtype=np.int64)
         ups[row >= 0] = results.uplink_bytes()[row[row >= 0]]
         lost, lost_at = lost | failed, np.where(failed, 1.0, lost_at)
-        durations = pop.job_ticks(clients, [j.num_steps for j in jobs], np.full(m, bytes_down), ups, job_ids)
-        on_time, arrivals, late, losses, end = time_round(t0, clients, durations, lost, lost_at, cut)
-        return RoundOutcome(results.take(row[on_time]), arrivals, late, losses, end)
+        durations = pop.job_seconds(clients, [j.num_steps for j in jobs], np.full(m, bytes_down), ups, job_ids)
+        timing = time_round(t0, residue, clients, durations, lost, lost_at, deadline)
+        return RoundOutcome(results.take(row[timing.on_time]), timing.on_time_at, timing.late, timing.losses,
+                            timing.end, timing.end_residue, timing.cut)
 
     def lost_at(self, client: int, job: int) -> float | None:
         lost, at = self.population.drops(np.array([client]), np.array([job]))
         return float(at[0]) if lost[0] else None
 
-    def compute_end(self, client: int, job: int, steps: int, bytes_down: int, t: int) -> int:
-        return t + self.population.job_ticks([client], [steps], [bytes_down], [0], [job])[0]
+    def compute_end(self, client: int, job: int, steps: int, bytes_down: int, start: tuple[int, float],
+                    share: float = 1.0) -> tuple[int, float]:
+        seconds = self.population.job_seconds([client], [steps], [bytes_down], [0], [job])[0]
+        return later(*start, share * seconds)
 
-    def arrival(self, flight: "Flight", bytes_up: int, t: int) -> int:
+    def arrival(self, flight: "Flight", bytes_up: int, now: tuple[int, float]) -> tuple[int, float]:
         f = flight
-        total = self.population.job_ticks([f.client], [f.steps], [f.bytes_down], [bytes_up], [f.job])[0]
-        return max(f.start + total, t)
+        total = self.population.job_seconds([f.client], [f.steps], [f.bytes_down], [bytes_up], [f.job])[0]
+        return max(later(f.start, f.start_residue, total), now)
 
 
-def time_round(t0: int, clients: np.ndarray, durations: np.ndarray, lost: np.ndarray, lost_at: np.ndarray,
-               cut: int | None) -> tuple[np.ndarray, np.ndarray, list, list, int]:
-    """Times a round that starts at `t0`: job i of `clients[i]` takes `durations[i]` ticks, or,
-    when `lost[i]`, disappears after the fraction `lost_at[i]` of it (rounded half to even);
-    `cut` is the deadline's tick (None: no deadline). Returns (the jobs that arrive by the
-    deadline — indices, by arrival then client —, their arrival ticks, (arrival, client) of
-    the late ones in the same order, (when lost, client) of the lost ones in job order, the
-    round's end: its last arrival or loss, cut at the deadline, t0 if nothing happens)."""
-    durations = np.asarray(durations, dtype=np.int64)
+class RoundTiming(NamedTuple):
+    """When a round's jobs arrive or are lost, and when the round ends (ticks)."""
+
+    on_time: np.ndarray  # the jobs that arrive by the deadline (indices), by arrival, then client
+    on_time_at: np.ndarray  # their arrival ticks
+    late: list[tuple[int, int]]  # (arrival, client) of the jobs that arrive after the deadline, same order
+    losses: list[tuple[int, int]]  # (when lost, client) of the lost jobs, in job order
+    end: int  # the last arrival or loss, cut at the deadline; t0 if nothing happens
+    end_residue: float  # exact end − end, in ticks
+    cut: int | None  # the deadline's tick (None: no deadline)
+
+
+def time_round(t0: int, residue: float, clients: np.ndarray, durations: np.ndarray, lost: np.ndarray,
+               lost_at: np.ndarray, deadline: float | None) -> RoundTiming:
+    """Times a round that starts at tick `t0` (`residue` ticks before its exact start): job i
+    of `clients[i]` takes `durations[i]` seconds, or, when `lost[i]`, disappears after the
+    fraction `lost_at[i]` of it; results later than `deadline` seconds after the start are
+    stragglers (None: no deadline). Every instant is the start plus a duration, rounded once
+    (`fedsim.clock.later_each`). Returns the `RoundTiming`."""
+    durations = np.asarray(durations, dtype=np.float64)
     came = np.flatnonzero(~lost)
-    arrive = t0 + durations[came]
+    arrive, _ = later_each(t0, residue, durations[came])
     order = np.lexsort((clients[came], arrive))  # by arrival, then client
     came, arrive = came[order], arrive[order]
     gone = np.flatnonzero(lost)
-    lost_t = t0 + np.round(lost_at[gone] * durations[gone]).astype(np.int64)
-    in_time = np.ones(len(came), dtype=bool) if cut is None else arrive <= cut
+    lost_after = lost_at[gone] * durations[gone]
+    lost_t, _ = later_each(t0, residue, lost_after)
+    cut = later(t0, residue, deadline) if deadline is not None else None
+    in_time = np.ones(len(came), dtype=bool) if cut is None else arrive <= cut[0]
     late = list(zip(arrive[~in_time].tolist(), clients[came[~in_time]].tolist()))
     losses = list(zip(lost_t.tolist(), clients[gone].tolist()))
-    end = max(int(arrive.max(initial=t0)), int(lost_t.max(initial=t0)), t0)
-    return came[in_time], arrive[in_time], late, losses, end if cut is None else min(end, cut)
+    # `later` is monotone in the duration: the last instant is the one of the longest span
+    end = later(t0, residue, max(durations[came].max(initial=0.0), lost_after.max(initial=0.0)))
+    if cut is not None:
+        end = min(end, cut)
+    return RoundTiming(came[in_time], arrive[in_time], late, losses, end[0], end[1],
+                       cut[0] if cut is not None else None)
 
 
 class WallClock(Clock):
@@ -191,8 +221,9 @@ class WallClock(Clock):
     def next_availability_change(self, t: int) -> float:
         return math.inf
 
-    def run_round(self, executor: Executor, jobs: Sequence[Job], t0: int, cut: int | None,
-                  bytes_down: int) -> RoundOutcome:
+    def run_round(self, executor: Executor, jobs: Sequence[Job], t0: int, deadline: float | None,
+                  bytes_down: int, residue: float = 0.0) -> RoundOutcome:
+        cut = t0 + to_ticks(deadline) if deadline is not None else None
         for job in jobs:
             executor.submit(job)
         pending = {j.job_id: j for j in jobs}
@@ -217,16 +248,17 @@ class WallClock(Clock):
         arrived.sort(key=lambda a: (a[0], a[1]))
         results = Contributions.concat([c for _, _, c in arrived])
         return RoundOutcome(results, np.array([a[0] for a in arrived], dtype=np.int64), late,
-                            sorted(losses, key=lambda x: x[1]), max(end, t0))
+                            sorted(losses, key=lambda x: x[1]), max(end, t0), 0.0, cut)
 
     def lost_at(self, client: int, job: int) -> float | None:
         return None
 
-    def compute_end(self, client: int, job: int, steps: int, bytes_down: int, t: int) -> None:
+    def compute_end(self, client: int, job: int, steps: int, bytes_down: int, start: tuple[int, float],
+                    share: float = 1.0) -> None:
         return None
 
-    def arrival(self, flight: "Flight", bytes_up: int, t: int) -> int:
-        return t
+    def arrival(self, flight: "Flight", bytes_up: int, now: tuple[int, float]) -> tuple[int, float]:
+        return now
 
     def wait(self, st: "ScheduleState", executor: Executor, priority: Any) -> None:
         while True:
@@ -247,4 +279,4 @@ class WallClock(Clock):
                 raise FedsimError(f"no reply from client(s) {busy} within reply-timeout={self.reply_timeout:g} s")
 
 
-__all__ = ["Clock", "RoundOutcome", "VirtualClock", "WallClock", "time_round"]
+__all__ = ["Clock", "RoundOutcome", "RoundTiming", "VirtualClock", "WallClock", "time_round"]

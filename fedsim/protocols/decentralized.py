@@ -29,7 +29,7 @@ import torch
 from topologies.mixing import as_tensor, message_counts, restrict, spectral_gap
 
 from ..channel import build_channel, link_bytes
-from ..clock import to_seconds
+from ..clock import later, to_seconds
 from ..comm import nbytes
 from ..config import Ge, OneOf
 from ..errors import ConfigError
@@ -67,6 +67,7 @@ class GossipRound:
     recv: np.ndarray  # models each node receives per gossip step
     sent: np.ndarray  # models each node sends per gossip step
     end: int
+    end_residue: float  # exact end − end, in ticks
     bytes_down: np.ndarray  # bytes each node receives in the round's Q gossip steps
     bytes_up: np.ndarray  # bytes each node sends in them
     gossiped: tuple[Tensor, dict[int, dict[str, Tensor]]] | None = None  # with a channel: new stack, changed node states
@@ -124,11 +125,11 @@ class DecentralizedProtocol(RoundProtocol):
         down, up = q * size * recv, q * size * sent
         if self.channel is not None:
             gossiped, down, up = self._channel_gossip(ctx, state, ids, results, w, bool(active.all()))
-        durations = ctx.population.job_ticks(ids, [j.num_steps for j in jobs], down[ids], up[ids], job_ids[ids])
-        end = t0 + max(durations, default=0)
+        durations = ctx.population.job_seconds(ids, [j.num_steps for j in jobs], down[ids], up[ids], job_ids[ids])
+        end, residue = later(t0, state.residue, durations.max(initial=0.0))  # the slowest node's end
         if end > ctx.budget_ticks():
             return FINISH
-        return GossipRound(ids, results, w, bool(active.all()), recv, sent, end, down, up, gossiped)
+        return GossipRound(ids, results, w, bool(active.all()), recv, sent, end, residue, down, up, gossiped)
 
     def plan_end(self, plan: GossipRound | str) -> int | None:
         return plan.end if isinstance(plan, GossipRound) else None
@@ -168,7 +169,7 @@ class DecentralizedProtocol(RoundProtocol):
         state.next_job += n
         state.rounds += 1
         state.aggregations += q
-        state.time = end
+        state.time, state.residue = end, plan.end_residue
         state.finished = ctx.out_of_rounds(state)
         return state
 

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Optional
 
 import numpy as np
 
-from ..clock import to_seconds, to_ticks
+from ..clock import to_seconds
 from ..comm import nbytes
 from ..config import Ge, Gt, OneOf, Range
 from ..errors import ConfigError
@@ -47,8 +47,9 @@ class SyncState(ProtocolState):
     participation: np.ndarray | None = None  # rounds each client was aggregated in (weighting 'unbiased_online')
 
     def close_round(self, ctx: RunContext, aggregated: Contributions, jobs: int, stragglers: int,
-                    dropped: int, bytes_down: int, bytes_up: int, end: int) -> None:
-        """Books a round that aggregated `aggregated`: statistics, counters, clock."""
+                    dropped: int, bytes_down: int, bytes_up: int, end: int, residue: float = 0.0) -> None:
+        """Books a round that aggregated `aggregated` and ended at tick `end` (`residue` ticks
+        before its exact end): statistics, counters, clock."""
         means = aggregated.metric_means()
         self.train_loss, self.client_metrics = means.pop("train_loss", None), means
         self.participants = len(aggregated)
@@ -60,7 +61,7 @@ class SyncState(ProtocolState):
         self.version += 1
         self.rounds += 1
         self.aggregations += 1
-        self.time = end
+        self.time, self.residue = end, residue
         self.finished = ctx.out_of_rounds(self)
 
 
@@ -78,6 +79,7 @@ class SyncRound:
     losses: list[tuple[int, int]]  # (when lost, client)
     cut: int | None  # the deadline's tick
     end: int
+    end_residue: float  # exact end − end, in ticks
 
 
 class SyncProtocol(RoundProtocol):
@@ -131,12 +133,12 @@ class SyncProtocol(RoundProtocol):
         cohort = np.sort(numpy_rng(ctx.seed, "sample", state.rounds).choice(available, m, replace=False))
         payload = ctx.strategy.publish(state.server)
         jobs = ctx.make_jobs(cohort, payload, state.version, state.next_job + np.arange(m))
-        cut = t0 + to_ticks(self.deadline) if self.deadline is not None else None
-        out = ctx.clock.run_round(ctx.executor, jobs, t0, cut, nbytes(payload))
+        residue = state.residue if t0 == state.time else 0.0  # a round that waited starts on a tick
+        out = ctx.clock.run_round(ctx.executor, jobs, t0, self.deadline, nbytes(payload), residue)
         if out.end > ctx.budget_ticks():
             return FINISH
-        return SyncRound(t0, len(available), payload, jobs, out.results, out.arrivals, out.late, out.losses, cut,
-                         out.end)
+        return SyncRound(t0, len(available), payload, jobs, out.results, out.arrivals, out.late, out.losses, out.cut,
+                         out.end, out.end_residue)
 
     def plan_end(self, plan: SyncRound | str) -> int | None:
         return plan.end if isinstance(plan, SyncRound) else None
@@ -172,7 +174,8 @@ class SyncProtocol(RoundProtocol):
                 ctx.log(plan.cut, "straggler", client=c, version=state.version, would_arrive=to_seconds(t))
             ctx.log(end, "aggregate", version=state.version + 1, clients=clients)
 
-        state.close_round(ctx, got, m, len(plan.late), len(plan.losses), nbytes(payload) * m, bytes_up, end)
+        state.close_round(ctx, got, m, len(plan.late), len(plan.losses), nbytes(payload) * m, bytes_up, end,
+                          plan.end_residue)
         return state
 
     def eval_params(self, ctx: RunContext, state: SyncState) -> Tensor:

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import rng
-from ..clock import to_ticks
 from ..config.load import SystemConfig
 from .models import AvailabilityModel, ComputeModel, DropoutModel, LinkModel, SystemContext
 
@@ -57,16 +56,11 @@ class Population:
         self, clients: np.ndarray, steps: np.ndarray, bytes_down: np.ndarray, bytes_up: np.ndarray, job_ids: np.ndarray
     ) -> np.ndarray:
         """Returns job durations in seconds: compute of `steps` local steps (times the job's
-        jitter factor) + transfer time of the bytes actually sent."""
+        jitter factor) + transfer time of the bytes actually sent. They are not rounded: the
+        clock adds them to each job's unrounded start (`fedsim.clock.later`)."""
         clients = np.asarray(clients)
         compute = self.step_time(clients) * np.asarray(steps) * self.jitter_factor(job_ids)
         return compute + np.asarray(self.link.transfer_time(clients, np.asarray(bytes_down), np.asarray(bytes_up)))
-
-    def job_ticks(
-        self, clients: np.ndarray, steps: np.ndarray, bytes_down: np.ndarray, bytes_up: np.ndarray, job_ids: np.ndarray
-    ) -> list[int]:
-        """Returns job durations in integer clock ticks."""
-        return [to_ticks(s) for s in self.job_seconds(clients, steps, bytes_down, bytes_up, job_ids)]
 
     def available(self, clients: np.ndarray, t: float) -> np.ndarray:
         """Returns the ids among `clients` available at virtual time t (seconds)."""
