@@ -53,7 +53,10 @@ class StepAbandoned(FedsimError):
     """A step gave up waiting for its jobs, so it did not happen: a signal asked the run to
     stop (`signal` holds its number), or the workers cannot run the jobs (none can be placed,
     none answers, or they died too often). The runner turns it into the run's last line and
-    writes a checkpoint where the protocol's state allows (fedsim.runner)."""
+    writes a checkpoint where the protocol's state allows (fedsim.runner). Exit status 5:
+    nothing is wrong with the config; resume once the workers are back."""
+
+    exit_code = 5
 
     def __init__(self, message: str, signal: int | None = None):
         super().__init__(message)
