@@ -164,7 +164,7 @@ class RayExecutor(Executor):
                 self._take(ref)
             left, waited = len(starting) - len(ready), time.monotonic() - began
             if left and waited > self.actor_start_timeout:
-                raise FedsimError(f"{left} of {len(self._slots)} Ray actors were not placed within "
+                raise StepAbandoned(f"{left} of {len(self._slots)} Ray actors were not placed within "
                                   f"executor.actor_start_timeout={self.actor_start_timeout:g} s; {self._room()}")
             if left and not warned and waited > READY_WARN_S:
                 warned = True
