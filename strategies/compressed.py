@@ -23,6 +23,7 @@ from fedsim.contributions import Contributions
 from fedsim.registry import STRATEGIES
 from fedsim.state_types import checkpointable
 from fedsim.strategy import Batches, ClientOutput, ClientState, GradFn, LocalHP, Payload, ServerStrategy, Tensor
+from fedsim.wrappers import inner_server
 
 ESTIMATE = "h"  # the server's copy of a client's EF21/EControl estimate, in its per-sender memory
 
@@ -44,10 +45,8 @@ def compressed(
         feedback: Error feedback: 'none', 'ef' (error memory), 'ef21', 'econtrol'.
         eta: EControl's feedback strength η (η = 0 gives EF21; ignored by other rules).
     """
-    base = ComponentSpec(STRATEGIES, default="fedavg").resolve("strategy.inner", inner).build()
+    base = inner_server(inner, "compressed")
     comp = ComponentSpec(COMPRESSORS).resolve("strategy.compressor", compressor).build()
-    if not isinstance(base, ServerStrategy):
-        raise ValueError(f"inner strategy {inner!r} has no server part; compressed wraps server-based strategies")
     if base.receive is not None:
         raise ValueError(f"inner strategy {inner!r} already decodes its contributions; it cannot be compressed again")
     rule, keys, tracked = feedback, fb.STATE_KEYS[feedback], fb.tracks_estimate(feedback)
