@@ -89,6 +89,7 @@ def build(config: Config, clock: Clock | None = None, executor: Executor | None 
             model_bytes = task.layout.dim * torch.empty(0, dtype=task.dtype).element_size()
             check_horizon(config, population, data.samples_per_client(), model_bytes)
         clock = VirtualClock(population)
+        data = with_adversary(population, data, protocol, strategy)
     executor = executor if executor is not None else build_executor(config)
     if executor.on_client_error == "drop" and not protocol.drops_failed_jobs:
         raise ConfigError("executor.on_client_error",
@@ -105,6 +106,20 @@ def build(config: Config, clock: Clock | None = None, executor: Executor | None 
         ctx.initial_params = ctx.initial_params.to(executor.model_device)
     protocol.setup(ctx)
     return Run(config, ctx, protocol)
+
+
+def with_adversary(population: Population, data: Any, protocol: Protocol, strategy: Any) -> Any:
+    """Returns `data` with the malicious clients' labels flipped if the attack says so; raises
+    ConfigError when the attack cannot run here (update attacks need a server-based strategy
+    that receives dense updates, label flipping a classification task)."""
+    try:
+        data = population.poison(data)
+    except ValueError as exc:
+        raise ConfigError("system.adversary.name", str(exc)) from None
+    if population.attacks_updates and (protocol.strategy_kind != "server" or getattr(strategy, "receive", None)):
+        raise ConfigError("system.adversary.name", "update attacks rewrite dense client updates of server-based "
+                          "strategies; this strategy sends gossip models or encoded messages (label_flip works here)")
+    return data
 
 
 def check_pairing(config: Config, strategy: Any, protocol: Protocol) -> None:
