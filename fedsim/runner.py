@@ -7,6 +7,7 @@ and final model equal those of a run that never stopped.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import shutil
@@ -37,7 +38,8 @@ from .stall import StallWatch, check_horizon, warn_if_nothing_done
 from .rng import initialised_cuda, key, keyed_torch, set_torch_states, torch_states
 from .state_store import ClientStateStore
 from .state_types import checkpointable
-from .strategy import LocalHP, Strategy, kind_of
+from .privacy import sampling_problem
+from .strategy import LocalHP, Strategy, StrategyContext, kind_of
 from .system.population import Population
 from .task import build_task
 
@@ -80,8 +82,8 @@ def build(config: Config, clock: Clock | None = None, executor: Executor | None 
             raise ConfigError("run.state_dir", f"cannot write to {config.run.state_dir} ({problem})")
     data = build_federated_data(config.data, config.partition, config.seed)
     task = build_task(config.model, data.source, config.seed)
-    strategy: Strategy = config.strategy.build()
     protocol = config.protocol.build()
+    strategy: Strategy = build_strategy(config, protocol, data.num_clients)
     check_pairing(config, strategy, protocol)
     if clock is None:  # simulated: virtual time from the population's behaviour models
         population = Population.build(config.system, data.num_clients, config.seed)
@@ -106,6 +108,15 @@ def build(config: Config, clock: Clock | None = None, executor: Executor | None 
         ctx.initial_params = ctx.initial_params.to(executor.model_device)
     protocol.setup(ctx)
     return Run(config, ctx, protocol)
+
+
+def build_strategy(config: Config, protocol: Protocol, num_clients: int) -> Strategy:
+    """Builds the config's strategy, passing a `StrategyContext` to a factory that declares ``ctx``."""
+    if "ctx" not in inspect.signature(config.strategy.entry.factory).parameters:
+        return config.strategy.build()
+    cohort = protocol.cohort_size(num_clients) if hasattr(protocol, "cohort_size") else None
+    problem = sampling_problem(config.protocol.name, config.system.availability.name, cohort)
+    return config.strategy.build(ctx=StrategyContext(num_clients, config.seed, config.run.rounds, cohort, problem))
 
 
 def with_adversary(population: Population, data: Any, protocol: Protocol, strategy: Any) -> Any:
