@@ -44,6 +44,15 @@ def _library() -> Any:
     return dp_accounting
 
 
+def installed() -> bool:
+    """True when dp-accounting can be imported."""
+    try:
+        _library()
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Mechanism:
     """One aggregation's mechanism as the accountant sees it."""

@@ -136,6 +136,8 @@ def dp(
                                   "accountant does not cover (local noise, or count_noise = 0)")
     if noise_multiplier == 0:
         not_valid = "no noise (noise_multiplier = 0): not differentially private"
+    if mechanism is not None and not_valid is None and not privacy.installed():
+        not_valid = f"ε is not computed: the accountant {privacy.INSTALL_HINT}"
 
     def local(payload: Payload, state: ClientState, batches: Batches, grad_fn: GradFn, hp: LocalHP) -> ClientOutput:
         extras = dict(payload.extras)
