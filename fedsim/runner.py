@@ -7,7 +7,6 @@ and final model equal those of a run that never stopped.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import shutil
@@ -39,6 +38,7 @@ from .rng import initialised_cuda, key, keyed_torch, set_torch_states, torch_sta
 from .state_store import ClientStateStore
 from .state_types import checkpointable
 from .privacy import sampling_problem
+from .wrappers import build_strategy as build_with_context
 from .strategy import LocalHP, Strategy, StrategyContext, kind_of
 from .system.population import Population
 from .task import build_task
@@ -112,11 +112,9 @@ def build(config: Config, clock: Clock | None = None, executor: Executor | None 
 
 def build_strategy(config: Config, protocol: Protocol, num_clients: int) -> Strategy:
     """Builds the config's strategy, passing a `StrategyContext` to a factory that declares ``ctx``."""
-    if "ctx" not in inspect.signature(config.strategy.entry.factory).parameters:
-        return config.strategy.build()
     cohort = protocol.cohort_size(num_clients) if hasattr(protocol, "cohort_size") else None
     problem = sampling_problem(config.protocol.name, config.system.availability.name, cohort)
-    return config.strategy.build(ctx=StrategyContext(num_clients, config.seed, config.run.rounds, cohort, problem))
+    return build_with_context(config.strategy, StrategyContext(num_clients, config.seed, config.run.rounds, cohort, problem))
 
 
 def with_adversary(population: Population, data: Any, protocol: Protocol, strategy: Any) -> Any:

@@ -12,7 +12,7 @@ x ← x − η_g Σ_i w_i h_i. Only the update is compressed (inner extras trave
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping, Optional
 
 import torch
 
@@ -22,7 +22,8 @@ from fedsim.config import ComponentSpec, Ge
 from fedsim.contributions import Contributions
 from fedsim.registry import STRATEGIES
 from fedsim.state_types import checkpointable
-from fedsim.strategy import Batches, ClientOutput, ClientState, GradFn, LocalHP, Payload, ServerStrategy, Tensor
+from fedsim.strategy import (Batches, ClientOutput, ClientState, GradFn, LocalHP, Payload, ServerStrategy,
+                             StrategyContext, Tensor)
 from fedsim.wrappers import inner_server
 
 ESTIMATE = "h"  # the server's copy of a client's EF21/EControl estimate, in its per-sender memory
@@ -30,6 +31,7 @@ ESTIMATE = "h"  # the server's copy of a client's EF21/EControl estimate, in its
 
 @STRATEGIES.register("compressed")
 def compressed(
+    ctx: Optional[StrategyContext] = None,
     inner: Any = "fedavg",
     compressor: Any = "topk",
     feedback: Literal["none", "ef", "ef21", "econtrol"] = "none",
@@ -45,7 +47,7 @@ def compressed(
         feedback: Error feedback: 'none', 'ef' (error memory), 'ef21', 'econtrol'.
         eta: EControl's feedback strength η (η = 0 gives EF21; ignored by other rules).
     """
-    base = inner_server(inner, "compressed")
+    base = inner_server(inner, "compressed", ctx)
     comp = ComponentSpec(COMPRESSORS).resolve("strategy.compressor", compressor).build()
     if base.receive is not None:
         raise ValueError(f"inner strategy {inner!r} already decodes its contributions; it cannot be compressed again")

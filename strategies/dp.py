@@ -113,7 +113,10 @@ def dp(
         sampling: How the accountant models a round's cohort: 'fixed' (m of N without
             replacement, as the sync protocol samples) or 'poisson' (rows then say not valid).
     """
-    base = inner_server(inner, "dp")
+    base = inner_server(inner, "dp", ctx)
+    if base.receive is not None:
+        raise ValueError(f"inner strategy {inner!r} sends encoded messages, which cannot be clipped; "
+                         "wrap dp in compressed instead (compressed: {inner: dp})")
     adaptive = adaptive_quantile is not None
     seed = ctx.seed if ctx is not None else 0
     local_noise = noise == "local"

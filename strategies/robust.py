@@ -12,7 +12,7 @@ strategy as sent. The wrapper keeps the last aggregate r, the center of centered
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -21,7 +21,7 @@ from fedsim.contributions import Contributions
 from fedsim.registry import STRATEGIES
 from fedsim.robust import REDUCERS
 from fedsim.state_types import checkpointable
-from fedsim.strategy import CombineContext, ServerStrategy, Tensor
+from fedsim.strategy import CombineContext, ServerStrategy, StrategyContext, Tensor
 from fedsim.wrappers import inner_server, with_update
 
 
@@ -34,7 +34,7 @@ class RobustState(NamedTuple):
 
 
 @STRATEGIES.register("robust")
-def robust(inner: Any = "fedavg", reducer: Any = "median") -> ServerStrategy:
+def robust(ctx: Optional[StrategyContext] = None, inner: Any = "fedavg", reducer: Any = "median") -> ServerStrategy:
     """Any server-based strategy with a Byzantine-robust reduction of the clients' updates.
 
     Args:
@@ -43,7 +43,7 @@ def robust(inner: Any = "fedavg", reducer: Any = "median") -> ServerStrategy:
             trimmed_mean {trim: β, 0.1}; krum {f: 1, select: 1 (more: multi-Krum)};
             bulyan {f: 1}; centered_clip {tau: 1.0, iters: 1} (fedsim/robust.py).
     """
-    base = inner_server(inner, "robust")
+    base = inner_server(inner, "robust", ctx)
     reduce = ComponentSpec(REDUCERS).resolve("strategy.reducer", reducer).build()
 
     def init(params: Tensor) -> RobustState:

@@ -175,3 +175,12 @@ def test_async_rows_say_epsilon_is_not_valid_and_a_target_is_refused():
                                            protocol={"name": "async", "concurrency": 3, "buffer_size": 2})))
     with pytest.raises(ConfigError, match="count_noise"):
         build(load_config(quadratic_config(strategy={"name": "dp", "adaptive_quantile": 0.5, "count_noise": 0.1})))
+
+
+def test_dp_inside_another_wrapper_still_accounts_and_dp_refuses_encoded_inner_updates():
+    run = run_config(quadratic_config(strategy={"name": "compressed", "compressor": {"name": "topk", "ratio": 0.5},
+                                                "inner": {"name": "dp", "noise_multiplier": 2.0}},
+                                      protocol={"name": "sync", "clients_per_round": 5}, run={"rounds": 2, "eval_every": 2}))
+    assert run.rows[-1]["dp_epsilon"] == pytest.approx(privacy.epsilon(privacy.Mechanism(2.0, 10, 5, "fixed"), 2, 1e-5))
+    with pytest.raises(ConfigError, match="^strategy: inner strategy 'compressed' sends encoded messages"):
+        build(load_config(quadratic_config(strategy={"name": "dp", "inner": "compressed"})))
