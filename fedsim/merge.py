@@ -54,3 +54,21 @@ def variance_corrected(models: Tensor, weights: Tensor, own: Tensor, layout: Par
     total = others.sum(dim=1, keepdim=True)
     target = (others @ tensor_variances(models, layout)) / torch.where(total > 0, total, 1.0)
     return torch.where(total > 0, rescale_variance(mixed, target, layout), mixed)
+
+
+def clipped(tau: float):
+    """Returns ClippedGossip's merge (He, Karimireddy, Jaggi, arXiv 2202.01545, fixed radius τ):
+    receiver r moves to x_r + Σ_j W_rj · clip_τ(x_j − x_r), clip_τ(z) = z·min(1, τ/‖z‖), so
+    no neighbour can pull it further than τ·Σ_j W_rj. With rows of W summing to 1 and every
+    neighbour within τ this is plain gossip (`mix`). Computed as (W∘S) @ X − rowsum(W∘S)·x_r
+    + rowsum(W)·x_r with S_rj = min(1, τ/‖x_j − x_r‖): one distance matrix, no [k, m, d] stack."""
+
+    def merge(models: Tensor, weights: Tensor, own: Tensor, layout: ParamLayout) -> Tensor:
+        w = weights.to_dense() if weights.layout != torch.strided else weights
+        mine = models[own]
+        dist = torch.cdist(mine.unsqueeze(0), models.unsqueeze(0)).squeeze(0)  # [k, m]
+        scale = torch.clamp(tau / torch.clamp(dist, min=torch.finfo(models.dtype).tiny), max=1.0)
+        ws = w * scale
+        return ws @ models + (w.sum(dim=1) - ws.sum(dim=1)).unsqueeze(1) * mine
+
+    return merge

@@ -37,7 +37,9 @@ from .stall import StallWatch, check_horizon, warn_if_nothing_done
 from .rng import initialised_cuda, key, keyed_torch, set_torch_states, torch_states
 from .state_store import ClientStateStore
 from .state_types import checkpointable
-from .strategy import LocalHP, Strategy, kind_of
+from .privacy import sampling_problem
+from .wrappers import build_strategy as build_with_context
+from .strategy import LocalHP, Strategy, StrategyContext, kind_of
 from .system.population import Population
 from .task import build_task
 
@@ -80,8 +82,8 @@ def build(config: Config, clock: Clock | None = None, executor: Executor | None 
             raise ConfigError("run.state_dir", f"cannot write to {config.run.state_dir} ({problem})")
     data = build_federated_data(config.data, config.partition, config.seed)
     task = build_task(config.model, data.source, config.seed)
-    strategy: Strategy = config.strategy.build()
     protocol = config.protocol.build()
+    strategy: Strategy = build_strategy(config, protocol, data.num_clients)
     check_pairing(config, strategy, protocol)
     if clock is None:  # simulated: virtual time from the population's behaviour models
         population = Population.build(config.system, data.num_clients, config.seed)
@@ -89,6 +91,7 @@ def build(config: Config, clock: Clock | None = None, executor: Executor | None 
             model_bytes = task.layout.dim * torch.empty(0, dtype=task.dtype).element_size()
             check_horizon(config, population, data.samples_per_client(), model_bytes)
         clock = VirtualClock(population)
+        data = with_adversary(population, data, protocol, strategy)
     executor = executor if executor is not None else build_executor(config)
     if executor.on_client_error == "drop" and not protocol.drops_failed_jobs:
         raise ConfigError("executor.on_client_error",
@@ -105,6 +108,27 @@ def build(config: Config, clock: Clock | None = None, executor: Executor | None 
         ctx.initial_params = ctx.initial_params.to(executor.model_device)
     protocol.setup(ctx)
     return Run(config, ctx, protocol)
+
+
+def build_strategy(config: Config, protocol: Protocol, num_clients: int) -> Strategy:
+    """Builds the config's strategy, passing a `StrategyContext` to a factory that declares ``ctx``."""
+    cohort = protocol.cohort_size(num_clients) if hasattr(protocol, "cohort_size") else None
+    problem = sampling_problem(config.protocol.name, config.system.availability.name, cohort)
+    return build_with_context(config.strategy, StrategyContext(num_clients, config.seed, config.run.rounds, cohort, problem))
+
+
+def with_adversary(population: Population, data: Any, protocol: Protocol, strategy: Any) -> Any:
+    """Returns `data` with the malicious clients' labels flipped if the attack says so; raises
+    ConfigError when the attack cannot run here (update attacks need a server-based strategy
+    that receives dense updates, label flipping a classification task)."""
+    try:
+        data = population.poison(data)
+    except ValueError as exc:
+        raise ConfigError("system.adversary.name", str(exc)) from None
+    if population.attacks_updates and (protocol.strategy_kind != "server" or getattr(strategy, "receive", None)):
+        raise ConfigError("system.adversary.name", "update attacks rewrite dense client updates of server-based "
+                          "strategies; this strategy sends gossip models or encoded messages (label_flip works here)")
+    return data
 
 
 def check_pairing(config: Config, strategy: Any, protocol: Protocol) -> None:

@@ -110,6 +110,19 @@ class CombineContext:
     time: float  # virtual time (seconds)
 
 
+@dataclass(frozen=True)
+class StrategyContext:
+    """What the engine tells a strategy factory that declares a leading ``ctx`` parameter
+    (e.g. the ``dp`` wrapper, to calibrate its noise): facts of the run it will drive. A
+    factory built without it (on a worker, in a test) gets None."""
+
+    num_clients: int  # population size N
+    seed: int  # the run's seed: key the strategy's own draws by it
+    rounds: int | None  # run.rounds (None: the run stops by time budget only)
+    cohort: int | None  # clients sampled per aggregation (sync), else None
+    sampling_problem: str | None  # why aggregations are not uniformly sampled cohorts (None: they are)
+
+
 LocalUpdate = Callable[[Payload, ClientState, Batches, GradFn, LocalHP], ClientOutput]
 
 

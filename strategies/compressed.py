@@ -12,7 +12,7 @@ x ← x − η_g Σ_i w_i h_i. Only the update is compressed (inner extras trave
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping, Optional
 
 import torch
 
@@ -22,13 +22,16 @@ from fedsim.config import ComponentSpec, Ge
 from fedsim.contributions import Contributions
 from fedsim.registry import STRATEGIES
 from fedsim.state_types import checkpointable
-from fedsim.strategy import Batches, ClientOutput, ClientState, GradFn, LocalHP, Payload, ServerStrategy, Tensor
+from fedsim.strategy import (Batches, ClientOutput, ClientState, GradFn, LocalHP, Payload, ServerStrategy,
+                             StrategyContext, Tensor)
+from fedsim.wrappers import inner_server
 
 ESTIMATE = "h"  # the server's copy of a client's EF21/EControl estimate, in its per-sender memory
 
 
 @STRATEGIES.register("compressed")
 def compressed(
+    ctx: Optional[StrategyContext] = None,
     inner: Any = "fedavg",
     compressor: Any = "topk",
     feedback: Literal["none", "ef", "ef21", "econtrol"] = "none",
@@ -44,10 +47,8 @@ def compressed(
         feedback: Error feedback: 'none', 'ef' (error memory), 'ef21', 'econtrol'.
         eta: EControl's feedback strength η (η = 0 gives EF21; ignored by other rules).
     """
-    base = ComponentSpec(STRATEGIES, default="fedavg").resolve("strategy.inner", inner).build()
+    base = inner_server(inner, "compressed", ctx)
     comp = ComponentSpec(COMPRESSORS).resolve("strategy.compressor", compressor).build()
-    if not isinstance(base, ServerStrategy):
-        raise ValueError(f"inner strategy {inner!r} has no server part; compressed wraps server-based strategies")
     if base.receive is not None:
         raise ValueError(f"inner strategy {inner!r} already decodes its contributions; it cannot be compressed again")
     rule, keys, tracked = feedback, fb.STATE_KEYS[feedback], fb.tracks_estimate(feedback)

@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedsim import checkpoint as ckpt
 from fedsim.errors import ClientJobError
@@ -89,6 +90,19 @@ def test_same_metrics_as_serial(cluster, serial_rows, protocol, num_actors):
     placement = run.ctx.executor.placement
     assert len({a["node"] for a in placement}) == num_actors  # one CPU per node: two actors use both nodes
     assert {a["fedsim"] for a in placement} == {str(ROOT / "fedsim")}  # this checkout's code, not an installed one
+
+
+def test_dp_over_robust_aggregation_with_label_flipping_clients_matches_serial(cluster):
+    """Poisoned labels reach the actors, and clipping, keyed noise and the robust reducer give the serial run."""
+    cfg = digits_config(run={"rounds": 3, "eval_every": 3, "torch_threads": 1},
+                        system={"adversary": {"name": "label_flip", "fraction": 0.25}},
+                        strategy={"name": "dp", "clip": 1.0, "noise_multiplier": 0.3, "adaptive_quantile": 0.5,
+                                  "count_noise": 1.0, "inner": {"name": "robust", "reducer": {"name": "krum", "f": 1}}})
+    serial = run_config(cfg)
+    ray_run = run_config(on_ray(cfg, num_actors=2))
+    assert strip(ray_run.rows) == strip(serial.rows)
+    assert torch.equal(ray_run.protocol.eval_params(ray_run.ctx, ray_run.final_state),
+                       serial.protocol.eval_params(serial.ctx, serial.final_state))
 
 
 def test_cli_attaches_by_address(cluster, serial_rows, tmp_path, tmp_yaml):

@@ -15,6 +15,9 @@ from .safe_yaml import MalformedYAML, parse_yaml
 from .schema import COMPONENTS, NESTED_COMPONENTS, SCALARS, SECTIONS, LocalSection, RunSection
 
 
+SYSTEM_KEYS = ("compute", "link", "availability", "dropout", "adversary")  # the behaviour models of `system`
+
+
 @dataclass(frozen=True)
 class SystemConfig:
     """The resolved behaviour models of the `system` section."""
@@ -23,6 +26,7 @@ class SystemConfig:
     link: Component
     availability: Component
     dropout: Component
+    adversary: Component
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ class Config:
             "model": self.model.resolved(),
             "strategy": self.strategy.resolved(),
             "local": asdict(self.local),
-            "system": {k: getattr(self.system, k).resolved() for k in ("compute", "link", "availability", "dropout")},
+            "system": {k: getattr(self.system, k).resolved() for k in SYSTEM_KEYS},
             "protocol": self.protocol.resolved(),
             "executor": self.executor.resolved("kind"),
             "run": asdict(self.run),
@@ -190,11 +194,9 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
     if not isinstance(system_raw, Mapping):
         raise ConfigError("system", f"expected a mapping, got {type(system_raw).__name__}")
     for key in system_raw:
-        if key not in ("compute", "link", "availability", "dropout"):
-            raise ConfigError(f"system.{key}", "unknown key (known keys: availability, compute, dropout, link)")
-    system = SystemConfig(
-        **{k: NESTED_COMPONENTS[f"system.{k}"].resolve(f"system.{k}", system_raw.get(k)) for k in ("compute", "link", "availability", "dropout")}
-    )
+        if key not in SYSTEM_KEYS:
+            raise ConfigError(f"system.{key}", f"unknown key (known keys: {', '.join(sorted(SYSTEM_KEYS))})")
+    system = SystemConfig(**{k: NESTED_COMPONENTS[f"system.{k}"].resolve(f"system.{k}", system_raw.get(k)) for k in SYSTEM_KEYS})
     data = COMPONENTS["data"].resolve("data", raw.get("data"))
     partition = NESTED_COMPONENTS["data.partition"].resolve("data.partition", data.common["partition"])
     comps = {k: COMPONENTS[k].resolve(k, raw.get(k)) for k in ("model", "strategy", "protocol", "executor")}

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, List, Optional
 
 from ..registry import (
+    ADVERSARY_MODELS,
     AVAILABILITY_MODELS,
     COMPUTE_MODELS,
     DATA_SOURCES,
@@ -21,7 +22,7 @@ from ..registry import (
     STRATEGIES,
     TOPOLOGIES,
 )
-from .checks import FitsInMemory, Ge, Gt, OneOf, Range
+from .checks import Each, FitsInMemory, Ge, Gt, OneOf, Range
 from .components import ComponentSpec
 
 
@@ -69,6 +70,15 @@ class ComputeCommon:
         "(Exp with mean 1, as in Fraboni et al.'s theory), 'lognormal' (mean 1, σ = jitter_sigma).",
     )
     jitter_sigma: Annotated[float, Ge(0)] = knob(0.5, "σ of the log-normal per-job factor.")
+
+
+@dataclass
+class AdversaryCommon:
+    """Keys of `system.adversary` shared by every attack: who the malicious clients are."""
+
+    fraction: Annotated[float, Range(0.0, 1.0)] = knob(
+        0.0, "Share of the population that is malicious: round(fraction·N) clients chosen by a keyed permutation.")
+    ids: Annotated[Optional[List[int]], Each(Ge(0))] = knob(None, "Ids of the malicious clients (replaces fraction).")
 
 
 @dataclass
@@ -168,6 +178,7 @@ class SystemSection:
     link: Any = knob({"name": "ideal"}, "Link model: bandwidth (bytes/s) and latency per client.")
     availability: Any = knob({"name": "always"}, "When a client can be dispatched.")
     dropout: Any = knob({"name": "none"}, "Whether a dispatched job is lost before it reports.")
+    adversary: Any = knob({"name": "none"}, "Malicious clients: who they are and what they send (fedsim/system/adversary.py).")
 
 
 TOP_LEVEL_HELP = {
@@ -205,6 +216,8 @@ NESTED_COMPONENTS: dict[str, ComponentSpec] = {
     "system.availability": ComponentSpec(AVAILABILITY_MODELS, default="always",
                                          returns="fedsim.system.models:AvailabilityModel"),
     "system.dropout": ComponentSpec(DROPOUT_MODELS, default="none", returns="fedsim.system.models:DropoutModel"),
+    "system.adversary": ComponentSpec(ADVERSARY_MODELS, default="none", common=AdversaryCommon,
+                                      returns="fedsim.system.adversary:AdversaryModel"),
 }
 SECTIONS: dict[str, type] = {"local": LocalSection, "run": RunSection, "system": SystemSection}
 SCALARS = {"name": (str, "experiment"), "seed": (int, 0), "plugins": (list, []), "plugin_dirs": (list, [])}

@@ -101,10 +101,12 @@ class RunContext:
         return Job(job_id, client, version, payload, self.client_state(client), indices, self.data.num_samples(client))
 
     def receive(self, contribs: Contributions, round_: int, time: int) -> tuple[Contributions, dict[str, Tensor]]:
-        """Returns `contribs` as combine reads them — after the strategy's ``receive`` step,
+        """Returns `contribs` as combine reads them — after the malicious senders' attack and the strategy's ``receive`` step,
         given its senders' memory — and the senders' new memory rows; raises DivergenceError
         if an update has NaN or inf entries (the one finiteness check of every protocol)."""
         memory: dict[str, Tensor] = {}
+        if self.population is not None:  # malicious senders rewrite what they send (system.adversary)
+            contribs = self.population.tamper(contribs)
         receive = getattr(self.strategy, "receive", None)
         if receive is not None and len(contribs):
             contribs, memory = receive(contribs, self._memory_rows(contribs.senders))

@@ -1,12 +1,16 @@
 """The population's timing: how long a job takes, who is available, which jobs are lost."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+import torch
 
 from .. import rng
 from ..config.load import SystemConfig
+from ..contributions import Contributions
+from ..data.base import FederatedData
+from .adversary import AdversaryModel, flip_labels, malicious_ids
 from .models import AvailabilityModel, ComputeModel, DropoutModel, LinkModel, SystemContext
 
 
@@ -22,11 +26,20 @@ class Population:
     dropout: DropoutModel
     jitter: str = "none"
     jitter_sigma: float = 0.5
+    adversary: AdversaryModel = field(default_factory=AdversaryModel)
+    malicious: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # sorted ids
 
     @classmethod
     def build(cls, system: SystemConfig, num_clients: int, seed: int) -> "Population":
         """Builds the population's behaviour models from the `system` config section."""
         ctx = SystemContext(num_clients, seed)
+        common = system.adversary.common
+        try:
+            malicious = malicious_ids(num_clients, seed, common.get("fraction", 0.0), common.get("ids"))
+        except ValueError as exc:
+            from ..errors import ConfigError
+
+            raise ConfigError("system.adversary.ids", str(exc)) from None
         return cls(
             num_clients,
             seed,
@@ -36,6 +49,8 @@ class Population:
             system.dropout.build(ctx),
             jitter=system.compute.common.get("jitter", "none"),
             jitter_sigma=system.compute.common.get("jitter_sigma", 0.5),
+            adversary=system.adversary.build(ctx),
+            malicious=malicious,
         )
 
     def step_time(self, clients: np.ndarray) -> np.ndarray:
@@ -76,3 +91,32 @@ class Population:
         return self.dropout.drops(np.asarray(clients), np.asarray(job_ids))
 
 
+
+    @property
+    def attacks_updates(self) -> bool:
+        """True when malicious clients rewrite what they send."""
+        return self.adversary.attack is not None and len(self.malicious) > 0
+
+    def tamper(self, contribs: Contributions) -> Contributions:
+        """Returns `contribs` with the malicious senders' updates rewritten by the attack
+        (unchanged when no row is malicious); the updates must be one tensor."""
+        if not self.attacks_updates or not len(contribs):
+            return contribs
+        bad = np.isin(contribs.senders, self.malicious)
+        if not bad.any():
+            return contribs
+        return contribs.replace(updates=self.adversary.attack(contribs.updates, bad, contribs.jobs))
+
+    def poison(self, data: FederatedData) -> FederatedData:
+        """Returns `data` with the malicious clients' training labels flipped when the attack
+        flips labels (else `data` itself); raises ValueError for data without classes."""
+        if not self.adversary.flip_labels or not len(self.malicious):
+            return data
+        source = data.source
+        if source.task != "classification" or not source.num_classes:
+            raise ValueError(f"label flipping needs a classification data source (this one's task is {source.task!r})")
+        rows = np.concatenate([data.client_train[i] for i in self.malicious.tolist()])
+        y = source.y_train.clone()
+        index = torch.as_tensor(rows, dtype=torch.long)
+        y[index] = flip_labels(y[index], source.num_classes)
+        return replace(data, source=replace(source, y_train=y))
