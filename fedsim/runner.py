@@ -83,6 +83,7 @@ def build(config: Config, clock: Clock | None = None, executor: Executor | None 
     strategy: Strategy = config.strategy.build()
     protocol = config.protocol.build()
     check_pairing(config, strategy, protocol)
+    strategy = task.prepare(strategy)  # carries BatchNorm running statistics, if the model has them
     if clock is None:  # simulated: virtual time from the population's behaviour models
         population = Population.build(config.system, data.num_clients, config.seed)
         if not protocol.clock_runs_alone:

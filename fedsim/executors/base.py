@@ -68,7 +68,7 @@ class Worker:
 
     def __init__(self, spec: WorkerSpec, strategy: Strategy | None = None):
         self.spec = spec
-        self.strategy = strategy if strategy is not None else spec.strategy.build()
+        self.strategy = spec.task.prepare(strategy if strategy is not None else spec.strategy.build())
 
     def run(self, job: Job) -> ClientOutput:
         """Runs one job and returns its detached output; user errors become ClientJobError."""
@@ -85,7 +85,7 @@ class Worker:
         try:
             # random layers (dropout) draw from the job's key, on the CPU and the data's CUDA device
             with keyed_torch(key(spec.seed, "job", job.job_id), cuda_index(spec.x_train.device)):
-                out = self.strategy.local(job.payload, job.state, batches, spec.task.grad_fn, spec.hp)
+                out = self.strategy.local(job.payload, job.state, batches, spec.task.step_grad_fn, spec.hp)
         except Exception:  # noqa: BLE001 - user code: keep the original traceback
             return traceback.format_exc()
         return ClientOutput(

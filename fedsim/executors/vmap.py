@@ -90,18 +90,18 @@ class VmapExecutor(Executor):
     # ---- set-up --------------------------------------------------------------------------
     def start(self, spec: WorkerSpec, strategy: Strategy | None = None) -> None:
         self.spec = spec
-        self.strategy = strategy if strategy is not None else spec.strategy.build()
+        self.strategy = spec.task.prepare(strategy if strategy is not None else spec.strategy.build())
         self.device = resolve_device(self.device_name)
         self.serial = Worker(spec, self.strategy)
         base = spec.task
         on_cpu = self.device.type == "cpu"
-        self.eval_task = base if on_cpu else Task(copy.deepcopy(base.module).to(self.device), base.kind, base.info)
+        self.eval_task = base if on_cpu else base.with_module(copy.deepcopy(base.module).to(self.device))
         module, swapped = with_unfold_convs(base.module) if self.conv == "unfold" else (base.module, 0)
         if swapped or not on_cpu:  # a copy: Module.to() moves in place, the run's task stays on the CPU
-            self.task = Task((module if swapped else copy.deepcopy(module)).to(self.device), base.kind, base.info)
+            self.task = base.with_module((module if swapped else copy.deepcopy(module)).to(self.device))
         else:
             self.task = base
-        self.grad_fn = grad_and_value(self.task.loss)
+        self.grad_fn = self._grad_transform(grad_and_value)
         self.x = spec.x_train.to(self.device)
         self.y = spec.y_train.to(self.device)
         self.mask_dtype = self.x.dtype if self.x.is_floating_point() else torch.float32
@@ -112,6 +112,13 @@ class VmapExecutor(Executor):
         self._test: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         if on_cpu and self.keep_memory:
             keep_freed_memory()
+
+    def _grad_transform(self, transform: Callable[..., Any]) -> GradFn:
+        """The vectorisable gradient function for the task's loss (with the running
+        statistics as auxiliary output for a model that carries them)."""
+        if self.task.has_stats:
+            return transform(self.task.loss_and_stats, has_aux=True)
+        return transform(self.task.loss)
 
     @property
     def model_device(self) -> torch.device | None:
@@ -243,7 +250,7 @@ class VmapExecutor(Executor):
         def build():
             if not compiled:
                 return self._cohort_fn(st, self.grad_fn)
-            return torch.compile(self._cohort_fn(st, torch.func.grad_and_value(self.task.loss)), dynamic=False)
+            return torch.compile(self._cohort_fn(st, self._grad_transform(torch.func.grad_and_value)), dynamic=False)
 
         with precision(self.precision, self.device.type), self._keyed_rng(jobs[0].job_id):
             if self.runner is not None:
