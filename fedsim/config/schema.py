@@ -60,6 +60,25 @@ class DataCommon:
 
 
 @dataclass
+class ModelCommon:
+    """Keys of the `model` section shared by every model: the loss and BatchNorm statistics."""
+
+    loss: str = knob(
+        "auto",
+        "The loss clients minimise and the test loss: 'auto' (the data's task: cross-entropy for "
+        "classification, binary cross-entropy for multilabel, squared error for regression, per-token "
+        "cross-entropy for lm), a registered loss (cross_entropy, binary_cross_entropy, squared_error, "
+        "absolute_error) or 'package.module:fn', fn(outputs, targets) -> per-sample losses.",
+    )
+    bn: Annotated[str, OneOf(("global", "local"))] = knob(
+        "global",
+        "BatchNorm running statistics: 'global' (they travel with the model and are averaged like the "
+        "parameters) or 'local' (each client keeps its own in its client state, FedBN-style; the "
+        "global model keeps its initial statistics; server-based strategies only).",
+    )
+
+
+@dataclass
 class ComputeCommon:
     """Keys of `system.compute` shared by every compute model: per-job randomness."""
 
@@ -191,7 +210,8 @@ TOP_LEVEL_HELP = {
 # `returns`: what a factory must build (models and topologies check their own results)
 COMPONENTS: dict[str, ComponentSpec] = {
     "data": ComponentSpec(DATA_SOURCES, default="digits", common=DataCommon, returns="fedsim.data.base:SourceData"),
-    "model": ComponentSpec(MODELS, default="auto", context_params=("ctx", "input_shape", "num_classes")),
+    "model": ComponentSpec(MODELS, default="auto", common=ModelCommon,
+                           context_params=("ctx", "input_shape", "num_classes")),
     "strategy": ComponentSpec(STRATEGIES, default="fedavg", returns="fedsim.strategy:STRATEGY_TYPES"),
     "protocol": ComponentSpec(PROTOCOLS, default="sync", returns="fedsim.protocols.base:Protocol"),
     "topology": ComponentSpec(TOPOLOGIES, default="ring", common=TopologyCommon),
