@@ -39,6 +39,7 @@ from .state_store import ClientStateStore
 from .state_types import checkpointable
 from .strategy import LocalHP, Strategy, kind_of
 from .system.population import Population
+from .augment import from_config as augment_from_config
 from .task import build_task
 
 
@@ -79,7 +80,7 @@ def build(config: Config, clock: Clock | None = None, executor: Executor | None 
         if problem:
             raise ConfigError("run.state_dir", f"cannot write to {config.run.state_dir} ({problem})")
     data = build_federated_data(config.data, config.partition, config.seed)
-    task = build_task(config.model, data.source, config.seed)
+    task = build_task(config.model, data.source, config.seed, config.data.common)
     strategy: Strategy = config.strategy.build()
     protocol = config.protocol.build()
     check_pairing(config, strategy, protocol)
@@ -95,8 +96,9 @@ def build(config: Config, clock: Clock | None = None, executor: Executor | None 
         raise ConfigError("executor.on_client_error",
                           f"protocol {config.protocol.name!r} cannot drop a client whose code failed; use 'stop'")
     hp = LocalHP(config.local.lr, config.local.momentum, config.local.weight_decay)
-    executor.start(WorkerSpec(task, data.x_train, data.y_train, config.strategy, hp, config.seed, data.num_clients),
-                   strategy)
+    augment = augment_from_config(config.data.common, data.source.input_shape)
+    executor.start(WorkerSpec(task, data.x_train, data.y_train, config.strategy, hp, config.seed, data.num_clients,
+                              augment), strategy)
     budget = config.run.state_memory_mb
     budget = int(budget * 2**20) if budget is not None else None
     store = ClientStateStore(budget, config.run.state_dir)

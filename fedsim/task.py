@@ -24,6 +24,7 @@ from torch import nn
 from torch.func import functional_call
 
 from . import losses
+from .augment import normalize
 from .batchnorm import tracked_layers, with_running_stats, with_tracked_batchnorm
 from .config.components import Component
 from .data.base import SourceData
@@ -38,7 +39,7 @@ class Task:
     """Model + loss over flat parameter vectors; see the module docstring."""
 
     def __init__(self, module: nn.Module, kind: str, info: dict[str, Any] | None = None,
-                 loss_fn: Any = None, bn: str = "global"):
+                 loss_fn: Any = None, bn: str = "global", norm: tuple[Tensor, Tensor] | None = None):
         if kind not in losses.KINDS:
             raise ConfigError("data.name", f"the source's task {kind!r} is not one fedsim trains "
                                            f"(known: {', '.join(losses.KINDS)})")
@@ -48,6 +49,7 @@ class Task:
         self.info = info or {}
         self.loss_fn = loss_fn  # a user's per-sample loss (model.loss), None: the kind's own
         self.bn = bn
+        self.norm = norm  # per-channel (mean, std) the inputs are normalised by, None: as they are
         params = dict(module.named_parameters())
         self.param_dim = ParamLayout.of(params).dim
         buffers = dict(module.named_buffers())
@@ -60,7 +62,7 @@ class Task:
     def with_module(self, module: nn.Module) -> "Task":
         """Returns a Task of the same kind, loss and BatchNorm mode around `module` (a copy of
         this one's, e.g. moved to a device)."""
-        return Task(module, self.kind, self.info, loss_fn=self.loss_fn, bn=self.bn)
+        return Task(module, self.kind, self.info, loss_fn=self.loss_fn, bn=self.bn, norm=self.norm)
 
     # pickling (Ray) ships the module only; the bound copy is rebuilt on demand
     def __getstate__(self) -> dict[str, Any]:
@@ -91,9 +93,13 @@ class Task:
         `grad_fn`, or `stats_grad_fn` for a model with running statistics."""
         return self.stats_grad_fn if self.has_stats else self.grad_fn
 
+    def inputs(self, x: Tensor) -> Tensor:
+        """The model's inputs for data `x`: normalised per channel when configured."""
+        return x if self.norm is None else normalize(x, *self.norm)
+
     def forward(self, params: Tensor, x: Tensor) -> Tensor:
-        """Pure forward pass with `params` (functional_call)."""
-        return functional_call(self.module, self.layout.views(params), (x,))
+        """Pure forward pass with `params` (functional_call) on data `x`."""
+        return functional_call(self.module, self.layout.views(params), (self.inputs(x),))
 
     def batch_loss(self, out: Tensor, batch: Batch) -> Tensor:
         """The training loss of `batch` given model outputs `out` (`losses.batch_loss`)."""
@@ -136,7 +142,7 @@ class Task:
         leaf = params.detach().requires_grad_(True)
         fast = self._fast_path()
         if fast is not None:
-            loss = self.batch_loss(fast(leaf, batch.x), batch)
+            loss = self.batch_loss(fast(leaf, self.inputs(batch.x)), batch)
         else:
             loss = self.loss(leaf, batch)
         (grad,) = torch.autograd.grad(loss, leaf)
@@ -201,7 +207,7 @@ class _BoundModule:
             with torch.no_grad(), keyed_torch(0, cuda):
                 a = bound(params, probe)
                 seed_torch(0, cuda)
-                b = task.forward(params, probe)
+                b = functional_call(task.module, task.layout.views(params), (probe,))
             return bound if torch.equal(a, b) else None
         except Exception:  # noqa: BLE001 - any failure means: use functional_call
             return None
@@ -252,9 +258,30 @@ def check_model_fits(module: nn.Module, name: str, source: SourceData, shape_fre
                                    f"{list(want)} ({words})")
 
 
-def build_task(model: Component, source: SourceData, seed: int) -> Task:
+def input_norm(data_common: dict[str, Any], source: SourceData) -> tuple[Tensor, Tensor] | None:
+    """Returns the (mean, std) of `data.normalize_mean`/`normalize_std` as tensors, None when
+    unset; raises ConfigError unless both are given, one per channel of image inputs."""
+    mean, std = data_common.get("normalize_mean"), data_common.get("normalize_std")
+    if mean is None and std is None:
+        return None
+    if mean is None or std is None:
+        missing = "data.normalize_std" if std is None else "data.normalize_mean"
+        raise ConfigError(missing, "required when the other of normalize_mean/normalize_std is set")
+    shape = list(source.input_shape)
+    if len(shape) != 3 or not source.x_train.is_floating_point():
+        raise ConfigError("data.normalize_mean", f"normalisation is per channel of images [C, H, W]; the data has "
+                                                 f"inputs of shape {shape}")
+    for name, values in (("normalize_mean", mean), ("normalize_std", std)):
+        if len(values) != shape[0]:
+            raise ConfigError(f"data.{name}", f"needs one value per channel ({shape[0]}), got {len(values)}")
+    dtype = source.x_train.dtype
+    return torch.tensor(mean, dtype=dtype), torch.tensor(std, dtype=dtype)
+
+
+def build_task(model: Component, source: SourceData, seed: int, data_common: dict[str, Any] | None = None) -> Task:
     """Builds the model described by `model` for `source`, initialised from key(seed, 'init'),
-    with the loss and BatchNorm mode of its common keys."""
+    with the loss and BatchNorm mode of its common keys and the input normalisation of the
+    data section's (`data_common`)."""
     if source.task not in losses.KINDS:
         raise ConfigError("data.name", f"the source's task {source.task!r} is not one fedsim trains "
                                        f"(known: {', '.join(losses.KINDS)})")
@@ -277,4 +304,5 @@ def build_task(model: Component, source: SourceData, seed: int) -> Task:
     info = dict(source.info)
     info["input_shape"] = tuple(source.input_shape)
     info["input_dtype"] = source.x_train.dtype
-    return Task(module, source.task, info, loss_fn=loss_fn, bn=model.common.get("bn", "global"))
+    norm = input_norm(data_common or {}, source)
+    return Task(module, source.task, info, loss_fn=loss_fn, bn=model.common.get("bn", "global"), norm=norm)

@@ -21,7 +21,7 @@ from ..registry import (
     STRATEGIES,
     TOPOLOGIES,
 )
-from .checks import FitsInMemory, Ge, Gt, OneOf, Range
+from .checks import Each, FitsInMemory, Ge, Gt, OneOf, Range
 from .components import ComponentSpec
 
 
@@ -56,6 +56,19 @@ class DataCommon:
     )
     client_test_fraction: Annotated[float, Range(0.0, 1.0, open_hi=True)] = knob(
         0.0, "Share of each client's samples kept as that client's own test split (for per-client metrics)."
+    )
+    augment_crop: Annotated[int, Ge(0)] = knob(
+        0, "Training-time random crop: pad images by this many zero pixels per side and cut a random window "
+        "of the original size (CIFAR's standard pipeline: 4); 0 = off. Drawn per sample, keyed by "
+        "(seed, client, job), the same on every executor.",
+    )
+    augment_flip: bool = knob(False, "Training-time random horizontal flip (probability ½ per sample).")
+    normalize_mean: Optional[List[float]] = knob(
+        None, "Per-channel mean subtracted from image inputs, in training (after crop and flip) and evaluation; "
+        "with normalize_std (CIFAR-10: [0.4914, 0.4822, 0.4465])."
+    )
+    normalize_std: Annotated[Optional[List[float]], Each(Gt(0))] = knob(
+        None, "Per-channel standard deviation image inputs are divided by (CIFAR-10: [0.2470, 0.2435, 0.2616])."
     )
 
 

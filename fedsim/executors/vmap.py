@@ -24,8 +24,10 @@ import copy
 import warnings
 from typing import Annotated, Any, Callable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 
+from ..augment import apply as augment_batches, job_draws
 from ..config import Ge, OneOf
 from ..errors import ConfigError, FedsimError
 from ..registry import EXECUTORS
@@ -245,7 +247,9 @@ class VmapExecutor(Executor):
         st = stack(jobs, self.device, pad_to=pad)
         idx = torch.from_numpy(st.indices).to(self.device)
         fn_key = (signature(jobs[0]), st.size, st.params_dim, tuple(sorted(st.extras_dims.items())), compiled)
-        inputs = (st.params, st.extras, st.state, idx)
+        inputs: tuple = (st.params, st.extras, st.state, idx)
+        if self.spec.augment.active:
+            inputs += (self._draws(jobs, st.size),)
 
         def build():
             if not compiled:
@@ -267,6 +271,15 @@ class VmapExecutor(Executor):
         batch, fill = unstack(out, jobs, home, jobs[0].num_steps)
         self._fills.append(fill)
         return batch
+
+    def _draws(self, jobs: list[Job], size: int) -> Tensor:
+        """The cohort's augmentation draws [size, K, B, 3], each job's as the serial executor
+        draws them (padding rows: zeros)."""
+        aug, shape = self.spec.augment, jobs[0].indices.shape
+        out = np.zeros((size, *shape, 3), dtype=np.int64)
+        for i, job in enumerate(jobs):
+            out[i] = job_draws(aug, self.spec.seed, job.client, job.job_id, *shape)
+        return torch.from_numpy(out).to(self.device)
 
     def _padded_size(self, n: int) -> int:
         """Cohort size to capture: n itself for the first few sizes seen (a synchronous run has
@@ -296,10 +309,12 @@ class VmapExecutor(Executor):
 
         mapped = torch.func.vmap(one, in_dims=st.in_dims, randomness=self.randomness)
         x_all, y_all, mask_dtype = self.x, self.y, self.mask_dtype
+        padding = self.spec.augment.crop_padding
 
-        def run(params: Tensor, extras: dict, state: dict, idx: Tensor):
+        def run(params: Tensor, extras: dict, state: dict, idx: Tensor, draws: Optional[Tensor] = None):
             safe = idx.clamp_min(0)
-            return mapped(params, extras, state, x_all[safe], y_all[safe], (idx >= 0).to(mask_dtype))
+            x = x_all[safe] if draws is None else augment_batches(x_all[safe], draws, padding)
+            return mapped(params, extras, state, x, y_all[safe], (idx >= 0).to(mask_dtype))
 
         return run
 
