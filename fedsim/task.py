@@ -75,12 +75,17 @@ class Task:
         """Whether the model carries BatchNorm running statistics in its flat vector."""
         return bool(self.stat_names)
 
+    def flatten_module(self, module: nn.Module) -> Tensor:
+        """Returns the parameters (and running statistics) of `module`, this task's module or
+        a copy of it, as one flat vector in this task's layout."""
+        tensors = dict(module.named_parameters())
+        buffers = dict(module.named_buffers())
+        tensors.update({n: buffers[n] for n in self.stat_names})
+        return self.layout.flatten({k: v.detach() for k, v in tensors.items()})
+
     def initial_params(self) -> Tensor:
         """Returns the module's current parameters (and running statistics) as one flat vector (a copy)."""
-        tensors = dict(self.module.named_parameters())
-        buffers = dict(self.module.named_buffers())
-        tensors.update({n: buffers[n] for n in self.stat_names})
-        return self.layout.flatten({k: v.detach() for k, v in tensors.items()}).clone()
+        return self.flatten_module(self.module).clone()
 
     def prepare(self, strategy: Strategy) -> Strategy:
         """Returns the strategy whose local update runs with `step_grad_fn`: itself, or for a

@@ -132,3 +132,13 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tmp_yaml):
     assert main(["resume", str(out), "--quiet"]) == 0, f"killed after checkpoint {at}"
     assert_same_run(out, reference)
     assert len(read_jsonl(out / "metrics.jsonl")) == 41  # round 0 and every round
+
+
+def test_gossip_nodes_with_independent_initialisations_carry_statistics():
+    cfg = bn_config(strategy={"name": "gossip"}, protocol={"name": "async_gossip", "init": "independent"},
+                    topology={"name": "ring"}, run={"rounds": None, "time_budget": 0.1, "eval_every_time": 0.05})
+    run = run_config(cfg)
+    models = run.final_state.models
+    task = run.ctx.task
+    assert not torch.equal(models[0, :task.param_dim], models[1, :task.param_dim])  # independent draws
+    assert not torch.equal(models[0, task.param_dim:], task.initial_params()[task.param_dim:])  # trained statistics
