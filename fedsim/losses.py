@@ -43,10 +43,11 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
 
 @LOSSES.register("cross_entropy")
 def cross_entropy(out: Tensor, y: Tensor) -> Tensor:
-    """Per-sample cross-entropy of class scores [n, C] against ids [n], written as
-    −log_softmax(out)[y]: bitwise equal to ``F.cross_entropy`` (values and gradients), but
-    under vmap it does not run the decomposition whose shape check imports sympy (0.35 s of
-    a short run's start-up)."""
+    """Per-sample cross-entropy of class scores [n, C] against class ids [n].
+
+    Written as −log_softmax(out)[y]: bitwise equal to ``F.cross_entropy`` (values and
+    gradients), but under vmap it does not run the decomposition whose shape check imports
+    sympy (0.35 s of a short run's start-up)."""
     return -torch.log_softmax(out, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
 
 
