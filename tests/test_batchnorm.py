@@ -1,5 +1,6 @@
 """BatchNorm running statistics travel with the model: a job's statistics equal a plain torch
-training loop's, serial == vmap (and Ray) in both modes, and they survive a resume."""
+training loop's, serial == vmap (and Ray, with augmentation) in both modes, and they (and the
+augmentations) survive a resume."""
 from __future__ import annotations
 
 import torch
@@ -111,7 +112,7 @@ def test_local_statistics_are_refused_for_gossip():
 @pytest.mark.slow
 @pytest.mark.parametrize("bn", ["global", "local"])
 def test_ray_equals_serial(cluster, bn):  # noqa: F811 - the fixture
-    cfg = bn_config(bn, run={"torch_threads": 1})
+    cfg = bn_config(bn, run={"torch_threads": 1}, data={"augment_crop": 2, "augment_flip": True})
     a = run_config(cfg)
     b = run_config(on_ray(cfg, num_actors=2))
     assert torch.equal(final_params(a), final_params(b))
@@ -119,8 +120,10 @@ def test_ray_equals_serial(cluster, bn):  # noqa: F811 - the fixture
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tmp_yaml):
-    # local statistics live in the client-state store: a resume that lost them would differ
+    # local statistics live in the client-state store, augmentations are keyed by the job: a
+    # resume that lost the one or redrew the other would differ
     cfg = bn_config("local", protocol={"name": "sync", "clients_per_round": 2},
+                    data={"augment_crop": 2, "augment_flip": True},
                     run={"rounds": 40, "checkpoint_every": 1, "keep_checkpoints": 2, "log_events": True,
                          "torch_threads": 1})
     reference = tmp_path / "reference"
