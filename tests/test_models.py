@@ -84,3 +84,29 @@ def test_char_lstm_and_transformer_lm_vmap_equal_serial():
         "local": {"lr": 0.5, "batch_size": 8, "steps": 2},
         "run": {"rounds": 2, "eval_every": 2, "progress": False},
     })
+
+
+from .test_ray_executor import cluster, on_ray  # noqa: E402,F401 - the module's Ray cluster fixture
+from .test_vmap_executor import final_params  # noqa: E402
+
+SMALL_RUNS = {
+    "lenet5": image_config({"name": "lenet5"}, data={"size": 28, "channels": 1}, run={"rounds": 1}),
+    "resnet20": image_config({"name": "resnet20"}, data={"size": 8}, run={"rounds": 1}),
+    "char_lstm": {"name": "chars", "seed": 1,
+                  "data": {"name": "tests.tiny_sources:chars", "num_clients": 3, "partition": "iid"},
+                  "model": {"name": "char_lstm", "hidden": 16, "embedding": 4},
+                  "local": {"lr": 0.5, "batch_size": 8, "steps": 2}, "run": {"rounds": 1, "progress": False}},
+    "transformer_lm": {"name": "lm", "seed": 1,
+                       "data": {"name": "tests.tiny_sources:tokens", "num_clients": 3, "partition": "iid"},
+                       "model": {"name": "transformer_lm", "width": 16, "heads": 2, "layers": 1, "mlp": 32},
+                       "local": {"lr": 0.5, "batch_size": 8, "steps": 2}, "run": {"rounds": 1, "progress": False}},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SMALL_RUNS))
+def test_ray_equals_serial(cluster, name):  # noqa: F811 - the fixture
+    cfg = merge(SMALL_RUNS[name], {"run": {"torch_threads": 1}})
+    a = run_config(cfg)
+    b = run_config(on_ray(cfg, num_actors=2))
+    assert torch.equal(final_params(a), final_params(b))
