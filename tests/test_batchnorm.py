@@ -3,8 +3,22 @@ training loop's, serial == vmap (and Ray, with augmentation) in both modes, and 
 augmentations) survive a resume."""
 from __future__ import annotations
 
+import random
+
+import pytest
 import torch
 from torch import nn
+
+from fedsim.batchnorm import STATE_KEY
+from fedsim.checkpoint import load_latest
+from fedsim.cli import main
+from fedsim.errors import ConfigError
+from fedsim.outputs import read_jsonl
+
+from .conftest import merge, run_config
+from .test_ray_executor import cluster, on_ray  # noqa: F401 - the module's Ray cluster fixture
+from .test_resume_protocols import assert_same_run, run_killed_at_checkpoint
+from .test_vmap_executor import compare_runs, final_params
 
 
 def bn_net(input_shape, num_classes, width: int = 4):
@@ -13,22 +27,6 @@ def bn_net(input_shape, num_classes, width: int = 4):
     return nn.Sequential(nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.Flatten(),
                          nn.Linear(width * h * w, 8), nn.BatchNorm1d(8, momentum=0.3), nn.ReLU(),
                          nn.Linear(8, num_classes))
-
-
-import random  # noqa: E402
-
-import pytest  # noqa: E402
-
-from fedsim.batchnorm import STATE_KEY  # noqa: E402
-from fedsim.checkpoint import load_latest  # noqa: E402
-from fedsim.cli import main  # noqa: E402
-from fedsim.errors import ConfigError  # noqa: E402
-from fedsim.outputs import read_jsonl  # noqa: E402
-
-from .conftest import merge, run_config  # noqa: E402
-from .test_resume_protocols import assert_same_run, run_killed_at_checkpoint  # noqa: E402
-from .test_ray_executor import cluster, on_ray  # noqa: E402,F401 - the module's Ray cluster fixture
-from .test_vmap_executor import compare_runs, final_params  # noqa: E402
 
 
 def bn_config(bn: str = "global", **sections) -> dict:

@@ -1,5 +1,6 @@
-"""Built-in models: each builds for its data, trains a step forward and backward, and the
-vectorised executor reproduces the serial one's run to rounding."""
+"""Built-in models: each builds for its data with the papers' parameter counts, trains a step
+forward and backward; the vmap executor reproduces the serial one's run to rounding, Ray bit
+for bit."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +10,8 @@ from fedsim.models import ModelContext
 from fedsim.registry import MODELS
 
 from .conftest import merge, run_config
-from .test_vmap_executor import compare_runs
+from .test_ray_executor import cluster, on_ray  # noqa: F401 - the module's Ray cluster fixture
+from .test_vmap_executor import compare_runs, final_params
 
 # fp32 convolutions under vmap run as one grouped convolution, which sums in another order
 # than the serial executor's per-client ones: deep conv nets agree to ~1e-5 after a few steps
@@ -84,10 +86,6 @@ def test_char_lstm_and_transformer_lm_vmap_equal_serial():
         "local": {"lr": 0.5, "batch_size": 8, "steps": 2},
         "run": {"rounds": 2, "eval_every": 2, "progress": False},
     })
-
-
-from .test_ray_executor import cluster, on_ray  # noqa: E402,F401 - the module's Ray cluster fixture
-from .test_vmap_executor import final_params  # noqa: E402
 
 SMALL_RUNS = {
     "lenet5": image_config({"name": "lenet5"}, data={"size": 28, "channels": 1}, run={"rounds": 1}),
