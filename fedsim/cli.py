@@ -122,6 +122,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         "data": registry.DATA_SOURCES,
         "partitions": registry.PARTITIONERS,
         "models": registry.MODELS,
+        "losses": registry.LOSSES,
         "topologies": registry.TOPOLOGIES,
         "mixing": registry.MIXING,
         "compute": registry.COMPUTE_MODELS,

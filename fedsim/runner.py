@@ -41,6 +41,7 @@ from .privacy import sampling_problem
 from .wrappers import build_strategy as build_with_context
 from .strategy import LocalHP, Strategy, StrategyContext, kind_of
 from .system.population import Population
+from .augment import from_config as augment_from_config
 from .task import build_task
 
 
@@ -81,10 +82,11 @@ def build(config: Config, clock: Clock | None = None, executor: Executor | None 
         if problem:
             raise ConfigError("run.state_dir", f"cannot write to {config.run.state_dir} ({problem})")
     data = build_federated_data(config.data, config.partition, config.seed)
-    task = build_task(config.model, data.source, config.seed)
+    task = build_task(config.model, data.source, config.seed, config.data.common)
     protocol = config.protocol.build()
     strategy: Strategy = build_strategy(config, protocol, data.num_clients)
     check_pairing(config, strategy, protocol)
+    strategy = task.prepare(strategy)  # carries BatchNorm running statistics, if the model has them
     if clock is None:  # simulated: virtual time from the population's behaviour models
         population = Population.build(config.system, data.num_clients, config.seed)
         if not protocol.clock_runs_alone:
@@ -97,8 +99,9 @@ def build(config: Config, clock: Clock | None = None, executor: Executor | None 
         raise ConfigError("executor.on_client_error",
                           f"protocol {config.protocol.name!r} cannot drop a client whose code failed; use 'stop'")
     hp = LocalHP(config.local.lr, config.local.momentum, config.local.weight_decay)
-    executor.start(WorkerSpec(task, data.x_train, data.y_train, config.strategy, hp, config.seed, data.num_clients),
-                   strategy)
+    augment = augment_from_config(config.data.common, data.source.input_shape)
+    executor.start(WorkerSpec(task, data.x_train, data.y_train, config.strategy, hp, config.seed, data.num_clients,
+                              augment), strategy)
     budget = config.run.state_memory_mb
     budget = int(budget * 2**20) if budget is not None else None
     store = ClientStateStore(budget, config.run.state_dir)

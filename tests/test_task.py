@@ -1,4 +1,4 @@
-"""Tasks: the fast gradient path equals functional_call's; unsupported models are refused."""
+"""Tasks: the fast gradient path equals functional_call's; BatchNorm statistics join the flat vector."""
 from __future__ import annotations
 
 import pytest
@@ -47,9 +47,13 @@ def test_tied_weights_share_one_slot():
     assert torch.allclose(g_fast, g_ref, atol=1e-6)
 
 
-def test_batchnorm_is_refused_with_advice():
-    with pytest.raises(ConfigError, match="GroupNorm"):
-        make_task(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)))
+def test_batchnorm_statistics_are_the_last_entries_and_cumulative_ones_are_refused():
+    task = make_task(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)))
+    assert task.stat_names == ("1.running_mean", "1.running_var")
+    assert task.layout.dim == task.param_dim + 8
+    assert torch.equal(task.initial_params()[task.param_dim:], torch.tensor([0.0] * 4 + [1.0] * 4))
+    with pytest.raises(ConfigError, match="momentum=None"):
+        make_task(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, momentum=None)))
 
 
 def tiny_net(input_shape, num_classes, width: int = 8):

@@ -49,16 +49,17 @@ def final_params(run):
     return run.protocol.eval_params(run.ctx, run.final_state)
 
 
-def compare_runs(cfg: dict, **vmap_kwargs):
+def compare_runs(cfg: dict, rtol: float = RTOL, **vmap_kwargs):
+    """Runs `cfg` on the serial and the vmap executor; asserts equal models and metrics to `rtol`."""
     a = run_config(cfg)
     b = run_config({**cfg, "executor": {"kind": "vmap", "device": "cpu", **vmap_kwargs}})
-    assert rel(final_params(b), final_params(a)) <= RTOL
+    assert rel(final_params(b), final_params(a)) <= rtol
     for ra, rb in zip(a.rows, b.rows):
-        assert rb["test_loss"] == pytest.approx(ra["test_loss"], rel=RTOL)
+        assert rb["test_loss"] == pytest.approx(ra["test_loss"], rel=rtol)
         if ra["test_accuracy"] is not None:
             assert abs(rb["test_accuracy"] - ra["test_accuracy"]) <= 1.0 / 300  # ≤ 1 test sample flips
         if ra.get("train_loss") is not None:
-            assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=RTOL)
+            assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=rtol)
     return a, b
 
 

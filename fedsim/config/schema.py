@@ -58,6 +58,38 @@ class DataCommon:
     client_test_fraction: Annotated[float, Range(0.0, 1.0, open_hi=True)] = knob(
         0.0, "Share of each client's samples kept as that client's own test split (for per-client metrics)."
     )
+    augment_crop: Annotated[int, Ge(0)] = knob(
+        0, "Training-time random crop: pad images by this many zero pixels per side and cut a random window "
+        "of the original size (CIFAR's standard pipeline: 4); 0 = off. Drawn per sample, keyed by "
+        "(seed, client, job), the same on every executor.",
+    )
+    augment_flip: bool = knob(False, "Training-time random horizontal flip (probability ½ per sample).")
+    normalize_mean: Optional[List[float]] = knob(
+        None, "Per-channel mean subtracted from image inputs, in training (after crop and flip) and evaluation; "
+        "with normalize_std (CIFAR-10: [0.4914, 0.4822, 0.4465])."
+    )
+    normalize_std: Annotated[Optional[List[float]], Each(Gt(0))] = knob(
+        None, "Per-channel standard deviation image inputs are divided by (CIFAR-10: [0.2470, 0.2435, 0.2616])."
+    )
+
+
+@dataclass
+class ModelCommon:
+    """Keys of the `model` section shared by every model: the loss and BatchNorm statistics."""
+
+    loss: str = knob(
+        "auto",
+        "The loss clients minimise and the test loss: 'auto' (the data's task: cross-entropy for "
+        "classification, binary cross-entropy for multilabel, squared error for regression, per-token "
+        "cross-entropy for lm), a registered loss (cross_entropy, binary_cross_entropy, squared_error, "
+        "absolute_error) or 'package.module:fn', fn(outputs, targets) -> per-sample losses.",
+    )
+    bn: Annotated[str, OneOf(("global", "local"))] = knob(
+        "global",
+        "BatchNorm running statistics: 'global' (they travel with the model and are averaged like the "
+        "parameters) or 'local' (each client keeps its own in its client state, FedBN-style; the "
+        "global model keeps its initial statistics; server-based strategies only).",
+    )
 
 
 @dataclass
@@ -202,7 +234,8 @@ TOP_LEVEL_HELP = {
 # `returns`: what a factory must build (models and topologies check their own results)
 COMPONENTS: dict[str, ComponentSpec] = {
     "data": ComponentSpec(DATA_SOURCES, default="digits", common=DataCommon, returns="fedsim.data.base:SourceData"),
-    "model": ComponentSpec(MODELS, default="auto", context_params=("ctx", "input_shape", "num_classes")),
+    "model": ComponentSpec(MODELS, default="auto", common=ModelCommon,
+                           context_params=("ctx", "input_shape", "num_classes")),
     "strategy": ComponentSpec(STRATEGIES, default="fedavg", returns="fedsim.strategy:STRATEGY_TYPES"),
     "protocol": ComponentSpec(PROTOCOLS, default="sync", returns="fedsim.protocols.base:Protocol"),
     "topology": ComponentSpec(TOPOLOGIES, default="ring", common=TopologyCommon),

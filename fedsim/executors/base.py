@@ -18,6 +18,7 @@ import torch
 
 from ..config.checks import OneOf
 from ..config.components import Component
+from ..augment import Augment, apply, job_draws
 from ..data.batching import gather_batches
 from ..errors import ClientJobError
 from ..rng import cuda_index, key, keyed_torch
@@ -61,6 +62,7 @@ class WorkerSpec:
     hp: LocalHP
     seed: int
     num_clients: int = 0  # the population size N
+    augment: Augment = Augment()  # training-time crop and flip (fedsim.augment)
 
 
 class Worker:
@@ -68,7 +70,7 @@ class Worker:
 
     def __init__(self, spec: WorkerSpec, strategy: Strategy | None = None):
         self.spec = spec
-        self.strategy = strategy if strategy is not None else spec.strategy.build()
+        self.strategy = spec.task.prepare(strategy if strategy is not None else spec.strategy.build())
 
     def run(self, job: Job) -> ClientOutput:
         """Runs one job and returns its detached output; user errors become ClientJobError."""
@@ -82,10 +84,13 @@ class Worker:
         returned as its traceback (a str) instead of being raised."""
         spec = self.spec
         batches = gather_batches(spec.x_train, spec.y_train, job.indices)
+        if spec.augment.active:
+            draws = torch.from_numpy(job_draws(spec.augment, spec.seed, job.client, job.job_id, *job.indices.shape))
+            batches = batches._replace(x=apply(batches.x, draws, spec.augment.crop_padding))
         try:
             # random layers (dropout) draw from the job's key, on the CPU and the data's CUDA device
             with keyed_torch(key(spec.seed, "job", job.job_id), cuda_index(spec.x_train.device)):
-                out = self.strategy.local(job.payload, job.state, batches, spec.task.grad_fn, spec.hp)
+                out = self.strategy.local(job.payload, job.state, batches, spec.task.step_grad_fn, spec.hp)
         except Exception:  # noqa: BLE001 - user code: keep the original traceback
             return traceback.format_exc()
         return ClientOutput(

@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_map
 _CHECKED: bool | None = None  # the light transform's self-check: None until it has run
 
 
-def _light(func: Callable[..., torch.Tensor]) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+def _light(func: Callable[..., Any], has_aux: bool = False) -> Callable[..., tuple[Any, Any]]:
     from torch._C._functorch import (
         _grad_decrement_nesting,
         _grad_increment_nesting,
@@ -49,6 +49,9 @@ def _light(func: Callable[..., torch.Tensor]) -> Callable[..., tuple[torch.Tenso
                     finally:
                         set_inplace_requires_grad_allowed(allowed)
                     out = func(x, *args)
+                    aux = None
+                    if has_aux:
+                        out, aux = out
                     if not isinstance(out, torch.Tensor) or out.dim() != 0:
                         raise RuntimeError("grad_and_value(f)(*args): expected f(*args) to return a scalar tensor")
                     grad = None
@@ -58,7 +61,11 @@ def _light(func: Callable[..., torch.Tensor]) -> Callable[..., tuple[torch.Tenso
                             (grad,) = torch.autograd.grad((out,), (x,), create_graph=True, allow_unused=True)
                     if grad is None:
                         grad = torch.zeros_like(x)
-                    return _unwrap_for_grad(grad, level), _unwrap_for_grad(out, level)
+                    value = _unwrap_for_grad(out, level)
+                    if has_aux:
+                        unwrap = lambda t: _unwrap_for_grad(t, level) if isinstance(t, torch.Tensor) else t  # noqa: E731
+                        return _unwrap_for_grad(grad, level), (value, tree_map(unwrap, aux))
+                    return _unwrap_for_grad(grad, level), value
             finally:
                 _grad_decrement_nesting()
 
@@ -81,10 +88,10 @@ def _light_works() -> bool:
     return _CHECKED
 
 
-def grad_and_value(func: Callable[..., torch.Tensor]) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """Returns ``torch.func.grad_and_value(func)`` (gradient in the first argument), built
-    without importing ``torch._dynamo`` (see the module docstring); the two make the same
-    autograd calls and give bitwise the same results."""
+def grad_and_value(func: Callable[..., Any], has_aux: bool = False) -> Callable[..., tuple[Any, Any]]:
+    """Returns ``torch.func.grad_and_value(func, has_aux=has_aux)`` (gradient in the first
+    argument), built without importing ``torch._dynamo`` (see the module docstring); the two
+    make the same autograd calls and give bitwise the same results."""
     if _light_works():
-        return _light(func)
-    return torch.func.grad_and_value(func)
+        return _light(func, has_aux)
+    return torch.func.grad_and_value(func, has_aux=has_aux)

@@ -24,8 +24,10 @@ import copy
 import warnings
 from typing import Annotated, Any, Callable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 
+from ..augment import apply as augment_batches, job_draws
 from ..config import Ge, OneOf
 from ..errors import ConfigError, FedsimError
 from ..registry import EXECUTORS
@@ -90,18 +92,18 @@ class VmapExecutor(Executor):
     # ---- set-up --------------------------------------------------------------------------
     def start(self, spec: WorkerSpec, strategy: Strategy | None = None) -> None:
         self.spec = spec
-        self.strategy = strategy if strategy is not None else spec.strategy.build()
+        self.strategy = spec.task.prepare(strategy if strategy is not None else spec.strategy.build())
         self.device = resolve_device(self.device_name)
         self.serial = Worker(spec, self.strategy)
         base = spec.task
         on_cpu = self.device.type == "cpu"
-        self.eval_task = base if on_cpu else Task(copy.deepcopy(base.module).to(self.device), base.kind, base.info)
+        self.eval_task = base if on_cpu else base.with_module(copy.deepcopy(base.module).to(self.device))
         module, swapped = with_unfold_convs(base.module) if self.conv == "unfold" else (base.module, 0)
         if swapped or not on_cpu:  # a copy: Module.to() moves in place, the run's task stays on the CPU
-            self.task = Task((module if swapped else copy.deepcopy(module)).to(self.device), base.kind, base.info)
+            self.task = base.with_module((module if swapped else copy.deepcopy(module)).to(self.device))
         else:
             self.task = base
-        self.grad_fn = grad_and_value(self.task.loss)
+        self.grad_fn = self._grad_transform(grad_and_value)
         self.x = spec.x_train.to(self.device)
         self.y = spec.y_train.to(self.device)
         self.mask_dtype = self.x.dtype if self.x.is_floating_point() else torch.float32
@@ -112,6 +114,13 @@ class VmapExecutor(Executor):
         self._test: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         if on_cpu and self.keep_memory:
             keep_freed_memory()
+
+    def _grad_transform(self, transform: Callable[..., Any]) -> GradFn:
+        """The vectorisable gradient function for the task's loss (with the running
+        statistics as auxiliary output for a model that carries them)."""
+        if self.task.has_stats:
+            return transform(self.task.loss_and_stats, has_aux=True)
+        return transform(self.task.loss)
 
     @property
     def model_device(self) -> torch.device | None:
@@ -238,12 +247,14 @@ class VmapExecutor(Executor):
         st = stack(jobs, self.device, pad_to=pad)
         idx = torch.from_numpy(st.indices).to(self.device)
         fn_key = (signature(jobs[0]), st.size, st.params_dim, tuple(sorted(st.extras_dims.items())), compiled)
-        inputs = (st.params, st.extras, st.state, idx)
+        inputs: tuple = (st.params, st.extras, st.state, idx)
+        if self.spec.augment.active:
+            inputs += (self._draws(jobs, st.size),)
 
         def build():
             if not compiled:
                 return self._cohort_fn(st, self.grad_fn)
-            return torch.compile(self._cohort_fn(st, torch.func.grad_and_value(self.task.loss)), dynamic=False)
+            return torch.compile(self._cohort_fn(st, self._grad_transform(torch.func.grad_and_value)), dynamic=False)
 
         with precision(self.precision, self.device.type), self._keyed_rng(jobs[0].job_id):
             if self.runner is not None:
@@ -260,6 +271,15 @@ class VmapExecutor(Executor):
         batch, fill = unstack(out, jobs, home, jobs[0].num_steps)
         self._fills.append(fill)
         return batch
+
+    def _draws(self, jobs: list[Job], size: int) -> Tensor:
+        """The cohort's augmentation draws [size, K, B, 3], each job's as the serial executor
+        draws them (padding rows: zeros)."""
+        aug, shape = self.spec.augment, jobs[0].indices.shape
+        out = np.zeros((size, *shape, 3), dtype=np.int64)
+        for i, job in enumerate(jobs):
+            out[i] = job_draws(aug, self.spec.seed, job.client, job.job_id, *shape)
+        return torch.from_numpy(out).to(self.device)
 
     def _padded_size(self, n: int) -> int:
         """Cohort size to capture: n itself for the first few sizes seen (a synchronous run has
@@ -289,10 +309,12 @@ class VmapExecutor(Executor):
 
         mapped = torch.func.vmap(one, in_dims=st.in_dims, randomness=self.randomness)
         x_all, y_all, mask_dtype = self.x, self.y, self.mask_dtype
+        padding = self.spec.augment.crop_padding
 
-        def run(params: Tensor, extras: dict, state: dict, idx: Tensor):
+        def run(params: Tensor, extras: dict, state: dict, idx: Tensor, draws: Optional[Tensor] = None):
             safe = idx.clamp_min(0)
-            return mapped(params, extras, state, x_all[safe], y_all[safe], (idx >= 0).to(mask_dtype))
+            x = x_all[safe] if draws is None else augment_batches(x_all[safe], draws, padding)
+            return mapped(params, extras, state, x, y_all[safe], (idx >= 0).to(mask_dtype))
 
         return run
 

@@ -58,7 +58,7 @@ def independent_params(task: Task, seed: int, nodes: int) -> torch.Tensor:
         with keyed_torch(key(seed, "init/node", i)):
             for layer in layers:
                 layer.reset_parameters()
-        rows.append(task.layout.flatten({k: v.detach() for k, v in module.named_parameters()}))
+        rows.append(task.flatten_module(module))
     return torch.stack(rows)
 
 

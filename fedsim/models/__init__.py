@@ -1,4 +1,6 @@
-"""Model factories: logistic regression, MLP, a small CNN, the quadratic task's vector.
+"""Model factories: logistic regression, MLP, a small CNN, the quadratic task's vector, and
+the models papers name (`lenet5`, `resnet18`, `resnet20`, `femnist_cnn`, `char_lstm`,
+`transformer_lm`; one module each in this package).
 
 A factory gets a `ModelContext` (input shape, classes, dtype) and its own knobs and
 returns a ``torch.nn.Module``. Any module is usable as ``model: {name: "pkg.mod:factory"}``
@@ -14,8 +16,8 @@ from typing import Annotated, Any, List
 import torch
 from torch import nn
 
-from .config import Each, Ge, OneOf
-from .registry import MODELS
+from ..config import Each, Ge, OneOf
+from ..registry import MODELS
 
 
 @dataclass(frozen=True)
@@ -28,13 +30,26 @@ class ModelContext:
     dtype: torch.dtype = torch.float32
 
 
+CLASSIFIER_TASKS = ("classification", "multilabel", "regression")  # a head of num_classes outputs
+
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
 
 
 def _require_classes(ctx: ModelContext, name: str) -> int:
-    if ctx.task != "classification" or not ctx.num_classes:
-        raise ValueError(f"model {name!r} needs a classification dataset (the data source is '{ctx.task}')")
+    """Returns the number of outputs a classifier head needs: the classes (or labels, or
+    regression targets); raises ValueError for tasks without them."""
+    if ctx.task not in CLASSIFIER_TASKS or not ctx.num_classes:
+        raise ValueError(f"model {name!r} needs a classification, multi-label or regression dataset "
+                         f"(the data source is '{ctx.task}')")
     return ctx.num_classes
+
+
+def image_shape(ctx: ModelContext, name: str) -> tuple[int, int, int]:
+    """Returns the input's (C, H, W); raises ValueError unless the inputs are images."""
+    if len(ctx.input_shape) != 3:
+        raise ValueError(f"{name} needs image inputs [C, H, W], the data has shape {list(ctx.input_shape)}")
+    c, h, w = ctx.input_shape
+    return int(c), int(h), int(w)
 
 
 @MODELS.register("logreg")
@@ -78,11 +93,9 @@ def cnn(
         channels: Output channels of each conv block (each block halves the spatial size).
         hidden: Width of the fully connected layer before the classifier.
         kernel_size: Convolution kernel size (padding keeps the spatial size).
-        groupnorm: Add GroupNorm after each convolution (BatchNorm is not supported).
+        groupnorm: Add GroupNorm after each convolution.
     """
-    if len(ctx.input_shape) != 3:
-        raise ValueError(f"cnn needs image inputs [C, H, W], the data has shape {list(ctx.input_shape)}")
-    c, h, w = ctx.input_shape
+    c, h, w = image_shape(ctx, "cnn")
     layers: list[nn.Module] = []
     for out in channels:
         layers.append(nn.Conv2d(c, out, kernel_size, padding=kernel_size // 2))
@@ -130,3 +143,7 @@ def call_user_factory(factory: Any, ctx: ModelContext, kwargs: dict[str, Any]) -
     offer = {"input_shape": ctx.input_shape, "num_classes": ctx.num_classes}
     given = {k: v for k, v in offer.items() if accepts_all or k in params}
     return factory(**given, **kwargs)
+
+
+# the built-in models papers name, one module each; imported last (they use the helpers above)
+from . import char_lstm, femnist_cnn, lenet5, resnet, transformer_lm  # noqa: E402,F401
