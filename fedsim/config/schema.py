@@ -6,7 +6,7 @@ Every key is documented here (plain sections) or in its factory's docstring (com
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Any, List, Optional
+from typing import Annotated, Any, List, Optional, Union
 
 from ..registry import (
     AVAILABILITY_MODELS,
@@ -21,7 +21,7 @@ from ..registry import (
     STRATEGIES,
     TOPOLOGIES,
 )
-from .checks import FitsInMemory, Ge, Gt, OneOf, Range
+from .checks import CountOrAll, FitsInMemory, Ge, Gt, OneOf, Range
 from .components import ComponentSpec
 
 
@@ -40,10 +40,11 @@ CLIENT_BYTES = 256  # below what a client costs with the smallest source (~400 B
 class DataCommon:
     """Keys of the `data` section shared by every data source."""
 
-    num_clients: Annotated[int, Ge(1), FitsInMemory(CLIENT_BYTES, "clients")] = knob(
-        10, "Number of clients (or gossip nodes) in the population. A population that cannot fit in this "
-        f"machine's memory at {CLIENT_BYTES} bytes per client (less than any data source needs) is refused "
-        "before anything is built."
+    num_clients: Annotated[Union[int, str], CountOrAll(), Ge(1), FitsInMemory(CLIENT_BYTES, "clients")] = knob(
+        10, "Number of clients (or gossip nodes) in the population, or 'all': every user of a source that "
+        "has users of its own (leaf, a csv/npz user column) becomes a client. A population that cannot fit "
+        f"in this machine's memory at {CLIENT_BYTES} bytes per client (less than any data source needs) is "
+        "refused before anything is built."
     )
     partition: Any = knob(
         "auto",
