@@ -1,7 +1,7 @@
 """Partitioners: how training samples are split among clients.
 
 Each returns one index array per client (into the source's training set). Dirichlet label
-skew comes in the two variants the literature mixes up (../ALGORITHMS §7.1), named apart:
+skew comes in the two variants the literature mixes up, named apart:
 
 * ``dirichlet_per_class`` (variant A; Yurochkin et al. 2019, NIID-Bench, FedHyper, DFedSAM):
   for each class c, p_c ~ Dir(α·1_N) splits that class's samples among clients. Every
