@@ -50,13 +50,16 @@ class DataCommon:
         "auto",
         "How training samples are split among clients: a partitioner name or a mapping "
         "{name: ..., kwargs}. 'auto' is the source's natural per-user split when it has one "
-        "(synthetic, quadratic) and IID otherwise.",
+        "(synthetic, quadratic, leaf, npz/csv with a user column) and IID otherwise.",
     )
     test_fraction: Annotated[float, Range(0.0, 1.0, open_hi=True)] = knob(
         0.2, "Share of samples held out as the global test set, for sources without their own test split."
     )
     client_test_fraction: Annotated[float, Range(0.0, 1.0, open_hi=True)] = knob(
-        0.0, "Share of each client's samples kept as that client's own test split (for per-client metrics)."
+        0.0, "Share of each client's samples kept as that client's own test split: every evaluation row then "
+        "has client_acc_mean, client_acc_std, client_acc_p10 and client_acc_min (the global model, or each gossip "
+        "node's own model, on each client's test data). Must be 0 for sources with per-user test sets of their "
+        "own (leaf, user columns), which are used instead."
     )
 
 

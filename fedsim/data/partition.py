@@ -188,13 +188,13 @@ def classes_per_client(
 
 @PARTITIONERS.register("auto")
 def auto(ctx: PartitionContext) -> list[np.ndarray]:
-    """The source's natural split when it has one (synthetic, quadratic), IID otherwise."""
+    """The source's natural split when it has one (synthetic, quadratic, leaf, a user column), IID otherwise."""
     return natural(ctx) if ctx.groups is not None else iid(ctx)
 
 
 @PARTITIONERS.register("natural")
 def natural(ctx: PartitionContext) -> list[np.ndarray]:
-    """The source's own per-user split (Synthetic, quadratic): user i is client i."""
+    """The source's own per-user split (synthetic, quadratic, leaf, npz/csv user columns): user i is client i."""
     if ctx.groups is None:
         raise ValueError("this data source has no natural split; choose iid, dirichlet_per_class, ...")
     if len(ctx.groups) < ctx.num_clients:
