@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 
 from .data.base import FederatedData
-from .errors import FedsimError
 
 
 def label_counts(data: FederatedData) -> np.ndarray:
@@ -37,10 +36,7 @@ def summary(counts: np.ndarray) -> str:
 def draw(counts: np.ndarray, out: Path, title: str = "") -> Path:
     """Writes the stacked per-client bar chart of `counts` to `out` (PNG); returns `out`.
     Raises FedsimError (one line) when `out` cannot be written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plots import plt, save_figure  # matplotlib (Agg) is slow to import: only when drawing
 
     n, c = counts.shape
     fig, ax = plt.subplots(figsize=(min(4 + 0.12 * n, 16), 4.5))
@@ -65,14 +61,7 @@ def draw(counts: np.ndarray, out: Path, title: str = "") -> Path:
     if 1 < c <= 20:
         ax.legend(title="class", bbox_to_anchor=(1.01, 1), loc="upper left", fontsize="small")
     fig.tight_layout()
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=110)
-    except (OSError, ValueError) as exc:
-        raise FedsimError(f"cannot write {out}: {exc}") from None
-    finally:
-        plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=110)
 
 
 __all__ = ["draw", "label_counts", "summary"]
