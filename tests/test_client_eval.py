@@ -49,3 +49,14 @@ def test_gossip_rows_hold_each_nodes_accuracy_on_its_own_test_data():
 def test_no_client_test_data_no_columns():
     run = run_config(digits_config(run={"rounds": 1}))
     assert not set(COLUMNS) & set(run.rows[-1])
+
+
+@pytest.mark.parametrize("cfg", [digits_config(run={"rounds": 2}), dec_config()], ids=["sync", "decentralized"])
+def test_vmap_executor_gives_the_serial_columns(cfg):
+    from .conftest import merge
+
+    cfg = merge(cfg, {"data": {"client_test_fraction": 0.25}})
+    a = run_config(cfg)
+    b = run_config(merge(cfg, {"executor": {"kind": "vmap", "device": "cpu"}}))
+    for ra, rb in zip(a.rows, b.rows):
+        assert {k: rb[k] for k in COLUMNS} == pytest.approx({k: ra[k] for k in COLUMNS}, abs=1e-9)
