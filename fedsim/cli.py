@@ -1,4 +1,4 @@
-"""The `fedsim` command line: run, resume, plot, reproduce, gallery, config-reference, list.
+"""The `fedsim` command line: run, resume, plot, partition, reproduce, gallery, config-reference, list.
 
 Every user error is one line on stderr and an exit status (2 bad input, 3 divergence, 4 no
 progress, 130 interrupted; see fedsim/errors.py), never a traceback.
@@ -60,6 +60,20 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from .plots import overlay
 
     out = overlay(args.runs, args.x, args.y, args.output, labels=args.label, logy=args.logy)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_partition(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .data import build_federated_data
+    from .partition_plot import draw, label_counts, summary
+
+    config = load_config(args.config, args.overrides)
+    data = build_federated_data(config.data, config.partition, config.seed)
+    counts = label_counts(data)
+    print(summary(counts))
+    out = draw(counts, Path(args.output), f"{config.data.name}, partition {config.partition.name}")
     print(f"wrote {out}")
     return 0
 
@@ -168,6 +182,12 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--logy", action="store_true", help="log-scale y axis")
     pl.add_argument("-o", "--output", required=True, help="PNG file to write")
     pl.set_defaults(func=_cmd_plot)
+
+    pa = sub.add_parser("partition", help="draw a config's per-client label distribution and sizes")
+    pa.add_argument("config", help="experiment YAML")
+    pa.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.partition.alpha=0.1")
+    pa.add_argument("-o", "--output", default="partition.png", help="PNG to write (default: partition.png)")
+    pa.set_defaults(func=_cmd_partition)
 
     rp = sub.add_parser("reproduce", help="re-create a paper's figure and claim table")
     rp.add_argument("name", help="paper name (experiments/papers/<name>/) or 'all'")

@@ -112,10 +112,15 @@ def overlay(run_dirs: Sequence[str | Path], x: str, y: str, out: str | Path, lab
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(out)
+    return save_figure(fig, Path(out), dpi=120)
+
+
+def save_figure(fig: Any, out: Path, dpi: int) -> Path:
+    """Writes `fig` to `out` (its folder created) and closes it; returns `out`. Raises
+    FedsimError (one line) when `out` cannot be written."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=120)
+        fig.savefig(out, dpi=dpi)
     except (OSError, ValueError) as exc:
         raise FedsimError(f"cannot write {out}: {exc}") from None
     finally:

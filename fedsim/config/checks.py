@@ -125,6 +125,19 @@ class Each(Check):
         return f"each {self.check.describe()}"
 
 
+@dataclass(frozen=True)
+class CountOrAll(Check):
+    """value is an integer (not a bool) or the word 'all'."""
+
+    def problem(self, value: Any) -> str | None:
+        if value == "all" or (isinstance(value, int) and not isinstance(value, bool)):
+            return None
+        return f"must be an integer or 'all' (got {value!r})"
+
+    def describe(self) -> str:
+        return "integer or 'all'"
+
+
 def physical_memory() -> int | None:
     """Returns this machine's physical memory in bytes, or None where the OS does not say."""
     try:

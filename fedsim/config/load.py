@@ -146,6 +146,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 
+def integer_count(section: Any, key: str) -> Any:
+    """Returns `section` with `key` as an int where it is a string of digits (an environment
+    interpolation), so that a knob taking an integer or a word ('all') is typed as an integer."""
+    if isinstance(section, Mapping) and isinstance(section.get(key), str) and section[key].strip().lstrip("-").isdigit():
+        return {**section, key: int(section[key])}
+    return section
+
+
 def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
     """Builds a validated Config from a YAML path (or a mapping) and dot-list overrides.
 
@@ -197,7 +205,7 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
         if key not in SYSTEM_KEYS:
             raise ConfigError(f"system.{key}", f"unknown key (known keys: {', '.join(sorted(SYSTEM_KEYS))})")
     system = SystemConfig(**{k: NESTED_COMPONENTS[f"system.{k}"].resolve(f"system.{k}", system_raw.get(k)) for k in SYSTEM_KEYS})
-    data = COMPONENTS["data"].resolve("data", raw.get("data"))
+    data = COMPONENTS["data"].resolve("data", integer_count(raw.get("data"), "num_clients"))
     partition = NESTED_COMPONENTS["data.partition"].resolve("data.partition", data.common["partition"])
     comps = {k: COMPONENTS[k].resolve(k, raw.get(k)) for k in ("model", "strategy", "protocol", "executor")}
     topology = COMPONENTS["topology"].resolve("topology", raw["topology"]) if raw.get("topology") is not None else None

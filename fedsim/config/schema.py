@@ -6,7 +6,7 @@ Every key is documented here (plain sections) or in its factory's docstring (com
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Any, List, Optional
+from typing import Annotated, Any, List, Optional, Union
 
 from ..registry import (
     ADVERSARY_MODELS,
@@ -22,7 +22,7 @@ from ..registry import (
     STRATEGIES,
     TOPOLOGIES,
 )
-from .checks import Each, FitsInMemory, Ge, Gt, OneOf, Range
+from .checks import CountOrAll, Each, FitsInMemory, Ge, Gt, OneOf, Range
 from .components import ComponentSpec
 
 
@@ -41,22 +41,26 @@ CLIENT_BYTES = 256  # below what a client costs with the smallest source (~400 B
 class DataCommon:
     """Keys of the `data` section shared by every data source."""
 
-    num_clients: Annotated[int, Ge(1), FitsInMemory(CLIENT_BYTES, "clients")] = knob(
-        10, "Number of clients (or gossip nodes) in the population. A population that cannot fit in this "
-        f"machine's memory at {CLIENT_BYTES} bytes per client (less than any data source needs) is refused "
-        "before anything is built."
+    num_clients: Annotated[Union[int, str], CountOrAll(), Ge(1), FitsInMemory(CLIENT_BYTES, "clients")] = knob(
+        10, "Number of clients (or gossip nodes) in the population, or 'all': every user of a source that "
+        "has users of its own (leaf, a csv/npz user column) becomes a client. A population that cannot fit "
+        f"in this machine's memory at {CLIENT_BYTES} bytes per client (less than any data source needs) is "
+        "refused before anything is built."
     )
     partition: Any = knob(
         "auto",
         "How training samples are split among clients: a partitioner name or a mapping "
         "{name: ..., kwargs}. 'auto' is the source's natural per-user split when it has one "
-        "(synthetic, quadratic) and IID otherwise.",
+        "(synthetic, quadratic, leaf, npz/csv with a user column) and IID otherwise.",
     )
     test_fraction: Annotated[float, Range(0.0, 1.0, open_hi=True)] = knob(
         0.2, "Share of samples held out as the global test set, for sources without their own test split."
     )
     client_test_fraction: Annotated[float, Range(0.0, 1.0, open_hi=True)] = knob(
-        0.0, "Share of each client's samples kept as that client's own test split (for per-client metrics)."
+        0.0, "Share of each client's samples kept as that client's own test split: every evaluation row then "
+        "has client_acc_mean, client_acc_std, client_acc_p10 and client_acc_min (the global model, or each gossip "
+        "node's own model, on each client's test data). Must be 0 for sources with per-user test sets of their "
+        "own (leaf, user columns), which are used instead."
     )
     augment_crop: Annotated[int, Ge(0)] = knob(
         0, "Training-time random crop: pad images by this many zero pixels per side and cut a random window "

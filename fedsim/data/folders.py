@@ -1,9 +1,11 @@
-"""MNIST and CIFAR-10 read from a local folder in their standard on-disk formats.
+"""MNIST-like and CIFAR datasets read from a local folder in their standard on-disk formats.
 
 Nothing is downloaded. A missing or malformed folder raises DataError saying what to put
-where. MNIST: the four IDX files (optionally .gz). CIFAR-10: the binary version
-(``cifar-10-batches-bin/*.bin``) or the Python version (``cifar-10-batches-py``), the
-latter read with a restricted unpickler that accepts only plain arrays and containers.
+where. MNIST, Fashion-MNIST, KMNIST, EMNIST: IDX files (optionally .gz), directly in the
+folder, in raw/, or in torchvision's <root>/<NAME>/raw. CIFAR-10: the binary version
+(``cifar-10-batches-bin/*.bin``) or the Python version (``cifar-10-batches-py``); CIFAR-100:
+the Python version (``cifar-100-python``); python batches are read with a restricted
+unpickler that accepts only plain arrays and containers. All are held in memory.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pickle
 import struct
 from pathlib import Path
 
-from typing import Annotated, List, Optional
+from typing import Annotated, List, Literal, Optional
 
 import numpy as np
 import torch
@@ -42,9 +44,9 @@ CIFAR_HINT = (
 NUM_CLASSES = 10  # MNIST and CIFAR-10
 
 
-def _open_maybe_gz(root: Path, name: str, hint: str) -> tuple[Path, bytes]:
-    """Returns (path, contents) of file `name` (or name.gz, decompressed) in one of MNIST_FOLDERS."""
-    for folder in MNIST_FOLDERS:
+def _open_maybe_gz(root: Path, name: str, hint: str, folders: tuple[str, ...] = MNIST_FOLDERS) -> tuple[Path, bytes]:
+    """Returns (path, contents) of file `name` (or name.gz, decompressed) in one of `folders` under `root`."""
+    for folder in folders:
         for candidate in (root / folder / name, root / folder / f"{name}.gz"):
             if candidate.is_file():
                 raw = candidate.read_bytes()
@@ -57,12 +59,12 @@ def _open_maybe_gz(root: Path, name: str, hint: str) -> tuple[Path, bytes]:
     raise DataError(f"missing {name} in {root}: {hint.format(root=root)}")
 
 
-def check_labels(labels: np.ndarray, where: Path) -> None:
+def check_labels(labels: np.ndarray, where: Path, num_classes: int = NUM_CLASSES) -> None:
     """Raises DataError naming `where` and the first bad value unless every label is a class
-    index in [0, NUM_CLASSES)."""
-    bad = labels[(labels < 0) | (labels >= NUM_CLASSES)]
+    index in [0, num_classes)."""
+    bad = labels[(labels < 0) | (labels >= num_classes)]
     if bad.size:
-        raise DataError(f"{where}: label {int(bad[0])} is outside 0..{NUM_CLASSES - 1} "
+        raise DataError(f"{where}: label {int(bad[0])} is outside 0..{num_classes - 1} "
                         f"({bad.size} of {labels.size} labels are)")
 
 
@@ -81,6 +83,33 @@ def read_idx(raw: bytes, name: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
+def idx_source(root: str, what: str, files: dict[str, str], folders: tuple[str, ...], hint: str, num_classes: int,
+               transpose: bool = False) -> SourceData:
+    """Returns the SourceData of four IDX files (train/test images and labels, optionally .gz)
+    found in one of `folders` under `root`; images scaled to [0, 1] and shaped [1, H, W]
+    (`transpose`: H and W swapped, as EMNIST's files store them). Raises DataError naming the
+    file and the expected layout when one is missing or malformed."""
+    base = Path(root)
+    if not base.is_dir():
+        raise DataError(f"{what} folder {base} does not exist: {hint.format(root=base)}")
+    found = {k: _open_maybe_gz(base, f, hint, folders) for k, f in files.items()}
+    arrays = {k: read_idx(raw, str(path)) for k, (path, raw) in found.items()}
+    for split in ("train", "test"):
+        xs, ys = arrays[f"{split}_x"], arrays[f"{split}_y"]
+        if xs.ndim != 3 or ys.ndim != 1 or len(xs) != len(ys):
+            raise DataError(f"{what} {split}: images {xs.shape} and labels {ys.shape} do not match "
+                            f"({found[f'{split}_x'][0]}, {found[f'{split}_y'][0]})")
+        check_labels(ys, found[f"{split}_y"][0], num_classes)
+
+    def to_x(a: np.ndarray) -> torch.Tensor:
+        x = torch.tensor(a, dtype=torch.float32).unsqueeze(1) / 255.0
+        return x.transpose(2, 3).contiguous() if transpose else x
+
+    to_y = lambda a: torch.tensor(a, dtype=torch.int64)  # noqa: E731
+    return SourceData(to_x(arrays["train_x"]), to_y(arrays["train_y"]), to_x(arrays["test_x"]), to_y(arrays["test_y"]),
+                      num_classes=num_classes)
+
+
 @DATA_SOURCES.register("mnist")
 def mnist(ctx: SourceContext, root: str = "data/mnist") -> SourceData:
     """MNIST from local IDX files; images scaled to [0, 1] and shaped [1, 28, 28].
@@ -88,21 +117,61 @@ def mnist(ctx: SourceContext, root: str = "data/mnist") -> SourceData:
     Args:
         root: Folder holding the four IDX files, or a raw/ or MNIST/raw/ (torchvision's layout) folder with them.
     """
-    base = Path(root)
-    if not base.is_dir():
-        raise DataError(f"MNIST folder {base} does not exist: {MNIST_HINT.format(root=base)}")
-    files = {k: _open_maybe_gz(base, f, MNIST_HINT) for k, f in MNIST_FILES.items()}
-    arrays = {k: read_idx(raw, str(path)) for k, (path, raw) in files.items()}
-    for split in ("train", "test"):
-        xs, ys = arrays[f"{split}_x"], arrays[f"{split}_y"]
-        if xs.ndim != 3 or ys.ndim != 1 or len(xs) != len(ys):
-            raise DataError(f"MNIST {split}: images {xs.shape} and labels {ys.shape} do not match")
-        check_labels(ys, files[f"{split}_y"][0])
-    to_x = lambda a: torch.tensor(a, dtype=torch.float32).unsqueeze(1) / 255.0  # noqa: E731
-    to_y = lambda a: torch.tensor(a, dtype=torch.int64)  # noqa: E731
-    return SourceData(
-        to_x(arrays["train_x"]), to_y(arrays["train_y"]), to_x(arrays["test_x"]), to_y(arrays["test_y"]), num_classes=10
-    )
+    return idx_source(root, "MNIST", MNIST_FILES, MNIST_FOLDERS, MNIST_HINT, NUM_CLASSES)
+
+
+def _mnist_like(name: str) -> tuple[tuple[str, ...], str]:
+    """Returns (folders, hint) for a dataset stored like MNIST under torchvision's root/<name>/raw."""
+    hint = MNIST_HINT.replace("MNIST IDX", f"{name} IDX").replace("MNIST/raw", f"{name}/raw").split(" — ")[0]
+    return (".", "raw", f"{name}/raw"), hint
+
+
+@DATA_SOURCES.register("fashion_mnist")
+def fashion_mnist(ctx: SourceContext, root: str = "data/fashion_mnist") -> SourceData:
+    """Fashion-MNIST from local IDX files (MNIST's file names); images [1, 28, 28] in [0, 1], 10 classes.
+
+    Args:
+        root: Folder holding the four IDX files, or a raw/ or FashionMNIST/raw/ (torchvision's layout) folder with them.
+    """
+    folders, hint = _mnist_like("FashionMNIST")
+    return idx_source(root, "Fashion-MNIST", MNIST_FILES, folders, hint, 10)
+
+
+@DATA_SOURCES.register("kmnist")
+def kmnist(ctx: SourceContext, root: str = "data/kmnist") -> SourceData:
+    """Kuzushiji-MNIST from local IDX files (MNIST's file names); images [1, 28, 28] in [0, 1], 10 classes.
+
+    Args:
+        root: Folder holding the four IDX files, or a raw/ or KMNIST/raw/ (torchvision's layout) folder with them.
+    """
+    folders, hint = _mnist_like("KMNIST")
+    return idx_source(root, "KMNIST", MNIST_FILES, folders, hint, 10)
+
+
+EMNIST_CLASSES = {"byclass": 62, "bymerge": 47, "balanced": 47, "letters": 27, "digits": 10, "mnist": 10}
+
+
+@DATA_SOURCES.register("emnist")
+def emnist(
+    ctx: SourceContext,
+    root: str = "data/emnist",
+    split: Literal["byclass", "bymerge", "balanced", "letters", "digits", "mnist"] = "balanced",
+) -> SourceData:
+    """EMNIST from local IDX files (emnist-<split>-{train,test}-{images-idx3,labels-idx1}-ubyte[.gz]).
+
+    Images are transposed into the usual orientation, as torchvision does: [1, 28, 28] in
+    [0, 1]. Classes: byclass 62, bymerge and balanced 47, digits and mnist 10, letters 27
+    (labels 1..26; 0 unused, as in torchvision).
+
+    Args:
+        root: Folder holding the split's IDX files, or a raw/ or EMNIST/raw/ (torchvision's layout) folder with them.
+        split: Which EMNIST split to read.
+    """
+    files = {"train_x": f"emnist-{split}-train-images-idx3-ubyte", "train_y": f"emnist-{split}-train-labels-idx1-ubyte",
+             "test_x": f"emnist-{split}-test-images-idx3-ubyte", "test_y": f"emnist-{split}-test-labels-idx1-ubyte"}
+    hint = (f"put the four EMNIST {split} IDX files ({', '.join(files.values())}, optionally .gz) in {{root}}, "
+            "{root}/raw or {root}/EMNIST/raw (torchvision's layout; the 'gzip.zip' archive of the EMNIST site, unzipped)")
+    return idx_source(root, "EMNIST", files, (".", "raw", "EMNIST/raw", "gzip"), hint, EMNIST_CLASSES[split], transpose=True)
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -124,23 +193,26 @@ class _ArrayUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-def _cifar_py_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _cifar_py_batch(path: Path, label_key: str = "labels", num_classes: int = NUM_CLASSES,
+                    what: str = "CIFAR-10") -> tuple[np.ndarray, np.ndarray]:
+    """Returns (images [n, 3, 32, 32] uint8, labels) of a CIFAR python batch, labels from
+    `label_key`; raises DataError naming `path` for anything but plain arrays of that shape."""
     try:
         with path.open("rb") as fh:
             batch = _ArrayUnpickler(fh, encoding="bytes").load()
     except Exception as exc:  # noqa: BLE001
-        raise DataError(f"{path}: not a CIFAR-10 python batch ({exc})") from None
+        raise DataError(f"{path}: not a {what} python batch ({exc})") from None
     if not isinstance(batch, dict):
-        raise DataError(f"{path}: not a CIFAR-10 python batch (top level is {type(batch).__name__})")
+        raise DataError(f"{path}: not a {what} python batch (top level is {type(batch).__name__})")
     data = batch.get(b"data", batch.get("data"))
-    labels = batch.get(b"labels", batch.get("labels"))
+    labels = batch.get(label_key.encode(), batch.get(label_key))
     if data is None or labels is None:
-        raise DataError(f"{path}: CIFAR-10 batch without 'data' and 'labels'")
+        raise DataError(f"{path}: {what} batch without 'data' and {label_key!r}")
     try:
         data = np.asarray(data)
         labels = np.asarray(labels)
     except (ValueError, TypeError) as exc:
-        raise DataError(f"{path}: 'data' and 'labels' are not arrays ({exc})") from None
+        raise DataError(f"{path}: 'data' and {label_key!r} are not arrays ({exc})") from None
     if data.dtype.kind not in "iu" or data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (len(data),):
         raise DataError(f"{path}: expected integer data [n, 3072] and n labels, got {data.dtype} {list(data.shape)} "
                         f"and {list(labels.shape)}")
@@ -148,7 +220,7 @@ def _cifar_py_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: pixel values must be 0..255, got {data.min()}..{data.max()}")
     if labels.dtype.kind not in "iu":
         raise DataError(f"{path}: labels must be integers, got {labels.dtype}")
-    check_labels(labels, path)
+    check_labels(labels, path, num_classes)
     return data.astype(np.uint8).reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
@@ -200,4 +272,41 @@ def cifar10(
     raise DataError(f"no CIFAR-10 batches found in {base}: {CIFAR_HINT.format(root=base)}")
 
 
-__all__ = ["cifar10", "mnist", "read_idx"]
+CIFAR100_HINT = (
+    "put CIFAR-100's python version in {root}: cifar-100-python/ with its train and test files "
+    "(torchvision's layout), extracted from https://www.cs.toronto.edu/~kriz/cifar.html"
+)
+
+
+@DATA_SOURCES.register("cifar100")
+def cifar100(
+    ctx: SourceContext,
+    root: str = "data/cifar100",
+    labels: Literal["fine", "coarse"] = "fine",
+) -> SourceData:
+    """CIFAR-100 from its python version (cifar-100-python/train, test); images [3, 32, 32] in [0, 1].
+
+    Read with the same restricted unpickler as CIFAR-10 (plain arrays and containers only).
+
+    Args:
+        root: Folder holding cifar-100-python/ (or its train and test files directly).
+        labels: 'fine' (100 classes) or 'coarse' (the 20 superclasses).
+    """
+    base = Path(root)
+    if not base.is_dir():
+        raise DataError(f"CIFAR-100 folder {base} does not exist: {CIFAR100_HINT.format(root=base)}")
+    key, classes = ("fine_labels", 100) if labels == "fine" else ("coarse_labels", 20)
+    for folder in (base / "cifar-100-python", base):
+        train, test = folder / "train", folder / "test"
+        if train.is_file() and test.is_file():
+            xtr, ytr = _cifar_py_batch(train, key, classes, "CIFAR-100")
+            xte, yte = _cifar_py_batch(test, key, classes, "CIFAR-100")
+            to_x = lambda a: torch.tensor(a, dtype=torch.float32) / 255.0  # noqa: E731
+            return SourceData(to_x(xtr), torch.tensor(ytr), to_x(xte), torch.tensor(yte), num_classes=classes)
+        if train.is_file() or test.is_file():
+            missing = test if train.is_file() else train
+            raise DataError(f"missing {missing}: {CIFAR100_HINT.format(root=base)}")
+    raise DataError(f"no CIFAR-100 files found in {base}: {CIFAR100_HINT.format(root=base)}")
+
+
+__all__ = ["cifar10", "cifar100", "emnist", "fashion_mnist", "idx_source", "kmnist", "mnist", "read_idx"]

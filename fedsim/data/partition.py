@@ -1,7 +1,7 @@
 """Partitioners: how training samples are split among clients.
 
 Each returns one index array per client (into the source's training set). Dirichlet label
-skew comes in the two variants the literature mixes up (../ALGORITHMS §7.1), named apart:
+skew comes in the two variants the literature mixes up, named apart:
 
 * ``dirichlet_per_class`` (variant A; Yurochkin et al. 2019, NIID-Bench, FedHyper, DFedSAM):
   for each class c, p_c ~ Dir(α·1_N) splits that class's samples among clients. Every
@@ -12,7 +12,7 @@ skew comes in the two variants the literature mixes up (../ALGORITHMS §7.1), na
 """
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 
@@ -109,15 +109,92 @@ def shards(
     return [np.sort(np.concatenate([pieces[s] for s in row])) for row in assign]
 
 
+def client_sizes(total: int, weights: np.ndarray, min_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Returns client sizes summing to `total`: `min_size` each, the rest drawn multinomially
+    in proportion to `weights`."""
+    n = len(weights)
+    if min_size * n > total:
+        raise ValueError(f"min_size {min_size} × {n} clients exceeds the {total} samples")
+    return min_size + rng.multinomial(total - min_size * n, weights / weights.sum())
+
+
+@PARTITIONERS.register("quantity_skew")
+def quantity_skew(
+    ctx: PartitionContext,
+    distribution: Literal["lognormal", "power_law", "dirichlet"] = "lognormal",
+    sigma: Annotated[float, Gt(0)] = 1.0,
+    exponent: Annotated[float, Gt(0)] = 1.5,
+    alpha: Annotated[float, Gt(0)] = 0.5,
+    min_size: Annotated[int, Ge(0)] = 1,
+) -> list[np.ndarray]:
+    """Quantity skew: IID samples, client sizes drawn from a heavy-tailed law.
+
+    Client i gets weight w_i — 'lognormal': w_i ~ LogNormal(0, σ²) (LEAF, FedProx's
+    Synthetic); 'power_law': w_i ~ Pareto(a) with x_m = 1 (P(w > t) = t^−a); 'dirichlet':
+    (w_1..w_N) ~ Dir(α·1_N) (NIID-Bench). Each client holds `min_size` samples plus a
+    multinomial share of the rest in proportion to w_i; every sample goes to one client.
+
+    Args:
+        distribution: The law of the client weights: 'lognormal', 'power_law' or 'dirichlet'.
+        sigma: σ of the log-normal law (larger = more skewed).
+        exponent: Pareto exponent a of the power law (smaller = heavier tail).
+        alpha: Dirichlet concentration α (smaller = more skewed).
+        min_size: Samples every client holds at least.
+    """
+    n, total = ctx.num_clients, len(ctx.labels)
+    if distribution == "lognormal":
+        weights = ctx.rng.lognormal(0.0, sigma, n)
+    elif distribution == "power_law":
+        weights = ctx.rng.pareto(exponent, n) + 1.0
+    else:
+        weights = ctx.rng.dirichlet(np.full(n, alpha))
+    sizes = client_sizes(total, weights, min_size, ctx.rng)
+    perm = ctx.rng.permutation(total)
+    return [np.sort(p) for p in np.split(perm, np.cumsum(sizes)[:-1])]
+
+
+@PARTITIONERS.register("classes_per_client")
+def classes_per_client(
+    ctx: PartitionContext,
+    k: Annotated[int, Ge(1)] = 2,
+) -> list[np.ndarray]:
+    """Pathological label skew (#C = k, NIID-Bench; flwr-datasets' PathologicalPartitioner):
+    every client holds exactly k classes.
+
+    Client i gets class i mod C and k − 1 further distinct classes drawn at random; each
+    class's samples are shuffled and split evenly among the clients that hold it. A class no
+    client drew is left out (with k·N < C).
+
+    Args:
+        k: Classes per client (at most the number of classes).
+    """
+    classes = np.unique(ctx.labels)
+    if k > len(classes):
+        raise ValueError(f"k={k} exceeds the {len(classes)} classes of the data")
+    held: list[list[int]] = []
+    for i in range(ctx.num_clients):
+        first = i % len(classes)
+        others = ctx.rng.choice(np.delete(np.arange(len(classes)), first), size=k - 1, replace=False)
+        held.append([first, *others.tolist()])
+    shards: list[list[np.ndarray]] = [[] for _ in range(ctx.num_clients)]
+    for c, label in enumerate(classes):
+        owners = [i for i, h in enumerate(held) if c in h]
+        if owners:
+            idx = ctx.rng.permutation(np.flatnonzero(ctx.labels == label))
+            for owner, part in zip(owners, np.array_split(idx, len(owners))):
+                shards[owner].append(part)
+    return [np.sort(np.concatenate(s)) for s in shards]
+
+
 @PARTITIONERS.register("auto")
 def auto(ctx: PartitionContext) -> list[np.ndarray]:
-    """The source's natural split when it has one (synthetic, quadratic), IID otherwise."""
+    """The source's natural split when it has one (synthetic, quadratic, leaf, a user column), IID otherwise."""
     return natural(ctx) if ctx.groups is not None else iid(ctx)
 
 
 @PARTITIONERS.register("natural")
 def natural(ctx: PartitionContext) -> list[np.ndarray]:
-    """The source's own per-user split (Synthetic, quadratic): user i is client i."""
+    """The source's own per-user split (synthetic, quadratic, leaf, npz/csv user columns): user i is client i."""
     if ctx.groups is None:
         raise ValueError("this data source has no natural split; choose iid, dirichlet_per_class, ...")
     if len(ctx.groups) < ctx.num_clients:

@@ -101,8 +101,8 @@ def synthetic(
         num_classes: Number of classes C (10 in the paper).
         max_samples_per_user: Cap on n_k (the log-normal law is heavy-tailed); None keeps the paper's law.
     """
+    users = ctx.population("synthetic")
     rng = numpy_rng(ctx.seed, "synthetic")
-    users = ctx.num_clients
     sizes = rng.lognormal(4, 2, users).astype(int) + 50
     if max_samples_per_user:
         sizes = np.minimum(sizes, max_samples_per_user)
@@ -164,8 +164,8 @@ def quadratic(
     """
     if curvature_max < curvature_min:
         raise ValueError(f"curvature_max ({curvature_max}) must be >= curvature_min ({curvature_min})")
+    n = ctx.population("quadratic")
     rng = numpy_rng(ctx.seed, "quadratic")
-    n = ctx.num_clients
     a = rng.uniform(curvature_min, curvature_max, n)
     b = rng.normal(0.0, center_std, (n, dim))
     x = np.repeat(b, samples_per_client, axis=0) + noise_std * rng.normal(size=(n * samples_per_client, dim))

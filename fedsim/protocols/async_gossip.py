@@ -269,6 +269,9 @@ class AsyncGossipProtocol(Protocol):
     def eval_params(self, ctx: RunContext, state: GossipState) -> Tensor:
         return state.models.mean(0)
 
+    def node_params(self, ctx: RunContext, state: GossipState) -> Tensor:
+        return state.models
+
     def eval_metrics(self, ctx: RunContext, state: GossipState) -> dict[str, Any]:
         out: dict[str, Any] = {
             "train_loss": state.loss_sum / state.loss_count if state.loss_count else None,

@@ -198,6 +198,11 @@ class Protocol(ABC):
     def eval_params(self, ctx: RunContext, state: ProtocolState) -> Tensor:
         """Returns the model to evaluate (the global model, or the nodes' average)."""
 
+    def node_params(self, ctx: RunContext, state: ProtocolState) -> Tensor | None:
+        """Returns the ``[num_clients, d]`` stack of the clients' own models where each keeps
+        one (the gossip protocols), else None (one global model: `eval_params`)."""
+        return None
+
     def eval_metrics(self, ctx: RunContext, state: ProtocolState) -> dict[str, Any]:
         """Returns protocol-specific metrics for an evaluation row (may reset accumulators)."""
         return {}

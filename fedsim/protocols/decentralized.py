@@ -212,6 +212,9 @@ class DecentralizedProtocol(RoundProtocol):
     def eval_params(self, ctx: RunContext, state: DecentralizedState) -> Tensor:
         return state.models.mean(0)
 
+    def node_params(self, ctx: RunContext, state: DecentralizedState) -> Tensor:
+        return state.models
+
     def eval_metrics(self, ctx: RunContext, state: DecentralizedState) -> dict[str, Any]:
         out: dict[str, Any] = {"train_loss": state.train_loss, "active_nodes": state.active,
                                "spectral_gap": state.spectral_gap}

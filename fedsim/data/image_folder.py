@@ -1,0 +1,104 @@
+"""An image-folder tree: one sub-folder per class, PNG/JPEG files, resized to a fixed shape.
+
+Layout (torchvision's ImageFolder): ``root/<class>/<image>``, or ``root/train/<class>/...``
+with ``root/test/<class>/...`` for a test set of its own. Classes are the sub-folder names
+in sorted order. Images are decoded with Pillow, converted to RGB (or grayscale), resized
+to `size` and held in memory as float32 in [0, 1].
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, List, Literal
+
+import numpy as np
+import torch
+
+from ..config import Each, Ge
+from ..errors import DataError
+from ..rng import numpy_rng
+from ..registry import DATA_SOURCES
+from .base import SourceContext, SourceData
+from .sources import split_train_test
+
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+LAYOUT = ("one sub-folder per class holding PNG/JPEG images: {root}/<class>/<image>, or {root}/train/<class>/... "
+          "and {root}/test/<class>/...")
+
+
+def list_images(folder: Path, classes: list[str] | None, layout: str) -> tuple[list[Path], np.ndarray, list[str]]:
+    """Returns (image paths, class ids, class names) under `folder`/<class>/; `classes` fixes
+    the class names (a test tree must use the training tree's). Raises DataError when empty."""
+    found = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    names = classes if classes is not None else found
+    unknown = sorted(set(found) - set(names))
+    if unknown:
+        raise DataError(f"{folder}: class folder {unknown[0]!r} is not among the training classes ({', '.join(names)})")
+    paths, labels = [], []
+    for i, name in enumerate(names):
+        sub = folder / name
+        files = sorted(p for p in sub.iterdir() if p.suffix.lower() in EXTENSIONS) if sub.is_dir() else []
+        paths += files
+        labels += [i] * len(files)
+    if not paths:
+        raise DataError(f"no images in {folder}: put {layout}")
+    return paths, np.asarray(labels, dtype=np.int64), names
+
+
+def decode(paths: list[Path], size: tuple[int, int], mode: str) -> np.ndarray:
+    """Returns [n, C, H, W] float32 in [0, 1]; raises DataError naming an unreadable image."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError("the image_folder source needs Pillow: pip install pillow") from None
+    h, w = size
+    out = np.empty((len(paths), 3 if mode == "RGB" else 1, h, w), dtype=np.float32)
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as img:
+                arr = np.asarray(img.convert(mode).resize((w, h)), dtype=np.float32) / 255.0
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise DataError(f"{path}: not a readable image ({exc})") from None
+        out[i] = arr.transpose(2, 0, 1) if arr.ndim == 3 else arr[None]
+    return out
+
+
+@DATA_SOURCES.register("image_folder")
+def image_folder(
+    ctx: SourceContext,
+    root: str = "data/images",
+    size: Annotated[List[int], Each(Ge(1))] = (32, 32),
+    color: Literal["rgb", "gray"] = "rgb",
+) -> SourceData:
+    """Images in one sub-folder per class (torchvision's ImageFolder layout), resized to `size`.
+
+    With root/train/ and root/test/ the test tree is the test set; otherwise a seeded,
+    class-stratified `data.test_fraction` of the images is. All images are decoded into
+    memory at start-up ([C, H, W] float32 in [0, 1]).
+
+    Args:
+        root: The folder holding the class sub-folders (or train/ and test/ with class sub-folders).
+        size: [height, width] every image is resized to.
+        color: 'rgb' (3 channels) or 'gray' (1 channel).
+    """
+    if len(size) != 2:
+        raise ValueError(f"size: give [height, width] (got {list(size)})")
+    base = Path(root)
+    layout = LAYOUT.format(root=base)
+    if not base.is_dir():
+        raise DataError(f"image folder {base} does not exist: put {layout}")
+    mode = "RGB" if color == "rgb" else "L"
+    shape = (int(size[0]), int(size[1]))
+    if (base / "train").is_dir() and (base / "test").is_dir():
+        paths, y, names = list_images(base / "train", None, layout)
+        tpaths, ty, _ = list_images(base / "test", names, layout)
+        x, tx = decode(paths, shape, mode), decode(tpaths, shape, mode)
+    else:
+        paths, labels, names = list_images(base, None, layout)
+        tr, te = split_train_test(len(labels), ctx.test_fraction, numpy_rng(ctx.seed, "image_folder/split"), labels)
+        every = decode(paths, shape, mode)
+        x, y, tx, ty = every[tr], labels[tr], every[te], labels[te]
+    return SourceData(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(tx), torch.from_numpy(ty),
+                      num_classes=max(len(names), 2), info={"classes": names})
+
+
+__all__ = ["image_folder"]
