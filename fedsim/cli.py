@@ -1,4 +1,4 @@
-"""The `fedsim` command line: run, resume, plot, reproduce, gallery, config-reference, list.
+"""The `fedsim` command line: run, resume, sweep, plot, reproduce, gallery, config-reference, list.
 
 Every user error is one line on stderr and an exit status (2 bad input, 3 divergence, 4 no
 progress, 130 interrupted; see fedsim/errors.py), never a traceback.
@@ -54,6 +54,21 @@ def _print_final(run, out: Path) -> None:  # noqa: ANN001
     shown = {k: last[k] for k in ("round", "virtual_time", "test_accuracy", "test_loss", "dist_to_opt") if last.get(k) is not None}
     print("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
     print(f"run folder: {out}")
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import parse_axes, parse_seeds, sweep
+
+    axes = parse_axes(args.overrides)
+    if args.seeds is not None:
+        seeds = parse_seeds(args.seeds)
+    else:  # the config's own seed
+        from .config import load_config
+
+        seeds = [load_config(args.config).seed]
+    rows = sweep(args.config, axes, seeds, Path(args.out), workers=args.workers, ray_address=args.ray_address,
+                 cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
+    return 0 if all(r["status"] == "done" for r in rows) else 1
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -158,6 +173,18 @@ def parser() -> argparse.ArgumentParser:
     rs.add_argument("run_dir", help="the run folder")
     rs.add_argument("--quiet", action="store_true", help="no progress bar")
     rs.set_defaults(func=_cmd_resume)
+
+    sw = sub.add_parser("sweep", help="run a config for every combination of override values and seeds")
+    sw.add_argument("config", help="experiment YAML file")
+    sw.add_argument("overrides", nargs="*",
+                    help="key=value[,value...]: each key's values; the runs are the product of them and the seeds")
+    sw.add_argument("--seeds", help="seeds, e.g. 0,1,2 or 0-4 (default: the config's seed)")
+    sw.add_argument("--out", required=True, help="sweep folder: one run folder per run, sweep.csv, summary.csv")
+    sw.add_argument("--workers", type=int, default=1, help="local worker processes running runs at once (default 1)")
+    sw.add_argument("--ray-address", help="run each run as a Ray task on this cluster (auto, HOST:PORT, ray://...)")
+    sw.add_argument("--cpus-per-run", type=float, default=1.0, help="with --ray-address: CPUs each run asks for")
+    sw.add_argument("--gpus-per-run", type=float, default=0.0, help="with --ray-address: GPUs each run asks for")
+    sw.set_defaults(func=_cmd_sweep)
 
     pl = sub.add_parser("plot", help="overlay metrics of several run folders")
     pl.add_argument("runs", nargs="+", help="run folders")
