@@ -74,7 +74,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_plot(args: argparse.Namespace) -> int:
     from .plots import overlay
 
-    out = overlay(args.runs, args.x, args.y, args.output, labels=args.label, logy=args.logy)
+    out = overlay(args.runs, args.x, args.y, args.output, labels=args.label, logy=args.logy, title=args.title,
+                  group_by=args.group_by)
     print(f"wrote {out}")
     return 0
 
@@ -186,13 +187,17 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--gpus-per-run", type=float, default=0.0, help="with --ray-address: GPUs each run asks for")
     sw.set_defaults(func=_cmd_sweep)
 
-    pl = sub.add_parser("plot", help="overlay metrics of several run folders")
-    pl.add_argument("runs", nargs="+", help="run folders")
+    pl = sub.add_parser("plot", help="draw a metric of several runs: mean ± std over seeds per group of runs")
+    pl.add_argument("runs", nargs="+", help="run folders, or folders holding run folders (a sweep's)")
     pl.add_argument("--x", default="virtual_time", help="x metric (default virtual_time)")
-    pl.add_argument("--y", default="test_accuracy", help="y metric (default test_accuracy)")
-    pl.add_argument("--label", action="append", help="legend label per run, in order (repeat)")
+    pl.add_argument("--y", help="y metric (default: dist_to_opt where measured, else test_accuracy, else test_loss)")
+    pl.add_argument("--group-by", action="append", metavar="KEY",
+                    help="config key whose values make the curves, e.g. strategy.name (repeatable; default: runs "
+                         "whose configs differ only in the seed form one curve)")
+    pl.add_argument("--label", action="append", help="legend label per curve, in order (repeat)")
+    pl.add_argument("--title", help="figure title (default: the runs' experiment name)")
     pl.add_argument("--logy", action="store_true", help="log-scale y axis")
-    pl.add_argument("-o", "--output", required=True, help="PNG file to write")
+    pl.add_argument("-o", "--output", required=True, help="image to write; .png, .pdf or .svg")
     pl.set_defaults(func=_cmd_plot)
 
     rp = sub.add_parser("reproduce", help="re-create a paper's figure and claim table")
