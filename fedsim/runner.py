@@ -29,7 +29,8 @@ from .data import build_federated_data
 from .divergence import chance_accuracy, diverged, last_finite, shown
 from .errors import ConfigError, DivergenceError, FedsimError, Interrupted, NoProgressError, StepAbandoned
 from .executors.base import Executor, WorkerSpec, build_executor
-from .outputs import (EventLog, JsonlLog, RunDirLock, check_run_dir, empty_folder, folder_write_problem, prepare_run_dir,
+from .loggers import MetricsLog, check_loggers
+from .outputs import (EventLog, RunDirLock, check_run_dir, empty_folder, folder_write_problem, prepare_run_dir,
                       read_jsonl, write_atomic, write_config, write_summary)
 from .protocols.base import Protocol, ProtocolState, RunContext
 from .protocols.clocks import Clock, VirtualClock
@@ -74,6 +75,7 @@ def build(config: Config, clock: Clock | None = None, executor: Executor | None 
     deployment passes its own (a Flower ServerApp: the wall clock and its SuperNodes)."""
     if config.run.torch_threads:
         torch.set_num_threads(config.run.torch_threads)
+    check_loggers(config.run.loggers)
     if config.run.state_dir is not None:
         problem = folder_write_problem(Path(config.run.state_dir))
         if problem:
@@ -242,7 +244,7 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
     cfg = run.config.run
     ctx, proto = run.ctx, run.protocol
     show = cfg.progress if progress is None else progress
-    metrics = JsonlLog(out_dir / "metrics.jsonl") if out_dir else None
+    metrics = MetricsLog(out_dir, cfg.loggers, run.rows, run.config.resolved()) if out_dir else None
     if out_dir and cfg.log_events:
         ctx.events = EventLog(out_dir / "events.jsonl")
     every_tick = to_ticks(cfg.eval_every_time) if cfg.eval_every_time else None
