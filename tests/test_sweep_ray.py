@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import logging  # noqa: F401 - Ray's loggers are configured on import
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import pytest
 from fedsim.executors.ray_cluster import loopback_only
 from fedsim.sweep import parse_axes, sweep
 
-from .conftest import exposed_sockets, quadratic_config
+from .conftest import exposed_sockets, loopback_ray_cluster, quadratic_config
 
 AXES = ["local.lr=0.05,0.08"]
 SEEDS = [0, 1]
@@ -19,21 +18,8 @@ SEEDS = [0, 1]
 @pytest.fixture(scope="module")
 def cluster():
     """A one-node Ray cluster on 127.0.0.1 with 2 CPUs, as `ray start --head` makes it."""
-    from ray._common.utils import get_ray_address_file
-    from ray.cluster_utils import Cluster
-
-    pointer = Path(get_ray_address_file(None))  # left as it was: no other process wanders into this Ray
-    before = pointer.read_text() if pointer.exists() else None
-    with loopback_only():
-        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-        if before is None:
-            pointer.unlink(missing_ok=True)
-        else:
-            pointer.write_text(before)
-        try:
-            yield c
-        finally:
-            c.shutdown()
+    with loopback_ray_cluster(num_cpus=2) as c:
+        yield c
 
 
 def table(path: Path) -> list[dict]:
