@@ -250,7 +250,11 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
     every_tick = to_ticks(cfg.eval_every_time) if cfg.eval_every_time else None
     wall_start = time.perf_counter()
     total = cfg.rounds if cfg.rounds is not None else cfg.time_budget
-    bar = tqdm(total=total, disable=not show, unit="round" if cfg.rounds is not None else "s", dynamic_ncols=True)
+    # a resumed run's bar starts where it stopped (so its rate and ETA count only this session's
+    # work); a time budget counts virtual seconds, its rate virtual seconds per wall second
+    done = 0 if resume is None else _progress(resume[0], cfg.rounds, cfg.time_budget)
+    bar = tqdm(total=total, initial=done, disable=not show, unit="round" if cfg.rounds is not None else "virtual s",
+               dynamic_ncols=True)
     flag = _StopFlag(interrupt_waits=proto.state_kept_while_waiting)
 
     if resume is None:
@@ -288,10 +292,7 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
         record(state, tick)
 
     def advance_bar(state: ProtocolState) -> None:
-        if cfg.rounds is not None:
-            bar.update(state.rounds - bar.n)
-        else:
-            bar.update(min(to_seconds(state.time), cfg.time_budget) - bar.n)
+        bar.update(_progress(state, cfg.rounds, cfg.time_budget) - bar.n)
 
     try:
         with _catch_signals(flag), keyed_torch(key(run.config.seed, "driver"), initialised_cuda()):
@@ -356,6 +357,13 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
     run.final_state = state
     run.wall_time = wall()
     return run.rows
+
+
+def _progress(state: ProtocolState, rounds: int | None, time_budget: float | None) -> float:
+    """How far `state` is toward the run's end: rounds done, else virtual seconds (at most the budget)."""
+    if rounds is not None:
+        return state.rounds
+    return min(to_seconds(state.time), time_budget)
 
 
 def _finish(run: Run, out_dir: Path) -> None:
