@@ -1,4 +1,4 @@
-"""The `fedsim` command line: run, resume, plot, partition, reproduce, gallery, config-reference, list.
+"""The `fedsim` command line: run, resume, sweep, plot, partition, reproduce, gallery, config-reference, list.
 
 Every user error is one line on stderr and an exit status (2 bad input, 3 divergence, 4 no
 progress, 130 interrupted; see fedsim/errors.py), never a traceback.
@@ -56,10 +56,26 @@ def _print_final(run, out: Path) -> None:  # noqa: ANN001
     print(f"run folder: {out}")
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import parse_axes, parse_seeds, sweep
+
+    axes = parse_axes(args.overrides)
+    if args.seeds is not None:
+        seeds = parse_seeds(args.seeds)
+    else:  # the config's own seed
+        from .config import load_config
+
+        seeds = [load_config(args.config).seed]
+    rows = sweep(args.config, axes, seeds, Path(args.out), workers=args.workers, ray_address=args.ray_address,
+                 cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
+    return 0 if all(r["status"] == "done" for r in rows) else 1
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from .plots import overlay
 
-    out = overlay(args.runs, args.x, args.y, args.output, labels=args.label, logy=args.logy)
+    out = overlay(args.runs, args.x, args.y, args.output, labels=args.label, logy=args.logy, title=args.title,
+                  group_by=args.group_by)
     print(f"wrote {out}")
     return 0
 
@@ -174,13 +190,29 @@ def parser() -> argparse.ArgumentParser:
     rs.add_argument("--quiet", action="store_true", help="no progress bar")
     rs.set_defaults(func=_cmd_resume)
 
-    pl = sub.add_parser("plot", help="overlay metrics of several run folders")
-    pl.add_argument("runs", nargs="+", help="run folders")
+    sw = sub.add_parser("sweep", help="run a config for every combination of override values and seeds")
+    sw.add_argument("config", help="experiment YAML file")
+    sw.add_argument("overrides", nargs="*",
+                    help="key=value[,value...]: each key's values; the runs are the product of them and the seeds")
+    sw.add_argument("--seeds", help="seeds, e.g. 0,1,2 or 0-4 (default: the config's seed)")
+    sw.add_argument("--out", required=True, help="sweep folder: one run folder per run, sweep.csv, summary.csv")
+    sw.add_argument("--workers", type=int, default=1, help="local worker processes running runs at once (default 1)")
+    sw.add_argument("--ray-address", help="run each run as a Ray task on this cluster (auto, HOST:PORT, ray://...)")
+    sw.add_argument("--cpus-per-run", type=float, default=1.0, help="with --ray-address: CPUs each run asks for")
+    sw.add_argument("--gpus-per-run", type=float, default=0.0, help="with --ray-address: GPUs each run asks for")
+    sw.set_defaults(func=_cmd_sweep)
+
+    pl = sub.add_parser("plot", help="draw a metric of several runs: mean ± std over seeds per group of runs")
+    pl.add_argument("runs", nargs="+", help="run folders, or folders holding run folders (a sweep's)")
     pl.add_argument("--x", default="virtual_time", help="x metric (default virtual_time)")
-    pl.add_argument("--y", default="test_accuracy", help="y metric (default test_accuracy)")
-    pl.add_argument("--label", action="append", help="legend label per run, in order (repeat)")
+    pl.add_argument("--y", help="y metric (default: dist_to_opt where measured, else test_accuracy, else test_loss)")
+    pl.add_argument("--group-by", action="append", metavar="KEY",
+                    help="config key whose values make the curves, e.g. strategy.name (repeatable; default: runs "
+                         "whose configs differ only in the seed form one curve)")
+    pl.add_argument("--label", action="append", help="legend label per curve, in order (repeat)")
+    pl.add_argument("--title", help="figure title (default: the runs' experiment name)")
     pl.add_argument("--logy", action="store_true", help="log-scale y axis")
-    pl.add_argument("-o", "--output", required=True, help="PNG file to write")
+    pl.add_argument("-o", "--output", required=True, help="image to write; .png, .pdf or .svg")
     pl.set_defaults(func=_cmd_plot)
 
     pa = sub.add_parser("partition", help="draw a config's per-client label distribution and sizes")

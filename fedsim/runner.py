@@ -30,7 +30,8 @@ from .data import build_federated_data
 from .divergence import chance_accuracy, diverged, last_finite, shown
 from .errors import ConfigError, DivergenceError, FedsimError, Interrupted, NoProgressError, StepAbandoned
 from .executors.base import Executor, WorkerSpec, build_executor
-from .outputs import (EventLog, JsonlLog, RunDirLock, check_run_dir, empty_folder, folder_write_problem, prepare_run_dir,
+from .loggers import MetricsLog, check_loggers
+from .outputs import (EventLog, RunDirLock, check_run_dir, empty_folder, folder_write_problem, prepare_run_dir,
                       read_jsonl, write_atomic, write_config, write_summary)
 from .protocols.base import Protocol, ProtocolState, RunContext
 from .protocols.clocks import Clock, VirtualClock
@@ -79,6 +80,7 @@ def build(config: Config, clock: Clock | None = None, executor: Executor | None 
     deployment passes its own (a Flower ServerApp: the wall clock and its SuperNodes)."""
     if config.run.torch_threads:
         torch.set_num_threads(config.run.torch_threads)
+    check_loggers(config.run.loggers)
     if config.run.state_dir is not None:
         problem = folder_write_problem(Path(config.run.state_dir))
         if problem:
@@ -273,13 +275,17 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
     cfg = run.config.run
     ctx, proto = run.ctx, run.protocol
     show = cfg.progress if progress is None else progress
-    metrics = JsonlLog(out_dir / "metrics.jsonl") if out_dir else None
+    metrics = MetricsLog(out_dir, cfg.loggers, run.rows, run.config.resolved()) if out_dir else None
     if out_dir and cfg.log_events:
         ctx.events = EventLog(out_dir / "events.jsonl")
     every_tick = to_ticks(cfg.eval_every_time) if cfg.eval_every_time else None
     wall_start = time.perf_counter()
     total = cfg.rounds if cfg.rounds is not None else cfg.time_budget
-    bar = tqdm(total=total, disable=not show, unit="round" if cfg.rounds is not None else "s", dynamic_ncols=True)
+    # a resumed run's bar starts where it stopped (so its rate and ETA count only this session's
+    # work); a time budget counts virtual seconds, its rate virtual seconds per wall second
+    done = 0 if resume is None else _progress(resume[0], cfg.rounds, cfg.time_budget)
+    bar = tqdm(total=total, initial=done, disable=not show, unit="round" if cfg.rounds is not None else "virtual s",
+               dynamic_ncols=True)
     flag = _StopFlag(interrupt_waits=proto.state_kept_while_waiting)
 
     if resume is None:
@@ -317,10 +323,7 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
         record(state, tick)
 
     def advance_bar(state: ProtocolState) -> None:
-        if cfg.rounds is not None:
-            bar.update(state.rounds - bar.n)
-        else:
-            bar.update(min(to_seconds(state.time), cfg.time_budget) - bar.n)
+        bar.update(_progress(state, cfg.rounds, cfg.time_budget) - bar.n)
 
     try:
         with _catch_signals(flag), keyed_torch(key(run.config.seed, "driver"), initialised_cuda()):
@@ -385,6 +388,13 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
     run.final_state = state
     run.wall_time = wall()
     return run.rows
+
+
+def _progress(state: ProtocolState, rounds: int | None, time_budget: float | None) -> float:
+    """How far `state` is toward the run's end: rounds done, else virtual seconds (at most the budget)."""
+    if rounds is not None:
+        return state.rounds
+    return min(to_seconds(state.time), time_budget)
 
 
 def _finish(run: Run, out_dir: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,32 @@ def tutorial_plugin(page: str, folder: Path, plugin_file: str) -> dict[str, Any]
 def fedsim_cmd(*args: str) -> list[str]:
     """The command line that runs this checkout's fedsim CLI."""
     return [sys.executable, "-m", "fedsim", *args]
+
+
+@contextmanager
+def loopback_ray_cluster(num_cpus: int):
+    """Starts a Ray cluster head (`ray.cluster_utils.Cluster`, as `ray start --head` does) with
+    `num_cpus` CPUs on 127.0.0.1 only, yields it inside `loopback_only` (so that nodes added
+    and processes started in the block bind loopback too) and shuts it down after."""
+    from ray._common.utils import get_ray_address_file
+    from ray.cluster_utils import Cluster
+
+    from fedsim.executors.ray_cluster import loopback_only
+
+    # Cluster registers itself as "the" Ray of this machine (where ray.init() with no address
+    # attaches); put back what was there, so that no other process wanders into it.
+    pointer = Path(get_ray_address_file(None))
+    before = pointer.read_text() if pointer.exists() else None
+    with loopback_only():
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": num_cpus, "include_dashboard": False})
+        if before is None:
+            pointer.unlink(missing_ok=True)
+        else:
+            pointer.write_text(before)
+        try:
+            yield c
+        finally:
+            c.shutdown()
 
 
 def exposed_sockets() -> list[str]:

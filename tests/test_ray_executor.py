@@ -23,10 +23,9 @@ import torch
 
 from fedsim import checkpoint as ckpt
 from fedsim.errors import ClientJobError
-from fedsim.executors.ray_cluster import loopback_only
 from fedsim.runner import resume
 
-from .conftest import ROOT, digits_config, exposed_sockets, fedsim_cmd, merge, run_config
+from .conftest import ROOT, digits_config, exposed_sockets, fedsim_cmd, loopback_ray_cluster, merge, run_config
 from .test_decentralized import dec_config
 from .test_determinism import strip
 
@@ -50,19 +49,7 @@ def on_ray(cfg, **executor):
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray._common.utils import get_ray_address_file
-    from ray.cluster_utils import Cluster
-
-    # Cluster registers itself as "the" Ray of this machine (where ray.init() with no address
-    # attaches); put back what was there, so that no other process wanders into it.
-    pointer = Path(get_ray_address_file(None))
-    before = pointer.read_text() if pointer.exists() else None
-    with loopback_only():  # the nodes, their workers and the CLI runs started here: 127.0.0.1 only
-        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-        if before is None:
-            pointer.unlink(missing_ok=True)
-        else:
-            pointer.write_text(before)
+    with loopback_ray_cluster(num_cpus=1) as c:  # the nodes, their workers and the CLI runs started here: 127.0.0.1 only
         try:
             c.add_node(num_cpus=1)
             c.wait_for_nodes()
@@ -72,7 +59,6 @@ def cluster():
             yield c
         finally:
             ray.shutdown()
-            c.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -294,5 +294,5 @@ class ComponentSpec:
         common_names = {k.name for k in common_knobs}
         knobs = common_knobs + [k for k in own if k.name not in common_names]
         values = validate_knobs(path, raw, knobs, f"{self.registry.kind} {name!r}")
-        common = {k: values.pop(k) for k in common_names}
+        common = {k.name: values.pop(k.name) for k in common_knobs}  # in declaration order (a set's varies)
         return Component(name, entry, values, common, path, self.name_key, self.returns)

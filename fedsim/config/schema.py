@@ -165,6 +165,12 @@ class RunSection:
         None, "Evaluate every this many virtual seconds instead of counting rounds."
     )
     eval_batch_size: Annotated[int, Ge(1)] = knob(2048, "Batch size for evaluation on the test set.")
+    loggers: Annotated[List[str], Each(OneOf(("csv", "tensorboard", "wandb")))] = knob(
+        [],
+        "Where metrics go besides metrics.jsonl (fed the same rows): 'csv' (metrics.csv), 'tensorboard' "
+        "(event files in tensorboard/, needs the extra fedsim[tensorboard]), 'wandb' (a Weights & Biases run in "
+        "wandb/, offline unless WANDB_MODE says otherwise; extra fedsim[wandb]).",
+    )
     log_events: bool = knob(False, "Write events.jsonl: every dispatch, arrival and aggregation on the virtual clock.")
     progress: bool = knob(True, "Show a progress bar on stderr.")
     torch_threads: Annotated[Optional[int], Ge(1)] = knob(None, "torch intra-op threads (default: torch's choice).")
