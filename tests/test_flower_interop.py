@@ -22,7 +22,7 @@ from fedsim.flower import deployment_config, run_on_grid
 from fedsim.flower.settings import read_settings
 
 from .conftest import ROOT
-from .flower_local import LocalGrid, over_the_wire
+from .flower_local import LocalGrid
 from .flower_user_app import user_client
 
 USER_APP = ROOT / "tests" / "flower_user_app"
@@ -126,3 +126,50 @@ def test_a_reply_without_num_examples_stops_the_run_with_a_line(tmp_path):
     grid = LocalGrid(app, 2)
     with pytest.raises(FedsimError, match=r"client 0 \(job 0, node 1000\) sent a reply fedsim cannot read: .*'num-examples'"):
         run_on_grid(grid, deployment_config(user_config()), read_settings({"out-dir": str(tmp_path / "o")}))
+
+
+def fedsim_client_config(tmp_path: Path) -> Path:
+    """A 3-client fedsim config whose jobs are one full-batch step each (so the batch keys do
+    not matter and Flower's FedAvg must give fedsim's own FedAvg up to float rounding)."""
+    cfg = {"name": "flower-drives-fedsim", "seed": 1,
+           "data": {"name": "synthetic", "num_clients": 3, "dim": 20, "max_samples_per_user": 40},
+           "model": {"name": "logreg"}, "strategy": {"name": "fedavg"},
+           "local": {"lr": 0.2, "batch_size": 1000, "epochs": 1}, "run": {"rounds": 2, "eval_every": 1}}
+    path = tmp_path / "fedsim.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_flowers_own_fedavg_drives_fedsims_clientapp(tmp_path):
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedsim.config import load_config
+    from fedsim.flower import client_app
+    from fedsim.flower.records import record_to_vector, vector_to_record
+    from fedsim.runner import build, execute
+
+    path = fedsim_client_config(tmp_path)
+    ref = execute(load_config(path), None, progress=False)
+    layout = ref.ctx.task.layout
+    x0 = build(load_config(path)).ctx.task.initial_params()
+    grid = LocalGrid(client_app(config=path), 3)
+    result = FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_available_nodes=3).start(
+        grid=grid, initial_arrays=vector_to_record(x0, layout), num_rounds=2)
+    final = record_to_vector(result.arrays, layout)
+    torch.testing.assert_close(final, ref.protocol.eval_params(ref.ctx, ref.final_state), rtol=1e-5, atol=1e-6)
+    # Flower's federated evaluation ran on fedsim's clients, weighted by their num-examples
+    evaluated = result.evaluate_metrics_clientapp[2]
+    assert set(evaluated) >= {"eval_loss", "eval_acc"} and 0 <= evaluated["eval_acc"] <= 1
+    assert set(result.train_metrics_clientapp[1]) >= {"train_loss"}
+
+
+def test_fedsims_clientapp_needs_its_own_config_for_flower_messages(tmp_path):
+    from fedsim.errors import FedsimError
+    from fedsim.flower import client_app
+
+    app = client_app()
+    msg = Message(RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({"server-round": 1})}),
+                  dst_node_id=1, message_type="train")
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    with pytest.raises(FedsimError, match="needs the node's own fedsim config: client_app\\(config=...\\)"):
+        app(msg, ctx)
