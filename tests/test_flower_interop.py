@@ -26,6 +26,7 @@ from .flower_local import LocalGrid
 from .flower_user_app import user_client
 
 USER_APP = ROOT / "tests" / "flower_user_app"
+FEDAVG_APP = ROOT / "tests" / "flower_fedavg_app"
 NAMES = ("1.weight", "1.bias")
 
 
@@ -63,34 +64,45 @@ def user_local(x: torch.Tensor, partition: int, lr: float, steps: int, shift: to
     return torch.cat([model[1].weight.detach().flatten(), model[1].bias.detach()]), len(data[0])
 
 
-def test_fedavg_drives_an_ordinary_clientapp(tmp_path):
-    cfg = user_config()
-    final, events, x, grid = run_user_app(tmp_path, cfg, 2)
-    # no query handler: the nodes serve clients 0, 1 in node order
-    assert [e["client"] for e in events if e["kind"] == "dispatch"][:2] == [0, 1]
-    sent = next(m for m in grid.pushed if m.metadata.message_type == "train").content["config"]
-    assert (sent["lr"], sent["local-steps"], sent["server-round"]) == (0.1, 3, 1)
-    for _ in range(2):  # FedAvg: the mean of the returned weights, weighted by num-examples
-        ys, ns = zip(*(user_local(x, p, 0.1, 3) for p in range(2)))
+def fedavg_reference(x: torch.Tensor, partitions, rounds: int, lr: float, steps: int) -> torch.Tensor:
+    """FedAvg by hand: each round, the mean of the user's returned weights, weighted by num-examples."""
+    for _ in range(rounds):
+        ys, ns = zip(*(user_local(x, p, lr, steps) for p in partitions))
         x = sum(n * y for n, y in zip(ns, ys)) / sum(ns)
-    torch.testing.assert_close(final, x, rtol=1e-5, atol=1e-6)
+    return x
 
 
-def test_scaffold_with_the_client_helper_is_the_papers_algorithm(tmp_path):
-    cfg = user_config(strategy={"name": "scaffold"}, run={"rounds": 3})
-    final, _, x, grid = run_user_app(tmp_path, cfg, 2)
-    n_clients, lr, k = 2, 0.1, 3
-    c, c_i = torch.zeros_like(x), [torch.zeros_like(x) for _ in range(n_clients)]
-    for _ in range(3):  # Karimireddy et al., option II, full participation, weights by num-examples
+def scaffold_reference(x: torch.Tensor, partitions, rounds: int, lr: float, k: int) -> torch.Tensor:
+    """SCAFFOLD by hand (Karimireddy et al., option II, full participation, weights by num-examples)."""
+    n_clients = len(partitions)
+    c, c_i = torch.zeros_like(x), {p: torch.zeros_like(x) for p in partitions}
+    for _ in range(rounds):
         ys, ns, dcs = [], [], []
-        for p in range(n_clients):
+        for p in partitions:
             y, n = user_local(x, p, lr, k, shift=c - c_i[p])
             new = c_i[p] - c + (x - y) / (k * lr)
             ys.append(y), ns.append(n), dcs.append(new - c_i[p])
             c_i[p] = new
         x = x - sum(n * (x - y) for n, y in zip(ns, ys)) / sum(ns)
         c = c + sum(dcs) / n_clients
-    torch.testing.assert_close(final, x, rtol=1e-5, atol=1e-6)
+    return x
+
+
+def test_fedavg_drives_an_ordinary_clientapp(tmp_path):
+    cfg = user_config()
+    final, events, x, grid = run_user_app(tmp_path, cfg, 2, settings={"label-smoothing": 0.0})
+    # no query handler: the nodes serve clients 0, 1 in node order
+    assert [e["client"] for e in events if e["kind"] == "dispatch"][:2] == [0, 1]
+    sent = next(m for m in grid.pushed if m.metadata.message_type == "train").content["config"]
+    assert (sent["lr"], sent["local-steps"], sent["server-round"]) == (0.1, 3, 1)
+    assert sent["label-smoothing"] == 0.0  # the user's own run-config key reaches the ClientApp
+    torch.testing.assert_close(final, fedavg_reference(x, range(2), 2, 0.1, 3), rtol=1e-5, atol=1e-6)
+
+
+def test_scaffold_with_the_client_helper_is_the_papers_algorithm(tmp_path):
+    cfg = user_config(strategy={"name": "scaffold"}, run={"rounds": 3})
+    final, _, x, grid = run_user_app(tmp_path, cfg, 2)
+    torch.testing.assert_close(final, scaffold_reference(x, range(2), 3, 0.1, 3), rtol=1e-5, atol=1e-6)
     # c_i lives on the node, committed after each accepted job
     assert all("fedsim.state" in ctx.state for ctx in grid.contexts.values())
 
@@ -101,13 +113,17 @@ def test_fedbuff_drives_an_ordinary_clientapp(tmp_path):
     final, events, x0, _ = run_user_app(tmp_path, cfg, 3, delays={0: 0.3, 1: 0.0, 2: 0.05})
     merged = [e for e in events if e["kind"] == "aggregate"]
     assert len(merged) == 4 and all(len(e["jobs"]) == 2 for e in merged)
-    # concurrency 2: never more than two jobs in flight
+    assert most_in_flight(events) == 2  # concurrency 2
+    assert not torch.equal(final, x0)
+
+
+def most_in_flight(events: list[dict]) -> int:
+    """Returns the most jobs that were in flight at once, from the events."""
     in_flight, most = 0, 0
     for e in events:
         in_flight += {"dispatch": 1, "arrival": -1}.get(e["kind"], 0)
         most = max(most, in_flight)
-    assert most == 2
-    assert not torch.equal(final, x0)
+    return most
 
 
 def test_a_reply_without_num_examples_stops_the_run_with_a_line(tmp_path):
@@ -128,18 +144,6 @@ def test_a_reply_without_num_examples_stops_the_run_with_a_line(tmp_path):
         run_on_grid(grid, deployment_config(user_config()), read_settings({"out-dir": str(tmp_path / "o")}))
 
 
-def fedsim_client_config(tmp_path: Path) -> Path:
-    """A 3-client fedsim config whose jobs are one full-batch step each (so the batch keys do
-    not matter and Flower's FedAvg must give fedsim's own FedAvg up to float rounding)."""
-    cfg = {"name": "flower-drives-fedsim", "seed": 1,
-           "data": {"name": "synthetic", "num_clients": 3, "dim": 20, "max_samples_per_user": 40},
-           "model": {"name": "logreg"}, "strategy": {"name": "fedavg"},
-           "local": {"lr": 0.2, "batch_size": 1000, "epochs": 1}, "run": {"rounds": 2, "eval_every": 1}}
-    path = tmp_path / "fedsim.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 def test_flowers_own_fedavg_drives_fedsims_clientapp(tmp_path):
     from flwr.serverapp.strategy import FedAvg
 
@@ -148,7 +152,7 @@ def test_flowers_own_fedavg_drives_fedsims_clientapp(tmp_path):
     from fedsim.flower.records import record_to_vector, vector_to_record
     from fedsim.runner import build, execute
 
-    path = fedsim_client_config(tmp_path)
+    path = FEDAVG_APP / "fedsim.yaml"  # one full-batch step per job: batch keys do not matter
     ref = execute(load_config(path), None, progress=False)
     layout = ref.ctx.task.layout
     x0 = build(load_config(path)).ctx.task.initial_params()

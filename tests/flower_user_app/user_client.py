@@ -25,12 +25,12 @@ def load_data(partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, (x @ teacher).argmax(1)
 
 
-def local_train(model: nn.Module, x, y, lr: float, steps: int, on_grad=None) -> float:
+def local_train(model: nn.Module, x, y, lr: float, steps: int, on_grad=None, smoothing: float = 0.0) -> float:
     """`steps` full-batch SGD steps; `on_grad(model)` runs after each backward pass."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     for _ in range(steps):
         opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
+        loss = nn.functional.cross_entropy(model(x), y, label_smoothing=smoothing)
         loss.backward()
         if on_grad is not None:
             on_grad(model)
@@ -46,7 +46,8 @@ def train(msg: Message, context: Context) -> Message:
     lr, steps = float(cfg["lr"]), int(cfg.get("local-steps", 1))
     x, y = load_data(int(context.node_config["partition-id"]))
     control = scaffold_client.start(msg, context) if scaffold_client.sent_by_scaffold(msg) else None
-    loss = local_train(model, x, y, lr, steps, control.correct if control else None)
+    smoothing = float(cfg.get("label-smoothing", 0.0))  # the app's own run-config key
+    loss = local_train(model, x, y, lr, steps, control.correct if control else None, smoothing)
     extras = control.finish(model, steps, lr) if control else {}
     metrics = MetricRecord({"train_loss": loss, "num-examples": len(x), "num-steps": steps})
     return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics, **extras}), reply_to=msg)
