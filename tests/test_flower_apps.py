@@ -246,3 +246,22 @@ def test_node_imports_its_own_plugins_never_the_servers(evil):
     assert not marker.exists()
     node_run(text, NodeTrust((str(plugin),))).ctx.executor.close()  # the node's own plugin
     assert marker.exists()
+
+
+def test_the_shipped_app_leaves_run_folders_and_certificates_out_of_the_fab(tmp_path):
+    import io
+    import shutil
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    app = tmp_path / "flower_app"
+    shutil.copytree(ROOT / "experiments" / "flower_app", app)
+    (app / "runs" / "flower-x").mkdir(parents=True)
+    for name in ("metrics.jsonl", "summary.json", "config.yaml"):
+        (app / "runs" / "flower-x" / name).write_text("{}")
+    (app / "certificates").mkdir()
+    (app / "certificates" / "secrets.yaml").write_text("key: 1")
+    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))).namelist()
+    assert "fedsim.yaml" in names
+    assert not [n for n in names if n.startswith(("runs/", "certificates/"))], names
