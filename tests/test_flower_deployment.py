@@ -192,13 +192,13 @@ def test_deployment_fedbuff_settings_show_in_events_with_an_ordinary_clientapp(u
     from .test_flower_interop import most_in_flight
 
     path = user_config_file(tmp_path, protocol={"name": "async", "buffer_size": 2, "concurrency": 2},
-                            run={"rounds": 3})
+                            run={"rounds": 2})
     out = tmp_path / "out"
     res = user_nodes.run(USER_APP, {"config": str(path), "out-dir": str(out)})
     flower_result(out, user_nodes, res)
     events = read_jsonl(out / "events.jsonl")
     merged = [e for e in events if e["kind"] == "aggregate"]
-    assert len(merged) == 3 and all(len(e["jobs"]) == 2 for e in merged)
+    assert len(merged) == 2 and all(len(e["jobs"]) == 2 for e in merged)
     assert most_in_flight(events) == 2
     assert yaml.safe_load((out / "config.yaml").read_text())["protocol"]["buffer_size"] == 2
 
