@@ -164,6 +164,13 @@ def test_run_config_is_validated(tmp_path):
     with pytest.raises(ConfigError, match="reply_timout.*did you mean 'reply_timeout'"):
         read_settings({"reply-timout": 2})
     assert read_settings({"reply-timeout": 3, "poll-interval": 0.5}).reply_timeout == 3
+    # Flower's usual keys set fedsim's (before the explicit overrides); other keys pass through
+    got = read_settings({"num-server-rounds": 2, "lr": 0.1, "fraction-train": 0.5, "overrides": "seed=3",
+                         "my-key": "x", "local-epochs": 2})
+    assert got.overrides.split() == ["run.rounds=2", "local.lr=0.1", "protocol.fraction=0.5", "local.epochs=2", "seed=3"]
+    assert dict(got.passthrough) == {"my-key": "x"}
+    cfg = deployment_config(small(), got.overrides.split())
+    assert (cfg.run.rounds, cfg.local.lr, cfg.local.epochs, cfg.seed) == (2, 0.1, 2, 3)
     with pytest.raises(ConfigError, match="protocol.weighting: 'unbiased' traces the schedule"):
         flower_run(tmp_path, small(protocol={"name": "async", "weighting": "unbiased"}))
     with pytest.raises(ConfigError, match="protocol.name: protocol 'decentralized' runs in simulation only"):
