@@ -117,6 +117,14 @@ class Deployment:
             raise TimeoutError(f"flwr run did not finish within {timeout} s:\n{self.logs()}")
         return subprocess.CompletedProcess(cmd, proc.returncode, proc.stdout.read(), "")
 
+    def runs(self) -> list[dict]:
+        """Returns `flwr ls --format json`'s runs of this SuperLink (status, status-details…)."""
+        import json
+
+        res = subprocess.run([str(BIN / "flwr"), "ls", "test", "--format", "json"], env=self.env, cwd=self.workdir,
+                             capture_output=True, text=True, timeout=120)
+        return json.loads(res.stdout)["runs"]
+
     def logs(self) -> str:
         """Returns the tail of every process log (for failure messages)."""
         out = []

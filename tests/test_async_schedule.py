@@ -64,12 +64,26 @@ def test_fedfix_trace_windows_of_half():
 
 
 def test_fedfix_trace_windows_of_fifth_with_empty_window_and_exact_boundary():
-    # client i joins every ⌈τ_i/Δt⌉ = (5, 4, 3, 2) windows; the first window is empty; client 0's
-    # job ends exactly at the window boundary t = 1.0 and belongs to that window
+    # client i joins every ⌈τ_i/Δt⌉ = (5, 4, 3, 2) windows; the first window is empty and is no
+    # aggregation (no new version, not counted toward run.rounds); client 0's job ends exactly
+    # at the window boundary t = 1.0 and belongs to that window
     got = aggregations(trace({"window": 0.2}, budget=1.2))
     assert [(t, c) for t, c, _ in got] == [
-        (0.2, []), (0.4, [3]), (0.6, [2]), (0.8, [3, 1]), (1.0, [0]), (1.2, [3, 2]),
+        (0.4, [3]), (0.6, [2]), (0.8, [3, 1]), (1.0, [0]), (1.2, [3, 2]),
     ]
+
+
+def test_fedfix_rounds_count_aggregations_not_empty_windows(tmp_path):
+    # windows of 0.1 s while the fastest client needs 0.25 s: most windows are empty; a budget of
+    # 3 rounds is 3 aggregations that applied something
+    cfg = async_config({"window": 0.1})
+    cfg["run"] = {"rounds": 3, "log_events": True}
+    run_config(cfg, tmp_path / "run")
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    merged = [e for e in events if e["kind"] == "aggregate"]
+    assert len(merged) == 3 and all(e["clients"] for e in merged)
+    assert [e["version"] for e in merged] == [1, 2, 3]
+    assert sum(e["kind"] == "empty_window" for e in events) >= 2
 
 
 def test_fedbuff_semisync_trace():
@@ -156,6 +170,7 @@ def test_schedule_equals_exact_fraboni_loop(protocol, scheme, param, spread, n, 
     param = n if param == "n" else param
     tr = trace(protocol, n=n, spread=spread, budget=float(budget))
     want = exact_schedule(exact_tau(n, spread), scheme, Fraction(budget), param)
+    want = [(t, c) for t, c in want if c]  # an empty window changes nothing and is no aggregation in fedsim
     got = [(to_ticks(t), c) for t, c, _ in aggregations(tr)]
     assert got == [(round(t * TICKS_PER_SECOND), c) for t, c in want]
 

@@ -164,6 +164,13 @@ def test_run_config_is_validated(tmp_path):
     with pytest.raises(ConfigError, match="reply_timout.*did you mean 'reply_timeout'"):
         read_settings({"reply-timout": 2})
     assert read_settings({"reply-timeout": 3, "poll-interval": 0.5}).reply_timeout == 3
+    # Flower's usual keys set fedsim's (before the explicit overrides); other keys pass through
+    got = read_settings({"num-server-rounds": 2, "lr": 0.1, "fraction-train": 0.5, "overrides": "seed=3",
+                         "my-key": "x", "local-epochs": 2})
+    assert got.overrides.split() == ["run.rounds=2", "local.lr=0.1", "protocol.fraction=0.5", "local.epochs=2", "seed=3"]
+    assert dict(got.passthrough) == {"my-key": "x"}
+    cfg = deployment_config(small(), got.overrides.split())
+    assert (cfg.run.rounds, cfg.local.lr, cfg.local.epochs, cfg.seed) == (2, 0.1, 2, 3)
     with pytest.raises(ConfigError, match="protocol.weighting: 'unbiased' traces the schedule"):
         flower_run(tmp_path, small(protocol={"name": "async", "weighting": "unbiased"}))
     with pytest.raises(ConfigError, match="protocol.name: protocol 'decentralized' runs in simulation only"):
@@ -246,3 +253,22 @@ def test_node_imports_its_own_plugins_never_the_servers(evil):
     assert not marker.exists()
     node_run(text, NodeTrust((str(plugin),))).ctx.executor.close()  # the node's own plugin
     assert marker.exists()
+
+
+def test_the_shipped_app_leaves_run_folders_and_certificates_out_of_the_fab(tmp_path):
+    import io
+    import shutil
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    app = tmp_path / "flower_app"
+    shutil.copytree(ROOT / "experiments" / "flower_app", app)
+    (app / "runs" / "flower-x").mkdir(parents=True)
+    for name in ("metrics.jsonl", "summary.json", "config.yaml"):
+        (app / "runs" / "flower-x" / name).write_text("{}")
+    (app / "certificates").mkdir()
+    (app / "certificates" / "secrets.yaml").write_text("key: 1")
+    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))).namelist()
+    assert "fedsim.yaml" in names
+    assert not [n for n in names if n.startswith(("runs/", "certificates/"))], names

@@ -9,6 +9,11 @@
 * The config's asynchronous protocol on three SuperNodes, one delayed on purpose: FedBuff (K = 2)
   performs exactly the set number of aggregations, the fast nodes do not wait for the slow
   one, and no update is lost or applied twice (the `probe` strategy counts applications).
+* Interoperation with ordinary Flower apps: a Flower user's own quickstart-style ClientApp
+  (tests/flower_user_app) trained by fedsim's FedAvg, SCAFFOLD (with the client-side helper)
+  and FedBuff (buffer size and concurrency visible in its events); Flower's own FedAvg
+  ServerApp driving fedsim's ClientApp (tests/flower_fedavg_app); a failing ServerApp leaves
+  the run ``finished:failed`` with fedsim's one-line reason.
 
 Flower starts one process per job on a SuperNode, so these tests take minutes; they are
 marked slow. Every process is stopped afterwards, also on failure.
@@ -16,6 +21,7 @@ marked slow. Every process is stopped afterwards, also on failure.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -143,3 +149,81 @@ def test_deployment_async_fedbuff_loses_and_repeats_nothing(tmp_path):
     assert set(counts.unique().tolist()) <= {0.0, 1.0}
     for i in range(n):
         assert counts[i].tolist() == [1.0] * per_client[i] + [0.0] * (slots - per_client[i])
+
+
+USER_APP = ROOT / "tests" / "flower_user_app"
+FEDAVG_APP = ROOT / "tests" / "flower_fedavg_app"
+
+
+@pytest.fixture(scope="module")
+def user_nodes(tmp_path_factory):
+    """Three SuperNodes for the apps whose nodes need no fedsim plugins."""
+    dep = Deployment(tmp_path_factory.mktemp("user"), nodes=[f"partition-id={i} num-partitions=3" for i in range(3)])
+    yield dep
+    dep.stop()
+    assert not dep.leftovers()
+
+
+def user_config_file(tmp_path: Path, **changes) -> Path:
+    from .test_flower_interop import user_config
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(user_config(data={"num_clients": 3}, **changes)))
+    return path
+
+
+def test_deployment_fedsim_scaffold_trains_an_ordinary_clientapp_with_the_helper(user_nodes, tmp_path):
+    # (FedAvg and the other stateless strategies take the same path without the helper; their
+    # in-process tests are in test_flower_interop.py, FedBuff's deployment test below)
+    from fedsim.runner import build
+
+    from .test_flower_interop import scaffold_reference
+
+    path = user_config_file(tmp_path, strategy={"name": "scaffold"})
+    out = tmp_path / "out"
+    res = user_nodes.run(USER_APP, {"config": str(path), "out-dir": str(out)})
+    _, final = flower_result(out, user_nodes, res)
+    x0 = build(load_config(path)).ctx.task.initial_params()
+    # every partition trains once per round whichever node serves which client
+    torch.testing.assert_close(final, scaffold_reference(x0, range(3), 2, 0.1, 3), rtol=1e-5, atol=1e-6)
+
+
+def test_deployment_fedbuff_settings_show_in_events_with_an_ordinary_clientapp(user_nodes, tmp_path):
+    from .test_flower_interop import most_in_flight
+
+    path = user_config_file(tmp_path, protocol={"name": "async", "buffer_size": 2, "concurrency": 2},
+                            run={"rounds": 2})
+    out = tmp_path / "out"
+    res = user_nodes.run(USER_APP, {"config": str(path), "out-dir": str(out)})
+    flower_result(out, user_nodes, res)
+    events = read_jsonl(out / "events.jsonl")
+    merged = [e for e in events if e["kind"] == "aggregate"]
+    assert len(merged) == 2 and all(len(e["jobs"]) == 2 for e in merged)
+    assert most_in_flight(events) == 2
+    assert yaml.safe_load((out / "config.yaml").read_text())["protocol"]["buffer_size"] == 2
+
+
+def test_deployment_flowers_fedavg_drives_fedsims_clientapp(user_nodes, tmp_path):
+    from fedsim.flower.records import record_to_vector
+    from flwr.app import ArrayRecord
+
+    out = tmp_path / "result.pt"
+    res = user_nodes.run(FEDAVG_APP, {"out": str(out), "num-server-rounds": 1})
+    if not out.exists():
+        pytest.fail(f"Flower's ServerApp left no result (exit {res.returncode}):\n{res.stdout[-4000:]}\n{user_nodes.logs()}")
+    got = torch.load(out)
+    ref = execute(load_config(FEDAVG_APP / "fedsim.yaml", ["run.rounds=1"]), None, progress=False)
+    layout = ref.ctx.task.layout
+    final = record_to_vector(ArrayRecord(got["model"]), layout)
+    torch.testing.assert_close(final, ref.protocol.eval_params(ref.ctx, ref.final_state), rtol=1e-5, atol=1e-6)
+    assert set(got["evaluate"][1]) >= {"eval_loss", "eval_acc"}  # Flower's federated evaluation on fedsim clients
+
+
+def test_deployment_a_failing_serverapp_fails_the_run(user_nodes, tmp_path):
+    res = user_nodes.run(USER_APP, {"overrides": "strategy.name=no_such_strategy", "out-dir": str(tmp_path / "out")})
+    assert "fedsim: error: strategy.name" in res.stdout, res.stdout[-3000:]
+    run_id = re.search(r"run_id `(\d+)`", res.stdout).group(1)
+    last = next(r for r in user_nodes.runs() if r["run-id"] == run_id)
+    assert last["status"] == "finished:failed"
+    assert "strategy.name" in last["status-details"] and "no_such_strategy" in last["status-details"]
+    assert not (tmp_path / "out").exists()

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from fedsim.contributions import from_outputs
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
 from fedsim.executors.base import Job
 from fedsim.flower.messages import TrainTask, decode_result, decode_task, encode_result, encode_task
 from fedsim.flower.records import record_to_vector, records_to_tensors, tensors_to_records, vector_to_record
@@ -73,8 +75,10 @@ def test_train_task_and_result_round_trip():
     x = awkward_vector(torch.float32)
     task = TrainTask(client=4, job_id=17, version=3, accepted_job=9,
                      payload=Payload(x, {"c": -x, "lr": torch.tensor(0.1), "round": 3}))
-    content = over_the_wire(encode_task(task, "seed: 0\n", LAYOUT))
+    content = over_the_wire(encode_task(task, "seed: 0\n", LAYOUT, {"lr": 0.1, "my-key": "x"}))
     got = decode_task(content, LAYOUT)
+    # Flower's convention: the model under "arrays", settings and the round under "config"
+    assert dict(content.config_records["config"]) == {"lr": 0.1, "my-key": "x", "server-round": 4}
     assert (got.client, got.job_id, got.version, got.accepted_job) == (4, 17, 3, 9)
     assert same_bits(got.payload.params, x) and same_bits(got.payload.extras["c"], -x)
     assert same_bits(got.payload.extras["lr"], torch.tensor(0.1)) and got.payload.extras["round"] == 3
@@ -83,8 +87,9 @@ def test_train_task_and_result_round_trip():
     out = ClientOutput(x * 2, {"c_i": x}, {"dc": x / 3, "lr": torch.tensor(0.05)}, {"train_loss": 0.75, "grad_norm": 2.0})
     job = Job(17, 4, 3, task.payload, {}, np.zeros((8, 16), dtype=np.int64), 120)
     reply = over_the_wire(encode_result(from_outputs([job], [out]), LAYOUT))
-    job_id, client, back = decode_result(reply, LAYOUT)
-    assert (job_id, client) == (17, 4)
+    got = decode_result(reply, LAYOUT, x)
+    job_id, client, back = got.job_id, got.client, got.output
+    assert (job_id, client) == (17, 4) and got.num_examples is None
     meta = reply.config_records["fedsim"]
     assert (meta["version"], meta["num-samples"], meta["num-steps"]) == (3, 120, 8)
     assert same_bits(back.update, x * 2)
@@ -92,6 +97,27 @@ def test_train_task_and_result_round_trip():
     assert back.metrics == {"train_loss": 0.75, "grad_norm": 2.0}
     assert back.state == {}  # the client's state stays on its node
     assert reply.metric_records["metrics"]["num-examples"] == 120  # Flower's convention
+
+
+def test_a_reply_in_flowers_convention_gives_the_update_from_the_new_weights():
+    # an ordinary ClientApp returns its new weights (a full state_dict, buffers included)
+    # and metrics with num-examples; the server derives the update x_sent − y_end
+    x = torch.randn(LAYOUT.dim, generator=torch.Generator().manual_seed(1))
+    y = x - 0.25 * torch.arange(LAYOUT.dim, dtype=torch.float32)
+    weights = dict(vector_to_record(y, LAYOUT))
+    reply = over_the_wire(RecordDict({
+        "arrays": ArrayRecord({"running_mean": Array(np.zeros(3, np.float32)), **weights}),
+        "metrics": MetricRecord({"train_loss": 0.5, "num-examples": 37, "num-steps": 5}),
+    }))
+    got = decode_result(reply, LAYOUT, x)
+    assert got.job_id is None and (got.num_examples, got.num_steps) == (37, 5)
+    assert torch.equal(got.output.update, x - y) and got.output.metrics == {"train_loss": 0.5}
+    assert got.output.extras == {}
+    with pytest.raises(ValueError, match="no 'num-examples'"):
+        decode_result(RecordDict({"arrays": vector_to_record(y, LAYOUT), "metrics": MetricRecord({"a": 1.0})}), LAYOUT, x)
+    with pytest.raises(ValueError, match="arrays lack"):
+        decode_result(RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(2, np.float32))}),
+                                  "metrics": MetricRecord({"num-examples": 1})}), LAYOUT, x)
 
 
 def test_conversion_refuses_what_it_cannot_carry_exactly():

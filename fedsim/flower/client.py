@@ -13,6 +13,19 @@ The client's persistent state (SCAFFOLD's c_i, …) stays on the node, in Flower
 job that produced it: it is held as pending and committed when a later message names that
 job as accepted (a straggler's state is dropped).
 
+It also answers Flower's standard messages, so Flower's own strategies (``FedAvg`` of
+``flwr.serverapp.strategy``…) can drive it: a train message without fedsim's records
+(``arrays`` + ``config``) runs one job of the node's client from the received model and
+replies, in Flower's convention, with the new weights under ``arrays`` and ``metrics``
+(``train_loss``…, ``num-examples``); an evaluate message replies with ``metrics``
+{``eval_loss``, ``eval_acc``, ``num-examples``} of the received model on the client's
+held-out data (its training data if it has none). Such messages carry no fedsim config, so
+the node reads its own: ``client_app(config=...)``, or the node config ``config`` (a path
+on the node). The job uses that config's local training (``lr``, steps…); its batches are
+keyed by the message's ``server-round``; the client's state, if its strategy keeps one, is
+committed at once (Flower's strategies aggregate every reply); uplink extras are not sent
+(Flower's strategies expect one ArrayRecord), so this serves strategies without them.
+
 Node config ``delay`` (seconds, default 0) makes the node wait that long before replying —
 a slow device on a local test deployment.
 
@@ -34,16 +47,16 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import yaml
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .. import runner
 from ..config import load_config
 from ..errors import ConfigError, FedsimError
 from ..registry import registered_names_only
-from ..strategy import Tensor
-from .messages import config_text, decode_task, encode_node_client, encode_result
-from .records import records_to_tensors, tensors_to_records
+from ..strategy import Payload, Tensor
+from .messages import NUM_EXAMPLES, config_text, decode_task, encode_node_client, encode_result, model_part
+from .records import record_to_vector, records_to_tensors, tensors_to_records, vector_to_record
 
 
 NODE_CONFIG_ENV = "FEDSIM_NODE_CONFIG"
@@ -133,6 +146,11 @@ class NodeState:
         for name in ("fedsim.pending", "fedsim.pending-numbers", "fedsim.pending-job"):
             del self.records[name]
 
+    def commit(self, state: dict[str, Tensor]) -> None:
+        """Makes `state` the committed state at once."""
+        if state:
+            self._put("fedsim.state", state)
+
     def hold(self, job_id: int, state: dict[str, Tensor]) -> None:
         """Keeps `state` as pending until the server accepts `job_id`."""
         if state:
@@ -166,9 +184,82 @@ def query(message: Message, context: Context) -> Message:
     return Message(encode_node_client(node_client(context, ctx.num_clients)), reply_to=message)
 
 
-def client_app() -> ClientApp:
-    """Returns a Flower ClientApp that answers fedsim's query and train messages."""
+def from_fedsim(message: Message) -> bool:
+    """True for a message of fedsim's ServerApp (it carries the ``fedsim`` record)."""
+    return "fedsim" in message.content.config_records
+
+
+@functools.lru_cache(maxsize=2)
+def own_run(path: str) -> runner.Run:
+    """Returns the run built from the node's own fedsim config file (cached per process)."""
+    return runner.build(load_config(path))
+
+
+def own_config(context: Context, config: str | os.PathLike | None) -> str:
+    """Returns the node's own fedsim config path for Flower's standard messages."""
+    path = config if config is not None else context.node_config.get("config")
+    if path is None:
+        raise FedsimError("a Flower message without fedsim's records needs the node's own fedsim config: "
+                          "client_app(config=...) or --node-config 'config=\"/path/to/fedsim.yaml\"'")
+    return str(path)
+
+
+def received_params(message: Message, layout) -> Tensor:
+    """Returns the model of a Flower message (its ``arrays`` record) as a flat vector."""
+    return record_to_vector(model_part(message.content.array_records["arrays"], layout), layout)
+
+
+def standard_train(message: Message, context: Context, config: str | os.PathLike | None = None) -> Message:
+    """Runs one job from a Flower-convention train message; replies with the new weights and
+    metrics (see the module docstring)."""
+    ctx = own_run(own_config(context, config)).ctx
+    layout = ctx.task.layout
+    client = node_client(context, ctx.num_clients)
+    params = received_params(message, layout)
+    extras = {}
+    if "extras" in message.content.array_records:
+        extras = records_to_tensors(message.content.array_records["extras"], message.content.config_records.get("extras-numbers"))
+    rnd = int(message.content.config_records["config"].get("server-round", 0)) if "config" in message.content.config_records else 0
+    state = NodeState(context.state)
+    job = ctx.make_job(client, Payload(params, extras), rnd, rnd)
+    committed = state.committed()
+    if committed is not None:
+        job = dataclasses.replace(job, state=committed)
+    got = ctx.executor.run([job])
+    state.commit({k: v[0] for k, v in got.state.items()})
+    time.sleep(float(context.node_config.get("delay", 0.0)))
+    metrics = {k: float(v[0]) for k, v in got.metrics.items() if v[0] == v[0]}
+    weights = params - got.updates[0]
+    content = RecordDict({"arrays": vector_to_record(weights, layout),
+                          "metrics": MetricRecord({**metrics, NUM_EXAMPLES: int(got.num_samples[0])})})
+    return Message(content, reply_to=message)
+
+
+def standard_evaluate(message: Message, context: Context, config: str | os.PathLike | None = None) -> Message:
+    """Evaluates the model of a Flower evaluate message on this client's held-out data (its
+    training data if it has none); replies with ``metrics`` (see the module docstring)."""
+    ctx = own_run(own_config(context, config)).ctx
+    client = node_client(context, ctx.num_clients)
+    data = ctx.data
+    rows = data.client_test[client] if len(data.client_test[client]) else data.client_train[client]
+    got = ctx.task.evaluate(received_params(message, ctx.task.layout), data.x_train[rows], data.y_train[rows])
+    metrics = {f"eval_{'acc' if k == 'accuracy' else k}": float(v) for k, v in got.items() if v is not None}
+    return Message(RecordDict({"metrics": MetricRecord({**metrics, NUM_EXAMPLES: len(rows)})}), reply_to=message)
+
+
+def client_app(config: str | os.PathLike | None = None) -> ClientApp:
+    """Returns a Flower ClientApp that answers fedsim's query and train messages, and
+    Flower's standard train and evaluate messages (for which `config`, or the node config
+    ``config``, names the node's own fedsim config)."""
     app = ClientApp()
-    app.train()(train)
+
+    @app.train()
+    def _train(message: Message, context: Context) -> Message:
+        return train(message, context) if from_fedsim(message) else standard_train(message, context, config)
+
+    @app.evaluate()
+    def _evaluate(message: Message, context: Context) -> Message:
+        return standard_evaluate(message, context, config)
+
     app.query()(query)
     return app

@@ -6,7 +6,9 @@ who trains when and how results are aggregated, on the wall clock
 executor. `submit` queues a job for its client's node (queued jobs are pushed together at the
 next `poll`, `result` or `run`), `poll` pulls the replies that came in, and `result` returns a
 job's one-row `Contributions` (no row when its node went away). The row is built from the
-server's own job (client, sample count, steps) and the reply's update, extras and metrics.
+server's own job (client, sample count, steps) and the reply's update, extras and metrics;
+a reply in Flower's convention (an ordinary ClientApp) brings its own sample count
+(``num-examples``, the aggregation weight) and, if it reports it, its step count.
 
 A client's persistent state stays on its node; `keep_states` tells the executor which job of
 each client produced the state to keep (it was aggregated, or the client restarts from it),
@@ -29,8 +31,27 @@ from ..executors.base import Executor, Job, WorkerSpec
 from ..protocols.clocks import WallClock
 from ..strategy import Strategy
 from .link import NodeLink
-from .messages import TrainTask
+from .messages import Reply, TrainTask
 from .settings import FlowerSettings
+
+
+def train_config(config: Config, settings: FlowerSettings) -> dict:
+    """Returns the ``config`` record of every train message, in Flower's convention: the
+    local-training settings (``lr``, ``batch-size``, ``local-steps`` or ``local-epochs``) and
+    the run config's keys that are not the ServerApp's own (`FlowerSettings.passthrough`)."""
+    local = config.local
+    steps = {"local-steps": local.steps} if local.steps is not None else {"local-epochs": local.epochs}
+    return {"lr": local.lr, "batch-size": local.batch_size, **steps, **dict(settings.passthrough)}
+
+
+def contribution(job: Job, reply: Reply) -> Contributions:
+    """Returns the one-row contributions of `job` from its reply (with the counts the reply reported)."""
+    row = from_outputs([job], [reply.output])
+    if reply.num_examples is not None:
+        row.num_samples[0] = reply.num_examples
+    if reply.num_steps is not None:
+        row.num_steps[0] = reply.num_steps
+    return row
 
 
 class FlowerExecutor(Executor):
@@ -50,7 +71,8 @@ class FlowerExecutor(Executor):
         """Connects to the SuperNodes (one per client, found by its partition-id); the wall
         clock starts once they are all there."""
         text = yaml.safe_dump(self.config.resolved(), sort_keys=False)
-        self.link = NodeLink(self.grid, text, spec.task.layout, self.settings.poll_interval)
+        self.link = NodeLink(self.grid, text, spec.task.layout, self.settings.poll_interval,
+                             train_config(self.config, self.settings))
         self.link.connect(spec.num_clients, self.settings.node_timeout)
         self.clock.restart()
 
@@ -74,8 +96,8 @@ class FlowerExecutor(Executor):
         of the jobs that finished (answered, or lost with their node)."""
         self._flush()
         results, lost = self.link.wait(until)
-        for job_id, output in results:
-            self._done[job_id] = from_outputs([self._jobs[job_id]], [output])
+        for job_id, reply in results:
+            self._done[job_id] = contribution(self._jobs[job_id], reply)
         for d in lost:
             self._done[d.job_id] = Contributions.empty()
         return [job_id for job_id, _ in results] + [d.job_id for d in lost]

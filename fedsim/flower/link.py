@@ -1,9 +1,12 @@
 """The ServerApp's line to the SuperNodes: who serves which fedsim client, and job messages.
 
 `connect` asks every node that joins which fedsim client it serves (its node config's
-``partition-id``) until clients 0..N−1 all have a node. `dispatch` pushes one job to its
-client's node; `collect` pulls the replies that have arrived. Each reply is matched to
-the job it answers and returned once; a reply to a job the server gave up on is ignored.
+``partition-id``) until clients 0..N−1 all have a node. A node whose ClientApp has no
+query handler (an ordinary Flower ClientApp: "No query function registered") is a *plain*
+node: once there are enough nodes, plain nodes take the clients no fedsim node claimed, in
+ascending node-id order. `dispatch` pushes one job to its client's node; `collect` pulls
+the replies that have arrived. Each reply is matched to the job it answers and returned
+once; a reply to a job the server gave up on is ignored.
 A job whose node went away (Flower's "unavailable" errors) is reported as lost; an
 exception in a node's ClientApp stops the run with the node's reason.
 """
@@ -11,36 +14,43 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 from flwr.app import Message
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from ..errors import FedsimError
-from ..strategy import ClientOutput
 from ..params import ParamLayout
-from .messages import QUERY, TRAIN, TrainTask, decode_node_client, decode_result, encode_query, encode_task
+from ..strategy import Tensor
+from .messages import QUERY, TRAIN, Reply, TrainTask, decode_node_client, decode_result, encode_query, encode_task
 
 START_HINT = "start each SuperNode with --node-config 'partition-id=K num-partitions=N'"
 LOST_CODES = {ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE}
 
 
+NO_QUERY_HANDLER = "No query function registered"
+
+
 @dataclass(frozen=True)
 class Dispatched:
-    """A job in flight: which client runs it."""
+    """A job in flight: which client runs it, and the model it was sent."""
 
     client: int
     job_id: int
+    sent: Tensor | None = None
 
 
 class NodeLink:
     """See the module docstring."""
 
-    def __init__(self, grid: Grid, config: str, layout: ParamLayout, poll_interval: float = 0.1):
+    def __init__(self, grid: Grid, config: str, layout: ParamLayout, poll_interval: float = 0.1,
+                 train_config: Mapping[str, Any] | None = None):
         self.grid = grid
         self.config = config
         self.layout = layout
         self.poll_interval = poll_interval
+        self.train_config = dict(train_config or {})  # Flower's "config" record of every train message
         self.nodes: dict[int, int] = {}  # fedsim client id -> Flower node id
         self.in_flight: dict[str, Dispatched] = {}  # message id -> job
 
@@ -49,6 +59,7 @@ class NodeLink:
         deadline = time.monotonic() + timeout
         asked: dict[str, int] = {}  # query message id -> node id
         seen: set[int] = set()
+        plain: list[int] = []  # nodes without a query handler
         while len(self.nodes) < num_clients:
             new = [n for n in self.grid.get_node_ids() if n not in seen]
             if new:
@@ -58,11 +69,17 @@ class NodeLink:
             for reply in self.grid.pull_messages(list(asked)):
                 node = asked.pop(reply.metadata.reply_to_message_id)
                 if reply.has_error():
+                    if NO_QUERY_HANDLER in reply.error.reason:
+                        plain.append(node)
+                        continue
                     raise FedsimError(f"node {node} could not join: {reply.error.reason}")
                 client = decode_node_client(reply.content)
                 if client in self.nodes:
                     raise FedsimError(f"nodes {self.nodes[client]} and {node} both have partition-id={client}")
                 self.nodes[client] = node
+            if plain and len(self.nodes) + len(plain) >= num_clients:
+                free = [c for c in range(num_clients) if c not in self.nodes]
+                self.nodes.update(zip(free, sorted(plain)))
             if len(self.nodes) < num_clients:
                 if time.monotonic() > deadline:
                     missing = sorted(set(range(num_clients)) - set(self.nodes))
@@ -72,7 +89,7 @@ class NodeLink:
     def dispatch(self, tasks: list[TrainTask], group: str) -> None:
         """Pushes each task to the node of its client."""
         messages = [
-            Message(encode_task(t, self.config, self.layout), dst_node_id=self.nodes[t.client],
+            Message(encode_task(t, self.config, self.layout, self.train_config), dst_node_id=self.nodes[t.client],
                     message_type=TRAIN, group_id=group)
             for t in tasks
         ]
@@ -81,10 +98,10 @@ class NodeLink:
             raise FedsimError(f"the SuperLink refused {len(tasks) - len([m for m in ids if m])} of {len(tasks)} "
                               "job messages (too large? see the ServerApp log)")
         for task, mid in zip(tasks, ids):
-            self.in_flight[mid] = Dispatched(task.client, task.job_id)
+            self.in_flight[mid] = Dispatched(task.client, task.job_id, task.payload.params)
 
-    def collect(self) -> tuple[list[tuple[int, ClientOutput]], list[Dispatched]]:
-        """Returns ((job id, output) of the replies, lost jobs) that arrived since the last
+    def collect(self) -> tuple[list[tuple[int, Reply]], list[Dispatched]]:
+        """Returns ((job id, reply) of the replies, lost jobs) that arrived since the last
         call, each ordered by job id."""
         if not self.in_flight:
             return [], []
@@ -99,14 +116,18 @@ class NodeLink:
                     continue
                 raise FedsimError(f"client {job.client} (job {job.job_id}, node {self.nodes[job.client]}) "
                                   f"failed: {reply.error.reason}")
-            job_id, client, output = decode_result(reply.content, self.layout)
-            if (client, job_id) != (job.client, job.job_id):
+            try:
+                got = decode_result(reply.content, self.layout, job.sent)
+            except ValueError as exc:
+                raise FedsimError(f"client {job.client} (job {job.job_id}, node {self.nodes[job.client]}) "
+                                  f"sent a reply fedsim cannot read: {exc}") from None
+            if got.job_id is not None and (got.client, got.job_id) != (job.client, job.job_id):
                 raise FedsimError(f"a reply for job {job.job_id} of client {job.client} carries "
-                                  f"job {job_id} of client {client}")
-            results.append((job_id, output))
+                                  f"job {got.job_id} of client {got.client}")
+            results.append((job.job_id, got))
         return sorted(results, key=lambda r: r[0]), sorted(lost, key=lambda d: d.job_id)
 
-    def wait(self, until: float) -> tuple[list[tuple[int, ClientOutput]], list[Dispatched]]:
+    def wait(self, until: float) -> tuple[list[tuple[int, Reply]], list[Dispatched]]:
         """Polls until something arrives, nothing is in flight, or the monotonic clock reaches `until`."""
         while True:
             results, lost = self.collect()

@@ -2,29 +2,45 @@
 
 * query (server → node): ``fedsim`` {config}; the reply says which fedsim client the node
   serves (its ``partition-id``), after checking that it fits the config.
-* train (server → node): ``arrays`` (the published model, one array per model tensor),
+* train (server → node), in Flower's convention plus fedsim's own records: ``arrays``
+  (the published model, one array per model tensor), ``config`` (a ConfigRecord as
+  Flower's strategies send it: ``server-round`` and the local-training settings ``lr``,
+  ``batch-size``, ``local-steps`` / ``local-epochs``, plus the run config's extra keys),
   ``extras`` / ``extras-numbers`` (``Payload.extras``), and ``fedsim`` {client, job,
-  version, accepted-job, config}. ``config`` is the resolved fedsim config (YAML), so
-  every node builds exactly the server's data, model and strategy.
-* train reply: ``arrays`` (the update u = x_start − y_end), ``extras`` /
-  ``extras-numbers`` (``ClientOutput.extras``), ``metrics`` (the client's metrics plus
-  Flower's conventional ``num-examples``) and ``fedsim`` {client, job, version,
-  num-samples, num-steps}. The client's new persistent state never leaves the node; the
-  server trusts only the update, extras and metrics (the rest of the row it knows itself).
+  version, accepted-job, config}. The ``fedsim`` ``config`` is the resolved fedsim config
+  (YAML), so every fedsim node builds exactly the server's data, model and strategy.
+* train reply, either of two forms:
+
+  - fedsim's ClientApp: ``arrays`` (the update u = x_start − y_end), ``extras`` /
+    ``extras-numbers`` (``ClientOutput.extras``), ``metrics`` (the client's metrics plus
+    Flower's conventional ``num-examples``) and ``fedsim`` {client, job, version,
+    num-samples, num-steps}. The client's new persistent state never leaves the node.
+  - any other ClientApp (Flower's convention, no ``fedsim`` record): ``arrays`` (the new
+    weights y_end; the server derives u = x_sent − y_end), ``metrics`` with
+    ``num-examples`` (the client's sample count: its aggregation weight) and optionally
+    ``num-steps``, and the strategy's uplink extras as ``extras`` / ``extras-numbers``
+    (filled by a client-side helper, e.g. `fedsim.flower.scaffold_client`).
+
+  The server trusts only the update, extras, metrics and reported counts (the rest of the
+  row it knows itself).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from ..contributions import Contributions
 from ..params import ParamLayout
-from ..strategy import ClientOutput, Payload
+from ..strategy import ClientOutput, Payload, Tensor
 from .records import record_to_vector, records_to_tensors, tensors_to_records, vector_to_record
 
 QUERY = "query"
 TRAIN = "train"
+EVALUATE = "evaluate"
+NUM_EXAMPLES = "num-examples"
+NUM_STEPS = "num-steps"
 
 
 @dataclass(frozen=True)
@@ -63,13 +79,16 @@ def _with_extras(records: dict, extras: dict) -> RecordDict:
     return RecordDict(records)
 
 
-def encode_task(task: TrainTask, config: str, layout: ParamLayout) -> RecordDict:
-    """Returns the content of a train message."""
+def encode_task(task: TrainTask, config: str, layout: ParamLayout, train_config: Mapping[str, Any] | None = None) -> RecordDict:
+    """Returns the content of a train message; `train_config` fills Flower's ``config``
+    record (``server-round`` = version + 1 is added)."""
     meta = ConfigRecord({
         "client": task.client, "job": task.job_id, "version": task.version,
         "accepted-job": task.accepted_job, "config": config,
     })
-    return _with_extras({"arrays": vector_to_record(task.payload.params, layout), "fedsim": meta}, dict(task.payload.extras))
+    flower_config = ConfigRecord({**(train_config or {}), "server-round": task.version + 1})
+    return _with_extras({"arrays": vector_to_record(task.payload.params, layout), "config": flower_config,
+                         "fedsim": meta}, dict(task.payload.extras))
 
 
 def decode_task(content: RecordDict, layout: ParamLayout) -> TrainTask:
@@ -95,11 +114,57 @@ def encode_result(got: Contributions, layout: ParamLayout) -> RecordDict:
     return _with_extras({"arrays": vector_to_record(got.updates[0], layout), "metrics": metrics, "fedsim": meta}, extras)
 
 
-def decode_result(content: RecordDict, layout: ParamLayout) -> tuple[int, int, ClientOutput]:
-    """Inverse of `encode_result`: (job id, client, the client's output without its state,
-    which stayed on the node)."""
-    meta = content.config_records["fedsim"]
-    metrics = {k: float(v) for k, v in content.metric_records["metrics"].items() if k != "num-examples"}
-    extras = records_to_tensors(content.array_records["extras"], content.config_records["extras-numbers"])
-    update = record_to_vector(content.array_records["arrays"], layout)
-    return int(meta["job"]), int(meta["client"]), ClientOutput(update, {}, extras, metrics)
+@dataclass(frozen=True)
+class Reply:
+    """A train reply as the server reads it. `job_id` and `client` are None for a reply in
+    Flower's convention (it names neither; the server knows which message it answers);
+    `num_examples` / `num_steps` are the counts such a reply reported (None: use the server's)."""
+
+    output: ClientOutput  # the update, extras and metrics; no state (it stays on the node)
+    job_id: int | None = None
+    client: int | None = None
+    num_examples: int | None = None
+    num_steps: int | None = None
+
+
+def _metrics(content: RecordDict) -> dict[str, float]:
+    records = content.metric_records
+    metrics = records["metrics"] if "metrics" in records else next(iter(records.values()), {})
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def _extras(content: RecordDict) -> dict[str, Any]:
+    if "extras" not in content.array_records:
+        return {}
+    return records_to_tensors(content.array_records["extras"], content.config_records.get("extras-numbers"))
+
+
+def decode_result(content: RecordDict, layout: ParamLayout, sent: Tensor) -> Reply:
+    """Reads a train reply of either form (see the module docstring); `sent` is the model
+    the job was sent, from which the update of a Flower-convention reply is derived.
+    Raises ValueError for a reply that has neither form."""
+    if "fedsim" in content.config_records:
+        meta = content.config_records["fedsim"]
+        metrics = {k: v for k, v in _metrics(content).items() if k != NUM_EXAMPLES}
+        update = record_to_vector(content.array_records["arrays"], layout)
+        return Reply(ClientOutput(update, {}, _extras(content), metrics), int(meta["job"]), int(meta["client"]))
+    if "arrays" not in content.array_records:
+        raise ValueError("the reply has no 'arrays' record (the new model weights)")
+    metrics = _metrics(content)
+    if NUM_EXAMPLES not in metrics:
+        raise ValueError(f"the reply's metrics have no {NUM_EXAMPLES!r} (the client's sample count)")
+    weights = record_to_vector(model_part(content.array_records["arrays"], layout), layout)
+    update = sent - weights.to(sent.dtype)
+    steps = metrics.pop(NUM_STEPS, None)
+    n = metrics.pop(NUM_EXAMPLES)
+    return Reply(ClientOutput(update, {}, _extras(content), metrics), num_examples=int(n),
+                 num_steps=None if steps is None else int(steps))
+
+
+def model_part(record: ArrayRecord, layout: ParamLayout) -> ArrayRecord:
+    """Returns the model's tensors of `record`, in the model's order, without anything else a
+    ``state_dict`` holds (buffers); raises ValueError naming a missing tensor."""
+    missing = [n for n in layout.names if n not in record]
+    if missing:
+        raise ValueError(f"the reply's arrays lack {missing} (the model has {list(layout.names)})")
+    return ArrayRecord({n: record[n] for n in layout.names})

@@ -6,11 +6,16 @@ two things swapped: the wall clock for the virtual one and the SuperNodes (`Flow
 for the config's executor. `fedsim.runner` drives it: the run folder (config.yaml,
 metrics.jsonl, events.jsonl, summary.json, final_model.pt, curves.png) is written where the
 ServerApp runs. Protocols that exist only in simulation (the decentralized ones) refuse.
+
+A run that fails (a config error, a failing client…) raises out of the ServerApp's main:
+Flower then records the run as ``finished:failed`` with fedsim's one-line reason as its
+details (``flwr ls --run-id N``). ``flwr run`` itself exits 0 whatever the run's outcome
+(Flower 1.42 only submits the run and streams its log); check the status with ``flwr ls``.
 """
 from __future__ import annotations
 
 import dataclasses
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -22,6 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from .. import runner
 from ..config import Config, load_config
 from ..config.schema import COMPONENTS
+from ..errors import FedsimError
 from ..outputs import default_run_dir
 from ..protocols.clocks import WallClock
 from .executor import FlowerExecutor
@@ -71,9 +77,14 @@ def server_app(config: str | Path | None = None, overrides: Sequence[str] = (),
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        settings = read_settings({**(run_config or {}), **context.run_config})
-        source = Path(config) if config is not None else app_folder(grid) / settings.config
-        cfg = deployment_config(source, [*settings.overrides.split(), *overrides])
-        run_on_grid(grid, cfg, settings)
+        try:
+            settings = read_settings({**(run_config or {}), **context.run_config})
+            source = Path(config) if config is not None else app_folder(grid) / settings.config
+            cfg = deployment_config(source, [*settings.overrides.split(), *overrides])
+            run_on_grid(grid, cfg, settings)
+        except FedsimError as exc:
+            # raised on: Flower marks the run finished:failed, with this line as its details
+            log(ERROR, "fedsim: error: %s", exc)
+            raise
 
     return app

@@ -5,15 +5,32 @@ changed per run with ``flwr run . -c 'reply-timeout=60'``. Everything about the 
 itself — data, model, strategy, local training, the protocol and its settings (sync rounds,
 FedBuff's buffer, FedFix's window…), rounds — is in the fedsim config file the ``config``
 key names, exactly as for ``fedsim run``; these knobs only say how the deployment reaches it.
+
+Flower's usual run-config keys set the fedsim config's matching keys (applied before the
+``overrides``): `FLOWER_KEYS`. Any other run-config key is the user's own: it is not rejected but passed through, in every
+train message's ``config`` record, to the ClientApp (a Flower user's ClientApp reads its own
+settings there). A key that looks like a misspelt knob (``reply-timout``) is still refused.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass
 from typing import Annotated, Any, Mapping
 
 from ..config import Gt
 from ..config.components import dataclass_knobs, validate_knobs
 from ..config.schema import knob
+
+
+FLOWER_KEYS = {  # Flower's usual run-config key -> the fedsim config key it sets
+    "num-server-rounds": "run.rounds",
+    "fraction-train": "protocol.fraction",
+    "lr": "local.lr",
+    "local-epochs": "local.epochs",
+    "local-steps": "local.steps",
+    "batch-size": "local.batch_size",
+}
 
 
 @dataclass(frozen=True)
@@ -28,9 +45,37 @@ class FlowerSettings:
         3600.0, "Seconds a job may take: a round without a deadline, or an asynchronous run with nothing "
         "else to wait for, stops with an error after this long without a reply.")
     poll_interval: Annotated[float, Gt(0)] = knob(0.05, "Seconds between two pulls of replies from the SuperLink.")
+    # not a knob: the run config's other keys, as given, for the ClientApp
+    passthrough: tuple[tuple[str, Any], ...] = dataclasses.field(default=(), compare=False)
+
+
+def knobs() -> list:
+    """Returns the ServerApp's own run-config knobs."""
+    return [k for k in dataclass_knobs(FlowerSettings) if k.name != "passthrough"]
 
 
 def read_settings(run_config: Mapping[str, Any]) -> FlowerSettings:
-    """Validates Flower's run config into FlowerSettings; raises ConfigError naming the key."""
-    raw = {str(k).replace("-", "_"): v for k, v in run_config.items()}
-    return FlowerSettings(**validate_knobs("run-config", raw, dataclass_knobs(FlowerSettings), "the fedsim ServerApp"))
+    """Validates Flower's run config into FlowerSettings (its other keys go to `passthrough`);
+    raises ConfigError naming the key."""
+    names = [k.name for k in knobs()]
+    own, other = {}, {}
+    for key, value in run_config.items():
+        name = str(key).replace("-", "_")
+        if name in names or key in FLOWER_KEYS:
+            own[name] = value
+        elif difflib.get_close_matches(name, names, n=1, cutoff=0.85):
+            own[name] = value  # a misspelt knob: validate_knobs names it and suggests the knob
+        else:
+            other[str(key)] = value
+    mapped = [f"{FLOWER_KEYS[k]}={_override_value(v)}" for k, v in run_config.items() if k in FLOWER_KEYS]
+    for k in FLOWER_KEYS:
+        own.pop(k.replace("-", "_"), None)
+    values = validate_knobs("run-config", own, knobs(), "the fedsim ServerApp")
+    values["overrides"] = " ".join([*mapped, values["overrides"]]).strip()
+    return FlowerSettings(**values, passthrough=tuple(sorted(other.items())))
+
+
+def _override_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)

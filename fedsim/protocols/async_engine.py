@@ -109,6 +109,7 @@ class ScheduleState(ProtocolState):
     retry_at: int | None = None
     dropped: int = 0
     discarded: int = 0
+    empty_windows: int = 0  # windows that received nothing (no aggregation, no new version)
 
 
 class Hooks:
@@ -126,6 +127,9 @@ class Hooks:
 
     def aggregate(self, st: Any, updates: list[Update], time: int) -> None:
         """Folds the buffered updates into the model (before the version moves on)."""
+
+    def empty_window(self, st: Any, time: int) -> None:
+        """A window ended with nothing to aggregate (the model and its version stay)."""
 
     def release(self, st: Any, job: int, version: int) -> None:
         """Forgets a job that will not be aggregated (lost, or too stale)."""
@@ -155,12 +159,16 @@ class Trace(Hooks):
     def aggregate(self, st: Any, updates: list[Update], time: int) -> None:
         self.aggregations.append([u.client for u in updates])
 
+    def empty_window(self, st: Any, time: int) -> None:
+        self.aggregations.append([])  # a period of FedFix's frequencies f_i (updates per window)
+
     def log(self, time: int, kind: str, **fields: Any) -> None:
         if self.keep_events:
             self.events.append({"time": to_seconds(time), "kind": kind, **fields})
 
     def frequencies(self, num_clients: int) -> np.ndarray:
-        """Returns f_i: client i's updates per aggregation, averaged over the traced schedule."""
+        """Returns f_i: client i's updates per aggregation (per window, empty ones included,
+        with a window), averaged over the traced schedule."""
         counts = np.zeros(num_clients)
         for members in self.aggregations:
             for c in members:
@@ -257,7 +265,14 @@ class Engine:
         st.free += 1
 
     def _on_window(self, st: ScheduleState, hooks: Hooks, t: int) -> None:
-        self._aggregate(st, hooks, t)
+        if st.buffer:  # an empty window changes nothing: no aggregation, no new version
+            self._aggregate(st, hooks, t)
+        else:
+            st.empty_windows += 1
+            hooks.empty_window(st, t)
+            hooks.log(t, "empty_window", version=st.version)
+            if not st.flights and st.retry_at is None:
+                return  # nothing can arrive any more: let the schedule end (idle)
         st.queue.push(t + self.rules.window, "window", priority("window"))
 
     def _on_retry(self, st: ScheduleState, hooks: Hooks, t: int) -> None:

@@ -218,7 +218,7 @@ class AsyncProtocol(Protocol, Hooks):
             floor = 1.0 / max(st.aggregations + 1, 1)
             freq = np.where(self._f[clients] > 0, self._f[clients], floor)
         elif st.participation is not None:
-            freq = online_frequencies(st.participation, st.aggregations, clients)
+            freq = online_frequencies(st.participation, st.aggregations + st.empty_windows, clients)
             count_updates(st.participation, clients)
         staleness = np.array([u.staleness for u in updates], dtype=np.int64)
         bases = tuple(st.models[u.version].params for u in updates)
@@ -283,7 +283,8 @@ def asynchronous(
             slot goes to an idle available client (a keyed uniform draw if several).
         buffer_size: Aggregate when this many updates have arrived (1: async FedAvg; K: FedBuff).
         window: Aggregate instead at every multiple of this many virtual seconds, over whatever
-            arrived (FedFix-Δt); windows may be empty.
+            arrived (FedFix-Δt); an empty window is no aggregation (no new version, not counted
+            toward run.rounds).
         redispatch: When a client that reported gets a new job: 'immediate', 'aggregation'
             (waits for the next aggregation, i.e. the window boundary or the full buffer),
             or 'auto' (aggregation with a window, immediate otherwise).
