@@ -30,7 +30,7 @@ from fedsim.reproduce import Claim, RunSpec  # noqa: E402
 
 TITLE = ("Fraboni, Vidal, Kameni, Lorenzi — A General Theory for Federated Optimization with Asynchronous "
          "and Heterogeneous Clients Updates (JMLR 2023, arXiv 2206.10189): FedFix vs FedAvg, Async, FedBuff")
-FULL_RUNTIME = ("54 runs, about 9 minutes of CPU (42 runs without the FedAvg-xs controls measured 482 s CPU); "
+FULL_RUNTIME = ("54 runs, about 10 minutes of CPU (measured 619 s CPU, 797 s wall on 2 cores); "
                 "--quick: 18 runs, about 1 minute of CPU")
 
 M = 20
