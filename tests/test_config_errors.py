@@ -36,6 +36,8 @@ CASES = [
       "topology": {"name": "random_matching"}}, "topology.name", "static graph"),
     ({"protocol": {"name": "asynch"}}, "protocol.name", "did you mean 'async'"),
     ({"executor": {"kind": "seriall"}}, "executor.kind", "did you mean 'serial'"),
+    # a mapping where a list belongs: OmegaConf's merge raises a bare TypeError naming no key
+    ({"system": {"adversary": {"ids": {}}}}, "system.adversary.ids", "a mapping does not fit"),
 ]
 
 

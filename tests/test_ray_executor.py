@@ -176,7 +176,7 @@ def last_words(out: Path) -> tuple[list[str], str]:
 def test_lost_node_ends_the_run_with_one_line_and_a_checkpoint(cluster, tmp_path, tmp_yaml):
     node = cluster.add_node(num_cpus=1, resources={"doomed": 1})  # the only node the run's actor fits on
     marker, out = tmp_path / "killed", tmp_path / "run"
-    cfg = merge(on_ray(CONFIGS["sync"], num_actors=1, resources={"doomed": 1}, actor_start_timeout=30),
+    cfg = merge(on_ray(CONFIGS["sync"], num_actors=1, resources={"doomed": 1}, actor_start_timeout=20),
                 {"strategy": {"name": f"{FAULTS}:fedavg_loses_its_node", "marker": str(marker), "resource": "doomed",
                               "job": 6}})
     proc = run_cli(cluster, cfg, out, tmp_yaml)
@@ -189,9 +189,9 @@ def test_lost_node_ends_the_run_with_one_line_and_a_checkpoint(cluster, tmp_path
     ours, text = last_words(out)
     assert proc.returncode == 5 and len(ours) == 1 and "Traceback" not in text, text[-3000:]
     assert ours[0].startswith("fedsim: error: no Ray actor is left and none could be placed within "
-                              "executor.actor_start_timeout=30 s")
+                              "executor.actor_start_timeout=20 s")
     assert ours[0].endswith(f"; stopped at round 1 (checkpoint written); resume with: fedsim resume {out}")
-    assert ended - marker.stat().st_mtime < 90  # Ray notices the lost node in ~15 s, then 30 s to place an actor
+    assert ended - marker.stat().st_mtime < 90  # Ray notices the lost node in ~15 s, then 20 s to place an actor
     payload, _ = ckpt.load_latest(out)
     assert payload["protocol_state"].rounds == 1
 

@@ -170,6 +170,10 @@ def validate_knobs(path: str, raw: Mapping[str, Any], knobs: Sequence[Knob], wha
         msg = str(exc).splitlines()[0]
         key = str(getattr(exc, "full_key", "") or "")
         raise ConfigError(_join(path, key), _friendly(msg)) from None
+    except TypeError:  # OmegaConf merging a mapping into a list (or back) names no key: find it
+        bad = next((k for k in raw if not _merges(schema, k, raw[k])), None)
+        given = "a mapping" if isinstance(raw.get(bad), dict) else "a list" if isinstance(raw.get(bad), list) else "this value"
+        raise ConfigError(_join(path, str(bad) if bad is not None else ""), f"{given} does not fit this key") from None
     for k in knobs:
         if _has_non_finite(values[k.name]):
             raise ConfigError(_join(path, k.name), f"must be a finite number (got {values[k.name]})")
@@ -178,6 +182,15 @@ def validate_knobs(path: str, raw: Mapping[str, Any], knobs: Sequence[Knob], wha
             if problem:
                 raise ConfigError(_join(path, k.name), problem)
     return values
+
+
+def _merges(schema: Any, key: Any, value: Any) -> bool:
+    """True when `{key: value}` alone merges into the structured `schema`."""
+    try:
+        OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), {key: value}))
+        return True
+    except (TypeError, OmegaConfBaseException):
+        return False
 
 
 def _has_non_finite(value: Any) -> bool:
