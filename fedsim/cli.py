@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -295,8 +296,14 @@ def skip_final_collection() -> None:
 
 def console() -> int:
     """The `fedsim` command: `main` on the command line's arguments, then a quick exit;
-    returns the exit status."""
-    status = main()
+    returns the exit status. A Ctrl-C that arrives once the command has finished (say, the
+    second of two quick ones) is ignored: everything is written and closed, and during the
+    interpreter's shutdown it would only print a traceback from an exit hook."""
+    try:
+        status = main()
+    except KeyboardInterrupt:  # after main's own handling: the run had already stopped
+        status = 130
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     skip_final_collection()
     return status
 
