@@ -141,6 +141,13 @@ class LocalSection:
         "batch uniformly from the client's data (Fraboni et al.).",
     )
     drop_last: bool = knob(False, "Drop the last incomplete batch of an epoch.")
+    shuffle: Annotated[str, OneOf(("generator", "hash"))] = knob(
+        "generator",
+        "How a job's batch order is drawn, keyed by (seed, client, job) either way: 'generator' (a keyed numpy "
+        "generator's permutations) or 'hash' (the stable sort of a counter-based keyed hash, which the vmap "
+        "executor computes for a whole cohort on its own device; same shapes, different orders, so results differ "
+        "from 'generator' runs).",
+    )
     momentum: Annotated[float, Range(0.0, 1.0, open_hi=True)] = knob(
         0.0, "Local SGD momentum; the buffer starts at zero at every job."
     )
