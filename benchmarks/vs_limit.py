@@ -10,7 +10,9 @@ batches of (clients × 16) samples: the same FLOPs without per-client structure,
 same precision. Both are timed after warm-up (CUDA graph capture included there),
 synchronised, best of several calls; the contenders are timed back to back `--repeats`
 times and each ratio is the median of the repeats' ratios (the host's speed drifts between
-minutes, and both sides are host-bound for small models).
+minutes, and both sides are host-bound for small models). The first column is the ratio
+against the best of the limits timed (eager; graphed on CUDA; compiled with
+`--compiled-limit`), per repeat; the others follow it.
 
     python benchmarks/vs_limit.py --device cpu --models mlp --clients 100
     python benchmarks/vs_limit.py --device cuda --models mlp,cnn28,cnn32 --clients 100,1000
