@@ -7,8 +7,9 @@ to `size` and held in memory as float32 in [0, 1].
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
-from typing import Annotated, List, Literal
+from typing import Annotated, Callable, List, Literal, Sequence
 
 import numpy as np
 import torch
@@ -44,20 +45,22 @@ def list_images(folder: Path, classes: list[str] | None, layout: str) -> tuple[l
     return paths, np.asarray(labels, dtype=np.int64), names
 
 
-def decode(paths: list[Path], size: tuple[int, int], mode: str) -> np.ndarray:
-    """Returns [n, C, H, W] float32 in [0, 1]; raises DataError naming an unreadable image."""
+def decode(paths: Sequence[Path | bytes], size: tuple[int, int], mode: str,
+           where: Callable[[int], str] | None = None) -> np.ndarray:
+    """Returns [n, C, H, W] float32 in [0, 1] of image files or encoded image bytes; raises
+    DataError naming an unreadable image (its path, or `where(i)` for the i-th item)."""
     try:
         from PIL import Image
     except ImportError:
-        raise DataError("the image_folder source needs Pillow: pip install pillow") from None
+        raise DataError("decoding images needs Pillow: pip install pillow") from None
     h, w = size
     out = np.empty((len(paths), 3 if mode == "RGB" else 1, h, w), dtype=np.float32)
     for i, path in enumerate(paths):
         try:
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
                 arr = np.asarray(img.convert(mode).resize((w, h)), dtype=np.float32) / 255.0
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise DataError(f"{path}: not a readable image ({exc})") from None
+            raise DataError(f"{where(i) if where else path}: not a readable image ({exc})") from None
         out[i] = arr.transpose(2, 0, 1) if arr.ndim == 3 else arr[None]
     return out
 
