@@ -462,6 +462,10 @@ def execute(config: Config, out_dir: Path | None, overwrite: bool = False, progr
         raise
     with lock, _one_line_errors(out_dir), _nothing_left_before_the_first_row(run, out_dir, lock.created):
         write_config(out_dir, config.resolved())
+        if config.run.partition_plot:
+            from .partition_plot import draw_run_partition  # matplotlib: only when drawing
+
+            draw_run_partition(run.ctx.data, out_dir, f"{config.data.name}, partition {config.partition.name}")
         if config.run.state_dir is None:  # spilled client state lives in the run folder
             run.ctx.store.spill_root = run.ctx.memory.spill_root = out_dir
         drive(run, out_dir, progress)

@@ -173,6 +173,10 @@ class RunSection:
     )
     log_events: bool = knob(False, "Write events.jsonl: every dispatch, arrival and aggregation on the virtual clock.")
     progress: bool = knob(True, "Show a progress bar on stderr.")
+    partition_plot: bool = knob(
+        True, "Draw partition.png in the run folder at start (each client's training samples per class, as "
+        "`fedsim partition` draws it; about a second of matplotlib per run). Not redrawn on resume.",
+    )
     torch_threads: Annotated[Optional[int], Ge(1)] = knob(None, "torch intra-op threads (default: torch's choice).")
     checkpoint_every: Annotated[int, Ge(0)] = knob(
         5, "Write a checkpoint every this many evaluations (0: only on interruption)."
