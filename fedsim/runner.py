@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import stopping
-from .client_eval import ClientEvaluation
+from .client_eval import ClientEvaluation, FineTune
 from .clock import to_seconds, to_ticks
 from .config.load import Config, load_config
 from .data import build_federated_data
@@ -114,7 +114,7 @@ def build(config: Config, clock: Clock | None = None, executor: Executor | None 
     if executor.model_device is not None:  # e.g. vmap with keep_on_device: the server runs there too
         ctx.initial_params = ctx.initial_params.to(executor.model_device)
     protocol.setup(ctx)
-    return Run(config, ctx, protocol, client_eval=ClientEvaluation.of(data, task))
+    return Run(config, ctx, protocol, client_eval=ClientEvaluation.of(data, task, FineTune.of(config)))
 
 
 def build_strategy(config: Config, protocol: Protocol, num_clients: int) -> Strategy:
@@ -171,7 +171,8 @@ def evaluate(run: Run, state: ProtocolState, at_tick: int, wall: float) -> dict[
     }
     row.update(m)
     if run.client_eval is not None:
-        row.update(run.client_eval.row(ctx.task, params, run.protocol.node_params(ctx, state), ctx.run.eval_batch_size))
+        row.update(run.client_eval.row(ctx.task, params, run.protocol.node_params(ctx, state), ctx.run.eval_batch_size,
+                                       at_tick))
     row.update(run.protocol.eval_metrics(ctx, state))
     return row
 
