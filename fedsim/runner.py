@@ -27,6 +27,7 @@ from .client_eval import ClientEvaluation, FineTune
 from .clock import to_seconds, to_ticks
 from .config.load import Config, load_config
 from .data import build_federated_data
+from .data.image_cache import check_executor
 from .divergence import chance_accuracy, diverged, last_finite, shown
 from .errors import ConfigError, DivergenceError, FedsimError, Interrupted, NoProgressError, StepAbandoned
 from .executors.base import Executor, WorkerSpec, build_executor
@@ -86,6 +87,7 @@ def build(config: Config, clock: Clock | None = None, executor: Executor | None 
         if problem:
             raise ConfigError("run.state_dir", f"cannot write to {config.run.state_dir} ({problem})")
     data = build_federated_data(config.data, config.partition, config.seed)
+    check_executor(data.source.info, config.executor.name)
     task = build_task(config.model, data.source, config.seed, config.data.common)
     protocol = config.protocol.build()
     strategy: Strategy = build_strategy(config, protocol, data.num_clients)

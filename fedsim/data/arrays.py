@@ -70,9 +70,10 @@ def from_arrays(name: str, where: Path, x: np.ndarray, y: np.ndarray, users: np.
             tr = np.concatenate([r[p[0]] for r, p in zip(rows, parts)])
             te = np.concatenate([r[p[1]] for r, p in zip(rows, parts)])
         xt, yt, ut = x[te], y[te], (users[te] if users is not None else None)
-    x, y = x[tr], y[tr]
+    if te is not None:  # rows held out; with test arrays every row trains (x may be memory-mapped: not copied)
+        x, y = x[tr], y[tr]
+        users = users[tr] if users is not None else None
     if users is not None:
-        users = users[tr]
         names, rank = first_appearance(users)
         groups = [np.flatnonzero(rank == u) for u in range(len(names))]
         if ut is not None:

@@ -13,7 +13,8 @@ the label column and optionally a user-id column:
 
 Labels are a ``ClassLabel`` column, integer class ids, or strings numbered in sorted order.
 With a user column every distinct user (in order of first appearance) is one client of the
-natural partition, and its test rows are its own test set. Everything is held in memory.
+natural partition, and its test rows are its own test set. Everything is held in memory,
+except images larger than `max_memory_mb` (see fedsim.data.image_cache).
 """
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ from typing import Annotated, Any, List, Literal, Optional
 import numpy as np
 import torch
 
-from ..config import Each, Ge
+from ..config import Each, Ge, Gt
 from ..errors import ConfigError, DataError
 from ..registry import DATA_SOURCES
 from .arrays import class_ids, from_arrays
 from .base import SourceContext, SourceData
-from .image_folder import decode
+from .image_cache import images, over_bound
 
 LAYOUT = ("a folder written by datasets' Dataset.save_to_disk or DatasetDict.save_to_disk (splits {train!r} and "
           "optionally {test!r}), or a .parquet file (Dataset.to_parquet)")
@@ -81,8 +82,10 @@ def column_names(ds: Any, names: List[str], key: str, where: Path) -> None:
             raise DataError(f"{where}: no column {name!r} ({key}; has {', '.join(ds.column_names)})")
 
 
-def image_column(ds: Any, name: str, size: tuple[int, int], mode: str, where: Path) -> np.ndarray:
-    """Returns the images of column `name` decoded to [n, C, H, W] float32 in [0, 1]."""
+def image_column(ds: Any, name: str, size: tuple[int, int], mode: str, where: Path, part: str,
+                 memory: tuple[Optional[float], Optional[str]]) -> torch.Tensor:
+    """Returns the images of column `name` decoded to [n, C, H, W] float32 in [0, 1], in memory
+    or memory-mapped (`memory`: max_memory_mb and cache_dir; `part` names the cache file)."""
     from datasets import Image
 
     cells = ds.cast_column(name, Image(decode=False))[name]
@@ -91,7 +94,8 @@ def image_column(ds: Any, name: str, size: tuple[int, int], mode: str, where: Pa
         if cell is None or (cell.get("bytes") is None and not cell.get("path")):
             raise DataError(f"{where}: row {i} of image column {name!r} is empty")
         items.append(cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]))
-    return decode(items, size, mode, where=lambda i: f"{where}: row {i} of image column {name!r}")
+    return images(items, size, mode, name=f"hf-{part}", max_memory_mb=memory[0], cache_dir=memory[1],
+                  where=lambda i: f"{where}: row {i} of image column {name!r}")
 
 
 def numeric_column(ds: Any, name: str, where: Path) -> np.ndarray:
@@ -116,15 +120,17 @@ def numeric_column(ds: Any, name: str, where: Path) -> np.ndarray:
     return arr
 
 
-def read_inputs(ds: Any, inputs: List[str], size: tuple[int, int], mode: str, where: Path) -> np.ndarray:
-    """Returns the inputs of `ds`: decoded images, int64 token ids or float32 features."""
+def read_inputs(ds: Any, inputs: List[str], size: tuple[int, int], mode: str, where: Path, part: str,
+                memory: tuple[Optional[float], Optional[str]]) -> np.ndarray | torch.Tensor:
+    """Returns the inputs of `ds`: decoded images (a tensor, see `image_column`), int64 token
+    ids or float32 features."""
     from datasets import Image
 
-    images = [c for c in inputs if isinstance(ds.features[c], Image)]
-    if images:
+    found = [c for c in inputs if isinstance(ds.features[c], Image)]
+    if found:
         if len(inputs) > 1:
-            raise DataError(f"{where}: image column {images[0]!r} must be the only one in data.inputs")
-        return image_column(ds, images[0], size, mode, where)
+            raise DataError(f"{where}: image column {found[0]!r} must be the only one in data.inputs")
+        return image_column(ds, found[0], size, mode, where, part, memory)
     cols = [numeric_column(ds, c, where) for c in inputs]
     if len(cols) == 1:
         x = cols[0]
@@ -163,6 +169,8 @@ def hf(
     size: Annotated[List[int], Each(Ge(1))] = (32, 32),
     color: Literal["rgb", "gray"] = "rgb",
     num_classes: Annotated[Optional[int], Ge(2)] = None,
+    max_memory_mb: Annotated[Optional[float], Gt(0)] = None,
+    cache_dir: Optional[str] = None,
 ) -> SourceData:
     """A Hugging Face dataset saved to disk (save_to_disk folder or .parquet file), with a column mapping.
 
@@ -170,7 +178,8 @@ def hf(
     folder, or `test_path`, or else a seeded `data.test_fraction` (of each user's rows when
     there is a user column). Image columns are decoded and resized to `size`; one column of
     equal-length integer lists stays int64 (token ids); other numeric columns become float32
-    features side by side. Everything is held in memory.
+    features side by side. Everything is held in memory, except images larger than
+    `max_memory_mb`: those are memory-mapped from a cache file in `cache_dir`.
 
     Args:
         path: A folder written by save_to_disk (a Dataset, or a DatasetDict with `train_split`) or a .parquet file.
@@ -183,6 +192,11 @@ def hf(
         size: [height, width] images are resized to.
         color: 'rgb' (3 channels) or 'gray' (1 channel) for images.
         num_classes: Number of classes C (None: from a ClassLabel, else the largest label + 1).
+        max_memory_mb: Decoded images larger than this many MiB (train and test sets apiece) are
+            memory-mapped from a cache file instead of held in memory (None: always in memory);
+            needs a test split of its own (test_split or test_path).
+        cache_dir: The folder for that cache (written once, reused while the images are unchanged);
+            never the data folder. Needed when max_memory_mb is exceeded.
     """
     if len(size) != 2:
         raise ValueError(f"size: give [height, width] (got {list(size)})")
@@ -203,12 +217,18 @@ def hf(
         for name, key in zip(wanted, keys):
             column_names(ds, [name], key, where)
     shape, mode = (int(size[0]), int(size[1])), "RGB" if color == "rgb" else "L"
-    x = read_inputs(train, list(inputs), shape, mode, file)
+    memory = (max_memory_mb, cache_dir)
+    mapped = over_bound(len(train), shape, mode, max_memory_mb) or (
+        test is not None and over_bound(len(test), shape, mode, max_memory_mb))
+    if mapped and test is None and any(isinstance(train.features[c], require_datasets().Image) for c in inputs):
+        raise ConfigError("data.max_memory_mb", "memory-mapped images need a test split of their own "
+                          "(data.test_split or data.test_path); holding out a fraction would copy them into memory")
+    x = read_inputs(train, list(inputs), shape, mode, file, "train", memory)
     labels, classes, names = read_labels(train, label_column, file)
     users = np.asarray(train[user_column]) if user_column else None
     test_arrays, test_labels = None, None
     if test is not None:
-        xt = read_inputs(test, list(inputs), shape, mode, test_file)
+        xt = read_inputs(test, list(inputs), shape, mode, test_file, "test", memory)
         test_labels, _, _ = read_labels(test, label_column, test_file)
         test_arrays = (xt, np.asarray(test[user_column]) if user_column else None)
     if test_labels is not None and isinstance(labels, list) != isinstance(test_labels, list):
@@ -221,9 +241,10 @@ def hf(
         y, yt = labels, np.asarray(test_labels if test_labels is not None else [], dtype=np.int64)
     test_tuple = None if test_arrays is None else (test_arrays[0], yt, test_arrays[1])
     src = from_arrays("hf", file, x, y, users, test_tuple, ctx, num_classes or (max(classes, 2) if classes else None),
-                      x_dtype=torch.int64 if x.dtype == np.int64 else torch.float32)
+                      x_dtype=torch.int64 if x.dtype in (np.int64, torch.int64) else torch.float32)
     if names is not None:
         src.info["classes"] = names
+    src.info["memory_mapped"] = bool(mapped and x.ndim == 4)
     return src
 
 
