@@ -24,7 +24,7 @@ def quadratic_config(**sections: Any) -> dict[str, Any]:
         "strategy": {"name": "fedavg"},
         "local": {"lr": 0.05, "batch_size": 1, "steps": 10},
         "protocol": {"name": "sync"},
-        "run": {"rounds": 50, "eval_every": 10, "progress": False},
+        "run": {"rounds": 50, "eval_every": 10, "progress": False, "partition_plot": False},
     }
     return merge(cfg, sections)
 

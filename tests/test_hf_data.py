@@ -36,7 +36,10 @@ def image_set(n=8):
 def test_save_to_disk_images_are_decoded_resized_with_users_and_the_test_split(tmp_path):
     ds, pixels = image_set()
     datasets.DatasetDict(train=ds, test=ds.select([0, 1, 2])).save_to_disk(tmp_path / "dd")
+    listing = lambda: sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "dd").rglob("*"))  # noqa: E731
+    before = listing()
     src = hf(CTX, path=str(tmp_path / "dd"), inputs=["img"], size=[6, 5], user_column="user")
+    assert listing() == before  # nothing written next to the data (no datasets cache files)
     assert src.x_train.shape == (8, 3, 6, 5) and src.x_test.shape == (3, 3, 6, 5)
     assert np.allclose(src.x_train[3].numpy(), pixels[3].transpose(2, 0, 1) / 255.0)  # same size: no resampling
     assert src.num_classes == 3 and src.info["classes"] == ["x", "y", "z"]
