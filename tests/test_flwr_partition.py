@@ -71,3 +71,12 @@ def test_bad_partitioners_are_one_line_config_errors(partition, match):
     with pytest.raises(ConfigError, match=match) as info:
         build_federated_data(cfg.data, cfg.partition, cfg.seed)
     assert len(str(info.value).splitlines()) == 1
+
+
+def test_without_flwr_datasets_the_error_names_the_extra(monkeypatch):
+    import sys
+
+    cfg = config({"name": "flwr", "partitioner": "IidPartitioner"})
+    monkeypatch.setitem(sys.modules, "flwr_datasets", None)  # import flwr_datasets -> ImportError
+    with pytest.raises(ConfigError, match=r"^data.partition.name: .*pip install 'fedsim\[flwr-datasets\]'$"):
+        build_federated_data(cfg.data, cfg.partition, cfg.seed)
