@@ -23,10 +23,11 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import stopping
-from .client_eval import ClientEvaluation
+from .client_eval import ClientEvaluation, FineTune
 from .clock import to_seconds, to_ticks
 from .config.load import Config, load_config
 from .data import build_federated_data
+from .data.image_cache import check_executor
 from .divergence import chance_accuracy, diverged, last_finite, shown
 from .errors import ConfigError, DivergenceError, FedsimError, Interrupted, NoProgressError, StepAbandoned
 from .executors.base import Executor, WorkerSpec, build_executor
@@ -86,6 +87,7 @@ def build(config: Config, clock: Clock | None = None, executor: Executor | None 
         if problem:
             raise ConfigError("run.state_dir", f"cannot write to {config.run.state_dir} ({problem})")
     data = build_federated_data(config.data, config.partition, config.seed)
+    check_executor(data.source.info, config.executor.name)
     task = build_task(config.model, data.source, config.seed, config.data.common)
     protocol = config.protocol.build()
     strategy: Strategy = build_strategy(config, protocol, data.num_clients)
@@ -114,7 +116,7 @@ def build(config: Config, clock: Clock | None = None, executor: Executor | None 
     if executor.model_device is not None:  # e.g. vmap with keep_on_device: the server runs there too
         ctx.initial_params = ctx.initial_params.to(executor.model_device)
     protocol.setup(ctx)
-    return Run(config, ctx, protocol, client_eval=ClientEvaluation.of(data, task))
+    return Run(config, ctx, protocol, client_eval=ClientEvaluation.of(data, task, FineTune.of(config)))
 
 
 def build_strategy(config: Config, protocol: Protocol, num_clients: int) -> Strategy:
@@ -171,7 +173,8 @@ def evaluate(run: Run, state: ProtocolState, at_tick: int, wall: float) -> dict[
     }
     row.update(m)
     if run.client_eval is not None:
-        row.update(run.client_eval.row(ctx.task, params, run.protocol.node_params(ctx, state), ctx.run.eval_batch_size))
+        row.update(run.client_eval.row(ctx.task, params, run.protocol.node_params(ctx, state), ctx.run.eval_batch_size,
+                                       at_tick))
     row.update(run.protocol.eval_metrics(ctx, state))
     return row
 
@@ -462,6 +465,10 @@ def execute(config: Config, out_dir: Path | None, overwrite: bool = False, progr
         raise
     with lock, _one_line_errors(out_dir), _nothing_left_before_the_first_row(run, out_dir, lock.created):
         write_config(out_dir, config.resolved())
+        if config.run.partition_plot:
+            from .partition_plot import draw_run_partition  # matplotlib: only when drawing
+
+            draw_run_partition(run.ctx.data, out_dir, f"{config.data.name}, partition {config.partition.name}")
         if config.run.state_dir is None:  # spilled client state lives in the run folder
             run.ctx.store.spill_root = run.ctx.memory.spill_root = out_dir
         drive(run, out_dir, progress)
