@@ -27,6 +27,7 @@ from .client_eval import ClientEvaluation
 from .clock import to_seconds, to_ticks
 from .config.load import Config, load_config
 from .data import build_federated_data
+from .data.base import FederatedData
 from .divergence import chance_accuracy, diverged, last_finite, shown
 from .errors import ConfigError, DivergenceError, FedsimError, Interrupted, NoProgressError, StepAbandoned
 from .executors.base import Executor, WorkerSpec, build_executor
@@ -74,10 +75,12 @@ class Run:
     client_eval: ClientEvaluation | None = None  # per-client test sets, when the data has them
 
 
-def build(config: Config, clock: Clock | None = None, executor: Executor | None = None) -> Run:
+def build(config: Config, clock: Clock | None = None, executor: Executor | None = None,
+          data: FederatedData | None = None) -> Run:
     """Builds data, model, strategy, clock, executor and protocol from `config`. By default the
     clock is virtual (the population's behaviour models) and the executor the config's; a
-    deployment passes its own (a Flower ServerApp: the wall clock and its SuperNodes)."""
+    deployment passes its own (a Flower ServerApp: the wall clock and its SuperNodes), and
+    `data` instead of the config's when the server has none (the data is on the nodes)."""
     if config.run.torch_threads:
         torch.set_num_threads(config.run.torch_threads)
     check_loggers(config.run.loggers)
@@ -85,7 +88,8 @@ def build(config: Config, clock: Clock | None = None, executor: Executor | None 
         problem = folder_write_problem(Path(config.run.state_dir))
         if problem:
             raise ConfigError("run.state_dir", f"cannot write to {config.run.state_dir} ({problem})")
-    data = build_federated_data(config.data, config.partition, config.seed)
+    if data is None:
+        data = build_federated_data(config.data, config.partition, config.seed)
     task = build_task(config.model, data.source, config.seed, config.data.common)
     protocol = config.protocol.build()
     strategy: Strategy = build_strategy(config, protocol, data.num_clients)
@@ -445,12 +449,12 @@ def _one_line_errors(out_dir: Path | None) -> Iterator[None]:
 
 
 def execute(config: Config, out_dir: Path | None, overwrite: bool = False, progress: bool | None = None,
-            clock: Clock | None = None, executor: Executor | None = None) -> Run:
-    """Builds and runs `config` (on `clock` and `executor` instead of the defaults, if given;
-    see `build`); with `out_dir`, writes the whole run folder, holding its lock. Returns the Run."""
+            clock: Clock | None = None, executor: Executor | None = None, data: FederatedData | None = None) -> Run:
+    """Builds and runs `config` (on `clock`, `executor` and `data` instead of the defaults, if
+    given; see `build`); with `out_dir`, writes the whole run folder, holding its lock. Returns the Run."""
     if out_dir is not None:
         check_run_dir(out_dir, overwrite)  # refused before anything is built
-    run = build(config, clock, executor)
+    run = build(config, clock, executor, data)
     if out_dir is None:
         with _one_line_errors(None):
             drive(run, None, progress)

@@ -14,6 +14,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,6 +139,35 @@ def test_async_on_the_wall_clock_is_the_simulators_protocol(tmp_path, protocol):
     assert [r["dist_to_opt"] for r in rows] == [r["dist_to_opt"] for r in ref_rows]
     merged = [e for e in events if e["kind"] == "aggregate"]
     assert len(merged) == 20 and max(s for e in merged for s in e["staleness"]) == 4 - protocol.get("buffer_size", 1)
+
+
+DATALESS = {"evaluation": "federated", "input-shape": "20", "num-classes": 10}
+
+
+def test_a_dataless_server_never_builds_the_data_and_trains_as_fedsim(tmp_path):
+    # the data source raises unless a node builds it; the server takes weights from the replies
+    cfg = small(model={"name": "logreg"}, local={"lr": 0.1, "batch_size": 8, "steps": 2},
+                data={"name": "synthetic_on_nodes", "num_clients": 3, "dim": 20, "max_samples_per_user": 30})
+    rows, final, _, _ = flower_run(tmp_path, cfg, settings=DATALESS)
+    ref = execute(load_config({**cfg, "data": {**cfg["data"], "name": "synthetic"}}), None, progress=False)
+    torch.testing.assert_close(final, ref.protocol.eval_params(ref.ctx, ref.final_state), rtol=0, atol=1e-12)
+    # federated evaluation: each node on its own (training) data, weighted by its sample count
+    data = ref.ctx.data
+    every = torch.as_tensor(np.concatenate(data.client_train))
+    want = ref.ctx.task.evaluate(final, data.x_train[every], data.y_train[every])
+    last = rows[-1]
+    assert last["federated_test_loss"] == last["test_loss"] == pytest.approx(want["loss"], rel=1e-6)
+    assert last["federated_test_accuracy"] == pytest.approx(want["accuracy"], abs=1e-9)
+    assert last["federated_examples"] == len(every) and len(rows) == 4
+
+
+def test_a_dataless_server_refuses_what_needs_the_data(tmp_path):
+    cfg = small(model={"name": "logreg"}, data={"name": "synthetic_on_nodes", "num_clients": 3, "dim": 20})
+    with pytest.raises(ConfigError, match="run-config.input-shape: .*got ''"):
+        flower_run(tmp_path, cfg, settings={"evaluation": "federated"})
+    unbiased = {**cfg, "protocol": {"name": "sync", "weighting": "unbiased_online"}}
+    with pytest.raises(ConfigError, match="protocol.client_weights: 'samples' needs every client's sample count"):
+        flower_run(tmp_path, unbiased, settings=DATALESS)
 
 
 def test_nodes_must_cover_every_partition(tmp_path):

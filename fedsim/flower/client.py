@@ -19,7 +19,8 @@ It also answers Flower's standard messages, so Flower's own strategies (``FedAvg
 replies, in Flower's convention, with the new weights under ``arrays`` and ``metrics``
 (``train_loss``…, ``num-examples``); an evaluate message replies with ``metrics``
 {``eval_loss``, ``eval_acc``, ``num-examples``} of the received model on the client's
-held-out data (its training data if it has none). Such messages carry no fedsim config, so
+held-out data (its training data if it has none). Such messages carry no fedsim config (an
+evaluate message of fedsim's ServerApp does, and is answered on that config's data), so
 the node reads its own: ``client_app(config=...)``, or the node config ``config`` (a path
 on the node). The job uses that config's local training (``lr``, steps…); its batches are
 keyed by the message's ``server-round``; the client's state, if its strategy keeps one, is
@@ -237,14 +238,22 @@ def standard_train(message: Message, context: Context, config: str | os.PathLike
 
 def standard_evaluate(message: Message, context: Context, config: str | os.PathLike | None = None) -> Message:
     """Evaluates the model of a Flower evaluate message on this client's held-out data (its
-    training data if it has none); replies with ``metrics`` (see the module docstring)."""
-    ctx = own_run(own_config(context, config)).ctx
+    training data if it has none); replies with ``metrics`` (see the module docstring). The
+    data is that of the fedsim config the message carries (fedsim's ServerApp sends it), else
+    of the node's own."""
+    if from_fedsim(message):
+        ctx = node_run(config_text(message.content), node_trust(context.node_config)).ctx
+    else:
+        ctx = own_run(own_config(context, config)).ctx
     client = node_client(context, ctx.num_clients)
     data = ctx.data
-    rows = data.client_test[client] if len(data.client_test[client]) else data.client_train[client]
-    got = ctx.task.evaluate(received_params(message, ctx.task.layout), data.x_train[rows], data.y_train[rows])
+    x, y = data.client_test_data(client)
+    if not len(y):
+        rows = data.client_train[client]
+        x, y = data.x_train[rows], data.y_train[rows]
+    got = ctx.task.evaluate(received_params(message, ctx.task.layout), x, y)
     metrics = {f"eval_{'acc' if k == 'accuracy' else k}": float(v) for k, v in got.items() if v is not None}
-    return Message(RecordDict({"metrics": MetricRecord({**metrics, NUM_EXAMPLES: len(rows)})}), reply_to=message)
+    return Message(RecordDict({"metrics": MetricRecord({**metrics, NUM_EXAMPLES: len(y)})}), reply_to=message)
 
 
 def client_app(config: str | os.PathLike | None = None) -> ClientApp:

@@ -66,6 +66,7 @@ class FlowerExecutor(Executor):
         self._outbox: list[Job] = []
         self._done: dict[int, Contributions] = {}
         self._accepted: dict[int, int] = {}  # client -> its last job the server aggregated
+        self._evaluations = 0  # federated evaluations so far (the next one's server-round)
 
     def start(self, spec: WorkerSpec, strategy: Strategy | None = None) -> None:
         """Connects to the SuperNodes (one per client, found by its partition-id); the wall
@@ -119,6 +120,23 @@ class FlowerExecutor(Executor):
         self._jobs.pop(job_id, None)
         self._done.pop(job_id, None)
         self.link.abandon({job_id})
+
+    def evaluate(self, task, params, x, y, batch_size) -> dict[str, float | None]:
+        """Evaluates the global model as the run config's ``evaluation`` says: on the server's
+        test set (x, y), on the nodes (Flower evaluate messages: ``federated_test_loss``,
+        ``federated_test_accuracy``, ``federated_examples``), or both. Without a server test
+        set the federated values are also the row's ``loss`` / ``accuracy``."""
+        where = self.settings.evaluation
+        server = super().evaluate(task, params, x, y, batch_size) if where != "federated" else {}
+        if where == "server":
+            return server
+        fed = self.link.evaluate(params, self._evaluations, self.settings.reply_timeout)
+        self._evaluations += 1
+        named = {"federated_test_loss": fed["loss"], "federated_test_accuracy": fed["accuracy"],
+                 "federated_examples": fed["examples"]}
+        if where == "federated":
+            return {"loss": fed["loss"], "accuracy": fed["accuracy"], **named}
+        return {**server, **named}
 
     def keep_states(self, jobs: np.ndarray, clients: np.ndarray) -> None:
         for job, client in zip(jobs.tolist(), clients.tolist()):

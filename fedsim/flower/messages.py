@@ -22,7 +22,11 @@
     (filled by a client-side helper, e.g. `fedsim.flower.scaffold_client`).
 
   The server trusts only the update, extras, metrics and reported counts (the rest of the
-  row it knows itself).
+  row it knows itself); both forms report the client's sample count, its aggregation weight.
+* evaluate (server → node, run config ``evaluation`` 'federated' or 'both'): ``arrays`` (the
+  global model), ``config`` {``server-round``} and ``fedsim`` {config}; the reply, in
+  Flower's convention, has ``metrics`` with ``num-examples`` and a loss (``eval_loss``) and
+  optionally an accuracy (``eval_acc``).
 """
 from __future__ import annotations
 
@@ -91,6 +95,30 @@ def encode_task(task: TrainTask, config: str, layout: ParamLayout, train_config:
                          "fedsim": meta}, dict(task.payload.extras))
 
 
+def encode_evaluate(params: Tensor, server_round: int, config: str, layout: ParamLayout) -> RecordDict:
+    """Returns the content of an evaluate message: the model (``arrays``), Flower's ``config``
+    record (``server-round``) and, for fedsim's ClientApp, the fedsim config."""
+    return RecordDict({"arrays": vector_to_record(params, layout), "config": ConfigRecord({"server-round": server_round}),
+                       "fedsim": ConfigRecord({"config": config})})
+
+
+LOSS_KEYS = ("eval_loss", "loss", "test_loss")
+ACCURACY_KEYS = ("eval_acc", "eval_accuracy", "accuracy", "test_accuracy")
+
+
+def decode_evaluation(content: RecordDict) -> tuple[int, float, float | None]:
+    """Reads an evaluate reply in Flower's convention: returns (num-examples, loss, accuracy
+    or None); raises ValueError when it has no sample count or no loss."""
+    metrics = _metrics(content)
+    if NUM_EXAMPLES not in metrics:
+        raise ValueError(f"the reply's metrics have no {NUM_EXAMPLES!r} (the client's sample count)")
+    loss = next((metrics[k] for k in LOSS_KEYS if k in metrics), None)
+    if loss is None:
+        raise ValueError(f"the reply's metrics have no loss (one of {', '.join(LOSS_KEYS)})")
+    acc = next((metrics[k] for k in ACCURACY_KEYS if k in metrics), None)
+    return int(metrics[NUM_EXAMPLES]), loss, acc
+
+
 def decode_task(content: RecordDict, layout: ParamLayout) -> TrainTask:
     """Inverse of `encode_task` (the config is read with `config_text`)."""
     meta = content.config_records["fedsim"]
@@ -147,7 +175,8 @@ def decode_result(content: RecordDict, layout: ParamLayout, sent: Tensor) -> Rep
         meta = content.config_records["fedsim"]
         metrics = {k: v for k, v in _metrics(content).items() if k != NUM_EXAMPLES}
         update = record_to_vector(content.array_records["arrays"], layout)
-        return Reply(ClientOutput(update, {}, _extras(content), metrics), int(meta["job"]), int(meta["client"]))
+        return Reply(ClientOutput(update, {}, _extras(content), metrics), int(meta["job"]), int(meta["client"]),
+                     num_examples=int(meta["num-samples"]))
     if "arrays" not in content.array_records:
         raise ValueError("the reply has no 'arrays' record (the new model weights)")
     metrics = _metrics(content)

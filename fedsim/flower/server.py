@@ -31,6 +31,7 @@ from ..errors import FedsimError
 from ..outputs import default_run_dir
 from ..protocols.clocks import WallClock
 from .executor import FlowerExecutor
+from .server_data import check_dataless, dataless_data
 from .settings import FlowerSettings, read_settings
 
 
@@ -53,9 +54,10 @@ def run_on_grid(grid: Grid, config: Config, settings: FlowerSettings) -> runner.
     """Runs `config` over the SuperNodes reachable through `grid`; returns the finished Run."""
     clock = WallClock(settings.reply_timeout)
     executor = FlowerExecutor(grid, config, settings, clock)
+    data = dataless_data(check_dataless(config, settings), settings) if settings.evaluation == "federated" else None
     out = Path(settings.out_dir) if settings.out_dir else default_run_dir(f"flower-{config.name}")
     log(INFO, "fedsim: %s run of %r, run folder %s", config.protocol.name, config.name, out)
-    run = runner.execute(config, out, progress=False, clock=clock, executor=executor)
+    run = runner.execute(config, out, progress=False, clock=clock, executor=executor, data=data)
     last = run.rows[-1]
     log(INFO, "fedsim: done after %d aggregations: test_loss=%.6g test_accuracy=%s",
         last["aggregations"], last["test_loss"], last["test_accuracy"])
