@@ -204,6 +204,25 @@ def test_deployment_fedbuff_settings_show_in_events_with_an_ordinary_clientapp(u
     assert yaml.safe_load((out / "config.yaml").read_text())["protocol"]["buffer_size"] == 2
 
 
+def test_deployment_a_dataless_serverapp_trains_and_evaluates_on_the_nodes(user_nodes, tmp_path):
+    # the ServerApp builds no dataset: weights from num-examples, evaluation by the nodes
+    from fedsim.runner import build
+
+    from .test_flower_interop import fedavg_reference, user_evaluation
+
+    path = user_config_file(tmp_path, run={"rounds": 1})
+    out = tmp_path / "out"
+    settings = {"config": str(path), "out-dir": str(out), "evaluation": "federated", "input-shape": "20", "num-classes": 10}
+    res = user_nodes.run(USER_APP, settings, via_fedsim=True)
+    rows, final = flower_result(out, user_nodes, res)
+    assert res.returncode == 0  # fedsim flower-run: the run completed
+    x0 = build(load_config(path)).ctx.task.initial_params()
+    torch.testing.assert_close(final, fedavg_reference(x0, range(3), 1, 0.1, 3), rtol=1e-5, atol=1e-6)
+    loss, _ = user_evaluation(final, range(3))
+    assert rows[-1]["federated_test_loss"] == pytest.approx(loss, rel=1e-5)
+    assert "federated_test_loss=" in res.stdout  # each evaluation is in the ServerApp's streamed log
+
+
 def test_deployment_flowers_fedavg_drives_fedsims_clientapp(user_nodes, tmp_path):
     from fedsim.flower.records import record_to_vector
     from flwr.app import ArrayRecord
@@ -221,10 +240,15 @@ def test_deployment_flowers_fedavg_drives_fedsims_clientapp(user_nodes, tmp_path
 
 
 def test_deployment_a_failing_serverapp_fails_the_run(user_nodes, tmp_path):
-    res = user_nodes.run(USER_APP, {"overrides": "strategy.name=no_such_strategy", "out-dir": str(tmp_path / "out")})
+    # through `fedsim flower-run`: flwr run's stream, then the run's outcome as the exit status
+    res = user_nodes.run(USER_APP, {"overrides": "strategy.name=no_such_strategy", "out-dir": str(tmp_path / "out")},
+                         via_fedsim=True)
     assert "fedsim: error: strategy.name" in res.stdout, res.stdout[-3000:]
     run_id = re.search(r"run_id `(\d+)`", res.stdout).group(1)
     last = next(r for r in user_nodes.runs() if r["run-id"] == run_id)
     assert last["status"] == "finished:failed"
     assert "strategy.name" in last["status-details"] and "no_such_strategy" in last["status-details"]
     assert not (tmp_path / "out").exists()
+    assert res.returncode == 1
+    assert re.search(rf"(?m)^fedsim: error: Flower run {run_id} finished:failed: .*strategy.name.*no_such_strategy",
+                     res.stdout), res.stdout[-3000:]

@@ -18,10 +18,12 @@ straggler's state is dropped).
 from __future__ import annotations
 
 import time
+from logging import INFO
 from typing import Sequence
 
 import numpy as np
 import yaml
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from ..config.load import Config
@@ -125,18 +127,20 @@ class FlowerExecutor(Executor):
         """Evaluates the global model as the run config's ``evaluation`` says: on the server's
         test set (x, y), on the nodes (Flower evaluate messages: ``federated_test_loss``,
         ``federated_test_accuracy``, ``federated_examples``), or both. Without a server test
-        set the federated values are also the row's ``loss`` / ``accuracy``."""
+        set the federated values are also the row's ``loss`` / ``accuracy``. Every evaluation
+        is logged in the ServerApp's log (``flwr run --stream``, ``flwr log``)."""
         where = self.settings.evaluation
-        server = super().evaluate(task, params, x, y, batch_size) if where != "federated" else {}
-        if where == "server":
-            return server
-        fed = self.link.evaluate(params, self._evaluations, self.settings.reply_timeout)
+        got = super().evaluate(task, params, x, y, batch_size) if where != "federated" else {}
+        if where != "server":
+            fed = self.link.evaluate(params, self._evaluations, self.settings.reply_timeout)
+            named = {"federated_test_loss": fed["loss"], "federated_test_accuracy": fed["accuracy"],
+                     "federated_examples": fed["examples"]}
+            got = {"loss": fed["loss"], "accuracy": fed["accuracy"], **named} if where == "federated" else {**got, **named}
+        shown = {("test_" + k if k in ("loss", "accuracy") else k): v for k, v in got.items()}
+        log(INFO, "fedsim: evaluation %d: %s", self._evaluations,
+            " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
         self._evaluations += 1
-        named = {"federated_test_loss": fed["loss"], "federated_test_accuracy": fed["accuracy"],
-                 "federated_examples": fed["examples"]}
-        if where == "federated":
-            return {"loss": fed["loss"], "accuracy": fed["accuracy"], **named}
-        return {**server, **named}
+        return got
 
     def keep_states(self, jobs: np.ndarray, clients: np.ndarray) -> None:
         for job, client in zip(jobs.tolist(), clients.tolist()):
