@@ -170,6 +170,35 @@ def test_a_dataless_server_refuses_what_needs_the_data(tmp_path):
         flower_run(tmp_path, unbiased, settings=DATALESS)
 
 
+def test_a_stopped_serverapp_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path):
+    from flwr.app import Message
+
+    cfg = small(run={"rounds": 4, "eval_every": 1, "checkpoint_every": 1, "progress": False})
+    app = client_app()
+
+    def node_lost_in_round_3(msg: Message, context):
+        if msg.metadata.message_type == "train" and msg.content["config"]["server-round"] == 3:
+            raise RuntimeError("node lost")
+        return app(msg, context)
+
+    out = tmp_path / "flower"
+    settings = {"out-dir": str(out)}
+    with pytest.raises(FedsimError, match="node lost"):
+        run_on_grid(LocalGrid(node_lost_in_round_3, 6, every_node={"plugins": " ".join(PLUGINS)}),
+                    deployment_config(cfg), read_settings(settings))
+    assert not (out / "final_model.pt").exists()
+    grid = LocalGrid(app, 6, every_node={"plugins": " ".join(PLUGINS)})
+    run = run_on_grid(grid, deployment_config(small()), read_settings({**settings, "resume": True}))
+    ref_rows, ref_final = serial(cfg)
+    torch.testing.assert_close(torch.load(out / "final_model.pt"), ref_final, rtol=0, atol=1e-12)
+    assert [r["round"] for r in run.rows] == [0, 1, 2, 3, 4]
+    for a, b in zip(run.rows, ref_rows, strict=True):
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-12)
+    assert min(m.content["config"]["server-round"] for m in grid.pushed if m.metadata.message_type == "train") == 3
+    with pytest.raises(ConfigError, match="run-config.resume: needs out-dir to name a run folder with a checkpoint"):
+        run_on_grid(grid, deployment_config(small()), read_settings({"out-dir": str(tmp_path / "none"), "resume": True}))
+
+
 def test_nodes_must_cover_every_partition(tmp_path):
     cfg = small()
     five = {i: {"partition-id": i, "num-partitions": 6} for i in range(5)}

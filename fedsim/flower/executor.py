@@ -28,7 +28,7 @@ from flwr.serverapp import Grid
 
 from ..config.load import Config
 from ..contributions import Contributions, from_outputs
-from ..errors import FedsimError
+from ..errors import ConfigError, FedsimError
 from ..executors.base import Executor, Job, WorkerSpec
 from ..protocols.clocks import WallClock
 from ..strategy import Strategy
@@ -72,7 +72,12 @@ class FlowerExecutor(Executor):
 
     def start(self, spec: WorkerSpec, strategy: Strategy | None = None) -> None:
         """Connects to the SuperNodes (one per client, found by its partition-id); the wall
-        clock starts once they are all there."""
+        clock starts once they are all there. A resumed run (run config ``resume``) refuses a
+        strategy whose clients keep state: that state lived in the nodes' ``Context.state`` of
+        the stopped Flower run, which Flower keeps per run."""
+        if self.settings.resume and strategy is not None and strategy.client_state is not None:
+            raise ConfigError("run-config.resume", f"strategy {self.config.strategy.name!r} keeps client state on the "
+                              "nodes, which Flower keeps per run: a new run cannot continue it")
         text = yaml.safe_dump(self.config.resolved(), sort_keys=False)
         self.link = NodeLink(self.grid, text, spec.task.layout, self.settings.poll_interval,
                              train_config(self.config, self.settings))

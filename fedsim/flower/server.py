@@ -27,7 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from .. import runner
 from ..config import Config, load_config
 from ..config.schema import COMPONENTS
-from ..errors import FedsimError
+from ..errors import ConfigError, FedsimError
 from ..outputs import default_run_dir
 from ..protocols.clocks import WallClock
 from .executor import FlowerExecutor
@@ -37,10 +37,10 @@ from .settings import FlowerSettings, read_settings
 
 def deployment_config(source: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Loads a fedsim config for a Flower run: jobs run on the SuperNodes (serial executor
-    settings, no Ray), no progress bar, no periodic checkpoints (a deployment cannot resume)."""
+    settings, no Ray), no progress bar."""
     config = load_config(source, overrides)
     serial = COMPONENTS["executor"].resolve("executor", {"kind": "serial"})
-    run = dataclasses.replace(config.run, progress=False, checkpoint_every=0)
+    run = dataclasses.replace(config.run, progress=False)
     return dataclasses.replace(config, executor=serial, run=run)
 
 
@@ -50,14 +50,38 @@ def app_folder(grid: Grid) -> Path:
     return get_project_dir(run.fab_id, run.fab_version, run.fab_hash)
 
 
+def resumable(out_dir: str) -> tuple[Path, Config]:
+    """Returns the run folder `out_dir` and the config it saved, for ``resume = true``;
+    raises ConfigError at run-config.resume when that run cannot go on from a checkpoint
+    on a deployment."""
+    from ..checkpoint import list_checkpoints
+
+    out = Path(out_dir)
+    if not out_dir or not list_checkpoints(out) or not (out / "config.yaml").is_file():
+        raise ConfigError("run-config.resume", f"needs out-dir to name a run folder with a checkpoint (out-dir={out_dir!r})")
+    config = deployment_config(out / "config.yaml")
+    if config.protocol.name != "sync":
+        raise ConfigError("run-config.resume", f"a deployment resumes the sync protocol only (this run is "
+                          f"{config.protocol.name!r}: its jobs in flight at the stop are gone)")
+    return out, config
+
+
 def run_on_grid(grid: Grid, config: Config, settings: FlowerSettings) -> runner.Run:
-    """Runs `config` over the SuperNodes reachable through `grid`; returns the finished Run."""
+    """Runs `config` over the SuperNodes reachable through `grid` (with ``resume``: continues
+    the run in ``out-dir`` from its newest checkpoint, with its saved config); returns the
+    finished Run."""
     clock = WallClock(settings.reply_timeout)
+    if settings.resume:
+        out, config = resumable(settings.out_dir)
+    else:
+        out = Path(settings.out_dir) if settings.out_dir else default_run_dir(f"flower-{config.name}")
     executor = FlowerExecutor(grid, config, settings, clock)
     data = dataless_data(check_dataless(config, settings), settings) if settings.evaluation == "federated" else None
-    out = Path(settings.out_dir) if settings.out_dir else default_run_dir(f"flower-{config.name}")
-    log(INFO, "fedsim: %s run of %r, run folder %s", config.protocol.name, config.name, out)
-    run = runner.execute(config, out, progress=False, clock=clock, executor=executor, data=data)
+    log(INFO, "fedsim: %s run of %r, run folder %s", config.protocol.name, config.name, out.resolve())
+    if settings.resume:
+        run = runner.resume(out, progress=False, clock=clock, executor=executor, data=data)
+    else:
+        run = runner.execute(config, out, progress=False, clock=clock, executor=executor, data=data)
     last = run.rows[-1]
     log(INFO, "fedsim: done after %d aggregations: test_loss=%.6g test_accuracy=%s",
         last["aggregations"], last["test_loss"], last["test_accuracy"])

@@ -54,6 +54,8 @@ class FlowerSettings:
     input_shape: str = knob("", "With evaluation='federated': the shape of one model input, space-separated "
                                 "(e.g. '20' or '1 28 28'), from which the server builds the model.")
     num_classes: int = knob(0, "With evaluation='federated': the number of classes (the model's outputs).")
+    resume: bool = knob(False, "Continue the run in out-dir from its newest checkpoint (run.checkpoint_every), with "
+                               "the config it saved: synchronous protocol, strategies without client state.")
     # not a knob: the run config's other keys, as given, for the ClientApp
     passthrough: tuple[tuple[str, Any], ...] = dataclasses.field(default=(), compare=False)
 
