@@ -19,7 +19,7 @@ from typing import Sequence
 
 from ..errors import FedsimError
 
-RUN_ID = re.compile(r"(?:Successfully started run |run_id `)(\d+)")
+RUN_ID = re.compile(r"(?:Successfully started run |run_id `|\"run-id\": \")(\d+)")  # text or --format json
 
 
 class RunFailed(FedsimError):
