@@ -161,6 +161,22 @@ def test_a_dataless_server_never_builds_the_data_and_trains_as_fedsim(tmp_path):
     assert last["federated_examples"] == len(every) and len(rows) == 4
 
 
+def test_fedsims_clientapp_loads_its_own_data_with_load_data(tmp_path, monkeypatch):
+    # Flower's load_data(partition_id, num_partitions) pattern on a fedsim node, no data on the server
+    from . import flower_node_data
+
+    cfg = small(model={"name": "logreg"}, local={"lr": 0.1, "batch_size": 8, "steps": 2},
+                data={"name": "synthetic", "num_clients": 3, "dim": 20, "max_samples_per_user": 30})
+    monkeypatch.setattr(flower_node_data, "CONFIG", cfg)
+    monkeypatch.setattr("fedsim.runner.build_federated_data", lambda *a: pytest.fail("the config's data was built"))
+    rows, final, _, _ = flower_run(tmp_path, cfg, settings=DATALESS,
+                                   every_node={"plugins": " ".join(PLUGINS), "load-data": "tests.flower_node_data:load_data"})
+    monkeypatch.undo()
+    ref = execute(load_config(cfg), None, progress=False)
+    torch.testing.assert_close(final, ref.protocol.eval_params(ref.ctx, ref.final_state), rtol=0, atol=1e-12)
+    assert rows[-1]["federated_examples"] == sum(len(t) for t in ref.ctx.data.client_train)
+
+
 def test_a_dataless_server_refuses_what_needs_the_data(tmp_path):
     cfg = small(model={"name": "logreg"}, data={"name": "synthetic_on_nodes", "num_clients": 3, "dim": 20})
     with pytest.raises(ConfigError, match="run-config.input-shape: .*got ''"):

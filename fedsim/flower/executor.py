@@ -79,8 +79,9 @@ class FlowerExecutor(Executor):
             raise ConfigError("run-config.resume", f"strategy {self.config.strategy.name!r} keeps client state on the "
                               "nodes, which Flower keeps per run: a new run cannot continue it")
         text = yaml.safe_dump(self.config.resolved(), sort_keys=False)
+        dataless = self.settings.evaluation == "federated"
         self.link = NodeLink(self.grid, text, spec.task.layout, self.settings.poll_interval,
-                             train_config(self.config, self.settings))
+                             train_config(self.config, self.settings), self.settings.num_classes if dataless else 0)
         self.link.connect(spec.num_clients, self.settings.node_timeout)
         self.clock.restart()
 

@@ -46,9 +46,10 @@ class NodeLink:
     """See the module docstring."""
 
     def __init__(self, grid: Grid, config: str, layout: ParamLayout, poll_interval: float = 0.1,
-                 train_config: Mapping[str, Any] | None = None):
+                 train_config: Mapping[str, Any] | None = None, num_classes: int = 0):
         self.grid = grid
         self.config = config
+        self.num_classes = num_classes  # sent to the nodes by a ServerApp without data (0: not sent)
         self.layout = layout
         self.poll_interval = poll_interval
         self.train_config = dict(train_config or {})  # Flower's "config" record of every train message
@@ -64,7 +65,7 @@ class NodeLink:
         while len(self.nodes) < num_clients:
             new = [n for n in self.grid.get_node_ids() if n not in seen]
             if new:
-                queries = [Message(encode_query(self.config), dst_node_id=n, message_type=QUERY) for n in new]
+                queries = [Message(encode_query(self.config, self.num_classes), dst_node_id=n, message_type=QUERY) for n in new]
                 asked.update(zip(self.grid.push_messages(queries), new))
                 seen.update(new)
             for reply in self.grid.pull_messages(list(asked)):
@@ -90,7 +91,7 @@ class NodeLink:
     def dispatch(self, tasks: list[TrainTask], group: str) -> None:
         """Pushes each task to the node of its client."""
         messages = [
-            Message(encode_task(t, self.config, self.layout, self.train_config), dst_node_id=self.nodes[t.client],
+            Message(encode_task(t, self.config, self.layout, self.train_config, self.num_classes), dst_node_id=self.nodes[t.client],
                     message_type=TRAIN, group_id=group)
             for t in tasks
         ]
@@ -141,7 +142,7 @@ class NodeLink:
         num-examples-weighted means of the replies' loss and accuracy (``loss``, ``accuracy``,
         None when no node reports one) and ``examples``, their total. A node that went away
         is left out; a failing node or none answering within `timeout` s stops the run."""
-        content = encode_evaluate(params, server_round, self.config, self.layout)
+        content = encode_evaluate(params, server_round, self.config, self.layout, self.num_classes)
         messages = [Message(content, dst_node_id=node, message_type=EVALUATE, group_id=f"evaluate-{server_round}")
                     for node in self.nodes.values()]
         client_of = dict(zip(self.grid.push_messages(messages), self.nodes))

@@ -63,9 +63,22 @@ def config_text(content: RecordDict) -> str:
     return str(content.config_records["fedsim"]["config"])
 
 
-def encode_query(config: str) -> RecordDict:
+def fedsim_record(config: str, num_classes: int = 0, **fields: Any) -> ConfigRecord:
+    """Returns the ``fedsim`` record of a message to a node: `fields`, the fedsim config and,
+    from a ServerApp without data, the number of classes (``num-classes``) for a node that
+    loads its own data (node config ``load-data``)."""
+    return ConfigRecord({**fields, "config": config, **({"num-classes": num_classes} if num_classes else {})})
+
+
+def sent_num_classes(content: RecordDict) -> int | None:
+    """Returns the ``num-classes`` the server sent (None: it has data and did not send it)."""
+    n = content.config_records["fedsim"].get("num-classes")
+    return int(n) if n is not None else None
+
+
+def encode_query(config: str, num_classes: int = 0) -> RecordDict:
     """Returns the content of a query message."""
-    return RecordDict({"fedsim": ConfigRecord({"config": config})})
+    return RecordDict({"fedsim": fedsim_record(config, num_classes)})
 
 
 def encode_node_client(client: int) -> RecordDict:
@@ -83,23 +96,22 @@ def _with_extras(records: dict, extras: dict) -> RecordDict:
     return RecordDict(records)
 
 
-def encode_task(task: TrainTask, config: str, layout: ParamLayout, train_config: Mapping[str, Any] | None = None) -> RecordDict:
+def encode_task(task: TrainTask, config: str, layout: ParamLayout, train_config: Mapping[str, Any] | None = None,
+                num_classes: int = 0) -> RecordDict:
     """Returns the content of a train message; `train_config` fills Flower's ``config``
     record (``server-round`` = version + 1 is added)."""
-    meta = ConfigRecord({
-        "client": task.client, "job": task.job_id, "version": task.version,
-        "accepted-job": task.accepted_job, "config": config,
-    })
+    meta = fedsim_record(config, num_classes, client=task.client, job=task.job_id, version=task.version,
+                         **{"accepted-job": task.accepted_job})
     flower_config = ConfigRecord({**(train_config or {}), "server-round": task.version + 1})
     return _with_extras({"arrays": vector_to_record(task.payload.params, layout), "config": flower_config,
                          "fedsim": meta}, dict(task.payload.extras))
 
 
-def encode_evaluate(params: Tensor, server_round: int, config: str, layout: ParamLayout) -> RecordDict:
+def encode_evaluate(params: Tensor, server_round: int, config: str, layout: ParamLayout, num_classes: int = 0) -> RecordDict:
     """Returns the content of an evaluate message: the model (``arrays``), Flower's ``config``
     record (``server-round``) and, for fedsim's ClientApp, the fedsim config."""
     return RecordDict({"arrays": vector_to_record(params, layout), "config": ConfigRecord({"server-round": server_round}),
-                       "fedsim": ConfigRecord({"config": config})})
+                       "fedsim": fedsim_record(config, num_classes)})
 
 
 LOSS_KEYS = ("eval_loss", "loss", "test_loss")
