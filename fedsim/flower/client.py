@@ -6,7 +6,9 @@ with ``--node-config 'partition-id=K num-partitions=N'``). Every train message i
 fedsim `Job`: the node builds the run from the config the server sent (data, model and
 strategy, exactly as fedsim's executors build them — once per process), makes the job
 with `RunContext.make_job` (same keyed batches as in simulation) and runs it with fedsim's
-`Worker` through the serial executor.
+`Worker` through the serial executor. With node config ``load-data="module:function"`` the
+node trains on the data that function returns for its partition instead of building the
+config's data source (`fedsim.flower.node_data`; Flower's ``load_data`` pattern).
 
 The client's persistent state (SCAFFOLD's c_i, …) stays on the node, in Flower's
 ``Context.state``. As in fedsim, a new state counts only once the server aggregated the

@@ -5,12 +5,16 @@ it exactly as ``fedsim run`` would — the same data, model, strategy and protoc
 two things swapped: the wall clock for the virtual one and the SuperNodes (`FlowerExecutor`)
 for the config's executor. `fedsim.runner` drives it: the run folder (config.yaml,
 metrics.jsonl, events.jsonl, summary.json, final_model.pt, curves.png) is written where the
-ServerApp runs. Protocols that exist only in simulation (the decentralized ones) refuse.
+ServerApp runs, with periodic checkpoints from which run config ``resume`` continues (sync
+protocol). With run config ``evaluation="federated"`` the server builds no dataset
+(`fedsim.flower.server_data`): the data is on the nodes, and so is the evaluation.
+Protocols that exist only in simulation (the decentralized ones) refuse.
 
 A run that fails (a config error, a failing client…) raises out of the ServerApp's main:
 Flower then records the run as ``finished:failed`` with fedsim's one-line reason as its
 details (``flwr ls --run-id N``). ``flwr run`` itself exits 0 whatever the run's outcome
-(Flower 1.42 only submits the run and streams its log); check the status with ``flwr ls``.
+(Flower 1.42 only submits the run and streams its log); ``fedsim flower-run``
+(`fedsim.flower.run_command`) exits non-zero with that reason instead.
 """
 from __future__ import annotations
 
