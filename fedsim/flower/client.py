@@ -99,7 +99,7 @@ def message_run(message: Message, context: Context) -> runner.Run:
     return node_run(config_text(message.content), trust, where, sent_num_classes(message.content))
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=4)  # a process of Flower's simulation engine may serve several partitions
 def node_run(config: str, trust: NodeTrust = NodeTrust(), partition: tuple[int, int] | None = None,
              num_classes: int | None = None) -> runner.Run:
     """Returns the run built from a config text the server sent (cached: Flower's simulation
