@@ -177,6 +177,17 @@ def test_fedsims_clientapp_loads_its_own_data_with_load_data(tmp_path, monkeypat
     assert rows[-1]["federated_examples"] == sum(len(t) for t in ref.ctx.data.client_train)
 
 
+def test_evaluation_both_adds_the_nodes_evaluation_to_the_servers(tmp_path):
+    # quadratic: the server's test set is every client's samples, so the nodes' evaluation
+    # (each on its own samples, weighted by their number) must give the same loss
+    cfg = small(run={"rounds": 1, "eval_every": 1, "progress": False})
+    rows, _, _, _ = flower_run(tmp_path, cfg, settings={"evaluation": "both"})
+    assert [r["federated_examples"] for r in rows] == [6, 6]
+    for r in rows:
+        assert r["federated_test_loss"] == pytest.approx(r["test_loss"], rel=1e-12)
+        assert r["federated_test_accuracy"] is None  # the quadratic task has no accuracy
+
+
 def test_a_dataless_server_refuses_what_needs_the_data(tmp_path):
     cfg = small(model={"name": "logreg"}, data={"name": "synthetic_on_nodes", "num_clients": 3, "dim": 20})
     with pytest.raises(ConfigError, match="run-config.input-shape: .*got ''"):

@@ -31,7 +31,8 @@ from ..contributions import Contributions, from_outputs
 from ..errors import ConfigError, FedsimError
 from ..executors.base import Executor, Job, WorkerSpec
 from ..protocols.clocks import WallClock
-from ..strategy import Strategy
+from ..strategy import Strategy, Tensor
+from ..task import Task
 from .link import NodeLink
 from .messages import Reply, TrainTask
 from .settings import FlowerSettings
@@ -129,7 +130,7 @@ class FlowerExecutor(Executor):
         self._done.pop(job_id, None)
         self.link.abandon({job_id})
 
-    def evaluate(self, task, params, x, y, batch_size) -> dict[str, float | None]:
+    def evaluate(self, task: Task, params: Tensor, x: Tensor, y: Tensor, batch_size: int) -> dict[str, float | None]:
         """Evaluates the global model as the run config's ``evaluation`` says: on the server's
         test set (x, y), on the nodes (Flower evaluate messages: ``federated_test_loss``,
         ``federated_test_accuracy``, ``federated_examples``), or both. Without a server test
