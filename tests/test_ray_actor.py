@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from fedsim.config import load_config
-from fedsim.executors.ray_actor import CohortRunner, JobRunner
+from fedsim.executors.ray_actor import CohortRunner, JobRunner, from_wire
 from fedsim.runner import build
 
 from .conftest import digits_config
@@ -39,9 +40,10 @@ def test_cohort_runner_answers_a_shard_stacked_as_the_vmap_executor_runs_it():
     x.flags.writeable = y.flags.writeable = False
     spec = replace(ctx.executor.spec, x_train=torch.empty(0), y_train=torch.empty(0))
     runner = CohortRunner(spec, x, y, threads=torch.get_num_threads(), gpu_fraction=0.0, options={})
-    got = runner.run([replace(j, payload=None) for j in jobs], [0, 0, 0], payload)
-    want = ctx.executor.run(jobs)
-    assert got.compute_s > 0 and got.contributions.jobs.tolist() == [0, 1, 2]
-    assert isinstance(got.contributions.updates, torch.Tensor)  # one stacked tensor for the shard
-    torch.testing.assert_close(got.contributions.updates, want.updates)
-    torch.testing.assert_close(got.contributions.state["c"], want.state["c"])
+    answer = runner.run([replace(j, payload=None) for j in jobs], [0, 0, 0], payload)
+    assert answer.compute_s > 0 and isinstance(answer.contributions.updates, np.ndarray)  # one array per shard
+    got, want = from_wire(answer.contributions), ctx.executor.run(jobs)
+    assert got.jobs.tolist() == [0, 1, 2] and got.updates.shape == want.updates.shape
+    torch.testing.assert_close(got.updates, want.updates)
+    torch.testing.assert_close(got.state["c"], want.state["c"])
+    assert got.metrics.keys() == want.metrics.keys()

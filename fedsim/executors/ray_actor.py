@@ -106,12 +106,39 @@ class JobRunner(ActorBase):
         return out if isinstance(out, str) else to_device(out, torch.device("cpu"))
 
 
+def _array(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        try:
+            return value.detach().cpu().numpy()
+        except TypeError:  # a dtype numpy lacks (bfloat16): pickled as a tensor
+            return value
+    return value
+
+
+def _tensor(value: Any) -> Any:
+    # a copy: the array is read-only object-store memory, pinned while anything views it
+    return torch.from_numpy(value.copy()) if isinstance(value, np.ndarray) else value
+
+
+def to_wire(c: Contributions) -> Contributions:
+    """Returns `c` with its tensor columns as numpy arrays, which Ray stores and reads without
+    pickling (5-6x faster than tensors for a shard's stacked updates); `from_wire` undoes it."""
+    return c.replace(updates=_array(c.updates), extras={k: _array(v) for k, v in c.extras.items()},
+                     state={k: _array(v) for k, v in c.state.items()})
+
+
+def from_wire(c: Contributions) -> Contributions:
+    """Returns `c` (as `to_wire` sent it) with tensor columns again, copied out of the object store."""
+    return c.replace(updates=_tensor(c.updates), extras={k: _tensor(v) for k, v in c.extras.items()},
+                     state={k: _tensor(v) for k, v in c.state.items()})
+
+
 class ShardResult(NamedTuple):
     """A `CohortRunner`'s answer: the shard's contributions (on the CPU, in the jobs' order),
     or (client, job id, traceback) of the first job whose user code raised; and the seconds
     the actor computed (the vmap call, the copy of the results to the CPU included)."""
 
-    contributions: Contributions | tuple[int, int, str]
+    contributions: Contributions | tuple[int, int, str]  # tensor columns as numpy arrays (to_wire)
     compute_s: float
 
 
@@ -135,11 +162,11 @@ class CohortRunner(ActorBase):
     def run(self, jobs: list[Job], payload_of: list[int], *payloads: Payload) -> ShardResult:
         """Runs the shard `jobs` (without payloads; job i starts from ``payloads[payload_of[i]]``,
         so jobs of one model version share one object and vmap broadcasts it) and returns their
-        contributions on the CPU, as one stacked value."""
+        contributions on the CPU, as one stacked value (`to_wire`)."""
         began = time.perf_counter()
         try:
-            out: Contributions | tuple[int, int, str] = self.executor.run(
-                [replace(job, payload=payloads[k]) for job, k in zip(jobs, payload_of)])
+            out: Contributions | tuple[int, int, str] = to_wire(self.executor.run(
+                [replace(job, payload=payloads[k]) for job, k in zip(jobs, payload_of)]))
         except ClientJobError as err:
             out = (err.client, err.job_id, err.detail)
         return ShardResult(out, time.perf_counter() - began)

@@ -26,7 +26,7 @@ import numpy as np
 from ..contributions import Contributions
 from ..errors import ClientJobError, FedsimError
 from .base import Job
-from .ray_actor import CohortRunner, ShardResult
+from .ray_actor import CohortRunner, ShardResult, from_wire
 from .ray_executor import RayExecutor, _Slot
 
 
@@ -116,6 +116,7 @@ class ShardedRayExecutor(RayExecutor):
         try:
             began = time.perf_counter()
             answer: ShardResult = ray.get(ref)
+            got = answer.contributions if isinstance(answer.contributions, tuple) else from_wire(answer.contributions)
             self.fetch_s += time.perf_counter() - began
         except (RayActorError, WorkerCrashedError, OutOfMemoryError, NodeDiedError, ObjectLostError) as exc:
             self._actor_lost(slot, exc)  # the shard is still among slot.running: queued again
@@ -127,7 +128,6 @@ class ShardedRayExecutor(RayExecutor):
         slot.running.difference_update(shard)
         slot.since = time.monotonic()
         self.compute_s += answer.compute_s
-        got = answer.contributions
         if isinstance(got, tuple):  # a client's code raised (on_client_error is 'stop' with this worker)
             raise ClientJobError(*got)
         if got.jobs.tolist() != shard:
