@@ -19,6 +19,9 @@
   (`on_client_error`).
 * **Memory.** The driver keeps object references only while a job needs them; actors keep
   nothing between jobs.
+* **Sharded cohorts.** With `worker: vmap` (`ShardedRayExecutor`, fedsim.executors.ray_shards)
+  each actor holds a vmap executor and each cohort goes out as one contiguous shard per
+  actor; the rest above holds for shards instead of jobs.
 
 Ray is imported inside the functions that use it: the registry imports this module for every
 run, and only runs on Ray should pay for importing Ray.
@@ -451,7 +454,8 @@ def ray_executor(
         max_job_retries: Times a job is re-run after its actor died (killed, out of memory,
             node lost) or did not answer within job_timeout, before the run stops.
         jobs_per_actor: Jobs queued on one actor at a time (2 overlaps transfer and compute);
-            the rest wait in the driver for the first free actor.
+            the rest wait in the driver for the first free actor. Not used by worker: vmap
+            (one shard per actor and cohort).
         actor_start_timeout: Seconds the actors may take to be placed and started: at the
             start, all of them; after losing actors (e.g. a node), at least one of them. Past
             it the run stops, with a checkpoint where the protocol allows (docs/ray.md).
