@@ -300,4 +300,6 @@ def test_vmap_worker_two_actors_share_one_gpu(cluster):
         cluster.remove_node(node)
     assert {a["device"] for a in sharded.ctx.executor.placement} == {"cuda:0"}
     assert len({a["pid"] for a in sharded.ctx.executor.placement}) == 2
-    assert_same_run(sharded, one)
+    # CUDA kernels for cohorts of 6 and of 3 round apart: the model to rounding (a test
+    # sample's predicted class may flip, so the metrics are not compared)
+    torch.testing.assert_close(final_model(sharded), final_model(one), rtol=1e-4, atol=1e-5)
