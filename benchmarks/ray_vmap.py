@@ -95,7 +95,7 @@ def measure(cfg: dict[str, Any], rounds: int, device: str) -> dict[str, Any]:
         state = proto.step(ctx, state)
     sync(device)
     wall = (time.perf_counter() - t0) / rounds
-    actors = max(1, len([s for s in getattr(ex, "_slots", [])]))
+    actors = len(getattr(ex, "_slots", [])) or 1  # the Ray variant: its actors
     compute = (getattr(ex, "compute_s", 0.0) - before["compute_s"]) / actors / rounds
     fetch = (getattr(ex, "fetch_s", 0.0) - before["fetch_s"]) / rounds
     params = proto.eval_params(ctx, state).detach().cpu().clone()
