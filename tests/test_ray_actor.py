@@ -47,3 +47,5 @@ def test_cohort_runner_answers_a_shard_stacked_as_the_vmap_executor_runs_it():
     torch.testing.assert_close(got.updates, want.updates)
     torch.testing.assert_close(got.state["c"], want.state["c"])
     assert got.metrics.keys() == want.metrics.keys()
+    for column in (got.senders, got.jobs, got.versions, *got.metrics.values()):  # own, writable copies
+        assert column.flags.writeable and column.flags.owndata

@@ -128,9 +128,12 @@ def to_wire(c: Contributions) -> Contributions:
 
 
 def from_wire(c: Contributions) -> Contributions:
-    """Returns `c` (as `to_wire` sent it) with tensor columns again, copied out of the object store."""
+    """Returns `c` (as `to_wire` sent it) with tensor columns again, and every column copied
+    out of the object store (arrays Ray returns are read-only views that pin the whole shard)."""
+    own = {f: getattr(c, f).copy() for f in ("senders", "num_samples", "num_steps", "jobs", "versions")}
     return c.replace(updates=_tensor(c.updates), extras={k: _tensor(v) for k, v in c.extras.items()},
-                     state={k: _tensor(v) for k, v in c.state.items()})
+                     state={k: _tensor(v) for k, v in c.state.items()},
+                     metrics={k: v.copy() for k, v in c.metrics.items()}, **own)
 
 
 class ShardResult(NamedTuple):
