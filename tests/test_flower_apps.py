@@ -264,7 +264,7 @@ def test_run_config_is_validated(tmp_path):
 
 
 def test_only_the_flower_package_imports_flwr():
-    offenders = subprocess.run(["grep", "-rlE", r"^\s*(import|from) flwr", "fedsim", "strategies"],
+    offenders = subprocess.run(["grep", "-rlE", r"^\s*(import|from) flwr(\.|\s|$)", "fedsim", "strategies"],
                                cwd=ROOT, capture_output=True, text=True).stdout.split()
     assert offenders and all(p.startswith("fedsim/flower/") for p in offenders), offenders
 
