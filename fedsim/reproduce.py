@@ -1,7 +1,7 @@
 """`fedsim reproduce NAME`: run a paper's configs, draw its figure, write claims.md.
 
-A paper lives in ``experiments/papers/<name>/``: its YAML configs plus a ``reproduce.py``
-that defines
+A paper lives in ``experiments/papers/<name>/`` (inside the package once installed, see
+`fedsim.layout`): its YAML configs plus a ``reproduce.py`` that defines
 
 * ``RUNS``: a list of `RunSpec` (label, config file, overrides, seeds, quick overrides);
 * ``report(results, out) -> list[Claim]``: draws the figure(s) into `out` from the run
@@ -25,8 +25,9 @@ from types import ModuleType
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .errors import FedsimError
+from .layout import EXPERIMENTS
 
-PAPERS_DIR = Path(__file__).resolve().parents[1] / "experiments" / "papers"
+PAPERS_DIR = EXPERIMENTS / "papers"
 
 
 @dataclass(frozen=True)
