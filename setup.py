@@ -10,7 +10,7 @@ fedsim.* names through the finder in fedsim/layout.py.)
 from setuptools import find_namespace_packages, find_packages, setup
 
 MAPPED = ("strategies", "topologies", "experiments")
-DATA = ["*.yaml", "*.md", "*.png"]  # experiments/: configs, READMEs, committed results (claims.md, figures)
+DATA = ["*.yaml", "*.md", "*.png", "*.csv"]  # experiments/: configs, READMEs, committed results (claims.md, figures, tables)
 
 packages = find_packages(include=["fedsim", "fedsim.*"])
 mapped = [f"fedsim.{name}" for top in MAPPED

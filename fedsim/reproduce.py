@@ -10,7 +10,10 @@ A paper lives in ``experiments/papers/<name>/`` (inside the package once install
 * optionally ``TITLE`` (the paper) and ``FULL_RUNTIME`` (expected time of the full version).
 
 claims.md starts with what was run — mode, runs and seeds, executor, wall and CPU time —
-and the command that regenerates it; `fedsim.gallery` builds docs/gallery.md from it.
+and the command that regenerates it; `fedsim.gallery` builds docs/gallery.md from it. Beside
+it, sweep.csv and summary.csv hold every run's final metrics and their mean ± std over each
+curve's seeds, as `fedsim sweep` writes them; `seed_mean` averages a curve's runs over the
+seeds the way `fedsim plot` draws its bands.
 """
 from __future__ import annotations
 
@@ -58,6 +61,15 @@ class Result:
     out: Path
     claims: list[Claim]
     figures: list[Path] = field(default_factory=list)
+
+
+def seed_mean(folders: Sequence[Path], x: str, y: str) -> tuple[Any, Any, Any]:
+    """Returns (x values, mean, std) of metric `y` against `x` over the runs in `folders` (a
+    curve's seeds), as `fedsim plot` averages them (`fedsim.plots.mean_std`: on the x values
+    the runs share; sample std, zeros for one run). Rows without `x` or `y` are left out."""
+    from .plots import mean_std, run_metrics, series
+
+    return mean_std([series(run_metrics(f, x, y), x, y) for f in folders])
 
 
 def available(papers_dir: Path = PAPERS_DIR) -> list[str]:
@@ -197,12 +209,15 @@ def reproduce(name: str, out: Path, quick: bool = False, executor: str | None = 
     out.mkdir(parents=True, exist_ok=True)
     start, cpu0 = time.perf_counter(), _cpu_seconds()
     results: dict[str, list[Path]] = {}
+    done = []
     with shared_ray(executor, first.extra.get("ray") if first is not None else None):
         for i, (spec, seed) in enumerate(runs):
             folder = out / "runs" / f"{spec.label}-seed{seed}".replace(" ", "_").replace("/", "_")
             progress(f"[{name}] {spec.label} seed {seed} -> {folder}")
             execute(first if i == 0 else run_config(spec, seed), folder, overwrite=True, progress=False)
             results.setdefault(spec.label, []).append(folder)
+            done.append((spec.label, seed, folder))
+    write_tables(out, done)
     before = set(out.glob("*.png"))
     claims = list(paper.report(results, out))
     figures = sorted(set(out.glob("*.png")) - before) or sorted(out.glob("*.png"))
@@ -212,6 +227,18 @@ def reproduce(name: str, out: Path, quick: bool = False, executor: str | None = 
                            load=load_average())
     (out / "claims.md").write_text(text)
     return Result(out, claims, figures)
+
+
+def write_tables(out: Path, runs: Sequence[tuple[str, int, Path]]) -> None:
+    """Writes out/sweep.csv (a row per (curve label, seed, run folder): the run's final metrics
+    and wall time) and out/summary.csv (per curve: n and each final metric's mean and std over
+    its seeds), as `fedsim sweep` writes them."""
+    from .sweep import SweepRun, finished, summarize, table, write_csv
+
+    outcomes = [finished(SweepRun((("curve", label),), seed, folder.name), folder, "ran") for label, seed, folder in runs]
+    rows = table(outcomes, ["curve"])
+    write_csv(out / "sweep.csv", rows)
+    write_csv(out / "summary.csv", summarize(rows, ["curve"]))
 
 
 def load_average() -> str:
