@@ -72,6 +72,17 @@ def seed_mean(folders: Sequence[Path], x: str, y: str) -> tuple[Any, Any, Any]:
     return mean_std([series(run_metrics(f, x, y), x, y) for f in folders])
 
 
+def seed_final(folders: Sequence[Path], key: str) -> tuple[float | None, float | None]:
+    """Returns (mean, std) over the runs in `folders` (a curve's seeds) of metric `key` in each
+    run's final metrics row, as summary.csv holds them (`fedsim.sweep.summarize`: sample std,
+    None for one run); (None, None) where no run has a number for it."""
+    from .sweep import SweepRun, finished, summarize, table
+
+    rows = table([finished(SweepRun((), i, f.name), f, "ran") for i, f in enumerate(folders)], [])
+    (row,) = summarize(rows, [])
+    return row.get(f"{key}_mean"), row.get(f"{key}_std")
+
+
 def available(papers_dir: Path = PAPERS_DIR) -> list[str]:
     """Returns the names of the papers that have a reproduce.py."""
     return sorted(p.parent.name for p in papers_dir.glob("*/reproduce.py"))

@@ -13,7 +13,7 @@ import yaml
 from fedsim.errors import FedsimError
 from fedsim.gallery import build
 from fedsim.outputs import read_jsonl
-from fedsim.reproduce import available, reproduce, seed_mean
+from fedsim.reproduce import available, reproduce, seed_final, seed_mean
 
 from .conftest import ROOT, fedsim_cmd, quadratic_config
 
@@ -112,6 +112,8 @@ def test_full_mode_runs_every_seed(papers, tmp_path):
         assert summary[label]["n"] == "2"
         assert float(summary[label]["dist_to_opt_mean"]) == pytest.approx(statistics.fmean(pair))
         assert float(summary[label]["dist_to_opt_std"]) == pytest.approx(statistics.stdev(pair))
+    mean, std = seed_final([tmp_path / "runs" / f"lr_1-seed{seed}" for seed in (0, 1)], "dist_to_opt")
+    assert (mean, std) == (float(summary["lr 1"]["dist_to_opt_mean"]), float(summary["lr 1"]["dist_to_opt_std"]))
     # a curve's seed mean and std, as the papers' figures draw them
     folders = [tmp_path / "runs" / f"lr_1-seed{seed}" for seed in (0, 1)]
     rounds, mean, std = seed_mean(folders, "round", "dist_to_opt")
