@@ -90,3 +90,16 @@ def test_sdist_and_wheel_install_and_run_from_any_folder(tmp_path):
     assert (work / "vca" / "claims.md").is_file() and (work / "vca" / "vca_accuracy_vs_time.png").is_file()
     call([fedsim, "gallery", "vca", "--docs", "docs"], cwd=work, env=env)  # from the shipped results
     assert (work / "docs" / "gallery" / "vca" / "vca_accuracy_vs_time.png").is_file()
+
+
+def test_ray_upload_ships_one_fedsim_folder_in_the_installed_layout(tmp_path):
+    """Ray's `upload` code mode ships the checkout as an installed fedsim would be: one folder
+    named fedsim, strategies and topologies inside, importable without the checkout."""
+    from fedsim.executors.ray_cluster import upload_env
+
+    (folder,) = map(Path, upload_env()["py_modules"])
+    assert folder.name == "fedsim" and (folder / "strategies" / "fedavg.py").is_file()
+    env = {**os.environ, "PYTHONPATH": str(folder.parent)}
+    where = call([sys.executable, "-c", "import fedsim.topologies.mixing, fedsim.strategies.fedavg as f; print(f.__file__)"],
+                 cwd=tmp_path, env=env).strip()
+    assert where == str(folder / "strategies" / "fedavg.py")
