@@ -40,7 +40,7 @@ from fedsim.executors.vmap import VmapExecutor  # noqa: E402
 from fedsim.models import ModelContext, cnn  # noqa: E402
 from fedsim.strategy import LocalHP, Payload  # noqa: E402
 from fedsim.task import Task  # noqa: E402
-from strategies.fedavg import fedavg  # noqa: E402
+from fedsim.strategies.fedavg import fedavg  # noqa: E402
 
 SAMPLES, BATCH, LR = 64, 16, 0.05
 MODELS: dict[str, tuple[tuple[int, ...], Callable[[], nn.Module]]] = {

@@ -5,3 +5,8 @@ The contract a strategy implements is in `fedsim.strategy`; building blocks in
 from a config read by `fedsim.config.load_config`.
 """
 __version__ = "0.1.0"
+
+from .layout import install_checkout_finder
+
+install_checkout_finder()  # in a checkout, fedsim.strategies / fedsim.topologies are the top-level folders
+del install_checkout_finder

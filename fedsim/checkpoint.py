@@ -267,7 +267,7 @@ def _import_builtin_state_classes() -> None:
     from .registry import import_all
 
     import_all("fedsim.protocols")
-    import_all("strategies")
+    import_all("fedsim.strategies")
 
 
 def load_latest(run_dir: Path) -> tuple[dict[str, Any], Path]:

@@ -103,12 +103,12 @@ class TensorBoardSink:
 class WandbSink:
     """A W&B run in wandb/ (offline unless WANDB_MODE says otherwise); step = the evaluation's index."""
 
-    def __init__(self, folder: Path, kept: Sequence[dict[str, Any]], name: str, config: Mapping[str, Any]):
+    def __init__(self, run_dir: Path, kept: Sequence[dict[str, Any]], name: str, config: Mapping[str, Any]):
         import wandb
 
-        folder.mkdir(parents=True, exist_ok=True)
         self.step = len(kept)
-        self.run = wandb.init(dir=str(folder), mode=os.environ.get("WANDB_MODE", "offline"), project="fedsim",
+        # wandb keeps its runs in <dir>/wandb/: the run folder's wandb/
+        self.run = wandb.init(dir=str(run_dir), mode=os.environ.get("WANDB_MODE", "offline"), project="fedsim",
                               name=name, config=dict(config), reinit=True)
 
     def append(self, row: dict[str, Any]) -> None:
@@ -135,7 +135,7 @@ class MetricsLog:
                 elif name == "tensorboard":
                     self.sinks.append(TensorBoardSink(out_dir / "tensorboard", kept))
                 elif name == "wandb":
-                    self.sinks.append(WandbSink(out_dir / "wandb", kept, out_dir.name, config or {}))
+                    self.sinks.append(WandbSink(out_dir, kept, out_dir.name, config or {}))
                 else:  # the config's check lists the names
                     raise ConfigError("run.loggers", f"unknown logger {name!r} (known: {', '.join(NAMES)})")
         except BaseException:

@@ -29,7 +29,8 @@ LABELS = {  # axis labels, with their units
 }
 
 
-def _series(rows: list[dict[str, Any]], x: str, y: str) -> tuple[list[float], list[float]]:
+def series(rows: Sequence[dict[str, Any]], x: str, y: str) -> tuple[list[float], list[float]]:
+    """Returns (xs, ys) of the rows that have both `x` and `y` (not null)."""
     xs, ys = [], []
     for r in rows:
         if r.get(x) is not None and r.get(y) is not None:
@@ -80,7 +81,7 @@ def curves(run_dir: Path, rows: list[dict[str, Any]]) -> Path:
     y = default_metric(rows)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, x in zip(axes, ("round", "virtual_time")):
-        xs, ys = _series(rows, x, y)
+        xs, ys = series(rows, x, y)
         ax.plot(xs, ys, marker="." if len(xs) < 40 else None)
         ax.set_xlabel(LABELS.get(x, x))
         ax.set_ylabel(LABELS.get(y, y))
@@ -203,6 +204,15 @@ def mean_std(series: Sequence[tuple[list[float], list[float]]]) -> tuple[Any, An
     return grid, ys.mean(axis=0), std
 
 
+def band(ax: Any, x: Any, mean: Any, std: Any, n: int, **style: Any) -> Any:
+    """Draws `mean` against `x` on `ax` (matplotlib `style`: label, color, ls…) and, where it
+    is the mean of n > 1 runs, a ± `std` band in the line's colour; returns the line."""
+    line, = ax.plot(x, mean, **style)
+    if n > 1:
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+    return line
+
+
 def overlay(run_dirs: Sequence[str | Path], x: str, y: str | None, out: str | Path, labels: Sequence[str] | None = None,
             title: str | None = None, logy: bool = False, group_by: Sequence[str] | None = None) -> Path:
     """Draws metric `y` (None: `default_metric` of the first run) against `x`: one curve per group of runs (see `group_runs`), the mean over
@@ -226,14 +236,11 @@ def overlay(run_dirs: Sequence[str | Path], x: str, y: str | None, out: str | Pa
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     drawn = 0
     for i, g in enumerate(groups):
-        series = [s for s in (_series(rows, x, y) for _, rows, _ in g.runs) if s[0]]
-        if not series:
+        runs = [s for s in (series(rows, x, y) for _, rows, _ in g.runs) if s[0]]
+        if not runs:
             continue
-        grid, mean, std = mean_std(series)
         label = labels[i] if labels else g.label
-        line, = ax.plot(grid, mean, label=f"{label} (n={len(series)})" if len(series) > 1 else label)
-        if len(series) > 1:
-            ax.fill_between(grid, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+        band(ax, *mean_std(runs), n=len(runs), label=f"{label} (n={len(runs)})" if len(runs) > 1 else label)
         drawn += 1
     if not drawn:
         plt.close(fig)

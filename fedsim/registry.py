@@ -153,9 +153,9 @@ def _import_dotted(spec: str, path: str) -> Callable[..., Any]:
     return obj
 
 
-STRATEGIES = Registry("strategy", ["strategies"])
-TOPOLOGIES = Registry("topology", ["topologies"])
-MIXING = Registry("mixing rule", ["topologies"])
+STRATEGIES = Registry("strategy", ["fedsim.strategies"])
+TOPOLOGIES = Registry("topology", ["fedsim.topologies"])
+MIXING = Registry("mixing rule", ["fedsim.topologies"])
 PROTOCOLS = Registry("protocol", ["fedsim.protocols"])
 EXECUTORS = Registry("executor", ["fedsim.executors"])
 DATA_SOURCES = Registry("data source", ["fedsim.data"])

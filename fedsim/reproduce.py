@@ -1,7 +1,7 @@
 """`fedsim reproduce NAME`: run a paper's configs, draw its figure, write claims.md.
 
-A paper lives in ``experiments/papers/<name>/``: its YAML configs plus a ``reproduce.py``
-that defines
+A paper lives in ``experiments/papers/<name>/`` (inside the package once installed, see
+`fedsim.layout`): its YAML configs plus a ``reproduce.py`` that defines
 
 * ``RUNS``: a list of `RunSpec` (label, config file, overrides, seeds, quick overrides);
 * ``report(results, out) -> list[Claim]``: draws the figure(s) into `out` from the run
@@ -10,7 +10,10 @@ that defines
 * optionally ``TITLE`` (the paper) and ``FULL_RUNTIME`` (expected time of the full version).
 
 claims.md starts with what was run — mode, runs and seeds, executor, wall and CPU time —
-and the command that regenerates it; `fedsim.gallery` builds docs/gallery.md from it.
+and the command that regenerates it; `fedsim.gallery` builds docs/gallery.md from it. Beside
+it, sweep.csv and summary.csv hold every run's final metrics and their mean ± std over each
+curve's seeds, as `fedsim sweep` writes them; `seed_mean` averages a curve's runs over the
+seeds the way `fedsim plot` draws its bands.
 """
 from __future__ import annotations
 
@@ -25,8 +28,9 @@ from types import ModuleType
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .errors import FedsimError
+from .layout import EXPERIMENTS
 
-PAPERS_DIR = Path(__file__).resolve().parents[1] / "experiments" / "papers"
+PAPERS_DIR = EXPERIMENTS / "papers"
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,26 @@ class Result:
     out: Path
     claims: list[Claim]
     figures: list[Path] = field(default_factory=list)
+
+
+def seed_mean(folders: Sequence[Path], x: str, y: str) -> tuple[Any, Any, Any]:
+    """Returns (x values, mean, std) of metric `y` against `x` over the runs in `folders` (a
+    curve's seeds), as `fedsim plot` averages them (`fedsim.plots.mean_std`: on the x values
+    the runs share; sample std, zeros for one run). Rows without `x` or `y` are left out."""
+    from .plots import mean_std, run_metrics, series
+
+    return mean_std([series(run_metrics(f, x, y), x, y) for f in folders])
+
+
+def seed_final(folders: Sequence[Path], key: str) -> tuple[float | None, float | None]:
+    """Returns (mean, std) over the runs in `folders` (a curve's seeds) of metric `key` in each
+    run's final metrics row, as summary.csv holds them (`fedsim.sweep.summarize`: sample std,
+    None for one run); (None, None) where no run has a number for it."""
+    from .sweep import SweepRun, finished, summarize, table
+
+    rows = table([finished(SweepRun((), i, f.name), f, "ran") for i, f in enumerate(folders)], [])
+    (row,) = summarize(rows, [])
+    return row.get(f"{key}_mean"), row.get(f"{key}_std")
 
 
 def available(papers_dir: Path = PAPERS_DIR) -> list[str]:
@@ -196,12 +220,15 @@ def reproduce(name: str, out: Path, quick: bool = False, executor: str | None = 
     out.mkdir(parents=True, exist_ok=True)
     start, cpu0 = time.perf_counter(), _cpu_seconds()
     results: dict[str, list[Path]] = {}
+    done = []
     with shared_ray(executor, first.extra.get("ray") if first is not None else None):
         for i, (spec, seed) in enumerate(runs):
             folder = out / "runs" / f"{spec.label}-seed{seed}".replace(" ", "_").replace("/", "_")
             progress(f"[{name}] {spec.label} seed {seed} -> {folder}")
             execute(first if i == 0 else run_config(spec, seed), folder, overwrite=True, progress=False)
             results.setdefault(spec.label, []).append(folder)
+            done.append((spec.label, seed, folder))
+    write_tables(out, done)
     before = set(out.glob("*.png"))
     claims = list(paper.report(results, out))
     figures = sorted(set(out.glob("*.png")) - before) or sorted(out.glob("*.png"))
@@ -211,6 +238,18 @@ def reproduce(name: str, out: Path, quick: bool = False, executor: str | None = 
                            load=load_average())
     (out / "claims.md").write_text(text)
     return Result(out, claims, figures)
+
+
+def write_tables(out: Path, runs: Sequence[tuple[str, int, Path]]) -> None:
+    """Writes out/sweep.csv (a row per (curve label, seed, run folder): the run's final metrics
+    and wall time) and out/summary.csv (per curve: n and each final metric's mean and std over
+    its seeds), as `fedsim sweep` writes them."""
+    from .sweep import SweepRun, finished, summarize, table, write_csv
+
+    outcomes = [finished(SweepRun((("curve", label),), seed, folder.name), folder, "ran") for label, seed, folder in runs]
+    rows = table(outcomes, ["curve"])
+    write_csv(out / "sweep.csv", rows)
+    write_csv(out / "summary.csv", summarize(rows, ["curve"]))
 
 
 def load_average() -> str:

@@ -23,6 +23,9 @@ from typing import TypeVar
 T = TypeVar("T", bound=type)
 
 _REGISTERED: dict[str, type] = {}
+# Checkpoints written before the built-in strategies and topologies moved under fedsim's
+# namespace name their classes ``strategies.x:Cls``; they load as ``fedsim.strategies.x:Cls``.
+RENAMED_PACKAGES = ("strategies.", "topologies.")
 
 
 def qualified_name(cls: type) -> str:
@@ -52,5 +55,9 @@ def registered(cls: type) -> bool:
 
 
 def lookup(name: str) -> type | None:
-    """Returns the registered class stored under `name` (``module:QualName``), else None."""
-    return _REGISTERED.get(name)
+    """Returns the registered class stored under `name` (``module:QualName``, or the older
+    ``strategies.x:QualName`` of a built-in class, see `RENAMED_PACKAGES`), else None."""
+    cls = _REGISTERED.get(name)
+    if cls is None and name.startswith(RENAMED_PACKAGES):
+        cls = _REGISTERED.get("fedsim." + name)
+    return cls

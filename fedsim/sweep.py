@@ -155,8 +155,6 @@ def run_one(source: str | Mapping[str, Any], run: SweepRun, folder: Path,
     checkpoint, or starts it (afresh, in a run folder fedsim created or a new one). Never raises
     for the run's own failures: they come back as status 'failed' (or 'interrupted') with
     the one-line error. `threads`: torch intra-op threads for this process."""
-    import json
-
     from .checkpoint import list_checkpoints
     from .config import load_config
     from .runner import execute, resume
@@ -179,8 +177,7 @@ def run_one(source: str | Mapping[str, Any], run: SweepRun, folder: Path,
             resume(folder, progress=False)
         else:
             execute(config, folder, overwrite=True, progress=False)
-        summary = json.loads((folder / "summary.json").read_text())
-        return Outcome(run, "done", dict(summary.get("final") or {}), summary.get("wall_time"), how)
+        return finished(run, folder, how)
     except FedsimError as exc:
         status = "interrupted" if isinstance(exc, Interrupted) else "failed"
         return Outcome(run, status, how=how, error=str(exc).splitlines()[0])
@@ -191,15 +188,21 @@ def run_one(source: str | Mapping[str, Any], run: SweepRun, folder: Path,
 def finished_earlier(source: str | Mapping[str, Any], run: SweepRun, folder: Path) -> Outcome | None:
     """Loads the run's config (FedsimError for a bad value, so the sweep stops before anything
     runs) and returns the run's Outcome when `folder` holds it finished, else None."""
-    import json
-
     from .config import load_config
 
     resolved = load_config(source, run.overrides()).resolved()
     if not is_finished(folder) or not _same_config(folder, resolved):
         return None
+    return finished(run, folder, "skipped")
+
+
+def finished(run: SweepRun, folder: Path, how: str) -> Outcome:
+    """Returns the 'done' Outcome of the finished run in `folder` (its summary.json's final
+    metrics row and wall time)."""
+    import json
+
     summary = json.loads((folder / "summary.json").read_text())
-    return Outcome(run, "done", dict(summary.get("final") or {}), summary.get("wall_time"), "skipped")
+    return Outcome(run, "done", dict(summary.get("final") or {}), summary.get("wall_time"), how)
 
 
 def threads_per_worker(workers: int, cores: int | None = None) -> int:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from fedsim.strategy import Strategy
-from strategies.fedavg import fedavg
+from fedsim.strategies.fedavg import fedavg
 
 
 def _in_ray_actor() -> bool:

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from fedsim.strategy import LocalHP
-from strategies.fednova import fednova, step_weight_norm
-from strategies.fedopt import fedadagrad, fedadam, fedyogi
-from strategies.fedprox import fedprox
+from fedsim.strategies.fednova import fednova, step_weight_norm
+from fedsim.strategies.fedopt import fedadagrad, fedadam, fedyogi
+from fedsim.strategies.fedprox import fedprox
 
 from .conftest import quadratic_config, run_config
 from .handmade import one_round, quad_grad, quadratic, steps
@@ -135,7 +135,7 @@ def test_fednova_removes_the_bias_toward_clients_with_more_steps():
     # Same curvature, 1 vs 10 local steps: FedAvg's fixed point leans toward the busy client's
     # optimum (weights 1 − (1 − ηa)^K); FedNova's uses (1 − (1 − ηa)^K)/K ≈ ηa — near the true mean.
     clients = [(quad_grad(1.0, [0.0]), 1), (quad_grad(1.0, [1.0]), 10)]
-    from strategies.fedavg import fedavg
+    from fedsim.strategies.fedavg import fedavg
 
     finals = {}
     for name, s in (("avg", fedavg()), ("nova", fednova())):

@@ -169,6 +169,22 @@ def test_registered_plugin_state_round_trips_and_unregistered_is_refused_when_sa
         checkpointable(dict)
 
 
+def test_checkpoints_naming_the_old_top_level_strategies_package_still_load():
+    """Before the built-in strategies moved under fedsim's namespace, checkpoints named their
+    state classes ``strategies.x:Cls``; those tags load as the fedsim.strategies classes, and
+    nothing but registered classes does under the old prefix either."""
+    from fedsim.strategies.scaffold import ScaffoldState
+
+    tree = encode({"s": ScaffoldState(torch.arange(3.0), torch.ones(3))})
+    assert tree["__dict__"]["s"]["__namedtuple__"] == "fedsim.strategies.scaffold:ScaffoldState"
+    tree["__dict__"]["s"]["__namedtuple__"] = "strategies.scaffold:ScaffoldState"
+    back = decode(tree)["s"]
+    assert type(back) is ScaffoldState and torch.equal(back.c, torch.ones(3))
+    tree["__dict__"]["s"]["__namedtuple__"] = "strategies.scaffold:torch.nn.Linear"
+    with pytest.raises(FedsimError, match="not a registered state class"):
+        decode(tree)
+
+
 def test_every_strategy_checkpoints_and_loads_back(tmp_path):
     """Each built-in strategy's state (under the asynchronous protocol: in-flight
     jobs, their results and payloads too) is made of registered classes only."""
@@ -188,7 +204,7 @@ def test_every_strategy_checkpoints_and_loads_back(tmp_path):
     choco = {"protocol": {"name": "decentralized", "compression": {"compressor": {"name": "topk", "ratio": 0.5},
                                                                    "gamma": 0.2}}, "topology": {"name": "ring"}}
     base = quadratic_config(run={"rounds": 2, "eval_every": 1, "checkpoint_every": 1})
-    builtin = [e.name for e in STRATEGIES.entries() if e.factory.__module__.startswith("strategies.")]
+    builtin = [e.name for e in STRATEGIES.entries() if e.factory.__module__.startswith("fedsim.strategies.")]
     assert len(builtin) > 20
     cases = []
     for name in builtin:

@@ -7,7 +7,7 @@ import torch
 
 from fedsim.contributions import contributions
 from fedsim.strategy import CombineContext, LocalHP
-from strategies.co2 import co2
+from fedsim.strategies.co2 import co2
 
 from .conftest import quadratic_config, run_config
 from .handmade import one_round, quad_grad, quadratic

@@ -13,7 +13,7 @@ from fedsim.errors import ConfigError, DivergenceError
 from fedsim.outputs import read_jsonl
 from fedsim.channel import build_channel
 from fedsim.merge import mix
-from topologies.mixing import as_tensor, metropolis_hastings
+from fedsim.topologies.mixing import as_tensor, metropolis_hastings
 
 from .conftest import merge, quadratic_config, run_config
 from .handmade import quadratic

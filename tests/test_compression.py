@@ -12,7 +12,7 @@ from fedsim.comm import nbytes
 from fedsim.compressors import decode, identity, qsgd, randk, random_indices, sign, topk
 from fedsim.errors import ConfigError
 from fedsim.strategy import ClientOutput, LocalHP
-from strategies.compressed import compressed
+from fedsim.strategies.compressed import compressed
 
 from .conftest import quadratic_config, run_config
 from .handmade import one_round, quad_grad, quadratic

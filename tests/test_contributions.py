@@ -30,8 +30,8 @@ from fedsim.protocols.weighting import (WEIGHTINGS, aggregation_weight_array, ag
 from fedsim.staleness import polynomial
 from fedsim.strategy import ClientOutput, LocalHP, Payload
 from fedsim.task import Task
-from strategies.fedavg import fedavg
-from strategies.scaffold import scaffold
+from fedsim.strategies.fedavg import fedavg
+from fedsim.strategies.scaffold import scaffold
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

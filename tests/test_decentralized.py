@@ -11,7 +11,7 @@ import torch
 from fedsim.errors import ConfigError
 from fedsim.sam import sam
 from fedsim.strategy import Batches, LocalHP, Payload
-from strategies.dfedavg import dfedavgm
+from fedsim.strategies.dfedavg import dfedavgm
 
 from .conftest import merge, quadratic_config, run_config
 
@@ -176,7 +176,7 @@ def test_metrics_row_and_time_varying_topology():
 def test_sparse_gossip_path_runs_large_n():
     # above 256 nodes the mixing matrix is a sparse CSR tensor; the run must match its dense twin
     cfg = quad_dec_config(data={"num_clients": 300}, run={"rounds": 1, "eval_every": 1}, local={"steps": 1})
-    from topologies import mixing
+    from fedsim.topologies import mixing
 
     sparse = run_config(cfg).final_state.models
     old = mixing.DENSE_UP_TO

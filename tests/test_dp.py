@@ -18,8 +18,8 @@ from fedsim.contributions import contributions
 from fedsim.errors import ConfigError
 from fedsim.runner import build
 from fedsim.strategy import Batches, CombineContext, LocalHP, ServerStrategy
-from strategies.dp import CLIP, UNCLIPPED, dp
-from strategies.fedavg import fedavg
+from fedsim.strategies.dp import CLIP, UNCLIPPED, dp
+from fedsim.strategies.fedavg import fedavg
 
 from .conftest import quadratic_config, run_config
 

@@ -12,7 +12,7 @@ from fedsim.config import load_config
 from fedsim.runner import build
 from fedsim.contributions import contributions
 from fedsim.strategy import CombineContext, LocalHP
-from strategies.fedasync import fedasync
+from fedsim.strategies.fedasync import fedasync
 
 from .conftest import quadratic_config, run_config
 from .test_async_learning import Recorder, async_quadratic, drive

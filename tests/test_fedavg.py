@@ -8,7 +8,7 @@ import torch
 from fedsim.protocols.weighting import aggregation_weights
 from fedsim.contributions import contributions
 from fedsim.strategy import Batch, Batches, CombineContext, LocalHP
-from strategies.fedavg import fedavg
+from fedsim.strategies.fedavg import fedavg
 
 from .conftest import quadratic_config, run_config
 

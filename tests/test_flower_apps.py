@@ -278,7 +278,7 @@ Path({marker!r}).write_text("imported")
 
 
 def strategy():
-    from strategies.fedavg import fedavg
+    from fedsim.strategies.fedavg import fedavg
 
     return fedavg()
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from strategies.scaffold_m import scaffold_m_vr
+from fedsim.strategies.scaffold_m import scaffold_m_vr
 from fedsim.strategy import Batches, LocalHP, Payload
 
 from .conftest import quadratic_config, run_config

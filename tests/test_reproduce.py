@@ -1,7 +1,9 @@
 """`fedsim reproduce` and `fedsim gallery` on a toy paper folder: runs, figure, claims.md, gallery page."""
 from __future__ import annotations
 
+import csv
 import json
+import statistics
 import subprocess
 import textwrap
 
@@ -10,7 +12,8 @@ import yaml
 
 from fedsim.errors import FedsimError
 from fedsim.gallery import build
-from fedsim.reproduce import available, reproduce
+from fedsim.outputs import read_jsonl
+from fedsim.reproduce import available, reproduce, seed_final, seed_mean
 
 from .conftest import ROOT, fedsim_cmd, quadratic_config
 
@@ -96,6 +99,27 @@ def test_full_mode_runs_every_seed(papers, tmp_path):
     assert "Runs: 4 runs: 2 curves, seeds 0, 1 (2 per curve); executor: serial." in text
     assert "Regenerate: `fedsim reproduce toy --out DIR`." in text
     assert result.claims[0].supported is True  # server lr 1 beats 0.5 on this quadratic in 3 rounds
+    # the sweep machinery's tables: a row per run, then mean ± std over each curve's seeds
+    with (tmp_path / "sweep.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    finals = {(r["curve"], int(r["seed"])): float(r["dist_to_opt"]) for r in rows}
+    assert finals == {(label, seed): final_distance(tmp_path / "runs" / f"{label.replace(' ', '_')}-seed{seed}")
+                      for label in ("lr 1", "lr 0.5") for seed in (0, 1)}
+    with (tmp_path / "summary.csv").open() as fh:
+        summary = {r["curve"]: r for r in csv.DictReader(fh)}
+    for label in ("lr 1", "lr 0.5"):
+        pair = [finals[(label, 0)], finals[(label, 1)]]
+        assert summary[label]["n"] == "2"
+        assert float(summary[label]["dist_to_opt_mean"]) == pytest.approx(statistics.fmean(pair))
+        assert float(summary[label]["dist_to_opt_std"]) == pytest.approx(statistics.stdev(pair))
+    mean, std = seed_final([tmp_path / "runs" / f"lr_1-seed{seed}" for seed in (0, 1)], "dist_to_opt")
+    assert (mean, std) == (float(summary["lr 1"]["dist_to_opt_mean"]), float(summary["lr 1"]["dist_to_opt_std"]))
+    # a curve's seed mean and std, as the papers' figures draw them
+    folders = [tmp_path / "runs" / f"lr_1-seed{seed}" for seed in (0, 1)]
+    rounds, mean, std = seed_mean(folders, "round", "dist_to_opt")
+    curves = [[r["dist_to_opt"] for r in read_jsonl(f / "metrics.jsonl")] for f in folders]
+    assert list(rounds) == [0, 1, 2, 3] and mean[-1] == pytest.approx(statistics.fmean(pair := [c[-1] for c in curves]))
+    assert std[-1] == pytest.approx(statistics.stdev(pair))
 
 
 def test_executor_option_reaches_every_run(papers, tmp_path):

@@ -30,15 +30,15 @@ def test_a_lookup_imports_only_the_module_named_like_the_component():
         "from fedsim.registry import STRATEGIES, PROTOCOLS, EXECUTORS\n"
         "STRATEGIES.get('fedavg'); PROTOCOLS.get('sync'); EXECUTORS.get('vmap')\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('strategies', 'networkx', 'scipy', 'ray', 'flwr') or m.startswith('fedsim.protocols.'))))"
+        "('networkx', 'scipy', 'ray', 'flwr') or m.startswith(('fedsim.strategies', 'fedsim.protocols.')))))"
     )
-    assert "strategies.fedavg" in res and "fedsim.protocols.sync" in res
+    assert "fedsim.strategies.fedavg" in res and "fedsim.protocols.sync" in res
     assert not any(m.split(".")[0] in ("networkx", "scipy", "ray", "flwr") for m in res), res
-    assert "strategies.fedopt" not in res and "fedsim.protocols.decentralized" not in res
+    assert "fedsim.strategies.fedopt" not in res and "fedsim.protocols.decentralized" not in res
 
 
 def test_names_registered_in_another_file_and_unknown_names_still_resolve():
-    assert STRATEGIES.get("fedadam").factory.__module__ == "strategies.fedopt"
+    assert STRATEGIES.get("fedadam").factory.__module__ == "fedsim.strategies.fedopt"
     from fedsim.errors import ConfigError
 
     with pytest.raises(ConfigError, match="did you mean 'fedyogi'") as err:

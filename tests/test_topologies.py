@@ -13,8 +13,8 @@ from fedsim.errors import ConfigError
 from fedsim.merge import mix
 from fedsim.params import ParamLayout
 from fedsim.registry import MIXING, TOPOLOGIES
-from topologies.base import build_topology
-from topologies.mixing import as_tensor, contraction, is_doubly_stochastic, restrict
+from fedsim.topologies.base import build_topology
+from fedsim.topologies.mixing import as_tensor, contraction, is_doubly_stochastic, restrict
 
 STATIC = {
     "ring": {}, "grid": {}, "torus": {}, "exponential": {}, "random_regular": {"degree": 3},

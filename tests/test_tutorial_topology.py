@@ -36,7 +36,7 @@ def reference_mh(graph: nx.Graph) -> np.ndarray:
 
 def test_graph_is_a_ring_of_cliques(folder):
     from fedsim.registry import TOPOLOGIES
-    from topologies.base import TopologyContext
+    from fedsim.topologies.base import TopologyContext
 
     g = TOPOLOGIES.get("ring_of_cliques").factory(TopologyContext(16, 0), cliques=4)
     assert sorted(g.nodes) == list(range(16))
@@ -50,8 +50,8 @@ def test_graph_is_a_ring_of_cliques(folder):
 
 def test_lazy_rule_halves_the_spectral_gap(folder):
     from fedsim.registry import MIXING, TOPOLOGIES
-    from topologies.base import TopologyContext
-    from topologies.mixing import is_doubly_stochastic, spectral_gap
+    from fedsim.topologies.base import TopologyContext
+    from fedsim.topologies.mixing import is_doubly_stochastic, spectral_gap
 
     g = TOPOLOGIES.get("ring_of_cliques").factory(TopologyContext(16, 0), cliques=4)
     w = MIXING.get("lazy_metropolis").factory(g).toarray()
@@ -67,7 +67,7 @@ def test_lazy_rule_halves_the_spectral_gap(folder):
 def test_tutorial_config_runs_with_its_topology(folder):
     from fedsim.config import load_config
     from fedsim.runner import execute
-    from topologies.mixing import spectral_gap
+    from fedsim.topologies.mixing import spectral_gap
 
     run = execute(load_config(folder / "cliques.yaml"), folder / "run", overwrite=True, progress=False)
     rows = run.rows

@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 
 from ..errors import ConfigError
 
-OWN_PACKAGES = ("fedsim", "strategies", "topologies")  # found wherever fedsim itself is
+OWN_PACKAGES = ("fedsim",)  # found wherever fedsim itself is (its strategies and topologies included)
 
 
 def plugin_module(spec: str) -> str:

@@ -5,9 +5,9 @@
   cluster (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``; only this driver disconnects).
 * `loopback_only`: the private local Ray binds 127.0.0.1 and nothing else (Ray's own
   default is every interface of the machine).
-* The code: actors must import *this* checkout's fedsim, strategies and topologies (a
+* The code: actors must import *this* checkout's fedsim, its strategies and topologies included (a
   worktree or a clean clone, not whatever else is installed). `ray.code: path` puts the
-  checkout first on the actors' PYTHONPATH; `upload` ships the packages in the job's runtime
+  checkout first on the actors' PYTHONPATH; `upload` ships the package in the job's runtime
   environment (Ray uploads local folders only for a job, i.e. at ``ray.init``); `auto`
   connects, then reconnects with `upload` when some node runs on another machine.
 * `ship_by_value`: plugin modules named in the config (often a .py file beside the config,
@@ -30,7 +30,6 @@ from ..config.ray_section import RaySection
 from ..errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout that holds fedsim/
-PACKAGES = ("fedsim", "strategies", "topologies")
 # Ray's single-machine mode (its default on macOS and Windows), and no usage statistics
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -139,9 +138,10 @@ def path_env() -> dict[str, Any]:
 
 
 def upload_env() -> dict[str, Any]:
-    """Returns the job's runtime environment that ships fedsim, strategies and topologies."""
-    modules = [str(ROOT / p) for p in PACKAGES if (ROOT / p).is_dir()]
-    return {"py_modules": modules, "excludes": ["__pycache__", "*.pyc"]}
+    """Returns the job's runtime environment that ships fedsim (strategies and topologies inside)."""
+    from ..layout import installed_package
+
+    return {"py_modules": [str(installed_package())], "excludes": ["__pycache__", "*.pyc"]}
 
 
 def ship_by_value(modules: Sequence[str]) -> None:

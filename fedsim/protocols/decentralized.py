@@ -26,7 +26,7 @@ from typing import Annotated, Any, Optional
 import numpy as np
 import torch
 
-from topologies.mixing import as_tensor, message_counts, restrict, spectral_gap
+from fedsim.topologies.mixing import as_tensor, message_counts, restrict, spectral_gap
 
 from ..channel import build_channel, link_bytes
 from ..clock import later, to_seconds

@@ -28,7 +28,7 @@ INITS = ("shared", "independent")
 
 def build_topology(ctx: RunContext):
     """Returns the run's `topologies.base.Topology` (the default ring when `topology` is unset)."""
-    from topologies.base import build_topology as build
+    from fedsim.topologies.base import build_topology as build
 
     return build(ctx.config.topology, ctx.num_clients, ctx.seed)
 

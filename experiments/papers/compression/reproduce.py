@@ -21,8 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedsim.outputs import read_jsonl  # noqa: E402
-from fedsim.reproduce import Claim, RunSpec  # noqa: E402
+from fedsim.plots import band  # noqa: E402
+from fedsim.reproduce import Claim, RunSpec, seed_mean  # noqa: E402
 
 TITLE = "Compressed uplinks with error control (EF21, EControl) against FedAvg and QSGD, digits non-IID"
 FULL_RUNTIME = "about 5 minutes on 2 cores (15 runs: 5 curves × 3 seeds, 150–300 rounds; measured 281 s wall, 191 s CPU)"
@@ -48,12 +48,11 @@ RUNS = [
 ]
 
 
-def mean_curve(folders: list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Returns (rounds, bytes_up, test accuracy) averaged over the seeds' metrics.jsonl."""
-    runs = [read_jsonl(f / "metrics.jsonl") for f in folders]
-    n = min(len(r) for r in runs)
-    col = lambda key: np.mean([[row[key] for row in r[:n]] for r in runs], axis=0)  # noqa: E731
-    return col("round"), col("bytes_up"), col("test_accuracy")
+def mean_curve(folders: list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Returns (rounds, bytes_up, test accuracy, its std) over the seeds' runs (means but the std)."""
+    rounds, sent, _ = seed_mean(folders, "round", "bytes_up")
+    _, acc, std = seed_mean(folders, "round", "test_accuracy")
+    return rounds, sent, acc, std
 
 
 def first_reach(bytes_up: np.ndarray, acc: np.ndarray, target: float) -> float | None:
@@ -64,21 +63,22 @@ def first_reach(bytes_up: np.ndarray, acc: np.ndarray, target: float) -> float |
 
 def report(results: dict[str, list[Path]], out: Path) -> list[Claim]:
     """Draws accuracy against bytes and against rounds; checks the claims on seed means."""
-    curves = {label: mean_curve(folders) for label, folders in results.items()}
+    stats = {label: mean_curve(folders) for label, folders in results.items()}
+    seeds = min(len(folders) for folders in results.values())
     fig, (ax_b, ax_r) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, (rounds, sent, acc) in curves.items():
+    for label, (rounds, sent, acc, std) in stats.items():
         sent_any = sent > 0  # the round-0 evaluation (nothing sent yet) has no place on a log axis
-        ax_b.plot(sent[sent_any] / 1e6, acc[sent_any], marker=".", label=label)
-        ax_r.plot(rounds, acc, label=label)
+        band(ax_b, sent[sent_any] / 1e6, acc[sent_any], std[sent_any], seeds, marker=".", label=label)
+        band(ax_r, rounds, acc, std, seeds, label=label)
     ax_b.set(xscale="log", xlabel="uplink MB sent (all clients)", ylabel="test accuracy", ylim=(0, 1))
     ax_r.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1))
     ax_b.legend(fontsize=8)
-    seeds = len(next(iter(results.values())))
-    fig.suptitle(f"digits, 20 clients, Dirichlet 0.5 — mean of {seeds} seed(s)")
+    fig.suptitle(f"digits, 20 clients, Dirichlet 0.5 — mean of {seeds} seed(s)" + (" ± std" if seeds > 1 else ""))
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_bytes.png", dpi=120)
     plt.close(fig)
 
+    curves = {label: (rounds, sent, acc) for label, (rounds, sent, acc, _) in stats.items()}
     r_fa, b_fa, a_fa = curves["FedAvg"]
     r_ec, b_ec, a_ec = curves["Top-1% + EControl"]
     _, _, a_none = curves["Top-1%"]

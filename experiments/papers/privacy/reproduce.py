@@ -25,8 +25,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedsim.outputs import read_jsonl  # noqa: E402
-from fedsim.reproduce import Claim, RunSpec  # noqa: E402
+from fedsim.plots import band  # noqa: E402
+from fedsim.reproduce import Claim, RunSpec, seed_final  # noqa: E402
 
 TITLE = "Differential privacy (DP-FedAvg, sync vs FedBuff) and robust aggregation under attack, digits non-IID"
 FULL_RUNTIME = "about 10 minutes on 2 cores (33 runs × 2 seeds, 100 rounds)"
@@ -59,21 +59,25 @@ RUNS += [_spec(f"{reducer} / {attack}", [f"strategy={{name: robust, reducer: {sp
 
 
 def final(folders: list[Path], key: str = "test_accuracy") -> float | None:
-    """Returns the mean over seeds of `key` in the last metrics row (None if any seed has none)."""
-    values = [read_jsonl(f / "metrics.jsonl")[-1].get(key) for f in folders]
-    return None if any(v is None for v in values) else float(np.mean(values))
+    """Returns the mean over the seeds of `key` in each run's last metrics row (summary.csv's mean)."""
+    return seed_final(folders, key)[0]
 
 
 def report(results: dict[str, list[Path]], out: Path) -> list[Claim]:
     """Draws accuracy against z (with sync's ε) and the attack × reducer table; checks the claims."""
     acc = {label: final(folders) for label, folders in results.items()}
+    std = {label: seed_final(folders, "test_accuracy")[1] or 0.0 for label, folders in results.items()}
     eps = {z: final(results[f"sync z={z}"], "dp_epsilon") for z in NOISE}
+    seeds = min(len(folders) for folders in results.values())
     fig, (ax_dp, ax_rb) = plt.subplots(1, 2, figsize=(12, 4.2))
     for proto in ("sync", "FedBuff"):
-        ax_dp.plot([0.0, *NOISE], [acc[proto], *(acc[f"{proto} z={z}"] for z in NOISE)], marker="o", label=proto)
+        labels = [proto, *(f"{proto} z={z}" for z in NOISE)]
+        band(ax_dp, np.array([0.0, *NOISE]), np.array([acc[k] for k in labels]), np.array([std[k] for k in labels]),
+             seeds, marker="o", label=proto)
     for z in NOISE:
         ax_dp.annotate(f"ε={eps[z]:.1f}", (z, acc[f"sync z={z}"]), textcoords="offset points", xytext=(4, 6), fontsize=8)
-    ax_dp.set(xlabel="noise multiplier z (clip 1, central)", ylabel="final test accuracy", ylim=(0, 1),
+    ax_dp.set(xlabel="noise multiplier z (clip 1, central)",
+              ylabel="final test accuracy" + (f" (mean ± std, {seeds} seeds)" if seeds > 1 else ""), ylim=(0, 1),
               title="DP-FedAvg; ε at δ = 1e-5 for sync (FedBuff: not valid)")
     ax_dp.legend()
     table = np.array([[acc[f"{r} / {a}"] for a in ATTACKS] for r in REDUCERS])
@@ -84,7 +88,6 @@ def report(results: dict[str, list[Path]], out: Path) -> list[Claim]:
         for j in range(len(ATTACKS)):
             ax_rb.text(j, i, f"{table[i, j]:.2f}", ha="center", va="center", color="w" if table[i, j] < 0.6 else "k")
     ax_rb.set_title("final accuracy, 20% malicious clients")
-    seeds = len(next(iter(results.values())))
     fig.suptitle(f"digits, 100 clients, 10 per round — mean of {seeds} seed(s)")
     fig.tight_layout()
     fig.savefig(out / "privacy_and_robustness.png", dpi=120)

@@ -20,7 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fedsim.outputs import read_jsonl  # noqa: E402
-from fedsim.reproduce import Claim, RunSpec  # noqa: E402
+from fedsim.plots import band  # noqa: E402
+from fedsim.reproduce import Claim, RunSpec, seed_mean  # noqa: E402
 
 TITLE = "Variance-corrected averaging for gossip learning (Tian, Al-Ars, Kitsak, Hofstee — arXiv 2404.04616)"
 FULL_RUNTIME = "about 5 minutes of CPU time on 2 cores (15 runs: 5 variants × 3 seeds, 400 s of virtual time); quick: under 1 minute"
@@ -38,13 +39,11 @@ RUNS = [
 STYLE = {"GL plain": "C1", "GL VCA": "C0", "FedAvg": "k", "GL plain shared-init": "C1", "GL VCA shared-init": "C0"}
 
 
-def curve(folders: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (virtual times, accuracy averaged over the runs): node models for gossip, else the global model."""
-    runs = [read_jsonl(f / "metrics.jsonl") for f in folders]
-    n = min(len(r) for r in runs)
-    key = "node_acc_mean" if "node_acc_mean" in runs[0][0] else "test_accuracy"
-    t = np.array([row["virtual_time"] for row in runs[0][:n]])
-    return t, np.mean([[row[key] for row in r[:n]] for r in runs], axis=0)
+def curve(folders: list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Returns (virtual times, accuracy: mean over the seeds, its std): node models for gossip,
+    else the global model."""
+    key = "node_acc_mean" if "node_acc_mean" in read_jsonl(folders[0] / "metrics.jsonl")[0] else "test_accuracy"
+    return seed_mean(folders, "virtual_time", key)
 
 
 def time_to(t: np.ndarray, acc: np.ndarray, target: float) -> float:
@@ -53,17 +52,18 @@ def time_to(t: np.ndarray, acc: np.ndarray, target: float) -> float:
     return float(t[hit[0]]) if len(hit) else float("inf")
 
 
-def draw(curves: dict[str, tuple[np.ndarray, np.ndarray]], out: Path) -> Path:
+def draw(curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], seeds: int, out: Path) -> Path:
+    """Draws each curve's mean over the seeds with a ± std band; returns the figure's path."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, shared in zip(axes, (False, True)):
-        for label, (t, acc) in curves.items():
+        for label, (t, acc, std) in curves.items():
             if label == "FedAvg" or label.endswith("shared-init") == shared:
-                ax.plot(t, acc, color=STYLE[label], ls="--" if label == "FedAvg" else "-", label=label)
+                band(ax, t, acc, std, seeds, color=STYLE[label], ls="--" if label == "FedAvg" else "-", label=label)
         ax.set_xlabel("virtual time (s)")
         ax.set_title("shared initial model (control)" if shared else "independent initialisations", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0].set_ylabel("test accuracy (gossip: mean over nodes)")
+    axes[0].set_ylabel("test accuracy (gossip: mean over nodes)" + (f"\nmean ± std over {seeds} seeds" if seeds > 1 else ""))
     fig.suptitle("digits, 16 nodes, random 4-regular graph, Dirichlet(0.5)")
     fig.tight_layout()
     path = out / "vca_accuracy_vs_time.png"
@@ -73,8 +73,9 @@ def draw(curves: dict[str, tuple[np.ndarray, np.ndarray]], out: Path) -> Path:
 
 
 def report(results: dict[str, list[Path]], out: Path) -> list[Claim]:
-    curves = {label: curve(folders) for label, folders in results.items()}
-    draw(curves, out)
+    stats = {label: curve(folders) for label, folders in results.items()}
+    draw(stats, min(len(folders) for folders in results.values()), out)
+    curves = {label: (t, acc) for label, (t, acc, _) in stats.items()}
     t_fl, acc_fl = curves["FedAvg"]
     target = 0.9 * float(np.mean(acc_fl[-3:]))
     times = {label: time_to(t, acc, target) for label, (t, acc) in curves.items()}
