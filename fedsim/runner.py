@@ -486,22 +486,22 @@ def _nothing_left_before_the_first_row(run: Run, out_dir: Path, created: bool) -
         raise
 
 
-def resume(out_dir: Path, progress: bool | None = None) -> Run:
-    """Continues the run in `out_dir` from its newest valid checkpoint and finishes it,
-    holding the run folder's lock (a folder another process writes is refused); first removes
-    the temporary files a killed run left."""
+def resume(out_dir: Path, progress: bool | None = None, executor: Executor | None = None) -> Run:
+    """Continues the run in `out_dir` from its newest valid checkpoint and finishes it (on
+    `executor` instead of the config's, if given), holding the run folder's lock (a folder
+    another process writes is refused); first removes the temporary files a killed run left."""
     if not (out_dir / "config.yaml").is_file():
         raise FedsimError(f"{out_dir} is not a run folder (no config.yaml)")
     with _one_line_errors(out_dir), RunDirLock(out_dir):
         ckpt.remove_leftovers(out_dir)
-        return _resume(out_dir, progress)
+        return _resume(out_dir, progress, executor)
 
 
-def _resume(out_dir: Path, progress: bool | None) -> Run:
+def _resume(out_dir: Path, progress: bool | None, executor: Executor | None = None) -> Run:
     cfg_path = out_dir / "config.yaml"
     config = load_config(cfg_path)
     payload, path = ckpt.load_latest(out_dir)
-    run = build(config)
+    run = build(config, executor=executor)
     if config.run.state_dir is None:  # spilled client state lives in the run folder
         run.ctx.store.spill_root = run.ctx.memory.spill_root = out_dir
     if payload.get("protocol") != config.protocol.name:
