@@ -132,13 +132,9 @@ class SharedVmap:
             self.cond.notify_all()
 
     def interrupt(self, signum: int) -> None:
-        """Asks every run to stop at its next batch (it writes a checkpoint and ends)."""
+        """Asks every run to stop at its next batch (it writes a checkpoint and ends); the
+        batch under way still completes, as the last run to hand in its batch leaves instead."""
         self.stop_signal = signum
-        with self.cond:
-            for member in list(self.batch):
-                self.results[member] = StepAbandoned("the sweep was asked to stop", signum)
-            self.batch.clear()
-            self.cond.notify_all()
 
     # ---- running a batch -------------------------------------------------------------------
     def _execute(self) -> None:
@@ -293,15 +289,18 @@ def run_group(source: str | Mapping[str, Any], runs: Sequence[Any], out: Path, c
                 shared.leave(i)
             on_done(outcomes[i])
 
-    stop = StopRequest(lambda: ())
+    class Stop(StopRequest):
+        def _handler(self, signum: int, frame: Any) -> None:
+            super()._handler(signum, frame)
+            shared.interrupt(signum)
+
+    stop = Stop(lambda: ())
     threads = [threading.Thread(target=body, args=(i,), name=f"fedsim-sweep-{r.name}", daemon=True)
                for i, r in enumerate(runs)]
     with stop:
         for t in threads:
             t.start()
-        while any(t.is_alive() for t in threads):
-            for t in threads:
-                t.join(timeout=0.2)
-            if stop.signal is not None and shared.stop_signal is None:
-                shared.interrupt(stop.signal)
+        for t in threads:
+            while t.is_alive():
+                t.join(timeout=0.2)  # wakes for signals
     return outcomes, stop.signal

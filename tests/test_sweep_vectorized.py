@@ -1,0 +1,127 @@
+"""`fedsim sweep --vectorize`: the seeds of a combination share one vmap call per round, and each
+run folder equals a single run of that seed (to float rounding); interrupted vectorised sweeps
+resume; runs that cannot share calls run separately after one line saying why."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedsim import sweep_vectorized
+from fedsim.errors import Interrupted
+from fedsim.config import load_config
+from fedsim.sweep import is_finished, sweep
+from fedsim.sweep_vectorized import why_not
+
+from .conftest import quadratic_config, run_config
+from .test_sweep import read_rows
+
+SEEDS = [0, 1, 2]
+
+
+def vmap_config(**run) -> dict:
+    return quadratic_config(executor={"kind": "vmap", "device": "cpu"},
+                            run={"rounds": 6, "eval_every": 2, "checkpoint_every": 1, **run})
+
+
+def assert_single_run(folder: Path, cfg: dict, seed: int, exact: bool = False) -> torch.Tensor:
+    """`folder` holds the rows and final model of a single run of `cfg` with `seed` (wall times
+    apart), equal to float rounding or, with `exact`, bit for bit. Returns the final model."""
+    assert is_finished(folder)
+    single = run_config(cfg, None, overrides=(f"seed={seed}",))
+    got, want = read_rows(folder / "metrics.jsonl"), json.loads(json.dumps(single.rows))
+    assert [r.keys() for r in got] == [r.keys() for r in want]
+    for g, w in zip(got, want):
+        for k in g:
+            if isinstance(w[k], float) and k != "wall_time" and not exact:
+                assert g[k] == pytest.approx(w[k], rel=1e-5, abs=1e-7), (k, g, w)
+            elif k != "wall_time":
+                assert g[k] == w[k], (k, g, w)
+    model = single.protocol.eval_params(single.ctx, single.final_state)
+    saved = torch.load(folder / "final_model.pt")
+    if exact:
+        assert torch.equal(saved, model)
+    else:
+        torch.testing.assert_close(saved, model, rtol=1e-5, atol=1e-6)
+    return model
+
+
+@pytest.fixture
+def shared_calls(monkeypatch):
+    """Records, for every shared vmap call, how many runs' jobs it held."""
+    calls: list[int] = []
+    original = sweep_vectorized.SharedVmap._run_shared
+
+    def counted(self, batch):
+        calls.append(len(batch))
+        return original(self, batch)
+
+    monkeypatch.setattr(sweep_vectorized.SharedVmap, "_run_shared", counted)
+    return calls
+
+
+def test_vectorised_seeds_equal_separate_runs(tmp_path, shared_calls):
+    cfg = vmap_config()
+    lines: list[str] = []
+    rows = sweep(cfg, [], SEEDS, tmp_path / "s", print_line=lines.append, vectorize=True)
+    assert [r["status"] for r in rows] == ["done"] * 3
+    assert not any("separately" in line for line in lines), lines
+    assert shared_calls == [3] * 6  # every round of the three runs was one call
+    models = [assert_single_run(tmp_path / "s" / f"seed={seed}", cfg, seed) for seed in SEEDS]
+    assert not torch.equal(models[0], models[1])  # the seeds gave different runs
+
+
+def test_an_interrupted_vectorised_sweep_resumes_to_the_single_runs(tmp_path, shared_calls, monkeypatch):
+    cfg = vmap_config(rounds=8)
+    original = sweep_vectorized.SharedVmap._run_shared  # counted by `shared_calls`
+
+    def ctrl_c_midway(self, batch):  # Ctrl-C arrives during the 3rd round
+        original(self, batch)
+        if len(shared_calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            while self.stop_signal is None:  # the main thread's handler takes it
+                time.sleep(0.01)
+
+    monkeypatch.setattr(sweep_vectorized.SharedVmap, "_run_shared", ctrl_c_midway)
+    with pytest.raises(Interrupted, match="sweep stopped by SIGINT"):
+        sweep(cfg, [], SEEDS, tmp_path / "s", print_line=lambda _: None, vectorize=True)
+    folders = [tmp_path / "s" / f"seed={s}" for s in SEEDS]
+    assert not any(is_finished(f) for f in folders)
+    assert all(list((f / "checkpoints").iterdir()) for f in folders)
+
+    monkeypatch.setattr(sweep_vectorized.SharedVmap, "_run_shared", original)
+    rows = sweep(cfg, [], SEEDS, tmp_path / "s", print_line=lambda _: None, vectorize=True)
+    assert [(r["status"], r["how"]) for r in rows] == [("done", "resumed")] * 3
+    assert set(shared_calls) == {3}  # resumed together too
+    for seed, folder in zip(SEEDS, folders):
+        assert_single_run(folder, cfg, seed)
+
+
+def test_runs_that_cannot_share_calls_run_separately_with_one_line(tmp_path, shared_calls):
+    # seed s has 3 + s input features: the runs' models differ in size once built
+    cfg = {"seed": 0, "data": {"name": "tests.tiny_sources:seeded_width", "num_clients": 3, "partition": "iid"},
+           "model": {"name": "mlp", "hidden": [4]}, "local": {"lr": 0.05, "batch_size": 8, "steps": 2},
+           "protocol": {"name": "sync"}, "executor": {"kind": "vmap", "device": "cpu"},
+           "run": {"rounds": 3, "eval_every": 1, "progress": False}}
+    lines: list[str] = []
+    rows = sweep(cfg, [], [0, 1], tmp_path / "s", print_line=lines.append, vectorize=True)
+    assert [r["status"] for r in rows] == ["done"] * 2
+    said = [line for line in lines if "separately" in line]
+    assert said == ["sweep: running these 2 runs separately: their models differ in size (21 vs 25 parameters)"]
+    assert shared_calls == []
+    for seed in (0, 1):
+        assert_single_run(tmp_path / "s" / f"seed={seed}", cfg, seed, exact=True)
+
+    # what is known from the configs is said before anything runs
+    quad = vmap_config()
+    assert why_not([load_config(quad, [f"seed={s}"]) for s in (0, 1)]) is None
+    for change, says in [({"executor": {"kind": "serial"}}, "executor.kind is 'serial', not 'vmap'"),
+                         ({"protocol": {"name": "async"}}, "protocol 'async': only sync rounds are vectorised")]:
+        assert why_not([load_config({**quad, **change}, [f"seed={s}"]) for s in (0, 1)]) == says
+    assert why_not([load_config(quad, ["seed=0"]), load_config(quad, ["seed=1", "local.lr=0.1"])]) == \
+        "the runs differ in more than their seed"
