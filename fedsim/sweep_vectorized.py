@@ -24,7 +24,7 @@ import copy
 import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from .strategy import Strategy, Tensor
 from .task import Task
 
 VECTORISED_PROTOCOLS = ("sync",)
+T = TypeVar("T")
 
 
 def why_not(configs: Sequence[Any]) -> str | None:
@@ -270,24 +271,27 @@ class MemberExecutor(Executor):
         self.shared.leave(self.member)
 
 
-def run_group(source: str | Mapping[str, Any], runs: Sequence[Any], out: Path, configs: Sequence[Any],
-              on_done: Callable[[Any], None], print_line: Callable[[str], Any] = print) -> tuple[list[Any], int | None]:
-    """Runs the sweep runs `runs` (whose loaded `configs` passed `why_not`) as one vectorised
-    group, each into out / its name as `sweep.run_one` does (skipped, resumed or started);
-    calls `on_done` as each ends. Returns the outcomes in the runs' order and the signal that
-    asked the sweep to stop (None if none did)."""
-    from .sweep import StopRequest, run_one
+def run_together(configs: Sequence[Any], work: Callable[[int, MemberExecutor], T],
+                 print_line: Callable[[str], Any] = print) -> tuple[list[T | None], int | None]:
+    """Calls ``work(i, executor)`` for every run i of `configs` (fedsim Configs that passed
+    `why_not`), each in a thread of its own holding the baton, with `executor` its member of
+    one `SharedVmap`; `work` builds and drives run i on it. SIGINT and SIGTERM make every run
+    stop at its next batch. Returns what each `work` returned (None where it raised) and the
+    signal that asked the runs to stop (None if none did)."""
+    from .sweep import StopRequest
 
     shared = SharedVmap(configs, print_line)
-    outcomes: list[Any] = [None] * len(runs)
+    results: list[T | None] = [None] * len(configs)
+    errors: list[BaseException] = []
 
     def body(i: int) -> None:
         with shared.cond:  # the baton: released only while waiting for the other runs
             try:
-                outcomes[i] = run_one(source, runs[i], out / runs[i].name, executor=MemberExecutor(shared, i))
+                results[i] = work(i, MemberExecutor(shared, i))
+            except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread below
+                errors.append(exc)
             finally:
                 shared.leave(i)
-            on_done(outcomes[i])
 
     class Stop(StopRequest):
         def _handler(self, signum: int, frame: Any) -> None:
@@ -295,12 +299,30 @@ def run_group(source: str | Mapping[str, Any], runs: Sequence[Any], out: Path, c
             shared.interrupt(signum)
 
     stop = Stop(lambda: ())
-    threads = [threading.Thread(target=body, args=(i,), name=f"fedsim-sweep-{r.name}", daemon=True)
-               for i, r in enumerate(runs)]
+    threads = [threading.Thread(target=body, args=(i,), name=f"fedsim-vectorised-{i}", daemon=True)
+               for i in range(len(configs))]
     with stop:
         for t in threads:
             t.start()
         for t in threads:
             while t.is_alive():
                 t.join(timeout=0.2)  # wakes for signals
-    return outcomes, stop.signal
+    if errors and stop.signal is None:
+        raise errors[0]
+    return results, stop.signal
+
+
+def run_group(source: str | Mapping[str, Any], runs: Sequence[Any], out: Path, configs: Sequence[Any],
+              on_done: Callable[[Any], None], print_line: Callable[[str], Any] = print) -> tuple[list[Any], int | None]:
+    """Runs the sweep runs `runs` (whose loaded `configs` passed `why_not`) as one vectorised
+    group, each into out / its name as `sweep.run_one` does (skipped, resumed or started);
+    calls `on_done` as each ends. Returns the outcomes in the runs' order and the signal that
+    asked the sweep to stop (None if none did)."""
+    from .sweep import run_one
+
+    def work(i: int, executor: MemberExecutor) -> Any:
+        outcome = run_one(source, runs[i], out / runs[i].name, executor=executor)
+        on_done(outcome)
+        return outcome
+
+    return run_together(configs, work, print_line)
