@@ -202,7 +202,7 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--cpus-per-run", type=float, default=1.0, help="with --ray-address: CPUs each run asks for")
     sw.add_argument("--gpus-per-run", type=float, default=0.0, help="with --ray-address: GPUs each run asks for")
     sw.add_argument("--vectorize", action="store_true",
-                    help="run the seeds of each combination as one vmap call per round (vmap executor, sync protocol)")
+                    help="run the seeds of each combination together, one vmap call per round (vmap executor)")
     sw.set_defaults(func=_cmd_sweep)
 
     pl = sub.add_parser("plot", help="draw a metric of several runs: mean ± std over seeds per group of runs")

@@ -14,8 +14,10 @@ what it would draw alone. The runs' training sets are put side by side on the de
 run's block. A vectorised call computes every client's update exactly as the run's own
 executor would, up to float rounding (different batch shapes pick different kernels).
 
-A group is vectorised only when its runs differ in the seed alone and run the synchronous
-protocol on the vmap executor (`why_not`); otherwise, and when the runs' models or data
+Every built-in protocol fits: a synchronous round hands in its cohort, an asynchronous run
+the jobs it dispatched until it needs a result, a decentralized round every node's step.
+A group is vectorised only when its runs differ in the seed alone and run on the vmap
+executor (`why_not`); otherwise, and when the runs' models or data
 turn out to have different shapes once built, the runs run separately and one line says why.
 """
 from __future__ import annotations
@@ -38,21 +40,22 @@ from .rng import initialised_cuda, set_torch_states, torch_states
 from .strategy import Strategy, Tensor
 from .task import Task
 
-VECTORISED_PROTOCOLS = ("sync",)
+VECTORISED_PROTOCOLS = ("sync", "async", "decentralized", "async_gossip")  # the built-in ones
 T = TypeVar("T")
 
 
 def why_not(configs: Sequence[Any]) -> str | None:
     """Returns why the runs of `configs` (fedsim Configs) cannot share vmap calls, or None
-    when they can: at least two runs, the vmap executor, a synchronous protocol, and configs
-    that differ in nothing but the seed."""
+    when they can: at least two runs, the vmap executor, a built-in protocol (a plugin
+    protocol may use the executor in ways a shared one does not follow), and configs that
+    differ in nothing but the seed."""
     if len(configs) < 2:
         return "a single run"
     first = configs[0]
     if first.executor.name != "vmap":
         return f"executor.kind is {first.executor.name!r}, not 'vmap'"
     if first.protocol.name not in VECTORISED_PROTOCOLS:
-        return f"protocol {first.protocol.name!r}: only {', '.join(VECTORISED_PROTOCOLS)} rounds are vectorised"
+        return f"protocol {first.protocol.name!r}: only the built-in protocols are vectorised"
 
     def without_seed(cfg: Any) -> dict:
         resolved = dict(cfg.resolved())

@@ -16,7 +16,8 @@ from fedsim import sweep_vectorized
 from fedsim.errors import Interrupted
 from fedsim.config import load_config
 from fedsim.sweep import is_finished, sweep
-from fedsim.sweep_vectorized import why_not
+from fedsim.runner import build, drive
+from fedsim.sweep_vectorized import run_together, why_not
 
 from .conftest import quadratic_config, run_config
 from .test_sweep import read_rows
@@ -29,12 +30,8 @@ def vmap_config(**run) -> dict:
                             run={"rounds": 6, "eval_every": 2, "checkpoint_every": 1, **run})
 
 
-def assert_single_run(folder: Path, cfg: dict, seed: int, exact: bool = False) -> torch.Tensor:
-    """`folder` holds the rows and final model of a single run of `cfg` with `seed` (wall times
-    apart), equal to float rounding or, with `exact`, bit for bit. Returns the final model."""
-    assert is_finished(folder)
-    single = run_config(cfg, None, overrides=(f"seed={seed}",))
-    got, want = read_rows(folder / "metrics.jsonl"), json.loads(json.dumps(single.rows))
+def assert_rows_close(got: list[dict], want: list[dict], exact: bool = False) -> None:
+    """The metrics rows are equal (floats to rounding, unless `exact`), wall times apart."""
     assert [r.keys() for r in got] == [r.keys() for r in want]
     for g, w in zip(got, want):
         for k in g:
@@ -42,6 +39,14 @@ def assert_single_run(folder: Path, cfg: dict, seed: int, exact: bool = False) -
                 assert g[k] == pytest.approx(w[k], rel=1e-5, abs=1e-7), (k, g, w)
             elif k != "wall_time":
                 assert g[k] == w[k], (k, g, w)
+
+
+def assert_single_run(folder: Path, cfg: dict, seed: int, exact: bool = False) -> torch.Tensor:
+    """`folder` holds the rows and final model of a single run of `cfg` with `seed` (wall times
+    apart), equal to float rounding or, with `exact`, bit for bit. Returns the final model."""
+    assert is_finished(folder)
+    single = run_config(cfg, None, overrides=(f"seed={seed}",))
+    assert_rows_close(read_rows(folder / "metrics.jsonl"), json.loads(json.dumps(single.rows)), exact)
     model = single.protocol.eval_params(single.ctx, single.final_state)
     saved = torch.load(folder / "final_model.pt")
     if exact:
@@ -120,8 +125,19 @@ def test_runs_that_cannot_share_calls_run_separately_with_one_line(tmp_path, sha
     # what is known from the configs is said before anything runs
     quad = vmap_config()
     assert why_not([load_config(quad, [f"seed={s}"]) for s in (0, 1)]) is None
-    for change, says in [({"executor": {"kind": "serial"}}, "executor.kind is 'serial', not 'vmap'"),
-                         ({"protocol": {"name": "async"}}, "protocol 'async': only sync rounds are vectorised")]:
-        assert why_not([load_config({**quad, **change}, [f"seed={s}"]) for s in (0, 1)]) == says
+    serial = {**quad, "executor": {"kind": "serial"}}
+    assert why_not([load_config(serial, [f"seed={s}"]) for s in (0, 1)]) == "executor.kind is 'serial', not 'vmap'"
     assert why_not([load_config(quad, ["seed=0"]), load_config(quad, ["seed=1", "local.lr=0.1"])]) == \
         "the runs differ in more than their seed"
+
+
+def test_asynchronous_runs_share_calls_too(shared_calls):
+    # each run hands in the jobs it dispatched whenever it needs a result it does not have
+    cfg = quadratic_config(executor={"kind": "vmap", "device": "cpu"}, strategy={"name": "fedasync"},
+                           protocol={"name": "async", "concurrency": 4}, run={"rounds": 12, "eval_every": 4})
+    configs = [load_config(cfg, [f"seed={s}"]) for s in SEEDS]
+    assert why_not(configs) is None
+    rows, stopped = run_together(configs, lambda i, ex: drive(build(configs[i], executor=ex), None, progress=False))
+    assert stopped is None and shared_calls and set(shared_calls) == {3}
+    for seed, got in zip(SEEDS, rows):
+        assert_rows_close(got, run_config(cfg, None, overrides=(f"seed={seed}",)).rows)
