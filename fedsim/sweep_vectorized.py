@@ -252,9 +252,9 @@ class MemberExecutor(Executor):
 
     def result(self, job_id: int) -> Contributions:
         if job_id not in self._done:
-            jobs, self._pending = self._pending, []
-            if job_id not in {j.job_id for j in jobs}:
+            if all(j.job_id != job_id for j in self._pending):
                 raise KeyError(f"job {job_id} was not submitted")
+            jobs, self._pending = self._pending, []
             self._done.update((int(r.jobs[0]), r) for r in self.shared.exchange(self.member, jobs).split())
         return self._done.pop(job_id)
 
