@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .contributions import Contributions
-from .errors import StepAbandoned
+from .errors import Interrupted, StepAbandoned
 from .executors.base import Executor, Job, WorkerSpec, build_executor
 from .executors.precision import precision
 from .executors.vmap import VmapExecutor, resolve_device
@@ -279,7 +279,8 @@ def run_together(configs: Sequence[Any], work: Callable[[int, MemberExecutor], T
     """Calls ``work(i, executor)`` for every run i of `configs` (fedsim Configs that passed
     `why_not`), each in a thread of its own holding the baton, with `executor` its member of
     one `SharedVmap`; `work` builds and drives run i on it. SIGINT and SIGTERM make every run
-    stop at its next batch. Returns what each `work` returned (None where it raised) and the
+    stop at its next batch (writing a checkpoint); a second one raises Interrupted at once
+    (the runs still stop at their next batch, in the background). Returns what each `work` returned (None where it raised) and the
     signal that asked the runs to stop (None if none did)."""
     from .sweep import StopRequest
 
@@ -298,6 +299,9 @@ def run_together(configs: Sequence[Any], work: Callable[[int, MemberExecutor], T
 
     class Stop(StopRequest):
         def _handler(self, signum: int, frame: Any) -> None:
+            if shared.stop_signal is not None:  # a second Ctrl-C: do not wait for the runs
+                raise Interrupted("sweep stopped at once by a second interrupt; each run's newest checkpoint is "
+                                  "kept: run the same sweep again to resume them")
             super()._handler(signum, frame)
             shared.interrupt(signum)
 
