@@ -141,3 +141,41 @@ def test_asynchronous_runs_share_calls_too(shared_calls):
     assert stopped is None and shared_calls and set(shared_calls) == {3}
     for seed, got in zip(SEEDS, rows):
         assert_rows_close(got, run_config(cfg, None, overrides=(f"seed={seed}",)).rows)
+
+
+EVAL_NOISE_NET = """
+from torch import nn
+
+from fedsim.registry import MODELS
+
+
+class EvalNoiseNet(nn.Module):
+    def __init__(self, inputs, classes):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(inputs, classes))
+
+    def forward(self, x):  # dropout at evaluation only: the driver draws from torch's global generator
+        return nn.functional.dropout(self.body(x), 0.5, training=not self.training)
+
+
+@MODELS.register("eval_noise_net")
+def eval_noise_net(ctx):
+    \"\"\"A linear model whose evaluation drops half the outputs.\"\"\"
+    import math
+
+    return EvalNoiseNet(math.prod(ctx.input_shape), ctx.num_classes)
+"""
+
+
+def test_each_run_draws_from_its_own_generators(tmp_path, shared_calls):
+    # the runs take turns, each with the global generator states it would have alone
+    (tmp_path / "eval_noise_net.py").write_text(EVAL_NOISE_NET)
+    cfg = {"data": {"name": "tests.tiny_sources:regression", "num_clients": 4, "partition": "iid"},
+           "plugins": [str(tmp_path / "eval_noise_net.py")], "model": {"name": "eval_noise_net"},
+           "local": {"lr": 0.05, "batch_size": 8, "steps": 2}, "protocol": {"name": "sync", "clients_per_round": 2},
+           "executor": {"kind": "vmap", "device": "cpu"}, "run": {"rounds": 4, "eval_every": 1, "progress": False}}
+    configs = [load_config(cfg, [f"seed={s}"]) for s in SEEDS]
+    rows, _ = run_together(configs, lambda i, ex: drive(build(configs[i], executor=ex), None, progress=False))
+    assert set(shared_calls) == {3}
+    for seed, got in zip(SEEDS, rows):
+        assert_rows_close(got, run_config(cfg, None, overrides=(f"seed={seed}",)).rows)
