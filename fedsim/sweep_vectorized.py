@@ -17,8 +17,8 @@ executor would, up to float rounding (different batch shapes pick different kern
 Every built-in protocol fits: a synchronous round hands in its cohort, an asynchronous run
 the jobs it dispatched until it needs a result, a decentralized round every node's step.
 A group is vectorised only when its runs differ in the seed alone and run on the vmap
-executor (`why_not`); otherwise, and when the runs' models or data
-turn out to have different shapes once built, the runs run separately and one line says why.
+executor (`why_not`); otherwise, and when the runs' models or data turn out to have
+different shapes once built, the runs run separately and one line says why.
 """
 from __future__ import annotations
 
@@ -108,10 +108,10 @@ class SharedVmap:
         """Hands in `member`'s next batch and returns its contributions (in the jobs' order)
         once the batch of every live run has run. Call while holding the baton."""
         with self.cond:
-            if self.solo is not None:
-                return self.solo[member].run(jobs)
             if self.stop_signal is not None:
                 raise StepAbandoned("the sweep was asked to stop", self.stop_signal)
+            if self.solo is not None:
+                return self.solo[member].run(jobs)
             self.batch[member] = jobs
             if self.batch.keys() >= self.live:
                 self._execute()
@@ -139,6 +139,11 @@ class SharedVmap:
         """Asks every run to stop at its next batch (it writes a checkpoint and ends); the
         batch under way still completes, as the last run to hand in its batch leaves instead."""
         self.stop_signal = signum
+
+    def close(self) -> None:
+        """Frees the shared executor (and the runs' own ones)."""
+        for executor in [self.vmap, *(self.solo or {}).values()]:
+            executor.close()
 
     # ---- running a batch -------------------------------------------------------------------
     def _execute(self) -> None:
@@ -314,6 +319,7 @@ def run_together(configs: Sequence[Any], work: Callable[[int, MemberExecutor], T
         for t in threads:
             while t.is_alive():
                 t.join(timeout=0.2)  # wakes for signals
+    shared.close()
     if errors and stop.signal is None:
         raise errors[0]
     return results, stop.signal
