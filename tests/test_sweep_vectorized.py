@@ -78,6 +78,11 @@ def test_vectorised_seeds_equal_separate_runs(tmp_path, shared_calls):
     assert not any("separately" in line for line in lines), lines
     assert shared_calls == [3] * 6  # every round of the three runs was one call
     models = [assert_single_run(tmp_path / "s" / f"seed={seed}", cfg, seed) for seed in SEEDS]
+    fresh = tmp_path / "fresh"  # the same files as a single run's folder, the same config.yaml
+    run_config(cfg, fresh, overrides=("seed=2",))
+    folder = tmp_path / "s" / "seed=2"
+    assert (folder / "config.yaml").read_text() == (fresh / "config.yaml").read_text()
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == sorted(p.relative_to(fresh) for p in fresh.rglob("*"))
     assert not torch.equal(models[0], models[1])  # the seeds gave different runs
 
 
