@@ -28,7 +28,8 @@ from fedsim.config import load_config  # noqa: E402
 from fedsim.runner import build, drive  # noqa: E402
 
 
-def config(rounds: int, device: str, precision: str, conv: str, graphs: bool, lr: float) -> dict:
+def config(rounds: int, device: str, precision: str, conv: str, graphs: bool, lr: float,
+           shuffle: str = "generator", compile_: bool = False) -> dict:
     """Returns the benchmark's fedsim config mapping."""
     return {
         "name": "pfl-cifar10-shape",
@@ -37,10 +38,10 @@ def config(rounds: int, device: str, precision: str, conv: str, graphs: bool, lr
         "data": {"name": "cifar_shaped", "num_clients": 1000, "partition": "iid"},
         "model": {"name": "benchmarks._images:pfl_cnn"},
         "strategy": {"name": "fedavg"},
-        "local": {"lr": lr, "batch_size": 10, "epochs": 1},
+        "local": {"lr": lr, "batch_size": 10, "epochs": 1, "shuffle": shuffle},
         "protocol": {"name": "sync", "clients_per_round": 50},
         "executor": {"kind": "vmap", "device": device, "precision": precision, "conv": conv, "graphs": graphs,
-                     "randomness": "different", "keep_on_device": True},
+                     "randomness": "different", "keep_on_device": True, "compile": compile_},
         "run": {"rounds": rounds, "eval_every": 10, "progress": False},
     }
 
@@ -64,11 +65,14 @@ def main() -> None:
     ap.add_argument("--conv", default="native")
     ap.add_argument("--graphs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--shuffle", default="generator", help="local.shuffle: generator (default) or hash")
+    ap.add_argument("--compile", type=int, default=0, help="executor.compile")
     args = ap.parse_args()
     import os
 
     os.chdir(ROOT)  # the plugin is imported by module name
-    cfg = load_config(config(args.rounds, args.device, args.precision, args.conv, bool(args.graphs), args.lr))
+    cfg = load_config(config(args.rounds, args.device, args.precision, args.conv, bool(args.graphs), args.lr,
+                             args.shuffle, bool(args.compile)))
     t_build = time.perf_counter()
     run = build(cfg)
     spent = {"executor.run": 0.0, "evaluate": 0.0}
@@ -81,7 +85,8 @@ def main() -> None:
     t_end = time.perf_counter()
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
-    print(f"device: {name}; torch {torch.__version__}; precision {args.precision}, conv {args.conv}, graphs {bool(args.graphs)}")
+    print(f"device: {name}; torch {torch.__version__}; precision {args.precision}, conv {args.conv}, "
+          f"graphs {bool(args.graphs)}, shuffle {args.shuffle}, compile {bool(args.compile)}")
     print(f"rounds {run.final_state.rounds}, evaluations {len(rows)}, final test accuracy {rows[-1]['test_accuracy']:.4f}")
     print(f"imports {t_build - T0:.1f} s (incl. config), build (data, model, executor) {t_drive - t_build:.1f} s, "
           f"rounds+evaluations {t_end - t_drive:.1f} s ({(t_end - t_drive) / max(1, run.final_state.rounds) * 1000:.1f} ms/round), "

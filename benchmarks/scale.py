@@ -25,7 +25,7 @@ from fedsim.config import load_config  # noqa: E402
 from fedsim.runner import build, drive  # noqa: E402
 
 
-def config(clients: int, rounds: int, device: str) -> dict:
+def config(clients: int, rounds: int, device: str, shuffle: str = "generator", keep: bool = False) -> dict:
     """Returns the scale benchmark's config for a population of `clients`."""
     return {
         "name": "scale",
@@ -34,9 +34,9 @@ def config(clients: int, rounds: int, device: str) -> dict:
                  "num_clients": clients, "partition": "iid"},
         "model": {"name": "logreg"},
         "strategy": {"name": "fedavg"},
-        "local": {"lr": 0.1, "batch_size": 16, "epochs": 1},
+        "local": {"lr": 0.1, "batch_size": 16, "epochs": 1, "shuffle": shuffle},
         "protocol": {"name": "sync", "clients_per_round": 1000},
-        "executor": {"kind": "vmap", "device": device},
+        "executor": {"kind": "vmap", "device": device, "keep_on_device": keep},
         "run": {"rounds": rounds, "eval_every": rounds, "progress": False},
     }
 
@@ -45,14 +45,14 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def measure(clients: int, rounds: int, device: str) -> dict[str, float]:
+def measure(clients: int, rounds: int, device: str, shuffle: str, keep: bool) -> dict[str, float]:
     """Builds and runs one population; returns memory and timing figures."""
     before = rss_mb()
     t = time.perf_counter()
-    run = build(load_config(config(clients, rounds, device)))
+    run = build(load_config(config(clients, rounds, device, shuffle, keep)))
     t_build = time.perf_counter() - t
     built = rss_mb()
-    warm = build(load_config(config(clients, 2, device)))  # first-call costs (lazy imports) out of the timing
+    warm = build(load_config(config(clients, 2, device, shuffle, keep)))  # first-call costs (lazy imports) out of the timing
     drive(warm, None, progress=False)
     del warm
     start_rounds = rss_mb()
@@ -71,11 +71,14 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--populations", default="10000,1000000")
+    ap.add_argument("--shuffle", default="generator", help="local.shuffle: generator (default) or hash")
+    ap.add_argument("--keep-on-device", action="store_true", help="executor.keep_on_device")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}; 1,000 clients per round")
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}; 1,000 clients per round; "
+          f"shuffle {args.shuffle}, keep_on_device {args.keep_on_device}")
     print(f"{'population':>10s} {'build s':>8s} {'RSS built MB':>13s} {'RSS start MB':>13s} {'RSS end MB':>11s} {'s/round':>8s} {'accuracy':>9s}")
     for n in (int(p) for p in args.populations.split(",")):
-        r = measure(n, args.rounds, args.device)
+        r = measure(n, args.rounds, args.device, args.shuffle, args.keep_on_device)
         print(f"{n:10d} {r['build_s']:8.1f} {r['rss_built']:13.0f} {r['rss_start']:13.0f} {r['rss_end']:11.0f} "
               f"{r['s_per_round']:8.3f} {r['accuracy']:9.4f}", flush=True)
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")

@@ -1,4 +1,5 @@
-"""The `fedsim` command line: run, resume, sweep, plot, partition, reproduce, gallery, config-reference, list.
+"""The `fedsim` command line: run, resume, sweep, plot, partition, reproduce, gallery, config-reference, list,
+flower-run.
 
 Every user error is one line on stderr and an exit status (2 bad input, 3 divergence, 4 no
 progress, 130 interrupted; see fedsim/errors.py), never a traceback.
@@ -136,6 +137,12 @@ def _cmd_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_flower_run(args: argparse.Namespace) -> int:
+    from .flower.run_command import flower_run
+
+    return flower_run(args.flwr_args)
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from . import registry
 
@@ -250,6 +257,10 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("kind", nargs="?", help="strategies, protocols, executors, data, partitions, models, ...")
     ls.add_argument("config", nargs="?", help="a config file whose plugins to load first (their components are listed too)")
     ls.set_defaults(func=_cmd_list)
+
+    fr = sub.add_parser("flower-run", help="flwr run --stream, exiting non-zero (with Flower's reason) when the run failed")
+    fr.add_argument("flwr_args", nargs=argparse.REMAINDER, metavar="APP [CONNECTION] [flwr run options]")
+    fr.set_defaults(func=_cmd_flower_run)
     return p
 
 

@@ -64,4 +64,14 @@ def draw(counts: np.ndarray, out: Path, title: str = "") -> Path:
     return save_figure(fig, out, dpi=110)
 
 
-__all__ = ["draw", "label_counts", "summary"]
+def draw_run_partition(data: FederatedData, run_dir: Path, title: str) -> Path | None:
+    """Writes `run_dir`/partition.png, the picture of `data`'s partition; returns its path,
+    or None when matplotlib is not installed (the run goes on without it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
+    return draw(label_counts(data), run_dir / "partition.png", title)
+
+
+__all__ = ["draw", "draw_run_partition", "label_counts", "summary"]

@@ -23,10 +23,12 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import stopping
-from .client_eval import ClientEvaluation
+from .client_eval import ClientEvaluation, FineTune
 from .clock import to_seconds, to_ticks
 from .config.load import Config, load_config
 from .data import build_federated_data
+from .data.base import FederatedData
+from .data.image_cache import check_executor
 from .divergence import chance_accuracy, diverged, last_finite, shown
 from .errors import ConfigError, DivergenceError, FedsimError, Interrupted, NoProgressError, StepAbandoned
 from .executors.base import Executor, WorkerSpec, build_executor
@@ -74,10 +76,12 @@ class Run:
     client_eval: ClientEvaluation | None = None  # per-client test sets, when the data has them
 
 
-def build(config: Config, clock: Clock | None = None, executor: Executor | None = None) -> Run:
+def build(config: Config, clock: Clock | None = None, executor: Executor | None = None,
+          data: FederatedData | None = None) -> Run:
     """Builds data, model, strategy, clock, executor and protocol from `config`. By default the
     clock is virtual (the population's behaviour models) and the executor the config's; a
-    deployment passes its own (a Flower ServerApp: the wall clock and its SuperNodes)."""
+    deployment passes its own (a Flower ServerApp: the wall clock and its SuperNodes), and
+    `data` instead of the config's when the server has none (the data is on the nodes)."""
     if config.run.torch_threads:
         torch.set_num_threads(config.run.torch_threads)
     check_loggers(config.run.loggers)
@@ -85,7 +89,9 @@ def build(config: Config, clock: Clock | None = None, executor: Executor | None 
         problem = folder_write_problem(Path(config.run.state_dir))
         if problem:
             raise ConfigError("run.state_dir", f"cannot write to {config.run.state_dir} ({problem})")
-    data = build_federated_data(config.data, config.partition, config.seed)
+    if data is None:
+        data = build_federated_data(config.data, config.partition, config.seed)
+    check_executor(data.source.info, config.executor.name)
     task = build_task(config.model, data.source, config.seed, config.data.common)
     protocol = config.protocol.build()
     strategy: Strategy = build_strategy(config, protocol, data.num_clients)
@@ -114,7 +120,7 @@ def build(config: Config, clock: Clock | None = None, executor: Executor | None 
     if executor.model_device is not None:  # e.g. vmap with keep_on_device: the server runs there too
         ctx.initial_params = ctx.initial_params.to(executor.model_device)
     protocol.setup(ctx)
-    return Run(config, ctx, protocol, client_eval=ClientEvaluation.of(data, task))
+    return Run(config, ctx, protocol, client_eval=ClientEvaluation.of(data, task, FineTune.of(config)))
 
 
 def build_strategy(config: Config, protocol: Protocol, num_clients: int) -> Strategy:
@@ -171,7 +177,8 @@ def evaluate(run: Run, state: ProtocolState, at_tick: int, wall: float) -> dict[
     }
     row.update(m)
     if run.client_eval is not None:
-        row.update(run.client_eval.row(ctx.task, params, run.protocol.node_params(ctx, state), ctx.run.eval_batch_size))
+        row.update(run.client_eval.row(ctx.task, params, run.protocol.node_params(ctx, state), ctx.run.eval_batch_size,
+                                       at_tick))
     row.update(run.protocol.eval_metrics(ctx, state))
     return row
 
@@ -445,12 +452,12 @@ def _one_line_errors(out_dir: Path | None) -> Iterator[None]:
 
 
 def execute(config: Config, out_dir: Path | None, overwrite: bool = False, progress: bool | None = None,
-            clock: Clock | None = None, executor: Executor | None = None) -> Run:
-    """Builds and runs `config` (on `clock` and `executor` instead of the defaults, if given;
-    see `build`); with `out_dir`, writes the whole run folder, holding its lock. Returns the Run."""
+            clock: Clock | None = None, executor: Executor | None = None, data: FederatedData | None = None) -> Run:
+    """Builds and runs `config` (on `clock`, `executor` and `data` instead of the defaults, if
+    given; see `build`); with `out_dir`, writes the whole run folder, holding its lock. Returns the Run."""
     if out_dir is not None:
         check_run_dir(out_dir, overwrite)  # refused before anything is built
-    run = build(config, clock, executor)
+    run = build(config, clock, executor, data)
     if out_dir is None:
         with _one_line_errors(None):
             drive(run, None, progress)
@@ -462,6 +469,10 @@ def execute(config: Config, out_dir: Path | None, overwrite: bool = False, progr
         raise
     with lock, _one_line_errors(out_dir), _nothing_left_before_the_first_row(run, out_dir, lock.created):
         write_config(out_dir, config.resolved())
+        if config.run.partition_plot:
+            from .partition_plot import draw_run_partition  # matplotlib: only when drawing
+
+            draw_run_partition(run.ctx.data, out_dir, f"{config.data.name}, partition {config.partition.name}")
         if config.run.state_dir is None:  # spilled client state lives in the run folder
             run.ctx.store.spill_root = run.ctx.memory.spill_root = out_dir
         drive(run, out_dir, progress)
@@ -486,22 +497,25 @@ def _nothing_left_before_the_first_row(run: Run, out_dir: Path, created: bool) -
         raise
 
 
-def resume(out_dir: Path, progress: bool | None = None, executor: Executor | None = None) -> Run:
+def resume(out_dir: Path, progress: bool | None = None, clock: Clock | None = None, executor: Executor | None = None,
+           data: FederatedData | None = None) -> Run:
     """Continues the run in `out_dir` from its newest valid checkpoint and finishes it (on
-    `executor` instead of the config's, if given), holding the run folder's lock (a folder
-    another process writes is refused); first removes the temporary files a killed run left."""
+    `clock`, `executor` and `data` instead of the defaults, if given; see `build`), holding the
+    run folder's lock (a folder another process writes is refused); first removes the
+    temporary files a killed run left."""
     if not (out_dir / "config.yaml").is_file():
         raise FedsimError(f"{out_dir} is not a run folder (no config.yaml)")
     with _one_line_errors(out_dir), RunDirLock(out_dir):
         ckpt.remove_leftovers(out_dir)
-        return _resume(out_dir, progress, executor)
+        return _resume(out_dir, progress, clock, executor, data)
 
 
-def _resume(out_dir: Path, progress: bool | None, executor: Executor | None = None) -> Run:
+def _resume(out_dir: Path, progress: bool | None, clock: Clock | None = None, executor: Executor | None = None,
+            data: FederatedData | None = None) -> Run:
     cfg_path = out_dir / "config.yaml"
     config = load_config(cfg_path)
     payload, path = ckpt.load_latest(out_dir)
-    run = build(config, executor=executor)
+    run = build(config, clock, executor, data)
     if config.run.state_dir is None:  # spilled client state lives in the run folder
         run.ctx.store.spill_root = run.ctx.memory.spill_root = out_dir
     if payload.get("protocol") != config.protocol.name:

@@ -24,7 +24,7 @@ def quadratic_config(**sections: Any) -> dict[str, Any]:
         "strategy": {"name": "fedavg"},
         "local": {"lr": 0.05, "batch_size": 1, "steps": 10},
         "protocol": {"name": "sync"},
-        "run": {"rounds": 50, "eval_every": 10, "progress": False},
+        "run": {"rounds": 50, "eval_every": 10, "progress": False, "partition_plot": False},
     }
     return merge(cfg, sections)
 
@@ -40,7 +40,8 @@ def digits_config(**sections: Any) -> dict[str, Any]:
         "local": {"lr": 0.1, "batch_size": 16, "epochs": 1},
         "system": {"compute": {"name": "lognormal", "mean": 0.01, "sigma": 0.5}},
         "protocol": {"name": "sync", "clients_per_round": 4},
-        "run": {"rounds": 6, "eval_every": 2, "progress": False},
+        # partition.png costs a matplotlib figure per run; test_partition_skew checks it is drawn
+        "run": {"rounds": 6, "eval_every": 2, "progress": False, "partition_plot": False},
     }
     return merge(cfg, sections)
 

@@ -100,9 +100,11 @@ class Deployment:
                 pass
 
     def run(self, app: Path, run_config: dict, federation_config: str | None = None,
-            timeout: float = 900) -> subprocess.CompletedProcess:
-        """Runs `flwr run APP test --stream -c ...` and returns when the run has finished."""
-        cmd = [str(BIN / "flwr"), "run", str(app), "test", "--stream",
+            timeout: float = 900, via_fedsim: bool = False) -> subprocess.CompletedProcess:
+        """Runs `flwr run APP test --stream -c ...` (`via_fedsim`: through `fedsim flower-run`,
+        whose exit status is the run's outcome) and returns when the run has finished."""
+        start = [str(BIN / "python"), "-m", "fedsim", "flower-run"] if via_fedsim else [str(BIN / "flwr"), "run"]
+        cmd = [*start, str(app), "test", "--stream",
                "-c", " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())]
         if federation_config:
             cmd += ["--federation-config", federation_config]

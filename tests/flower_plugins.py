@@ -9,17 +9,22 @@
   server's model counts applications per slot i·M + k — an update applied twice leaves a
   2, a state not kept leaves a 2 as well. ``combine`` checks version + staleness = the
   server version, and that each row's base is the model the client was sent.
+* ``synthetic_on_nodes``: a data source that only a Flower node may build (the server of a
+  run with ``evaluation = "federated"`` must not).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import traceback
+from typing import NamedTuple, Optional
 
 import torch
 
 from fedsim import vec
 from fedsim.blocks import fl_server
 from fedsim.local import sgd_steps
-from fedsim.registry import STRATEGIES
+from fedsim.data.base import SourceData
+from fedsim.data.sources import synthetic
+from fedsim.registry import DATA_SOURCES, STRATEGIES
 from fedsim.state_types import checkpointable
 from fedsim.strategy import ClientOutput, Payload, ServerStrategy
 
@@ -117,3 +122,18 @@ def fails_on_client() -> ServerStrategy:
         raise RuntimeError("boom on the client")
 
     return fl_server(local)
+
+
+@DATA_SOURCES.register("synthetic_on_nodes")
+def synthetic_on_nodes(ctx, dim: int = 20, max_samples_per_user: Optional[int] = None) -> SourceData:
+    """FedProx Synthetic (the built-in source, same data), built only on a Flower node: it
+    raises when anything but a fedsim ClientApp builds it (the data is on the devices only).
+
+    Args:
+        dim: Feature dimension.
+        max_samples_per_user: Cap on each user's samples.
+    """
+    frames = traceback.extract_stack()
+    if not any(f.name == "node_run" and f.filename.endswith(("flower/client.py", "flower\\client.py")) for f in frames):
+        raise RuntimeError("synthetic_on_nodes was built outside a Flower node")
+    return synthetic(ctx, dim=dim, max_samples_per_user=max_samples_per_user)

@@ -10,10 +10,11 @@
   performs exactly the set number of aggregations, the fast nodes do not wait for the slow
   one, and no update is lost or applied twice (the `probe` strategy counts applications).
 * Interoperation with ordinary Flower apps: a Flower user's own quickstart-style ClientApp
-  (tests/flower_user_app) trained by fedsim's FedAvg, SCAFFOLD (with the client-side helper)
-  and FedBuff (buffer size and concurrency visible in its events); Flower's own FedAvg
+  (tests/flower_user_app) trained by fedsim's FedAvg, SCAFFOLD (with the client-side helper,
+  from a ServerApp that has no dataset and evaluates on the nodes) and FedBuff (buffer size and concurrency visible in its events); Flower's own FedAvg
   ServerApp driving fedsim's ClientApp (tests/flower_fedavg_app); a failing ServerApp leaves
-  the run ``finished:failed`` with fedsim's one-line reason.
+  the run ``finished:failed`` with fedsim's one-line reason, and ``fedsim flower-run`` exits
+  non-zero with it (0 when the run completed).
 
 Flower starts one process per job on a SuperNode, so these tests take minutes; they are
 marked slow. Every process is stopped afterwards, also on failure.
@@ -180,13 +181,21 @@ def test_deployment_fedsim_scaffold_trains_an_ordinary_clientapp_with_the_helper
 
     from .test_flower_interop import scaffold_reference
 
-    path = user_config_file(tmp_path, strategy={"name": "scaffold"})
+    from .test_flower_interop import user_evaluation
+
+    # the data exists only on the nodes: the ServerApp builds none, and evaluates on the nodes
+    path = user_config_file(tmp_path, strategy={"name": "scaffold"}, run={"eval_every": 2})
     out = tmp_path / "out"
-    res = user_nodes.run(USER_APP, {"config": str(path), "out-dir": str(out)})
-    _, final = flower_result(out, user_nodes, res)
+    dataless = {"evaluation": "federated", "input-shape": "20", "num-classes": 10}
+    res = user_nodes.run(USER_APP, {"config": str(path), "out-dir": str(out), **dataless}, via_fedsim=True)
+    rows, final = flower_result(out, user_nodes, res)
+    assert res.returncode == 0  # fedsim flower-run: the run completed
     x0 = build(load_config(path)).ctx.task.initial_params()
     # every partition trains once per round whichever node serves which client
     torch.testing.assert_close(final, scaffold_reference(x0, range(3), 2, 0.1, 3), rtol=1e-5, atol=1e-6)
+    assert [r["round"] for r in rows] == [0, 2]
+    assert rows[-1]["federated_test_loss"] == pytest.approx(user_evaluation(final, range(3))[0], rel=1e-5)
+    assert "fedsim: evaluation 1: test_loss=" in res.stdout  # every evaluation is in the ServerApp's log
 
 
 def test_deployment_fedbuff_settings_show_in_events_with_an_ordinary_clientapp(user_nodes, tmp_path):
@@ -221,10 +230,15 @@ def test_deployment_flowers_fedavg_drives_fedsims_clientapp(user_nodes, tmp_path
 
 
 def test_deployment_a_failing_serverapp_fails_the_run(user_nodes, tmp_path):
-    res = user_nodes.run(USER_APP, {"overrides": "strategy.name=no_such_strategy", "out-dir": str(tmp_path / "out")})
+    # through `fedsim flower-run`: flwr run's stream, then the run's outcome as the exit status
+    res = user_nodes.run(USER_APP, {"overrides": "strategy.name=no_such_strategy", "out-dir": str(tmp_path / "out")},
+                         via_fedsim=True)
     assert "fedsim: error: strategy.name" in res.stdout, res.stdout[-3000:]
     run_id = re.search(r"run_id `(\d+)`", res.stdout).group(1)
     last = next(r for r in user_nodes.runs() if r["run-id"] == run_id)
     assert last["status"] == "finished:failed"
     assert "strategy.name" in last["status-details"] and "no_such_strategy" in last["status-details"]
     assert not (tmp_path / "out").exists()
+    assert res.returncode == 1
+    assert re.search(rf"(?m)^fedsim: error: Flower run {run_id} finished:failed: .*strategy.name.*no_such_strategy",
+                     res.stdout), res.stdout[-3000:]

@@ -99,6 +99,33 @@ def test_fedavg_drives_an_ordinary_clientapp(tmp_path):
     torch.testing.assert_close(final, fedavg_reference(x, range(2), 2, 0.1, 3), rtol=1e-5, atol=1e-6)
 
 
+def user_evaluation(x: torch.Tensor, partitions) -> tuple[float, float]:
+    """The user's evaluate handler by hand: loss and accuracy over the partitions, weighted by their sizes."""
+    model = user_client.net()
+    model.load_state_dict({"1.weight": x[:200].reshape(10, 20), "1.bias": x[200:]})
+    parts = [user_client.load_data(p) for p in partitions]
+    xs, ys = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    with torch.no_grad():
+        out = model(xs)
+    return float(torch.nn.functional.cross_entropy(out, ys)), float((out.argmax(1) == ys).float().mean())
+
+
+def test_a_dataless_server_trains_an_ordinary_clientapp_and_evaluates_on_the_nodes(tmp_path, monkeypatch):
+    def no_data(*args, **kwargs):
+        raise AssertionError("the server built the config's dataset")
+
+    monkeypatch.setattr("fedsim.runner.build_federated_data", no_data)
+    settings = {"evaluation": "federated", "input-shape": "20", "num-classes": 10}
+    final, _, x, grid = run_user_app(tmp_path, user_config(), 2, settings=settings)
+    torch.testing.assert_close(final, fedavg_reference(x, range(2), 2, 0.1, 3), rtol=1e-5, atol=1e-6)
+    rows = [json.loads(r) for r in (tmp_path / "flower" / "metrics.jsonl").read_text().splitlines()]
+    loss, acc = user_evaluation(final, range(2))
+    assert rows[-1]["federated_test_loss"] == rows[-1]["test_loss"] == pytest.approx(loss, rel=1e-5)
+    assert rows[-1]["federated_test_accuracy"] == pytest.approx(acc, abs=1e-6)
+    evaluate = [m for m in grid.pushed if m.metadata.message_type == "evaluate"]
+    assert len(evaluate) == 2 * len(rows) and evaluate[-1].content["config"]["server-round"] == 2
+
+
 def test_scaffold_with_the_client_helper_is_the_papers_algorithm(tmp_path):
     cfg = user_config(strategy={"name": "scaffold"}, run={"rounds": 3})
     final, _, x, grid = run_user_app(tmp_path, cfg, 2)

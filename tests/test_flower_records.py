@@ -89,7 +89,7 @@ def test_train_task_and_result_round_trip():
     reply = over_the_wire(encode_result(from_outputs([job], [out]), LAYOUT))
     got = decode_result(reply, LAYOUT, x)
     job_id, client, back = got.job_id, got.client, got.output
-    assert (job_id, client) == (17, 4) and got.num_examples is None
+    assert (job_id, client, got.num_examples) == (17, 4, 120)  # the node reports its sample count
     meta = reply.config_records["fedsim"]
     assert (meta["version"], meta["num-samples"], meta["num-steps"]) == (3, 120, 8)
     assert same_bits(back.update, x * 2)

@@ -57,3 +57,15 @@ def test_partition_command_draws_the_configs_partition(tmp_path, tmp_yaml, capsy
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["partition", str(cfg), "data.partition.k=99", "-o", str(out)]) == 2
     assert "data.partition: k=99 exceeds the 10 classes" in capsys.readouterr().err
+
+
+def test_every_run_folder_has_the_partition_picture_unless_turned_off(tmp_path):
+    from fedsim.config import load_config
+    from fedsim.runner import execute
+
+    for drawn in (True, False):
+        cfg = load_config(digits_config(run={"rounds": 1, "partition_plot": drawn}))
+        execute(cfg, tmp_path / str(drawn), progress=False)
+        picture = tmp_path / str(drawn) / "partition.png"
+        assert picture.is_file() == drawn
+        assert not drawn or picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -36,3 +36,21 @@ def test_bad_settings_name_their_key(executor, sections, message):
     with pytest.raises(ConfigError) as info:
         executor_of(executor={"kind": "ray", **executor}, **sections)
     assert str(info.value).startswith(message), str(info.value)
+
+
+def test_vmap_worker_takes_the_vmap_executors_settings_but_its_device():
+    ex = executor_of(executor={"kind": "ray", "worker": "vmap", "num_gpus": 0.5, "vmap": {"precision": "tf32"}})
+    assert ex.vmap_options["precision"] == "tf32" and "device" not in ex.vmap_options
+    assert ex.groups[0].demand() == {"CPU": 1.0, "GPU": 0.5}  # two actors share one GPU
+
+
+@pytest.mark.parametrize("executor, message", [
+    ({"worker": "vmap", "vmap": {"device": "cuda"}}, "executor.vmap.device: unknown key for the vmap worker"),
+    ({"worker": "vmap", "vmap": {"precision": "fp64"}}, "executor.vmap.precision: must be one of"),
+    ({"vmap": {"precision": "tf32"}}, "executor.vmap: settings of the vmap worker, but worker is 'serial'"),
+    ({"worker": "vmap", "on_client_error": "drop"}, "executor.on_client_error: worker: vmap supports only 'stop'"),
+])
+def test_bad_vmap_worker_settings_name_their_key(executor, message):
+    with pytest.raises(ConfigError) as info:
+        executor_of(executor={"kind": "ray", **executor})
+    assert str(info.value).startswith(message), str(info.value)

@@ -62,6 +62,15 @@ class DataCommon:
         "node's own model, on each client's test data). Must be 0 for sources with per-user test sets of their "
         "own (leaf, user columns), which are used instead."
     )
+    client_finetune_steps: Annotated[int, Ge(0)] = knob(
+        0, "Personalisation: before the per-client evaluation, each client also fine-tunes the evaluated model "
+        "alone for this many plain SGD steps on mini-batches (local.batch_size) of its own training samples, "
+        "and rows get client_acc_ft_mean, client_acc_ft_std, client_acc_ft_p10 and client_acc_ft_min. The "
+        "fine-tuned models are discarded. 0 = off. Needs clients with test data of their own."
+    )
+    client_finetune_lr: Annotated[Optional[float], Gt(0)] = knob(
+        None, "Learning rate of the per-client fine-tuning steps (default: local.lr)."
+    )
     augment_crop: Annotated[int, Ge(0)] = knob(
         0, "Training-time random crop: pad images by this many zero pixels per side and cut a random window "
         "of the original size (CIFAR's standard pipeline: 4); 0 = off. Drawn per sample, keyed by "
@@ -141,6 +150,13 @@ class LocalSection:
         "batch uniformly from the client's data (Fraboni et al.).",
     )
     drop_last: bool = knob(False, "Drop the last incomplete batch of an epoch.")
+    shuffle: Annotated[str, OneOf(("generator", "hash"))] = knob(
+        "generator",
+        "How a job's batch order is drawn, keyed by (seed, client, job) either way: 'generator' (a keyed numpy "
+        "generator's permutations) or 'hash' (the stable sort of a counter-based keyed hash, which the vmap "
+        "executor computes for a whole cohort on its own device; same shapes, different orders, so results differ "
+        "from 'generator' runs).",
+    )
     momentum: Annotated[float, Range(0.0, 1.0, open_hi=True)] = knob(
         0.0, "Local SGD momentum; the buffer starts at zero at every job."
     )
@@ -173,6 +189,10 @@ class RunSection:
     )
     log_events: bool = knob(False, "Write events.jsonl: every dispatch, arrival and aggregation on the virtual clock.")
     progress: bool = knob(True, "Show a progress bar on stderr.")
+    partition_plot: bool = knob(
+        True, "Draw partition.png in the run folder at start (each client's training samples per class, as "
+        "`fedsim partition` draws it; about a second of matplotlib per run). Not redrawn on resume.",
+    )
     torch_threads: Annotated[Optional[int], Ge(1)] = knob(None, "torch intra-op threads (default: torch's choice).")
     checkpoint_every: Annotated[int, Ge(0)] = knob(
         5, "Write a checkpoint every this many evaluations (0: only on interruption)."

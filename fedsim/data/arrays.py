@@ -38,10 +38,11 @@ def first_appearance(users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def from_arrays(name: str, where: Path, x: np.ndarray, y: np.ndarray, users: np.ndarray | None,
                 test: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None, ctx: SourceContext,
-                num_classes: int | None) -> SourceData:
-    """Returns the SourceData of train arrays (x, y, users) and optional test arrays; without
-    test arrays, a seeded `ctx.test_fraction` is held out (of each user's samples, with users;
-    stratified by class without). Raises DataError naming `where` for bad labels or lengths."""
+                num_classes: int | None, x_dtype: torch.dtype = torch.float32) -> SourceData:
+    """Returns the SourceData of train arrays (x, y, users) and optional test arrays, inputs
+    cast to `x_dtype`; without test arrays, a seeded `ctx.test_fraction` is held out (of each
+    user's samples, with users; stratified by class without). Raises DataError naming `where`
+    for bad labels or lengths."""
     if len(x) != len(y) or (users is not None and len(users) != len(y)):
         raise DataError(f"{where}: {len(x)} inputs, {len(y)} labels" + (f", {len(users)} user ids" if users is not None else ""))
     labels = [y] if test is None else [y, test[1]]
@@ -69,17 +70,18 @@ def from_arrays(name: str, where: Path, x: np.ndarray, y: np.ndarray, users: np.
             tr = np.concatenate([r[p[0]] for r, p in zip(rows, parts)])
             te = np.concatenate([r[p[1]] for r, p in zip(rows, parts)])
         xt, yt, ut = x[te], y[te], (users[te] if users is not None else None)
-    x, y = x[tr], y[tr]
+    if te is not None:  # rows held out; with test arrays every row trains (x may be memory-mapped: not copied)
+        x, y = x[tr], y[tr]
+        users = users[tr] if users is not None else None
     if users is not None:
-        users = users[tr]
         names, rank = first_appearance(users)
         groups = [np.flatnonzero(rank == u) for u in range(len(names))]
         if ut is not None:
             where_user = {u: i for i, u in enumerate(names.tolist())}
             test_rank = np.array([where_user.get(u, -1) for u in ut.tolist()], dtype=np.int64)
             test_groups = [np.flatnonzero(test_rank == u) for u in range(len(names))]
-    return SourceData(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64),
-                      torch.as_tensor(xt, dtype=torch.float32), torch.as_tensor(yt, dtype=torch.int64),
+    return SourceData(torch.as_tensor(x, dtype=x_dtype), torch.as_tensor(y, dtype=torch.int64),
+                      torch.as_tensor(xt, dtype=x_dtype), torch.as_tensor(yt, dtype=torch.int64),
                       num_classes=classes, groups=groups, test_groups=test_groups)
 
 

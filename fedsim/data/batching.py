@@ -57,7 +57,7 @@ def job_indices(
 
 def gather_batches(x: torch.Tensor, y: torch.Tensor, indices: np.ndarray) -> Batches:
     """Materialises the stacked batches of a job from shared tensors and its index matrix."""
-    idx = torch.as_tensor(indices, dtype=torch.int64, device=x.device)  # data on a GPU: indices there too
+    idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64, device=x.device)  # data on a GPU: indices there too
     mask = (idx >= 0).to(x.dtype if x.is_floating_point() else torch.float32)
     safe = idx.clamp_min(0)
     return Batches(x[safe], y[safe], mask)

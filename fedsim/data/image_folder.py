@@ -7,13 +7,14 @@ to `size` and held in memory as float32 in [0, 1].
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
-from typing import Annotated, List, Literal
+from typing import Annotated, Callable, List, Literal, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ..config import Each, Ge
+from ..config import Each, Ge, Gt
 from ..errors import DataError
 from ..rng import numpy_rng
 from ..registry import DATA_SOURCES
@@ -44,20 +45,22 @@ def list_images(folder: Path, classes: list[str] | None, layout: str) -> tuple[l
     return paths, np.asarray(labels, dtype=np.int64), names
 
 
-def decode(paths: list[Path], size: tuple[int, int], mode: str) -> np.ndarray:
-    """Returns [n, C, H, W] float32 in [0, 1]; raises DataError naming an unreadable image."""
+def decode(paths: Sequence[Path | bytes], size: tuple[int, int], mode: str,
+           where: Callable[[int], str] | None = None) -> np.ndarray:
+    """Returns [n, C, H, W] float32 in [0, 1] of image files or encoded image bytes; raises
+    DataError naming an unreadable image (its path, or `where(i)` for the i-th item)."""
     try:
         from PIL import Image
     except ImportError:
-        raise DataError("the image_folder source needs Pillow: pip install pillow") from None
+        raise DataError("decoding images needs Pillow: pip install pillow") from None
     h, w = size
     out = np.empty((len(paths), 3 if mode == "RGB" else 1, h, w), dtype=np.float32)
     for i, path in enumerate(paths):
         try:
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
                 arr = np.asarray(img.convert(mode).resize((w, h)), dtype=np.float32) / 255.0
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise DataError(f"{path}: not a readable image ({exc})") from None
+            raise DataError(f"{where(i) if where else path}: not a readable image ({exc})") from None
         out[i] = arr.transpose(2, 0, 1) if arr.ndim == 3 else arr[None]
     return out
 
@@ -68,17 +71,24 @@ def image_folder(
     root: str = "data/images",
     size: Annotated[List[int], Each(Ge(1))] = (32, 32),
     color: Literal["rgb", "gray"] = "rgb",
+    max_memory_mb: Annotated[Optional[float], Gt(0)] = None,
+    cache_dir: Optional[str] = None,
 ) -> SourceData:
     """Images in one sub-folder per class (torchvision's ImageFolder layout), resized to `size`.
 
     With root/train/ and root/test/ the test tree is the test set; otherwise a seeded,
-    class-stratified `data.test_fraction` of the images is. All images are decoded into
-    memory at start-up ([C, H, W] float32 in [0, 1]).
+    class-stratified `data.test_fraction` of the images is. Images are decoded at start-up
+    ([C, H, W] float32 in [0, 1]) into memory, or, when they exceed `max_memory_mb`, once
+    into a cache file in `cache_dir` that is memory-mapped (each job reads its own samples).
 
     Args:
         root: The folder holding the class sub-folders (or train/ and test/ with class sub-folders).
         size: [height, width] every image is resized to.
         color: 'rgb' (3 channels) or 'gray' (1 channel).
+        max_memory_mb: Decoded images larger than this many MiB (train and test sets apiece) are
+            memory-mapped from a cache file instead of held in memory (None: always in memory).
+        cache_dir: The folder for that cache (written once, reused while the images are unchanged);
+            never the data folder. Needed when max_memory_mb is exceeded.
     """
     if len(size) != 2:
         raise ValueError(f"size: give [height, width] (got {list(size)})")
@@ -91,14 +101,17 @@ def image_folder(
     if (base / "train").is_dir() and (base / "test").is_dir():
         paths, y, names = list_images(base / "train", None, layout)
         tpaths, ty, _ = list_images(base / "test", names, layout)
-        x, tx = decode(paths, shape, mode), decode(tpaths, shape, mode)
     else:
-        paths, labels, names = list_images(base, None, layout)
+        every, labels, names = list_images(base, None, layout)
         tr, te = split_train_test(len(labels), ctx.test_fraction, numpy_rng(ctx.seed, "image_folder/split"), labels)
-        every = decode(paths, shape, mode)
-        x, y, tx, ty = every[tr], labels[tr], every[te], labels[te]
-    return SourceData(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(tx), torch.from_numpy(ty),
-                      num_classes=max(len(names), 2), info={"classes": names})
+        paths, y, tpaths, ty = [every[i] for i in tr], labels[tr], [every[i] for i in te], labels[te]
+    from .image_cache import images, over_bound  # it decodes with decode() above
+
+    load = lambda items, part: images(items, shape, mode, name=f"image_folder-{part}",  # noqa: E731
+                                      max_memory_mb=max_memory_mb, cache_dir=cache_dir)
+    mapped = over_bound(len(paths), shape, mode, max_memory_mb) or over_bound(len(tpaths), shape, mode, max_memory_mb)
+    return SourceData(load(paths, "train"), torch.from_numpy(y), load(tpaths, "test"), torch.from_numpy(ty),
+                      num_classes=max(len(names), 2), info={"classes": names, "memory_mapped": mapped})
 
 
 __all__ = ["image_folder"]

@@ -43,7 +43,8 @@ class Job:
     version: int  # server model version (or round) the payload belongs to
     payload: Payload
     state: dict[str, Tensor]  # the client's persistent state ({} if stateless)
-    indices: np.ndarray  # [K, B] sample indices into the shared train set, −1 = padding
+    indices: np.ndarray  # [K, B] sample indices into the shared train set, −1 = padding (or DeferredIndices:
+    # left to an executor that computes hashed orders on its device; np.asarray gives the array)
     num_samples: int  # n_i, the client's training-set size
 
     @property
@@ -150,6 +151,7 @@ class Executor(ABC):
         which keep the states. Default: nothing to do (the protocol keeps states in its store)."""
 
     model_device: torch.device | None = None  # where the runner keeps the model (None: CPU)
+    order_device: torch.device | None = None  # computes hashed batch orders of its cohorts there (None: the host does)
 
     def evaluate(self, task: Task, params: Tensor, x: Tensor, y: Tensor, batch_size: int) -> dict[str, float | None]:
         """Evaluates `params` on (x, y) where this executor computes (default: in-process,

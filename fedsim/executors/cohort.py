@@ -16,6 +16,7 @@ from typing import Any, Callable, Hashable, Sequence
 import numpy as np
 import torch
 
+from ..data.hashed_order import DeferredIndices
 from ..strategy import Tensor
 from .base import Job
 from ..contributions import Contributions
@@ -69,7 +70,7 @@ class Stacked:
     params: Tensor  # [d] when shared, else [n, d]
     extras: dict[str, Any]
     state: dict[str, Tensor]  # each [n, ...]
-    indices: np.ndarray  # [n, K, B]
+    indices: np.ndarray | Tensor  # [n, K, B]; a tensor on the device when it computed hashed orders
     params_dim: int | None
     extras_dims: dict[str, int | None]
 
@@ -103,7 +104,12 @@ def stack(jobs: Sequence[Job], device: torch.device, pad_to: int | None = None) 
     for k in jobs[0].payload.extras:
         extras[k], edims[k] = _shared_or_stacked([j.payload.extras[k] for j in rows], device)
     state = {k: torch.stack([j.state[k] for j in rows]).to(device) for k in jobs[0].state}
-    shape = jobs[0].indices.shape  # the same for the whole cohort (its signature)
+    first = jobs[0].indices
+    if isinstance(first, DeferredIndices):  # hashed orders: the whole cohort's, computed on its device
+        ids = np.fromiter((v for j in jobs for v in (j.client, j.job_id)), dtype=np.int64, count=2 * n).reshape(n, 2)
+        indices = first.orders.cohort(ids[:, 0], ids[:, 1], rows=len(rows))
+        return Stacked(params, extras, state, indices, pdim, edims)
+    shape = first.shape  # the same for the whole cohort (its signature)
     indices = np.concatenate([j.indices for j in rows]).reshape(len(rows), *shape)  # 3x faster than np.stack
     if len(rows) > n:
         indices[n:] = -1

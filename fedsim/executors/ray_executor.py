@@ -19,6 +19,9 @@
   (`on_client_error`).
 * **Memory.** The driver keeps object references only while a job needs them; actors keep
   nothing between jobs.
+* **Sharded cohorts.** With `worker: vmap` (`ShardedRayExecutor`, fedsim.executors.ray_shards)
+  each actor holds a vmap executor and each cohort goes out as one contiguous shard per
+  actor; the rest above holds for shards instead of jobs.
 
 Ray is imported inside the functions that use it: the registry imports this module for every
 run, and only runs on Ray should pay for importing Ray.
@@ -35,8 +38,8 @@ from typing import Annotated, Any, Dict, List, Mapping, Optional
 import torch
 
 from .. import stopping
-from ..config.checks import Ge, Gt
-from ..config.components import dataclass_knobs, validate_knobs
+from ..config.checks import Ge, Gt, OneOf
+from ..config.components import dataclass_knobs, signature_knobs, validate_knobs
 from ..config.load import Config
 from ..config.ray_section import RaySection
 from ..config.schema import knob
@@ -98,6 +101,8 @@ class _Pending:
 class RayExecutor(Executor):
     """See the module docstring."""
 
+    runner_class: type = JobRunner  # what each actor holds (fedsim.executors.ray_actor)
+
     def __init__(self, groups: list[ActorGroup], section: RaySection, code_modules: list[str], threads: int | None,
                  on_client_error: str, max_job_retries: int, jobs_per_actor: int, actor_start_timeout: float = 300.0,
                  job_timeout: float | None = None):
@@ -137,7 +142,7 @@ class RayExecutor(Executor):
         ship_by_value(self.code_modules)
         bare = replace(spec, x_train=torch.empty(0), y_train=torch.empty(0))
         self._shared = (ray.put(bare), ray.put(_numpy(spec.x_train)), ray.put(_numpy(spec.y_train)))
-        self._actor_class = ray.remote(JobRunner)
+        self._actor_class = ray.remote(self.runner_class)
         groups = [replace(g, num_actors=g.num_actors or _fitting(g)) for g in self.groups]
         _check_fits(groups)
         self._slots = [self._new_slot(g) for g in groups for _ in range(g.num_actors or 1)]
@@ -149,8 +154,12 @@ class RayExecutor(Executor):
         handle = self._actor_class.options(
             num_cpus=group.num_cpus, num_gpus=group.num_gpus, resources=dict(group.resources),
             runtime_env=self._conn.runtime_env, max_restarts=0, max_task_retries=0,
-        ).remote(*self._shared, self.threads or max(1, int(group.num_cpus)), group.num_gpus)
+        ).remote(*self._shared, self.threads or max(1, int(group.num_cpus)), group.num_gpus, *self._runner_args())
         return _Slot(handle, group, starting=handle.ready.remote())
+
+    def _runner_args(self) -> tuple[Any, ...]:
+        """Arguments of an actor's runner after the shared ones, its threads and GPU share."""
+        return ()
 
     def _await_pool(self) -> None:
         """Waits until every actor has started (warning after READY_WARN_S); raises FedsimError
@@ -173,6 +182,11 @@ class RayExecutor(Executor):
 
     # -- jobs -----------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
+        self._enqueue(job)
+        self._dispatch()
+
+    def _enqueue(self, job: Job) -> None:
+        """Queues `job` in the driver, its payload put in the object store once per model version."""
         import ray
 
         key = id(job.payload)
@@ -183,7 +197,6 @@ class RayExecutor(Executor):
         entry[2] += 1
         self._pending[job.job_id] = _Pending(replace(job, payload=None), key)  # type: ignore[arg-type]
         self._queue.append(job.job_id)
-        self._dispatch()
 
     def result(self, job_id: int) -> Contributions:
         if job_id not in self._pending and job_id not in self._done:
@@ -421,6 +434,8 @@ def ray_executor(
     jobs_per_actor: Annotated[int, Ge(1)] = 2,
     actor_start_timeout: Annotated[float, Gt(0)] = 300.0,
     job_timeout: Annotated[Optional[float], Gt(0)] = None,
+    worker: Annotated[str, OneOf(("serial", "vmap"))] = "serial",
+    vmap: Optional[Dict[str, Any]] = None,
 ) -> Executor:
     """Runs client jobs on a pool of Ray actors (see docs/ray.md); the cluster is the `ray` section.
 
@@ -439,12 +454,22 @@ def ray_executor(
         max_job_retries: Times a job is re-run after its actor died (killed, out of memory,
             node lost) or did not answer within job_timeout, before the run stops.
         jobs_per_actor: Jobs queued on one actor at a time (2 overlaps transfer and compute);
-            the rest wait in the driver for the first free actor.
+            the rest wait in the driver for the first free actor. Not used by worker: vmap
+            (one shard per actor and cohort).
         actor_start_timeout: Seconds the actors may take to be placed and started: at the
             start, all of them; after losing actors (e.g. a node), at least one of them. Past
             it the run stops, with a checkpoint where the protocol allows (docs/ray.md).
         job_timeout: Seconds an actor may hold a job without answering before it counts as
-            lost (null: no limit; a job may take as long as it takes).
+            lost (null: no limit; a job may take as long as it takes). With worker: vmap, a
+            whole shard.
+        worker: How an actor runs jobs: 'serial' (one job at a time, any number of jobs in
+            flight) or 'vmap' (each cohort is split into one contiguous shard per actor, run
+            as one vmap call on the actor's device — its GPU when num_gpus > 0 — and sent
+            back stacked; for cohorts of thousands of clients over several GPUs, docs/ray.md).
+            'vmap' stops at a client's error (on_client_error: stop).
+        vmap: Settings of the vmap executor in each actor with worker: vmap: the keys of
+            executor.kind: vmap except device (the actor's) and keep_on_device, e.g.
+            {precision: tf32, max_chunk: 4096}.
     """
     if groups:
         chosen = []
@@ -459,5 +484,16 @@ def ray_executor(
     section = RaySection(**ctx.extra.get("ray", {}))
     # user code that runs in actors: plugins, and a strategy or model given as 'module:factory'
     dotted = [c.name.partition(":")[0] for c in (ctx.strategy, ctx.model) if ":" in c.name]
-    return RayExecutor(chosen, section, [*ctx.plugins, *dotted], ctx.run.torch_threads, on_client_error,
-                       max_job_retries, jobs_per_actor, actor_start_timeout, job_timeout)
+    args = (chosen, section, [*ctx.plugins, *dotted], ctx.run.torch_threads, on_client_error,
+            max_job_retries, jobs_per_actor, actor_start_timeout, job_timeout)
+    if worker == "serial":
+        if vmap:
+            raise ConfigError("vmap", "settings of the vmap worker, but worker is 'serial'; set worker: vmap")
+        return RayExecutor(*args)
+    if on_client_error != "stop":
+        raise ConfigError("on_client_error", "worker: vmap supports only 'stop'; use worker: serial to drop clients")
+    from .ray_shards import ShardedRayExecutor
+    from .vmap import vmap as vmap_factory
+
+    knobs = [k for k in signature_knobs(vmap_factory) if k.name not in ("device", "keep_on_device")]
+    return ShardedRayExecutor(*args, vmap_options=validate_knobs("vmap", vmap or {}, knobs, "the vmap worker"))

@@ -94,6 +94,7 @@ class VmapExecutor(Executor):
         self.spec = spec
         self.strategy = spec.task.prepare(strategy if strategy is not None else spec.strategy.build())
         self.device = resolve_device(self.device_name)
+        self.order_device = self.device  # hashed batch orders (local.shuffle: hash) are computed there
         self.serial = Worker(spec, self.strategy)
         base = spec.task
         on_cpu = self.device.type == "cpu"
@@ -245,7 +246,7 @@ class VmapExecutor(Executor):
         # static shapes (CUDA graphs, compiled functions): pad to a bounded set of cohort sizes
         pad = self._padded_size(len(jobs)) if self.runner is not None or compiled else None
         st = stack(jobs, self.device, pad_to=pad)
-        idx = torch.from_numpy(st.indices).to(self.device)
+        idx = st.indices if isinstance(st.indices, torch.Tensor) else torch.from_numpy(st.indices).to(self.device)
         fn_key = (signature(jobs[0]), st.size, st.params_dim, tuple(sorted(st.extras_dims.items())), compiled)
         inputs: tuple = (st.params, st.extras, st.state, idx)
         if self.spec.augment.active:

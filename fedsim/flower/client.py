@@ -6,7 +6,9 @@ with ``--node-config 'partition-id=K num-partitions=N'``). Every train message i
 fedsim `Job`: the node builds the run from the config the server sent (data, model and
 strategy, exactly as fedsim's executors build them — once per process), makes the job
 with `RunContext.make_job` (same keyed batches as in simulation) and runs it with fedsim's
-`Worker` through the serial executor.
+`Worker` through the serial executor. With node config ``load-data="module:function"`` the
+node trains on the data that function returns for its partition instead of building the
+config's data source (`fedsim.flower.node_data`; Flower's ``load_data`` pattern).
 
 The client's persistent state (SCAFFOLD's c_i, …) stays on the node, in Flower's
 ``Context.state``. As in fedsim, a new state counts only once the server aggregated the
@@ -19,7 +21,8 @@ It also answers Flower's standard messages, so Flower's own strategies (``FedAvg
 replies, in Flower's convention, with the new weights under ``arrays`` and ``metrics``
 (``train_loss``…, ``num-examples``); an evaluate message replies with ``metrics``
 {``eval_loss``, ``eval_acc``, ``num-examples``} of the received model on the client's
-held-out data (its training data if it has none). Such messages carry no fedsim config, so
+held-out data (its training data if it has none). Such messages carry no fedsim config (an
+evaluate message of fedsim's ServerApp does, and is answered on that config's data), so
 the node reads its own: ``client_app(config=...)``, or the node config ``config`` (a path
 on the node). The job uses that config's local training (``lr``, steps…); its batches are
 keyed by the message's ``server-round``; the client's state, if its strategy keeps one, is
@@ -55,7 +58,8 @@ from ..config import load_config
 from ..errors import ConfigError, FedsimError
 from ..registry import registered_names_only
 from ..strategy import Payload, Tensor
-from .messages import NUM_EXAMPLES, config_text, decode_task, encode_node_client, encode_result, model_part
+from .messages import NUM_EXAMPLES, config_text, decode_task, encode_node_client, encode_result, model_part, sent_num_classes
+from .node_data import node_data
 from .records import record_to_vector, records_to_tensors, tensors_to_records, vector_to_record
 
 
@@ -64,11 +68,13 @@ NODE_CONFIG_ENV = "FEDSIM_NODE_CONFIG"
 
 @dataclass(frozen=True)
 class NodeTrust:
-    """What code this node runs for a config it receives: its own plugins, and whether
-    ``package.module:factory`` component names are accepted."""
+    """What code this node runs for a config it receives: its own plugins, whether
+    ``package.module:factory`` component names are accepted, and its own data loader
+    (``load-data``, `fedsim.flower.node_data`; empty: the config's data source)."""
 
     plugins: tuple[str, ...] = ()
     allow_dotted: bool = False
+    load_data: str = ""
 
 
 def node_trust(node_config: Mapping[str, Any]) -> NodeTrust:
@@ -80,25 +86,50 @@ def node_trust(node_config: Mapping[str, Any]) -> NodeTrust:
     allow = merged.get("allow-dotted-factories", False)
     if not isinstance(allow, bool):
         raise FedsimError(f"node config allow-dotted-factories must be true or false, got {allow!r}")
-    return NodeTrust(tuple(str(merged.get("plugins", "")).split()), allow)
+    return NodeTrust(tuple(str(merged.get("plugins", "")).split()), allow, str(merged.get("load-data", "")))
 
 
-@functools.lru_cache(maxsize=2)
-def node_run(config: str, trust: NodeTrust = NodeTrust()) -> runner.Run:
+def message_run(message: Message, context: Context) -> runner.Run:
+    """Returns the run of a message of fedsim's ServerApp (see `node_run`)."""
+    trust = node_trust(context.node_config)
+    if not trust.load_data:
+        return node_run(config_text(message.content), trust)
+    cfg = context.node_config
+    where = (int(cfg["partition-id"]), int(cfg["num-partitions"])) if "partition-id" in cfg else None
+    return node_run(config_text(message.content), trust, where, sent_num_classes(message.content))
+
+
+@functools.lru_cache(maxsize=4)  # a process of Flower's simulation engine may serve several partitions
+def node_run(config: str, trust: NodeTrust = NodeTrust(), partition: tuple[int, int] | None = None,
+             num_classes: int | None = None) -> runner.Run:
     """Returns the run built from a config text the server sent (cached: Flower's simulation
     reuses processes). The text is data: the node imports `trust.plugins` instead of the
-    plugins it names, and accepts dotted factory names only if `trust.allow_dotted`."""
+    plugins it names, and accepts dotted factory names only if `trust.allow_dotted`. With
+    `trust.load_data` the data is the node's own (`fedsim.flower.node_data`) for `partition`
+    (partition-id, num-partitions), with the `num_classes` the server sent."""
     raw = yaml.safe_load(config)
     if not isinstance(raw, dict):
         raise FedsimError("the server sent a config that is not a mapping")
     asked = raw.get("plugins") or []
     raw["plugins"] = list(trust.plugins)
-    guard = nullcontext() if trust.allow_dotted else registered_names_only(
-        "this node accepts only registered names (node config allow-dotted-factories=true accepts "
-        "package.module:factory names)")
+    def guard():
+        return nullcontext() if trust.allow_dotted else registered_names_only(
+            "this node accepts only registered names (node config allow-dotted-factories=true accepts "
+            "package.module:factory names)")
+
     try:
-        with guard:
-            return runner.build(load_config(raw))
+        with guard():
+            cfg = load_config(raw)
+        data = None
+        if trust.load_data:
+            if partition is None:
+                raise FedsimError("node config load-data needs the node's partition-id and num-partitions")
+            if partition[1] != cfg.data.common["num_clients"]:
+                raise FedsimError(f"node config num-partitions={partition[1]} does not fit the config's "
+                                  f"data.num_clients={cfg.data.common['num_clients']}")
+            data = node_data(trust.load_data, *partition, num_classes)
+        with guard():
+            return runner.build(cfg, data=data)
     except ConfigError as exc:
         if asked and list(asked) != list(trust.plugins) and "unknown" in exc.message:
             raise ConfigError(exc.path, f"{exc.message}; the server's config names plugins {asked}, which a node "
@@ -160,8 +191,7 @@ class NodeState:
 
 def train(message: Message, context: Context) -> Message:
     """Runs one fedsim job on this node and replies with its update, extras and metrics."""
-    run = node_run(config_text(message.content), node_trust(context.node_config))
-    ctx = run.ctx
+    ctx = message_run(message, context).ctx
     task = decode_task(message.content, ctx.task.layout)
     client = node_client(context, ctx.num_clients)
     if task.client != client:
@@ -180,7 +210,7 @@ def train(message: Message, context: Context) -> Message:
 
 def query(message: Message, context: Context) -> Message:
     """Tells the server which fedsim client this node serves (after checking it fits the config)."""
-    ctx = node_run(config_text(message.content), node_trust(context.node_config)).ctx
+    ctx = message_run(message, context).ctx
     return Message(encode_node_client(node_client(context, ctx.num_clients)), reply_to=message)
 
 
@@ -237,14 +267,22 @@ def standard_train(message: Message, context: Context, config: str | os.PathLike
 
 def standard_evaluate(message: Message, context: Context, config: str | os.PathLike | None = None) -> Message:
     """Evaluates the model of a Flower evaluate message on this client's held-out data (its
-    training data if it has none); replies with ``metrics`` (see the module docstring)."""
-    ctx = own_run(own_config(context, config)).ctx
+    training data if it has none); replies with ``metrics`` (see the module docstring). The
+    data is that of the fedsim config the message carries (fedsim's ServerApp sends it), else
+    of the node's own."""
+    if from_fedsim(message):
+        ctx = message_run(message, context).ctx
+    else:
+        ctx = own_run(own_config(context, config)).ctx
     client = node_client(context, ctx.num_clients)
     data = ctx.data
-    rows = data.client_test[client] if len(data.client_test[client]) else data.client_train[client]
-    got = ctx.task.evaluate(received_params(message, ctx.task.layout), data.x_train[rows], data.y_train[rows])
+    x, y = data.client_test_data(client)
+    if not len(y):
+        rows = data.client_train[client]
+        x, y = data.x_train[rows], data.y_train[rows]
+    got = ctx.task.evaluate(received_params(message, ctx.task.layout), x, y)
     metrics = {f"eval_{'acc' if k == 'accuracy' else k}": float(v) for k, v in got.items() if v is not None}
-    return Message(RecordDict({"metrics": MetricRecord({**metrics, NUM_EXAMPLES: len(rows)})}), reply_to=message)
+    return Message(RecordDict({"metrics": MetricRecord({**metrics, NUM_EXAMPLES: len(y)})}), reply_to=message)
 
 
 def client_app(config: str | os.PathLike | None = None) -> ClientApp:

@@ -18,18 +18,21 @@ straggler's state is dropped).
 from __future__ import annotations
 
 import time
+from logging import INFO
 from typing import Sequence
 
 import numpy as np
 import yaml
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from ..config.load import Config
 from ..contributions import Contributions, from_outputs
-from ..errors import FedsimError
+from ..errors import ConfigError, FedsimError
 from ..executors.base import Executor, Job, WorkerSpec
 from ..protocols.clocks import WallClock
-from ..strategy import Strategy
+from ..strategy import Strategy, Tensor
+from ..task import Task
 from .link import NodeLink
 from .messages import Reply, TrainTask
 from .settings import FlowerSettings
@@ -66,13 +69,20 @@ class FlowerExecutor(Executor):
         self._outbox: list[Job] = []
         self._done: dict[int, Contributions] = {}
         self._accepted: dict[int, int] = {}  # client -> its last job the server aggregated
+        self._evaluations = 0  # federated evaluations so far (the next one's server-round)
 
     def start(self, spec: WorkerSpec, strategy: Strategy | None = None) -> None:
         """Connects to the SuperNodes (one per client, found by its partition-id); the wall
-        clock starts once they are all there."""
+        clock starts once they are all there. A resumed run (run config ``resume``) refuses a
+        strategy whose clients keep state: that state lived in the nodes' ``Context.state`` of
+        the stopped Flower run, which Flower keeps per run."""
+        if self.settings.resume and strategy is not None and strategy.client_state is not None:
+            raise ConfigError("run-config.resume", f"strategy {self.config.strategy.name!r} keeps client state on the "
+                              "nodes, which Flower keeps per run: a new run cannot continue it")
         text = yaml.safe_dump(self.config.resolved(), sort_keys=False)
+        dataless = self.settings.evaluation == "federated"
         self.link = NodeLink(self.grid, text, spec.task.layout, self.settings.poll_interval,
-                             train_config(self.config, self.settings))
+                             train_config(self.config, self.settings), self.settings.num_classes if dataless else 0)
         self.link.connect(spec.num_clients, self.settings.node_timeout)
         self.clock.restart()
 
@@ -119,6 +129,25 @@ class FlowerExecutor(Executor):
         self._jobs.pop(job_id, None)
         self._done.pop(job_id, None)
         self.link.abandon({job_id})
+
+    def evaluate(self, task: Task, params: Tensor, x: Tensor, y: Tensor, batch_size: int) -> dict[str, float | None]:
+        """Evaluates the global model as the run config's ``evaluation`` says: on the server's
+        test set (x, y), on the nodes (Flower evaluate messages: ``federated_test_loss``,
+        ``federated_test_accuracy``, ``federated_examples``), or both. Without a server test
+        set the federated values are also the row's ``loss`` / ``accuracy``. Every evaluation
+        is logged in the ServerApp's log (``flwr run --stream``, ``flwr log``)."""
+        where = self.settings.evaluation
+        got = super().evaluate(task, params, x, y, batch_size) if where != "federated" else {}
+        if where != "server":
+            fed = self.link.evaluate(params, self._evaluations, self.settings.reply_timeout)
+            named = {"federated_test_loss": fed["loss"], "federated_test_accuracy": fed["accuracy"],
+                     "federated_examples": fed["examples"]}
+            got = {"loss": fed["loss"], "accuracy": fed["accuracy"], **named} if where == "federated" else {**got, **named}
+        shown = {("test_" + k if k in ("loss", "accuracy") else k): v for k, v in got.items()}
+        log(INFO, "fedsim: evaluation %d: %s", self._evaluations,
+            " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+        self._evaluations += 1
+        return got
 
     def keep_states(self, jobs: np.ndarray, clients: np.ndarray) -> None:
         for job, client in zip(jobs.tolist(), clients.tolist()):

@@ -23,7 +23,8 @@ from flwr.serverapp import Grid
 from ..errors import FedsimError
 from ..params import ParamLayout
 from ..strategy import Tensor
-from .messages import QUERY, TRAIN, Reply, TrainTask, decode_node_client, decode_result, encode_query, encode_task
+from .messages import (EVALUATE, QUERY, TRAIN, Reply, TrainTask, decode_evaluation, decode_node_client, decode_result,
+                       encode_evaluate, encode_query, encode_task)
 
 START_HINT = "start each SuperNode with --node-config 'partition-id=K num-partitions=N'"
 LOST_CODES = {ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE}
@@ -45,9 +46,10 @@ class NodeLink:
     """See the module docstring."""
 
     def __init__(self, grid: Grid, config: str, layout: ParamLayout, poll_interval: float = 0.1,
-                 train_config: Mapping[str, Any] | None = None):
+                 train_config: Mapping[str, Any] | None = None, num_classes: int = 0):
         self.grid = grid
         self.config = config
+        self.num_classes = num_classes  # sent to the nodes by a ServerApp without data (0: not sent)
         self.layout = layout
         self.poll_interval = poll_interval
         self.train_config = dict(train_config or {})  # Flower's "config" record of every train message
@@ -63,7 +65,7 @@ class NodeLink:
         while len(self.nodes) < num_clients:
             new = [n for n in self.grid.get_node_ids() if n not in seen]
             if new:
-                queries = [Message(encode_query(self.config), dst_node_id=n, message_type=QUERY) for n in new]
+                queries = [Message(encode_query(self.config, self.num_classes), dst_node_id=n, message_type=QUERY) for n in new]
                 asked.update(zip(self.grid.push_messages(queries), new))
                 seen.update(new)
             for reply in self.grid.pull_messages(list(asked)):
@@ -89,7 +91,7 @@ class NodeLink:
     def dispatch(self, tasks: list[TrainTask], group: str) -> None:
         """Pushes each task to the node of its client."""
         messages = [
-            Message(encode_task(t, self.config, self.layout, self.train_config), dst_node_id=self.nodes[t.client],
+            Message(encode_task(t, self.config, self.layout, self.train_config, self.num_classes), dst_node_id=self.nodes[t.client],
                     message_type=TRAIN, group_id=group)
             for t in tasks
         ]
@@ -135,6 +137,48 @@ class NodeLink:
                 return results, lost
             time.sleep(min(self.poll_interval, max(0.0, until - time.monotonic())))
 
+    def evaluate(self, params: Tensor, server_round: int, timeout: float) -> dict[str, float | None]:
+        """Federated evaluation: sends `params` to every client's node and returns the
+        num-examples-weighted means of the replies' loss and accuracy (``loss``, ``accuracy``,
+        None when no node reports one) and ``examples``, their total. A node that went away
+        is left out; a failing node or none answering within `timeout` s stops the run."""
+        content = encode_evaluate(params, server_round, self.config, self.layout, self.num_classes)
+        messages = [Message(content, dst_node_id=node, message_type=EVALUATE, group_id=f"evaluate-{server_round}")
+                    for node in self.nodes.values()]
+        client_of = dict(zip(self.grid.push_messages(messages), self.nodes))
+        deadline = time.monotonic() + timeout
+        got: list[tuple[int, float, float | None]] = []
+        while client_of:
+            for reply in self.grid.pull_messages(list(client_of)):
+                client = client_of.pop(reply.metadata.reply_to_message_id)
+                where = f"client {client} (node {self.nodes[client]})"
+                if reply.has_error():
+                    if reply.error.code in LOST_CODES:
+                        continue
+                    raise FedsimError(f"{where} failed to evaluate: {reply.error.reason}")
+                try:
+                    got.append(decode_evaluation(reply.content))
+                except ValueError as exc:
+                    raise FedsimError(f"{where} sent an evaluate reply fedsim cannot read: {exc}") from None
+            if client_of and time.monotonic() >= deadline:
+                raise FedsimError(f"no evaluate reply from client(s) {sorted(client_of.values())} within {timeout:g} s")
+            if client_of:
+                time.sleep(self.poll_interval)
+        return weighted_evaluation(got)
+
     def abandon(self, job_ids: set[int]) -> None:
         """Stops waiting for these jobs; their replies, if any come, are ignored."""
         self.in_flight = {m: d for m, d in self.in_flight.items() if d.job_id not in job_ids}
+
+
+def weighted_evaluation(replies: list[tuple[int, float, float | None]]) -> dict[str, float | None]:
+    """Returns the num-examples-weighted mean loss and accuracy of (num-examples, loss,
+    accuracy) replies, and their total ``examples``; raises FedsimError when none counts."""
+    total = sum(n for n, _, _ in replies)
+    if total <= 0:
+        raise FedsimError("federated evaluation: no node reported any evaluation example")
+    with_acc = [(n, a) for n, _, a in replies if a is not None]
+    acc_total = sum(n for n, _ in with_acc)
+    return {"loss": sum(n * loss for n, loss, _ in replies) / total,
+            "accuracy": sum(n * a for n, a in with_acc) / acc_total if acc_total else None,
+            "examples": float(total)}

@@ -22,7 +22,11 @@
     (filled by a client-side helper, e.g. `fedsim.flower.scaffold_client`).
 
   The server trusts only the update, extras, metrics and reported counts (the rest of the
-  row it knows itself).
+  row it knows itself); both forms report the client's sample count, its aggregation weight.
+* evaluate (server → node, run config ``evaluation`` 'federated' or 'both'): ``arrays`` (the
+  global model), ``config`` {``server-round``} and ``fedsim`` {config}; the reply, in
+  Flower's convention, has ``metrics`` with ``num-examples`` and a loss (``eval_loss``) and
+  optionally an accuracy (``eval_acc``).
 """
 from __future__ import annotations
 
@@ -59,9 +63,22 @@ def config_text(content: RecordDict) -> str:
     return str(content.config_records["fedsim"]["config"])
 
 
-def encode_query(config: str) -> RecordDict:
+def fedsim_record(config: str, num_classes: int = 0, **fields: Any) -> ConfigRecord:
+    """Returns the ``fedsim`` record of a message to a node: `fields`, the fedsim config and,
+    from a ServerApp without data, the number of classes (``num-classes``) for a node that
+    loads its own data (node config ``load-data``)."""
+    return ConfigRecord({**fields, "config": config, **({"num-classes": num_classes} if num_classes else {})})
+
+
+def sent_num_classes(content: RecordDict) -> int | None:
+    """Returns the ``num-classes`` the server sent (None: it has data and did not send it)."""
+    n = content.config_records["fedsim"].get("num-classes")
+    return int(n) if n is not None else None
+
+
+def encode_query(config: str, num_classes: int = 0) -> RecordDict:
     """Returns the content of a query message."""
-    return RecordDict({"fedsim": ConfigRecord({"config": config})})
+    return RecordDict({"fedsim": fedsim_record(config, num_classes)})
 
 
 def encode_node_client(client: int) -> RecordDict:
@@ -79,16 +96,39 @@ def _with_extras(records: dict, extras: dict) -> RecordDict:
     return RecordDict(records)
 
 
-def encode_task(task: TrainTask, config: str, layout: ParamLayout, train_config: Mapping[str, Any] | None = None) -> RecordDict:
+def encode_task(task: TrainTask, config: str, layout: ParamLayout, train_config: Mapping[str, Any] | None = None,
+                num_classes: int = 0) -> RecordDict:
     """Returns the content of a train message; `train_config` fills Flower's ``config``
     record (``server-round`` = version + 1 is added)."""
-    meta = ConfigRecord({
-        "client": task.client, "job": task.job_id, "version": task.version,
-        "accepted-job": task.accepted_job, "config": config,
-    })
+    meta = fedsim_record(config, num_classes, client=task.client, job=task.job_id, version=task.version,
+                         **{"accepted-job": task.accepted_job})
     flower_config = ConfigRecord({**(train_config or {}), "server-round": task.version + 1})
     return _with_extras({"arrays": vector_to_record(task.payload.params, layout), "config": flower_config,
                          "fedsim": meta}, dict(task.payload.extras))
+
+
+def encode_evaluate(params: Tensor, server_round: int, config: str, layout: ParamLayout, num_classes: int = 0) -> RecordDict:
+    """Returns the content of an evaluate message: the model (``arrays``), Flower's ``config``
+    record (``server-round``) and, for fedsim's ClientApp, the fedsim config."""
+    return RecordDict({"arrays": vector_to_record(params, layout), "config": ConfigRecord({"server-round": server_round}),
+                       "fedsim": fedsim_record(config, num_classes)})
+
+
+LOSS_KEYS = ("eval_loss", "loss", "test_loss")
+ACCURACY_KEYS = ("eval_acc", "eval_accuracy", "accuracy", "test_accuracy")
+
+
+def decode_evaluation(content: RecordDict) -> tuple[int, float, float | None]:
+    """Reads an evaluate reply in Flower's convention: returns (num-examples, loss, accuracy
+    or None); raises ValueError when it has no sample count or no loss."""
+    metrics = _metrics(content)
+    if NUM_EXAMPLES not in metrics:
+        raise ValueError(f"the reply's metrics have no {NUM_EXAMPLES!r} (the client's sample count)")
+    loss = next((metrics[k] for k in LOSS_KEYS if k in metrics), None)
+    if loss is None:
+        raise ValueError(f"the reply's metrics have no loss (one of {', '.join(LOSS_KEYS)})")
+    acc = next((metrics[k] for k in ACCURACY_KEYS if k in metrics), None)
+    return int(metrics[NUM_EXAMPLES]), loss, acc
 
 
 def decode_task(content: RecordDict, layout: ParamLayout) -> TrainTask:
@@ -147,7 +187,8 @@ def decode_result(content: RecordDict, layout: ParamLayout, sent: Tensor) -> Rep
         meta = content.config_records["fedsim"]
         metrics = {k: v for k, v in _metrics(content).items() if k != NUM_EXAMPLES}
         update = record_to_vector(content.array_records["arrays"], layout)
-        return Reply(ClientOutput(update, {}, _extras(content), metrics), int(meta["job"]), int(meta["client"]))
+        return Reply(ClientOutput(update, {}, _extras(content), metrics), int(meta["job"]), int(meta["client"]),
+                     num_examples=int(meta["num-samples"]))
     if "arrays" not in content.array_records:
         raise ValueError("the reply has no 'arrays' record (the new model weights)")
     metrics = _metrics(content)

@@ -18,10 +18,12 @@ import difflib
 from dataclasses import dataclass
 from typing import Annotated, Any, Mapping
 
-from ..config import Gt
+from ..config import Gt, OneOf
 from ..config.components import dataclass_knobs, validate_knobs
 from ..config.schema import knob
 
+
+EVALUATIONS = ("server", "federated", "both")
 
 FLOWER_KEYS = {  # Flower's usual run-config key -> the fedsim config key it sets
     "num-server-rounds": "run.rounds",
@@ -45,6 +47,15 @@ class FlowerSettings:
         3600.0, "Seconds a job may take: a round without a deadline, or an asynchronous run with nothing "
         "else to wait for, stops with an error after this long without a reply.")
     poll_interval: Annotated[float, Gt(0)] = knob(0.05, "Seconds between two pulls of replies from the SuperLink.")
+    evaluation: Annotated[str, OneOf(EVALUATIONS)] = knob(
+        "server", "Where the global model is evaluated: 'server' (the config's test set, built on the server), "
+        "'federated' (Flower evaluate messages to every node, metrics weighted by num-examples; the server "
+        "builds no dataset at all), or 'both'.")
+    input_shape: str = knob("", "With evaluation='federated': the shape of one model input, space-separated "
+                                "(e.g. '20' or '1 28 28'), from which the server builds the model.")
+    num_classes: int = knob(0, "With evaluation='federated': the number of classes (the model's outputs).")
+    resume: bool = knob(False, "Continue the run in out-dir from its newest checkpoint (run.checkpoint_every), with "
+                               "the config it saved: synchronous protocol, strategies without client state.")
     # not a knob: the run config's other keys, as given, for the ClientApp
     passthrough: tuple[tuple[str, Any], ...] = dataclasses.field(default=(), compare=False)
 

@@ -19,6 +19,7 @@ from ..clock import to_seconds, to_ticks
 from ..config.load import Config
 from ..data.base import FederatedData
 from ..data.batching import job_indices
+from ..data.hashed_order import DeferredIndices, DeviceOrders, job_indices_hashed, job_keys
 from ..contributions import Contributions
 from ..executors.base import Executor, Job
 from ..outputs import EventLog
@@ -72,6 +73,12 @@ class RunContext:
         self.run = config.run
         self.num_clients = data.num_clients
         self.initial_params = task.initial_params()
+        local = config.local
+        self.hashed = local.shuffle == "hash"
+        self.device_orders = None  # the executor computes hashed orders of whole cohorts on its device
+        if self.hashed and executor.order_device is not None:
+            self.device_orders = DeviceOrders(data.client_train, local.batch_size, local.epochs, local.steps,
+                                              local.sampling, local.drop_last, self.seed, executor.order_device)
 
     def client_state(self, client: int) -> dict[str, Tensor]:
         """Returns the client's stored state, or a fresh initial state (not stored until accepted)."""
@@ -83,6 +90,8 @@ class RunContext:
 
     def make_job(self, client: int, payload: Payload, version: int, job_id: int) -> Job:
         """Builds the job of `client` from `payload`; its batches are keyed by (seed, client, job_id)."""
+        if self.hashed:
+            return self._job(client, payload, version, job_id, None)
         return self._job(client, payload, version, job_id, numpy_rng(self.seed, "batches", client, job_id))
 
     def make_jobs(self, clients: Sequence[int], payloads: Payload | Sequence[Payload], version: int,
@@ -91,13 +100,23 @@ class RunContext:
         `make_job` for each, with the keyed generators seeded in bulk."""
         clients, job_ids = [int(c) for c in clients], [int(j) for j in job_ids]
         each = payloads if not isinstance(payloads, Payload) else [payloads] * len(clients)
+        if self.hashed:
+            return [self._job(c, p, version, j, None) for c, p, j in zip(clients, each, job_ids)]
         gens = numpy_rngs(self.seed, "batches", clients, job_ids)
         return [self._job(c, p, version, j, g) for c, p, j, g in zip(clients, each, job_ids, gens)]
 
-    def _job(self, client: int, payload: Payload, version: int, job_id: int, rng: np.random.Generator) -> Job:
+    def _job(self, client: int, payload: Payload, version: int, job_id: int, rng: np.random.Generator | None) -> Job:
+        """One job; `rng` None: the hashed order (`local.shuffle: hash`), left to the executor's
+        device when it computes orders itself."""
         local = self.config.local
-        indices = job_indices(self.data.client_train[client], local.batch_size, local.epochs, local.steps,
-                              local.sampling, local.drop_last, rng)
+        if self.device_orders is not None:
+            indices = DeferredIndices(self.device_orders, client, job_id, self.device_orders.shape(client))
+        elif rng is None:
+            indices = job_indices_hashed(self.data.client_train[client], local.batch_size, local.epochs, local.steps,
+                                         local.sampling, local.drop_last, job_keys(self.seed, client, job_id))
+        else:
+            indices = job_indices(self.data.client_train[client], local.batch_size, local.epochs, local.steps,
+                                  local.sampling, local.drop_last, rng)
         return Job(job_id, client, version, payload, self.client_state(client), indices, self.data.num_samples(client))
 
     def receive(self, contribs: Contributions, round_: int, time: int) -> tuple[Contributions, dict[str, Tensor]]:

@@ -213,6 +213,8 @@ class WallClock(Clock):
         return self.started + to_seconds(tick)
 
     def start(self, last: int) -> int:
+        if last > self.now():  # a resumed run: its time goes on from where its checkpoint stopped
+            self.started = time.monotonic() - to_seconds(last)
         return max(last, self.now())
 
     def available(self, clients: np.ndarray, t: int) -> np.ndarray:
