@@ -12,7 +12,7 @@ The model has dropout (`executor.randomness: different`), so the vectorised runs
 dropout masks per combined call: reproducible, but not equal to the separate runs (without
 random layers they are equal to rounding, tests/test_sweep_vectorized.py).
 
-    python benchmarks/vectorized_sweep.py --device cuda [--seeds 4] [--rounds 300] [--precision tf32]
+    python benchmarks/vectorized_sweep.py --device cuda [--seeds 4] [--rounds 300] [--precision tf32] [--compile]
     python benchmarks/vectorized_sweep.py --quick      # a few rounds of a small cohort on the CPU
 """
 from __future__ import annotations
@@ -36,7 +36,8 @@ from fedsim.sweep_vectorized import run_together, why_not  # noqa: E402
 
 def configs(args: argparse.Namespace) -> tuple[dict, list]:
     """The benchmark's config mapping and the R runs' Configs (seeds 0..R-1)."""
-    base = pfl_config(args.rounds, args.device, args.precision, "native", args.device == "cuda", args.lr)
+    base = pfl_config(args.rounds, args.device, args.precision, "native", args.device == "cuda", args.lr,
+                      args.shuffle, args.compile)
     if args.quick:
         base["data"].update(num_clients=100, num_train=5_000, num_test=500)
         base["protocol"]["clients_per_round"] = 10
@@ -76,6 +77,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--precision", default="tf32")
     ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--shuffle", default="generator", help="local.shuffle (the vectorised runs make their orders on the host)")
+    ap.add_argument("--compile", action="store_true", help="executor.compile: torch.compile each cohort shape")
     ap.add_argument("--order", choices=("separate-first", "vectorised-first"), default="separate-first")
     ap.add_argument("--quick", action="store_true", help="5,000 images on 100 clients, 10 per round, 3 rounds, 2 seeds (a CPU check)")
     args = ap.parse_args()

@@ -236,6 +236,8 @@ class SharedVmap:
 class MemberExecutor(Executor):
     """One run's executor in a vectorised group: its jobs go to the group's `SharedVmap`."""
 
+    order_device = None  # batch orders are made on the host: the shared call shifts them to the run's block
+
     def __init__(self, shared: SharedVmap, member: int):
         self.shared = shared
         self.member = member
