@@ -6,7 +6,8 @@ rounds) with seeds 0..R-1. "separate" builds and drives the R runs one after the
 each on its own vmap executor; "vectorised" drives them together as `fedsim sweep
 --vectorize` does (`fedsim/sweep_vectorized.py`): every round of the R runs is one vmap call
 over R × 50 clients. No run folders are written on either side. Prints each side's wall
-seconds (build + rounds + evaluations), ms per round and the ratio.
+seconds (build + rounds + evaluations, after an untimed 2-round warm-up run), ms per round
+and the ratio.
 
 The model has dropout (`executor.randomness: different`), so the vectorised runs draw their
 dropout masks per combined call: reproducible, but not equal to the separate runs (without
@@ -89,6 +90,10 @@ def main() -> None:
     reason = why_not(cfgs)
     if reason is not None:
         sys.exit(f"cannot vectorise these runs: {reason}")
+    # untimed: a 2-round run of seed 0 pays the process's first-time costs (CUDA context,
+    # kernels' first launches, plugin imports), which would otherwise fall on the first side
+    warm = {**base, "run": {**base["run"], "rounds": 2, "eval_every": 2}}
+    separate([load_config(warm)])
     sides = [("separate", separate), ("vectorised", vectorised)]
     if args.order == "vectorised-first":
         sides.reverse()
