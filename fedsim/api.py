@@ -67,18 +67,20 @@ def rows(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def sweep(config: str | Path | Mapping[str, Any], grid: Mapping[str, Sequence[Any]], seeds: Sequence[int] = (0,),
           out: str | Path = "runs/sweep", workers: int = 1, ray_address: str | None = None,
-          cpus_per_run: float = 1.0, gpus_per_run: float = 0.0, quiet: bool = False) -> list[dict[str, Any]]:
+          cpus_per_run: float = 1.0, gpus_per_run: float = 0.0, quiet: bool = False,
+          vectorize: bool = False) -> list[dict[str, Any]]:
     """Runs `config` for every combination of the `grid` values ({"key.path": [v1, v2, ...]})
     and every seed, each run in its own folder under `out` (see `fedsim sweep`), in `workers`
     local processes or as Ray tasks on `ray_address`. Returns the table of sweep.csv (one dict
     per run: its overrides, seed, status, wall time, error, final metrics); summary.csv is
-    written beside it. Running it again skips the finished runs and resumes interrupted ones."""
+    written beside it. Running it again skips the finished runs and resumes interrupted ones.
+    `vectorize`: the seeds of each combination share one vmap call per round (`--vectorize`)."""
     from .sweep import sweep as run_sweep
 
     axes = [(k, [override_text(v) for v in (vs if isinstance(vs, (list, tuple)) else [vs])]) for k, vs in grid.items()]
     return run_sweep(_source(config), axes, [int(s) for s in seeds], Path(out), workers=workers,
                      ray_address=ray_address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
-                     print_line=(lambda _: None) if quiet else print)
+                     print_line=(lambda _: None) if quiet else print, vectorize=vectorize)
 
 
 __all__ = ["override_text", "resume", "rows", "run", "sweep"]

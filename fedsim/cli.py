@@ -69,7 +69,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
         seeds = [load_config(args.config).seed]
     rows = sweep(args.config, axes, seeds, Path(args.out), workers=args.workers, ray_address=args.ray_address,
-                 cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
+                 cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run, vectorize=args.vectorize)
     return 0 if all(r["status"] == "done" for r in rows) else 1
 
 
@@ -208,6 +208,8 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--ray-address", help="run each run as a Ray task on this cluster (auto, HOST:PORT, ray://...)")
     sw.add_argument("--cpus-per-run", type=float, default=1.0, help="with --ray-address: CPUs each run asks for")
     sw.add_argument("--gpus-per-run", type=float, default=0.0, help="with --ray-address: GPUs each run asks for")
+    sw.add_argument("--vectorize", action="store_true",
+                    help="run the seeds of each combination together, one vmap call per round (vmap executor)")
     sw.set_defaults(func=_cmd_sweep)
 
     pl = sub.add_parser("plot", help="draw a metric of several runs: mean ± std over seeds per group of runs")

@@ -150,11 +150,12 @@ def _same_config(folder: Path, resolved: Mapping[str, Any]) -> bool:
 
 
 def run_one(source: str | Mapping[str, Any], run: SweepRun, folder: Path,
-            threads: int | None = None) -> Outcome:
+            threads: int | None = None, executor: Any = None) -> Outcome:
     """Brings the run in `folder` to its end: skips it when finished, resumes it from its newest
     checkpoint, or starts it (afresh, in a run folder fedsim created or a new one). Never raises
     for the run's own failures: they come back as status 'failed' (or 'interrupted') with
-    the one-line error. `threads`: torch intra-op threads for this process."""
+    the one-line error. `threads`: torch intra-op threads for this process; `executor`: runs
+    the jobs there instead of on the config's executor (a vectorised group's member)."""
     from .checkpoint import list_checkpoints
     from .config import load_config
     from .runner import execute, resume
@@ -174,9 +175,9 @@ def run_one(source: str | Mapping[str, Any], run: SweepRun, folder: Path,
             how = "skipped"
         elif started and list_checkpoints(folder):
             how = "resumed"
-            resume(folder, progress=False)
+            resume(folder, progress=False, executor=executor)
         else:
-            execute(config, folder, overwrite=True, progress=False)
+            execute(config, folder, overwrite=True, progress=False, executor=executor)
         return finished(run, folder, how)
     except FedsimError as exc:
         status = "interrupted" if isinstance(exc, Interrupted) else "failed"
@@ -320,6 +321,37 @@ def run_local(source: str | Mapping[str, Any], runs: Sequence[SweepRun], out: Pa
     return [outcomes[r.name] for r in runs], stop.signal
 
 
+def run_vectorized(source: str | Mapping[str, Any], runs: Sequence[SweepRun], out: Path,
+                   on_done: Callable[[Outcome], None], print_line: Callable[[str], Any]
+                   ) -> tuple[list[Outcome], int | None, list[SweepRun]]:
+    """Runs the seeds of each combination in `runs` as one vectorised group where they can
+    share vmap calls; prints one line per combination that cannot. Returns the outcomes of
+    the runs it ran, the signal that stopped the sweep (None if none did) and the runs left
+    to run separately (all those not run once a signal stopped the sweep)."""
+    from .config import load_config
+    from .sweep_vectorized import run_group, why_not
+
+    combos: dict[tuple, list[SweepRun]] = {}
+    for r in runs:
+        combos.setdefault(r.values, []).append(r)
+    ran: list[Outcome] = []
+    separate: list[SweepRun] = []
+    for values, group in combos.items():
+        configs = [load_config(source, r.overrides()) for r in group]
+        reason = why_not(configs)
+        if reason is not None:
+            what = ", ".join(f"{k}={v}" for k, v in values) or "the runs"
+            print_line(f"sweep: {what}: running {len(group)} run{'s' if len(group) > 1 else ''} separately: {reason}")
+            separate += group
+            continue
+        outcomes, stopped = run_group(source, group, out, configs, on_done, print_line)
+        ran += outcomes
+        if stopped is not None:
+            done = {o.run.name for o in ran}
+            return ran + [Outcome(r, "not started") for r in runs if r.name not in done], stopped, []
+    return ran, None, separate
+
+
 def table(outcomes: Iterable[Outcome], keys: Sequence[str]) -> list[dict[str, Any]]:
     """Returns sweep.csv's rows: run, each override key, seed, status, how, wall_time, error,
     then the final metrics (their union, in first-seen order; wall time only once)."""
@@ -407,17 +439,22 @@ class Progress:
 
 def sweep(source: str | Path | Mapping[str, Any], axes: Sequence[tuple[str, Sequence[str]]], seeds: Sequence[int],
           out: Path, workers: int = 1, ray_address: str | None = None, cpus_per_run: float = 1.0,
-          gpus_per_run: float = 0.0, print_line: Callable[[str], Any] = print) -> list[dict[str, Any]]:
+          gpus_per_run: float = 0.0, print_line: Callable[[str], Any] = print,
+          vectorize: bool = False) -> list[dict[str, Any]]:
     """Runs the sweep into `out` (see the module docstring), writes sweep.csv and summary.csv
     there and returns sweep.csv's rows. `source`: a config file or mapping. With `ray_address`
     the runs are Ray tasks asking for `cpus_per_run` CPUs and `gpus_per_run` GPUs each;
-    otherwise `workers` local processes. Raises FedsimError before anything runs for a bad
-    axis, seed list or config value."""
+    otherwise `workers` local processes. With `vectorize`, the seeds of each combination
+    share one vmap call per round in this process (`fedsim.sweep_vectorized`), where they
+    can; the others run as before, after one line saying why. Raises FedsimError before
+    anything runs for a bad axis, seed list or config value."""
     source = str(Path(source).resolve()) if isinstance(source, (str, Path)) else dict(source)
     runs = plan(axes, seeds)
     keys = [k for k, _ in axes]
     if workers < 1:
         raise FedsimError(f"--workers: must be >= 1 (got {workers})")
+    if vectorize and ray_address is not None:
+        raise FedsimError("--vectorize runs the runs in this process; drop --ray-address")
     earlier = {r.name: finished_earlier(source, r, out / r.name) for r in runs}
     out.mkdir(parents=True, exist_ok=True)
     progress = Progress(len(runs), print_line)
@@ -425,14 +462,17 @@ def sweep(source: str | Path | Mapping[str, Any], axes: Sequence[tuple[str, Sequ
         progress(o)
     todo = [r for r in runs if earlier[r.name] is None]
     ran, stopped = [], None
-    if not todo:
+    if vectorize and todo:
+        ran, stopped, todo = run_vectorized(source, todo, out, progress, print_line)
+    if not todo or stopped is not None:
         pass
     elif ray_address is not None:
         from .sweep_ray import run_on_ray
 
         ran, stopped = run_on_ray(source, todo, out, ray_address, cpus_per_run, gpus_per_run, progress)
     else:
-        ran, stopped = run_local(source, todo, out, min(workers, len(todo)), progress)
+        rest, stopped = run_local(source, todo, out, min(workers, len(todo)), progress)
+        ran += rest
     by_name = {**{n: o for n, o in earlier.items() if o is not None}, **{o.run.name: o for o in ran}}
     outcomes = [by_name[r.name] for r in runs]
     rows = table(outcomes, keys)

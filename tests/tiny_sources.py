@@ -59,3 +59,8 @@ def chars(ctx: SourceContext, vocab: int = 9, length: int = 10, samples: int = 9
 def l1_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """A user loss: per-sample absolute error of [n, 1] outputs against [n] targets."""
     return (out.squeeze(-1) - y).abs()
+
+
+def seeded_width(ctx: SourceContext, samples: int = 60) -> SourceData:
+    """Regression whose inputs have 3 + seed features: runs of different seeds differ in shape."""
+    return regression(ctx, features=3 + ctx.seed, samples=samples)

@@ -1,0 +1,114 @@
+"""R seeds of pfl-research's CIFAR-10 benchmark shape: separate runs against one vectorised sweep.
+
+The workload is `pfl_cifar.py`'s (1,000 clients × 50 CIFAR-10-shaped images, 50 clients per
+round, one local epoch of batch 10, pfl's simple_cnn, FedAvg, central evaluation every 10
+rounds) with seeds 0..R-1. "separate" builds and drives the R runs one after the other,
+each on its own vmap executor; "vectorised" drives them together as `fedsim sweep
+--vectorize` does (`fedsim/sweep_vectorized.py`): every round of the R runs is one vmap call
+over R × 50 clients. No run folders are written on either side. Prints each side's wall
+seconds (build + rounds + evaluations, after an untimed 2-round warm-up run), ms per round
+and the ratio.
+
+The model has dropout (`executor.randomness: different`), so the vectorised runs draw their
+dropout masks per combined call: reproducible, but not equal to the separate runs (without
+random layers they are equal to rounding, tests/test_sweep_vectorized.py).
+
+    python benchmarks/vectorized_sweep.py --device cuda [--seeds 4] [--rounds 300] [--precision tf32] [--compile]
+    python benchmarks/vectorized_sweep.py --quick      # a few rounds of a small cohort on the CPU
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks.pfl_cifar import config as pfl_config  # noqa: E402
+from fedsim.config import load_config  # noqa: E402
+from fedsim.runner import build, drive  # noqa: E402
+from fedsim.sweep_vectorized import run_together, why_not  # noqa: E402
+
+
+def configs(args: argparse.Namespace) -> tuple[dict, list]:
+    """The benchmark's config mapping and the R runs' Configs (seeds 0..R-1)."""
+    base = pfl_config(args.rounds, args.device, args.precision, "native", args.device == "cuda", args.lr,
+                      args.shuffle, args.compile)
+    if args.quick:
+        base["data"].update(num_clients=100, num_train=5_000, num_test=500)
+        base["protocol"]["clients_per_round"] = 10
+        base["run"]["eval_every"] = args.rounds
+    return base, [load_config({**base, "seed": seed}) for seed in range(args.seeds)]
+
+
+def sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def separate(cfgs: list) -> tuple[float, list[float]]:
+    """Builds and drives each run alone; returns wall seconds and the final accuracies."""
+    t = time.perf_counter()
+    accuracies = []
+    for cfg in cfgs:
+        rows = drive(build(cfg), None, progress=False)
+        accuracies.append(rows[-1]["test_accuracy"])
+    sync()
+    return time.perf_counter() - t, accuracies
+
+
+def vectorised(cfgs: list) -> tuple[float, list[float]]:
+    """Builds and drives the runs together, one vmap call per round; returns wall seconds and
+    the final accuracies."""
+    t = time.perf_counter()
+    rows, _ = run_together(cfgs, lambda i, executor: drive(build(cfgs[i], executor=executor), None, progress=False))
+    sync()
+    return time.perf_counter() - t, [r[-1]["test_accuracy"] for r in rows]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seeds", type=int, default=4, help="R, the number of runs (seeds 0..R-1)")
+    ap.add_argument("--rounds", type=int, default=300)
+    ap.add_argument("--precision", default="tf32")
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--shuffle", default="generator", help="local.shuffle (the vectorised runs make their orders on the host)")
+    ap.add_argument("--compile", action="store_true", help="executor.compile: torch.compile each cohort shape")
+    ap.add_argument("--order", choices=("separate-first", "vectorised-first"), default="separate-first")
+    ap.add_argument("--quick", action="store_true", help="5,000 images on 100 clients, 10 per round, 3 rounds, 2 seeds (a CPU check)")
+    args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.seeds = min(args.rounds, 3), min(args.seeds, 2)
+    os.chdir(ROOT)  # the data and model plugins are imported by module name
+    base, cfgs = configs(args)
+    reason = why_not(cfgs)
+    if reason is not None:
+        sys.exit(f"cannot vectorise these runs: {reason}")
+    # untimed: a 2-round run of seed 0 pays the process's first-time costs (CUDA context,
+    # kernels' first launches, plugin imports), which would otherwise fall on the first side
+    warm = {**base, "run": {**base["run"], "rounds": 2, "eval_every": 2}}
+    separate([load_config(warm)])
+    sides = [("separate", separate), ("vectorised", vectorised)]
+    if args.order == "vectorised-first":
+        sides.reverse()
+    took = {name: fn(cfgs) for name, fn in sides}
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"device: {name}; torch {torch.__version__}; precision {args.precision}; {args.seeds} seeds × "
+          f"{args.rounds} rounds of {base['protocol']['clients_per_round']} clients "
+          f"(of {base['data']['num_clients']}), evaluation every {base['run']['eval_every']} rounds")
+    for side, (secs, accs) in took.items():
+        print(f"{side:>10}: {secs:8.2f} s wall, {secs / args.rounds * 1000:8.1f} ms per round of all "
+              f"{args.seeds} runs ({secs / (args.rounds * args.seeds) * 1000:.1f} ms per run-round); "
+              f"final accuracies {', '.join(f'{a:.4f}' for a in accs)}")
+    ratio = took["separate"][0] / took["vectorised"][0]
+    print(f"separate / vectorised: {ratio:.2f}x (R = {args.seeds}: {args.seeds}x would be one run's cost for all)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""Vectorised sweeps: the seeds of one sweep combination share one vmap call per round.
+
+Each run of a group is built and driven exactly as a single run (its own data, protocol,
+client state, events, checkpoints, run folder), in a thread of its own, with a
+`MemberExecutor` as its executor. The members hand their jobs to one `SharedVmap`, which
+waits until every live run has handed in its next batch (a run that ends drops out), then
+runs all of them as one cohort of the vmap executor (the runs' models differ, so their
+parameters are stacked rather than broadcast) and hands each run back its own rows.
+
+Only one run's Python code runs at a time (a baton: the lock of the shared condition), and
+each run keeps its own torch generator states across the hand-overs, so what a run draws is
+what it would draw alone. The runs' training sets are put side by side on the device once
+(a set equal to an earlier run's is shared); each job's sample indices are shifted to its
+run's block. A vectorised call computes every client's update exactly as the run's own
+executor would, up to float rounding (different batch shapes pick different kernels).
+
+Every built-in protocol fits: a synchronous round hands in its cohort, an asynchronous run
+the jobs it dispatched until it needs a result, a decentralized round every node's step.
+A group is vectorised only when its runs differ in the seed alone and run on the vmap
+executor (`why_not`); otherwise, and when the runs' models or data turn out to have
+different shapes once built, the runs run separately and one line says why.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence, TypeVar
+
+import numpy as np
+import torch
+
+from .contributions import Contributions
+from .errors import Interrupted, StepAbandoned
+from .executors.base import Executor, Job, WorkerSpec, build_executor
+from .executors.precision import precision
+from .executors.vmap import VmapExecutor, resolve_device
+from .rng import initialised_cuda, set_torch_states, torch_states
+from .strategy import Strategy, Tensor
+from .task import Task
+
+VECTORISED_PROTOCOLS = ("sync", "async", "decentralized", "async_gossip")  # the built-in ones
+T = TypeVar("T")
+
+
+def why_not(configs: Sequence[Any]) -> str | None:
+    """Returns why the runs of `configs` (fedsim Configs) cannot share vmap calls, or None
+    when they can: at least two runs, the vmap executor, a built-in protocol (a plugin
+    protocol may use the executor in ways a shared one does not follow), and configs that
+    differ in nothing but the seed."""
+    if len(configs) < 2:
+        return "a single run"
+    first = configs[0]
+    if first.executor.name != "vmap":
+        return f"executor.kind is {first.executor.name!r}, not 'vmap'"
+    if first.protocol.name not in VECTORISED_PROTOCOLS:
+        return f"protocol {first.protocol.name!r}: only the built-in protocols are vectorised"
+
+    def without_seed(cfg: Any) -> dict:
+        resolved = dict(cfg.resolved())
+        resolved.pop("seed", None)
+        return resolved
+
+    base = without_seed(first)
+    for cfg in configs[1:]:
+        if without_seed(cfg) != base:
+            return "the runs differ in more than their seed"
+    return None
+
+
+def shape_mismatch(specs: Sequence[WorkerSpec]) -> str | None:
+    """Returns how the built runs' models or data differ in shape (None: they fit one call)."""
+    first = specs[0]
+    for spec in specs[1:]:
+        if spec.task.layout.dim != first.task.layout.dim:
+            return f"their models differ in size ({first.task.layout.dim} vs {spec.task.layout.dim} parameters)"
+        for what, a, b in (("inputs", first.x_train, spec.x_train), ("targets", first.y_train, spec.y_train)):
+            if a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
+                return (f"their training {what} differ in shape ({tuple(a.shape[1:])} {a.dtype} vs "
+                        f"{tuple(b.shape[1:])} {b.dtype})")
+        if spec.augment != first.augment and (spec.augment.active or first.augment.active):
+            return "their data augmentation differs"
+    if first.augment.active:
+        return "data augmentation draws are keyed by each run's seed"
+    return None
+
+
+class SharedVmap:
+    """The barrier and the one vmap executor that the `MemberExecutor`s of a group share."""
+
+    def __init__(self, configs: Sequence[Any], print_line: Callable[[str], Any] = print):
+        self.configs = list(configs)
+        self.print_line = print_line
+        self.cond = threading.Condition()  # its lock is the baton: held by the one run that runs
+        self.live = set(range(len(configs)))
+        self.specs: dict[int, tuple[WorkerSpec, Strategy | None]] = {}
+        self.batch: dict[int, list[Job]] = {}
+        self.results: dict[int, Contributions | BaseException] = {}
+        self.vmap: VmapExecutor = build_executor(self.configs[0])
+        self.solo: dict[int, Executor] | None = None  # set when the runs cannot share calls: each its own
+        self.offsets: dict[int, int] | None = None  # each run's first row in the shared training set
+        self.stop_signal: int | None = None
+        self.next_id = 0
+
+    # ---- the barrier ------------------------------------------------------------------------
+    def exchange(self, member: int, jobs: list[Job]) -> Contributions:
+        """Hands in `member`'s next batch and returns its contributions (in the jobs' order)
+        once the batch of every live run has run. Call while holding the baton."""
+        with self.cond:
+            if self.stop_signal is not None:
+                raise StepAbandoned("the sweep was asked to stop", self.stop_signal)
+            if self.solo is not None:
+                return self.solo[member].run(jobs)
+            self.batch[member] = jobs
+            if self.batch.keys() >= self.live:
+                self._execute()
+            while member not in self.results:
+                cuda = initialised_cuda()
+                states = torch_states(cuda)  # another run draws from the global generators meanwhile
+                self.cond.wait()
+                set_torch_states(states, cuda)
+            out = self.results.pop(member)
+            if isinstance(out, BaseException):
+                raise out
+            return out
+
+    def leave(self, member: int) -> None:
+        """`member` submits no more jobs (it finished or failed): the others stop waiting for it."""
+        with self.cond:
+            if member not in self.live:
+                return
+            self.live.discard(member)
+            if self.batch and self.batch.keys() >= self.live:
+                self._execute()
+            self.cond.notify_all()
+
+    def interrupt(self, signum: int) -> None:
+        """Asks every run to stop at its next batch (it writes a checkpoint and ends); the
+        batch under way still completes, as the last run to hand in its batch leaves instead."""
+        self.stop_signal = signum
+
+    def close(self) -> None:
+        """Frees the shared executor (and the runs' own ones)."""
+        for executor in [self.vmap, *(self.solo or {}).values()]:
+            executor.close()
+
+    # ---- running a batch -------------------------------------------------------------------
+    def _execute(self) -> None:
+        batch, self.batch = self.batch, {}
+        try:
+            if self.offsets is None:
+                self._start()
+            if self.solo is not None:
+                for member, jobs in batch.items():
+                    self.results[member] = self.solo[member].run(jobs)
+            else:
+                self._run_shared(batch)
+        except BaseException as exc:  # noqa: BLE001 - every run of the call fails with it
+            for member in batch:
+                self.results[member] = exc
+        self.cond.notify_all()
+
+    def _start(self) -> None:
+        """Starts the shared executor on the runs' training sets side by side, or, when the
+        runs do not fit one call, each run on an executor of its own (saying why)."""
+        members = sorted(self.specs)
+        specs = [self.specs[m][0] for m in members]
+        problem = shape_mismatch(specs)
+        if problem is not None:
+            self.print_line(f"sweep: running these {len(members)} runs separately: {problem}")
+            self.solo = {}
+            for m in members:
+                self.solo[m] = build_executor(self.configs[m])
+                self.solo[m].start(*self.specs[m])
+            self.offsets = {}
+            return
+        xs: list[Tensor] = []
+        ys: list[Tensor] = []
+        self.offsets, at = {}, 0
+        for m, spec in zip(members, specs):
+            same = next((i for i, (x, y) in enumerate(zip(xs, ys))
+                         if x.shape == spec.x_train.shape and torch.equal(x, spec.x_train) and torch.equal(y, spec.y_train)),
+                        None)
+            if same is not None:
+                self.offsets[m] = sum(len(x) for x in xs[:same])
+                continue
+            self.offsets[m] = at
+            xs.append(spec.x_train)
+            ys.append(spec.y_train)
+            at += len(spec.x_train)
+        first, strategy = self.specs[members[0]]
+        shared = replace(first, x_train=torch.cat(xs) if len(xs) > 1 else xs[0],
+                         y_train=torch.cat(ys) if len(ys) > 1 else ys[0])
+        self.vmap.start(shared, strategy)
+        if self.vmap.randomness != "error":
+            self.print_line(f"sweep: executor.randomness={self.vmap.randomness!r}: random layers draw per "
+                            "vectorised call, so these runs are reproducible but not equal to separate runs")
+
+    def _run_shared(self, batch: Mapping[int, list[Job]]) -> None:
+        """Runs every member's jobs as one vmap call (as few as the cohort signatures allow)."""
+        jobs: list[Job] = []
+        member_of: list[int] = []
+        own_ids: list[int] = []
+        for member, part in batch.items():
+            off = self.offsets[member]
+            for job in part:
+                idx = job.indices if off == 0 else np.where(job.indices >= 0, job.indices + off, -1)
+                jobs.append(replace(job, job_id=self.next_id + len(jobs), indices=idx))
+                member_of.append(member)
+                own_ids.append(job.job_id)
+        base, self.next_id = self.next_id, self.next_id + len(jobs)
+        merged = self.vmap.run(jobs)
+        rows = merged.jobs - base
+        members = np.asarray(member_of, dtype=np.int64)[rows]
+        own = np.asarray(own_ids, dtype=np.int64)[rows]
+        for member in batch:
+            mine = np.flatnonzero(members == member)
+            self.results[member] = merged.take(mine).replace(jobs=own[mine])
+
+    def evaluate(self, member: int, task: Task, params: Tensor, x: Tensor, y: Tensor, batch_size: int,
+                 cache: dict) -> dict[str, float | None]:
+        """Evaluates on the executor's device, keeping `member`'s test set there (`cache`)."""
+        if self.solo is not None:
+            return self.solo[member].evaluate(task, params, x, y, batch_size)
+        device = resolve_device(self.vmap.device_name)
+        if device.type == "cpu":
+            return task.evaluate(params, x, y, batch_size)
+        if cache.get("of") != (id(x), id(y)):
+            cache.update({"of": (id(x), id(y)), "x": x.to(device), "y": y.to(device), "task": task.with_module(
+                copy.deepcopy(task.module).to(device))})
+        with precision(self.vmap.precision, device.type):
+            return cache["task"].evaluate(params.to(device), cache["x"], cache["y"], batch_size)
+
+
+class MemberExecutor(Executor):
+    """One run's executor in a vectorised group: its jobs go to the group's `SharedVmap`."""
+
+    order_device = None  # batch orders are made on the host: the shared call shifts them to the run's block
+
+    def __init__(self, shared: SharedVmap, member: int):
+        self.shared = shared
+        self.member = member
+        self._pending: list[Job] = []
+        self._done: dict[int, Contributions] = {}
+        self._test: dict = {}
+
+    def start(self, spec: WorkerSpec, strategy: Strategy | None = None) -> None:
+        self.shared.specs[self.member] = (spec, strategy)
+
+    @property
+    def model_device(self) -> torch.device | None:  # type: ignore[override]
+        vmap = self.shared.vmap
+        device = resolve_device(vmap.device_name)
+        return device if vmap.keep_on_device and device.type != "cpu" else None
+
+    def submit(self, job: Job) -> None:
+        self._pending.append(job)
+
+    def result(self, job_id: int) -> Contributions:
+        if job_id not in self._done:
+            if all(j.job_id != job_id for j in self._pending):
+                raise KeyError(f"job {job_id} was not submitted")
+            jobs, self._pending = self._pending, []
+            self._done.update((int(r.jobs[0]), r) for r in self.shared.exchange(self.member, jobs).split())
+        return self._done.pop(job_id)
+
+    def discard(self, job_id: int) -> None:
+        if self._done.pop(job_id, None) is None:
+            self._pending = [j for j in self._pending if j.job_id != job_id]
+
+    def run(self, jobs: Sequence[Job]) -> Contributions:
+        if self._pending:
+            return super().run(jobs)
+        return self.shared.exchange(self.member, list(jobs))
+
+    def evaluate(self, task: Task, params: Tensor, x: Tensor, y: Tensor, batch_size: int) -> dict[str, float | None]:
+        return self.shared.evaluate(self.member, task, params, x, y, batch_size, self._test)
+
+    def close(self) -> None:
+        self.shared.leave(self.member)
+
+
+def run_together(configs: Sequence[Any], work: Callable[[int, MemberExecutor], T],
+                 print_line: Callable[[str], Any] = print) -> tuple[list[T | None], int | None]:
+    """Calls ``work(i, executor)`` for every run i of `configs` (fedsim Configs that passed
+    `why_not`), each in a thread of its own holding the baton, with `executor` its member of
+    one `SharedVmap`; `work` builds and drives run i on it. SIGINT and SIGTERM make every run
+    stop at its next batch (writing a checkpoint); a second one raises Interrupted at once
+    (the runs still stop at their next batch, in the background). Returns what each `work` returned (None where it raised) and the
+    signal that asked the runs to stop (None if none did)."""
+    from .sweep import StopRequest
+
+    shared = SharedVmap(configs, print_line)
+    results: list[T | None] = [None] * len(configs)
+    errors: list[BaseException] = []
+
+    def body(i: int) -> None:
+        with shared.cond:  # the baton: released only while waiting for the other runs
+            try:
+                results[i] = work(i, MemberExecutor(shared, i))
+            except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread below
+                errors.append(exc)
+            finally:
+                shared.leave(i)
+
+    class Stop(StopRequest):
+        def _handler(self, signum: int, frame: Any) -> None:
+            if shared.stop_signal is not None:  # a second Ctrl-C: do not wait for the runs
+                raise Interrupted("sweep stopped at once by a second interrupt; each run's newest checkpoint is "
+                                  "kept: run the same sweep again to resume them")
+            super()._handler(signum, frame)
+            shared.interrupt(signum)
+
+    stop = Stop(lambda: ())
+    threads = [threading.Thread(target=body, args=(i,), name=f"fedsim-vectorised-{i}", daemon=True)
+               for i in range(len(configs))]
+    with stop:
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(timeout=0.2)  # wakes for signals
+    shared.close()
+    if errors and stop.signal is None:
+        raise errors[0]
+    return results, stop.signal
+
+
+def run_group(source: str | Mapping[str, Any], runs: Sequence[Any], out: Path, configs: Sequence[Any],
+              on_done: Callable[[Any], None], print_line: Callable[[str], Any] = print) -> tuple[list[Any], int | None]:
+    """Runs the sweep runs `runs` (whose loaded `configs` passed `why_not`) as one vectorised
+    group, each into out / its name as `sweep.run_one` does (skipped, resumed or started);
+    calls `on_done` as each ends. Returns the outcomes in the runs' order and the signal that
+    asked the sweep to stop (None if none did)."""
+    from .sweep import run_one
+
+    def work(i: int, executor: MemberExecutor) -> Any:
+        outcome = run_one(source, runs[i], out / runs[i].name, executor=executor)
+        on_done(outcome)
+        return outcome
+
+    return run_together(configs, work, print_line)
