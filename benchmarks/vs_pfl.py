@@ -133,6 +133,7 @@ def shared_data(args: argparse.Namespace):
 
 def run_fedsim(args: argparse.Namespace, data, rounds: int, imports: float) -> Result:
     """Builds and drives fedsim's run on `data`; returns its timings and last evaluation."""
+    from benchmarks._timing import record_round_ends
     from fedsim import runner
     from fedsim.config import load_config
 
@@ -142,15 +143,7 @@ def run_fedsim(args: argparse.Namespace, data, rounds: int, imports: float) -> R
     cfg = load_config(mapping)
     with mock.patch.object(runner, "build_federated_data", lambda *a, **k: data):  # the shared arrays
         run = runner.build(cfg)
-    ends: list[float] = []
-    step = run.protocol.step
-
-    def timed_step(ctx, state):
-        out = step(ctx, state)
-        ends.append(time.perf_counter())
-        return out
-
-    run.protocol.step = timed_step  # type: ignore[method-assign]
+    ends = record_round_ends(run)
     _sync(device)
     start = time.perf_counter()
     rows = runner.drive(run, None, progress=False)
