@@ -42,11 +42,29 @@ def toml_value(v) -> str:
     return repr(v)
 
 
+def node_key_pair(folder: Path, name: str) -> tuple[Path, Path]:
+    """Writes a SuperNode's ECDSA P-384 key pair in OpenSSH format (what `ssh-keygen -t ecdsa
+    -b 384` makes, as docs/flower.md tells users); returns (private, public) paths."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return private, public
+
+
 class Deployment:
     """See the module docstring. `nodes`: one node-config string per SuperNode; `env`: added
-    to every process's environment."""
+    to every process's environment. `secure`: TLS with the certificates of the shipped app's
+    generate_certs.sh, and SuperNode authentication (each node's public key registered with
+    `flwr supernode register` before it starts), as docs/flower.md's multi-machine recipe;
+    `unregistered` more SuperNodes start with keys that were never registered."""
 
-    def __init__(self, workdir: Path, nodes: list[str] = (), simulation: bool = False, env: dict | None = None):
+    def __init__(self, workdir: Path, nodes: list[str] = (), simulation: bool = False, env: dict | None = None,
+                 secure: bool = False, unregistered: int = 0):
         self.workdir = workdir
         self.home = workdir / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
@@ -60,16 +78,33 @@ class Deployment:
         )
         self.procs: list[subprocess.Popen] = []
         self.tree: dict[int, psutil.Process] = {}
+        self.secure = secure
         try:
-            self._start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+            if secure:
+                subprocess.run(["sh", str(ROOT / "experiments" / "flower_app" / "generate_certs.sh")], cwd=workdir,
+                               check=True, capture_output=True, timeout=60)
+                certs = workdir / "certificates"
+                link_tls = ["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
+                            "--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth"]
+                node_tls = ["--root-certificates", str(certs / "ca.crt")]
+                access = f'root-certificates = "{certs / "ca.crt"}"'
+            else:
+                link_tls, node_tls, access = ["--insecure"], ["--insecure"], "insecure = true"
+            (self.home / "config.toml").write_text(
+                f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.port}"\n{access}\n'
+            )
+            self._start("superlink", ["flower-superlink", *link_tls, "--host", "127.0.0.1", "--port", str(self.port),
                                       "--disable-runtime-dependency-installation", *(["--simulation"] if simulation else [])])
             self._wait_for_port()
-            for i, cfg in enumerate(nodes):
-                self._start(f"node{i}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+            for i, cfg in enumerate([*nodes, *["partition-id=0 num-partitions=1"] * unregistered]):
+                auth = []
+                if secure:
+                    private, public = node_key_pair(workdir, f"node{i}")
+                    if i < len(nodes):
+                        self.flwr("supernode", "register", str(public), "test")
+                    auth = ["--auth-supernode-private-key", str(private)]
+                self._start(f"node{i}", ["flower-supernode", *node_tls, *auth, "--superlink", f"127.0.0.1:{self.port}",
                                          "--port", str(free_port()), "--node-config", cfg])
-            (self.home / "config.toml").write_text(
-                f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
-            )
         except BaseException:
             self.stop()
             raise
@@ -118,6 +153,14 @@ class Deployment:
         if proc.poll() is None:
             raise TimeoutError(f"flwr run did not finish within {timeout} s:\n{self.logs()}")
         return subprocess.CompletedProcess(cmd, proc.returncode, proc.stdout.read(), "")
+
+    def flwr(self, *args: str) -> subprocess.CompletedProcess:
+        """Runs a `flwr` command against this deployment; raises with its output when it fails."""
+        res = subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.workdir, capture_output=True,
+                             text=True, timeout=120)
+        if res.returncode != 0:
+            raise RuntimeError(f"flwr {' '.join(args)} failed:\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
+        return res
 
     def runs(self) -> list[dict]:
         """Returns `flwr ls --format json`'s runs of this SuperLink (status, status-details…)."""
