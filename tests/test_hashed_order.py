@@ -99,3 +99,23 @@ def test_async_runs_agree_with_hashed_orders(cohort_sizes):  # noqa: F811
                                                                                     "torch_threads": 1}))
     cfg["protocol"] = {"name": "async", "concurrency": 4, "buffer_size": 2}
     assert_same_run(cfg, cohort_sizes)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "scaffold"])
+def test_bulk_deferred_jobs_equal_job_by_job(strategy):
+    from fedsim.config import load_config
+    from fedsim.runner import build
+
+    cfg = hashed(digits_config(strategy={"name": strategy}, executor={"kind": "vmap", "device": "cpu"}))
+    ctx = build(load_config(cfg)).ctx
+    assert ctx.device_orders is not None
+    payload = ctx.strategy.publish(ctx.strategy.init(ctx.initial_params))
+    clients = [5, 0, 7, 2]
+    bulk = ctx.make_jobs(clients, payload, 3, [10, 11, 12, 13])
+    for job, c, j in zip(bulk, clients, [10, 11, 12, 13]):
+        one = ctx.make_job(c, payload, 3, j)
+        assert (job.job_id, job.client, job.version, job.num_samples) == (one.job_id, one.client, one.version,
+                                                                           one.num_samples)
+        assert job.indices.shape == one.indices.shape and np.array_equal(np.asarray(job.indices), np.asarray(one.indices))
+        assert job.state.keys() == one.state.keys()
+        assert all(torch.equal(job.state[k], one.state[k]) for k in job.state)

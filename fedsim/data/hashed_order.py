@@ -117,10 +117,18 @@ class DeviceOrders:
         self.settings = (batch_size, epochs, steps, sampling, drop_last)
         self.seed = seed
         self.device = device
+        self._shapes: dict[int, tuple[int, int]] = {}
 
     def shape(self, client: int) -> tuple[int, int]:
         """The [K, B] shape of a job of `client`."""
-        return plan(int(self.counts[client]), *self.settings)
+        return self.shape_for(int(self.counts[client]))
+
+    def shape_for(self, n: int) -> tuple[int, int]:
+        """The [K, B] shape of a job over n samples (remembered per n)."""
+        shape = self._shapes.get(n)
+        if shape is None:
+            shape = self._shapes[n] = plan(n, *self.settings)
+        return shape
 
     def host(self, client: int, job_id: int) -> np.ndarray:
         """One job's indices computed on the host (the reference the device path equals)."""

@@ -100,10 +100,24 @@ class RunContext:
         `make_job` for each, with the keyed generators seeded in bulk."""
         clients, job_ids = [int(c) for c in clients], [int(j) for j in job_ids]
         each = payloads if not isinstance(payloads, Payload) else [payloads] * len(clients)
+        if self.device_orders is not None:
+            return self._deferred_jobs(clients, each, version, job_ids)
         if self.hashed:
             return [self._job(c, p, version, j, None) for c, p, j in zip(clients, each, job_ids)]
         gens = numpy_rngs(self.seed, "batches", clients, job_ids)
         return [self._job(c, p, version, j, g) for c, p, j, g in zip(clients, each, job_ids, gens)]
+
+    def _deferred_jobs(self, clients: list[int], payloads: Sequence[Payload], version: int,
+                       job_ids: list[int]) -> list[Job]:
+        """`make_jobs` when the executor draws hashed orders on its device: equal to `_job` for
+        each, with the sample counts, shapes and (for a stateless strategy) states in bulk."""
+        orders = self.device_orders
+        counts = orders.counts[np.asarray(clients, dtype=np.int64)].tolist()
+        shapes = [orders.shape_for(n) for n in counts]
+        stateless = self.strategy.client_state is None  # such a strategy never stores a state
+        states = [{} for _ in clients] if stateless else [self.client_state(c) for c in clients]
+        return [Job(j, c, version, p, st, DeferredIndices(orders, c, j, shape), n)
+                for c, p, j, st, shape, n in zip(clients, payloads, job_ids, states, shapes, counts)]
 
     def _job(self, client: int, payload: Payload, version: int, job_id: int, rng: np.random.Generator | None) -> Job:
         """One job; `rng` None: the hashed order (`local.shuffle: hash`), left to the executor's
