@@ -34,12 +34,19 @@ def cifar_shaped(
         num_test: Test images.
         noise: Standard deviation of the per-pixel noise around each class mean.
     """
-    gen = torch_generator(ctx.seed, "cifar_shaped")
-    means = torch.randn((10, 3, 32, 32), generator=gen)
+    return class_images(ctx.seed, "cifar_shaped", (3, 32, 32), 10, num_train, num_test, noise)
+
+
+def class_images(seed: int, purpose: str, shape: tuple[int, ...], classes: int, num_train: int, num_test: int,
+                 noise: float) -> SourceData:
+    """Gaussian images around one random mean per class, drawn from a generator keyed by
+    (seed, purpose); the first `num_train` are the training set."""
+    gen = torch_generator(seed, purpose)
+    means = torch.randn((classes, *shape), generator=gen)
     n = num_train + num_test
-    y = torch.randint(0, 10, (n,), generator=gen)
-    x = torch.randn((n, 3, 32, 32), generator=gen).mul_(noise).add_(means[y])
-    return SourceData(x[:num_train], y[:num_train], x[num_train:], y[num_train:], num_classes=10)
+    y = torch.randint(0, classes, (n,), generator=gen)
+    x = torch.randn((n, *shape), generator=gen).mul_(noise).add_(means[y])
+    return SourceData(x[:num_train], y[:num_train], x[num_train:], y[num_train:], num_classes=classes)
 
 
 def pfl_cnn(input_shape, num_classes: int, dropout: bool = True) -> nn.Module:
@@ -65,16 +72,5 @@ def femnist_shaped(
     noise: Annotated[float, Gt(0)] = 3.0,
 ) -> SourceData:
     """FEMNIST-shaped Gaussian class images (1×28×28, 62 classes; by default 3,400 writers'
-    worth, 226 each on average), generated from the seed.
-
-    Args:
-        num_train: Training images.
-        num_test: Test images.
-        noise: Standard deviation of the per-pixel noise around each class mean.
-    """
-    gen = torch_generator(ctx.seed, "femnist_shaped")
-    means = torch.randn((62, 1, 28, 28), generator=gen)
-    n = num_train + num_test
-    y = torch.randint(0, 62, (n,), generator=gen)
-    x = torch.randn((n, 1, 28, 28), generator=gen).mul_(noise).add_(means[y])
-    return SourceData(x[:num_train], y[:num_train], x[num_train:], y[num_train:], num_classes=62)
+    worth, 226 each on average), generated from the seed; arguments as `cifar_shaped`'s."""
+    return class_images(ctx.seed, "femnist_shaped", (1, 28, 28), 62, num_train, num_test, noise)
