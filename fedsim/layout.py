@@ -3,7 +3,7 @@
 The repository keeps the built-in strategies and topologies in top-level folders
 (``strategies/``, ``topologies/``) and the example configs and paper reproductions in
 ``experiments/``. An installed fedsim holds them inside its package — ``fedsim/strategies``,
-``fedsim/topologies``, ``fedsim/experiments`` (the ``package-dir`` mapping in pyproject.toml) —
+``fedsim/topologies``, ``fedsim/experiments`` (setup.py maps the folders there) —
 so nothing generic lands at the top of site-packages. Code imports them as
 ``fedsim.strategies`` and ``fedsim.topologies`` either way: in a checkout,
 `install_checkout_finder` (run by ``import fedsim``) makes exactly those two names resolve to
