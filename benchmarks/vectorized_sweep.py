@@ -2,7 +2,7 @@
 
 The workload is `pfl_cifar.py`'s (1,000 clients × 50 CIFAR-10-shaped images, 50 clients per
 round, one local epoch of batch 10, pfl's simple_cnn, FedAvg, central evaluation every 10
-rounds) with seeds 0..R-1. "separate" builds and drives the R runs one after the other,
+rounds) with seeds 0..R-1 (or, with `--vary lr`, R local learning rates on seed 0). "separate" builds and drives the R runs one after the other,
 each on its own vmap executor; "vectorised" drives them together as `fedsim sweep
 --vectorize` does (`fedsim/sweep_vectorized.py`): every round of the R runs is one vmap call
 over R × 50 clients. No run folders are written on either side. Prints each side's wall
@@ -14,6 +14,7 @@ dropout masks per combined call: reproducible, but not equal to the separate run
 random layers they are equal to rounding, tests/test_sweep_vectorized.py).
 
     python benchmarks/vectorized_sweep.py --device cuda [--seeds 4] [--rounds 300] [--precision tf32] [--compile]
+    python benchmarks/vectorized_sweep.py --device cuda --vary lr   # R local learning rates instead of R seeds
     python benchmarks/vectorized_sweep.py --quick      # a few rounds of a small cohort on the CPU
 """
 from __future__ import annotations
@@ -43,6 +44,9 @@ def configs(args: argparse.Namespace) -> tuple[dict, list]:
         base["data"].update(num_clients=100, num_train=5_000, num_test=500)
         base["protocol"]["clients_per_round"] = 10
         base["run"]["eval_every"] = args.rounds
+    if args.vary == "lr":  # R local learning rates lr·2^(i − R/2), seed 0: each job carries its run's rate
+        rates = [args.lr * 2.0 ** (i - args.seeds // 2) for i in range(args.seeds)]
+        return base, [load_config({**base, "local": {**base["local"], "lr": lr}}) for lr in rates]
     return base, [load_config({**base, "seed": seed}) for seed in range(args.seeds)]
 
 
@@ -81,6 +85,8 @@ def main() -> None:
     ap.add_argument("--shuffle", default="generator", help="local.shuffle (the vectorised runs make their orders on the host)")
     ap.add_argument("--compile", action="store_true", help="executor.compile: torch.compile each cohort shape")
     ap.add_argument("--order", choices=("separate-first", "vectorised-first"), default="separate-first")
+    ap.add_argument("--vary", choices=("seed", "lr"), default="seed",
+                    help="what differs between the R runs: the seed (0..R-1) or local.lr (lr·2^(i − R/2), seed 0)")
     ap.add_argument("--quick", action="store_true", help="5,000 images on 100 clients, 10 per round, 3 rounds, 2 seeds (a CPU check)")
     args = ap.parse_args()
     if args.quick:
@@ -99,7 +105,8 @@ def main() -> None:
         sides.reverse()
     took = {name: fn(cfgs) for name, fn in sides}
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    print(f"device: {name}; torch {torch.__version__}; precision {args.precision}; {args.seeds} seeds × "
+    what = "seeds" if args.vary == "seed" else "local learning rates"
+    print(f"device: {name}; torch {torch.__version__}; precision {args.precision}; {args.seeds} {what} × "
           f"{args.rounds} rounds of {base['protocol']['clients_per_round']} clients "
           f"(of {base['data']['num_clients']}), evaluation every {base['run']['eval_every']} rounds")
     for side, (secs, accs) in took.items():

@@ -74,7 +74,8 @@ def sweep(config: str | Path | Mapping[str, Any], grid: Mapping[str, Sequence[An
     local processes or as Ray tasks on `ray_address`. Returns the table of sweep.csv (one dict
     per run: its overrides, seed, status, wall time, error, final metrics); summary.csv is
     written beside it. Running it again skips the finished runs and resumes interrupted ones.
-    `vectorize`: the seeds of each combination share one vmap call per round (`--vectorize`)."""
+    `vectorize`: runs that can share vmap calls (seeds, local learning rates, server-side settings) run
+    together, one call per round (`--vectorize`)."""
     from .sweep import sweep as run_sweep
 
     axes = [(k, [override_text(v) for v in (vs if isinstance(vs, (list, tuple)) else [vs])]) for k, vs in grid.items()]

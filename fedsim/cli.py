@@ -209,7 +209,8 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--cpus-per-run", type=float, default=1.0, help="with --ray-address: CPUs each run asks for")
     sw.add_argument("--gpus-per-run", type=float, default=0.0, help="with --ray-address: GPUs each run asks for")
     sw.add_argument("--vectorize", action="store_true",
-                    help="run the seeds of each combination together, one vmap call per round (vmap executor)")
+                    help="run the runs that can share calls together (seeds; combinations that differ in local.lr/momentum/"
+                         "weight_decay or in settings that leave the local update unchanged): one vmap call per round")
     sw.set_defaults(func=_cmd_sweep)
 
     pl = sub.add_parser("plot", help="draw a metric of several runs: mean ± std over seeds per group of runs")

@@ -56,12 +56,19 @@ def sgd_step(y: Tensor, d: Tensor, buf: Tensor | None, hp: LocalHP, lr: Tensor |
 
     Returns (new y, new momentum buffer — None without momentum).
     """
-    if hp.weight_decay:
+    if _active(hp.weight_decay):
         d = d + hp.weight_decay * y
-    if hp.momentum:
+    if _active(hp.momentum):
         buf = d if buf is None else hp.momentum * buf + d
         d = buf
     return y - lr * d, buf
+
+
+def _active(value: Tensor | float) -> bool:
+    """Whether a weight decay or momentum term is applied: a nonzero number, or any tensor (a
+    job's own setting, one per client under vmap; a zero there gives the same result, since
+    ``d + 0·y = d`` and ``0·buf + d = d``)."""
+    return isinstance(value, torch.Tensor) or bool(value)
 
 
 def plain_sgd() -> LocalUpdate:

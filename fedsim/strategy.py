@@ -34,7 +34,7 @@ protocols it was designed for (FedAsync: one arrival at a time).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Union
 
 import torch
@@ -80,6 +80,27 @@ class LocalHP:
     lr: float
     momentum: float = 0.0
     weight_decay: float = 0.0
+
+
+JOB_HP_PREFIX = "hp."  # a job's own local hyperparameters travel as payload extras under this prefix
+JOB_HP_FIELDS = ("lr", "momentum", "weight_decay")
+
+
+def split_job_hp(hp: LocalHP, extras: Mapping[str, Any]) -> "tuple[LocalHP, Mapping[str, Any]]":
+    """Returns (the hyperparameters a job runs with, its payload extras without them).
+
+    A job may carry its own ``lr``, ``momentum`` or ``weight_decay`` as the extras ``hp.lr``,
+    ``hp.momentum``, ``hp.weight_decay`` (0-d tensors; under vmap, one per client): a
+    vectorised sweep over these settings puts them there, and every executor reads them
+    here, so a strategy's ``local`` sees them as ``hp`` fields and never as extras."""
+    if not any(k.startswith(JOB_HP_PREFIX) for k in extras):
+        return hp, extras
+    own = {k[len(JOB_HP_PREFIX):]: v for k, v in extras.items() if k.startswith(JOB_HP_PREFIX)}
+    unknown = sorted(set(own) - set(JOB_HP_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown job hyperparameter extra(s) {', '.join(JOB_HP_PREFIX + k for k in unknown)}")
+    rest = {k: v for k, v in extras.items() if not k.startswith(JOB_HP_PREFIX)}
+    return replace(hp, **own), rest
 
 
 @checkpointable

@@ -324,32 +324,34 @@ def run_local(source: str | Mapping[str, Any], runs: Sequence[SweepRun], out: Pa
 def run_vectorized(source: str | Mapping[str, Any], runs: Sequence[SweepRun], out: Path,
                    on_done: Callable[[Outcome], None], print_line: Callable[[str], Any]
                    ) -> tuple[list[Outcome], int | None, list[SweepRun]]:
-    """Runs the seeds of each combination in `runs` as one vectorised group where they can
-    share vmap calls; prints one line per combination that cannot. Returns the outcomes of
-    the runs it ran, the signal that stopped the sweep (None if none did) and the runs left
-    to run separately (all those not run once a signal stopped the sweep)."""
+    """Runs the runs in `runs` that can share vmap calls as vectorised groups (the seeds of a
+    combination, and combinations that differ only where runs may: `sweep_vectorized.groups`);
+    prints one line per run that cannot. Returns the outcomes of the runs it ran, the signal
+    that stopped the sweep (None if none did) and the runs left to run separately (all those
+    not run once a signal stopped the sweep)."""
     from .config import load_config
-    from .sweep_vectorized import run_group, why_not
+    from .sweep_vectorized import groups, run_group
 
-    combos: dict[tuple, list[SweepRun]] = {}
-    for r in runs:
-        combos.setdefault(r.values, []).append(r)
+    configs = [load_config(source, r.overrides()) for r in runs]
+    shared, alone = groups(configs)
+    by_reason: dict[str, list[int]] = {}
+    for i, reason in alone.items():
+        by_reason.setdefault(reason, []).append(i)
+    for reason, members in by_reason.items():
+        which = (f"all {len(members)} runs" if len(members) == len(runs) and len(runs) > 1 else
+                 f"{len(members)} run{'s' if len(members) > 1 else ''} ({', '.join(runs[i].name for i in members)})")
+        print_line(f"sweep: running {which} separately: {reason}")
     ran: list[Outcome] = []
-    separate: list[SweepRun] = []
-    for values, group in combos.items():
-        configs = [load_config(source, r.overrides()) for r in group]
-        reason = why_not(configs)
-        if reason is not None:
-            what = ", ".join(f"{k}={v}" for k, v in values) or "the runs"
-            print_line(f"sweep: {what}: running {len(group)} run{'s' if len(group) > 1 else ''} separately: {reason}")
-            separate += group
-            continue
-        outcomes, stopped = run_group(source, group, out, configs, on_done, print_line)
+    for members in shared:
+        group = [runs[i] for i in members]
+        if len(shared) > 1 or len(members) < len(runs):
+            print_line(f"sweep: {len(group)} runs share vmap calls: {', '.join(r.name for r in group)}")
+        outcomes, stopped = run_group(source, group, out, [configs[i] for i in members], on_done, print_line)
         ran += outcomes
         if stopped is not None:
             done = {o.run.name for o in ran}
             return ran + [Outcome(r, "not started") for r in runs if r.name not in done], stopped, []
-    return ran, None, separate
+    return ran, None, [runs[i] for i in sorted(alone)]
 
 
 def table(outcomes: Iterable[Outcome], keys: Sequence[str]) -> list[dict[str, Any]]:
@@ -444,9 +446,9 @@ def sweep(source: str | Path | Mapping[str, Any], axes: Sequence[tuple[str, Sequ
     """Runs the sweep into `out` (see the module docstring), writes sweep.csv and summary.csv
     there and returns sweep.csv's rows. `source`: a config file or mapping. With `ray_address`
     the runs are Ray tasks asking for `cpus_per_run` CPUs and `gpus_per_run` GPUs each;
-    otherwise `workers` local processes. With `vectorize`, the seeds of each combination
-    share one vmap call per round in this process (`fedsim.sweep_vectorized`), where they
-    can; the others run as before, after one line saying why. Raises FedsimError before
+    otherwise `workers` local processes. With `vectorize`, the runs that can share vmap
+    calls (`fedsim.sweep_vectorized.groups`) run together in this process, one call per
+    round; the others run as before, after one line saying why. Raises FedsimError before
     anything runs for a bad axis, seed list or config value."""
     source = str(Path(source).resolve()) if isinstance(source, (str, Path)) else dict(source)
     runs = plan(axes, seeds)

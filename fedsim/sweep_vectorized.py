@@ -1,4 +1,4 @@
-"""Vectorised sweeps: the seeds of one sweep combination share one vmap call per round.
+"""Vectorised sweeps: the runs of a sweep that can share calls run as one vmap call per round.
 
 Each run of a group is built and driven exactly as a single run (its own data, protocol,
 client state, events, checkpoints, run folder), in a thread of its own, with a
@@ -16,9 +16,14 @@ executor would, up to float rounding (different batch shapes pick different kern
 
 Every built-in protocol fits: a synchronous round hands in its cohort, an asynchronous run
 the jobs it dispatched until it needs a result, a decentralized round every node's step.
-A group is vectorised only when its runs differ in the seed alone and run on the vmap
-executor (`why_not`); otherwise, and when the runs' models or data turn out to have
-different shapes once built, the runs run separately and one line says why.
+Runs may differ in more than the seed (`why_not`): in the local learning rate, momentum and
+weight decay, which each job then carries as its own (`fedsim.strategy.split_job_hp`), and in
+the strategy, protocol, system, run and data settings, as long as their clients' local update
+is the same function (`fedsim.closures.same_function`: a different server learning rate
+qualifies, a different FedProx μ does not) and everything else — model, executor, the rest of
+`local` — is equal. `groups` splits a sweep's runs into groups that can share calls. When the
+built runs' models or data turn out to differ in shape, or their local updates differ, the
+runs run separately and one line says why.
 """
 from __future__ import annotations
 
@@ -37,36 +42,109 @@ from .executors.base import Executor, Job, WorkerSpec, build_executor
 from .executors.precision import precision
 from .executors.vmap import VmapExecutor, resolve_device
 from .rng import initialised_cuda, set_torch_states, torch_states
-from .strategy import Strategy, Tensor
+from .strategy import JOB_HP_FIELDS, JOB_HP_PREFIX, Payload, Strategy, Tensor
 from .task import Task
 
 VECTORISED_PROTOCOLS = ("sync", "async", "decentralized", "async_gossip")  # the built-in ones
 T = TypeVar("T")
 
 
+FREE_KEYS = ("seed", "name", "local.lr", "local.momentum", "local.weight_decay")  # may differ between runs
+FREE_SECTIONS = ("strategy", "protocol", "system", "run", "data")  # may differ if the local updates are the same
+BOUND_KEYS = ("run.torch_threads",)  # one process: must be equal
+FREE_TEXT = ("the seed, local.lr, local.momentum, local.weight_decay and the strategy, protocol, system, run "
+             "and data settings")
+
+
+def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Returns the dotted keys whose values differ between two resolved config mappings."""
+    out = []
+    for k in list(a) + [k for k in b if k not in a]:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out += differing_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def _free(key: str) -> bool:
+    return key not in BOUND_KEYS and (key in FREE_KEYS or key.split(".")[0] in FREE_SECTIONS)
+
+
 def why_not(configs: Sequence[Any]) -> str | None:
     """Returns why the runs of `configs` (fedsim Configs) cannot share vmap calls, or None
-    when they can: at least two runs, the vmap executor, a built-in protocol (a plugin
-    protocol may use the executor in ways a shared one does not follow), and configs that
-    differ in nothing but the seed."""
+    when they can: at least two runs, the vmap executor, built-in protocols (a plugin
+    protocol may use the executor in ways a shared one does not follow), configs that differ
+    only where runs may (`FREE_KEYS`, `FREE_SECTIONS`), and, where their strategy settings
+    differ, local updates that are the same function (built here without a StrategyContext;
+    the shared executor checks the runs' own strategies again once they are built)."""
     if len(configs) < 2:
         return "a single run"
     first = configs[0]
     if first.executor.name != "vmap":
         return f"executor.kind is {first.executor.name!r}, not 'vmap'"
-    if first.protocol.name not in VECTORISED_PROTOCOLS:
-        return f"protocol {first.protocol.name!r}: only the built-in protocols are vectorised"
-
-    def without_seed(cfg: Any) -> dict:
-        resolved = dict(cfg.resolved())
-        resolved.pop("seed", None)
-        return resolved
-
-    base = without_seed(first)
+    for cfg in configs:
+        if cfg.protocol.name not in VECTORISED_PROTOCOLS:
+            return f"protocol {cfg.protocol.name!r}: only the built-in protocols are vectorised"
+    base = first.resolved()
+    strategy_differs = False
     for cfg in configs[1:]:
-        if without_seed(cfg) != base:
-            return "the runs differ in more than their seed"
+        keys = differing_keys(base, cfg.resolved())
+        bound = [k for k in keys if not _free(k)]
+        if bound:
+            return f"the runs differ in {bound[0]} (runs that share calls may differ only in {FREE_TEXT})"
+        strategy_differs = strategy_differs or any(k.startswith("strategy.") for k in keys)
+    if strategy_differs:
+        return local_mismatch([_built_strategy(cfg) for cfg in configs])
     return None
+
+
+def _built_strategy(cfg: Any) -> Strategy | None:
+    from .wrappers import build_strategy
+
+    try:
+        return build_strategy(cfg.strategy, None)
+    except Exception:  # noqa: BLE001 - a factory that needs its run's context: cannot tell here
+        return None
+
+
+def local_mismatch(strategies: Sequence[Strategy | None]) -> str | None:
+    """Returns why the strategies' client updates differ (None: they are the same function, so
+    one of them can run every run's clients)."""
+    from .closures import same_function
+
+    first = strategies[0]
+    for other in strategies[1:]:
+        if first is None or other is None:
+            return "their strategies could not be built to compare their local updates"
+        if not same_function(first.local, other.local):
+            return "their strategies' local updates differ (a client-side setting differs)"
+        if (first.client_state is None) != (other.client_state is None):
+            return "their strategies' local updates differ (one keeps client state, one does not)"
+    return None
+
+
+def groups(configs: Sequence[Any]) -> tuple[list[list[int]], dict[int, str]]:
+    """Splits runs (their Configs) into groups that can share vmap calls: each run joins the
+    first group it can share with (`why_not`). Returns the groups of two or more runs (indices
+    into `configs`, in order) and, for each run left alone, why it could not join the first group."""
+    formed: list[list[int]] = []
+    for i, cfg in enumerate(configs):
+        # what may differ is compared with the group's first run: a run that differs from it only
+        # where runs may differ differs from every other member only there too
+        g = next((g for g in formed if why_not([configs[g[0]], cfg]) is None), None)
+        if g is None:
+            formed.append([i])
+        else:
+            g.append(i)
+    alone: dict[int, str] = {}
+    for g in formed:
+        if len(g) == 1:
+            other = 1 if g[0] == 0 else 0
+            reason = why_not([configs[g[0]]] if len(configs) == 1 else [configs[other], configs[g[0]]])
+            alone[g[0]] = reason or "no other run left to share with"
+    return [g for g in formed if len(g) > 1], alone
 
 
 def shape_mismatch(specs: Sequence[WorkerSpec]) -> str | None:
@@ -102,6 +180,8 @@ class SharedVmap:
         self.offsets: dict[int, int] | None = None  # each run's first row in the shared training set
         self.stop_signal: int | None = None
         self.next_id = 0
+        self.job_hp: dict[int, dict[str, float]] = {}  # each run's local settings where the runs' differ
+        self._hp_tensors: dict[tuple, dict[str, Tensor]] = {}
 
     # ---- the barrier ------------------------------------------------------------------------
     def exchange(self, member: int, jobs: list[Job]) -> Contributions:
@@ -167,6 +247,9 @@ class SharedVmap:
         members = sorted(self.specs)
         specs = [self.specs[m][0] for m in members]
         problem = shape_mismatch(specs)
+        if problem is None:
+            problem = local_mismatch([st if st is not None else spec.strategy.build()
+                                      for spec, st in (self.specs[m] for m in members)])
         if problem is not None:
             self.print_line(f"sweep: running these {len(members)} runs separately: {problem}")
             self.solo = {}
@@ -189,6 +272,10 @@ class SharedVmap:
             xs.append(spec.x_train)
             ys.append(spec.y_train)
             at += len(spec.x_train)
+        # the local settings that differ between runs travel with each job (`split_job_hp`)
+        differ = [f for f in JOB_HP_FIELDS if len({float(getattr(spec.hp, f)) for spec in specs}) > 1]
+        self.job_hp = {m: {f"{JOB_HP_PREFIX}{f}": float(getattr(spec.hp, f)) for f in differ}
+                       for m, spec in zip(members, specs)} if differ else {}
         first, strategy = self.specs[members[0]]
         shared = replace(first, x_train=torch.cat(xs) if len(xs) > 1 else xs[0],
                          y_train=torch.cat(ys) if len(ys) > 1 else ys[0])
@@ -204,9 +291,11 @@ class SharedVmap:
         own_ids: list[int] = []
         for member, part in batch.items():
             off = self.offsets[member]
+            hp = self._hp_extras(member, part[0].payload.params) if self.job_hp and part else None
             for job in part:
                 idx = job.indices if off == 0 else np.where(job.indices >= 0, job.indices + off, -1)
-                jobs.append(replace(job, job_id=self.next_id + len(jobs), indices=idx))
+                payload = job.payload if hp is None else Payload(job.payload.params, {**job.payload.extras, **hp})
+                jobs.append(replace(job, job_id=self.next_id + len(jobs), indices=idx, payload=payload))
                 member_of.append(member)
                 own_ids.append(job.job_id)
         base, self.next_id = self.next_id, self.next_id + len(jobs)
@@ -217,6 +306,15 @@ class SharedVmap:
         for member in batch:
             mine = np.flatnonzero(members == member)
             self.results[member] = merged.take(mine).replace(jobs=own[mine])
+
+    def _hp_extras(self, member: int, like: Tensor) -> dict[str, Tensor]:
+        """`member`'s own local settings as 0-d tensors of `like`'s dtype and device (made once)."""
+        key = (member, like.dtype, like.device)
+        got = self._hp_tensors.get(key)
+        if got is None:
+            got = self._hp_tensors[key] = {k: torch.tensor(v, dtype=like.dtype, device=like.device)
+                                           for k, v in self.job_hp[member].items()}
+        return got
 
     def evaluate(self, member: int, task: Task, params: Tensor, x: Tensor, y: Tensor, batch_size: int,
                  cache: dict) -> dict[str, float | None]:

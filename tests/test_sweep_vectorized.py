@@ -132,8 +132,11 @@ def test_runs_that_cannot_share_calls_run_separately_with_one_line(tmp_path, sha
     assert why_not([load_config(quad, [f"seed={s}"]) for s in (0, 1)]) is None
     serial = {**quad, "executor": {"kind": "serial"}}
     assert why_not([load_config(serial, [f"seed={s}"]) for s in (0, 1)]) == "executor.kind is 'serial', not 'vmap'"
-    assert why_not([load_config(quad, ["seed=0"]), load_config(quad, ["seed=1", "local.lr=0.1"])]) == \
-        "the runs differ in more than their seed"
+    assert why_not([load_config(quad, ["seed=0"]), load_config(quad, ["seed=1", "model.name=mlp"])]) == (
+        "the runs differ in model.name (runs that share calls may differ only in the seed, local.lr, "
+        "local.momentum, local.weight_decay and the strategy, protocol, system, run and data settings)")
+    assert why_not([load_config(quad, ["local.batch_size=2"]), load_config(quad)]).startswith(
+        "the runs differ in local.batch_size ")
 
 
 def test_asynchronous_runs_share_calls_too(shared_calls):
@@ -184,3 +187,98 @@ def test_each_run_draws_from_its_own_generators(tmp_path, shared_calls):
     assert set(shared_calls) == {3}
     for seed, got in zip(SEEDS, rows):
         assert_rows_close(got, run_config(cfg, None, overrides=(f"seed={seed}",)).rows)
+
+
+def test_runs_with_their_own_local_settings_share_calls_and_equal_single_runs(tmp_path, shared_calls):
+    # local.lr, local.momentum and local.weight_decay travel with each job: one call per round
+    # for all eight runs, each equal to its single run
+    cfg = vmap_config()
+    axes = [("local.lr", ["0.03", "0.05"]), ("local.momentum", ["0.0", "0.9"]), ("local.weight_decay", ["0.0", "0.01"])]
+    lines: list[str] = []
+    rows = sweep(cfg, axes, [0], tmp_path / "s", print_line=lines.append, vectorize=True)
+    assert [r["status"] for r in rows] == ["done"] * 8
+    assert not any("separately" in line for line in lines), lines
+    assert shared_calls == [8] * 6
+    finals = set()
+    for r in rows:
+        over = [f"{k}={r[k]}" for k, _ in axes]
+        single = run_config(cfg, None, overrides=(*over, "seed=0"))
+        assert_rows_close(read_rows(tmp_path / "s" / r["run"] / "metrics.jsonl"), json.loads(json.dumps(single.rows)))
+        finals.add(round(r["test_loss"], 6))
+    assert len(finals) == 8  # every setting changed the run: the shared call used each run's own
+
+
+def test_server_side_settings_share_calls_and_client_side_ones_do_not(tmp_path, shared_calls):
+    cfg = vmap_config()
+    lines: list[str] = []
+    rows = sweep(cfg, [("strategy.server_lr", ["0.5", "1.0"])], [0, 1], tmp_path / "a", print_line=lines.append,
+                 vectorize=True)
+    assert [r["status"] for r in rows] == ["done"] * 4 and shared_calls == [4] * 6, lines
+    for r in rows:
+        single = run_config(cfg, None, overrides=(f"strategy.server_lr={r['strategy.server_lr']}", f"seed={r['seed']}"))
+        assert_rows_close(read_rows(tmp_path / "a" / r["run"] / "metrics.jsonl"), json.loads(json.dumps(single.rows)))
+
+    # FedProx's mu is closed over by its local update: the two values cannot share a call, but
+    # the seeds of each can
+    shared_calls.clear()
+    lines.clear()
+    prox = vmap_config()
+    prox["strategy"] = {"name": "fedprox", "mu": 0.01}
+    rows = sweep(prox, [("strategy.mu", ["0.01", "0.1"])], [0, 1], tmp_path / "b", print_line=lines.append,
+                 vectorize=True)
+    assert [r["status"] for r in rows] == ["done"] * 4
+    assert shared_calls == [2] * 12, shared_calls  # two groups of two seeds, 6 rounds each
+    assert sum("runs share vmap calls" in line for line in lines) == 2, lines
+    configs = [load_config(prox, [f"strategy.mu={mu}"]) for mu in (0.01, 0.1)]
+    assert why_not(configs) == "their strategies' local updates differ (a client-side setting differs)"
+
+
+def test_groups_put_each_run_with_the_first_it_can_share_with():
+    quad = vmap_config()
+    serial = {**quad, "executor": {"kind": "serial"}}
+    configs = [load_config(quad, ["local.lr=0.03"]), load_config(quad, ["model.name=mlp"]),
+               load_config(quad, ["local.lr=0.05", "seed=3"]), load_config(serial)]
+    shared, alone = sweep_vectorized.groups(configs)
+    assert shared == [[0, 2]]
+    assert alone[1].startswith("the runs differ in model.name")
+    assert alone[3].startswith("the runs differ in executor.")
+
+
+def test_a_job_s_own_zero_momentum_and_weight_decay_change_nothing():
+    # a job's own settings are tensors, for which sgd_step always applies both terms: with
+    # zeros that gives the scalar path's result bit for bit
+    from fedsim.local import sgd_steps
+    from fedsim.strategy import Batches, LocalHP, split_job_hp
+
+    g = torch.Generator().manual_seed(0)
+    x0, target = torch.randn(7, generator=g), torch.randn(4, 7, generator=g)
+    batches = Batches(target, torch.zeros(4), torch.ones(4))
+
+    def grad_fn(y, batch):
+        return 2 * (y - batch.x), ((y - batch.x) ** 2).sum()
+
+    scalar = sgd_steps(x0, batches, grad_fn, LocalHP(0.1))
+    hp, extras = split_job_hp(LocalHP(0.5), {"c": x0, "hp.lr": torch.tensor(0.1), "hp.momentum": torch.tensor(0.0),
+                                             "hp.weight_decay": torch.tensor(0.0)})
+    assert set(extras) == {"c"} and isinstance(hp.momentum, torch.Tensor)
+    tensor = sgd_steps(x0, batches, grad_fn, hp)
+    assert torch.equal(scalar[0], tensor[0]) and torch.equal(scalar[1], tensor[1])
+    with pytest.raises(ValueError, match="hp.beta"):
+        split_job_hp(LocalHP(0.1), {"hp.beta": torch.tensor(0.9)})
+
+
+def test_the_serial_worker_runs_a_job_with_its_own_settings():
+    # the vmap executor's fallback re-runs jobs on the serial worker: it must read them too
+    from dataclasses import replace
+
+    from fedsim.executors.base import Worker
+    from fedsim.strategy import Payload
+
+    run = build(load_config(quadratic_config(), ["local.lr=0.05"]))
+    job = run.ctx.make_job(0, run.ctx.strategy.publish(run.ctx.strategy.init(run.ctx.initial_params)), 0, 0)
+    worker = run.ctx.executor._worker
+    slow = worker.run(replace(job, payload=Payload(job.payload.params, {"hp.lr": torch.tensor(0.01, dtype=job.payload.params.dtype)})))
+    spec = replace(worker.spec, hp=replace(worker.spec.hp, lr=0.01))
+    want = Worker(spec).run(job)
+    assert torch.equal(slow.update, want.update)
+    assert not torch.equal(worker.run(job).update, want.update)

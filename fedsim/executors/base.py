@@ -24,7 +24,7 @@ from ..errors import ClientJobError
 from ..rng import cuda_index, key, keyed_torch
 from ..contributions import Contributions, from_outputs
 from ..state_types import checkpointable
-from ..strategy import ClientOutput, LocalHP, Payload, Strategy, Tensor
+from ..strategy import ClientOutput, LocalHP, Payload, Strategy, Tensor, split_job_hp
 from ..task import Task
 
 if TYPE_CHECKING:
@@ -91,7 +91,9 @@ class Worker:
         try:
             # random layers (dropout) draw from the job's key, on the CPU and the data's CUDA device
             with keyed_torch(key(spec.seed, "job", job.job_id), cuda_index(spec.x_train.device)):
-                out = self.strategy.local(job.payload, job.state, batches, spec.task.step_grad_fn, spec.hp)
+                hp, extras = split_job_hp(spec.hp, job.payload.extras)  # a job's own lr/momentum/weight decay
+                payload = job.payload if extras is job.payload.extras else Payload(job.payload.params, extras)
+                out = self.strategy.local(payload, job.state, batches, spec.task.step_grad_fn, hp)
         except Exception:  # noqa: BLE001 - user code: keep the original traceback
             return traceback.format_exc()
         return ClientOutput(

@@ -32,7 +32,7 @@ from ..config import Ge, OneOf
 from ..errors import ConfigError, FedsimError
 from ..registry import EXECUTORS
 from ..rng import cuda_index, key, keyed_torch
-from ..strategy import Batches, GradFn, Payload, Strategy, Tensor
+from ..strategy import Batches, GradFn, Payload, Strategy, Tensor, split_job_hp
 from ..task import Task
 from ..contributions import Contributions, from_outputs
 from .base import Executor, Job, Worker, WorkerSpec
@@ -305,7 +305,8 @@ class VmapExecutor(Executor):
         local, hp = self.strategy.local, self.spec.hp
 
         def one(params, extras, state, x, y, mask):
-            out = local(Payload(params, extras), state, Batches(x, y, mask), grad_fn, hp)
+            own_hp, extras = split_job_hp(hp, extras)  # a job's own lr/momentum/weight decay (vectorised sweeps)
+            out = local(Payload(params, extras), state, Batches(x, y, mask), grad_fn, own_hp)
             return out.update, dict(out.state), _as_tensors(out.extras), _as_tensors(out.metrics)
 
         mapped = torch.func.vmap(one, in_dims=st.in_dims, randomness=self.randomness)
