@@ -15,6 +15,7 @@ the process. This is the only module that seeds or forks a global generator.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from contextlib import contextmanager
 from typing import Iterator, Sequence
@@ -141,10 +142,33 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64_int(x: int) -> int:
+    """`_splitmix64` of one unsigned 64-bit value as a Python int (the same bits)."""
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+@functools.lru_cache(maxsize=1024)
+def _stream_key(seed: int, purpose: str, extra: tuple[int, ...]) -> int:
+    return key(seed, purpose, *extra)
+
+
 def uniform(seed: int, purpose: str, ids: np.ndarray | int, *extra: int) -> np.ndarray:
-    """Returns one U[0, 1) draw per id, keyed by (seed, purpose, extra, id)."""
-    base = np.uint64(key(seed, purpose, *extra))
-    ids64 = np.asarray(ids, dtype=np.int64).astype(np.uint64)
+    """Returns one U[0, 1) draw per id, keyed by (seed, purpose, extra, id) (an array of the
+    shape of `ids`). One id is drawn in Python integers: the same bits, without numpy's
+    per-call overhead (the asynchronous protocols draw job by job)."""
+    ids_arr = np.asarray(ids, dtype=np.int64)
+    if ids_arr.size == 1:
+        x = int(ids_arr.reshape(-1)[0]) & _M64
+        bits = _splitmix64_int(_splitmix64_int((x * 0xD1B54A32D192ED03) & _M64) ^ _stream_key(seed, purpose, extra))
+        return np.full(ids_arr.shape, (bits >> 11) * (1.0 / (1 << 53)))
+    base = np.uint64(_stream_key(seed, purpose, extra))
+    ids64 = ids_arr.astype(np.uint64)
     with np.errstate(over="ignore"):
         bits = _splitmix64(_splitmix64(ids64 * np.uint64(0xD1B54A32D192ED03)) ^ base)
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))

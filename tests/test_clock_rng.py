@@ -112,6 +112,17 @@ def test_keyed_draws_depend_on_key_only():
     assert rng.numpy_rng(0, "x", 1).integers(1 << 30) == rng.numpy_rng(0, "x", 1).integers(1 << 30)
 
 
+def test_one_id_is_drawn_as_in_a_batch_bit_for_bit():
+    # a single id takes the Python-integer path; a batch the numpy one: the same bits
+    ids = np.array([0, 1, 5, 2**40, 2**63 - 1, -1, -(2**63), 123456789], dtype=np.int64)
+    batch = rng.uniform(7, "p", ids, 3)
+    one_by_one = [rng.uniform(7, "p", np.array([i]), 3) for i in ids] + [rng.uniform(7, "p", int(i), 3) for i in ids]
+    assert [x.shape for x in one_by_one] == [(1,)] * len(ids) + [()] * len(ids)
+    assert np.array_equal(np.concatenate([x.reshape(1) for x in one_by_one]).view(np.uint64),
+                          np.concatenate([batch, batch]).view(np.uint64))
+    assert np.array_equal(rng.normal(7, "p", ids), np.concatenate([rng.normal(7, "p", [i]) for i in ids]))
+
+
 def test_uniform_and_normal_laws():
     u = rng.uniform(0, "law", np.arange(200_000))
     assert 0 <= u.min() and u.max() < 1

@@ -296,9 +296,10 @@ class Engine:
         if st.free <= 0:
             return
         t = st.time
-        busy = {f.client for f in st.flights.values()}
-        busy.update(st.parked)
-        idle = np.array([c for c in range(self.num_clients) if c not in busy], dtype=np.int64)
+        busy = np.zeros(self.num_clients, dtype=bool)
+        busy[[f.client for f in st.flights.values()]] = True
+        busy[st.parked] = True
+        idle = np.flatnonzero(~busy).astype(np.int64, copy=False)
         ready = self.clock.available(idle, t) if len(idle) else idle
         if len(ready) > st.free:
             ready = np.sort(numpy_rng(self.seed, "async/dispatch", st.next_job).choice(ready, st.free, replace=False))

@@ -34,7 +34,7 @@ and equals them when the horizon is a whole number of the schedule's periods).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Iterable, Optional
 
 import numpy as np
 
@@ -226,8 +226,14 @@ class AsyncProtocol(Protocol, Hooks):
         got = got.replace(weights=weights, staleness=staleness, bases=bases[0] if len(set(map(id, bases))) == 1 else bases)
         got, memory = ctx.receive(got, st.rounds, time)
         st.server = ctx.strategy.combine(st.server, got, CombineContext(ctx.num_clients, st.version, to_seconds(time)))
+        # jobs still computing, by client: their stored states are kept before accepting changes them
+        # (a stateless strategy stores none, so there is nothing to keep)
+        computing: dict[int, list[int]] = {}
+        if ctx.strategy.client_state is not None:
+            for f in st.flights.values():
+                computing.setdefault(f.client, []).append(f.job)
         for i, u in enumerate(updates):  # one by one: a client may have several updates in the buffer
-            self._keep_dispatch_states(st, u.client)
+            self._keep_dispatch_states(st, u.client, computing.get(u.client, ()))
             ctx.accept(got.row(i), {k: v[i : i + 1] for k, v in memory.items()})
             self.release(st, u.job, u.version)
         st.staleness_seen.extend(staleness.tolist())
@@ -247,11 +253,12 @@ class AsyncProtocol(Protocol, Hooks):
                 return u.job, {k: v[0] for k, v in row.state.items()}
         return None
 
-    def _keep_dispatch_states(self, st: AsyncState, client: int) -> None:
-        """Before `client`'s stored state changes: remembers it for the client's jobs still computing."""
-        for f in st.flights.values():
-            if f.client == client and f.job not in st.results and f.job not in st.dispatch_states:
-                st.dispatch_states[f.job] = self.ctx.client_state(client)
+    def _keep_dispatch_states(self, st: AsyncState, client: int, jobs: Iterable[int]) -> None:
+        """Before `client`'s stored state changes: remembers it for its jobs `jobs` (in flight)
+        that are still computing."""
+        for job in jobs:
+            if job not in st.results and job not in st.dispatch_states:
+                st.dispatch_states[job] = self.ctx.client_state(client)
 
     def release(self, st: AsyncState, job: int, version: int) -> None:
         st.results.pop(job, None)
