@@ -113,6 +113,8 @@ class SyncProtocol(RoundProtocol):
     def setup(self, ctx: RunContext) -> None:
         self.cohort_size(ctx.num_clients)
         self._p = importance(ctx.data.samples_per_client(), self.client_weights)
+        self._everyone = np.arange(ctx.num_clients)
+        self._everyone.flags.writeable = False
 
     def init(self, ctx: RunContext) -> SyncState:
         state = SyncState(server=ctx.strategy.init(ctx.initial_params))
@@ -126,7 +128,7 @@ class SyncProtocol(RoundProtocol):
         if ctx.out_of_rounds(state):
             return FINISH
         t0 = ctx.clock.start(state.time)
-        available = ctx.clock.available(np.arange(ctx.num_clients), t0)
+        available = ctx.clock.available(self._everyone, t0)
         if len(available) == 0:
             return WAIT
         m = min(self.cohort_size(ctx.num_clients), len(available))

@@ -53,6 +53,7 @@ class AvailabilityModel:
 
     available: Callable[[np.ndarray, float], np.ndarray]
     next_change: Callable[[float], float]
+    always: bool = False  # every client is available at every time (callers may skip the mask)
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ def lognormal_link(
 @AVAILABILITY_MODELS.register("always")
 def always(ctx: SystemContext) -> AvailabilityModel:
     """Every client is always available."""
-    return AvailabilityModel(lambda ids, t: np.ones(len(ids), dtype=bool), lambda t: math.inf)
+    return AvailabilityModel(lambda ids, t: np.ones(len(ids), dtype=bool), lambda t: math.inf, always=True)
 
 
 @AVAILABILITY_MODELS.register("bernoulli")

@@ -80,6 +80,8 @@ class Population:
     def available(self, clients: np.ndarray, t: float) -> np.ndarray:
         """Returns the ids among `clients` available at virtual time t (seconds)."""
         clients = np.asarray(clients)
+        if self.availability.always:
+            return clients
         return clients[np.asarray(self.availability.available(clients, t), dtype=bool)]
 
     def next_availability_change(self, t: float) -> float:
