@@ -15,6 +15,7 @@ random layers they are equal to rounding, tests/test_sweep_vectorized.py).
 
     python benchmarks/vectorized_sweep.py --device cuda [--seeds 4] [--rounds 300] [--precision tf32] [--compile]
     python benchmarks/vectorized_sweep.py --device cuda --vary lr   # R local learning rates instead of R seeds
+    python benchmarks/vectorized_sweep.py --workload w --device cpu --rounds 40 --lr 0.05   # workload W's MLP
     python benchmarks/vectorized_sweep.py --quick      # a few rounds of a small cohort on the CPU
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from benchmarks._workload import workload_w  # noqa: E402
 from benchmarks.pfl_cifar import config as pfl_config  # noqa: E402
 from fedsim.config import load_config  # noqa: E402
 from fedsim.runner import build, drive  # noqa: E402
@@ -38,16 +40,27 @@ from fedsim.sweep_vectorized import run_together, why_not  # noqa: E402
 
 def configs(args: argparse.Namespace) -> tuple[dict, list]:
     """The benchmark's config mapping and the R runs' Configs (seeds 0..R-1)."""
+    if args.workload == "w":  # workload W (MLP 60-200-10, all 100 clients every round)
+        base = workload_w(args.rounds, "vmap", device=args.device, precision=args.precision, compile=args.compile)
+        base["local"] = {**base["local"], "lr": args.lr, "shuffle": args.shuffle}
+        base["run"] = {**base["run"], "eval_every": min(10, args.rounds), "partition_plot": False}
+        return base, _vary(base, args)
     base = pfl_config(args.rounds, args.device, args.precision, "native", args.device == "cuda", args.lr,
                       args.shuffle, args.compile)
     if args.quick:
         base["data"].update(num_clients=100, num_train=5_000, num_test=500)
         base["protocol"]["clients_per_round"] = 10
         base["run"]["eval_every"] = args.rounds
-    if args.vary == "lr":  # R local learning rates lr·2^(i − R/2), seed 0: each job carries its run's rate
+    return base, _vary(base, args)
+
+
+def _vary(base: dict, args: argparse.Namespace) -> list:
+    """The R runs' Configs: seeds 0..R-1, or R local learning rates lr·2^(i − R/2) on seed 0
+    (each job then carries its run's rate)."""
+    if args.vary == "lr":
         rates = [args.lr * 2.0 ** (i - args.seeds // 2) for i in range(args.seeds)]
-        return base, [load_config({**base, "local": {**base["local"], "lr": lr}}) for lr in rates]
-    return base, [load_config({**base, "seed": seed}) for seed in range(args.seeds)]
+        return [load_config({**base, "local": {**base["local"], "lr": lr}}) for lr in rates]
+    return [load_config({**base, "seed": seed}) for seed in range(args.seeds)]
 
 
 def sync() -> None:
@@ -85,6 +98,8 @@ def main() -> None:
     ap.add_argument("--shuffle", default="generator", help="local.shuffle (the vectorised runs make their orders on the host)")
     ap.add_argument("--compile", action="store_true", help="executor.compile: torch.compile each cohort shape")
     ap.add_argument("--order", choices=("separate-first", "vectorised-first"), default="separate-first")
+    ap.add_argument("--workload", choices=("pfl", "w"), default="pfl",
+                    help="pfl: pfl_cifar.py's CNN shape; w: workload W (MLP 60-200-10, 100 clients, all per round)")
     ap.add_argument("--vary", choices=("seed", "lr"), default="seed",
                     help="what differs between the R runs: the seed (0..R-1) or local.lr (lr·2^(i − R/2), seed 0)")
     ap.add_argument("--quick", action="store_true", help="5,000 images on 100 clients, 10 per round, 3 rounds, 2 seeds (a CPU check)")
@@ -107,7 +122,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     what = "seeds" if args.vary == "seed" else "local learning rates"
     print(f"device: {name}; torch {torch.__version__}; precision {args.precision}; {args.seeds} {what} × "
-          f"{args.rounds} rounds of {base['protocol']['clients_per_round']} clients "
+          f"{args.rounds} rounds of {base['protocol'].get('clients_per_round', 'all')} clients "
           f"(of {base['data']['num_clients']}), evaluation every {base['run']['eval_every']} rounds")
     for side, (secs, accs) in took.items():
         print(f"{side:>10}: {secs:8.2f} s wall, {secs / args.rounds * 1000:8.1f} ms per round of all "

@@ -5,13 +5,15 @@ settings (a server learning rate, server momentum) get client updates that are d
 function objects but the same code over equal captured values. `same_function` tells those
 apart from closures that capture a different client-side setting (FedProx's μ, SAM's ρ), so
 a vectorised sweep can run several runs' clients through one of their `local` functions.
+`lift` goes one step further: closures that differ only in captured floats (μ, ρ, β) become
+one template whose floats are passed in, so those runs can share a call too.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import types
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -76,3 +78,81 @@ def _same_cells(a: tuple | None, b: tuple | None, seen: set[tuple[int, int]]) ->
         if not _same(vx, vy, seen):
             return False
     return True
+
+
+class Lifted:
+    """Functions that differ only in floats they close over, as one template: `build(values)`
+    returns a function like theirs with those floats replaced by `values` (e.g. 0-d tensors,
+    one per client under vmap); `values[r]` holds function r's own floats, `names` the
+    captured names they were bound to."""
+
+    def __init__(self, build: Callable[[Sequence[Any]], Callable], values: list[tuple[float, ...]],
+                 names: tuple[str, ...]):
+        self.build, self.values, self.names = build, values, names
+
+
+def lift(fns: Sequence[Callable]) -> Lifted | None:
+    """Returns the `Lifted` template of Python functions `fns` that have the same code,
+    defaults and attributes and close over values that are equal (`same_function`) except
+    for Python floats (at any depth of nested closures); None when they differ otherwise, or
+    when they do not differ at all."""
+    slots: list[tuple[str, tuple[float, ...]]] = []
+    plan = _plan(list(fns), slots, set())
+    if plan is None or not slots:
+        return None
+
+    def build(values: Sequence[Any]) -> Callable:
+        if len(values) != len(slots):
+            raise ValueError(f"{len(slots)} captured values expected, got {len(values)}")
+        return _rebuild(plan, values)
+
+    return Lifted(build, [tuple(v[r] for _, v in slots) for r in range(len(fns))], tuple(n for n, _ in slots))
+
+
+def _plan(fns: list[Any], slots: list, active: set[int]) -> Any:
+    """The rebuild plan of function 0 of `fns` (same structure as the others): the function
+    itself when the others equal it, else (function, [(cell index, slot index | child plan)])."""
+    first = fns[0]
+    if all(_same(first, f, set()) for f in fns[1:]):
+        return first
+    if not all(isinstance(f, types.FunctionType) for f in fns) or id(first) in active:
+        return None
+    seen: set[tuple[int, int]] = set()
+    if not all(f.__code__ == first.__code__ and f.__globals__ is first.__globals__
+               and _same(first.__defaults__, f.__defaults__, seen) and _same(first.__kwdefaults__, f.__kwdefaults__, seen)
+               and _same(first.__dict__, f.__dict__, seen) and (f.__closure__ is None) == (first.__closure__ is None)
+               for f in fns[1:]):
+        return None
+    active.add(id(first))
+    changes = []
+    for i, name in enumerate(first.__code__.co_freevars):
+        try:
+            values = [f.__closure__[i].cell_contents for f in fns]
+        except ValueError:  # an empty cell
+            return None
+        if all(_same(values[0], v, set()) for v in values[1:]):
+            continue
+        if all(type(v) is float for v in values):
+            changes.append((i, len(slots)))
+            slots.append((name, tuple(values)))
+            continue
+        child = _plan(values, slots, active)
+        if child is None:
+            return None
+        changes.append((i, child))
+    active.discard(id(first))
+    return first, changes
+
+
+def _rebuild(plan: Any, values: Sequence[Any]) -> Any:
+    if not isinstance(plan, tuple):
+        return plan  # equal in every function: shared as is
+    fn, changes = plan
+    cells = list(fn.__closure__)
+    for i, what in changes:
+        cells[i] = types.CellType(values[what] if isinstance(what, int) else _rebuild(what, values))
+    new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, tuple(cells))
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__dict__.update(fn.__dict__)
+    new.__qualname__, new.__module__ = fn.__qualname__, fn.__module__
+    return new

@@ -82,8 +82,9 @@ class LocalHP:
     weight_decay: float = 0.0
 
 
-JOB_HP_PREFIX = "hp."  # a job's own local hyperparameters travel as payload extras under this prefix
+JOB_HP_PREFIX = "hp."  # a job's own settings travel as payload extras under this prefix
 JOB_HP_FIELDS = ("lr", "momentum", "weight_decay")
+CAPTURED_PREFIX = "hp.captured."  # values for a shared local update's captured floats (`fedsim.closures.lift`)
 
 
 def split_job_hp(hp: LocalHP, extras: Mapping[str, Any]) -> "tuple[LocalHP, Mapping[str, Any]]":
@@ -92,14 +93,16 @@ def split_job_hp(hp: LocalHP, extras: Mapping[str, Any]) -> "tuple[LocalHP, Mapp
     A job may carry its own ``lr``, ``momentum`` or ``weight_decay`` as the extras ``hp.lr``,
     ``hp.momentum``, ``hp.weight_decay`` (0-d tensors; under vmap, one per client): a
     vectorised sweep over these settings puts them there, and every executor reads them
-    here, so a strategy's ``local`` sees them as ``hp`` fields and never as extras."""
+    here, so a strategy's ``local`` sees them as ``hp`` fields and never as extras. Extras
+    ``hp.captured.N`` stay: the vectorised sweep's own wrapper of ``local`` takes them."""
     if not any(k.startswith(JOB_HP_PREFIX) for k in extras):
         return hp, extras
-    own = {k[len(JOB_HP_PREFIX):]: v for k, v in extras.items() if k.startswith(JOB_HP_PREFIX)}
+    own = {k[len(JOB_HP_PREFIX):]: v for k, v in extras.items()
+           if k.startswith(JOB_HP_PREFIX) and not k.startswith(CAPTURED_PREFIX)}
     unknown = sorted(set(own) - set(JOB_HP_FIELDS))
     if unknown:
         raise ValueError(f"unknown job hyperparameter extra(s) {', '.join(JOB_HP_PREFIX + k for k in unknown)}")
-    rest = {k: v for k, v in extras.items() if not k.startswith(JOB_HP_PREFIX)}
+    rest = {k: v for k, v in extras.items() if not k.startswith(JOB_HP_PREFIX) or k.startswith(CAPTURED_PREFIX)}
     return replace(hp, **own), rest
 
 

@@ -19,11 +19,12 @@ the jobs it dispatched until it needs a result, a decentralized round every node
 Runs may differ in more than the seed (`why_not`): in the local learning rate, momentum and
 weight decay, which each job then carries as its own (`fedsim.strategy.split_job_hp`), and in
 the strategy, protocol, system, run and data settings, as long as their clients' local update
-is the same function (`fedsim.closures.same_function`: a different server learning rate
-qualifies, a different FedProx μ does not) and everything else — model, executor, the rest of
-`local` — is equal. `groups` splits a sweep's runs into groups that can share calls. When the
-built runs' models or data turn out to differ in shape, or their local updates differ, the
-runs run separately and one line says why.
+is the same code (`fedsim.closures`): the same function (a different server learning rate),
+or one template whose captured floats each job carries (a different FedProx μ); everything
+else — model, executor, the rest of `local` — must be equal. `groups` splits a sweep's runs
+into groups that can share calls. When the built runs' models or data turn out to differ in
+shape, their local updates differ in code, or a template's captured values cannot be batched
+(the first shared call fails), the runs run separately and one line says why.
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ from .executors.base import Executor, Job, WorkerSpec, build_executor
 from .executors.precision import precision
 from .executors.vmap import VmapExecutor, resolve_device
 from .rng import initialised_cuda, set_torch_states, torch_states
-from .strategy import JOB_HP_FIELDS, JOB_HP_PREFIX, Payload, Strategy, Tensor
+from .closures import Lifted
+from .strategy import CAPTURED_PREFIX, JOB_HP_FIELDS, JOB_HP_PREFIX, Payload, Strategy, Tensor
 from .task import Task
 
 VECTORISED_PROTOCOLS = ("sync", "async", "decentralized", "async_gossip")  # the built-in ones
@@ -96,7 +98,7 @@ def why_not(configs: Sequence[Any]) -> str | None:
             return f"the runs differ in {bound[0]} (runs that share calls may differ only in {FREE_TEXT})"
         strategy_differs = strategy_differs or any(k.startswith("strategy.") for k in keys)
     if strategy_differs:
-        return local_mismatch([_built_strategy(cfg) for cfg in configs])
+        return shared_local([_built_strategy(cfg) for cfg in configs])[1]
     return None
 
 
@@ -109,20 +111,38 @@ def _built_strategy(cfg: Any) -> Strategy | None:
         return None
 
 
-def local_mismatch(strategies: Sequence[Strategy | None]) -> str | None:
-    """Returns why the strategies' client updates differ (None: they are the same function, so
-    one of them can run every run's clients)."""
-    from .closures import same_function
+def shared_local(strategies: Sequence[Strategy | None]) -> "tuple[Lifted | None, str | None]":
+    """Returns (the template of the strategies' client updates when they differ only in floats
+    they capture, else None; why they cannot share a call, None when they can). Updates that
+    are the same function share as they are; updates that differ in captured floats (FedProx's
+    μ, SAM's ρ) share through the template, each job carrying its run's values."""
+    from .closures import lift, same_function
 
     first = strategies[0]
-    for other in strategies[1:]:
-        if first is None or other is None:
-            return "their strategies could not be built to compare their local updates"
-        if not same_function(first.local, other.local):
-            return "their strategies' local updates differ (a client-side setting differs)"
-        if (first.client_state is None) != (other.client_state is None):
-            return "their strategies' local updates differ (one keeps client state, one does not)"
-    return None
+    if first is None or any(s is None for s in strategies):
+        return None, "their strategies could not be built to compare their local updates"
+    if any((s.client_state is None) != (first.client_state is None) for s in strategies):
+        return None, "their strategies' local updates differ (one keeps client state, one does not)"
+    if all(same_function(first.local, s.local) for s in strategies[1:]):
+        return None, None
+    lifted = lift([s.local for s in strategies])
+    if lifted is None:
+        return None, "their strategies' local updates differ in more than the numbers they capture"
+    return lifted, None
+
+
+def with_lifted_local(strategy: Strategy, lifted: "Lifted") -> Strategy:
+    """Returns `strategy` whose ``local`` runs `lifted`'s template with the captured values
+    each job carries as extras ``hp.captured.0``, ``hp.captured.1``, … (one per client under vmap)."""
+    names = [f"{CAPTURED_PREFIX}{i}" for i in range(len(lifted.names))]
+
+    def local(payload: Payload, state, batches, grad_fn, hp):
+        extras = {k: v for k, v in payload.extras.items() if not k.startswith(CAPTURED_PREFIX)}
+        own = lifted.build([payload.extras[k] for k in names])
+        return own(Payload(payload.params, extras), state, batches, grad_fn, hp)
+
+    local.__dict__.update(strategy.local.__dict__)  # markers such as carries_running_stats
+    return strategy._replace(local=local)
 
 
 def groups(configs: Sequence[Any]) -> tuple[list[list[int]], dict[int, str]]:
@@ -181,6 +201,8 @@ class SharedVmap:
         self.stop_signal: int | None = None
         self.next_id = 0
         self.job_hp: dict[int, dict[str, float]] = {}  # each run's local settings where the runs' differ
+        self.lifted: Lifted | None = None  # the shared template of local updates differing in captured floats
+        self.lifted_proven = False  # a shared call with it has succeeded
         self._hp_tensors: dict[tuple, dict[str, Tensor]] = {}
 
     # ---- the barrier ------------------------------------------------------------------------
@@ -235,7 +257,20 @@ class SharedVmap:
                 for member, jobs in batch.items():
                     self.results[member] = self.solo[member].run(jobs)
             else:
-                self._run_shared(batch)
+                try:
+                    self._run_shared(batch)
+                    self.lifted_proven = True
+                except Exception as exc:  # noqa: BLE001 - decided below
+                    if self.lifted is None or self.lifted_proven:
+                        raise
+                    # the template's captured values are used where vmap cannot batch them
+                    # (Python control flow on μ, ρ…): every run on its own executor instead
+                    first = (str(exc).strip().splitlines() or [""])[0][:200]
+                    self._go_solo(sorted(self.specs), f"their local updates differ in captured "
+                                  f"{', '.join(sorted(set(self.lifted.names)))}, which do not vectorise "
+                                  f"({type(exc).__name__}: {first})")
+                    for member, jobs in batch.items():
+                        self.results[member] = self.solo[member].run(jobs)
         except BaseException as exc:  # noqa: BLE001 - every run of the call fails with it
             for member in batch:
                 self.results[member] = exc
@@ -246,17 +281,12 @@ class SharedVmap:
         runs do not fit one call, each run on an executor of its own (saying why)."""
         members = sorted(self.specs)
         specs = [self.specs[m][0] for m in members]
-        problem = shape_mismatch(specs)
+        strategies = [st if st is not None else spec.strategy.build() for spec, st in (self.specs[m] for m in members)]
+        problem, lifted = shape_mismatch(specs), None
         if problem is None:
-            problem = local_mismatch([st if st is not None else spec.strategy.build()
-                                      for spec, st in (self.specs[m] for m in members)])
+            lifted, problem = shared_local(strategies)
         if problem is not None:
-            self.print_line(f"sweep: running these {len(members)} runs separately: {problem}")
-            self.solo = {}
-            for m in members:
-                self.solo[m] = build_executor(self.configs[m])
-                self.solo[m].start(*self.specs[m])
-            self.offsets = {}
+            self._go_solo(members, problem)
             return
         xs: list[Tensor] = []
         ys: list[Tensor] = []
@@ -272,17 +302,34 @@ class SharedVmap:
             xs.append(spec.x_train)
             ys.append(spec.y_train)
             at += len(spec.x_train)
-        # the local settings that differ between runs travel with each job (`split_job_hp`)
+        # the local settings that differ between runs travel with each job (`split_job_hp`), and so
+        # do the values a lifted local update captures
         differ = [f for f in JOB_HP_FIELDS if len({float(getattr(spec.hp, f)) for spec in specs}) > 1]
-        self.job_hp = {m: {f"{JOB_HP_PREFIX}{f}": float(getattr(spec.hp, f)) for f in differ}
-                       for m, spec in zip(members, specs)} if differ else {}
-        first, strategy = self.specs[members[0]]
-        shared = replace(first, x_train=torch.cat(xs) if len(xs) > 1 else xs[0],
+        self.job_hp = {m: {f"{JOB_HP_PREFIX}{f}": float(getattr(spec.hp, f)) for f in differ} for m, spec in zip(members, specs)}
+        strategy = strategies[0]
+        if lifted is not None:
+            for m, values in zip(members, lifted.values):
+                self.job_hp[m].update({f"{CAPTURED_PREFIX}{i}": v for i, v in enumerate(values)})
+            strategy = with_lifted_local(strategy, lifted)
+            self.vmap.on_unsupported = "error"  # a template that does not vectorise: the runs go separately
+            self.lifted = lifted
+        if not differ and lifted is None:
+            self.job_hp = {}
+        shared = replace(specs[0], x_train=torch.cat(xs) if len(xs) > 1 else xs[0],
                          y_train=torch.cat(ys) if len(ys) > 1 else ys[0])
         self.vmap.start(shared, strategy)
         if self.vmap.randomness != "error":
             self.print_line(f"sweep: executor.randomness={self.vmap.randomness!r}: random layers draw per "
                             "vectorised call, so these runs are reproducible but not equal to separate runs")
+
+    def _go_solo(self, members: Sequence[int], reason: str) -> None:
+        """From now on every run of `members` runs on an executor of its own; says why."""
+        self.print_line(f"sweep: running these {len(members)} runs separately: {reason}")
+        self.solo = {}
+        for m in members:
+            self.solo[m] = build_executor(self.configs[m])
+            self.solo[m].start(*self.specs[m])
+        self.offsets = {}
 
     def _run_shared(self, batch: Mapping[int, list[Job]]) -> None:
         """Runs every member's jobs as one vmap call (as few as the cohort signatures allow)."""

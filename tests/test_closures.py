@@ -70,3 +70,19 @@ def test_built_in_strategies_server_settings_leave_the_local_update_the_same():
     scaffold = STRATEGIES.get("scaffold").factory
     assert same_function(scaffold(server_lr=0.5).local, scaffold(server_lr=1.0).local)
     assert not same_function(scaffold(option="I").local, scaffold(option="II").local)
+
+
+def test_lift_turns_captured_floats_into_inputs():
+    from fedsim.closures import lift
+
+    lifted = lift([nested(0.5, 1.0), nested(0.25, 1.0), nested(2.0, 1.0)])
+    assert lifted.names == ("a",) and lifted.values == [(0.5,), (0.25,), (2.0,)]
+    assert same_function(lifted.build([0.25]), nested(0.25, 1.0))
+    template = lifted.build([torch.tensor([1.0, 3.0])])  # e.g. one value per client
+    assert torch.equal(template(torch.tensor(2.0)), torch.tensor([3.0, 7.0]))
+    assert lift([nested(0.5, 1.0), nested(0.5, 1.0)]) is None  # nothing to lift
+    assert lift([scaled(0.5), scaled(1)]) is None  # an int is not lifted
+    assert lift([scaled(0.5), nested(0.5, 1.0)]) is None  # other code
+    fedprox = STRATEGIES.get("fedprox").factory
+    lifted = lift([fedprox(mu=0.01).local, fedprox(mu=0.1).local])
+    assert lifted.names == ("mu",) and same_function(lifted.build([0.1]), fedprox(mu=0.1).local)

@@ -218,19 +218,60 @@ def test_server_side_settings_share_calls_and_client_side_ones_do_not(tmp_path, 
         single = run_config(cfg, None, overrides=(f"strategy.server_lr={r['strategy.server_lr']}", f"seed={r['seed']}"))
         assert_rows_close(read_rows(tmp_path / "a" / r["run"] / "metrics.jsonl"), json.loads(json.dumps(single.rows)))
 
-    # FedProx's mu is closed over by its local update: the two values cannot share a call, but
-    # the seeds of each can
+    # FedProx's mu is captured by its local update: the runs share one template of it, each
+    # job carrying its run's mu, and still equal their single runs
     shared_calls.clear()
     lines.clear()
     prox = vmap_config()
     prox["strategy"] = {"name": "fedprox", "mu": 0.01}
-    rows = sweep(prox, [("strategy.mu", ["0.01", "0.1"])], [0, 1], tmp_path / "b", print_line=lines.append,
+    rows = sweep(prox, [("strategy.mu", ["0.0", "2.0"])], [0, 1], tmp_path / "b", print_line=lines.append,
                  vectorize=True)
-    assert [r["status"] for r in rows] == ["done"] * 4
-    assert shared_calls == [2] * 12, shared_calls  # two groups of two seeds, 6 rounds each
-    assert sum("runs share vmap calls" in line for line in lines) == 2, lines
-    configs = [load_config(prox, [f"strategy.mu={mu}"]) for mu in (0.01, 0.1)]
-    assert why_not(configs) == "their strategies' local updates differ (a client-side setting differs)"
+    assert [r["status"] for r in rows] == ["done"] * 4 and shared_calls == [4] * 6, lines
+    for r in rows:
+        single = run_config(prox, None, overrides=(f"strategy.mu={r['strategy.mu']}", f"seed={r['seed']}"))
+        assert_rows_close(read_rows(tmp_path / "b" / r["run"] / "metrics.jsonl"), json.loads(json.dumps(single.rows)))
+    assert rows[0]["test_loss"] != rows[2]["test_loss"]  # mu changed the runs
+
+    # SCAFFOLD's option picks other code: no template covers both
+    scaffold = [load_config(vmap_config(), ["strategy.name=scaffold", f"strategy.option={o}"]) for o in ("I", "II")]
+    assert why_not(scaffold) == "their strategies' local updates differ in more than the numbers they capture"
+
+
+BRANCHY = """
+from fedsim.blocks import fl_server, sgd, weighted_sum
+from fedsim.local import sgd_steps
+from fedsim.registry import STRATEGIES
+from fedsim.strategy import ClientOutput
+
+
+@STRATEGIES.register("branchy")
+def branchy(scale: float = 1.0):
+    \"\"\"FedAvg whose clients double their update when scale > 1.5 (Python control flow).\"\"\"
+    def local(payload, state, batches, grad_fn, hp):
+        y, loss = sgd_steps(payload.params, batches, grad_fn, hp)
+        u = payload.params - y
+        if scale > 1.5:
+            u = u * 2
+        return ClientOutput(u, {}, {}, {"train_loss": loss})
+
+    return fl_server(local, reduce=weighted_sum(), transform=sgd(1.0))
+"""
+
+
+def test_captured_numbers_that_do_not_vectorise_send_the_runs_apart(tmp_path, shared_calls):
+    (tmp_path / "branchy.py").write_text(BRANCHY)
+    cfg = vmap_config()
+    cfg.update(plugins=[str(tmp_path / "branchy.py")], strategy={"name": "branchy"})
+    lines: list[str] = []
+    rows = sweep(cfg, [("strategy.scale", ["1.0", "2.0"])], [0], tmp_path / "s", print_line=lines.append,
+                 vectorize=True)
+    assert [r["status"] for r in rows] == ["done"] * 2
+    said = [line for line in lines if "separately" in line]
+    assert len(said) == 1 and said[0].startswith(
+        "sweep: running these 2 runs separately: their local updates differ in captured scale, which do not vectorise"), lines
+    for r in rows:
+        single = run_config(cfg, None, overrides=(f"strategy.scale={r['strategy.scale']}", "seed=0"))
+        assert_rows_close(read_rows(tmp_path / "s" / r["run"] / "metrics.jsonl"), json.loads(json.dumps(single.rows)))
 
 
 def test_groups_put_each_run_with_the_first_it_can_share_with():
