@@ -189,6 +189,23 @@ class Engine:
         self.seed = seed
         self.budget = budget  # ticks (inf: none)
         self.max_aggregations = max_aggregations
+        self._busy: tuple[ScheduleState, np.ndarray] | None = None  # jobs in flight per client, of that state
+
+    def _in_flight(self, st: ScheduleState) -> np.ndarray:
+        """Returns how many jobs each client has in flight in `st` (counted from its flights the
+        first time a state is seen, then kept as jobs start and end)."""
+        if self._busy is None or self._busy[0] is not st:
+            counts = np.zeros(self.num_clients, dtype=np.int64)
+            np.add.at(counts, np.fromiter((f.client for f in st.flights.values()), np.int64, len(st.flights)), 1)
+            self._busy = (st, counts)
+        return self._busy[1]
+
+    def _landed(self, st: ScheduleState, job: int) -> Flight:
+        """Removes `job` from the flights of `st` and returns it."""
+        f = st.flights.pop(job)
+        if self._busy is not None and self._busy[0] is st:
+            self._busy[1][f.client] -= 1
+        return f
 
     # ------------------------------------------------------------------ driving
     def start(self, st: ScheduleState, hooks: Hooks) -> ScheduleState:
@@ -240,7 +257,7 @@ class Engine:
         st.queue.push(at, "arrival", priority("arrival", f.client), residue=residue, job=job)
 
     def _on_arrival(self, st: ScheduleState, hooks: Hooks, t: int, job: int) -> None:
-        f = st.flights.pop(job)
+        f = self._landed(st, job)
         staleness = st.version - f.version
         hooks.log(t, "arrival", client=f.client, version=f.version, staleness=staleness, job=job)
         if self.rules.max_staleness is not None and staleness > self.rules.max_staleness:
@@ -258,7 +275,7 @@ class Engine:
             self._aggregate(st, hooks, t)
 
     def _on_lost(self, st: ScheduleState, hooks: Hooks, t: int, job: int) -> None:
-        f = st.flights.pop(job)
+        f = self._landed(st, job)
         hooks.log(t, "drop", client=f.client, version=f.version, job=job)
         hooks.release(st, job, f.version)
         st.dropped += 1
@@ -296,8 +313,7 @@ class Engine:
         if st.free <= 0:
             return
         t = st.time
-        busy = np.zeros(self.num_clients, dtype=bool)
-        busy[[f.client for f in st.flights.values()]] = True
+        busy = self._in_flight(st) > 0
         busy[st.parked] = True
         idle = np.flatnonzero(~busy).astype(np.int64, copy=False)
         ready = self.clock.available(idle, t) if len(idle) else idle
@@ -318,6 +334,7 @@ class Engine:
         lost_at = self.clock.lost_at(client, job)
         steps, down = hooks.dispatch(st, client, job, submit=lost_at is None)
         st.flights[job] = Flight(job, client, st.version, t, steps, down, st.residue)
+        self._in_flight(st)[client] += 1
         hooks.log(t, "dispatch", client=client, version=st.version, job=job)
         kind, share = ("lost", lost_at) if lost_at is not None else ("done", 1.0)
         end = self.clock.compute_end(client, job, steps, down, (t, st.residue), share)
