@@ -56,6 +56,13 @@ def assert_single_run(folder: Path, cfg: dict, seed: int, exact: bool = False) -
     return model
 
 
+def assert_runs_equal_single_runs(cfg: dict, folder: Path, rows: list[dict], keys: list[str]) -> None:
+    """Each run folder of a sweep holds the rows of the single run of its overrides (to rounding)."""
+    for r in rows:
+        single = run_config(cfg, None, overrides=(*[f"{k}={r[k]}" for k in keys], f"seed={r['seed']}"))
+        assert_rows_close(read_rows(folder / r["run"] / "metrics.jsonl"), json.loads(json.dumps(single.rows)))
+
+
 @pytest.fixture
 def shared_calls(monkeypatch):
     """Records, for every shared vmap call, how many runs' jobs it held."""
@@ -199,24 +206,17 @@ def test_runs_with_their_own_local_settings_share_calls_and_equal_single_runs(tm
     assert [r["status"] for r in rows] == ["done"] * 8
     assert not any("separately" in line for line in lines), lines
     assert shared_calls == [8] * 6
-    finals = set()
-    for r in rows:
-        over = [f"{k}={r[k]}" for k, _ in axes]
-        single = run_config(cfg, None, overrides=(*over, "seed=0"))
-        assert_rows_close(read_rows(tmp_path / "s" / r["run"] / "metrics.jsonl"), json.loads(json.dumps(single.rows)))
-        finals.add(round(r["test_loss"], 6))
-    assert len(finals) == 8  # every setting changed the run: the shared call used each run's own
+    assert_runs_equal_single_runs(cfg, tmp_path / "s", rows, [k for k, _ in axes])
+    assert len({round(r["test_loss"], 6) for r in rows}) == 8  # every setting changed the run
 
 
-def test_server_side_settings_share_calls_and_client_side_ones_do_not(tmp_path, shared_calls):
+def test_server_side_settings_and_captured_numbers_share_calls_and_other_code_does_not(tmp_path, shared_calls):
     cfg = vmap_config()
     lines: list[str] = []
     rows = sweep(cfg, [("strategy.server_lr", ["0.5", "1.0"])], [0, 1], tmp_path / "a", print_line=lines.append,
                  vectorize=True)
     assert [r["status"] for r in rows] == ["done"] * 4 and shared_calls == [4] * 6, lines
-    for r in rows:
-        single = run_config(cfg, None, overrides=(f"strategy.server_lr={r['strategy.server_lr']}", f"seed={r['seed']}"))
-        assert_rows_close(read_rows(tmp_path / "a" / r["run"] / "metrics.jsonl"), json.loads(json.dumps(single.rows)))
+    assert_runs_equal_single_runs(cfg, tmp_path / "a", rows, ["strategy.server_lr"])
 
     # FedProx's mu is captured by its local update: the runs share one template of it, each
     # job carrying its run's mu, and still equal their single runs
@@ -227,9 +227,7 @@ def test_server_side_settings_share_calls_and_client_side_ones_do_not(tmp_path, 
     rows = sweep(prox, [("strategy.mu", ["0.0", "2.0"])], [0, 1], tmp_path / "b", print_line=lines.append,
                  vectorize=True)
     assert [r["status"] for r in rows] == ["done"] * 4 and shared_calls == [4] * 6, lines
-    for r in rows:
-        single = run_config(prox, None, overrides=(f"strategy.mu={r['strategy.mu']}", f"seed={r['seed']}"))
-        assert_rows_close(read_rows(tmp_path / "b" / r["run"] / "metrics.jsonl"), json.loads(json.dumps(single.rows)))
+    assert_runs_equal_single_runs(prox, tmp_path / "b", rows, ["strategy.mu"])
     assert rows[0]["test_loss"] != rows[2]["test_loss"]  # mu changed the runs
 
     # SCAFFOLD's option picks other code: no template covers both
@@ -269,9 +267,7 @@ def test_captured_numbers_that_do_not_vectorise_send_the_runs_apart(tmp_path, sh
     said = [line for line in lines if "separately" in line]
     assert len(said) == 1 and said[0].startswith(
         "sweep: running these 2 runs separately: their local updates differ in captured scale, which do not vectorise"), lines
-    for r in rows:
-        single = run_config(cfg, None, overrides=(f"strategy.scale={r['strategy.scale']}", "seed=0"))
-        assert_rows_close(read_rows(tmp_path / "s" / r["run"] / "metrics.jsonl"), json.loads(json.dumps(single.rows)))
+    assert_runs_equal_single_runs(cfg, tmp_path / "s", rows, ["strategy.scale"])
 
 
 def test_groups_put_each_run_with_the_first_it_can_share_with():
