@@ -18,7 +18,7 @@ Every built-in protocol fits: a synchronous round hands in its cohort, an asynch
 the jobs it dispatched until it needs a result, a decentralized round every node's step.
 Runs may differ in more than the seed (`why_not`): in the local learning rate, momentum and
 weight decay, which each job then carries as its own (`fedsim.strategy.split_job_hp`), and in
-the strategy, protocol, system, run and data settings, as long as their clients' local update
+the strategy, protocol, topology, system, run and data settings, as long as their clients' local update
 is the same code (`fedsim.closures`): the same function (a different server learning rate),
 or one template whose captured floats each job carries (a different FedProx μ); everything
 else — model, executor, the rest of `local` — must be equal. `groups` splits a sweep's runs
@@ -52,10 +52,10 @@ T = TypeVar("T")
 
 
 FREE_KEYS = ("seed", "name", "local.lr", "local.momentum", "local.weight_decay")  # may differ between runs
-FREE_SECTIONS = ("strategy", "protocol", "system", "run", "data")  # may differ if the local updates are the same
+FREE_SECTIONS = ("strategy", "protocol", "topology", "system", "run", "data")  # if the local updates are the same
 BOUND_KEYS = ("run.torch_threads",)  # one process: must be equal
-FREE_TEXT = ("the seed, local.lr, local.momentum, local.weight_decay and the strategy, protocol, system, run "
-             "and data settings")
+FREE_TEXT = ("the seed, local.lr, local.momentum, local.weight_decay and the strategy, protocol, topology, system, "
+             "run and data settings")
 
 
 def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:

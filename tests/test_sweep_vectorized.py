@@ -141,7 +141,7 @@ def test_runs_that_cannot_share_calls_run_separately_with_one_line(tmp_path, sha
     assert why_not([load_config(serial, [f"seed={s}"]) for s in (0, 1)]) == "executor.kind is 'serial', not 'vmap'"
     assert why_not([load_config(quad, ["seed=0"]), load_config(quad, ["seed=1", "model.name=mlp"])]) == (
         "the runs differ in model.name (runs that share calls may differ only in the seed, local.lr, "
-        "local.momentum, local.weight_decay and the strategy, protocol, system, run and data settings)")
+        "local.momentum, local.weight_decay and the strategy, protocol, topology, system, run and data settings)")
     assert why_not([load_config(quad, ["local.batch_size=2"]), load_config(quad)]).startswith(
         "the runs differ in local.batch_size ")
 
@@ -319,3 +319,28 @@ def test_the_serial_worker_runs_a_job_with_its_own_settings():
     want = Worker(spec).run(job)
     assert torch.equal(slow.update, want.update)
     assert not torch.equal(worker.run(job).update, want.update)
+
+
+def test_gossip_and_asynchronous_runs_with_their_own_settings_share_calls(shared_calls):
+    # a decentralized round hands in every node's step, an asynchronous run its dispatched
+    # jobs: each job still carries its run's learning rate (and the topology is the protocol's)
+    gossip = quadratic_config(executor={"kind": "vmap", "device": "cpu"}, protocol={"name": "decentralized"},
+                              strategy={"name": "dfedavg"}, topology={"name": "ring"},
+                              run={"rounds": 4, "eval_every": 2})
+    over = [["local.lr=0.03"], ["local.lr=0.06", "topology.name=complete"], ["local.lr=0.06", "seed=1"]]
+    configs = [load_config(gossip, o) for o in over]
+    assert why_not(configs) is None
+    rows, _ = run_together(configs, lambda i, ex: drive(build(configs[i], executor=ex), None, progress=False))
+    assert shared_calls and set(shared_calls) == {3}
+    for o, got in zip(over, rows):
+        assert_rows_close(got, run_config(gossip, None, overrides=tuple(o)).rows)
+
+    shared_calls.clear()
+    fedasync = quadratic_config(executor={"kind": "vmap", "device": "cpu"}, strategy={"name": "fedasync"},
+                                protocol={"name": "async", "concurrency": 4}, run={"rounds": 8, "eval_every": 4})
+    over = [["local.lr=0.03"], ["local.lr=0.06", "local.momentum=0.5"]]
+    configs = [load_config(fedasync, o) for o in over]
+    rows, _ = run_together(configs, lambda i, ex: drive(build(configs[i], executor=ex), None, progress=False))
+    assert shared_calls and set(shared_calls) == {2}
+    for o, got in zip(over, rows):
+        assert_rows_close(got, run_config(fedasync, None, overrides=tuple(o)).rows)
