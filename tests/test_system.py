@@ -35,6 +35,17 @@ def test_lognormal_speeds_keep_the_mean():
     assert p.step_time(np.arange(100_000)).mean() == pytest.approx(2.0, rel=0.02)
 
 
+def test_one_client_s_step_time_is_its_batch_answer_asked_alone_or_again():
+    cfg = load_config(quadratic_config(system={"compute": {"name": "lognormal", "mean": 2.0, "sigma": 0.5}}))
+    p = Population.build(cfg.system, 1000, 0)
+    ids = np.array([0, 17, 999])
+    batch = p.step_time(ids)
+    for _ in range(2):  # the second time from memory
+        alone = [p.step_time(np.array([i])) for i in ids] + [p.step_time(int(i)) for i in ids]
+        assert [a.shape for a in alone] == [(1,)] * 3 + [()] * 3
+        assert np.array_equal(np.concatenate([a.reshape(1) for a in alone]), np.concatenate([batch, batch]))
+
+
 def test_exponential_jitter_has_mean_one_and_is_per_job():
     p = population(compute={"name": "constant", "step_time": 1.0, "jitter": "exponential"})
     f = p.jitter_factor(np.arange(100_000))

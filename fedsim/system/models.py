@@ -35,7 +35,8 @@ class SystemContext:
 
 @dataclass(frozen=True)
 class ComputeModel:
-    """Seconds per local step of each client."""
+    """Seconds per local step of each client: a function of the client ids alone (keyed by
+    the seed and the id; `Population` remembers one client's answer)."""
 
     step_time: Callable[[np.ndarray], np.ndarray]
 

@@ -28,6 +28,7 @@ class Population:
     jitter_sigma: float = 0.5
     adversary: AdversaryModel = field(default_factory=AdversaryModel)
     malicious: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # sorted ids
+    _step_times: dict[int, float] = field(default_factory=dict, repr=False, compare=False)  # one client's, asked alone
 
     @classmethod
     def build(cls, system: SystemConfig, num_clients: int, seed: int) -> "Population":
@@ -54,8 +55,17 @@ class Population:
         )
 
     def step_time(self, clients: np.ndarray) -> np.ndarray:
-        """Returns each client's seconds per local step."""
-        return np.asarray(self.compute.step_time(np.asarray(clients)), dtype=np.float64)
+        """Returns each client's seconds per local step. A compute model is a function of the
+        client ids alone, so one client's answer, asked for job after job by the asynchronous
+        protocols, is remembered."""
+        clients = np.asarray(clients)
+        if clients.size != 1:
+            return np.asarray(self.compute.step_time(clients), dtype=np.float64)
+        client = int(clients.reshape(-1)[0])
+        got = self._step_times.get(client)
+        if got is None:
+            got = self._step_times[client] = float(np.asarray(self.compute.step_time(clients), dtype=np.float64).reshape(-1)[0])
+        return np.full(clients.shape, got)
 
     def jitter_factor(self, job_ids: np.ndarray) -> np.ndarray:
         """Returns each job's random factor on its compute time (mean 1), keyed by job id."""
