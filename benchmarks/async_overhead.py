@@ -8,7 +8,7 @@ compute time, the choice of idle clients, the job's batch order, its one-row res
 the bookkeeping at each aggregation. Prints the wall time of the aggregations (after the
 build), the executor's part of it, and the rest per client update.
 
-    python benchmarks/async_overhead.py [--device cpu] [--aggregations 100]
+    python benchmarks/async_overhead.py [--device cpu] [--aggregations 100] [--shuffle hash]
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from fedsim.executors.vmap import VmapExecutor  # noqa: E402
 from fedsim.runner import build, drive  # noqa: E402
 
 
-def config(aggregations: int, device: str, clients: int, buffer: int, concurrency: int) -> dict:
+def config(aggregations: int, device: str, clients: int, buffer: int, concurrency: int, shuffle: str = "generator") -> dict:
     """Returns the benchmark's FedBuff config mapping."""
     return {
         "name": "async-overhead",
@@ -36,7 +36,7 @@ def config(aggregations: int, device: str, clients: int, buffer: int, concurrenc
                  "partition": "iid", "test_fraction": 0.2},
         "model": {"name": "mlp", "hidden": [200]},
         "strategy": {"name": "fedavg"},
-        "local": {"lr": 0.05, "batch_size": 16, "epochs": 1},
+        "local": {"lr": 0.05, "batch_size": 16, "epochs": 1, "shuffle": shuffle},
         "system": {"compute": {"name": "lognormal", "mean": 0.01, "sigma": 0.5}},
         "protocol": {"name": "async", "buffer_size": buffer, "concurrency": concurrency},
         "executor": {"kind": "vmap", "device": device},
@@ -52,8 +52,10 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=1000)
     ap.add_argument("--buffer", type=int, default=100)
     ap.add_argument("--concurrency", type=int, default=500)
+    ap.add_argument("--shuffle", default="generator", help="local.shuffle: generator (default) or hash")
     args = ap.parse_args()
-    run = build(load_config(config(args.aggregations, args.device, args.clients, args.buffer, args.concurrency)))
+    run = build(load_config(config(args.aggregations, args.device, args.clients, args.buffer, args.concurrency,
+                                   args.shuffle)))
     spent = [0.0]
     cohorts = VmapExecutor._run_cohorts
 
@@ -72,7 +74,7 @@ def main() -> None:
     wall = time.perf_counter() - t
     updates = args.aggregations * args.buffer
     rest = wall - spent[0]
-    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads; {args.clients} clients, "
+    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads; shuffle {args.shuffle}; {args.clients} clients, "
           f"buffer {args.buffer}, concurrency {args.concurrency}, {args.aggregations} aggregations ({updates} updates)")
     print(f"wall {wall:.2f} s = executor {spent[0]:.2f} s + rest {rest:.2f} s; rest per update {rest / updates * 1e6:.0f} us; "
           f"{updates / wall:.0f} updates/s; final test_loss {rows[-1]['test_loss']:.6f}")
