@@ -23,8 +23,8 @@ is the same code (`fedsim.closures`): the same function (a different server lear
 or one template whose captured floats each job carries (a different FedProx μ); everything
 else — model, executor, the rest of `local` — must be equal. `groups` splits a sweep's runs
 into groups that can share calls. When the built runs' models or data turn out to differ in
-shape, their local updates differ in code, or a template's captured values cannot be batched
-(the first shared call fails), the runs run separately and one line says why.
+shape, their local updates differ in code, or the values that travel with the jobs cannot be
+batched (the first shared call fails), the runs run separately and one line says why.
 """
 from __future__ import annotations
 
@@ -203,8 +203,8 @@ class SharedVmap:
         self.stop_signal: int | None = None
         self.next_id = 0
         self.job_hp: dict[int, dict[str, float]] = {}  # each run's local settings where the runs' differ
-        self.lifted: Lifted | None = None  # the shared template of local updates differing in captured floats
-        self.lifted_proven = False  # a shared call with it has succeeded
+        self.own_values: list[str] = []  # what differs between the runs and travels with each job
+        self.shared_proven = False  # a shared call has succeeded
         self._hp_tensors: dict[tuple, dict[str, Tensor]] = {}
 
     # ---- the barrier ------------------------------------------------------------------------
@@ -261,16 +261,15 @@ class SharedVmap:
             else:
                 try:
                     self._run_shared(batch)
-                    self.lifted_proven = True
+                    self.shared_proven = True
                 except Exception as exc:  # noqa: BLE001 - decided below
-                    if self.lifted is None or self.lifted_proven:
+                    if not self.own_values or self.shared_proven:
                         raise
-                    # the template's captured values are used where vmap cannot batch them
-                    # (Python control flow on μ, ρ…): every run on its own executor instead
+                    # the runs' own values are used where vmap cannot batch them (Python control
+                    # flow on a momentum, a μ…): every run on its own executor instead
                     first = (str(exc).strip().splitlines() or [""])[0][:200]
-                    self._go_solo(sorted(self.specs), f"their local updates differ in captured "
-                                  f"{', '.join(sorted(set(self.lifted.names)))}, which do not vectorise "
-                                  f"({type(exc).__name__}: {first})")
+                    self._go_solo(sorted(self.specs), f"the values that differ between them "
+                                  f"({', '.join(self.own_values)}) do not vectorise ({type(exc).__name__}: {first})")
                     for member, jobs in batch.items():
                         self.results[member] = self.solo[member].run(jobs)
         except BaseException as exc:  # noqa: BLE001 - every run of the call fails with it
@@ -309,13 +308,15 @@ class SharedVmap:
         differ = [f for f in JOB_HP_FIELDS if len({float(getattr(spec.hp, f)) for spec in specs}) > 1]
         self.job_hp = {m: {f"{JOB_HP_PREFIX}{f}": float(getattr(spec.hp, f)) for f in differ} for m, spec in zip(members, specs)}
         strategy = strategies[0]
+        self.own_values = [f"local.{f}" for f in differ]
         if lifted is not None:
             for m, values in zip(members, lifted.values):
                 self.job_hp[m].update({f"{CAPTURED_PREFIX}{i}": v for i, v in enumerate(values)})
             strategy = with_lifted_local(strategy, lifted)
-            self.vmap.on_unsupported = "error"  # a template that does not vectorise: the runs go separately
-            self.lifted = lifted
-        if not differ and lifted is None:
+            self.own_values += [f"captured {n}" for n in sorted(set(lifted.names))]
+        if self.own_values:
+            self.vmap.on_unsupported = "error"  # values that do not vectorise: the runs go separately
+        else:
             self.job_hp = {}
         shared = replace(specs[0], x_train=torch.cat(xs) if len(xs) > 1 else xs[0],
                          y_train=torch.cat(ys) if len(ys) > 1 else ys[0])

@@ -266,7 +266,8 @@ def test_captured_numbers_that_do_not_vectorise_send_the_runs_apart(tmp_path, sh
     assert [r["status"] for r in rows] == ["done"] * 2
     said = [line for line in lines if "separately" in line]
     assert len(said) == 1 and said[0].startswith(
-        "sweep: running these 2 runs separately: their local updates differ in captured scale, which do not vectorise"), lines
+        "sweep: running these 2 runs separately: the values that differ between them (captured scale) do not "
+        "vectorise"), lines
     assert_runs_equal_single_runs(cfg, tmp_path / "s", rows, ["strategy.scale"])
 
 
@@ -344,3 +345,19 @@ def test_gossip_and_asynchronous_runs_with_their_own_settings_share_calls(shared
     assert shared_calls and set(shared_calls) == {2}
     for o, got in zip(over, rows):
         assert_rows_close(got, run_config(fedasync, None, overrides=tuple(o)).rows)
+
+
+def test_a_local_setting_that_does_not_vectorise_sends_the_runs_apart(tmp_path, shared_calls):
+    # FedNova computes ‖a‖₁ from the momentum in Python (`if not momentum`): a momentum that
+    # differs per run cannot be batched, so the runs continue on their own executors
+    cfg = vmap_config()
+    cfg["strategy"] = {"name": "fednova"}
+    lines: list[str] = []
+    rows = sweep(cfg, [("local.momentum", ["0.0", "0.5"])], [0], tmp_path / "s", print_line=lines.append,
+                 vectorize=True)
+    assert [r["status"] for r in rows] == ["done"] * 2
+    said = [line for line in lines if "separately" in line]
+    assert len(said) == 1 and said[0].startswith(
+        "sweep: running these 2 runs separately: the values that differ between them (local.momentum) do not "
+        "vectorise"), lines
+    assert_runs_equal_single_runs(cfg, tmp_path / "s", rows, ["local.momentum"])
