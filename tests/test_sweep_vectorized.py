@@ -1,6 +1,7 @@
-"""`fedsim sweep --vectorize`: the seeds of a combination share one vmap call per round, and each
-run folder equals a single run of that seed (to float rounding); interrupted vectorised sweeps
-resume; runs that cannot share calls run separately after one line saying why."""
+"""`fedsim sweep --vectorize`: runs that differ in their seed, local settings, server-side
+settings or captured floats share one vmap call per round, and each run folder equals the
+single run of its overrides (to float rounding); interrupted vectorised sweeps resume; runs
+that cannot share calls run separately after one line saying why."""
 from __future__ import annotations
 
 import json
