@@ -85,20 +85,10 @@ class Stacked:
 
 
 def _shared_or_stacked(values: list[Any], device: torch.device) -> tuple[Any, int | None]:
-    """Returns (the one value, None) when every row holds the same object, else (the rows
-    stacked on `device`, 0). Rows that repeat a few objects (several runs' models in a
-    vectorised sweep, a few model versions in an asynchronous run) are stacked once per
-    distinct object and expanded on the device by index: the same tensor, fewer copies."""
     first = values[0]
     if all_same(values) or not isinstance(first, torch.Tensor):
         return (first.to(device) if isinstance(first, torch.Tensor) else first), None
-    slot: dict[int, int] = {}
-    rows = [slot.setdefault(id(v), len(slot)) for v in values]
-    if len(slot) * 4 > len(values):
-        return torch.stack(values).to(device), 0
-    distinct = list({id(v): v for v in values}.values())  # in order of first appearance, as `slot`
-    index = torch.tensor(rows, dtype=torch.int64).to(device)
-    return torch.stack(distinct).to(device).index_select(0, index), 0
+    return torch.stack(values).to(device), 0
 
 
 def stack(jobs: Sequence[Job], device: torch.device, pad_to: int | None = None) -> Stacked:
