@@ -257,19 +257,23 @@ def branchy(scale: float = 1.0):
 """
 
 
-def test_captured_numbers_that_do_not_vectorise_send_the_runs_apart(tmp_path, shared_calls):
+@pytest.mark.parametrize("strategy, key, values, named", [
+    # a plugin's captured float in an `if`
+    ({"name": "branchy"}, "strategy.scale", ["1.0", "2.0"], "captured scale"),
+    # FedNova computes ‖a‖₁ from the momentum in Python (`if not momentum`)
+    ({"name": "fednova"}, "local.momentum", ["0.0", "0.5"], "local.momentum"),
+])
+def test_own_values_that_do_not_vectorise_send_the_runs_apart(tmp_path, shared_calls, strategy, key, values, named):
     (tmp_path / "branchy.py").write_text(BRANCHY)
     cfg = vmap_config()
-    cfg.update(plugins=[str(tmp_path / "branchy.py")], strategy={"name": "branchy"})
+    cfg.update(plugins=[str(tmp_path / "branchy.py")], strategy=strategy)
     lines: list[str] = []
-    rows = sweep(cfg, [("strategy.scale", ["1.0", "2.0"])], [0], tmp_path / "s", print_line=lines.append,
-                 vectorize=True)
+    rows = sweep(cfg, [(key, values)], [0], tmp_path / "s", print_line=lines.append, vectorize=True)
     assert [r["status"] for r in rows] == ["done"] * 2
     said = [line for line in lines if "separately" in line]
     assert len(said) == 1 and said[0].startswith(
-        "sweep: running these 2 runs separately: the values that differ between them (captured scale) do not "
-        "vectorise"), lines
-    assert_runs_equal_single_runs(cfg, tmp_path / "s", rows, ["strategy.scale"])
+        f"sweep: running these 2 runs separately: the values that differ between them ({named}) do not vectorise"), lines
+    assert_runs_equal_single_runs(cfg, tmp_path / "s", rows, [key])
 
 
 def test_groups_put_each_run_with_the_first_it_can_share_with():
@@ -347,18 +351,3 @@ def test_gossip_and_asynchronous_runs_with_their_own_settings_share_calls(shared
     for o, got in zip(over, rows):
         assert_rows_close(got, run_config(fedasync, None, overrides=tuple(o)).rows)
 
-
-def test_a_local_setting_that_does_not_vectorise_sends_the_runs_apart(tmp_path, shared_calls):
-    # FedNova computes ‖a‖₁ from the momentum in Python (`if not momentum`): a momentum that
-    # differs per run cannot be batched, so the runs continue on their own executors
-    cfg = vmap_config()
-    cfg["strategy"] = {"name": "fednova"}
-    lines: list[str] = []
-    rows = sweep(cfg, [("local.momentum", ["0.0", "0.5"])], [0], tmp_path / "s", print_line=lines.append,
-                 vectorize=True)
-    assert [r["status"] for r in rows] == ["done"] * 2
-    said = [line for line in lines if "separately" in line]
-    assert len(said) == 1 and said[0].startswith(
-        "sweep: running these 2 runs separately: the values that differ between them (local.momentum) do not "
-        "vectorise"), lines
-    assert_runs_equal_single_runs(cfg, tmp_path / "s", rows, ["local.momentum"])
