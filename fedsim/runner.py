@@ -32,6 +32,7 @@ from .data.image_cache import check_executor
 from .divergence import chance_accuracy, diverged, last_finite, shown
 from .errors import ConfigError, DivergenceError, FedsimError, Interrupted, NoProgressError, StepAbandoned
 from .executors.base import Executor, WorkerSpec, build_executor
+from .frozen_objects import objects_frozen
 from .loggers import MetricsLog, check_loggers
 from .outputs import (EventLog, RunDirLock, check_run_dir, empty_folder, folder_write_problem, prepare_run_dir,
                       read_jsonl, write_atomic, write_config, write_summary)
@@ -333,7 +334,7 @@ def drive(run: Run, out_dir: Path | None, progress: bool | None = None,
         bar.update(_progress(state, cfg.rounds, cfg.time_budget) - bar.n)
 
     try:
-        with _catch_signals(flag), keyed_torch(key(run.config.seed, "driver"), initialised_cuda()):
+        with _catch_signals(flag), keyed_torch(key(run.config.seed, "driver"), initialised_cuda()), objects_frozen():
             if dstate.rng is not None:
                 set_torch_states(dstate.rng, initialised_cuda())
             if state is None:
