@@ -1,9 +1,12 @@
 """npz, CSV, Fashion-MNIST/KMNIST/EMNIST idx, CIFAR-100 and image-folder sources on tiny files
-the tests write in each real format: decoding, users, refused corruptions, a CLI run on each."""
+the tests write in each real format: decoding, users, refused corruptions, a CLI run on each;
+and the bundled digits, read from scikit-learn's file without importing it."""
 from __future__ import annotations
 
 import json
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ from fedsim.data.folders import cifar100, emnist, fashion_mnist, kmnist
 from fedsim.data.image_folder import image_folder
 from fedsim.errors import DataError
 
-from .conftest import digits_config
+from .conftest import ROOT, digits_config
 from .test_folders import idx_bytes, write_mnist
 
 CTX = SourceContext(num_clients=2, seed=0, test_fraction=0.25)
@@ -242,3 +245,21 @@ def test_cli_runs_on_each_source(tmp_path, tmp_yaml, capsys, make):
     assert len(rows) == 3 and all(0 <= r["test_accuracy"] <= 1 for r in rows)
     if data.get("num_clients") == "all":  # users with their own test rows: per-client columns
         assert "client_acc_mean" in rows[-1]
+
+
+def test_digits_read_from_scikit_learns_file_equal_its_loader():
+    from sklearn.datasets import load_digits
+
+    from fedsim.data.sources import digits_arrays
+
+    images, target = digits_arrays()
+    bunch = load_digits()
+    assert images.dtype == bunch.images.dtype and np.array_equal(images, bunch.images)
+    assert target.dtype == np.int64 and np.array_equal(target, bunch.target)
+
+
+def test_digits_do_not_import_scikit_learn():
+    code = ("import sys; from fedsim.data.sources import digits_arrays; digits_arrays(); "
+            "print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False"
