@@ -11,7 +11,8 @@ Tolerance (CPU, fp32): 1e-6 relative on every metric but accuracies (losses, nod
 consensus distance, bytes, times) and on the final model; an accuracy may differ by at most
 one test sample (a logit that ties within rounding). Measured here: the decentralized and
 gossip runs agree bit for bit, the synchronous and asynchronous ones to 1.4e-7 and 1.7e-7
-(final model).
+(final model). The decentralized run is also checked on the CUDA-graph path, uncaptured
+(reused buffers, cohorts padded), as the CPU runs it.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import pytest
 import torch
 
 from fedsim.executors.base import Job
+from fedsim.executors.graphs import StaticCohortRunner
 from fedsim.executors.vmap import VmapExecutor
 
 from .conftest import digits_config, merge, run_config
@@ -48,11 +50,12 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def assert_same_run(cfg: dict, sizes: list[int]):
-    """Runs `cfg` with the serial and the vmap executor and checks every row and the final model."""
+def assert_same_run(cfg: dict, sizes: list[int], **vmap: object):
+    """Runs `cfg` with the serial and the vmap executor (settings `vmap`) and checks every row
+    and the final model."""
     a = run_config(cfg)
     sizes.clear()
-    b = run_config(merge(cfg, {"executor": {"kind": "vmap", "device": "cpu"}}))
+    b = run_config(merge(cfg, {"executor": {"kind": "vmap", "device": "cpu", **vmap}}))
     assert b.ctx.executor.unsupported is None and max(sizes) > 1  # vectorised, not a serial fallback
     one_sample = 1.0 / len(a.ctx.data.source.y_test)
     assert len(a.rows) == len(b.rows) > 1
@@ -84,11 +87,18 @@ def test_async_buffered_equals_serial(cohort_sizes):
     assert a.rows[-1]["aggregations"] == 8
 
 
-def test_decentralized_dfedsam_with_dropouts_equals_serial(cohort_sizes):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_decentralized_dfedsam_with_dropouts_equals_serial(cohort_sizes, monkeypatch, graphs):
+    # graphs: the CUDA-graph path uncaptured (reused buffers, every cohort padded to its bucket)
+    monkeypatch.setattr("fedsim.executors.vmap.EXACT_SIZES", 8 if not graphs else 0)
+    replays: list[int] = []
+    real = StaticCohortRunner.run
+    monkeypatch.setattr(StaticCohortRunner, "run", lambda self, *a: replays.append(1) or real(self, *a))
     cfg = dec_config(strategy={"name": "dfedsam", "rho": 0.05}, protocol={"gossip_steps": 2}, topology={"name": "exponential"},
                      system={"dropout": {"name": "bernoulli", "p": 0.3}}, run={"rounds": 4, "eval_every": 2})
-    a, _ = assert_same_run(cfg, cohort_sizes)
+    a, b = assert_same_run(cfg, cohort_sizes, graphs=graphs)
     assert min(r["active_nodes"] for r in a.rows[1:]) < 8  # some nodes sat rounds out
+    assert bool(replays) == graphs
 
 
 def test_decentralized_sparse_gossip_equals_serial(cohort_sizes):
