@@ -65,6 +65,19 @@ def run_config(cfg: dict[str, Any], out: Path | None = None, overrides: tuple[st
     return execute(load_config(cfg, overrides), out, progress=False)
 
 
+@contextmanager
+def collector_paused():
+    """Pauses Python's cyclic garbage collector: a test that times fedsim's own work is not
+    timing a full collection of the test process's heap (~1 s after many tests)."""
+    import gc
+
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def tutorial_plugin(page: str, folder: Path, plugin_file: str) -> dict[str, Any]:
     """Writes the first ```python block of docs/`page` to folder/`plugin_file` and returns the
     page's first ```yaml block as a config mapping (the tutorials' code, executed as written)."""
