@@ -100,7 +100,9 @@ class EventQueue:
     def __init__(self, now: int = 0, seq: int = 0):
         self.now = now
         self._seq = seq
-        self._heap: list[Event] = []
+        # (time, priority, seq, event): tuples compare in C, ~10x cheaper than Event's generated
+        # ordering, and seq is unique, so the event itself is never compared
+        self._heap: list[tuple[int, int, int, Event]] = []
 
     def push(self, time: int, kind: str, priority: int = 0, *, residue: float = 0.0, **data: Any) -> Event:
         """Schedules an event at tick `time` (not before now), `residue` ticks from its exact
@@ -109,22 +111,22 @@ class EventQueue:
             raise ValueError(f"cannot schedule {kind!r} at {time} before now={self.now}")
         ev = Event(int(time), priority, self._seq, kind, data, float(residue))
         self._seq += 1
-        heapq.heappush(self._heap, ev)
+        heapq.heappush(self._heap, (ev.time, ev.priority, ev.seq, ev))
         return ev
 
     def pop(self) -> Event:
         """Removes the earliest event, advances `now` to its time and returns it."""
-        ev = heapq.heappop(self._heap)
+        ev = heapq.heappop(self._heap)[3]
         self.now = ev.time
         return ev
 
     def peek(self) -> Event | None:
         """Returns the earliest event without removing it (None when empty)."""
-        return self._heap[0] if self._heap else None
+        return self._heap[0][3] if self._heap else None
 
     def pending(self, kind: str) -> list[Event]:
         """Returns the scheduled events of one kind, in the order they will be popped."""
-        return sorted(e for e in self._heap if e.kind == kind)
+        return [entry[3] for entry in sorted(self._heap) if entry[3].kind == kind]
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -134,14 +136,15 @@ class EventQueue:
         return {
             "now": self.now,
             "seq": self._seq,
-            "events": [(e.time, e.priority, e.seq, e.kind, dict(e.data), e.residue) for e in sorted(self._heap)],
+            "events": [(e.time, e.priority, e.seq, e.kind, dict(e.data), e.residue) for *_, e in sorted(self._heap)],
         }
 
     @classmethod
     def restore(cls, snap: dict[str, Any]) -> "EventQueue":
         """Rebuilds a queue from `snapshot()` output (events saved without a residue have none)."""
         q = cls(now=int(snap["now"]), seq=int(snap["seq"]))
-        q._heap = [Event(int(t), int(p), int(s), k, dict(d), float(r[0]) if r else 0.0)
-                   for t, p, s, k, d, *r in snap["events"]]
+        events = [Event(int(t), int(p), int(s), k, dict(d), float(r[0]) if r else 0.0)
+                  for t, p, s, k, d, *r in snap["events"]]
+        q._heap = [(e.time, e.priority, e.seq, e) for e in events]
         heapq.heapify(q._heap)
         return q

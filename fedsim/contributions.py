@@ -208,9 +208,11 @@ class Contributions:
         from .comm import nbytes
 
         m = len(self)
-        extra = sum(nbytes(v[0]) for v in self.extras.values()) if m else 0
+        if not m:
+            return np.zeros(0, dtype=np.int64)
+        extra = sum(_row_bytes(v) for v in self.extras.values())
         if self.stacked:
-            return np.full(m, (nbytes(self.updates[0]) if m else 0) + extra, dtype=np.int64)
+            return np.full(m, _row_bytes(self.updates) + extra, dtype=np.int64)
         return np.array([nbytes(u) + extra for u in self.updates], dtype=np.int64)
 
     def check_finite(self, round_: int, seconds: float) -> None:
@@ -230,6 +232,15 @@ class Contributions:
                 raise DivergenceError(f"client {int(self.senders[i])}'s update has NaN/inf in round {round_} "
                                       f"(virtual time {seconds:.6g} s); lower local.lr or the server learning rate")
 
+
+def _row_bytes(column: Any) -> int:
+    """Returns the wire size of one row of a column (rows [m, ...]); for a tensor without
+    making the row (a view costs microseconds, and the asynchronous protocols ask job by job)."""
+    if isinstance(column, torch.Tensor):
+        return (column.numel() // column.shape[0]) * column.element_size()
+    from .comm import nbytes
+
+    return nbytes(column[0])
 
 def _take(updates: Any, rows: np.ndarray) -> Any:
     if isinstance(updates, torch.Tensor):
