@@ -9,7 +9,7 @@ benchmarks/README.md can be re-measured:
 * ``scale``: scale.py's 1,000,000-client logistic regression, 1,000 clients per round;
 * ``pfl``: pfl_cifar.py's shape (50 clients per round of pfl's simple_cnn; slow on a CPU).
 
-    python benchmarks/round_profile.py [--workload w] [--executor vmap] [--device cpu] [--rounds 40] [--top 15]
+    python benchmarks/round_profile.py [--workload w] [--executor vmap] [--device cpu] [--rounds 40] [--top 15] [--graphs 0]
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def workload(name: str, rounds: int, executor: str, device: str) -> dict:
     if name == "pfl":
         from benchmarks.pfl_cifar import config
 
-        return config(rounds, device, "tf32", "native", device == "cuda", 0.05)
+        return config(rounds, device, "tf32", "native", False, 0.05)
     raise SystemExit(f"unknown workload {name!r} (w, scale, pfl)")
 
 
@@ -56,11 +56,20 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--top", type=int, default=15, help="operators to list")
+    ap.add_argument("--graphs", type=int, default=0,
+                    help="vmap executor.graphs (default 0: a profile of CUDA-graph replays hides the operators)")
     args = ap.parse_args()
-    warm = build(load_config(workload(args.workload, 2, args.executor, args.device)))
+
+    def config(rounds: int) -> dict:
+        cfg = workload(args.workload, rounds, args.executor, args.device)
+        if args.executor == "vmap":
+            cfg["executor"]["graphs"] = bool(args.graphs)
+        return cfg
+
+    warm = build(load_config(config(2)))
     drive(warm, None, progress=False)  # lazy imports, allocator, kernels' first calls
     del warm
-    run = build(load_config(workload(args.workload, args.rounds, args.executor, args.device)))
+    run = build(load_config(config(args.rounds)))
     run.ctx.executor.evaluate = lambda *a, **k: {"loss": 0.0, "accuracy": 0.0}  # the rounds alone
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     with profile(activities=activities) as prof:
