@@ -10,7 +10,9 @@ every few rounds: ~2.5 ms a round at 1,000 clients per round.
 `objects_frozen()` moves every tracked object into the collector's permanent generation
 (`gc.freeze`), which it skips; objects made afterwards are collected as usual. When the
 last caller leaves (runs may overlap in threads: a vectorised sweep), `gc.unfreeze` puts
-them back, so garbage cycles made before the run are still freed.
+them back, so garbage cycles made before the run are still freed. A process that froze
+objects itself (a server that forks workers, say) is left alone: nothing is frozen or
+unfrozen for it.
 """
 from __future__ import annotations
 
@@ -28,12 +30,17 @@ def objects_frozen() -> Iterator[None]:
     """Freezes every object tracked now for the duration of the block (see the module docstring)."""
     global _holders
     with _lock:
-        gc.freeze()
-        _holders += 1
+        if _holders == 0 and gc.get_freeze_count() > 0:  # the process manages its own frozen objects
+            mine = False
+        else:
+            gc.freeze()
+            _holders += 1
+            mine = True
     try:
         yield
     finally:
-        with _lock:
-            _holders -= 1
-            if _holders == 0:
-                gc.unfreeze()
+        if mine:
+            with _lock:
+                _holders -= 1
+                if _holders == 0:
+                    gc.unfreeze()

@@ -53,3 +53,18 @@ def test_a_run_runs_frozen_and_unfreezes_at_its_end():
     drive(run, None, progress=False)
     assert len(seen) == 3 and min(seen) > 0
     assert gc.get_freeze_count() == 0
+
+
+def test_a_process_that_froze_objects_itself_is_left_alone():
+    node = _Node()
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with objects_frozen():
+            made = _Node()
+            assert gc.get_freeze_count() == frozen  # nothing more frozen
+        assert gc.get_freeze_count() == frozen  # and nothing unfrozen
+        del made
+    finally:
+        gc.unfreeze()
+    del node
