@@ -242,6 +242,7 @@ def _row_bytes(column: Any) -> int:
 
     return nbytes(column[0])
 
+
 def _take(updates: Any, rows: np.ndarray) -> Any:
     if isinstance(updates, torch.Tensor):
         return updates.index_select(0, torch.as_tensor(rows, device=updates.device))
