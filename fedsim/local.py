@@ -57,11 +57,20 @@ def sgd_step(y: Tensor, d: Tensor, buf: Tensor | None, hp: LocalHP, lr: Tensor |
     Returns (new y, new momentum buffer — None without momentum).
     """
     if _active(hp.weight_decay):
-        d = d + hp.weight_decay * y
+        d = _plus_scaled(d, hp.weight_decay, y)
     if _active(hp.momentum):
-        buf = d if buf is None else hp.momentum * buf + d
+        buf = d if buf is None else _plus_scaled(d, hp.momentum, buf)
         d = buf
-    return y - lr * d, buf
+    return _plus_scaled(y, lr, d, negate=True), buf
+
+
+def _plus_scaled(a: Tensor, c: Tensor | float, b: Tensor, negate: bool = False) -> Tensor:
+    """Returns a + c·b (a − c·b with `negate`) in one pass over the tensors instead of two (c·b,
+    then the sum): the step's largest elementwise cost when every client holds its own copy of
+    the parameters (vmap). `c` is a number or a tensor (a job's own setting)."""
+    if isinstance(c, torch.Tensor):
+        return torch.addcmul(a, c, b, value=-1 if negate else 1)
+    return torch.add(a, b, alpha=-c if negate else c)
 
 
 def _active(value: Tensor | float) -> bool:
