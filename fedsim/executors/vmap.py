@@ -41,6 +41,7 @@ from .light_grad import grad_and_value
 from .graphs import StaticCohortRunner, bucket, clone_tree
 from .precision import PRECISIONS, keep_freed_memory, precision
 from .unfold_conv import with_unfold_convs
+from .channels_last import accepts_channels_last, clients_channels_last
 
 
 EXACT_SIZES = 8  # distinct cohort sizes captured exactly before padding to buckets
@@ -105,6 +106,7 @@ class VmapExecutor(Executor):
         else:
             self.task = base
         self.grad_fn = self._grad_transform(grad_and_value)
+        self.channels_last = self.conv == "channels_last" and self._takes_channels_last()
         self.x = spec.x_train.to(self.device)
         self.y = spec.y_train.to(self.device)
         self.mask_dtype = self.x.dtype if self.x.is_floating_point() else torch.float32
@@ -115,6 +117,15 @@ class VmapExecutor(Executor):
         self._test: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         if on_cpu and self.keep_memory:
             keep_freed_memory()
+
+    def _takes_channels_last(self) -> bool:
+        """Whether the model takes clients' images laid out channels-last (`channels_last.py`);
+        warns and keeps the native layout when it does not."""
+        why = accepts_channels_last(self.task, self.device)
+        if why is not None:
+            warnings.warn(f"executor.conv 'channels_last': the model's forward does not take channels-last images "
+                          f"({why}); using the native layout", RuntimeWarning, stacklevel=3)
+        return why is None
 
     def _grad_transform(self, transform: Callable[..., Any]) -> GradFn:
         """The vectorisable gradient function for the task's loss (with the running
@@ -312,10 +323,13 @@ class VmapExecutor(Executor):
         mapped = torch.func.vmap(one, in_dims=st.in_dims, randomness=self.randomness)
         x_all, y_all, mask_dtype = self.x, self.y, self.mask_dtype
         padding = self.spec.augment.crop_padding
+        layout = clients_channels_last if self.channels_last else None
 
         def run(params: Tensor, extras: dict, state: dict, idx: Tensor, draws: Optional[Tensor] = None):
             safe = idx.clamp_min(0)
             x = x_all[safe] if draws is None else augment_batches(x_all[safe], draws, padding)
+            if layout is not None:
+                x = layout(x)
             return mapped(params, extras, state, x, y_all[safe], (idx >= 0).to(mask_dtype))
 
         return run
@@ -346,7 +360,7 @@ def vmap(
     max_chunk: Annotated[Optional[int], Ge(1)] = None,
     precision: Annotated[str, OneOf(PRECISIONS)] = "fp32",
     graphs: Optional[bool] = None,
-    conv: Annotated[str, OneOf(("native", "unfold"))] = "native",
+    conv: Annotated[str, OneOf(("native", "channels_last", "unfold"))] = "native",
     randomness: Annotated[str, OneOf(("error", "different", "same"))] = "error",
     on_unsupported: Annotated[str, OneOf(("fallback", "error"))] = "fallback",
     keep_freed_memory: bool = True,
@@ -364,8 +378,15 @@ def vmap(
         graphs: Replay each cohort shape as a CUDA graph (after 8 distinct cohort sizes, new
             sizes are padded to captured or bucketed ones);
             default: on for CUDA, off on the CPU (where it only pads and reuses buffers).
-        conv: 'native' convolutions (grouped convolutions under vmap) or 'unfold' (im2col +
-            batched matmul; measured 3-4x slower on an H200, see benchmarks/README.md).
+        conv: 'native' convolutions (grouped convolutions under vmap); 'channels_last' (the
+            same grouped convolutions, fed the clients' images laid out so that they run
+            channels-last (NHWC): made for the GPU's NHWC convolution kernels, not measured
+            there yet; the same speed as 'native' on a 2-core CPU. Convolutions that follow
+            one another keep the layout without copies; a pooling layer in between hands
+            the next one the native layout, and adaptive pooling runs per client (slow). A
+            model whose forward cannot take such input, e.g. one that calls ``.view`` on it,
+            keeps 'native' with a warning); or 'unfold' (im2col + batched matmul; measured
+            3-4x slower on an H200, see benchmarks/README.md).
         randomness: vmap's handling of random layers (dropout): 'error' (refuse: results
             equal serial), 'different' or 'same' (per-client or shared draws, keyed per cohort;
             reproducible, but not the serial executor's draws, and with CUDA graphs not the
