@@ -32,7 +32,7 @@ projected to ``--rounds`` (each side's measured time plus its steady ms/round fo
 rounds it did not run).
 
     python benchmarks/vs_pfl.py [--rounds 1500] [--pfl-rounds N] [--fedsim-rounds N] \\
-        [--device cuda] [--precision tf32] [--pfl-compile pfl] [--lr 0.05] [--quick]
+        [--device cuda] [--precision tf32] [--pfl-compile pfl] [--fedsim-conv native] [--lr 0.05] [--quick]
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def fedsim_config(args: argparse.Namespace, rounds: int) -> dict:
     """Returns fedsim's config mapping: pfl_cifar.py's, scaled by --users/--test-images."""
     from benchmarks.pfl_cifar import config
 
-    cfg = config(rounds, args.device, args.precision, "native", args.device == "cuda", args.lr)
+    cfg = config(rounds, args.device, args.precision, args.fedsim_conv, args.device == "cuda", args.lr)
     cfg["data"]["num_clients"] = args.users
     cfg["protocol"]["clients_per_round"] = args.cohort
     cfg["data"].update(num_train=args.users * args.per_user, num_test=args.test_images)
@@ -153,7 +153,7 @@ def run_fedsim(args: argparse.Namespace, data, rounds: int, imports: float) -> R
     last = rows[-1]
     ex = mapping["executor"]
     settings = (f"vmap executor on {ex['device']}, precision {ex['precision']}, CUDA graphs {ex['graphs']}, "
-                f"keep_on_device {ex['keep_on_device']}, compile {ex['compile']}, dropout per client")
+                f"keep_on_device {ex['keep_on_device']}, compile {ex['compile']}, conv {ex['conv']}, dropout per client")
     return Result("fedsim", settings, imports, start - t, end - start, run.final_state.rounds, ends[:rounds],
                   start, float(last["test_accuracy"]), int(last["round"]))
 
@@ -320,6 +320,7 @@ def main() -> None:
     ap.add_argument("--pfl-compile", choices=("off", "pfl", "forward"), default="pfl",
                     help="off; pfl's use_torch_compile; or that plus loss/metrics bound to the compiled module")
     ap.add_argument("--fedsim-compile", action="store_true", help="executor.compile: true")
+    ap.add_argument("--fedsim-conv", choices=("native", "channels_last"), default="native", help="executor.conv")
     ap.add_argument("--lr", type=float, default=0.05,
                     help="local SGD lr of both (pfl's baseline.yaml has 0.1, at which both diverge on this data)")
     ap.add_argument("--users", type=int, default=1000)
