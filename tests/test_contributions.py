@@ -190,12 +190,12 @@ def _random(n: int, d: int, dtype=torch.float32, device="cpu", seed=0) -> Contri
 
 
 @pytest.mark.parametrize("n,d", [(1, 7), (2, 5), (37, 300), (200, 64)])
-def test_the_column_reducer_equals_the_per_row_sum_bitwise(n, d):
+def test_the_column_reducer_equals_the_weighted_sum_of_its_rows_bitwise(n, d):
+    # the columns' scaled weights are the rows' weight · s(staleness), to the bit
     c = _random(n, d, torch.float64 if d == 5 else torch.float32)
     s = polynomial(0.5)
-    per_row = torch.zeros_like(c.updates[0])
-    for row in c.rows():
-        per_row.add_(row.update, alpha=row.weight * s(row.staleness))
+    rows = list(c.rows())
+    per_row = vec.weighted_sum([row.update for row in rows], [row.weight * s(row.staleness) for row in rows])
     assert torch.equal(weighted_sum(s)(c), per_row)
     ref = sum(w * (1 + float(t)) ** -0.5 * u.double() for u, w, t in zip(c.updates, c.weights, c.staleness))
     torch.testing.assert_close(weighted_sum(s)(c).double(), ref, rtol=1e-5, atol=1e-4)  # fp32 sums of terms up to 1e3
