@@ -129,3 +129,21 @@ def test_model_that_views_its_images_keeps_the_native_layout(tmp_path):
         b = run_config({**cfg, "executor": {"kind": "vmap", "device": "cpu", "conv": "channels_last"}})
     a = run_config(cfg)
     assert rel(final_params(b), final_params(a)) <= 1e-6
+
+
+def test_with_augmentation_normalisation_and_padded_static_buffers_equals_serial(tmp_path, monkeypatch):
+    # the layout applies after cropping and flipping, on the CUDA-graph path (run uncaptured on the CPU)
+    cfg = image_config(tmp_path, model=CNN, data={"augment_crop": 2, "augment_flip": True,
+                                                  "normalize_mean": [0.1, 0.0, -0.1], "normalize_std": [1.5, 2.0, 0.5]})
+    monkeypatch.setattr("fedsim.executors.vmap.EXACT_SIZES", 0)  # pad every cohort to its bucket
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the layout is taken, not declined
+        compare_runs(cfg, conv="channels_last", graphs=True)
+
+
+def test_groupnorm_declines_the_layout_under_vmap(tmp_path):
+    # torch's group norm asks is_contiguous(channels_last), which vmap does not implement
+    cfg = image_config(tmp_path, model={**CNN, "groupnorm": True})
+    with pytest.warns(RuntimeWarning, match=r"executor.conv 'channels_last'.*is_contiguous.*using the native layout"):
+        b = run_config({**cfg, "executor": {"kind": "vmap", "device": "cpu", "conv": "channels_last"}})
+    assert rel(final_params(b), final_params(run_config(cfg))) <= 1e-6

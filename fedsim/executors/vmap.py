@@ -384,8 +384,8 @@ def vmap(
             there yet; the same speed as 'native' on a 2-core CPU. Convolutions that follow
             one another keep the layout without copies; a pooling layer in between hands
             the next one the native layout, and adaptive pooling runs per client (slow). A
-            model whose forward cannot take such input, e.g. one that calls ``.view`` on it,
-            keeps 'native' with a warning); or 'unfold' (im2col + batched matmul; measured
+            model whose forward cannot take such input under vmap (GroupNorm, or a
+            ``.view`` of the images) keeps 'native' with a warning); or 'unfold' (im2col + batched matmul; measured
             3-4x slower on an H200, see benchmarks/README.md).
         randomness: vmap's handling of random layers (dropout): 'error' (refuse: results
             equal serial), 'different' or 'same' (per-client or shared draws, keyed per cohort;
