@@ -10,7 +10,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fedsim.executors.channels_last import clients_channels_last
+from torch import nn
+
+from fedsim.executors.channels_last import accepts_channels_last, clients_channels_last
+from fedsim.executors.light_grad import grad_and_value
+from fedsim.task import Task
 
 from .conftest import digits_config, merge, run_config
 from .test_vmap_executor import compare_runs, final_params, rel
@@ -142,8 +146,29 @@ def test_with_augmentation_normalisation_and_padded_static_buffers_equals_serial
 
 
 def test_groupnorm_declines_the_layout_under_vmap(tmp_path):
-    # torch's group norm asks is_contiguous(channels_last), which vmap does not implement
+    # torch's group norm asks for channels-last copies and strides, which vmap does not implement
     cfg = image_config(tmp_path, model={**CNN, "groupnorm": True})
-    with pytest.warns(RuntimeWarning, match=r"executor.conv 'channels_last'.*is_contiguous.*using the native layout"):
+    with pytest.warns(RuntimeWarning, match=r"executor.conv 'channels_last'.*vmap.*using the native layout"):
         b = run_config({**cfg, "executor": {"kind": "vmap", "device": "cpu", "conv": "channels_last"}})
     assert rel(final_params(b), final_params(run_config(cfg))) <= 1e-6
+
+
+class _View(nn.Module):
+    def forward(self, x):
+        return x.view(x.shape[0], -1)
+
+
+def _verdict(*layers: nn.Module, randomness: str = "error") -> str | None:
+    """accepts_channels_last for a model of `layers` on four random 3×8×8 images."""
+    task = Task(nn.Sequential(*layers), "classification", {"input_shape": (3, 8, 8)})
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 2, (4,))
+    return accepts_channels_last(task, grad_and_value(task.loss), x, y, torch.float32, randomness)
+
+
+def test_the_probe_blames_the_layout_only_where_the_native_layout_runs():
+    assert _verdict(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)) is None
+    assert "view" in _verdict(_View(), nn.Linear(3 * 8 * 8, 2))
+    # dropout under executor.randomness 'error' fails whatever the layout: the cohort reports it
+    dropout = (nn.Conv2d(3, 4, 3), nn.Dropout(0.5), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    assert _verdict(*dropout) is None
+    assert _verdict(*dropout, randomness="different") is None

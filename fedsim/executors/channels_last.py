@@ -11,9 +11,13 @@ rounding of a different convolution algorithm.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.func import vmap
 
+from ..rng import cuda_index, keyed_torch
+from ..strategy import Batches, GradFn, Tensor
 from ..task import Task
 
 IMAGE_DIMS = 6  # a cohort's gathered images: [clients, steps, batch, channels, height, width]
@@ -27,27 +31,33 @@ def clients_channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.permute(1, 2, 4, 5, 0, 3).contiguous().permute(4, 0, 1, 5, 2, 3)
 
 
-def accepts_channels_last(task: Task, device: torch.device) -> str | None:
-    """Runs `task`'s model (whose parameters live on `device`) forward under vmap for two
-    clients of two images laid out by `clients_channels_last`, in eval mode (no random draws,
-    no running statistics updated; the layers' modes are put back). Returns None when it
-    runs, else why not: a model that calls ``.view`` on its input, for one, cannot take
-    these strides."""
-    shape = task.info.get("input_shape")
-    if shape is None or len(shape) != IMAGE_DIMS - 3:
-        return None  # not images: the layout does not apply
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn((2, 1, 2, *shape), generator=gen, dtype=task.info.get("input_dtype", torch.float32)).to(device)
-    params = task.initial_params().to(device)
-    layers = list(task.module.modules())
-    modes = [layer.training for layer in layers]
-    task.module.eval()
-    try:
-        with torch.no_grad():
-            vmap(lambda p, xs: task.forward(p, xs[0]))(torch.stack([params, params]), clients_channels_last(x))
-    except Exception as exc:  # noqa: BLE001 - any failure means: keep the default layout
-        return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
-    finally:
-        for layer, mode in zip(layers, modes):
-            layer.training = mode
-    return None
+def accepts_channels_last(task: Task, grad_fn: GradFn, x: Tensor, y: Tensor, mask_dtype: torch.dtype,
+                          randomness: str) -> str | None:
+    """Runs one vectorised gradient step, as a cohort runs it, for two clients on the first
+    two samples of the training set (`x`, `y`, on the executor's device), with the images
+    laid out by `clients_channels_last`; torch's generators are put back after it. Returns
+    None when it runs (or when the images are not [C, H, W]), else why not: GroupNorm, or a
+    model that calls ``.view`` on its images, cannot take these strides under vmap. A step
+    that fails in the native layout too is not the layout's doing: None (the cohort reports it)."""
+    if x.dim() != IMAGE_DIMS - 2:
+        return None  # not images [N, C, H, W]: the layout does not apply
+    n = min(2, len(x))
+    xs = x[:n].expand(2, 1, *x[:n].shape)  # [clients, K = 1, B, C, H, W]
+    ys = y[:n].expand(2, 1, *y[:n].shape)
+    mask = torch.ones(2, 1, n, dtype=mask_dtype, device=x.device)
+    params = task.initial_params().to(x.device)
+    params = torch.stack([params, params])
+
+    def step(p: Tensor, xb: Tensor, yb: Tensor, m: Tensor) -> Any:
+        return grad_fn(p, Batches(xb, yb, m)[0])
+
+    def fails(images: Tensor) -> str | None:
+        try:
+            with keyed_torch(0, cuda_index(x.device)):
+                vmap(step, randomness=randomness)(params, images, ys, mask)
+        except Exception as exc:  # noqa: BLE001 - any failure: see below
+            return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+        return None
+
+    why = fails(clients_channels_last(xs))
+    return None if why is None or fails(xs.contiguous()) is not None else why

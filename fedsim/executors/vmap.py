@@ -106,10 +106,10 @@ class VmapExecutor(Executor):
         else:
             self.task = base
         self.grad_fn = self._grad_transform(grad_and_value)
-        self.channels_last = self.conv == "channels_last" and self._takes_channels_last()
         self.x = spec.x_train.to(self.device)
         self.y = spec.y_train.to(self.device)
         self.mask_dtype = self.x.dtype if self.x.is_floating_point() else torch.float32
+        self.channels_last = self.conv == "channels_last" and self._takes_channels_last()
         use_graphs = (not on_cpu) if self.graphs is None else self.graphs
         self.runner = StaticCohortRunner(capture=not on_cpu) if use_graphs else None
         self._fns: dict[Any, Any] = {}
@@ -121,9 +121,10 @@ class VmapExecutor(Executor):
     def _takes_channels_last(self) -> bool:
         """Whether the model takes clients' images laid out channels-last (`channels_last.py`);
         warns and keeps the native layout when it does not."""
-        why = accepts_channels_last(self.task, self.device)
+        with precision(self.precision, self.device.type):
+            why = accepts_channels_last(self.task, self.grad_fn, self.x, self.y, self.mask_dtype, self.randomness)
         if why is not None:
-            warnings.warn(f"executor.conv 'channels_last': the model's forward does not take channels-last images "
+            warnings.warn(f"executor.conv 'channels_last': the model's training step cannot take channels-last images under vmap "
                           f"({why}); using the native layout", RuntimeWarning, stacklevel=3)
         return why is None
 
