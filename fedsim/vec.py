@@ -43,15 +43,13 @@ def _stacked_weighted_sum(vectors: list[torch.Tensor] | torch.Tensor, weights: l
     first = vectors[0]
     rows = max(1, STACK_BYTES // max(1, first.numel() * first.element_size()))
     w_all = torch.tensor(weights, dtype=first.dtype, device=first.device)
-    if len(vectors) <= rows:  # one stack
-        stacked = vectors if isinstance(vectors, torch.Tensor) else torch.stack(vectors)
-        return (stacked * w_all.view(-1, *([1] * first.dim()))).sum(0)
-    out = torch.zeros_like(first)
+    out: torch.Tensor | None = None
     for start in range(0, len(vectors), rows):
         part = vectors[start : start + rows]
         stacked = part if isinstance(part, torch.Tensor) else torch.stack(part)
         w = w_all[start : start + len(stacked)].view(-1, *([1] * first.dim()))
-        out.add_((stacked * w).sum(0))
+        term = (stacked * w).sum(0)
+        out = term if out is None else out.add_(term)
     return out
 
 

@@ -124,8 +124,8 @@ class VmapExecutor(Executor):
         with precision(self.precision, self.device.type):
             why = accepts_channels_last(self.task, self.grad_fn, self.x, self.y, self.mask_dtype, self.randomness)
         if why is not None:
-            warnings.warn(f"executor.conv 'channels_last': the model's training step cannot take channels-last images under vmap "
-                          f"({why}); using the native layout", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"executor.conv 'channels_last': the model's training step cannot take channels-last "
+                          f"images under vmap ({why}); using the native layout", RuntimeWarning, stacklevel=3)
         return why is None
 
     def _grad_transform(self, transform: Callable[..., Any]) -> GradFn:
@@ -385,9 +385,9 @@ def vmap(
             there yet; the same speed as 'native' on a 2-core CPU. Convolutions that follow
             one another keep the layout without copies; a pooling layer in between hands
             the next one the native layout, and adaptive pooling runs per client (slow). A
-            model whose forward cannot take such input under vmap (GroupNorm, or a
-            ``.view`` of the images) keeps 'native' with a warning); or 'unfold' (im2col + batched matmul; measured
-            3-4x slower on an H200, see benchmarks/README.md).
+            model whose training step cannot take such input under vmap (GroupNorm, or a
+            ``.view`` of the images) keeps 'native' with a warning); or 'unfold' (im2col +
+            batched matmul; measured 3-4x slower on an H200, see benchmarks/README.md).
         randomness: vmap's handling of random layers (dropout): 'error' (refuse: results
             equal serial), 'different' or 'same' (per-client or shared draws, keyed per cohort;
             reproducible, but not the serial executor's draws, and with CUDA graphs not the
