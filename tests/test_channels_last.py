@@ -8,9 +8,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fedsim.executors.channels_last import accepts_channels_last, clients_channels_last
 from fedsim.executors.light_grad import grad_and_value
@@ -62,7 +61,7 @@ def test_layout_keeps_shape_and_values_and_leaves_other_tensors_alone():
 @pytest.mark.parametrize("conv", ["channels_last", "native"])
 def test_grouped_convolutions_get_channels_last_images(tmp_path, conv):
     # two convolutions in a row (pfl's simple_cnn has that shape): with the layout, both take
-    # channels-last input, the second without a copy in between; natively neither does
+    # channels-last input; natively neither does
     plugin = tmp_path / "two_convs.py"
     plugin.write_text(TWO_CONVS)
     cfg = {**image_config(tmp_path, executor={"kind": "vmap", "device": "cpu", "conv": conv}),
