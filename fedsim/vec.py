@@ -7,7 +7,8 @@ import torch
 
 
 STACK_BYTES = 1 << 28  # vectors are summed in stacks of at most this many bytes
-STACK_MAX_VECTOR_BYTES = 1 << 20  # larger vectors are added one by one (the copy would cost more than the calls)
+STACK_MAX_VECTOR_BYTES = 1 << 20  # on a GPU, larger vectors are added one by one
+CPU_STACK_MAX_VECTOR_BYTES = 1 << 12  # on the CPU, larger vectors are added one by one
 
 
 def weighted_sum(vectors: Sequence[torch.Tensor] | torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
@@ -15,21 +16,25 @@ def weighted_sum(vectors: Sequence[torch.Tensor] | torch.Tensor, weights: Sequen
     tensors or one stacked tensor ``[m, ...]`` of them (the same result, bit for bit; a
     stack is reduced without copying its rows).
 
-    Vectors of at most `STACK_MAX_VECTOR_BYTES` are stacked (at most `STACK_BYTES` at a
-    time) and each stack is reduced in one call: one call per vector costs ~5 µs of host
-    time on a GPU and ~1.6 µs on the CPU, which dominated a round of 1,000 clients (1,000 ×
-    14k floats on an H200: 5.7 ms one by one, 0.40 ms stacked). Larger vectors are added
-    one by one, in order (50 × 1.2M floats on an H200: 0.30 ms one by one, 0.40 ms
-    stacked). The result is deterministic for given inputs and, on the CPU, the same for
-    any number of threads (torch sums each entry over a stack in a fixed order); it agrees
-    with the one-by-one order up to float rounding.
+    Small vectors are stacked (at most `STACK_BYTES` at a time) and each stack is reduced in
+    one call; larger ones are added one by one, in order. One call per vector costs ~5 µs of
+    host time on a GPU, which dominated a round of 1,000 clients (1,000 × 14k floats on an
+    H200: 5.7 ms one by one, 0.40 ms stacked; 50 × 1.2M floats: 0.30 ms one by one, 0.40 ms
+    stacked), hence `STACK_MAX_VECTOR_BYTES` there. On the CPU a call costs ~1.6 µs, and a
+    stack's sum runs through a temporary as large as the stack, so only vectors of at most
+    `CPU_STACK_MAX_VECTOR_BYTES` are stacked (1,000 × 610 floats: 1.8 ms one by one, 0.15
+    ms stacked; 100 × 14k floats: 0.33 ms one by one, 1.1 ms stacked). The result is
+    deterministic for given inputs and, on the CPU, the same for any number of threads
+    (torch sums each entry over a stack in a fixed order); it agrees with the one-by-one
+    order up to float rounding.
     """
     if len(vectors) == 0:
         raise ValueError("weighted_sum of no vectors")
     if len(vectors) != len(weights):
         raise ValueError(f"{len(vectors)} vectors and {len(weights)} weights")
     first = vectors[0]
-    if len(vectors) > 1 and first.numel() * first.element_size() <= STACK_MAX_VECTOR_BYTES:
+    limit = CPU_STACK_MAX_VECTOR_BYTES if first.device.type == "cpu" else STACK_MAX_VECTOR_BYTES
+    if len(vectors) > 1 and first.numel() * first.element_size() <= limit:
         stack = vectors if isinstance(vectors, torch.Tensor) else list(vectors)
         return _stacked_weighted_sum(stack, [float(w) for w in weights])
     out = torch.zeros_like(first)

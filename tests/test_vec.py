@@ -21,7 +21,7 @@ def test_the_stacked_weighted_sum_equals_the_sequential_one(monkeypatch, stack_b
     monkeypatch.setattr(vec, "STACK_BYTES", stack_bytes)
     vectors, weights = _terms(11, shape)
     stacked = vec.weighted_sum(vectors, weights)
-    monkeypatch.setattr(vec, "STACK_MAX_VECTOR_BYTES", 0)  # every vector "large": one by one, in order
+    monkeypatch.setattr(vec, "CPU_STACK_MAX_VECTOR_BYTES", 0)  # every vector "large": one by one, in order
     sequential = vec.weighted_sum(vectors, weights)
     reference = sum(w * v.double() for v, w in zip(vectors, weights))
     torch.testing.assert_close(stacked, sequential, rtol=1e-6, atol=1e-6)
@@ -29,9 +29,9 @@ def test_the_stacked_weighted_sum_equals_the_sequential_one(monkeypatch, stack_b
     assert stacked.shape == shape and stacked.dtype == torch.float32
 
 
-@pytest.mark.parametrize("max_vector_bytes", [vec.STACK_MAX_VECTOR_BYTES, 0])  # stacked, one by one
+@pytest.mark.parametrize("max_vector_bytes", [vec.CPU_STACK_MAX_VECTOR_BYTES, 0])  # stacked, one by one
 def test_a_sequence_and_its_stack_sum_to_the_same_bits(monkeypatch, max_vector_bytes):
-    monkeypatch.setattr(vec, "STACK_MAX_VECTOR_BYTES", max_vector_bytes)
+    monkeypatch.setattr(vec, "CPU_STACK_MAX_VECTOR_BYTES", max_vector_bytes)
     vectors, weights = _terms(300, (610,), seed=1)
     assert torch.equal(vec.weighted_sum(vectors, weights), vec.weighted_sum(torch.stack(vectors), weights))
 
