@@ -17,8 +17,9 @@ jobs that end at that tick. With ``compression`` (`fedsim.channel`) a push sends
 compressed message under the feedback rule, receivers buffer the sender's view (CHOCO: its
 public copy x̂_i), and a merge moves the node by x ← x + γ (merge(own view, views) − own view);
 the identity compressor with γ = 1 is plain gossip (up to float rounding). A node's channel
-state is kept in the run's per-node memory. A lost job (dropout) produces nothing; the node starts over
-after the part of the job it spent. An unavailable node sleeps until availability changes.
+state is kept in the run's per-node memory. A lost job (dropout) produces nothing; the node
+starts over after the part of the job it spent. An unavailable node sleeps until
+availability changes.
 ``rounds`` counts n completed jobs (one job per node on average, as one synchronous round);
 ``aggregations`` counts merges; ``bytes_up`` / ``bytes_down`` models sent / received.
 
