@@ -9,7 +9,11 @@ parameters are stacked rather than broadcast) and hands each run back its own ro
 
 Only one run's Python code runs at a time (a baton: the lock of the shared condition), and
 each run keeps its own torch generator states across the hand-overs, so what a run draws is
-what it would draw alone. The runs' training sets are put side by side on the device once
+what it would draw alone. The shared calls and the runs' evaluations run in the thread that
+called `run_together` (the main thread), not in the runs' own: glibc gives threads started
+after torch's worker threads a separate heap of 64 MB segments in turn, and a cohort's large
+blocks there were mapped and unmapped call after call (a CNN's shared call took 1.5x as long
+in such a thread). The runs' training sets are put side by side on the device once
 (a set equal to an earlier run's is shared); each job's sample indices are shifted to its
 run's block. A vectorised call computes every client's update exactly as the run's own
 executor would, up to float rounding (different batch shapes pick different kernels).
@@ -190,7 +194,14 @@ class SharedVmap:
     def __init__(self, configs: Sequence[Any], print_line: Callable[[str], Any] = print):
         self.configs = list(configs)
         self.print_line = print_line
-        self.cond = threading.Condition()  # its lock is the baton: held by the one run that runs
+        baton = threading.RLock()  # held by the one thread that runs: a run, or the server
+        self.cond = threading.Condition(baton)  # the runs wait here for their results
+        self.wake_server = threading.Condition(baton)  # the server waits here for work
+        self.serving = False  # a thread runs `serve`: shared calls and evaluations go to it
+        self.ready = False  # every live run handed in its batch: the shared call is due
+        self.calls: list[tuple[int, Callable[[], Any]]] = []  # other work for the server, in order
+        self.answers: dict[int, tuple[bool, Any]] = {}  # ticket -> (raised, result)
+        self.tickets = 0
         self.live = set(range(len(configs)))
         self.specs: dict[int, tuple[WorkerSpec, Strategy | None]] = {}
         self.batch: dict[int, list[Job]] = {}
@@ -215,15 +226,14 @@ class SharedVmap:
             if self.stop_signal is not None:
                 raise StepAbandoned("the sweep was asked to stop", self.stop_signal)
             if self.solo is not None:
-                return self.solo[member].run(jobs)
+                return self._on_server(lambda: self.solo[member].run(jobs))
             self.batch[member] = jobs
-            if self.batch.keys() >= self.live:
-                self._execute()
+            self._batch_complete()
             while member not in self.results:
-                cuda = initialised_cuda()
-                states = torch_states(cuda)  # another run draws from the global generators meanwhile
-                self.cond.wait()
-                set_torch_states(states, cuda)
+                self._wait()
+                if self.ready and not self.serving:  # the server stopped before running it
+                    self.ready = False
+                    self._execute()
             out = self.results.pop(member)
             if isinstance(out, BaseException):
                 raise out
@@ -235,9 +245,87 @@ class SharedVmap:
             if member not in self.live:
                 return
             self.live.discard(member)
-            if self.batch and self.batch.keys() >= self.live:
-                self._execute()
+            self._batch_complete()
             self.cond.notify_all()
+            self.wake_server.notify()
+
+    def serve(self, start: Callable[[], Any]) -> None:
+        """Calls `start()` (which starts the runs' threads), then runs the shared calls and the
+        work the runs hand over (`_on_server`) in the calling thread until every run has left;
+        wakes at least every 0.2 s (for signal handlers)."""
+        self.serving = True  # before the runs start: none runs a shared call itself
+        try:
+            start()
+        except BaseException:
+            self.serving = False
+            raise
+        with self.cond:
+            try:
+                while self.live or self.ready or self.calls:
+                    if self.ready:
+                        self.ready = False
+                        self._execute()
+                    elif self.calls:
+                        ticket, fn = self.calls.pop(0)
+                        try:
+                            self.answers[ticket] = (False, fn())
+                        except BaseException as exc:  # noqa: BLE001 - raised in the run's thread
+                            self.answers[ticket] = (True, exc)
+                            if isinstance(exc, Interrupted):  # a second Ctrl-C: this thread stops too
+                                raise
+                        finally:
+                            self.cond.notify_all()
+                    else:
+                        self.wake_server.wait(timeout=0.2)
+            finally:
+                self.serving = False
+                self.cond.notify_all()
+
+    def _batch_complete(self) -> None:
+        """If every live run has handed in its batch, has the shared call run: by the server,
+        or here when no thread serves."""
+        if not self.batch or self.batch.keys() < self.live:
+            return
+        if self.serving:
+            self.ready = True
+            self.wake_server.notify()
+        else:
+            self._execute()
+
+    def _on_server(self, fn: Callable[[], T]) -> T:
+        """Returns fn() run by the serving thread (here when no thread serves), drawing from
+        this run's torch generator states and leaving them as fn left them, as if it ran here.
+        Call holding the baton."""
+        if not self.serving:
+            return fn()
+        mine = torch_states(initialised_cuda())
+
+        def call() -> tuple[T, list[Tensor]]:
+            set_torch_states(mine, initialised_cuda())
+            return fn(), torch_states(initialised_cuda())
+
+        ticket = self.tickets = self.tickets + 1
+        self.calls.append((ticket, call))
+        self.wake_server.notify()
+        while ticket not in self.answers:
+            self.cond.wait()
+            if not self.serving and ticket not in self.answers:  # the server stopped first
+                self.calls = [c for c in self.calls if c[0] != ticket]
+                set_torch_states(mine, initialised_cuda())
+                return fn()
+        raised, out = self.answers.pop(ticket)
+        if raised:
+            raise out
+        result, states = out
+        set_torch_states(states, initialised_cuda())
+        return result
+
+    def _wait(self) -> None:
+        """Waits for the server (or another run) to notify, keeping this run's torch generators."""
+        cuda = initialised_cuda()
+        states = torch_states(cuda)  # another run draws from the global generators meanwhile
+        self.cond.wait()
+        set_torch_states(states, cuda)
 
     def interrupt(self, signum: int) -> None:
         """Asks every run to stop at its next batch (it writes a checkpoint and ends); the
@@ -275,6 +363,9 @@ class SharedVmap:
         except BaseException as exc:  # noqa: BLE001 - every run of the call fails with it
             for member in batch:
                 self.results[member] = exc
+            if isinstance(exc, Interrupted):  # a second Ctrl-C in the serving thread: it stops too
+                self.cond.notify_all()
+                raise
         self.cond.notify_all()
 
     def _start(self) -> None:
@@ -368,7 +459,12 @@ class SharedVmap:
 
     def evaluate(self, member: int, task: Task, params: Tensor, x: Tensor, y: Tensor, batch_size: int,
                  cache: dict) -> dict[str, float | None]:
-        """Evaluates on the executor's device, keeping `member`'s test set there (`cache`)."""
+        """Evaluates on the executor's device, keeping `member`'s test set there (`cache`), in
+        the serving thread. Call holding the baton."""
+        return self._on_server(lambda: self._evaluate(member, task, params, x, y, batch_size, cache))
+
+    def _evaluate(self, member: int, task: Task, params: Tensor, x: Tensor, y: Tensor, batch_size: int,
+                  cache: dict) -> dict[str, float | None]:
         if self.solo is not None:
             return self.solo[member].evaluate(task, params, x, y, batch_size)
         device = resolve_device(self.vmap.device_name)
@@ -433,7 +529,8 @@ def run_together(configs: Sequence[Any], work: Callable[[int, MemberExecutor], T
                  print_line: Callable[[str], Any] = print) -> tuple[list[T | None], int | None]:
     """Calls ``work(i, executor)`` for every run i of `configs` (fedsim Configs that passed
     `why_not`), each in a thread of its own holding the baton, with `executor` its member of
-    one `SharedVmap`; `work` builds and drives run i on it. SIGINT and SIGTERM make every run
+    one `SharedVmap`; `work` builds and drives run i on it, while the calling thread runs the
+    shared calls and the evaluations (`SharedVmap.serve`). SIGINT and SIGTERM make every run
     stop at its next batch (writing a checkpoint); a second one raises Interrupted at once
     (the runs still stop at their next batch, in the background). Returns what each `work` returned (None where it raised) and the
     signal that asked the runs to stop (None if none did)."""
@@ -464,8 +561,7 @@ def run_together(configs: Sequence[Any], work: Callable[[int, MemberExecutor], T
     threads = [threading.Thread(target=body, args=(i,), name=f"fedsim-vectorised-{i}", daemon=True)
                for i in range(len(configs))]
     with stop:
-        for t in threads:
-            t.start()
+        shared.serve(lambda: [t.start() for t in threads])  # the shared calls run in this thread
         for t in threads:
             while t.is_alive():
                 t.join(timeout=0.2)  # wakes for signals

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -145,6 +146,32 @@ def test_runs_that_cannot_share_calls_run_separately_with_one_line(tmp_path, sha
         "local.momentum, local.weight_decay and the strategy, protocol, topology, system, run and data settings)")
     assert why_not([load_config(quad, ["local.batch_size=2"]), load_config(quad)]).startswith(
         "the runs differ in local.batch_size ")
+
+
+def test_shared_calls_and_evaluations_run_in_the_calling_thread(monkeypatch):
+    # the runs' threads may have a heap of small segments of their own (glibc arenas), where a
+    # cohort's large blocks are mapped and unmapped call after call: the vectorised work runs in
+    # the thread that called run_together, whose heap is the main one
+    from fedsim.executors.vmap import VmapExecutor
+    from fedsim.task import Task
+
+    threads: dict[str, set[int]] = {"call": set(), "evaluate": set()}
+    run_jobs, evaluate = VmapExecutor._run_jobs, Task.evaluate
+
+    def recorded_run_jobs(self, jobs):
+        threads["call"].add(threading.get_ident())
+        return run_jobs(self, jobs)
+
+    def recorded_evaluate(self, *args, **kwargs):
+        threads["evaluate"].add(threading.get_ident())
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(VmapExecutor, "_run_jobs", recorded_run_jobs)
+    monkeypatch.setattr(Task, "evaluate", recorded_evaluate)
+    configs = [load_config(vmap_config(rounds=3, eval_every=1), [f"seed={s}"]) for s in SEEDS]
+    rows, _ = run_together(configs, lambda i, ex: drive(build(configs[i], executor=ex), None, progress=False))
+    assert all(len(r) == 4 for r in rows)  # rounds 0..3 evaluated
+    assert threads == {"call": {threading.get_ident()}, "evaluate": {threading.get_ident()}}
 
 
 def test_asynchronous_runs_share_calls_too(shared_calls):
