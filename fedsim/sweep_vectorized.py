@@ -4,8 +4,9 @@ Each run of a group is built and driven exactly as a single run (its own data, p
 client state, events, checkpoints, run folder), in a thread of its own, with a
 `MemberExecutor` as its executor. The members hand their jobs to one `SharedVmap`, which
 waits until every live run has handed in its next batch (a run that ends drops out), then
-runs all of them as one cohort of the vmap executor (the runs' models differ, so their
-parameters are stacked rather than broadcast) and hands each run back its own rows.
+runs all of them as one cohort of the vmap executor (each run's global model goes in once
+and is broadcast to its own clients, as in a single run's call: `cohort.block_size`) and
+hands each run back its own rows.
 
 Only one run's Python code runs at a time (a baton: the lock of the shared condition), and
 each run keeps its own torch generator states across the hand-overs, so what a run draws is

@@ -12,7 +12,7 @@ import torch
 from fedsim.config import load_config
 from fedsim.errors import ClientJobError, ConfigError, FedsimError
 from fedsim.executors.base import Job, Worker, WorkerSpec
-from fedsim.executors.cohort import group
+from fedsim.executors.cohort import block_size, group, stack
 from fedsim.executors.graphs import StaticCohortRunner, bucket
 from fedsim.executors.precision import keep_freed_memory, precision
 from fedsim.executors.vmap import VmapExecutor
@@ -192,6 +192,42 @@ def test_stacked_payloads_state_and_extras_equal_serial(shared_payload):
     store = ClientStateStore()
     store.put(0, {"c": got.state["c"][1]})
     assert store.get(0)["c"].untyped_storage().nbytes() == got.state["c"][1].numel() * 4
+
+
+@pytest.mark.parametrize("graphs", [False, True])  # True: the static-buffer path (captured on CUDA)
+def test_payloads_in_blocks_are_broadcast_within_each_block(graphs):
+    # a vectorised sweep's call: consecutive jobs share their run's global model, the runs' models
+    # differ; the cohort stacks one model per block and equals the serial executor
+    run = build(load_config(digits_config(data={"partition": "iid"})))
+    strategy = _stateful_strategy()
+    worker = Worker(spec_of(run), strategy)
+    ex = started(run, strategy, graphs=graphs)
+    gen = torch.Generator().manual_seed(1)
+    base = run.ctx.initial_params
+    jobs = []
+    for block in range(3):
+        payload = Payload(base + 0.05 * torch.randn(base.shape, generator=gen), {"c": 0.01 * torch.randn(base.shape, generator=gen)})
+        for i in range(4):
+            job = run.ctx.make_job(block + i, payload, len(jobs), len(jobs))
+            jobs.append(Job(job.job_id, job.client, len(jobs), payload, {"c": 0.01 * torch.randn(base.shape, generator=gen)},
+                            job.indices, job.num_samples))
+    assert len(group(jobs)) == 1
+    st = stack(jobs, torch.device("cpu"))
+    assert st.params_block == 4 and st.params.shape == (3, base.numel())
+    got = ex.run(jobs)
+    for i, job in enumerate(jobs):
+        want = worker.run(job)
+        assert rel(got.updates[i], want.update) <= RTOL
+        assert rel(got.state["c"][i], want.state["c"]) <= RTOL
+        assert rel(got.extras["dc"][i], want.extras["dc"]) <= RTOL
+        assert got.metrics["train_loss"][i] == pytest.approx(want.metrics["train_loss"], rel=RTOL)
+
+
+@pytest.mark.parametrize("layout,block", [("aabb", 2), ("aaabbbccc", 3), ("aab", None), ("abab", None),
+                                          ("aaaa", None), ("ab", None), ("aabbaa", 2), ("aabbb", None)])
+def test_block_size(layout, block):
+    objects = {c: object() for c in set(layout)}
+    assert block_size([objects[c] for c in layout]) == block
 
 
 def test_results_in_any_order_and_discard():

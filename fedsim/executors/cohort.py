@@ -4,7 +4,9 @@ Jobs are grouped by everything that fixes a tensor shape: the [K, B] shape of th
 indices, and the names, shapes and dtypes of their client state and payload extras. Inside
 a cohort, a payload tensor that is the *same object* for every job (a synchronous round's
 global model) is passed once and broadcast (vmap ``in_dims=None``); otherwise it is stacked
-(asynchronous runs: each job started from its own model version).
+(asynchronous runs: each job started from its own model version). Models that come in
+equal blocks of consecutive jobs (a vectorised sweep's runs, each with its own global model)
+are stacked once per block, and the executor broadcasts each within its block.
 """
 from __future__ import annotations
 
@@ -67,12 +69,13 @@ def group(jobs: Sequence[Job]) -> list[list[Job]]:
 class Stacked:
     """A cohort's inputs as tensors, and the vmap ``in_dims`` that go with them."""
 
-    params: Tensor  # [d] when shared, else [n, d]
+    params: Tensor  # [d] when shared, [n / block, d] in blocks, else [n, d]
     extras: dict[str, Any]
     state: dict[str, Tensor]  # each [n, ...]
     indices: np.ndarray | Tensor  # [n, K, B]; a tensor on the device when it computed hashed orders
     params_dim: int | None
     extras_dims: dict[str, int | None]
+    params_block: int | None = None  # rows per block: each of `params`' rows serves that many jobs in turn
 
     @property
     def in_dims(self) -> tuple:
@@ -82,6 +85,17 @@ class Stacked:
     @property
     def size(self) -> int:
         return int(self.indices.shape[0])
+
+
+def block_size(values: Sequence[Any]) -> int | None:
+    """Returns m when `values` are blocks of m ≥ 2 consecutive entries, each block one object,
+    with at least two blocks (a vectorised sweep's runs, each its own global model); else None."""
+    n = len(values)
+    m = next((i for i, v in enumerate(values) if v is not values[0]), n)
+    if m < 2 or m == n or n % m:
+        return None
+    firsts = values[::m]
+    return m if all(map(operator.is_, values, [v for v in firsts for _ in range(m)])) else None
 
 
 def _shared_or_stacked(values: list[Any], device: torch.device) -> tuple[Any, int | None]:
@@ -99,7 +113,12 @@ def stack(jobs: Sequence[Job], device: torch.device, pad_to: int | None = None) 
     """
     n = len(jobs)
     rows = list(jobs) + [jobs[0]] * ((pad_to or n) - n)
-    params, pdim = _shared_or_stacked([j.payload.params for j in rows], device)
+    models = [j.payload.params for j in rows]
+    block = None if all_same(models) else block_size(models)
+    if block is None:
+        params, pdim = _shared_or_stacked(models, device)
+    else:
+        params, pdim = torch.stack(models[::block]).to(device), 0
     extras, edims = {}, {}
     for k in jobs[0].payload.extras:
         extras[k], edims[k] = _shared_or_stacked([j.payload.extras[k] for j in rows], device)
@@ -108,12 +127,12 @@ def stack(jobs: Sequence[Job], device: torch.device, pad_to: int | None = None) 
     if isinstance(first, DeferredIndices):  # hashed orders: the whole cohort's, computed on its device
         ids = np.fromiter((v for j in jobs for v in (j.client, j.job_id)), dtype=np.int64, count=2 * n).reshape(n, 2)
         indices = first.orders.cohort(ids[:, 0], ids[:, 1], rows=len(rows))
-        return Stacked(params, extras, state, indices, pdim, edims)
+        return Stacked(params, extras, state, indices, pdim, edims, block)
     shape = first.shape  # the same for the whole cohort (its signature)
     indices = np.concatenate([j.indices for j in rows]).reshape(len(rows), *shape)  # 3x faster than np.stack
     if len(rows) > n:
         indices[n:] = -1
-    return Stacked(params, extras, state, indices, pdim, edims)
+    return Stacked(params, extras, state, indices, pdim, edims, block)
 
 
 def unstack(out: tuple[Tensor, dict, dict, dict], jobs: Sequence[Job], device: torch.device,

@@ -26,6 +26,7 @@ from typing import Annotated, Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_map
 
 from ..augment import apply as augment_batches, job_draws
 from ..config import Ge, OneOf
@@ -259,7 +260,8 @@ class VmapExecutor(Executor):
         pad = self._padded_size(len(jobs)) if self.runner is not None or compiled else None
         st = stack(jobs, self.device, pad_to=pad)
         idx = st.indices if isinstance(st.indices, torch.Tensor) else torch.from_numpy(st.indices).to(self.device)
-        fn_key = (signature(jobs[0]), st.size, st.params_dim, tuple(sorted(st.extras_dims.items())), compiled)
+        fn_key = (signature(jobs[0]), st.size, st.params_dim, st.params_block, tuple(sorted(st.extras_dims.items())),
+                  compiled)
         inputs: tuple = (st.params, st.extras, st.state, idx)
         if self.spec.augment.active:
             inputs += (self._draws(jobs, st.size),)
@@ -321,7 +323,10 @@ class VmapExecutor(Executor):
             out = local(Payload(params, extras), state, Batches(x, y, mask), grad_fn, own_hp)
             return out.update, dict(out.state), _as_tensors(out.extras), _as_tensors(out.metrics)
 
-        mapped = torch.func.vmap(one, in_dims=st.in_dims, randomness=self.randomness)
+        if st.params_block is None:
+            mapped = torch.func.vmap(one, in_dims=st.in_dims, randomness=self.randomness)
+        else:
+            mapped = _in_blocks(one, st, self.randomness)
         x_all, y_all, mask_dtype = self.x, self.y, self.mask_dtype
         padding = self.spec.augment.crop_padding
         layout = clients_channels_last if self.channels_last else None
@@ -353,6 +358,28 @@ class VmapExecutor(Executor):
         warnings.warn(msg + " Running every job client by client from now on.", RuntimeWarning, stacklevel=2)
         self.unsupported = msg
         return outputs
+
+
+def _in_blocks(one: Callable[..., Any], st: Stacked, randomness: str) -> Callable[..., Any]:
+    """`one` mapped over a cohort whose models come in blocks (`Stacked.params_block`): an
+    outer vmap over the blocks' models, an inner one over each block's clients with the
+    block's model broadcast, as a cohort sharing one model is; takes and returns the flat
+    cohort's arguments and outputs (rows in order)."""
+    m, dims = st.params_block, st.extras_dims
+    inner = torch.func.vmap(one, in_dims=(None, dims, 0, 0, 0, 0), randomness=randomness)
+    outer = torch.func.vmap(inner, in_dims=(0, dims, 0, 0, 0, 0), randomness=randomness)
+
+    def mapped(params: Tensor, extras: dict, state: dict, x: Tensor, y: Tensor, mask: Tensor):
+        g = params.shape[0]
+
+        def blocks(t: Tensor) -> Tensor:
+            return t.reshape(g, m, *t.shape[1:])
+
+        extras = {k: blocks(v) if dims[k] == 0 else v for k, v in extras.items()}
+        out = outer(params, extras, tree_map(blocks, state), blocks(x), blocks(y), blocks(mask))
+        return tree_map(lambda t: t.reshape(g * m, *t.shape[2:]), out)
+
+    return mapped
 
 
 @EXECUTORS.register("vmap")
