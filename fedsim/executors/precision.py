@@ -47,12 +47,14 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 
 def keep_freed_memory() -> bool:
-    """Tells glibc malloc to serve large blocks from the heap and never trim it, and to give
-    threads started from now on the main heap rather than arenas of their own (the same as
-    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge> MALLOC_ARENA_MAX=1``), process-wide.
-    A thread's own arena grows in heaps of at most 64 MB, so a large block there is mapped
-    and unmapped call after call: a vectorised CNN cohort ran 1.65x slower in a second thread
-    (a vectorised sweep's runs each drive from a thread) until threads shared the main heap.
+    """Tells glibc malloc to serve large blocks from the heap and never trim it, and to make
+    no new arenas for threads started from now on (the same as ``MALLOC_MMAP_MAX_=0
+    MALLOC_TRIM_THRESHOLD_=<huge> MALLOC_ARENA_MAX=1``), process-wide. A thread's own arena
+    grows in heaps of at most 64 MB, so a large block there is mapped and unmapped call after
+    call: a vectorised CNN cohort ran 1.65x slower in a second thread. New threads get the main
+    heap only while no other arena exists, though: torch's worker threads make one at their
+    first parallel operation, and glibc then hands new threads the existing arenas in turn. So
+    the heavy work stays in the main thread (a vectorised sweep's shared calls included).
     Returns False where this is not glibc (nothing changed)."""
     if not sys.platform.startswith("linux"):
         return False
