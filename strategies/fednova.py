@@ -34,7 +34,7 @@ def step_weight_norm(steps: int, momentum: float) -> float:
 def nova_local(payload: Payload, state: ClientState, batches: Batches, grad_fn: GradFn, hp: LocalHP) -> ClientOutput:
     """K local SGD steps; uploads u = x − y_K and ‖a‖₁ (one scalar) as the extra 'a_norm'."""
     y, loss = sgd_steps(payload.params, batches, grad_fn, hp, lr=local_lr(payload, hp))
-    a = torch.tensor(step_weight_norm(batches.num_steps, hp.momentum), dtype=torch.float32)
+    a = torch.as_tensor(step_weight_norm(batches.num_steps, hp.momentum), dtype=torch.float32)  # a job's own ρ: a tensor
     return ClientOutput(payload.params - y, {}, {"a_norm": a}, {"train_loss": loss})
 
 
