@@ -128,8 +128,8 @@ def main() -> None:
           f"profiler ({args.rounds} rounds, build included, evaluations left out), of which "
           f"{1000 * in_calls[0] / args.rounds:.2f} ms in the vmap executor's calls")
     if args.runs > 1 and args.device != "cuda":
-        print("(torch.profiler records the calling thread's operators only: the runs' threads, which run the "
-              "shared calls, are not in the table below; on a GPU the kernels are)")
+        print("(torch.profiler records the calling thread's operators only: the shared calls, which run in this "
+              "thread, are in the table below; the runs' own work outside them, in their threads, is not)")
     key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=args.top))
 
