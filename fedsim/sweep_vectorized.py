@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from .contributions import Contributions
+from .data.hashed_order import DeferredIndices
 from .errors import Interrupted, StepAbandoned
 from .executors.base import Executor, Job, WorkerSpec, build_executor
 from .executors.precision import keep_freed_memory, precision
@@ -431,16 +432,24 @@ class SharedVmap:
         jobs: list[Job] = []
         member_of: list[int] = []
         own_ids: list[int] = []
+        base = self.next_id
+        orders = _RunsOrders(base, self.offsets)  # for jobs whose hashed orders the device computes
         for member, part in batch.items():
             off = self.offsets[member]
             hp = self._hp_extras(member, part[0].payload.params) if self.job_hp and part else None
             for job in part:
-                idx = job.indices if off == 0 else np.where(job.indices >= 0, job.indices + off, -1)
+                new_id = base + len(jobs)
+                if isinstance(job.indices, DeferredIndices):
+                    idx = DeferredIndices(orders, job.client, new_id, job.indices.shape)
+                else:
+                    idx = job.indices if off == 0 else np.where(job.indices >= 0, job.indices + off, -1)
                 payload = job.payload if hp is None else Payload(job.payload.params, {**job.payload.extras, **hp})
-                jobs.append(replace(job, job_id=self.next_id + len(jobs), indices=idx, payload=payload))
+                jobs.append(replace(job, job_id=new_id, indices=idx, payload=payload))
                 member_of.append(member)
                 own_ids.append(job.job_id)
-        base, self.next_id = self.next_id, self.next_id + len(jobs)
+        self.next_id = base + len(jobs)
+        orders.rows(member_of, own_ids, [j.indices.orders if isinstance(j.indices, DeferredIndices) else None
+                                          for part in batch.values() for j in part])
         merged = self.vmap.run(jobs)
         rows = merged.jobs - base
         members = np.asarray(member_of, dtype=np.int64)[rows]
@@ -478,10 +487,49 @@ class SharedVmap:
             return cache["task"].evaluate(params.to(device), cache["x"], cache["y"], batch_size)
 
 
-class MemberExecutor(Executor):
-    """One run's executor in a vectorised group: its jobs go to the group's `SharedVmap`."""
+class _RunsOrders:
+    """The hashed batch orders (`local.shuffle: hash`) of a shared call's jobs, computed on the
+    device as each run's own executor would: each job's by its run's `DeviceOrders` from its
+    own id in the run, shifted to the run's rows of the shared training set. Stands in for a
+    `DeviceOrders` in the jobs' `DeferredIndices` (whose job ids are the shared call's)."""
 
-    order_device = None  # batch orders are made on the host: the shared call shifts them to the run's block
+    def __init__(self, base: int, offsets: Mapping[int, int]):
+        self.base = base  # the shared call's first job id
+        self.offsets = offsets
+
+    def rows(self, members: Sequence[int], own_ids: Sequence[int], orders: Sequence[Any]) -> None:
+        """Sets, for each of the call's jobs in order, its run, its id in the run and its run's orders."""
+        self.members = np.asarray(members, dtype=np.int64)
+        self.own_ids = np.asarray(own_ids, dtype=np.int64)
+        self.orders = list(orders)
+
+    def cohort(self, clients: np.ndarray, job_ids: np.ndarray, rows: int | None = None) -> Tensor:
+        """As `DeviceOrders.cohort`: the [rows, K, B] indices of jobs (clients[i], job_ids[i]),
+        padding rows all −1."""
+        at = np.asarray(job_ids, dtype=np.int64) - self.base
+        members = self.members[at]
+        cut = [0, *(np.flatnonzero(np.diff(members)) + 1).tolist(), len(at)]  # runs of one member
+        pieces = []
+        for i, j in zip(cut[:-1], cut[1:]):
+            out = self.orders[at[i]].cohort(clients[i:j], self.own_ids[at[i:j]])
+            off = self.offsets[int(members[i])]
+            pieces.append(out if off == 0 else torch.where(out >= 0, out + off, out))
+        out = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        if rows is not None and rows > len(at):
+            out = torch.cat([out, out.new_full((rows - len(at), *out.shape[1:]), -1)])
+        return out
+
+    def host(self, client: int, job_id: int) -> np.ndarray:
+        """One job's indices computed on the host."""
+        at = job_id - self.base
+        out = self.orders[at].host(client, int(self.own_ids[at]))
+        off = self.offsets[int(self.members[at])]
+        return out if off == 0 else np.where(out >= 0, out + off, -1)
+
+
+class MemberExecutor(Executor):
+    """One run's executor in a vectorised group: its jobs go to the group's `SharedVmap`. Hashed
+    batch orders are left to the shared executor's device, as a run's own executor does."""
 
     def __init__(self, shared: SharedVmap, member: int):
         self.shared = shared
@@ -489,6 +537,7 @@ class MemberExecutor(Executor):
         self._pending: list[Job] = []
         self._done: dict[int, Contributions] = {}
         self._test: dict = {}
+        self.order_device = resolve_device(shared.vmap.device_name)
 
     def start(self, spec: WorkerSpec, strategy: Strategy | None = None) -> None:
         self.shared.specs[self.member] = (spec, strategy)

@@ -148,6 +148,31 @@ def test_runs_that_cannot_share_calls_run_separately_with_one_line(tmp_path, sha
         "the runs differ in local.batch_size ")
 
 
+@pytest.mark.parametrize("protocol", [{"name": "sync", "clients_per_round": 3},
+                                      {"name": "async", "concurrency": 2}])
+def test_hashed_orders_computed_for_the_shared_call_equal_single_runs(monkeypatch, shared_calls, protocol):
+    # local.shuffle: hash — each run's orders are computed with the cohort (as a run's own vmap
+    # executor does), keyed by the job's id in its run and shifted to its run's training rows
+    # (the seeds' regression data differ, so the runs' rows do not start at 0)
+    computed: list[int] = []
+    cohort = sweep_vectorized._RunsOrders.cohort
+
+    def counted(self, clients, job_ids, rows=None):
+        computed.append(len(clients))
+        return cohort(self, clients, job_ids, rows)
+
+    monkeypatch.setattr(sweep_vectorized._RunsOrders, "cohort", counted)
+    cfg = {"data": {"name": "tests.tiny_sources:regression", "num_clients": 6, "partition": "iid"},
+           "model": {"name": "mlp", "hidden": [8]}, "strategy": {"name": "fedasync" if protocol["name"] == "async" else "fedavg"},
+           "local": {"lr": 0.05, "batch_size": 4, "epochs": 1, "shuffle": "hash"}, "protocol": protocol,
+           "executor": {"kind": "vmap", "device": "cpu"}, "run": {"rounds": 4, "eval_every": 2, "progress": False}}
+    configs = [load_config(cfg, [f"seed={s}"]) for s in SEEDS]
+    rows, _ = run_together(configs, lambda i, ex: drive(build(configs[i], executor=ex), None, progress=False))
+    assert shared_calls and set(shared_calls) == {3} and computed
+    for seed, got in zip(SEEDS, rows):
+        assert_rows_close(got, run_config(cfg, None, overrides=(f"seed={seed}",)).rows)
+
+
 def test_shared_calls_and_evaluations_run_in_the_calling_thread(monkeypatch):
     # the runs' threads may have a heap of small segments of their own (glibc arenas), where a
     # cohort's large blocks are mapped and unmapped call after call: the vectorised work runs in
