@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -171,6 +172,27 @@ def test_hashed_orders_computed_for_the_shared_call_equal_single_runs(monkeypatc
     assert shared_calls and set(shared_calls) == {3} and computed
     for seed, got in zip(SEEDS, rows):
         assert_rows_close(got, run_config(cfg, None, overrides=(f"seed={seed}",)).rows)
+
+
+def test_shared_hashed_orders_on_the_host_equal_the_cohorts():
+    # a job whose order the host computes (a cohort re-run client by client) gets its cohort row
+    from fedsim.data.hashed_order import DeviceOrders
+
+    rng = np.random.default_rng(0)
+    runs = [DeviceOrders([rng.permutation(n) for n in sizes], 4, 1, None, "shuffle", False, seed, torch.device("cpu"))
+            for seed, sizes in ((0, (9, 12, 7)), (1, (12, 12, 5)))]
+    orders = sweep_vectorized._RunsOrders(100, {0: 0, 1: 40})
+    clients, own = np.array([0, 1, 2, 1, 0]), np.array([7, 8, 9, 3, 4])
+    orders.rows([0, 0, 0, 1, 1], own, [runs[0]] * 3 + [runs[1]] * 2)
+    shape = runs[0].shape(0)
+    same = [i for i in range(5) if (runs[0] if i < 3 else runs[1]).shape(int(clients[i])) == shape]
+    got = orders.cohort(clients[same], 100 + np.array(same), rows=len(same) + 1)
+    assert (got[-1] == -1).all()  # the padding row
+    for row, i in enumerate(same):
+        want = orders.host(int(clients[i]), 100 + i)
+        assert np.array_equal(got[row].numpy(), want)
+        alone = (runs[0] if i < 3 else runs[1]).host(int(clients[i]), int(own[i]))
+        assert np.array_equal(want, np.where(alone >= 0, alone + (0 if i < 3 else 40), -1))
 
 
 def test_shared_calls_and_evaluations_run_in_the_calling_thread(monkeypatch):
