@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--precision", default="tf32")
     ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--shuffle", default="generator", help="local.shuffle (the vectorised runs make their orders on the host)")
+    ap.add_argument("--shuffle", default="generator", help="local.shuffle: generator (keyed numpy generators, on the host) or hash (computed with each cohort on the executor's device, separate or vectorised)")
     ap.add_argument("--compile", action="store_true", help="executor.compile: torch.compile each cohort shape")
     ap.add_argument("--order", choices=("separate-first", "vectorised-first"), default="separate-first")
     ap.add_argument("--workload", choices=("pfl", "w", "quadratic"), default="pfl",
