@@ -34,6 +34,7 @@ batched (the first shared call fails), the runs run separately and one line says
 from __future__ import annotations
 
 import copy
+import signal
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -54,6 +55,7 @@ from .strategy import CAPTURED_PREFIX, JOB_HP_FIELDS, JOB_HP_PREFIX, Payload, St
 from .task import Task
 
 VECTORISED_PROTOCOLS = ("sync", "async", "decentralized", "async_gossip")  # the built-in ones
+WAIT_S = 0.5  # a run waiting for the server looks again after this long
 T = TypeVar("T")
 
 
@@ -196,9 +198,9 @@ class SharedVmap:
     def __init__(self, configs: Sequence[Any], print_line: Callable[[str], Any] = print):
         self.configs = list(configs)
         self.print_line = print_line
-        baton = threading.RLock()  # held by the one thread that runs: a run, or the server
-        self.cond = threading.Condition(baton)  # the runs wait here for their results
-        self.wake_server = threading.Condition(baton)  # the server waits here for work
+        self.baton = threading.RLock()  # held by the one thread that runs: a run, or the server
+        self.cond = threading.Condition(self.baton)  # the runs wait here for their results
+        self.work = threading.Event()  # set when the server has work (it waits off the baton, for signals)
         self.serving = False  # a thread runs `serve`: shared calls and evaluations go to it
         self.ready = False  # every live run handed in its batch: the shared call is due
         self.calls: list[tuple[int, Callable[[], Any]]] = []  # other work for the server, in order
@@ -233,8 +235,8 @@ class SharedVmap:
             self._batch_complete()
             while member not in self.results:
                 self._wait()
-                if self.ready and not self.serving:  # the server stopped before running it
-                    self.ready = False
+                if not self.serving and self.batch and self.batch.keys() >= self.live:
+                    self.ready = False  # the server stopped before running it: run it here
                     self._execute()
             out = self.results.pop(member)
             if isinstance(out, BaseException):
@@ -249,39 +251,53 @@ class SharedVmap:
             self.live.discard(member)
             self._batch_complete()
             self.cond.notify_all()
-            self.wake_server.notify()
+            self.work.set()
 
     def serve(self, start: Callable[[], Any]) -> None:
         """Calls `start()` (which starts the runs' threads), then runs the shared calls and the
-        work the runs hand over (`_on_server`) in the calling thread until every run has left;
-        wakes at least every 0.2 s (for signal handlers)."""
-        self.serving = True  # before the runs start: none runs a shared call itself
+        work the runs hand over (`_on_server`) in the calling thread until every run has left.
+        Between two pieces of work it waits off the baton, in waits that let signal handlers run
+        every 0.2 s even while a run holds the baton. A second Ctrl-C (Interrupted) ends it at
+        once; the runs of the call it interrupted stop as at their next batch."""
+        self.baton.acquire()  # the runs' threads wait for it until this thread waits for work
         try:
+            self.serving = True
             start()
-        except BaseException:
+            while self.live or self.ready or self.calls:
+                if self.ready:
+                    self.ready = False
+                    self._execute()
+                elif self.calls:
+                    self._answer(*self.calls.pop(0))
+                else:
+                    self.work.clear()  # holding the baton: a run sets it only after this
+                    self.baton.release()
+                    try:
+                        self.work.wait(0.2)
+                    finally:
+                        while not self.baton.acquire(timeout=0.2):
+                            pass
+        finally:
             self.serving = False
-            raise
-        with self.cond:
-            try:
-                while self.live or self.ready or self.calls:
-                    if self.ready:
-                        self.ready = False
-                        self._execute()
-                    elif self.calls:
-                        ticket, fn = self.calls.pop(0)
-                        try:
-                            self.answers[ticket] = (False, fn())
-                        except BaseException as exc:  # noqa: BLE001 - raised in the run's thread
-                            self.answers[ticket] = (True, exc)
-                            if isinstance(exc, Interrupted):  # a second Ctrl-C: this thread stops too
-                                raise
-                        finally:
-                            self.cond.notify_all()
-                    else:
-                        self.wake_server.wait(timeout=0.2)
-            finally:
-                self.serving = False
+            if self.baton._is_owned():  # not when a handler raised while this thread waited for it
                 self.cond.notify_all()
+                self.baton.release()
+
+    def _answer(self, ticket: int, fn: Callable[[], Any]) -> None:
+        """Runs a call a run handed over and hands back its result or exception."""
+        try:
+            self.answers[ticket] = (False, fn())
+        except (Interrupted, KeyboardInterrupt):  # a second Ctrl-C: the run stops, this thread too
+            self.answers[ticket] = (True, self._abandoned())
+            raise
+        except BaseException as exc:  # noqa: BLE001 - raised in the run's thread
+            self.answers[ticket] = (True, exc)
+        finally:
+            self.cond.notify_all()
+
+    def _abandoned(self) -> StepAbandoned:
+        """What a run gets for work that a second Ctrl-C interrupted: it stops as at its next batch."""
+        return StepAbandoned("the sweep was asked to stop", self.stop_signal or signal.SIGINT)
 
     def _batch_complete(self) -> None:
         """If every live run has handed in its batch, has the shared call run: by the server,
@@ -290,7 +306,7 @@ class SharedVmap:
             return
         if self.serving:
             self.ready = True
-            self.wake_server.notify()
+            self.work.set()
         else:
             self._execute()
 
@@ -308,9 +324,9 @@ class SharedVmap:
 
         ticket = self.tickets = self.tickets + 1
         self.calls.append((ticket, call))
-        self.wake_server.notify()
+        self.work.set()
         while ticket not in self.answers:
-            self.cond.wait()
+            self.cond.wait(WAIT_S)
             if not self.serving and ticket not in self.answers:  # the server stopped first
                 self.calls = [c for c in self.calls if c[0] != ticket]
                 set_torch_states(mine, initialised_cuda())
@@ -323,10 +339,11 @@ class SharedVmap:
         return result
 
     def _wait(self) -> None:
-        """Waits for the server (or another run) to notify, keeping this run's torch generators."""
+        """Waits for the server (or another run) to notify, at most `WAIT_S` (a server stopped by
+        a signal may not notify), keeping this run's torch generators."""
         cuda = initialised_cuda()
         states = torch_states(cuda)  # another run draws from the global generators meanwhile
-        self.cond.wait()
+        self.cond.wait(WAIT_S)
         set_torch_states(states, cuda)
 
     def interrupt(self, signum: int) -> None:
@@ -362,12 +379,14 @@ class SharedVmap:
                                   f"({', '.join(self.own_values)}) do not vectorise ({type(exc).__name__}: {first})")
                     for member, jobs in batch.items():
                         self.results[member] = self.solo[member].run(jobs)
+        except (Interrupted, KeyboardInterrupt):  # a second Ctrl-C in the serving thread: it stops too
+            for member in batch:  # and the runs stop as at their next batch
+                self.results[member] = self._abandoned()
+            self.cond.notify_all()
+            raise
         except BaseException as exc:  # noqa: BLE001 - every run of the call fails with it
             for member in batch:
                 self.results[member] = exc
-            if isinstance(exc, Interrupted):  # a second Ctrl-C in the serving thread: it stops too
-                self.cond.notify_all()
-                raise
         self.cond.notify_all()
 
     def _start(self) -> None:

@@ -122,6 +122,46 @@ def test_an_interrupted_vectorised_sweep_resumes_to_the_single_runs(tmp_path, sh
         assert_single_run(folder, cfg, seed)
 
 
+@pytest.mark.parametrize("when", ["building", "stepping"])
+def test_a_second_ctrl_c_stops_at_once_while_a_run_holds_the_baton(when):
+    # run 0 spends 3 s in its own code (building its data, or its host work after a round)
+    # while the user presses Ctrl-C twice: the second raises at once, and the runs' threads,
+    # left in the background, end rather than wait for a server that is gone
+    configs = [load_config(vmap_config(rounds=40, eval_every=1), [f"seed={s}"]) for s in SEEDS[:2]]
+    sent: list[float] = []
+
+    def ctrl_c_twice() -> None:
+        for _ in range(2):
+            time.sleep(0.3)
+            sent.append(time.perf_counter())
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def work(i, ex):
+        if i == 0 and when == "building":
+            threading.Thread(target=ctrl_c_twice, daemon=True).start()
+            time.sleep(3)
+        run = build(configs[i], executor=ex)
+        step = run.protocol.step
+
+        def slow_step(ctx, st):
+            out = step(ctx, st)
+            if i == 0 and when == "stepping" and out.rounds == 3:
+                threading.Thread(target=ctrl_c_twice, daemon=True).start()
+                time.sleep(3)
+            return out
+
+        run.protocol.step = slow_step
+        return drive(run, None, progress=False)
+
+    with pytest.raises(Interrupted, match="second interrupt"):
+        run_together(configs, work)
+    assert time.perf_counter() - sent[1] < 1.0
+    deadline = time.perf_counter() + 10
+    while any(t.name.startswith("fedsim-vectorised") for t in threading.enumerate()):
+        assert time.perf_counter() < deadline, "the runs' threads still wait"
+        time.sleep(0.05)
+
+
 def test_runs_that_cannot_share_calls_run_separately_with_one_line(tmp_path, shared_calls):
     # seed s has 3 + s input features: the runs' models differ in size once built
     cfg = {"seed": 0, "data": {"name": "tests.tiny_sources:seeded_width", "num_clients": 3, "partition": "iid"},
