@@ -600,9 +600,10 @@ def run_together(configs: Sequence[Any], work: Callable[[int, MemberExecutor], T
     `why_not`), each in a thread of its own holding the baton, with `executor` its member of
     one `SharedVmap`; `work` builds and drives run i on it, while the calling thread runs the
     shared calls and the evaluations (`SharedVmap.serve`). SIGINT and SIGTERM make every run
-    stop at its next batch (writing a checkpoint); a second one raises Interrupted at once
-    (the runs still stop at their next batch, in the background). Returns what each `work` returned (None where it raised) and the
-    signal that asked the runs to stop (None if none did)."""
+    stop at its next batch (writing a checkpoint); a second one raises Interrupted at once,
+    even while a run is busy in its own code (the runs still stop at their next batch, in the
+    background). Returns what each `work` returned (None where it raised) and the signal that
+    asked the runs to stop (None if none did)."""
     from .sweep import StopRequest
 
     shared = SharedVmap(configs, print_line)

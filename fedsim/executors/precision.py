@@ -54,7 +54,7 @@ def keep_freed_memory() -> bool:
     call: a vectorised CNN cohort ran 1.65x slower in a second thread. New threads get the main
     heap only while no other arena exists, though: torch's worker threads make one at their
     first parallel operation, and glibc then hands new threads the existing arenas in turn. So
-    the heavy work stays in the main thread (a vectorised sweep's shared calls included).
+    the heavy work stays in the main thread (a vectorised sweep's shared calls and evaluations).
     Returns False where this is not glibc (nothing changed)."""
     if not sys.platform.startswith("linux"):
         return False
