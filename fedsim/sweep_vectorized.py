@@ -255,12 +255,16 @@ class SharedVmap:
 
     def serve(self, start: Callable[[], Any]) -> None:
         """Calls `start()` (which starts the runs' threads), then runs the shared calls and the
-        work the runs hand over (`_on_server`) in the calling thread until every run has left.
+        work the runs hand over (`_on_server`) in the calling thread until every run has left,
+        with the runs' `run.torch_threads` (torch's thread count is set per thread).
         Between two pieces of work it waits off the baton, in waits that let signal handlers run
         every 0.2 s even while a run holds the baton. A second Ctrl-C (Interrupted) ends it at
         once; the runs of the call it interrupted stop as at their next batch."""
+        threads, before = self.configs[0].run.torch_threads, torch.get_num_threads()
         self.baton.acquire()  # the runs' threads wait for it until this thread waits for work
         try:
+            if threads:  # the runs' own setting (equal in a group): set in their threads, it stays there
+                torch.set_num_threads(threads)
             self.serving = True
             start()
             while self.live or self.ready or self.calls:
@@ -279,6 +283,8 @@ class SharedVmap:
                             pass
         finally:
             self.serving = False
+            if threads:
+                torch.set_num_threads(before)
             if self.baton._is_owned():  # not when a handler raised while this thread waited for it
                 self.cond.notify_all()
                 self.baton.release()

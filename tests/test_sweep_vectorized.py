@@ -261,6 +261,27 @@ def test_shared_calls_and_evaluations_run_in_the_calling_thread(monkeypatch):
     assert threads == {"call": {threading.get_ident()}, "evaluate": {threading.get_ident()}}
 
 
+def test_the_shared_calls_use_the_runs_torch_threads(monkeypatch):
+    # torch's thread count is set per thread: the runs set run.torch_threads in their own threads
+    # when they are built, and the thread that serves their calls sets it too (then restores it)
+    from fedsim.executors.vmap import VmapExecutor
+
+    seen: set[int] = set()
+    run_jobs = VmapExecutor._run_jobs
+
+    def recorded(self, jobs):
+        seen.add(torch.get_num_threads())
+        return run_jobs(self, jobs)
+
+    monkeypatch.setattr(VmapExecutor, "_run_jobs", recorded)
+    before = torch.get_num_threads()
+    want = 1 if before > 1 else 2
+    configs = [load_config(vmap_config(rounds=2, torch_threads=want), [f"seed={s}"]) for s in SEEDS]
+    run_together(configs, lambda i, ex: drive(build(configs[i], executor=ex), None, progress=False))
+    assert seen == {want}
+    assert torch.get_num_threads() == before
+
+
 def test_asynchronous_runs_share_calls_too(shared_calls):
     # each run hands in the jobs it dispatched whenever it needs a result it does not have
     cfg = quadratic_config(executor={"kind": "vmap", "device": "cpu"}, strategy={"name": "fedasync"},
