@@ -170,6 +170,17 @@ def _jobs(run, strategy, shared_payload: bool, n: int = 8):
     return jobs
 
 
+def assert_equal_serial(got, jobs, worker) -> None:
+    """Each row of `got` (the stateful strategy's cohort) equals the serial worker's run of its job."""
+    for i, job in enumerate(jobs):
+        want = worker.run(job)
+        assert rel(got.updates[i], want.update) <= RTOL
+        assert rel(got.state["c"][i], want.state["c"]) <= RTOL
+        assert rel(got.extras["dc"][i], want.extras["dc"]) <= RTOL
+        assert got.metrics["train_loss"][i] == pytest.approx(want.metrics["train_loss"], rel=RTOL)
+        assert got.metrics["k"][i] == 3.0
+
+
 @pytest.mark.parametrize("shared_payload", [True, False])
 def test_stacked_payloads_state_and_extras_equal_serial(shared_payload):
     run = build(load_config(digits_config()))
@@ -181,13 +192,7 @@ def test_stacked_payloads_state_and_extras_equal_serial(shared_payload):
     got = ex.run(jobs)
     assert got.jobs.tolist() == [j.job_id for j in jobs] and got.senders.tolist() == [j.client for j in jobs]
     assert got.num_steps.tolist() == [j.num_steps for j in jobs]
-    for i, job in enumerate(jobs):
-        want = worker.run(job)
-        assert rel(got.updates[i], want.update) <= RTOL
-        assert rel(got.state["c"][i], want.state["c"]) <= RTOL
-        assert rel(got.extras["dc"][i], want.extras["dc"]) <= RTOL
-        assert got.metrics["train_loss"][i] == pytest.approx(want.metrics["train_loss"], rel=RTOL)
-        assert got.metrics["k"][i] == 3.0
+    assert_equal_serial(got, jobs, worker)
     # a client's stored state must not pin the whole cohort's stack in memory
     store = ClientStateStore()
     store.put(0, {"c": got.state["c"][1]})
@@ -214,13 +219,7 @@ def test_payloads_in_blocks_are_broadcast_within_each_block(graphs):
     assert len(group(jobs)) == 1
     st = stack(jobs, torch.device("cpu"))
     assert st.params_block == 4 and st.params.shape == (3, base.numel())
-    got = ex.run(jobs)
-    for i, job in enumerate(jobs):
-        want = worker.run(job)
-        assert rel(got.updates[i], want.update) <= RTOL
-        assert rel(got.state["c"][i], want.state["c"]) <= RTOL
-        assert rel(got.extras["dc"][i], want.extras["dc"]) <= RTOL
-        assert got.metrics["train_loss"][i] == pytest.approx(want.metrics["train_loss"], rel=RTOL)
+    assert_equal_serial(ex.run(jobs), jobs, worker)
 
 
 @pytest.mark.parametrize("layout,block", [("aabb", 2), ("aaabbbccc", 3), ("aab", None), ("abab", None),
