@@ -308,7 +308,7 @@ class SharedVmap:
     def _batch_complete(self) -> None:
         """If every live run has handed in its batch, has the shared call run: by the server,
         or here when no thread serves."""
-        if not self.batch or self.batch.keys() < self.live:
+        if not self.batch or not self.batch.keys() >= self.live:
             return
         if self.serving:
             self.ready = True
