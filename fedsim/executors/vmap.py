@@ -408,8 +408,9 @@ def vmap(
             default: on for CUDA, off on the CPU (where it only pads and reuses buffers).
         conv: 'native' convolutions (grouped convolutions under vmap); 'channels_last' (the
             same grouped convolutions, fed the clients' images laid out so that they run
-            channels-last (NHWC): made for the GPU's NHWC convolution kernels, not measured
-            there yet; the same speed as 'native' on a 2-core CPU. Convolutions that follow
+            channels-last (NHWC): made for the GPU's NHWC convolution kernels, though on an
+            H200 pfl-research's small CNN ran no faster than with 'native', and on a 2-core
+            CPU neither (benchmarks/README.md). Convolutions that follow
             one another keep the layout without copies; a pooling layer in between hands
             the next one the native layout, and adaptive pooling runs per client (slow). A
             model whose training step cannot take such input under vmap (GroupNorm, or a
