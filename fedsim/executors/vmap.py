@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
+from dataclasses import replace
 from typing import Annotated, Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -97,7 +98,6 @@ class VmapExecutor(Executor):
         self.strategy = spec.task.prepare(strategy if strategy is not None else spec.strategy.build())
         self.device = resolve_device(self.device_name)
         self.order_device = self.device  # hashed batch orders (local.shuffle: hash) are computed there
-        self.serial = Worker(spec, self.strategy)
         base = spec.task
         on_cpu = self.device.type == "cpu"
         self.eval_task = base if on_cpu else base.with_module(copy.deepcopy(base.module).to(self.device))
@@ -110,6 +110,8 @@ class VmapExecutor(Executor):
         self.x = spec.x_train.to(self.device)
         self.y = spec.y_train.to(self.device)
         self.mask_dtype = self.x.dtype if self.x.is_floating_point() else torch.float32
+        # jobs that cannot be vectorised run client by client, on this executor's device and model
+        self.serial = Worker(replace(spec, task=self.task, x_train=self.x, y_train=self.y), self.strategy)
         self.channels_last = self.conv == "channels_last" and self._takes_channels_last()
         use_graphs = (not on_cpu) if self.graphs is None else self.graphs
         self.runner = StaticCohortRunner(capture=not on_cpu) if use_graphs else None
@@ -196,7 +198,7 @@ class VmapExecutor(Executor):
         queued; returns once every chunk's metrics reached the host. Returns the number of
         cohorts (1 when the pieces are in the jobs' order)."""
         if self.unsupported is not None:
-            take(from_outputs(jobs, [self.serial.run(j) for j in jobs]))
+            take(self._serially(jobs))
             return 1
         cohorts = group(jobs)
         try:
@@ -226,7 +228,7 @@ class VmapExecutor(Executor):
         while i < len(jobs):
             part = jobs[i : i + size]
             if self.unsupported is not None:
-                pieces.append(from_outputs(part, [self.serial.run(j) for j in part]))
+                pieces.append(self._serially(part))
             else:
                 try:
                     pieces.append(self._run_cohort(part))
@@ -236,7 +238,7 @@ class VmapExecutor(Executor):
                         if self.device.type == "cuda":
                             torch.cuda.empty_cache()
                         continue
-                    pieces.append(from_outputs(part, self._not_vectorisable(part, exc)))
+                    pieces.append(self._not_vectorisable(part, exc))
             i += len(part)
         return pieces
 
@@ -340,11 +342,21 @@ class VmapExecutor(Executor):
 
         return run
 
-    def _not_vectorisable(self, jobs: list[Job], exc: BaseException) -> list:
+    def _serially(self, jobs: list[Job]) -> Contributions:
+        """Runs `jobs` client by client on the executor's device; returns their contributions
+        where the jobs' models live (as a vectorised cohort's)."""
+        home = jobs[0].payload.params.device
+        got = from_outputs(jobs, [self.serial.run(_on_device(j, self.device)) for j in jobs])
+        if not isinstance(got.updates, torch.Tensor) or got.updates.device == home:
+            return got
+        return got.replace(updates=got.updates.to(home), extras={k: v.to(home) for k, v in got.extras.items()},
+                           state={k: v.to(home) for k, v in got.state.items()})
+
+    def _not_vectorisable(self, jobs: list[Job], exc: BaseException) -> Contributions:
         """Re-runs `jobs` client by client (a user error surfaces here as ClientJobError, as
         with the serial executor); if they succeed, vmap itself was the problem: report it,
-        then fall back or stop as configured. Returns the serial outputs."""
-        outputs = [self.serial.run(j) for j in jobs]
+        then fall back or stop as configured. Returns the jobs' contributions."""
+        got = self._serially(jobs)
         name = getattr(self.spec.strategy, "name", "?")
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         msg = (
@@ -357,7 +369,17 @@ class VmapExecutor(Executor):
             raise FedsimError(msg + " Use executor.kind: serial, or executor.on_unsupported: fallback.")
         warnings.warn(msg + " Running every job client by client from now on.", RuntimeWarning, stacklevel=2)
         self.unsupported = msg
-        return outputs
+        return got
+
+
+def _on_device(job: Job, device: torch.device) -> Job:
+    """`job` with its model, payload extras and client state on `device`."""
+    def to(v: Any) -> Any:
+        return v.to(device) if isinstance(v, torch.Tensor) else v
+
+    p = job.payload
+    return replace(job, payload=Payload(to(p.params), {k: to(v) for k, v in p.extras.items()}),
+                   state={k: to(v) for k, v in job.state.items()})
 
 
 def _in_blocks(one: Callable[..., Any], st: Stacked, randomness: str) -> Callable[..., Any]:
