@@ -177,8 +177,9 @@ class RunSection:
         "run that it ends before the first round completes warns.",
     )
     eval_every: Annotated[int, Ge(1)] = knob(1, "Evaluate every this many rounds / aggregations.")
-    eval_every_time: Annotated[Optional[float], Gt(0)] = knob(
-        None, "Evaluate every this many virtual seconds instead of counting rounds."
+    eval_every_time: Annotated[Optional[float], Ge(1e-9)] = knob(
+        None, "Evaluate every this many virtual seconds instead of counting rounds (at least 1e-9: the "
+        "virtual clock counts nanoseconds, and a shorter interval would evaluate forever at one instant)."
     )
     eval_batch_size: Annotated[int, Ge(1)] = knob(2048, "Batch size for evaluation on the test set.")
     loggers: Annotated[List[str], Each(OneOf(("csv", "tensorboard", "wandb")))] = knob(
