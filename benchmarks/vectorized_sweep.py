@@ -15,6 +15,7 @@ random layers they are equal to rounding, tests/test_sweep_vectorized.py).
 
     python benchmarks/vectorized_sweep.py --device cuda [--seeds 4] [--rounds 300] [--precision tf32] [--compile]
     python benchmarks/vectorized_sweep.py --device cuda --vary lr   # R local learning rates instead of R seeds
+    python benchmarks/vectorized_sweep.py --device cuda --conv unfold   # convolutions as batched matrix products
     python benchmarks/vectorized_sweep.py --workload w --device cpu --rounds 40 --lr 0.05   # workload W's MLP
     python benchmarks/vectorized_sweep.py --workload quadratic --device cpu --rounds 300     # per-call overhead only
     python benchmarks/vectorized_sweep.py --quick      # a few rounds of a small cohort on the CPU
@@ -54,7 +55,7 @@ def configs(args: argparse.Namespace) -> tuple[dict, list]:
         base["local"] = {**base["local"], "lr": args.lr, "shuffle": args.shuffle}
         base["run"] = {**base["run"], "eval_every": min(10, args.rounds), "partition_plot": False}
         return base, _vary(base, args)
-    base = pfl_config(args.rounds, args.device, args.precision, "native", args.device == "cuda", args.lr,
+    base = pfl_config(args.rounds, args.device, args.precision, args.conv, args.device == "cuda", args.lr,
                       args.shuffle, args.compile)
     if args.quick:
         base["data"].update(num_clients=100, num_train=5_000, num_test=500)
@@ -112,6 +113,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--shuffle", default="generator", help="local.shuffle: generator (keyed numpy generators, on the host) or hash (computed with each cohort on the executor's device, separate or vectorised)")
     ap.add_argument("--compile", action="store_true", help="executor.compile: torch.compile each cohort shape")
+    ap.add_argument("--conv", choices=("native", "channels_last", "unfold"), default="native",
+                    help="executor.conv for the pfl CNN (unfold: convolutions as batched matrix products)")
     ap.add_argument("--order", choices=("separate-first", "vectorised-first"), default="separate-first")
     ap.add_argument("--workload", choices=("pfl", "w", "quadratic"), default="pfl",
                     help="pfl: pfl_cifar.py's CNN shape; w: workload W (MLP 60-200-10, 100 clients, all per round); "
@@ -137,7 +140,7 @@ def main() -> None:
     took = {name: fn(cfgs) for name, fn in sides}
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     what = "seeds" if args.vary == "seed" else "local learning rates"
-    print(f"device: {name}; torch {torch.__version__}; precision {args.precision}; {args.seeds} {what} × "
+    print(f"device: {name}; torch {torch.__version__}; precision {args.precision}; conv {args.conv}; {args.seeds} {what} × "
           f"{args.rounds} rounds of {base['protocol'].get('clients_per_round', 'all')} clients "
           f"(of {base['data']['num_clients']}), evaluation every {base['run']['eval_every']} rounds")
     for side, (secs, accs) in took.items():
