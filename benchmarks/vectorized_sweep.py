@@ -67,6 +67,8 @@ def configs(args: argparse.Namespace) -> tuple[dict, list]:
 def _vary(base: dict, args: argparse.Namespace) -> list:
     """The R runs' Configs: seeds 0..R-1, or R local learning rates lr·2^(i − R/2) on seed 0
     (each job then carries its run's rate)."""
+    if args.max_chunk is not None:
+        base["executor"] = {**base["executor"], "max_chunk": args.max_chunk}
     if args.vary == "lr":
         rates = [args.lr * 2.0 ** (i - args.seeds // 2) for i in range(args.seeds)]
         return [load_config({**base, "local": {**base["local"], "lr": lr}}) for lr in rates]
@@ -115,6 +117,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="executor.compile: torch.compile each cohort shape")
     ap.add_argument("--conv", choices=("native", "channels_last", "unfold"), default="native",
                     help="executor.conv for the pfl CNN (unfold: convolutions as batched matrix products)")
+    ap.add_argument("--max-chunk", type=int, default=None,
+                    help="executor.max_chunk: most clients in one vmap call (a vectorised round then makes several)")
     ap.add_argument("--order", choices=("separate-first", "vectorised-first"), default="separate-first")
     ap.add_argument("--workload", choices=("pfl", "w", "quadratic"), default="pfl",
                     help="pfl: pfl_cifar.py's CNN shape; w: workload W (MLP 60-200-10, 100 clients, all per round); "
@@ -140,7 +144,7 @@ def main() -> None:
     took = {name: fn(cfgs) for name, fn in sides}
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     what = "seeds" if args.vary == "seed" else "local learning rates"
-    print(f"device: {name}; torch {torch.__version__}; precision {args.precision}; conv {args.conv}; {args.seeds} {what} × "
+    print(f"device: {name}; torch {torch.__version__}; precision {args.precision}; conv {args.conv}; max_chunk {args.max_chunk}; {args.seeds} {what} × "
           f"{args.rounds} rounds of {base['protocol'].get('clients_per_round', 'all')} clients "
           f"(of {base['data']['num_clients']}), evaluation every {base['run']['eval_every']} rounds")
     for side, (secs, accs) in took.items():
