@@ -185,7 +185,7 @@ def test_naive_rules_run_on_time_varying_graphs():
     assert sum(float(run.ctx.memory.get(i)["feedback.e"].abs().sum()) for i in range(N)) > 0  # DeepSqueeze's error memory
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("comp", [{"name": "topk", "ratio": 0.05}, {"name": "randk", "ratio": 0.05},
                                   {"name": "qsgd", "bits": 4, "bucket": 64}, "sign"])
 def test_cuda_node_stack_on_the_gpu_equals_serial(comp):
@@ -193,7 +193,7 @@ def test_cuda_node_stack_on_the_gpu_equals_serial(comp):
 
     cfg = dec_config(protocol={"compression": {"compressor": comp, "gamma": 0.1}})
     cpu = run_config(cfg)
-    gpu = run_config({**cfg, "executor": {"kind": "vmap", "device": "cuda", "keep_on_device": True}})
+    gpu = run_config({**cfg, "executor": {"kind": "vmap", "device": "cuda", "keep_on_device": True, "on_unsupported": "error"}})
     assert torch.allclose(gpu.final_state.models.cpu(), cpu.final_state.models, atol=1e-4, rtol=0)
     assert gpu.rows[-1]["bytes_up"] == cpu.rows[-1]["bytes_up"]
 

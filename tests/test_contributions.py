@@ -33,7 +33,6 @@ from fedsim.task import Task
 from fedsim.strategies.fedavg import fedavg
 from fedsim.strategies.scaffold import scaffold
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def _jobs(n: int, payload: Payload, state: bool = False) -> list[Job]:
@@ -212,7 +211,7 @@ def test_weighted_sum_of_a_stack_equals_that_of_its_rows_bitwise(n):
         vec.weighted_sum(stack[:0], [])
 
 
-@CUDA
+@pytest.mark.cuda
 def test_weighted_sum_of_a_stack_on_cuda_equals_that_of_its_rows_bitwise(monkeypatch):
     monkeypatch.setattr(vec, "STACK_BYTES", 7 * 1000 * 4)  # several stacks
     stack = torch.randn(50, 1000, device="cuda")

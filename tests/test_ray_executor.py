@@ -289,12 +289,12 @@ def test_vmap_worker_reruns_a_lost_actors_shard(cluster, tmp_path):
     assert_same_run(run, run_config(VMAP_CONFIGS["fedavg"]))  # and the serial executor
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_vmap_worker_two_actors_share_one_gpu(cluster):
     node = cluster.add_node(num_cpus=2, num_gpus=1)
     try:
         cfg = VMAP_CONFIGS["scaffold"]
-        one = run_config(merge(cfg, {"executor": {"kind": "vmap", "device": "cuda"}}))
+        one = run_config(merge(cfg, {"executor": {"kind": "vmap", "device": "cuda", "on_unsupported": "error"}}))
         sharded = run_config(on_ray(cfg, num_actors=2, num_gpus=0.5, worker="vmap"))
     finally:
         cluster.remove_node(node)

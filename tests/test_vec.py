@@ -58,7 +58,7 @@ def test_one_vector_and_no_vectors():
         vec.weighted_sum([], [])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_on_cuda_the_weighted_sum_is_deterministic_and_matches_the_cpu():
     vectors, weights = _terms(1000, (14_210,), seed=3)
     on_gpu = [v.cuda() for v in vectors]

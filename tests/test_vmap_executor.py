@@ -375,24 +375,26 @@ def test_keep_freed_memory_on_linux():
     assert keep_freed_memory() is sys.platform.startswith("linux")
 
 
-# ---- CUDA (run on a GPU machine; skipped where there is none, as in CI)
+# ---- CUDA (run on a GPU machine; skipped where there is none, as in CI). Each runs the vmap
+# executor with on_unsupported: error, so a cohort that fails to vectorise fails the test
+# instead of falling back to the serial path, which would hide the failure.
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+ON_CUDA = {"kind": "vmap", "device": "cuda", "on_unsupported": "error"}
 
 
-@cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("graphs,keep_on_device", [(False, False), (True, False), (True, True)])
 def test_cuda_equals_serial(graphs, keep_on_device):
     cfg = digits_config(local={"momentum": 0.9})
     a = run_config(cfg)
-    b = run_config({**cfg, "executor": {"kind": "vmap", "device": "cuda", "graphs": graphs,
+    b = run_config({**cfg, "executor": {**ON_CUDA, "graphs": graphs,
                                         "keep_on_device": keep_on_device}})
     assert final_params(b).device.type == ("cuda" if keep_on_device else "cpu")
     assert rel(final_params(b).cpu(), final_params(a)) <= 1e-4  # fp32 on a GPU: other summation orders
     assert b.rows[-1]["test_loss"] == pytest.approx(a.rows[-1]["test_loss"], rel=1e-4)
 
 
-@cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("option", ["I", "II"])
 def test_cuda_graphed_scaffold_equals_serial(option, monkeypatch):
     captured: list[int] = []
@@ -400,32 +402,32 @@ def test_cuda_graphed_scaffold_equals_serial(option, monkeypatch):
     monkeypatch.setattr(StaticCohortRunner, "_make", lambda self, *a: captured.append(1) or real(self, *a))
     cfg = digits_config(strategy={"name": "scaffold", "option": option}, run={"rounds": 4, "eval_every": 2})
     a = run_config(cfg)
-    b = run_config({**cfg, "executor": {"kind": "vmap", "device": "cuda", "graphs": True, "keep_on_device": True}})
+    b = run_config({**cfg, "executor": {**ON_CUDA, "graphs": True, "keep_on_device": True}})
     assert captured  # cohorts ran as captured graphs (the run's end drops them)
     assert rel(final_params(b).cpu(), final_params(a)) <= 1e-4
     assert b.rows[-1]["test_loss"] == pytest.approx(a.rows[-1]["test_loss"], rel=1e-4)
 
 
-@cuda
+@pytest.mark.cuda
 def test_cuda_compiled_graphed_cohorts_equal_serial():
     cfg = digits_config(local={"momentum": 0.9}, run={"rounds": 3, "eval_every": 3})
     a = run_config(cfg)
-    b = run_config({**cfg, "executor": {"kind": "vmap", "device": "cuda", "compile": True, "keep_on_device": True}})
+    b = run_config({**cfg, "executor": {**ON_CUDA, "compile": True, "keep_on_device": True}})
     assert b.ctx.executor.compile is True  # it compiled (no eager fallback)
     assert rel(final_params(b).cpu(), final_params(a)) <= 1e-4
 
 
-@cuda
+@pytest.mark.cuda
 def test_cuda_unfold_cnn_equals_serial():
     cfg = digits_config(model={"name": "cnn", "channels": [4, 8], "hidden": 16}, run={"rounds": 2, "eval_every": 2})
     a = run_config(cfg)
-    b = run_config({**cfg, "executor": {"kind": "vmap", "device": "cuda", "conv": "unfold"}})
+    b = run_config({**cfg, "executor": {**ON_CUDA, "conv": "unfold"}})
     assert rel(final_params(b).cpu(), final_params(a)) <= 1e-4
 
 
-@cuda
+@pytest.mark.cuda
 def test_cuda_graphs_with_dropout_are_reproducible(dropout_config):
-    cfg = {**dropout_config, "executor": {"kind": "vmap", "device": "cuda", "randomness": "different", "graphs": True}}
+    cfg = {**dropout_config, "executor": {**ON_CUDA, "randomness": "different", "graphs": True}}
     a, b = run_config(cfg), run_config(cfg)
     # reproducible run to run (measured on an H200: the draws differ from the eager path's)
     assert torch.equal(final_params(a), final_params(b))

@@ -115,8 +115,7 @@ def test_async_gossip_equals_serial(cohort_sizes):
 
 # ---- on a GPU (skipped where there is none, as in CI): the node stack lives on the device
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-ON_GPU = {"executor": {"kind": "vmap", "device": "cuda", "keep_on_device": True}}
+ON_GPU = {"executor": {"kind": "vmap", "device": "cuda", "keep_on_device": True, "on_unsupported": "error"}}
 
 
 def assert_close_on_gpu(cfg: dict):
@@ -129,7 +128,7 @@ def assert_close_on_gpu(cfg: dict):
         assert rb["consensus_distance"] == pytest.approx(ra["consensus_distance"], rel=1e-3, abs=1e-6)
 
 
-@cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("nodes,init", [(8, "shared"), (300, "independent")])
 def test_decentralized_stack_and_sparse_gossip_on_gpu(nodes, init):
     cfg = dec_config(data={"num_clients": nodes}, topology={"name": "exponential"}, protocol={"init": init},
@@ -137,12 +136,12 @@ def test_decentralized_stack_and_sparse_gossip_on_gpu(nodes, init):
     assert_close_on_gpu(cfg)
 
 
-@cuda
+@pytest.mark.cuda
 def test_async_gossip_on_gpu():
     assert_close_on_gpu(gossip_config(run={"log_events": False}))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_results_survive_the_next_replay_of_their_graph(device):
     # asynchronous protocols fetch a result after later cohorts ran: with the model on the GPU,
     # results must not be views of the captured graph's output buffers (on the CPU: the same
