@@ -48,6 +48,16 @@ def to_ticks(seconds: float) -> int:
     return later(0, 0.0, seconds)[0]
 
 
+def tick_after(tick: int, seconds: float) -> int:
+    """Returns the tick at which to look again for a change that happens at `seconds` (an
+    availability slot's boundary, computed in float seconds after the instant of `tick`):
+    its nearest tick, but at least tick + 1. A boundary k·period can lie within half a tick
+    of `tick` and round back onto it; a wake-up scheduled there would see the old slot again,
+    and again, at the same instant.
+    """
+    return max(to_ticks(seconds), tick + 1)
+
+
 def later(tick: int, residue: float, seconds: float) -> tuple[int, float]:
     """Returns the time `seconds` after the time (tick, residue): its nearest tick (half to
     even) and its new residue (exact time − tick, in ticks, within [−½, ½]).

@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..clock import EventQueue, to_seconds, to_ticks
+from ..clock import EventQueue, tick_after, to_seconds
 from ..rng import numpy_rng
 from ..state_types import checkpointable
 from .base import ProtocolState
@@ -323,8 +323,8 @@ class Engine:
             self._dispatch(st, hooks, int(client), t)
         if st.free > 0 and st.retry_at is None:
             nxt = self.clock.next_availability_change(t)
-            if math.isfinite(nxt) and to_ticks(nxt) > t:
-                st.retry_at = to_ticks(nxt)
+            if math.isfinite(nxt):
+                st.retry_at = tick_after(t, nxt)
                 st.queue.push(st.retry_at, "retry", priority("retry"))
 
     def _dispatch(self, st: ScheduleState, hooks: Hooks, client: int, t: int) -> None:

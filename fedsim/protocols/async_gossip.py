@@ -50,7 +50,7 @@ import torch
 from .. import feedback as fb
 from .. import rng
 from ..rng import key
-from ..clock import Event, EventQueue, later, to_seconds, to_ticks
+from ..clock import Event, EventQueue, later, tick_after, to_seconds
 from ..comm import nbytes
 from ..channel import build_channel
 from ..config import Ge, OneOf, Range
@@ -158,8 +158,7 @@ class AsyncGossipProtocol(Protocol):
         if len(ctx.population.available(np.array([i]), to_seconds(t))) == 0:
             nxt = ctx.population.next_availability_change(to_seconds(t))
             if math.isfinite(nxt):
-                at, residue = max((t, state.residue), (to_ticks(nxt), 0.0))
-                state.queue.push(at, "wake", WAKE, residue=residue, node=i)
+                state.queue.push(tick_after(t, nxt), "wake", WAKE, residue=0.0, node=i)
             return
         job_id = state.next_job
         state.next_job += 1

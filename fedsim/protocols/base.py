@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..clock import to_seconds, to_ticks
+from ..clock import tick_after, to_seconds, to_ticks
 from ..config.load import Config
 from ..data.base import FederatedData
 from ..data.batching import job_indices
@@ -191,8 +191,7 @@ def wait_for_availability(ctx: RunContext, state: ProtocolState) -> ProtocolStat
         state.finished = True
         return state
     ctx.log(t0, "idle", until=nxt)
-    # at least one tick later: a slot boundary computed in float seconds can round back onto t0
-    state.time, state.residue = max(to_ticks(nxt), t0 + 1), 0.0
+    state.time, state.residue = tick_after(t0, nxt), 0.0
     return state
 
 
