@@ -54,8 +54,10 @@ def test_tick_after_keeps_a_later_boundary_s_own_tick():
     assert tick_after(to_ticks(2.0), 2.0) == to_ticks(2.0) + 1
 
 
-def test_fedbuff_keeps_dispatching_across_boundaries_that_round_back():
-    cfg = quadratic_config(data={"num_clients": 4}, protocol={"name": "async", "buffer_size": 1, "concurrency": 4},
+@pytest.mark.parametrize("protocol", [{"name": "async", "buffer_size": 1, "concurrency": 4}, {"name": "sync"}],
+                         ids=["fedbuff", "sync"])
+def test_runs_keep_aggregating_across_boundaries_that_round_back(protocol):
+    cfg = quadratic_config(data={"num_clients": 4}, protocol=protocol,
                            system={"availability": {"name": "bernoulli", "p_on": 0.3, "period": THIRD},
                                    "compute": {"name": "constant", "step_time": 0.01}},
                            local={"steps": 1},
@@ -63,7 +65,7 @@ def test_fedbuff_keeps_dispatching_across_boundaries_that_round_back():
     with stops_within(120):
         rows = run_config(cfg).rows
     counts = [r["aggregations"] for r in rows]
-    # before the fix: 169 aggregations by 5 s, then none (no retry was scheduled)
+    # before the fix, FedBuff: 169 aggregations by 5 s, then none (no retry was scheduled)
     assert len(counts) == 5 and all(b > a for a, b in zip(counts, counts[1:])), counts
 
 
