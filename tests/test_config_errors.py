@@ -26,6 +26,9 @@ CASES = [
     ({"model": {"name": "cnn", "channels": [0], "hidden": 16}}, "model.channels", "element 0"),
     ({"system": {"compute": {"name": "lognormal", "sigma": -1}}}, "system.compute.sigma", ">= 0"),
     ({"seed": "abc"}, "seed", "integer"),
+    # spans below one tick of the virtual clock (1 ns)
+    ({"protocol": {"deadline": 1e-12}}, "protocol.deadline", ">= 1e-09"),
+    ({"system": {"availability": {"name": "bernoulli", "period": 1e-12}}}, "system.availability.period", ">= 1e-09"),
     # decentralized runs: the topology section
     ({**DEC, "topology": {"name": "rign"}}, "topology.name", "did you mean 'ring'"),
     ({**DEC, "topology": {"name": "ring", "mixing": "metropolis"}}, "topology.mixing",

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..clock import to_seconds
 from ..comm import nbytes
-from ..config import Ge, Gt, OneOf, Range
+from ..config import Ge, OneOf, Range
 from ..errors import ConfigError
 from ..contributions import Contributions
 from ..executors.base import Job
@@ -200,7 +200,7 @@ class SyncProtocol(RoundProtocol):
 def sync(
     clients_per_round: Annotated[Optional[int], Ge(1)] = None,
     fraction: Annotated[Optional[float], Range(0.0, 1.0, open_lo=True)] = None,
-    deadline: Annotated[Optional[float], Gt(0)] = None,
+    deadline: Annotated[Optional[float], Ge(1e-9)] = None,
     weighting: Annotated[str, OneOf(WEIGHTINGS)] = "samples",
     client_weights: Annotated[str, OneOf(IMPORTANCES)] = "samples",
 ) -> Protocol:
@@ -209,7 +209,8 @@ def sync(
     Args:
         clients_per_round: Clients sampled per round (default: all available clients).
         fraction: Alternatively, the fraction of the population sampled per round.
-        deadline: Round deadline in virtual seconds; later results are discarded as stragglers.
+        deadline: Round deadline in virtual seconds (at least 1e-9, one tick of the clock);
+            later results are discarded as stragglers.
         weighting: Aggregation weights: 'samples' (n_i / Σ n_j), 'identical' (1/|S|),
             'unbiased' (p_i / f_i, f_i = sampling probability), 'unbiased_online' (p_i / f_i,
             f_i = the client's share of the rounds so far, this one included).

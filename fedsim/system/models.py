@@ -177,13 +177,13 @@ def always(ctx: SystemContext) -> AvailabilityModel:
 def bernoulli_availability(
     ctx: SystemContext,
     p_on: Annotated[float, Range(0.0, 1.0, open_lo=True)] = 0.8,
-    period: Annotated[float, Gt(0)] = 1.0,
+    period: Annotated[float, Ge(1e-9)] = 1.0,
 ) -> AvailabilityModel:
     """Time is cut into slots of `period`; in each slot each client is on with probability p_on.
 
     Args:
         p_on: Probability that a client is available in a slot.
-        period: Slot length in virtual seconds.
+        period: Slot length in virtual seconds (at least 1e-9, one tick of the clock).
     """
 
     def available(ids: np.ndarray, t: float) -> np.ndarray:
@@ -197,14 +197,14 @@ def markov_availability(
     ctx: SystemContext,
     p_on_off: Annotated[float, Range(0.0, 1.0)] = 0.1,
     p_off_on: Annotated[float, Range(0.0, 1.0, open_lo=True)] = 0.3,
-    period: Annotated[float, Gt(0)] = 1.0,
+    period: Annotated[float, Ge(1e-9)] = 1.0,
 ) -> AvailabilityModel:
     """On/off two-state chain per client, one transition per slot, started in its stationary law.
 
     Args:
         p_on_off: Probability that an available client goes off at the next slot.
         p_off_on: Probability that an unavailable client comes back at the next slot.
-        period: Slot length in virtual seconds.
+        period: Slot length in virtual seconds (at least 1e-9, one tick of the clock).
     """
     stationary_on = p_off_on / (p_on_off + p_off_on)
     memo: dict[int, tuple[int, bool]] = {}
