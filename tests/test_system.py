@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from fedsim.config import load_config
+from fedsim import rng
+from fedsim.system.models import SystemContext, markov_availability
 from fedsim.system.population import Population
 
 from .conftest import quadratic_config, run_config
@@ -67,6 +69,28 @@ def test_markov_availability_stationary_share():
     p = population(availability={"name": "markov", "p_on_off": 0.2, "p_off_on": 0.2, "period": 1.0})
     ids = np.arange(4000)
     assert len(p.available(ids, 10.0)) / len(ids) == pytest.approx(0.5, abs=0.04)
+
+
+def _markov_chain_one_by_one(seed, p_on_off, p_off_on, client, slot):
+    """A client's Markov availability at `slot`, walked from its stationary start one slot at a time."""
+    on = bool(rng.uniform(seed, "availability/init", client) < p_off_on / (p_on_off + p_off_on))
+    for s in range(1, slot + 1):
+        u = float(rng.uniform(seed, "availability/step", client, s))
+        on = (u >= p_on_off) if on else (u < p_off_on)
+    return on
+
+
+@pytest.mark.parametrize("p_on_off,p_off_on", [(0.2, 0.3), (0.9, 0.05), (0.0, 1.0)])
+def test_markov_availability_is_each_client_s_own_chain_whatever_is_asked(p_on_off, p_off_on):
+    # queries of many clients at once, of one client, out of time order and with repeats all
+    # give each client's chain walked slot by slot from its start
+    model = markov_availability(SystemContext(30, 7), p_on_off=p_on_off, p_off_on=p_off_on, period=0.5)
+    gen = np.random.default_rng(0)
+    for t in [0.0, 3.2, 3.3, 1.0, 12.7, 12.9, 0.2, 40.0, 7.5]:
+        ids = gen.choice(35, size=int(gen.integers(1, 40)), replace=True)  # 30-34: beyond the population
+        got = model.available(ids, t)
+        want = [_markov_chain_one_by_one(7, p_on_off, p_off_on, int(i), int(t // 0.5)) for i in ids]
+        assert got.tolist() == want, t
 
 
 def test_deadline_cuts_exactly_the_slow_clients(tmp_path):

@@ -207,21 +207,29 @@ def markov_availability(
         period: Slot length in virtual seconds (at least 1e-9, one tick of the clock).
     """
     stationary_on = p_off_on / (p_on_off + p_off_on)
-    memo: dict[int, tuple[int, bool]] = {}
-
-    def state(client: int, slot: int) -> bool:
-        s0, on = memo.get(client, (0, bool(rng.uniform(ctx.seed, "availability/init", client) < stationary_on)))
-        if s0 > slot:
-            s0, on = 0, bool(rng.uniform(ctx.seed, "availability/init", client) < stationary_on)
-        for s in range(s0 + 1, slot + 1):
-            u = float(rng.uniform(ctx.seed, "availability/step", client, s))
-            on = (u >= p_on_off) if on else (u < p_off_on)
-        memo[client] = (slot, on)
-        return on
+    # each client's chain so far: the last slot walked (-1: not started) and its state there
+    walked = np.full(ctx.num_clients, -1, dtype=np.int64)
+    on = np.zeros(ctx.num_clients, dtype=bool)
 
     def available(ids: np.ndarray, t: float) -> np.ndarray:
+        nonlocal walked, on
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) and int(ids.max()) >= len(walked):  # ids beyond the population (direct use)
+            grow = int(ids.max()) + 1 - len(walked)
+            walked, on = np.append(walked, np.full(grow, -1, dtype=np.int64)), np.append(on, np.zeros(grow, dtype=bool))
         slot = int(t // period)
-        return np.array([state(int(i), slot) for i in ids], dtype=bool)
+        fresh = np.unique(ids[(walked[ids] < 0) | (walked[ids] > slot)])  # (re)start at slot 0
+        if len(fresh):
+            on[fresh] = rng.uniform(ctx.seed, "availability/init", fresh) < stationary_on
+            walked[fresh] = 0
+        behind = np.unique(ids[walked[ids] < slot])
+        if len(behind):  # walk them together, one slot at a time, each from where it stopped
+            for s in range(int(walked[behind].min()) + 1, slot + 1):
+                step = behind[walked[behind] < s]
+                u = rng.uniform(ctx.seed, "availability/step", step, s)
+                on[step] = np.where(on[step], u >= p_on_off, u < p_off_on)
+                walked[step] = s
+        return on[ids]
 
     return AvailabilityModel(available, lambda t: (math.floor(t / period) + 1) * period)
 
