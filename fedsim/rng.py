@@ -65,6 +65,41 @@ def numpy_rngs(seed: int, purpose: str, *ids: Sequence[int]) -> Iterator[np.rand
         yield gen
 
 
+class CounterRngs:
+    """``numpy_rng(seed, purpose, i)`` for integer counters i that mostly come in increasing
+    order (job ids): the same streams, seeded in bulk a block of counters at a time (~4x
+    cheaper per generator). `get` returns ONE generator object, re-seeded on every call:
+    use it before the next call. Not shared between threads."""
+
+    def __init__(self, seed: int, purpose: str, block: int = 256):
+        self.seed, self.purpose, self.block = int(seed), purpose, block
+        self._first = 0
+        self._seeds: list[tuple[int, int]] = []
+        self._bits = np.random.PCG64()
+        self._gen = np.random.Generator(self._bits)
+
+    def get(self, counter: int) -> np.random.Generator:
+        """Returns the generator of ``numpy_rng(seed, purpose, counter)``, at its start."""
+        i = counter - self._first
+        if not 0 <= i < len(self._seeds):
+            if not _bulk_seeding_matches_numpy():
+                return numpy_rng(self.seed, self.purpose, counter)
+            self._first, i = counter, 0
+            ks = keys(self.seed, self.purpose, range(counter, counter + self.block))
+            self._seeds = _pcg64_seeds(np.array(ks, dtype=np.uint64))
+        state, inc = self._seeds[i]
+        self._bits.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": inc}, "has_uint32": 0, "uinteger": 0}
+        return self._gen
+
+
+def draw_one(gen: np.random.Generator, a: np.ndarray) -> np.ndarray:
+    """Returns ``gen.choice(a, 1, replace=False)`` — the same element, from the same draw —
+    at a quarter of its cost: for one element, numpy's choice (Floyd's algorithm) makes one
+    bounded draw on [0, len(a) − 1], which is what ``integers(len(a))`` makes."""
+    k = int(gen.integers(len(a)))
+    return a[k : k + 1]
+
+
 _BULK_OK: list[bool] = []
 
 

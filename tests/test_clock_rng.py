@@ -153,3 +153,26 @@ def test_bulk_keys_equal_key_row_by_row():
     assert keys(7, "batches", a, b) == [key(7, "batches", x, y) for x, y in zip(a, b)]
     assert keys(2**40, "x\x1fy", a, b, c) == [key(2**40, "x\x1fy", x, y, z) for x, y, z in zip(a, b, c)]
     assert keys(1, "p") == [] and keys(1, "p", []) == []
+
+
+def test_counter_generators_equal_numpy_rng_in_any_order():
+    from fedsim.rng import CounterRngs, numpy_rng
+
+    gens = CounterRngs(7, "async/dispatch", block=16)
+    # in order across block ends, backwards, a far jump and back: every generator starts its own stream
+    for c in [*range(40), 5, 39, 1000, 999, 1015, 1016, 10**12, 3]:
+        got = gens.get(c)
+        ref = numpy_rng(7, "async/dispatch", c)
+        assert np.array_equal(got.integers(0, 2**62, size=3), ref.integers(0, 2**62, size=3)), c
+        assert np.array_equal(got.permutation(20), ref.permutation(20)), c
+
+
+def test_one_draw_is_numpy_s_choice_of_one_element():
+    from fedsim.rng import draw_one, numpy_rng
+
+    # sizes on both sides of choice's cut-offs (50 elements; 10,000 for its tail shuffle)
+    pools = [np.arange(n, dtype=np.int64) * 3 + 1 for n in (2, 3, 17, 50, 51, 500, 9999, 10_001, 300_000)]
+    for t in range(3000):
+        pool = pools[t % len(pools)]
+        ref = numpy_rng(3, "draw", t).choice(pool, 1, replace=False)
+        assert np.array_equal(draw_one(numpy_rng(3, "draw", t), pool), ref), (t, len(pool))

@@ -125,3 +125,19 @@ def test_time_budget_stops_before_a_round_that_would_overrun():
     run = run_config(cfg)
     assert run.final_state.rounds == 3  # rounds of 10 s: the 4th would end at 40 > 35
     assert run.rows[-1]["virtual_time"] == pytest.approx(30.0)
+
+
+@pytest.mark.parametrize("system", [
+    {"compute": {"name": "lognormal", "mean": 0.3, "sigma": 1.0}},
+    {"compute": {"name": "lognormal", "mean": 0.3, "sigma": 1.0, "jitter": "exponential"}, "link": {"name": "lognormal"}},
+    {"compute": {"name": "linear", "jitter": "lognormal", "jitter_sigma": 0.7}, "link": {"name": "constant"}},
+])
+def test_one_job_s_duration_is_its_batch_answer_bit_for_bit(system):
+    cfg = load_config(quadratic_config(system=system))
+    p = Population.build(cfg.system, 50, 4)
+    clients, steps = np.arange(50) % 13, np.arange(50) % 7 + 1
+    down, up, jobs = np.arange(50) * 12_345 + 1, np.arange(50) * 777, np.arange(50) * 3 + 11
+    batch = p.job_seconds(clients, steps, down, up, jobs)
+    for i in range(50):  # twice per client: the second from the remembered step time
+        alone = p.job_seconds_one(int(clients[i]), int(steps[i]), int(down[i]), int(up[i]), int(jobs[i]))
+        assert isinstance(alone, float) and alone == batch[i]

@@ -44,7 +44,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..clock import EventQueue, tick_after, to_seconds
-from ..rng import numpy_rng
+from ..rng import CounterRngs, draw_one
 from ..state_types import checkpointable
 from .base import ProtocolState
 from .clocks import Clock
@@ -190,6 +190,7 @@ class Engine:
         self.budget = budget  # ticks (inf: none)
         self.max_aggregations = max_aggregations
         self._busy: tuple[ScheduleState, np.ndarray] | None = None  # jobs in flight per client, of that state
+        self._draws = CounterRngs(seed, "async/dispatch")  # numpy_rng(seed, "async/dispatch", job), in bulk
 
     def _in_flight(self, st: ScheduleState) -> np.ndarray:
         """Returns how many jobs each client has in flight in `st` (counted from its flights the
@@ -318,7 +319,8 @@ class Engine:
         idle = np.flatnonzero(~busy).astype(np.int64, copy=False)
         ready = self.clock.available(idle, t) if len(idle) else idle
         if len(ready) > st.free:
-            ready = np.sort(numpy_rng(self.seed, "async/dispatch", st.next_job).choice(ready, st.free, replace=False))
+            gen = self._draws.get(st.next_job)
+            ready = draw_one(gen, ready) if st.free == 1 else np.sort(gen.choice(ready, st.free, replace=False))
         for client in ready:
             self._dispatch(st, hooks, int(client), t)
         if st.free > 0 and st.retry_at is None:

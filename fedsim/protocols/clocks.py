@@ -137,17 +137,19 @@ class VirtualClock(Clock):
                             timing.end, timing.end_residue, timing.cut)
 
     def lost_at(self, client: int, job: int) -> float | None:
+        if self.population.dropout.never:
+            return None
         lost, at = self.population.drops(np.array([client]), np.array([job]))
         return float(at[0]) if lost[0] else None
 
     def compute_end(self, client: int, job: int, steps: int, bytes_down: int, start: tuple[int, float],
                     share: float = 1.0) -> tuple[int, float]:
-        seconds = self.population.job_seconds([client], [steps], [bytes_down], [0], [job])[0]
+        seconds = self.population.job_seconds_one(client, steps, bytes_down, 0, job)
         return later(*start, share * seconds)
 
     def arrival(self, flight: "Flight", bytes_up: int, now: tuple[int, float]) -> tuple[int, float]:
         f = flight
-        total = self.population.job_seconds([f.client], [f.steps], [f.bytes_down], [bytes_up], [f.job])[0]
+        total = self.population.job_seconds_one(f.client, f.steps, f.bytes_down, bytes_up, f.job)
         return max(later(f.start, f.start_residue, total), now)
 
 

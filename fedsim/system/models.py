@@ -46,6 +46,7 @@ class LinkModel:
     """Time to download and upload a job's bytes."""
 
     transfer_time: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+    instant: bool = False  # every transfer takes no time (callers may skip asking)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class DropoutModel:
     """Which jobs are lost, and after what fraction of their duration."""
 
     drops: Callable[[np.ndarray, np.ndarray], "tuple[np.ndarray, np.ndarray]"]
+    never: bool = False  # no job is ever lost (callers may skip asking)
 
 
 # ---------------------------------------------------------------- compute
@@ -122,7 +124,7 @@ def exponential(ctx: SystemContext, mean: Annotated[float, Gt(0)] = 0.01) -> Com
 @LINK_MODELS.register("ideal")
 def ideal(ctx: SystemContext) -> LinkModel:
     """Communication takes no virtual time."""
-    return LinkModel(lambda ids, down, up: np.zeros(len(ids)))
+    return LinkModel(lambda ids, down, up: np.zeros(len(ids)), instant=True)
 
 
 @LINK_MODELS.register("constant")
@@ -238,7 +240,7 @@ def markov_availability(
 @DROPOUT_MODELS.register("none")
 def no_dropout(ctx: SystemContext) -> DropoutModel:
     """No job is ever lost."""
-    return DropoutModel(lambda ids, jobs: (np.zeros(len(ids), dtype=bool), np.ones(len(ids))))
+    return DropoutModel(lambda ids, jobs: (np.zeros(len(ids), dtype=bool), np.ones(len(ids))), never=True)
 
 
 @DROPOUT_MODELS.register("bernoulli")

@@ -61,11 +61,14 @@ class Population:
         clients = np.asarray(clients)
         if clients.size != 1:
             return np.asarray(self.compute.step_time(clients), dtype=np.float64)
-        client = int(clients.reshape(-1)[0])
+        return np.full(clients.shape, self._step_time_one(int(clients.reshape(-1)[0])))
+
+    def _step_time_one(self, client: int) -> float:
         got = self._step_times.get(client)
         if got is None:
-            got = self._step_times[client] = float(np.asarray(self.compute.step_time(clients), dtype=np.float64).reshape(-1)[0])
-        return np.full(clients.shape, got)
+            got = self._step_times[client] = float(np.asarray(self.compute.step_time(np.array([client])),
+                                                              dtype=np.float64).reshape(-1)[0])
+        return got
 
     def jitter_factor(self, job_ids: np.ndarray) -> np.ndarray:
         """Returns each job's random factor on its compute time (mean 1), keyed by job id."""
@@ -87,6 +90,18 @@ class Population:
         compute = self.step_time(clients) * np.asarray(steps) * self.jitter_factor(job_ids)
         return compute + np.asarray(self.link.transfer_time(clients, np.asarray(bytes_down), np.asarray(bytes_up)))
 
+    def job_seconds_one(self, client: int, steps: int, bytes_down: int, bytes_up: int, job: int) -> float:
+        """Returns `job_seconds` of one job as a float: the same arithmetic, in the same order
+        (so the same bits), without building arrays for the models that need none (the
+        asynchronous protocols time job by job)."""
+        compute = self._step_time_one(int(client)) * steps
+        if self.jitter != "none":
+            compute *= float(self.jitter_factor(np.array([job]))[0])
+        if self.link.instant:
+            return compute
+        transfer = self.link.transfer_time(np.array([client]), np.array([bytes_down]), np.array([bytes_up]))
+        return compute + float(np.asarray(transfer).reshape(-1)[0])
+
     def available(self, clients: np.ndarray, t: float) -> np.ndarray:
         """Returns the ids among `clients` available at virtual time t (seconds)."""
         clients = np.asarray(clients)
@@ -101,8 +116,6 @@ class Population:
     def drops(self, clients: np.ndarray, job_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Returns (lost mask, fraction of the duration after which each lost job disappears)."""
         return self.dropout.drops(np.asarray(clients), np.asarray(job_ids))
-
-
 
     @property
     def attacks_updates(self) -> bool:
