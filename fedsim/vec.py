@@ -43,6 +43,28 @@ def weighted_sum(vectors: Sequence[torch.Tensor] | torch.Tensor, weights: Sequen
     return out
 
 
+def stack_on(values: Sequence[torch.Tensor], device: torch.device | str) -> torch.Tensor:
+    """Returns ``torch.stack(values)`` on `device`, wherever each value lives.
+
+    Rows of client state and sender memory come from two places: the state store, which
+    keeps them on the CPU, and a strategy's initial state, made from the model, which with
+    ``keep_on_device`` is on the GPU. ``torch.stack`` refuses such a mix. Values on one
+    device are stacked there and moved once; a mix is stacked per device and each part is
+    copied into its rows.
+    """
+    values = list(values)
+    first = values[0].device
+    if all(v.device == first for v in values):
+        return torch.stack(values).to(device)
+    rows: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(values):
+        rows.setdefault(v.device, []).append(i)
+    out = torch.empty((len(values), *values[0].shape), dtype=values[0].dtype, device=device)
+    for at in rows.values():
+        out[torch.tensor(at, device=device)] = torch.stack([values[i] for i in at]).to(device)
+    return out
+
+
 def _stacked_weighted_sum(vectors: list[torch.Tensor] | torch.Tensor, weights: list[float]) -> torch.Tensor:
     """Σ w_i v_i in stacks of at most STACK_BYTES; `vectors` may already be one stacked tensor."""
     first = vectors[0]

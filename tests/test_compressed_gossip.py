@@ -198,11 +198,30 @@ def test_cuda_node_stack_on_the_gpu_equals_serial(comp):
     assert gpu.rows[-1]["bytes_up"] == cpu.rows[-1]["bytes_up"]
 
 
+@pytest.mark.cuda
+def test_cuda_time_varying_graph_with_memory_kept_on_the_gpu_equals_serial():
+    # on a random matching some nodes send and some do not each round: the round's channel
+    # state stacks stored rows (CPU) with fresh ones made from the node stack on the GPU
+    cfg = ring_config({"compressor": TOP10, "feedback": "ef", "gamma": 0.2}, topology={"name": "random_matching"})
+    cpu = run_config(cfg)
+    gpu = run_config({**cfg, "executor": {"kind": "vmap", "device": "cuda", "keep_on_device": True, "on_unsupported": "error"}})
+    assert torch.allclose(gpu.final_state.models.cpu(), cpu.final_state.models, atol=1e-6, rtol=0)
+
+
 def async_ring_config(compression, rule="own_job"):
     return quadratic_config(data={"num_clients": N, "dim": D}, strategy={"name": "dfedavg"}, topology={"name": "ring"},
                             protocol={"name": "async_gossip", "init": "shared", "compression": compression,
                                       "rule": rule},
                             local={"lr": 0.02, "batch_size": 1, "steps": 1}, run={"rounds": 60, "eval_every": 60})
+
+
+@pytest.mark.cuda
+def test_cuda_async_gossip_channel_memory_meets_models_on_the_gpu():
+    # a node's channel memory comes back from the CPU store; its model lives on the GPU
+    cfg = async_ring_config({"compressor": TOP10, "gamma": 0.2})
+    cpu = run_config(cfg)
+    gpu = run_config({**cfg, "executor": {"kind": "vmap", "device": "cuda", "keep_on_device": True, "on_unsupported": "error"}})
+    assert torch.allclose(gpu.final_state.models.cpu(), cpu.final_state.models, atol=1e-6, rtol=0)
 
 
 def assert_same_run(a: dict, b: dict) -> None:

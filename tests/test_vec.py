@@ -68,3 +68,18 @@ def test_on_cuda_the_weighted_sum_is_deterministic_and_matches_the_cpu():
     scale = sum(abs(w) * v.double().abs() for v, w in zip(vectors, weights))  # Σ|w_i v_i|, per entry
     for got in (a.cpu(), vec.weighted_sum(vectors, weights)):  # on the GPU and on the CPU
         assert ((got.double() - exact).abs() <= 1e-6 * scale).all()
+
+
+def test_stack_on_equals_stack_and_takes_rows_from_several_devices():
+    from fedsim.vec import stack_on
+
+    rows = [torch.arange(6.0).reshape(2, 3) + i for i in range(5)]
+    assert torch.equal(stack_on(rows, "cpu"), torch.stack(rows))
+    # a stored row on the CPU beside fresh rows made on the target device (the GPU under
+    # keep_on_device; "meta" here): torch.stack refuses the mix, stack_on places each row
+    meta = torch.device("meta")
+    mixed = [rows[0], torch.empty(2, 3, device=meta), rows[2], torch.empty(2, 3, device=meta)]
+    with pytest.raises(RuntimeError):
+        torch.stack(mixed)
+    got = stack_on(mixed, meta)
+    assert got.shape == (4, 2, 3) and got.device == meta and got.dtype == rows[0].dtype

@@ -409,6 +409,22 @@ def test_cuda_graphed_scaffold_equals_serial(option, monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("protocol", [{"name": "sync", "clients_per_round": 4},
+                                      {"name": "async", "buffer_size": 2, "concurrency": 4}])
+def test_cuda_stored_and_fresh_client_rows_stack_on_the_device(protocol):
+    # with keep_on_device a first-time client's state and its server-side memory start from the
+    # model on the GPU, while the state store keeps returning clients' rows on the CPU: cohorts
+    # (SCAFFOLD's c_i) and the server's memory (EF21's h_i) stack both kinds
+    cfg = digits_config(strategy={"name": "compressed", "inner": "scaffold", "compressor": "identity", "feedback": "ef21"},
+                        run={"rounds": 4, "eval_every": 2})
+    cfg["protocol"] = protocol
+    a = run_config(cfg)
+    b = run_config({**cfg, "executor": {**ON_CUDA, "keep_on_device": True}})
+    assert sorted(b.ctx.memory.clients()) == sorted(a.ctx.memory.clients()) and len(a.ctx.memory) > 4  # returning clients
+    assert rel(final_params(b).cpu(), final_params(a)) <= 1e-4
+
+
+@pytest.mark.cuda
 def test_cuda_compiled_graphed_cohorts_equal_serial():
     cfg = digits_config(local={"momentum": 0.9}, run={"rounds": 3, "eval_every": 3})
     a = run_config(cfg)

@@ -22,6 +22,7 @@ from ..data.hashed_order import DeferredIndices
 from ..strategy import Tensor
 from .base import Job
 from ..contributions import Contributions
+from ..vec import stack_on
 
 
 def _shape_sig(tensors: dict[str, Any]) -> tuple:
@@ -122,7 +123,7 @@ def stack(jobs: Sequence[Job], device: torch.device, pad_to: int | None = None) 
     extras, edims = {}, {}
     for k in jobs[0].payload.extras:
         extras[k], edims[k] = _shared_or_stacked([j.payload.extras[k] for j in rows], device)
-    state = {k: torch.stack([j.state[k] for j in rows]).to(device) for k in jobs[0].state}
+    state = {k: stack_on([j.state[k] for j in rows], device) for k in jobs[0].state}  # stored (CPU) and fresh rows
     first = jobs[0].indices
     if isinstance(first, DeferredIndices):  # hashed orders: the whole cohort's, computed on its device
         ids = np.fromiter((v for j in jobs for v in (j.client, j.job_id)), dtype=np.int64, count=2 * n).reshape(n, 2)

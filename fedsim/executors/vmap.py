@@ -446,8 +446,10 @@ def vmap(
             by client) or 'error' (stop with the reason).
         keep_freed_memory: On the CPU, keep freed buffers in the process (glibc mallopt,
             process-wide) instead of returning them to the OS after every step.
-        keep_on_device: Keep the global model, updates and client state on the GPU (no
-            copies to the CPU each round; the server's arithmetic runs there too). Results
+        keep_on_device: Keep the global model and the updates on the GPU (no copies to the
+            CPU each round; the server's arithmetic runs there too). Stored client state and
+            server-side memory stay in the state store on the CPU (run.state_memory_mb)
+            and are copied in with each cohort. Results
             always come back where the job's model lives, so a run resumed from a checkpoint
             (saved on the CPU) continues on the CPU.
         compile: Compile each cohort function with ``torch.compile`` (Inductor) before its

@@ -236,6 +236,7 @@ class AsyncGossipProtocol(Protocol):
         size = nbytes(model)
         if self.channel is not None:
             own = ctx.memory.get(i) or self.channel.initial_state(model)
+            own = {k: v.to(model.device) for k, v in own.items()}  # the store keeps memory on the CPU
             msg, kept, model = self.channel.send(model, own, key(ctx.seed, "gossip/channel", job_id))
             ctx.memory.put(i, kept)
             size = nbytes(msg)

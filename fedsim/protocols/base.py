@@ -27,6 +27,7 @@ from ..rng import numpy_rng, numpy_rngs
 from ..state_store import ClientStateStore
 from ..strategy import Payload, Strategy, Tensor
 from ..task import Task
+from ..vec import stack_on
 from .clocks import Clock
 
 
@@ -142,11 +143,13 @@ class RunContext:
             contribs = self.population.tamper(contribs)
         receive = getattr(self.strategy, "receive", None)
         if receive is not None and len(contribs):
-            contribs, memory = receive(contribs, self._memory_rows(contribs.senders))
+            home = contribs.updates.device if contribs.stacked else self.initial_params.device
+            contribs, memory = receive(contribs, self._memory_rows(contribs.senders, home))
         contribs.check_finite(round_, to_seconds(time))
         return contribs, memory
 
-    def _memory_rows(self, senders: np.ndarray) -> dict[str, Tensor]:
+    def _memory_rows(self, senders: np.ndarray, device: torch.device) -> dict[str, Tensor]:
+        """The senders' memory rows (stored, or initial for a first-time sender), stacked on `device`."""
         init = getattr(self.strategy, "sender_memory", None)
         if init is None:
             return {}
@@ -154,7 +157,7 @@ class RunContext:
         for s in senders.tolist():
             got = self.memory.get(s)
             rows.append(got if got is not None else init(self.initial_params))
-        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        return {k: stack_on([r[k] for r in rows], device) for k in rows[0]}
 
     def accept(self, contribs: Contributions, memory: Mapping[str, Tensor] | None = None) -> None:
         """Keeps what the acceptance of `contribs` changes: each sender's new client state and

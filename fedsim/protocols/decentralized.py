@@ -38,6 +38,7 @@ from ..registry import PROTOCOLS
 from ..rng import key
 from ..state_types import checkpointable
 from ..strategy import Payload, Tensor
+from ..vec import stack_on
 from .base import Protocol, ProtocolState, RunContext, wait_for_availability
 from .nodes import INITS, build_topology, check_init, check_simulated, eval_sample, initial_models, node_metrics
 from .rounds import FINISH, WAIT, RoundProtocol
@@ -183,7 +184,7 @@ class DecentralizedProtocol(RoundProtocol):
             y[torch.as_tensor(ids, device=y.device)] = results.updates
         wt, channel = self._mixing_tensor(w, everyone, y), self.channel
         rows = [ctx.memory.get(i) or channel.initial_state(y[i]) for i in range(len(y))]
-        cstate = {k: torch.stack([r[k] for r in rows]).to(y.device) for k in rows[0]}
+        cstate = {k: stack_on([r[k] for r in rows], y.device) for k in rows[0]}  # stored (CPU) and fresh rows
         senders, r = message_counts(w)[1] > 0, state.rounds
         down, up = np.zeros(len(y), dtype=np.int64), np.zeros(len(y), dtype=np.int64)
         for s in range(self.gossip_steps):
