@@ -70,12 +70,18 @@ def test_the_table_covers_every_strategy():
     assert {proto for _, proto in PAIRS} == set(PROTOCOL_SETTINGS)
 
 
+# strategies whose local update vmap cannot map (the default compressor's messages are not
+# tensors): the executor runs their jobs client by client, with a warning
+FALLS_BACK = {"compressed"}
+
+
 @pytest.mark.parametrize("strategy,protocol", PAIRS, ids=[f"{s}-{p}" for s, p in PAIRS])
 def test_strategy_under_protocol_serial_equals_vmap(strategy, protocol):
     serial = run_config(_config(strategy, protocol, {"kind": "serial"}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # what vmap cannot vectorise falls back, with a warning
         vm = run_config(_config(strategy, protocol, {"kind": "vmap", "device": "cpu"}))
+    assert (vm.ctx.executor.unsupported is not None) == (strategy in FALLS_BACK), vm.ctx.executor.unsupported
     start = serial.ctx.initial_params
     got = [r.protocol.eval_params(r.ctx, r.final_state) for r in (serial, vm)]
     assert torch.isfinite(got[0]).all() and not torch.equal(got[0], start), "the model did not move"
@@ -84,3 +90,20 @@ def test_strategy_under_protocol_serial_equals_vmap(strategy, protocol):
     if kind_of(serial.ctx.strategy) == "server":
         initial = serial.ctx.strategy.init(start)
         assert _structure(serial.final_state.server) == _structure(initial)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("strategy,protocol", PAIRS, ids=[f"{s}-{p}" for s, p in PAIRS])
+def test_strategy_under_protocol_on_the_gpu_equals_serial(strategy, protocol):
+    # keep_on_device: the model, the updates and the server's arithmetic on the GPU, while the
+    # state store returns clients' states and server-side memory on the CPU; 3 of 5 clients per
+    # round, so cohorts mix returning clients with first-time ones. No silent fallback.
+    serial = run_config(_config(strategy, protocol, {"kind": "serial"}))
+    fallback = "fallback" if strategy in FALLS_BACK else "error"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        gpu = run_config(_config(strategy, protocol, {"kind": "vmap", "device": "cuda", "keep_on_device": True,
+                                                      "on_unsupported": fallback}))
+    got = [r.protocol.eval_params(r.ctx, r.final_state) for r in (serial, gpu)]
+    torch.testing.assert_close(got[1].cpu(), got[0], rtol=1e-4, atol=1e-6)
+    assert serial.rows[-1]["round"] == gpu.rows[-1]["round"]
