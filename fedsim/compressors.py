@@ -8,6 +8,11 @@ A compressor maps a flat vector v and an integer key (its randomness, see `job_k
 * ``decode()`` — the dense vector the receiver reconstructs (dequantization happens on the
   receiver side, in the strategy's combine or merge, never in the sender's accounting).
 
+Messages are pytrees (their tensor fields are the leaves), so the vmap executor maps a
+whole cohort's compression in one call and splits the stacked message back into one per
+client. A compressor that draws from the job's key cannot be mapped that way (one call, one
+key): it calls `own_draws` first, which makes the vmap executor run its jobs one by one.
+
 Built-ins (registered in `COMPRESSORS`; a new one is one decorated factory):
 
 * ``identity``: the dense vector itself.
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 from typing import Annotated, Callable, Optional, Union
 
 import torch
+from torch.utils._pytree import register_pytree_node
 
 from .config import Ge, Range
 from .registry import Registry
@@ -50,6 +56,26 @@ def _bits_to_bytes(bits: int) -> int:
     return -(-bits // 8)
 
 
+def _message_type(cls: type) -> type:
+    """Registers an encoded message dataclass as a pytree whose leaves are its tensor fields
+    (the others are constants of its type), so that a vectorised call (``torch.func.vmap``)
+    can return one message for many clients, each field stacked over them."""
+    fields = dataclasses.fields(cls)
+    tensors = tuple(f.name for f in fields if f.type in ("Tensor", Tensor))
+    rest = tuple(f.name for f in fields if f.name not in tensors)
+    register_pytree_node(cls, lambda m: ([getattr(m, n) for n in tensors], tuple(getattr(m, n) for n in rest)),
+                         lambda leaves, consts: cls(**dict(zip(tensors, leaves)), **dict(zip(rest, consts))))
+    return cls
+
+
+def own_draws(v: Tensor, name: str) -> None:
+    """Raises NotImplementedError when `v` is a row of a vectorised call: compressor `name`
+    draws each job's randomness from the job's own keyed generator, which one call for many
+    jobs cannot do (the vmap executor then runs those jobs one by one)."""
+    if torch._C._functorch.is_batchedtensor(v) or torch.compiler.is_compiling():
+        raise NotImplementedError(f"compressor {name!r} draws from each job's own keyed generator")
+
+
 class Encoded:
     """Base of encoded messages: `decode()`, `nbytes`, and a `detach()` the executors call."""
 
@@ -67,6 +93,7 @@ class Encoded:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
+@_message_type
 @checkpointable
 @dataclass(frozen=True)
 class Sparse(Encoded):
@@ -78,7 +105,7 @@ class Sparse(Encoded):
 
     def decode(self) -> Tensor:
         out = torch.zeros(self.dim, dtype=self.values.dtype, device=self.values.device)
-        return out.index_put_((self.indices,), self.values)
+        return out.index_put((self.indices,), self.values)  # out of place: vmap maps it
 
     @property
     def nbytes(self) -> int:
@@ -86,6 +113,7 @@ class Sparse(Encoded):
         return _bits_to_bytes(k * (index_bits(self.dim) + 8 * self.values.element_size()))
 
 
+@_message_type
 @checkpointable
 @dataclass(frozen=True)
 class SeededSparse(Encoded):
@@ -98,13 +126,14 @@ class SeededSparse(Encoded):
     def decode(self) -> Tensor:
         out = torch.zeros(self.dim, dtype=self.values.dtype, device=self.values.device)
         idx = random_indices(self.key, self.dim, self.values.numel()).to(out.device)
-        return out.index_put_((idx,), self.values)
+        return out.index_put((idx,), self.values)
 
     @property
     def nbytes(self) -> int:
         return _bits_to_bytes(self.values.numel() * 8 * self.values.element_size()) + 8
 
 
+@_message_type
 @checkpointable
 @dataclass(frozen=True)
 class Signs(Encoded):
@@ -121,6 +150,7 @@ class Signs(Encoded):
         return _bits_to_bytes(self.positive.numel()) + self.scale.element_size()
 
 
+@_message_type
 @checkpointable
 @dataclass(frozen=True)
 class Quantized(Encoded):
@@ -204,6 +234,7 @@ def randk(ratio: Ratio = 0.01, unbiased: bool = False) -> Compressor:
     """
 
     def compress(v: Tensor, key: int) -> SeededSparse:
+        own_draws(v, "randk")
         d = v.numel()
         k = _count(ratio, d)
         values = v[random_indices(key, d, k).to(v.device)]
@@ -233,6 +264,7 @@ def qsgd(bits: Annotated[int, Ge(2)] = 4, bucket: Annotated[Optional[int], Ge(1)
     s = 2 ** (bits - 1) - 1
 
     def compress(v: Tensor, key: int) -> Quantized:
+        own_draws(v, "qsgd")
         d = v.numel()
         b = bucket or d
         padded = torch.cat([v, v.new_zeros(-d % b)]).view(-1, b)

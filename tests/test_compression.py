@@ -2,6 +2,7 @@
 convergence on heterogeneous least squares, equivalences, determinism, config errors."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -228,3 +229,48 @@ def test_identity_compression_under_an_asynchronous_buffer_is_the_inner_strategy
     # EF21 with an exact compressor sends g − h and the server adds it back to h: g up to rounding
     torch.testing.assert_close(final({"name": "compressed", "compressor": "identity", "feedback": "ef21"}), plain,
                                rtol=1e-10, atol=1e-10)
+
+
+def _vmap_against_serial(comp, rule: str, protocol: dict, on_unsupported: str, **executor):
+    cfg = quadratic_config(data={"num_clients": 6, "dim": 12}, protocol=protocol,
+                           strategy={"name": "compressed", "compressor": comp, "feedback": rule},
+                           local={"lr": 0.05, "batch_size": 2, "steps": 3}, run={"rounds": 4, "eval_every": 2})
+    serial = run_config(cfg)
+    with pytest.warns(RuntimeWarning) if on_unsupported == "fallback" else contextlib.nullcontext():
+        vm = run_config({**cfg, "executor": {"kind": "vmap", "device": "cpu", "graphs": True,
+                                             "on_unsupported": on_unsupported, **executor}})
+    got = [r.protocol.eval_params(r.ctx, r.final_state) for r in (serial, vm)]
+    torch.testing.assert_close(got[1], got[0], rtol=1e-6, atol=1e-9)
+    assert [r["bytes_up"] for r in vm.rows] == [r["bytes_up"] for r in serial.rows]
+    return vm
+
+
+@pytest.mark.parametrize("protocol", [{"name": "sync", "clients_per_round": 4},
+                                      {"name": "async", "buffer_size": 2, "concurrency": 4}])
+@pytest.mark.parametrize("comp", [{"name": "topk", "ratio": 0.25}, "sign"])
+@pytest.mark.parametrize("rule", ["none", "ef", "ef21", "econtrol"])
+def test_deterministic_compressors_run_vectorised_and_equal_serial(comp, rule, protocol):
+    # a cohort's messages come back as one message per client, each field stacked by vmap
+    # (graphs: the static-buffer path, whose outputs are cloned before the next call)
+    vm = _vmap_against_serial(comp, rule, protocol, on_unsupported="error")
+    assert vm.ctx.executor.unsupported is None
+
+
+@pytest.mark.parametrize("comp", [{"name": "randk", "ratio": 0.25}, {"name": "qsgd", "bits": 3, "bucket": 4}])
+def test_keyed_random_compressors_run_client_by_client_under_vmap(comp):
+    # one vectorised call cannot draw from each job's own keyed generator: the executor says so
+    # and runs these jobs one by one, with the serial executor's draws. With random layers
+    # allowed (randomness: different) qsgd's draw would otherwise vectorise, with other draws.
+    vm = _vmap_against_serial(comp, "ef21", {"name": "sync", "clients_per_round": 4}, on_unsupported="fallback",
+                              randomness="different")
+    assert f"compressor {comp['name']!r} draws from each job's own keyed generator" in vm.ctx.executor.unsupported
+
+
+def test_a_cohort_s_messages_are_cloned_out_of_reused_buffers():
+    from fedsim.compressors import Sparse
+    from fedsim.executors.graphs import clone_tree
+
+    msg = Sparse(torch.tensor([[0, 2], [1, 3]]), torch.tensor([[1.0, 2.0], [3.0, 4.0]]), 4)
+    out = clone_tree((msg, {"c": torch.ones(2)}))
+    assert isinstance(out[0], Sparse) and out[0].dim == 4 and torch.equal(out[0].values, msg.values)
+    assert out[0].values.data_ptr() != msg.values.data_ptr() and out[0].indices.data_ptr() != msg.indices.data_ptr()

@@ -17,6 +17,7 @@ from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..data.hashed_order import DeferredIndices
 from ..strategy import Tensor
@@ -156,10 +157,21 @@ def unstack(out: tuple[Tensor, dict, dict, dict], jobs: Sequence[Job], device: t
     ids[3] = [j.version for j in jobs]
     names = list(metrics)
     columns = {k: np.full(n, np.nan) for k in names}  # written in place by fill(): rows split before it see them
-    contribs = Contributions(ids[0], update[:n].to(device), ids[1], np.full(n, steps, dtype=np.int64), ids[2], ids[3],
+    contribs = Contributions(ids[0], _rows(update, n, device), ids[1], np.full(n, steps, dtype=np.int64), ids[2], ids[3],
                              {k: v[:n].to(device) for k, v in extras.items()},
                              {k: v[:n].to(device) for k, v in state.items()}, columns)
     return contribs, _metric_filler(names, [metrics[k][:n].detach() for k in names], columns)
+
+
+def _rows(update: Any, n: int, device: torch.device) -> Any:
+    """The first n rows of a vectorised call's updates on `device`: a tensor [n, ...], or, for
+    encoded messages (`fedsim.compressors`, pytrees whose fields vmap stacked), a tuple of
+    n messages, as a serial executor returns them."""
+    if isinstance(update, torch.Tensor):
+        return update[:n].to(device)
+    leaves, spec = tree_flatten(update)
+    leaves = [leaf[:n].to(device) for leaf in leaves]
+    return tuple(tree_unflatten([leaf[i] for leaf in leaves], spec) for i in range(n))
 
 
 def _metric_filler(names: list[str], values: list[Tensor], columns: dict[str, np.ndarray]) -> Callable[[], None]:

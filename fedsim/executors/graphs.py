@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable, Hashable
 
 import torch
+from torch.utils._pytree import tree_map
 
 from ..strategy import Tensor
 
@@ -37,14 +38,9 @@ def _copy_into(dst: Any, src: Any) -> None:
 
 
 def clone_tree(tree: Any) -> Any:
-    """Returns a copy of a tree of tensors (dicts, tuples, lists)."""
-    if isinstance(tree, torch.Tensor):
-        return tree.clone()
-    if isinstance(tree, dict):
-        return {k: clone_tree(v) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(clone_tree(v) for v in tree)
-    return tree
+    """Returns a copy of a tree of tensors (dicts, tuples, lists, registered pytrees such as
+    encoded messages)."""
+    return tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, tree)
 
 
 class _Entry:
