@@ -32,10 +32,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Annotated, Callable, Optional, Union
+from typing import Annotated, Callable, Optional, Sequence, Union
 
 import torch
-from torch.utils._pytree import register_pytree_node
+from torch.utils._pytree import register_pytree_node, tree_flatten, tree_unflatten
 
 from .config import Ge, Range
 from .registry import Registry
@@ -182,6 +182,24 @@ Compressor = Callable[[Tensor, int], Message]  # (flat vector, key) -> what is s
 def decode(msg: Message) -> Tensor:
     """Returns the dense vector a receiver reconstructs from `msg` (a tensor passes through)."""
     return msg if isinstance(msg, torch.Tensor) else msg.decode()
+
+
+def decode_many(messages: Sequence[Message]) -> Tensor:
+    """Returns the dense vectors of `messages` stacked, [m, d]; row i equals ``decode(messages[i])``
+    bit for bit. Messages of one registered type and layout (the same constants and field
+    shapes, as one compressor sends) are stacked field by field and decoded in one vectorised
+    call; others one by one."""
+    first = messages[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(list(messages))
+    flat = [tree_flatten(m) for m in messages]
+    spec = flat[0][1]
+    if not spec.is_leaf() and all(s == spec for _, s in flat):
+        columns = list(zip(*(leaves for leaves, _ in flat)))  # one tuple per field, a row per message
+        if all(len({c.shape for c in col}) == 1 for col in columns):
+            stacked = tree_unflatten([torch.stack(col) for col in columns], spec)
+            return torch.func.vmap(lambda msg: msg.decode())(stacked)
+    return torch.stack([decode(m) for m in messages])
 
 
 def job_key(purpose: str = "compress") -> int:

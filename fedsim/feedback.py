@@ -29,7 +29,7 @@ message is C(g), so no uncompressed round is needed and the byte count stays hon
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -72,11 +72,19 @@ def send(rule: str, g: Tensor, state: Mapping[str, Tensor], compress: Compressor
     raise ValueError(f"unknown feedback rule {rule!r} (known: {', '.join(RULES)})")
 
 
-def receive(rule: str, msg: Message, estimate: Tensor | None) -> Tensor:
-    """Returns the vector the receiver uses for `msg`: decode(msg), or, for EF21/EControl,
-    the sender's updated estimate h + decode(msg) (`estimate` = the receiver's copy of h,
-    None for a sender not heard from yet). That vector is also the receiver's new copy of h."""
-    delta = decode(msg)
-    if tracks_estimate(rule) and estimate is not None:
-        return estimate + delta
-    return delta
+def receive(rule: str, deltas: Tensor, estimates: Tensor | None, senders: Sequence[int]) -> Tensor:
+    """Returns the vectors the receiver uses for a batch of decoded messages `deltas` [m, d]
+    from `senders`: the deltas themselves, or, for EF21/EControl, each sender's updated
+    estimate h + Δ (`estimates` [m, d]: the receiver's copy of each row's sender's h). Those
+    vectors are also the receiver's new copies of h. A sender with several messages in the
+    batch builds each on the one before, in order."""
+    if not tracks_estimate(rule):
+        return deltas
+    vectors = estimates + deltas
+    if len(set(senders)) < len(senders):
+        last: dict[int, int] = {}
+        for i, sender in enumerate(senders):
+            if sender in last:
+                vectors[i] = vectors[last[sender]] + deltas[i]
+            last[sender] = i
+    return vectors

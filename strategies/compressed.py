@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Mapping, Optional
 import torch
 
 from fedsim import feedback as fb
-from fedsim.compressors import COMPRESSORS, job_key
+from fedsim.compressors import COMPRESSORS, decode_many, job_key
 from fedsim.config import ComponentSpec, Ge
 from fedsim.contributions import Contributions
 from fedsim.registry import STRATEGIES
@@ -67,13 +67,8 @@ def compressed(
         """Decodes each message (for EF21/EControl: the sender's estimate h_i + Δ_i, which is
         also the server's new copy of h_i; a sender with several messages in one aggregation
         builds each on the one before)."""
-        known, latest, vectors = memory.get(ESTIMATE), {}, []
-        for i, (sender, msg) in enumerate(zip(contribs.senders.tolist(), contribs.updates)):
-            vector = fb.receive(rule, msg, latest.get(sender, known[i]) if tracked else None)
-            latest[sender] = vector
-            vectors.append(vector)
-        stacked = torch.stack(vectors)
-        return contribs.replace(updates=stacked), ({ESTIMATE: stacked} if tracked else {})
+        vectors = fb.receive(rule, decode_many(contribs.updates), memory.get(ESTIMATE), contribs.senders.tolist())
+        return contribs.replace(updates=vectors), ({ESTIMATE: vectors} if tracked else {})
 
     return base._replace(
         local=local,

@@ -274,3 +274,30 @@ def test_a_cohort_s_messages_are_cloned_out_of_reused_buffers():
     out = clone_tree((msg, {"c": torch.ones(2)}))
     assert isinstance(out[0], Sparse) and out[0].dim == 4 and torch.equal(out[0].values, msg.values)
     assert out[0].values.data_ptr() != msg.values.data_ptr() and out[0].indices.data_ptr() != msg.indices.data_ptr()
+
+
+def test_messages_decode_together_as_one_by_one():
+    from fedsim.compressors import decode_many
+
+    g = torch.Generator().manual_seed(0)
+    vs = [torch.randn(37, generator=g, dtype=torch.float64) for _ in range(6)]
+    for comp in (topk(0.2), sign(), qsgd(3, 8), randk(0.3), identity()):
+        msgs = [comp(v, 100 + i) for i, v in enumerate(vs)]  # randk: a key per message, so one by one
+        assert torch.equal(decode_many(msgs), torch.stack([decode(m) for m in msgs]))
+    mixed = [topk(0.2)(vs[0], 0), sign()(vs[1], 0), topk(0.5)(vs[2], 0)]  # kinds and sizes differ
+    assert torch.equal(decode_many(mixed), torch.stack([decode(m) for m in mixed]))
+
+
+def test_a_sender_with_several_messages_in_one_batch_builds_each_on_the_one_before():
+    from fedsim import feedback as fb
+
+    deltas = torch.arange(10.0).reshape(5, 2)
+    estimates = torch.tensor([[100.0, 100.0], [200.0, 200.0], [100.0, 100.0], [300.0, 300.0], [100.0, 100.0]])
+    senders = [1, 2, 1, 3, 1]  # sender 1's known h is 100 in each of its rows
+    got = fb.receive("ef21", deltas, estimates, senders)
+    h, want = {}, []
+    for i, s in enumerate(senders):  # the receiver's rule message by message
+        h[s] = h.get(s, estimates[i]) + deltas[i]
+        want.append(h[s])
+    assert torch.equal(got, torch.stack(want))
+    assert torch.equal(fb.receive("ef", deltas, None, senders), deltas)
