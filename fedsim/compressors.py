@@ -176,7 +176,7 @@ class Quantized(Encoded):
 
 
 Message = Union[Tensor, Encoded]
-Compressor = Callable[[Tensor, int], Message]  # (flat vector, key) -> what is sent
+Compressor = Callable[[Tensor, Optional[int]], Message]  # (flat vector, key; None in a vectorised call) -> what is sent
 
 
 def decode(msg: Message) -> Tensor:
@@ -202,10 +202,15 @@ def decode_many(messages: Sequence[Message]) -> Tensor:
     return torch.stack([decode(m) for m in messages])
 
 
-def job_key(purpose: str = "compress") -> int:
+def job_key(purpose: str = "compress") -> int | None:
     """Returns a key for a job's compression randomness, derived from the seed the executor gave
     the job (``keyed_torch(key(seed, "job", job_id))`` in `fedsim.executors.base.Worker`),
-    so draws depend on (seed, job) only and never consume the job's own random stream."""
+    so draws depend on (seed, job) only and never consume the job's own random stream.
+
+    Inside a vectorised call (vmap: many jobs, one seed) there is no job's key: None, which a
+    compressor that draws from its key cannot use (the executor then runs jobs one by one)."""
+    if torch._C._functorch.maybe_current_level() is not None:
+        return None
     return rng_key(torch.initial_seed(), purpose)
 
 

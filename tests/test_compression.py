@@ -301,3 +301,23 @@ def test_a_sender_with_several_messages_in_one_batch_builds_each_on_the_one_befo
         want.append(h[s])
     assert torch.equal(got, torch.stack(want))
     assert torch.equal(fb.receive("ef", deltas, None, senders), deltas)
+
+
+def keyed_mask(p: float = 0.5):
+    """A plugin-style compressor that draws from its key and returns a dense tensor."""
+    from fedsim.rng import torch_generator
+
+    def compress(v, key):
+        keep = torch.rand(v.shape, generator=torch_generator(key, "mask"), dtype=v.dtype) < p
+        return v * keep.to(v.device)
+
+    return compress
+
+
+def test_a_vectorised_call_gives_compressors_no_key_to_share():
+    # one vmap call runs many jobs under one seed: a compressor drawing from the key it is
+    # given would draw the same for every client; job_key() gives None there, and the
+    # executor runs such jobs one by one (randomness: different lets random ops through vmap)
+    vm = _vmap_against_serial({"name": "tests.test_compression:keyed_mask"}, "ef21", {"name": "sync", "clients_per_round": 4},
+                              on_unsupported="fallback", randomness="different")
+    assert vm.ctx.executor.unsupported is not None
