@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, Mapping, NamedTuple
 import numpy as np
 import scipy.sparse as sp
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import feedback as fb
 from .comm import nbytes
@@ -56,6 +57,22 @@ class Channel(NamedTuple):
                            self.eta)
         return msg, new, (new[fb.ESTIMATE] if self.static_graph else decode(msg))
 
+    def _send_together(self, x: Tensor, state: Mapping[str, Tensor],
+                       ids: np.ndarray) -> tuple[list[Any], dict[str, Tensor], Tensor] | None:
+        """`send` for the nodes `ids` in one vectorised call: (their messages, their new
+        states and views, stacked). None when the compressor cannot run that way (it draws
+        from each node's own key: randk, qsgd), and the nodes send one by one."""
+        rows = torch.as_tensor(ids, device=x.device)
+        own = {k: state[k][rows] for k in fb.STATE_KEYS[self.feedback]}
+        try:
+            msg, new, seen = _send_together_fn(self)(x[rows], own)
+        except (NotImplementedError, TypeError, RuntimeError, ValueError):
+            return None
+        if isinstance(msg, torch.Tensor):
+            return list(msg.unbind(0)), new, seen
+        leaves, spec = tree_flatten(msg)
+        return [tree_unflatten([leaf[i] for leaf in leaves], spec) for i in range(len(ids))], new, seen
+
     def consensus(self, x: Tensor, mixed: Tensor, view: Tensor) -> Tensor:
         """Returns x + γ (mixed − view); raises DivergenceError if that overflows from finite x."""
         out = x + self.gamma * (mixed - view)
@@ -73,15 +90,33 @@ class Channel(NamedTuple):
         size in bytes of the message each node sent to each out-neighbour, 0 for non-senders)."""
         new, sizes = {k: v.clone() for k, v in state.items()}, np.zeros(len(x), dtype=np.int64)
         view = new[fb.ESTIMATE] if self.static_graph else x.clone()  # non-senders: any finite row (no link uses it)
-        for i in np.flatnonzero(senders):
-            msg, st, seen = self.send(x[i], {k: v[i] for k, v in state.items()}, rng_key(key, "node", i))
-            sizes[i] = nbytes(msg)
+        ids = np.flatnonzero(senders)
+        together = self._send_together(x, state, ids) if len(ids) >= SEND_TOGETHER_FROM else None
+        if together is not None:
+            msgs, st, seen = together
+            sizes[ids] = [nbytes(m) for m in msgs]
+            rows = torch.as_tensor(ids, device=x.device)
             for k, v in st.items():
-                new[k][i] = v
+                new[k][rows] = v
             if not self.static_graph:
-                view[i] = seen
+                view[rows] = seen
+        else:
+            for i in ids:
+                msg, st, seen = self.send(x[i], {k: v[i] for k, v in state.items()}, rng_key(key, "node", i))
+                sizes[i] = nbytes(msg)
+                for k, v in st.items():
+                    new[k][i] = v
+                if not self.static_graph:
+                    view[i] = seen
         mixed = merge(view, w, torch.arange(len(x), device=x.device), layout)
         return self.consensus(x, mixed, view), new, sizes
+
+
+SEND_TOGETHER_FROM = 32  # senders in a step from which their messages are made in one vectorised call
+
+
+def _send_together_fn(channel: "Channel"):
+    return torch.func.vmap(lambda x, state: channel.send(x, state, None))
 
 
 def link_bytes(w: sp.csr_array, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

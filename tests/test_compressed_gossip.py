@@ -256,3 +256,36 @@ def test_an_exact_channel_is_plain_gossip_under_the_dfl2_rule():
     same = run_config(async_ring_config({"compressor": "identity", "feedback": "none", "gamma": 1.0}, "dfl2")).rows[-1]
     assert_same_run(dense, same)
     assert dense != {**run_config(async_ring_config(None)).rows[-1], "wall_time": dense["wall_time"]}  # the rules part
+
+
+@pytest.mark.parametrize("comp,feedback", [(TOP10, "ef21"), (TOP10, "ef"), ("sign", "none"), ("identity", "econtrol"),
+                                           ({"name": "qsgd", "bits": 3, "contractive": True}, "ef21")])
+def test_many_senders_make_their_messages_together_as_one_by_one(comp, feedback, monkeypatch):
+    # from SEND_TOGETHER_FROM senders a step makes every message in one vectorised call (qsgd
+    # draws from each node's key: one by one still); the same models, states and sizes, bit for bit
+    import fedsim.channel as channel_module
+
+    n = 40
+    w = as_tensor(metropolis_hastings(nx.random_regular_graph(4, n, seed=1)), torch.float64)
+    senders = np.ones(n, dtype=bool)
+    senders[[3, 17]] = False  # two nodes without out-links this step
+
+    def run():
+        ch = gossip(feedback, 0.2, comp)
+        x = torch.randn(n, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        state = ch.initial_state(x)
+        for t in range(3):
+            x, state, sizes = ch.step(x, w, state, senders, t, None, mix)
+        return x, state, sizes
+
+    calls = []
+    real = channel_module.Channel._send_together
+    monkeypatch.setattr(channel_module.Channel, "_send_together", lambda *a: calls.append(1) or real(*a))
+    together = run()
+    assert len(calls) == 3
+    monkeypatch.setattr(channel_module, "SEND_TOGETHER_FROM", n + 1)
+    alone = run()
+    assert len(calls) == 3  # the reference made its messages one by one
+    assert torch.equal(together[0], alone[0]) and np.array_equal(together[2], alone[2])
+    assert together[1].keys() == alone[1].keys() and all(torch.equal(together[1][k], alone[1][k]) for k in alone[1])
+    assert together[2][3] == 0 and together[2][0] > 0
