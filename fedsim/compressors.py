@@ -1,7 +1,8 @@
 """Compressors: what a sender puts on the wire instead of a dense vector, and its exact size.
 
-A compressor maps a flat vector v and an integer key (its randomness, see `job_key`) to an
-*encoded message*: a frozen dataclass holding exactly the fields that travel, with
+A compressor maps a flat vector v and an integer key (its randomness, see `job_key`; None
+inside a vectorised call) to an *encoded message*: a frozen dataclass holding exactly the
+fields that travel, with
 
 * ``nbytes`` — the encoded size in bytes, which `fedsim.comm.nbytes` counts as ``bytes_up``
   (bit-exact: ⌈total bits / 8⌉; values cost their dtype's width, indices ⌈log₂ d⌉ bits);
