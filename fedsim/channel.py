@@ -21,11 +21,10 @@ from typing import Annotated, Any, Literal, Mapping, NamedTuple
 import numpy as np
 import scipy.sparse as sp
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import feedback as fb
 from .comm import nbytes
-from .compressors import Compressor, decode
+from .compressors import Compressor, decode, split_messages
 from .config.checks import Ge, Range
 from .errors import DivergenceError
 from .rng import key as rng_key
@@ -68,10 +67,7 @@ class Channel(NamedTuple):
             msg, new, seen = _send_together_fn(self)(x[rows], own)
         except (NotImplementedError, TypeError, RuntimeError, ValueError):
             return None
-        if isinstance(msg, torch.Tensor):
-            return list(msg.unbind(0)), new, seen
-        leaves, spec = tree_flatten(msg)
-        return [tree_unflatten([leaf[i] for leaf in leaves], spec) for i in range(len(ids))], new, seen
+        return split_messages(msg, len(ids)), new, seen
 
     def consensus(self, x: Tensor, mixed: Tensor, view: Tensor) -> Tensor:
         """Returns x + γ (mixed − view); raises DivergenceError if that overflows from finite x."""

@@ -11,8 +11,9 @@ fields that travel, with
 
 Messages are pytrees (their tensor fields are the leaves), so the vmap executor maps a
 whole cohort's compression in one call and splits the stacked message back into one per
-client. A compressor that draws from the job's key cannot be mapped that way (one call, one
-key): it calls `own_draws` first, which makes the vmap executor run its jobs one by one.
+client (`split_messages`). A compressor that draws from its key cannot be mapped that way:
+one call runs many jobs, so it gets no key (None), and `keyed_generator` refuses it, which
+makes the vmap executor run those jobs one by one.
 
 Built-ins (registered in `COMPRESSORS`; a new one is one decorated factory):
 
@@ -69,12 +70,23 @@ def _message_type(cls: type) -> type:
     return cls
 
 
-def own_draws(v: Tensor, name: str) -> None:
-    """Raises NotImplementedError when `v` is a row of a vectorised call: compressor `name`
-    draws each job's randomness from the job's own keyed generator, which one call for many
-    jobs cannot do (the vmap executor then runs those jobs one by one)."""
-    if torch._C._functorch.is_batchedtensor(v) or torch.compiler.is_compiling():
-        raise NotImplementedError(f"compressor {name!r} draws from each job's own keyed generator")
+def keyed_generator(key: int | None, purpose: str) -> torch.Generator:
+    """Returns the CPU generator of a compressor's draws for `key` (`job_key`); raises
+    NotImplementedError for None: a vectorised call runs many jobs and has no one job's key,
+    and the vmap executor then runs those jobs one by one."""
+    if key is None:
+        raise NotImplementedError(f"compressor draws ({purpose}) need each job's own key, which one vectorised "
+                                  "call for many jobs does not have")
+    return torch_generator(key, purpose)
+
+
+def split_messages(stacked: Message, count: int) -> list[Message]:
+    """Returns the first `count` messages of a stacked message (each field [m, ...], as a
+    vectorised call returns them), one per row: the inverse of stacking them."""
+    if isinstance(stacked, torch.Tensor):
+        return list(stacked[:count].unbind(0))
+    leaves, spec = tree_flatten(stacked)
+    return [tree_unflatten([leaf[i] for leaf in leaves], spec) for i in range(count)]
 
 
 class Encoded:
@@ -208,16 +220,17 @@ def job_key(purpose: str = "compress") -> int | None:
     the job (``keyed_torch(key(seed, "job", job_id))`` in `fedsim.executors.base.Worker`),
     so draws depend on (seed, job) only and never consume the job's own random stream.
 
-    Inside a vectorised call (vmap: many jobs, one seed) there is no job's key: None, which a
-    compressor that draws from its key cannot use (the executor then runs jobs one by one)."""
-    if torch._C._functorch.maybe_current_level() is not None:
+    Inside a vectorised call (vmap, or a compiled cohort: many jobs, one seed) there is no
+    job's key: None, which a compressor that draws from its key cannot use
+    (`keyed_generator`; the executor then runs those jobs one by one)."""
+    if torch._C._functorch.maybe_current_level() is not None or torch.compiler.is_compiling():
         return None
     return rng_key(torch.initial_seed(), purpose)
 
 
-def random_indices(key: int, dim: int, k: int) -> Tensor:
+def random_indices(key: int | None, dim: int, k: int) -> Tensor:
     """Returns k distinct coordinates of [0, dim) drawn by the generator of `key` (sorted)."""
-    return torch.randperm(dim, generator=torch_generator(key, "randk"))[:k].sort().values
+    return torch.randperm(dim, generator=keyed_generator(key, "randk"))[:k].sort().values
 
 
 def _count(ratio: float, dim: int) -> int:
@@ -258,7 +271,6 @@ def randk(ratio: Ratio = 0.01, unbiased: bool = False) -> Compressor:
     """
 
     def compress(v: Tensor, key: int) -> SeededSparse:
-        own_draws(v, "randk")
         d = v.numel()
         k = _count(ratio, d)
         values = v[random_indices(key, d, k).to(v.device)]
@@ -288,13 +300,12 @@ def qsgd(bits: Annotated[int, Ge(2)] = 4, bucket: Annotated[Optional[int], Ge(1)
     s = 2 ** (bits - 1) - 1
 
     def compress(v: Tensor, key: int) -> Quantized:
-        own_draws(v, "qsgd")
         d = v.numel()
         b = bucket or d
         padded = torch.cat([v, v.new_zeros(-d % b)]).view(-1, b)
         norms = torch.linalg.vector_norm(padded, dim=1)
         ratio = (padded.abs() / norms.clamp_min(torch.finfo(v.dtype).tiny)[:, None]).reshape(-1)[:d] * s
-        noise = torch.rand(d, generator=torch_generator(key, "qsgd"), dtype=v.dtype).to(v.device)
+        noise = torch.rand(d, generator=keyed_generator(key, "qsgd"), dtype=v.dtype).to(v.device)
         levels = torch.floor(ratio + noise).clamp_(0, s).to(torch.int16)
         shrink = 1.0 / (1.0 + min(b / s**2, math.sqrt(b) / s)) if contractive else 1.0
         return Quantized(levels, v < 0, norms, s, bits, b, shrink)

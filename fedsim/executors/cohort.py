@@ -17,11 +17,12 @@ from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_map
 
 from ..data.hashed_order import DeferredIndices
 from ..strategy import Tensor
 from .base import Job
+from ..compressors import split_messages
 from ..contributions import Contributions
 from ..vec import stack_on
 
@@ -169,9 +170,7 @@ def _rows(update: Any, n: int, device: torch.device) -> Any:
     n messages, as a serial executor returns them."""
     if isinstance(update, torch.Tensor):
         return update[:n].to(device)
-    leaves, spec = tree_flatten(update)
-    leaves = [leaf[:n].to(device) for leaf in leaves]
-    return tuple(tree_unflatten([leaf[i] for leaf in leaves], spec) for i in range(n))
+    return tuple(split_messages(tree_map(lambda leaf: leaf[:n].to(device), update), n))
 
 
 def _metric_filler(names: list[str], values: list[Tensor], columns: dict[str, np.ndarray]) -> Callable[[], None]:
