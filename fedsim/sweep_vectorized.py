@@ -48,7 +48,7 @@ from .data.hashed_order import DeferredIndices
 from .errors import Interrupted, StepAbandoned
 from .executors.base import Executor, Job, WorkerSpec, build_executor
 from .executors.precision import keep_freed_memory, precision
-from .executors.vmap import VmapExecutor, resolve_device
+from .executors.vmap import NotVectorisable, VmapExecutor, resolve_device
 from .rng import initialised_cuda, set_torch_states, torch_states
 from .closures import Lifted
 from .strategy import CAPTURED_PREFIX, JOB_HP_FIELDS, JOB_HP_PREFIX, Payload, Strategy, Tensor
@@ -376,13 +376,17 @@ class SharedVmap:
                     self._run_shared(batch)
                     self.shared_proven = True
                 except Exception as exc:  # noqa: BLE001 - decided below
-                    if not self.own_values or self.shared_proven:
+                    unvectorised = isinstance(exc, NotVectorisable)
+                    if not unvectorised and (not self.own_values or self.shared_proven):
                         raise
-                    # the runs' own values are used where vmap cannot batch them (Python control
-                    # flow on a momentum, a μ…): every run on its own executor instead
+                    # a local update vmap cannot batch (a compressor drawing from each job's key;
+                    # Python control flow on the runs' own momentum, μ…) would run client by client
+                    # under the shared call's job ids and the first run's seed: every run on its
+                    # own executor instead
                     first = (str(exc).strip().splitlines() or [""])[0][:200]
-                    self._go_solo(sorted(self.specs), f"the values that differ between them "
-                                  f"({', '.join(self.own_values)}) do not vectorise ({type(exc).__name__}: {first})")
+                    what = (f"the values that differ between them ({', '.join(self.own_values)}) do not" if self.own_values
+                            else "their local update does not")
+                    self._go_solo(sorted(self.specs), f"{what} vectorise ({type(exc).__name__}: {first})")
                     for member, jobs in batch.items():
                         self.results[member] = self.solo[member].run(jobs)
         except (Interrupted, KeyboardInterrupt):  # a second Ctrl-C in the serving thread: it stops too
@@ -432,9 +436,11 @@ class SharedVmap:
                 self.job_hp[m].update({f"{CAPTURED_PREFIX}{i}": v for i, v in enumerate(values)})
             strategy = with_lifted_local(strategy, lifted)
             self.own_values += [f"captured {n}" for n in sorted(set(lifted.names))]
-        if self.own_values:
-            self.vmap.on_unsupported = "error"  # values that do not vectorise: the runs go separately
-        else:
+        # a cohort that does not vectorise raises (NotVectorisable) and the runs go separately:
+        # run client by client inside the shared call, its jobs would draw from the shared call's
+        # job ids and the first run's seed
+        self.vmap.on_unsupported = "error"
+        if not self.own_values:
             self.job_hp = {}
         shared = replace(specs[0], x_train=torch.cat(xs) if len(xs) > 1 else xs[0],
                          y_train=torch.cat(ys) if len(ys) > 1 else ys[0])

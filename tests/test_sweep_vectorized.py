@@ -486,3 +486,17 @@ def test_gossip_and_asynchronous_runs_with_their_own_settings_share_calls(shared
     for o, got in zip(over, rows):
         assert_rows_close(got, run_config(fedasync, None, overrides=tuple(o)).rows)
 
+
+
+def test_runs_whose_local_update_does_not_vectorise_run_separately_with_their_own_keys(tmp_path, shared_calls):
+    # rand-k draws from each job's own key: inside the shared call its jobs would run client by
+    # client under the shared call's job ids and the first run's seed; the runs go separately
+    cfg = vmap_config()
+    cfg["strategy"] = {"name": "compressed", "compressor": {"name": "randk", "ratio": 0.3}, "feedback": "ef21"}
+    lines: list[str] = []
+    rows = sweep(cfg, [], [0, 1], tmp_path / "s", print_line=lines.append, vectorize=True)
+    assert [r["status"] for r in rows] == ["done"] * 2
+    said = [line for line in lines if "separately" in line]
+    assert len(said) == 1 and "their local update does not vectorise" in said[0], lines
+    for seed in (0, 1):
+        assert_single_run(tmp_path / "s" / f"seed={seed}", cfg, seed, exact=True)

@@ -69,6 +69,10 @@ def resolve_device(device: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dev.type == "cuda" and dev.index is None else dev
 
 
+class NotVectorisable(FedsimError):
+    """A cohort's local update cannot be vectorised (with ``on_unsupported: error``)."""
+
+
 class VmapExecutor(Executor):
     """Runs pending jobs cohort by cohort under torch.func.vmap; see the module docstring."""
 
@@ -366,7 +370,7 @@ class VmapExecutor(Executor):
             "(set executor.randomness: different)."
         )
         if self.on_unsupported == "error":
-            raise FedsimError(msg + " Use executor.kind: serial, or executor.on_unsupported: fallback.")
+            raise NotVectorisable(msg + " Use executor.kind: serial, or executor.on_unsupported: fallback.")
         warnings.warn(msg + " Running every job client by client from now on.", RuntimeWarning, stacklevel=2)
         self.unsupported = msg
         return got
