@@ -58,7 +58,7 @@ def _bits_to_bytes(bits: int) -> int:
     return -(-bits // 8)
 
 
-def _message_type(cls: type) -> type:
+def message_type(cls: type) -> type:
     """Registers an encoded message dataclass as a pytree whose leaves are its tensor fields
     (the others are constants of its type), so that a vectorised call (``torch.func.vmap``)
     can return one message for many clients, each field stacked over them."""
@@ -106,7 +106,7 @@ class Encoded:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
-@_message_type
+@message_type
 @checkpointable
 @dataclass(frozen=True)
 class Sparse(Encoded):
@@ -126,7 +126,7 @@ class Sparse(Encoded):
         return _bits_to_bytes(k * (index_bits(self.dim) + 8 * self.values.element_size()))
 
 
-@_message_type
+@message_type
 @checkpointable
 @dataclass(frozen=True)
 class SeededSparse(Encoded):
@@ -146,7 +146,7 @@ class SeededSparse(Encoded):
         return _bits_to_bytes(self.values.numel() * 8 * self.values.element_size()) + 8
 
 
-@_message_type
+@message_type
 @checkpointable
 @dataclass(frozen=True)
 class Signs(Encoded):
@@ -163,7 +163,7 @@ class Signs(Encoded):
         return _bits_to_bytes(self.positive.numel()) + self.scale.element_size()
 
 
-@_message_type
+@message_type
 @checkpointable
 @dataclass(frozen=True)
 class Quantized(Encoded):
