@@ -29,6 +29,7 @@ CASES = [
     # spans below one tick of the virtual clock (1 ns)
     ({"protocol": {"deadline": 1e-12}}, "protocol.deadline", ">= 1e-09"),
     ({"system": {"availability": {"name": "bernoulli", "period": 1e-12}}}, "system.availability.period", ">= 1e-09"),
+    ({"run": {"max_idle_time": 5e-185}}, "run.max_idle_time", ">= 1e-09"),  # found by the config fuzz (exit 4 at t = 0)
     # decentralized runs: the topology section
     ({**DEC, "topology": {"name": "rign"}}, "topology.name", "did you mean 'ring'"),
     ({**DEC, "topology": {"name": "ring", "mixing": "metropolis"}}, "topology.mixing",

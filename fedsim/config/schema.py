@@ -215,11 +215,11 @@ class RunSection:
         "start without the run getting closer to its end: no round completed (with `rounds`) and the "
         "clock did not move (with `time_budget`), e.g. every job is lost. null: never.",
     )
-    max_idle_time: Annotated[Optional[float], Gt(0)] = knob(
+    max_idle_time: Annotated[Optional[float], Ge(1e-9)] = knob(
         86400.0,
         "Stop with exit status 4 (checkpoint written) after this many virtual seconds in which no job "
         "started and no round completed, e.g. when no client is ever available again; keep it above the "
-        "longest job's duration. null: never.",
+        "longest job's duration (at least 1e-9, one tick of the clock). null: never.",
     )
     state_memory_mb: Annotated[Optional[float], Ge(0)] = knob(
         1024.0,
