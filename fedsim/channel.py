@@ -57,17 +57,16 @@ class Channel(NamedTuple):
         return msg, new, (new[fb.ESTIMATE] if self.static_graph else decode(msg))
 
     def _send_together(self, x: Tensor, state: Mapping[str, Tensor],
-                       ids: np.ndarray) -> tuple[list[Any], dict[str, Tensor], Tensor] | None:
-        """`send` for the nodes `ids` in one vectorised call: (their messages, their new
-        states and views, stacked). None when the compressor cannot run that way (it draws
-        from each node's own key: randk, qsgd), and the nodes send one by one."""
-        rows = torch.as_tensor(ids, device=x.device)
+                       rows: Tensor) -> tuple[list[Any], dict[str, Tensor], Tensor] | None:
+        """`send` for the nodes `rows` in one vectorised call (no key: None): (their messages,
+        their new states and views, stacked). None when the compressor cannot run that way (it
+        draws from each node's own key: randk, qsgd), and the nodes send one by one."""
         own = {k: state[k][rows] for k in fb.STATE_KEYS[self.feedback]}
         try:
-            msg, new, seen = _send_together_fn(self)(x[rows], own)
+            msg, new, seen = torch.func.vmap(lambda xi, si: self.send(xi, si, None))(x[rows], own)
         except (NotImplementedError, TypeError, RuntimeError, ValueError):
             return None
-        return split_messages(msg, len(ids)), new, seen
+        return split_messages(msg, len(rows)), new, seen
 
     def consensus(self, x: Tensor, mixed: Tensor, view: Tensor) -> Tensor:
         """Returns x + γ (mixed − view); raises DivergenceError if that overflows from finite x."""
@@ -87,11 +86,11 @@ class Channel(NamedTuple):
         new, sizes = {k: v.clone() for k, v in state.items()}, np.zeros(len(x), dtype=np.int64)
         view = new[fb.ESTIMATE] if self.static_graph else x.clone()  # non-senders: any finite row (no link uses it)
         ids = np.flatnonzero(senders)
-        together = self._send_together(x, state, ids) if len(ids) >= SEND_TOGETHER_FROM else None
+        rows = torch.as_tensor(ids, device=x.device)
+        together = self._send_together(x, state, rows) if len(ids) >= SEND_TOGETHER_FROM else None
         if together is not None:
             msgs, st, seen = together
             sizes[ids] = [nbytes(m) for m in msgs]
-            rows = torch.as_tensor(ids, device=x.device)
             for k, v in st.items():
                 new[k][rows] = v
             if not self.static_graph:
@@ -109,10 +108,6 @@ class Channel(NamedTuple):
 
 
 SEND_TOGETHER_FROM = 32  # senders in a step from which their messages are made in one vectorised call
-
-
-def _send_together_fn(channel: "Channel"):
-    return torch.func.vmap(lambda x, state: channel.send(x, state, None))
 
 
 def link_bytes(w: sp.csr_array, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
