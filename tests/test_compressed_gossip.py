@@ -185,6 +185,9 @@ def test_naive_rules_run_on_time_varying_graphs():
     assert sum(float(run.ctx.memory.get(i)["feedback.e"].abs().sum()) for i in range(N)) > 0  # DeepSqueeze's error memory
 
 
+ON_GPU = {"kind": "vmap", "device": "cuda", "keep_on_device": True, "on_unsupported": "error"}
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("comp", [{"name": "topk", "ratio": 0.05}, {"name": "randk", "ratio": 0.05},
                                   {"name": "qsgd", "bits": 4, "bucket": 64}, "sign"])
@@ -193,7 +196,7 @@ def test_cuda_node_stack_on_the_gpu_equals_serial(comp):
 
     cfg = dec_config(protocol={"compression": {"compressor": comp, "gamma": 0.1}})
     cpu = run_config(cfg)
-    gpu = run_config({**cfg, "executor": {"kind": "vmap", "device": "cuda", "keep_on_device": True, "on_unsupported": "error"}})
+    gpu = run_config({**cfg, "executor": ON_GPU})
     assert torch.allclose(gpu.final_state.models.cpu(), cpu.final_state.models, atol=1e-4, rtol=0)
     assert gpu.rows[-1]["bytes_up"] == cpu.rows[-1]["bytes_up"]
 
@@ -204,7 +207,7 @@ def test_cuda_time_varying_graph_with_memory_kept_on_the_gpu_equals_serial():
     # state stacks stored rows (CPU) with fresh ones made from the node stack on the GPU
     cfg = ring_config({"compressor": TOP10, "feedback": "ef", "gamma": 0.2}, topology={"name": "random_matching"})
     cpu = run_config(cfg)
-    gpu = run_config({**cfg, "executor": {"kind": "vmap", "device": "cuda", "keep_on_device": True, "on_unsupported": "error"}})
+    gpu = run_config({**cfg, "executor": ON_GPU})
     assert torch.allclose(gpu.final_state.models.cpu(), cpu.final_state.models, atol=1e-6, rtol=0)
 
 
@@ -220,7 +223,7 @@ def test_cuda_async_gossip_channel_memory_meets_models_on_the_gpu():
     # a node's channel memory comes back from the CPU store; its model lives on the GPU
     cfg = async_ring_config({"compressor": TOP10, "gamma": 0.2})
     cpu = run_config(cfg)
-    gpu = run_config({**cfg, "executor": {"kind": "vmap", "device": "cuda", "keep_on_device": True, "on_unsupported": "error"}})
+    gpu = run_config({**cfg, "executor": ON_GPU})
     assert torch.allclose(gpu.final_state.models.cpu(), cpu.final_state.models, atol=1e-6, rtol=0)
 
 
