@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +41,56 @@ def keys(seed: int, purpose: str, *ids: Sequence[int]) -> list[int]:
     prefix = f"{int(seed)}\x1f{purpose}"
     columns = [[str(int(i)) for i in col] for col in ids]
     return [_digest("\x1f".join((prefix, *row))) for row in zip(*columns)]
+
+
+M32 = 0xFFFFFFFF
+
+
+def mix32(x: Any) -> Any:
+    """murmur3's 32-bit finaliser, elementwise on int64 arrays or tensors holding values < 2^32
+    (or on a Python int): only +, *, ^, >> and & with products cut to 32 bits, so numpy,
+    torch on any device and Python evaluate it identically."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & M32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & M32
+    return x ^ (x >> 16)
+
+
+def combine(h: Any, v: Any) -> Any:
+    """Folds the low 32 bits of `v` into the 32-bit hash `h` (elementwise)."""
+    return mix32(((h * 0x9E3779B1) & M32) ^ (v & M32))
+
+
+def hash32(key: Any, purpose: str) -> Any:
+    """Returns a 32-bit hash of (a non-negative 64-bit `key`, `purpose`): elementwise, on a
+    Python int or an int64 tensor (also a row of a vectorised call), the same value on both."""
+    return combine(combine(_word(purpose), key & M32), key >> 32)
+
+
+@functools.lru_cache(maxsize=None)
+def _word(purpose: str) -> int:
+    return mix32(key(0, purpose) & M32)
+
+
+def hashed_uniform(key: Any, purpose: str, n: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
+    """Returns n draws in [0, 1) (24 bits each) from the counter-based hash of (`key`,
+    `purpose`, position): a pure function of its arguments, on any device and inside
+    ``torch.func.vmap`` (where `key` may be a row of a batched int64 tensor)."""
+    h = combine(hash32(key, purpose), torch.arange(n, device=device))
+    return (h >> 8).to(dtype) * (1.0 / (1 << 24))
+
+
+def hashed_subset(key: Any, purpose: str, n: int, k: int, device: Any) -> torch.Tensor:
+    """Returns k distinct positions of [0, n) (sorted, int64), those whose hash of (`key`,
+    `purpose`, position) is smallest (ties to the lower position): a uniform k-subset, as
+    `hashed_uniform` a pure function of its arguments on any device and inside vmap. n < 2^31."""
+    pos = torch.arange(n, device=device)
+    order = (combine(hash32(key, purpose), pos) << 31) | pos  # distinct: a hash, then the position
+    return (torch.topk(order, k, largest=False, sorted=False).values & _MASK31).sort().values
+
+
+_MASK31 = (1 << 31) - 1
 
 
 def numpy_rng(seed: int, purpose: str, *ids: int) -> np.random.Generator:

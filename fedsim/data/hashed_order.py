@@ -19,24 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..rng import key
+from ..rng import M32, combine, key, mix32
 
-M32 = 0xFFFFFFFF
 _PAST_END = 1 << 33  # sort key of a padding position: after every 32-bit hash
-
-
-def mix32(x: Any) -> Any:
-    """murmur3's 32-bit finaliser, elementwise on int64 arrays or tensors holding values < 2^32."""
-    x = x ^ (x >> 16)
-    x = (x * 0x85EBCA6B) & M32
-    x = x ^ (x >> 13)
-    x = (x * 0xC2B2AE35) & M32
-    return x ^ (x >> 16)
-
-
-def combine(h: Any, v: Any) -> Any:
-    """Folds the low 32 bits of `v` into the 32-bit hash `h` (elementwise)."""
-    return mix32(((h * 0x9E3779B1) & M32) ^ (v & M32))
 
 
 def seed_key(seed: int) -> int:
