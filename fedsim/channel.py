@@ -24,10 +24,11 @@ import torch
 
 from . import feedback as fb
 from .comm import nbytes
-from .compressors import Compressor, decode, split_messages
+from .compressors import Compressor, Key, decode, split_messages
 from .config.checks import Ge, Range
 from .errors import DivergenceError
 from .rng import key as rng_key
+from .rng import keys as rng_keys
 
 Tensor = torch.Tensor
 
@@ -49,21 +50,22 @@ class Channel(NamedTuple):
         """Returns a node's channel state before it sent anything (zeros shaped like its model)."""
         return fb.initial_state(self.feedback, model)
 
-    def send(self, x: Tensor, state: Mapping[str, Tensor], key: int) -> tuple[Any, dict[str, Tensor], Tensor]:
+    def send(self, x: Tensor, state: Mapping[str, Tensor], key: Key) -> tuple[Any, dict[str, Tensor], Tensor]:
         """Returns (the message a node with model x sends, its new channel state, the view its
         receivers take of it: the public copy x̂ under ef21/econtrol, else the decoded message)."""
         msg, new = fb.send(self.feedback, x, {k: state[k] for k in fb.STATE_KEYS[self.feedback]}, self.compress, key,
                            self.eta)
         return msg, new, (new[fb.ESTIMATE] if self.static_graph else decode(msg))
 
-    def _send_together(self, x: Tensor, state: Mapping[str, Tensor],
-                       rows: Tensor) -> tuple[list[Any], dict[str, Tensor], Tensor] | None:
-        """`send` for the nodes `rows` in one vectorised call (no key: None): (their messages,
-        their new states and views, stacked). None when the compressor cannot run that way (it
-        draws from each node's own key: randk, qsgd), and the nodes send one by one."""
+    def _send_together(self, x: Tensor, state: Mapping[str, Tensor], rows: Tensor,
+                       keys: Tensor) -> tuple[list[Any], dict[str, Tensor], Tensor] | None:
+        """`send` for the nodes `rows` with keys `keys` (int64, one per row) in one vectorised
+        call: (their messages, their new states and views, stacked). None when the compressor
+        cannot run that way (it seeds a torch.Generator from its key), and the nodes send one
+        by one."""
         own = {k: state[k][rows] for k in fb.STATE_KEYS[self.feedback]}
         try:
-            msg, new, seen = torch.func.vmap(lambda xi, si: self.send(xi, si, None))(x[rows], own)
+            msg, new, seen = torch.func.vmap(self.send)(x[rows], own, keys)
         except (NotImplementedError, TypeError, RuntimeError, ValueError):
             return None
         return split_messages(msg, len(rows)), new, seen
@@ -87,7 +89,10 @@ class Channel(NamedTuple):
         view = new[fb.ESTIMATE] if self.static_graph else x.clone()  # non-senders: any finite row (no link uses it)
         ids = np.flatnonzero(senders)
         rows = torch.as_tensor(ids, device=x.device)
-        together = self._send_together(x, state, rows) if len(ids) >= SEND_TOGETHER_FROM else None
+        together = None
+        if len(ids) >= SEND_TOGETHER_FROM:
+            keys = torch.tensor(rng_keys(key, "node", ids.tolist()), dtype=torch.int64, device=x.device)
+            together = self._send_together(x, state, rows, keys)
         if together is not None:
             msgs, st, seen = together
             sizes[ids] = [nbytes(m) for m in msgs]

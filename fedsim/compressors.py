@@ -1,7 +1,7 @@
 """Compressors: what a sender puts on the wire instead of a dense vector, and its exact size.
 
-A compressor maps a flat vector v and an integer key (its randomness, see `job_key`; None
-inside a vectorised call) to an *encoded message*: a frozen dataclass holding exactly the
+A compressor maps a flat vector v and a key (its randomness, see `job_key`: a Python int,
+or inside a vectorised call one row of an int64 tensor) to an *encoded message*: a frozen dataclass holding exactly the
 fields that travel, with
 
 * ``nbytes`` — the encoded size in bytes, which `fedsim.comm.nbytes` counts as ``bytes_up``
@@ -11,16 +11,18 @@ fields that travel, with
 
 Messages are pytrees (their tensor fields are the leaves), so the vmap executor maps a
 whole cohort's compression in one call and splits the stacked message back into one per
-client (`split_messages`). A compressor that draws from its key cannot be mapped that way:
-one call runs many jobs, so it gets no key (None), and `keyed_generator` refuses it, which
-makes the vmap executor run those jobs one by one.
+client (`split_messages`). Draws from the key are counter-based hashes
+(`fedsim.rng.hashed_uniform`, `hashed_subset`): pure tensor functions of the key, so a
+vectorised call, given each row's key, draws what the job would draw alone. A compressor
+that needs a `torch.Generator` instead (`keyed_generator`) cannot be mapped; the vmap
+executor then runs its jobs one by one.
 
 Built-ins (registered in `COMPRESSORS`; a new one is one decorated factory):
 
 * ``identity``: the dense vector itself.
 * ``topk`` (Aji & Heafield 2017; Stich et al. 2018): the k = round(ratio·d) largest |v_j|,
   sent as (index, value) pairs. Contractive with δ = k/d.
-* ``randk``: k coordinates chosen uniformly by a keyed generator; only the values and the
+* ``randk``: k coordinates chosen uniformly by the key's hash; only the values and the
   8-byte key travel (the receiver regenerates the indices). ``unbiased`` scales by d/k.
 * ``sign``: scaled sign (Karimireddy, Rebjock, Stich, Jaggi 2019): (‖v‖₁/d)·sign(v), one
   bit per coordinate (0 is sent as +) plus one scale.
@@ -31,18 +33,19 @@ Built-ins (registered in `COMPRESSORS`; a new one is one decorated factory):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import threading
 from dataclasses import dataclass
-from typing import Annotated, Callable, Optional, Sequence, Union
+from typing import Annotated, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch.utils._pytree import register_pytree_node, tree_flatten, tree_unflatten
 
 from .config import Ge, Range
 from .registry import Registry
-from .rng import key as rng_key
-from .rng import torch_generator
+from .rng import hash32, hashed_subset, hashed_uniform, torch_generator
 from .state_types import checkpointable
 
 Tensor = torch.Tensor
@@ -70,13 +73,14 @@ def message_type(cls: type) -> type:
     return cls
 
 
-def keyed_generator(key: int | None, purpose: str) -> torch.Generator:
-    """Returns the CPU generator of a compressor's draws for `key` (`job_key`); raises
-    NotImplementedError for None: a vectorised call runs many jobs and has no one job's key,
-    and the vmap executor then runs those jobs one by one."""
-    if key is None:
-        raise NotImplementedError(f"compressor draws ({purpose}) need each job's own key, which one vectorised "
-                                  "call for many jobs does not have")
+def keyed_generator(key: Key, purpose: str) -> torch.Generator:
+    """Returns a CPU generator of a compressor's draws for the Python int `key` (`job_key`).
+    Inside a vectorised call (the key is a tensor row) there is no generator per row: raises
+    NotImplementedError, and the vmap executor then runs those jobs one by one. Draws through
+    `fedsim.rng.hashed_uniform` / `hashed_subset` have no such limit."""
+    if not isinstance(key, int):
+        raise NotImplementedError(f"compressor draws ({purpose}) from a torch.Generator need one job's own key, "
+                                  "which a vectorised call over many jobs does not have")
     return torch_generator(key, purpose)
 
 
@@ -130,16 +134,16 @@ class Sparse(Encoded):
 @checkpointable
 @dataclass(frozen=True)
 class SeededSparse(Encoded):
-    """k values at coordinates drawn from `key`: k value bits plus the 64-bit key."""
+    """k values at coordinates drawn from `key` (an int64 tensor, 0-d): k value bits plus the
+    64-bit key."""
 
-    key: int
+    key: Tensor
     values: Tensor
     dim: int
 
     def decode(self) -> Tensor:
         out = torch.zeros(self.dim, dtype=self.values.dtype, device=self.values.device)
-        idx = random_indices(self.key, self.dim, self.values.numel()).to(out.device)
-        return out.index_put((idx,), self.values)
+        return out.index_put((random_indices(self.key, self.dim, self.values.numel(), out.device),), self.values)
 
     @property
     def nbytes(self) -> int:
@@ -189,7 +193,8 @@ class Quantized(Encoded):
 
 
 Message = Union[Tensor, Encoded]
-Compressor = Callable[[Tensor, Optional[int]], Message]  # (flat vector, key; None in a vectorised call) -> what is sent
+Key = Union[int, Tensor]  # a job's key: a Python int, or inside a vectorised call a row of an int64 tensor
+Compressor = Callable[[Tensor, Key], Message]  # (flat vector, key) -> what is sent
 
 
 def decode(msg: Message) -> Tensor:
@@ -215,22 +220,46 @@ def decode_many(messages: Sequence[Message]) -> Tensor:
     return torch.stack([decode(m) for m in messages])
 
 
-def job_key(purpose: str = "compress") -> int | None:
-    """Returns a key for a job's compression randomness, derived from the seed the executor gave
-    the job (``keyed_torch(key(seed, "job", job_id))`` in `fedsim.executors.base.Worker`),
-    so draws depend on (seed, job) only and never consume the job's own random stream.
+class NeedsJobKeys(NotImplementedError):
+    """`job_key` was asked inside a vectorised call that was not given each row's job seed;
+    the vmap executor answers by giving them (`row_job_seeds`) and running the call again."""
 
-    Inside a vectorised call (vmap, or a compiled cohort: many jobs, one seed) there is no
-    job's key: None, which a compressor that draws from its key cannot use
-    (`keyed_generator`; the executor then runs those jobs one by one)."""
+
+_ROWS = threading.local()
+
+
+@contextlib.contextmanager
+def row_job_seeds(seeds: Tensor | None) -> Iterator[None]:
+    """Inside a vectorised call over jobs, makes `job_key` derive each row's key from `seeds`
+    (that row's job seed, ``key(seed, "job", job_id)``: what the serial executor seeds the
+    job's torch generators with), so the row draws what its job draws alone."""
+    before = getattr(_ROWS, "seeds", None)
+    _ROWS.seeds = seeds
+    try:
+        yield
+    finally:
+        _ROWS.seeds = before
+
+
+def job_key(purpose: str = "compress") -> Key:
+    """Returns the key of a job's compression randomness: a 32-bit hash of the job's seed
+    (``keyed_torch(key(seed, "job", job_id))`` in `fedsim.executors.base.Worker`) and
+    `purpose`, so draws depend on (seed, job) only and never consume the job's random stream.
+
+    Inside a vectorised call the executor gives each row its job's seed (`row_job_seeds`) and
+    the key is that row's, an int64 tensor; without them (or inside ``torch.compile``) raises
+    `NeedsJobKeys`."""
     if torch._C._functorch.maybe_current_level() is not None or torch.compiler.is_compiling():
-        return None
-    return rng_key(torch.initial_seed(), purpose)
+        seeds = getattr(_ROWS, "seeds", None)
+        if seeds is None or torch.compiler.is_compiling():
+            raise NeedsJobKeys(f"job_key({purpose!r}) inside a vectorised call needs each row's job seed")
+        return hash32(seeds, purpose)
+    return hash32(torch.initial_seed(), purpose)
 
 
-def random_indices(key: int | None, dim: int, k: int) -> Tensor:
-    """Returns k distinct coordinates of [0, dim) drawn by the generator of `key` (sorted)."""
-    return torch.randperm(dim, generator=keyed_generator(key, "randk"))[:k].sort().values
+def random_indices(key: Key, dim: int, k: int, device: torch.device | str = "cpu") -> Tensor:
+    """Returns k distinct coordinates of [0, dim) drawn from `key` (sorted; `hashed_subset`)."""
+    return hashed_subset(key, "randk", dim, k, device)
 
 
 def _count(ratio: float, dim: int) -> int:
@@ -254,7 +283,7 @@ def topk(ratio: Ratio = 0.01) -> Compressor:
         ratio: Fraction of coordinates sent (k is at least 1).
     """
 
-    def compress(v: Tensor, key: int) -> Sparse:
+    def compress(v: Tensor, key: Key) -> Sparse:
         idx = torch.topk(v.abs(), _count(ratio, v.numel()), sorted=False).indices.sort().values
         return Sparse(idx, v[idx], v.numel())
 
@@ -263,18 +292,19 @@ def topk(ratio: Ratio = 0.01) -> Compressor:
 
 @COMPRESSORS.register("randk")
 def randk(ratio: Ratio = 0.01, unbiased: bool = False) -> Compressor:
-    """Random-k sparsification: k coordinates drawn by the job's keyed generator.
+    """Random-k sparsification: k coordinates drawn from the job's key (a counter-based hash).
 
     Args:
         ratio: Fraction of coordinates sent (k is at least 1).
         unbiased: Scale the kept values by d/k (unbiased; otherwise contractive, δ = k/d).
     """
 
-    def compress(v: Tensor, key: int) -> SeededSparse:
+    def compress(v: Tensor, key: Key) -> SeededSparse:
         d = v.numel()
         k = _count(ratio, d)
-        values = v[random_indices(key, d, k).to(v.device)]
-        return SeededSparse(key, values * (d / k) if unbiased else values, d)
+        values = v[random_indices(key, d, k, v.device)]
+        return SeededSparse(torch.as_tensor(key, dtype=torch.int64, device=v.device),
+                            values * (d / k) if unbiased else values, d)
 
     return compress
 
@@ -299,14 +329,14 @@ def qsgd(bits: Annotated[int, Ge(2)] = 4, bucket: Annotated[Optional[int], Ge(1)
     """
     s = 2 ** (bits - 1) - 1
 
-    def compress(v: Tensor, key: int) -> Quantized:
+    def compress(v: Tensor, key: Key) -> Quantized:
         d = v.numel()
         b = bucket or d
         padded = torch.cat([v, v.new_zeros(-d % b)]).view(-1, b)
         norms = torch.linalg.vector_norm(padded, dim=1)
         ratio = (padded.abs() / norms.clamp_min(torch.finfo(v.dtype).tiny)[:, None]).reshape(-1)[:d] * s
-        noise = torch.rand(d, generator=keyed_generator(key, "qsgd"), dtype=v.dtype).to(v.device)
-        levels = torch.floor(ratio + noise).clamp_(0, s).to(torch.int16)
+        noise = hashed_uniform(key, "qsgd", d, v.dtype, v.device)
+        levels = torch.floor(ratio + noise).clamp(0, s).to(torch.int16)
         shrink = 1.0 / (1.0 + min(b / s**2, math.sqrt(b) / s)) if contractive else 1.0
         return Quantized(levels, v < 0, norms, s, bits, b, shrink)
 

@@ -49,7 +49,7 @@ from .errors import Interrupted, StepAbandoned
 from .executors.base import Executor, Job, WorkerSpec, build_executor
 from .executors.precision import keep_freed_memory, precision
 from .executors.vmap import NotVectorisable, VmapExecutor, resolve_device
-from .rng import initialised_cuda, set_torch_states, torch_states
+from .rng import initialised_cuda, key, set_torch_states, torch_states
 from .closures import Lifted
 from .strategy import CAPTURED_PREFIX, JOB_HP_FIELDS, JOB_HP_PREFIX, Payload, Strategy, Tensor
 from .task import Task
@@ -481,6 +481,10 @@ class SharedVmap:
         self.next_id = base + len(jobs)
         orders.rows(member_of, own_ids, [j.indices.orders if isinstance(j.indices, DeferredIndices) else None
                                           for part in batch.values() for j in part])
+        # a job's own key (compression draws: `compressors.job_key`) from its run's seed and its id there
+        run_seeds = np.array([self.specs[m][0].seed for m in member_of], dtype=np.int64)
+        self.vmap.job_seeds = lambda part: np.array(
+            [key(int(run_seeds[j.job_id - base]), "job", own_ids[j.job_id - base]) for j in part], dtype=np.int64)
         merged = self.vmap.run(jobs)
         rows = merged.jobs - base
         members = np.asarray(member_of, dtype=np.int64)[rows]

@@ -262,10 +262,11 @@ def test_an_exact_channel_is_plain_gossip_under_the_dfl2_rule():
 
 
 @pytest.mark.parametrize("comp,feedback", [(TOP10, "ef21"), (TOP10, "ef"), ("sign", "none"), ("identity", "econtrol"),
-                                           ({"name": "qsgd", "bits": 3, "contractive": True}, "ef21")])
+                                           ({"name": "qsgd", "bits": 3, "contractive": True}, "ef21"),
+                                           ({"name": "randk", "ratio": 0.1}, "ef")])
 def test_many_senders_make_their_messages_together_as_one_by_one(comp, feedback, monkeypatch):
-    # from SEND_TOGETHER_FROM senders a step makes every message in one vectorised call (qsgd
-    # draws from each node's key: one by one still); the same models, states and sizes, bit for bit
+    # from SEND_TOGETHER_FROM senders a step makes every message in one vectorised call, each
+    # row drawing from its node's own key (qsgd, randk); the same models, states and sizes, bit for bit
     import fedsim.channel as channel_module
 
     n = 40
@@ -283,9 +284,9 @@ def test_many_senders_make_their_messages_together_as_one_by_one(comp, feedback,
 
     calls = []
     real = channel_module.Channel._send_together
-    monkeypatch.setattr(channel_module.Channel, "_send_together", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(channel_module.Channel, "_send_together", lambda *a: calls.append(real(*a)) or calls[-1])
     together = run()
-    assert len(calls) == 3
+    assert len(calls) == 3 and all(c is not None for c in calls)  # made together, not refused
     monkeypatch.setattr(channel_module, "SEND_TOGETHER_FROM", n + 1)
     alone = run()
     assert len(calls) == 3  # the reference made its messages one by one

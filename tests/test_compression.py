@@ -240,7 +240,7 @@ def _vmap_against_serial(comp, rule: str, protocol: dict, on_unsupported: str, *
         vm = run_config({**cfg, "executor": {"kind": "vmap", "device": "cpu", "graphs": True,
                                              "on_unsupported": on_unsupported, **executor}})
     got = [r.protocol.eval_params(r.ctx, r.final_state) for r in (serial, vm)]
-    torch.testing.assert_close(got[1], got[0], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(got[1].cpu(), got[0], rtol=1e-6, atol=1e-9)
     assert [r["bytes_up"] for r in vm.rows] == [r["bytes_up"] for r in serial.rows]
     return vm
 
@@ -256,14 +256,32 @@ def test_deterministic_compressors_run_vectorised_and_equal_serial(comp, rule, p
     assert vm.ctx.executor.unsupported is None
 
 
+@pytest.mark.parametrize("protocol", [{"name": "sync", "clients_per_round": 4},
+                                      {"name": "async", "buffer_size": 2, "concurrency": 4}])
 @pytest.mark.parametrize("comp", [{"name": "randk", "ratio": 0.25}, {"name": "qsgd", "bits": 3, "bucket": 4}])
-def test_keyed_random_compressors_run_client_by_client_under_vmap(comp):
-    # one vectorised call cannot draw from each job's own keyed generator: the executor says so
-    # and runs these jobs one by one, with the serial executor's draws. With random layers
-    # allowed (randomness: different) qsgd's draw would otherwise vectorise, with other draws.
-    vm = _vmap_against_serial(comp, "ef21", {"name": "sync", "clients_per_round": 4}, on_unsupported="fallback",
-                              randomness="different")
-    assert f"compressor draws ({comp['name']}) need each job's own key" in vm.ctx.executor.unsupported
+@pytest.mark.parametrize("rule", ["none", "ef21"])
+def test_keyed_random_compressors_run_vectorised_with_each_job_s_own_draws(comp, rule, protocol):
+    # the executor gives each row its job's seed, and the hashed draws of row i equal those
+    # its job makes alone: the same messages as the serial executor's, in one vectorised call
+    vm = _vmap_against_serial(comp, rule, protocol, on_unsupported="error")
+    assert vm.ctx.executor.unsupported is None and vm.ctx.executor.row_seeds
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("comp", [{"name": "randk", "ratio": 0.25}, {"name": "qsgd", "bits": 3, "bucket": 4}])
+def test_keyed_random_compressors_on_the_gpu_draw_what_the_serial_executor_draws(comp):
+    # the job seeds go to the GPU with the cohort, and the hashed draws are made there (graphs on)
+    _vmap_against_serial(comp, "ef21", {"name": "sync", "clients_per_round": 4}, on_unsupported="error",
+                         device="cuda", keep_on_device=True)
+
+
+def test_only_local_updates_that_ask_for_job_keys_get_row_seeds():
+    vm = _vmap_against_serial({"name": "topk", "ratio": 0.25}, "none", {"name": "sync", "clients_per_round": 4},
+                              on_unsupported="error")
+    assert vm.ctx.executor.row_seeds  # the compressed strategy asks job_key() for every compressor
+    cfg = quadratic_config(data={"num_clients": 6, "dim": 12}, run={"rounds": 2, "eval_every": 2},
+                           executor={"kind": "vmap", "device": "cpu", "on_unsupported": "error"})
+    assert not run_config(cfg).ctx.executor.row_seeds  # fedavg never does: no seeds are computed
 
 
 def test_a_cohort_s_messages_are_cloned_out_of_reused_buffers():
@@ -315,9 +333,37 @@ def keyed_mask(p: float = 0.5):
 
 
 def test_a_vectorised_call_gives_compressors_no_key_to_share():
-    # one vmap call runs many jobs under one seed: a compressor drawing from the key it is
-    # given would draw the same for every client; job_key() gives None there, and the
-    # executor runs such jobs one by one (randomness: different lets random ops through vmap)
+    # a compressor that seeds a torch.Generator from its key cannot take a row of a batched
+    # key: the executor runs such jobs one by one, with the serial executor's draws
+    # (randomness: different lets random ops through vmap)
     vm = _vmap_against_serial({"name": "tests.test_compression:keyed_mask"}, "ef21", {"name": "sync", "clients_per_round": 4},
                               on_unsupported="fallback", randomness="different")
     assert vm.ctx.executor.unsupported is not None
+
+
+def _hashed_draws(device: str) -> list[torch.Tensor]:
+    from fedsim.rng import hashed_subset, hashed_uniform
+
+    keys = torch.tensor([0, 7, 2**40 + 3, 2**62 + 11], dtype=torch.int64, device=device)
+    alone = [torch.stack([hashed_subset(int(k), "randk", 1000, 37, device) for k in keys]),
+             torch.stack([hashed_uniform(int(k), "qsgd", 1000, torch.float64, device) for k in keys])]
+    mapped = [torch.func.vmap(lambda k: hashed_subset(k, "randk", 1000, 37, device))(keys),
+              torch.func.vmap(lambda k: hashed_uniform(k, "qsgd", 1000, torch.float64, device))(keys)]
+    for a, m in zip(alone, mapped):  # a Python int key and a row of a batched key draw the same
+        assert torch.equal(a, m)
+    return alone
+
+
+def test_hashed_draws_are_distinct_sorted_subsets_and_uniforms_alone_and_inside_vmap():
+    subsets, uniforms = _hashed_draws("cpu")
+    assert all(len(set(row.tolist())) == 37 and torch.equal(row, row.sort().values) for row in subsets)
+    assert int(subsets.min()) >= 0 and int(subsets.max()) < 1000
+    assert not torch.equal(subsets[0], subsets[1])
+    assert float(uniforms.min()) >= 0.0 and float(uniforms.max()) < 1.0
+    assert abs(float(uniforms.mean()) - 0.5) < 0.03  # 4,000 draws: 5σ ≈ 0.023
+
+
+@pytest.mark.cuda
+def test_hashed_draws_on_cuda_equal_the_cpu_ones():
+    for cpu, gpu in zip(_hashed_draws("cpu"), _hashed_draws("cuda")):
+        assert torch.equal(cpu, gpu.cpu())

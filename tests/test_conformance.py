@@ -71,8 +71,8 @@ def test_the_table_covers_every_strategy():
 
 
 # strategies whose local update vmap cannot map under their default settings: the executor
-# runs their jobs client by client, with a warning (none today; a compressed uplink with a
-# keyed random compressor, randk or qsgd, is one: tests/test_compression.py)
+# runs their jobs client by client, with a warning (none today; a compressed uplink whose
+# compressor seeds a torch.Generator from its key would be one: tests/test_compression.py)
 FALLS_BACK: set[str] = set()
 
 

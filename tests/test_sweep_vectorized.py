@@ -489,14 +489,29 @@ def test_gossip_and_asynchronous_runs_with_their_own_settings_share_calls(shared
 
 
 def test_runs_whose_local_update_does_not_vectorise_run_separately_with_their_own_keys(tmp_path, shared_calls):
-    # rand-k draws from each job's own key: inside the shared call its jobs would run client by
-    # client under the shared call's job ids and the first run's seed; the runs go separately
+    # this compressor seeds a torch.Generator from each job's own key: inside the shared call its
+    # jobs would run client by client under the shared call's job ids and the first run's seed;
+    # the runs go separately
     cfg = vmap_config()
-    cfg["strategy"] = {"name": "compressed", "compressor": {"name": "randk", "ratio": 0.3}, "feedback": "ef21"}
+    cfg["strategy"] = {"name": "compressed", "compressor": {"name": "tests.test_compression:keyed_mask"},
+                       "feedback": "ef21"}
     lines: list[str] = []
     rows = sweep(cfg, [], [0, 1], tmp_path / "s", print_line=lines.append, vectorize=True)
     assert [r["status"] for r in rows] == ["done"] * 2
     said = [line for line in lines if "separately" in line]
     assert len(said) == 1 and "their local update does not vectorise" in said[0], lines
+    for seed in (0, 1):
+        assert_single_run(tmp_path / "s" / f"seed={seed}", cfg, seed, exact=True)
+
+
+def test_keyed_compressor_draws_in_a_shared_call_are_each_run_s_own(tmp_path, shared_calls):
+    # rand-k and QSGD draw from each job's key: the shared call gives every row its own run's
+    # seed and job id, so the runs vectorise and still equal their single runs bit for bit
+    cfg = vmap_config()
+    cfg["strategy"] = {"name": "compressed", "compressor": {"name": "randk", "ratio": 0.3}, "feedback": "ef21"}
+    lines: list[str] = []
+    rows = sweep(cfg, [], [0, 1], tmp_path / "s", print_line=lines.append, vectorize=True)
+    assert [r["status"] for r in rows] == ["done"] * 2
+    assert 2 in shared_calls and not [line for line in lines if "separately" in line], lines
     for seed in (0, 1):
         assert_single_run(tmp_path / "s" / f"seed={seed}", cfg, seed, exact=True)

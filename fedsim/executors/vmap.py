@@ -33,7 +33,8 @@ from ..augment import apply as augment_batches, job_draws
 from ..config import Ge, OneOf
 from ..errors import ConfigError, FedsimError
 from ..registry import EXECUTORS
-from ..rng import cuda_index, key, keyed_torch
+from ..compressors import NeedsJobKeys, row_job_seeds
+from ..rng import cuda_index, key, keyed_torch, keys
 from ..strategy import Batches, GradFn, Payload, Strategy, Tensor, split_job_hp
 from ..task import Task
 from ..contributions import Contributions, from_outputs
@@ -95,6 +96,13 @@ class VmapExecutor(Executor):
         self._pending: dict[int, Job] = {}
         self._done: dict[int, Contributions] = {}  # job id -> its row, run but not yet fetched
         self._fills: list = []  # metric copies still on their way to the host (see cohort.unstack)
+        self.row_seeds = False  # whether cohorts get each job's seed (the local update asked: `job_key`)
+        self.job_seeds: Callable[[Sequence[Job]], np.ndarray] = self._own_job_seeds
+
+    def _own_job_seeds(self, jobs: Sequence[Job]) -> np.ndarray:
+        """Returns each job's seed, ``key(seed, "job", job_id)``, as the serial executor seeds
+        the job (int64 [len(jobs)]); a vectorised sweep replaces it with its runs' own."""
+        return np.array(keys(self.spec.seed, "job", [j.job_id for j in jobs]), dtype=np.int64)
 
     # ---- set-up --------------------------------------------------------------------------
     def start(self, spec: WorkerSpec, strategy: Strategy | None = None) -> None:
@@ -237,6 +245,9 @@ class VmapExecutor(Executor):
                 try:
                     pieces.append(self._run_cohort(part))
                 except Exception as exc:  # noqa: BLE001 - classified below
+                    if _asked_for_job_keys(exc) and not self.row_seeds:
+                        self.row_seeds = True  # the local update draws from its job's key: give every row its own
+                        continue
                     if _is_oom(exc) and size > 1:
                         size = self.chunk_cap = max(1, len(part) // 2)
                         if self.device.type == "cuda":
@@ -267,10 +278,10 @@ class VmapExecutor(Executor):
         st = stack(jobs, self.device, pad_to=pad)
         idx = st.indices if isinstance(st.indices, torch.Tensor) else torch.from_numpy(st.indices).to(self.device)
         fn_key = (signature(jobs[0]), st.size, st.params_dim, st.params_block, tuple(sorted(st.extras_dims.items())),
-                  compiled)
-        inputs: tuple = (st.params, st.extras, st.state, idx)
-        if self.spec.augment.active:
-            inputs += (self._draws(jobs, st.size),)
+                  compiled, self.row_seeds)
+        inputs: tuple = (st.params, st.extras, st.state, idx,
+                         self._draws(jobs, st.size) if self.spec.augment.active else None,
+                         self._seeds(jobs, st.size) if self.row_seeds else None)
 
         def build():
             if not compiled:
@@ -302,6 +313,12 @@ class VmapExecutor(Executor):
             out[i] = job_draws(aug, self.spec.seed, job.client, job.job_id, *shape)
         return torch.from_numpy(out).to(self.device)
 
+    def _seeds(self, jobs: list[Job], size: int) -> Tensor:
+        """The cohort's job seeds [size] (`job_seeds`; padding rows: 0)."""
+        out = np.zeros(size, dtype=np.int64)
+        out[: len(jobs)] = self.job_seeds(jobs)
+        return torch.from_numpy(out).to(self.device)
+
     def _padded_size(self, n: int) -> int:
         """Cohort size to capture: n itself for the first few sizes seen (a synchronous run has
         one), else the smallest captured size ≥ n, else `bucket(n)`; bounds the graphs kept."""
@@ -324,25 +341,29 @@ class VmapExecutor(Executor):
     def _cohort_fn(self, st: Stacked, grad_fn: GradFn):
         local, hp = self.strategy.local, self.spec.hp
 
-        def one(params, extras, state, x, y, mask):
+        def one(params, extras, state, x, y, mask, seed=None):
             own_hp, extras = split_job_hp(hp, extras)  # a job's own lr/momentum/weight decay (vectorised sweeps)
-            out = local(Payload(params, extras), state, Batches(x, y, mask), grad_fn, own_hp)
+            with row_job_seeds(seed):  # `job_key` inside: this row's job's key
+                out = local(Payload(params, extras), state, Batches(x, y, mask), grad_fn, own_hp)
             return out.update, dict(out.state), _as_tensors(out.extras), _as_tensors(out.metrics)
 
+        in_dims = st.in_dims + ((0,) if self.row_seeds else ())
         if st.params_block is None:
-            mapped = torch.func.vmap(one, in_dims=st.in_dims, randomness=self.randomness)
+            mapped = torch.func.vmap(one, in_dims=in_dims, randomness=self.randomness)
         else:
-            mapped = _in_blocks(one, st, self.randomness)
+            mapped = _in_blocks(one, st, self.randomness, self.row_seeds)
         x_all, y_all, mask_dtype = self.x, self.y, self.mask_dtype
         padding = self.spec.augment.crop_padding
         layout = clients_channels_last if self.channels_last else None
 
-        def run(params: Tensor, extras: dict, state: dict, idx: Tensor, draws: Optional[Tensor] = None):
+        def run(params: Tensor, extras: dict, state: dict, idx: Tensor, draws: Optional[Tensor] = None,
+                seeds: Optional[Tensor] = None):
             safe = idx.clamp_min(0)
             x = x_all[safe] if draws is None else augment_batches(x_all[safe], draws, padding)
             if layout is not None:
                 x = layout(x)
-            return mapped(params, extras, state, x, y_all[safe], (idx >= 0).to(mask_dtype))
+            rows = (params, extras, state, x, y_all[safe], (idx >= 0).to(mask_dtype))
+            return mapped(*rows, seeds) if seeds is not None else mapped(*rows)
 
         return run
 
@@ -376,6 +397,16 @@ class VmapExecutor(Executor):
         return got
 
 
+def _asked_for_job_keys(exc: BaseException) -> bool:
+    """Whether `exc` (or an exception it was raised from) is `NeedsJobKeys`."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, NeedsJobKeys):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def _on_device(job: Job, device: torch.device) -> Job:
     """`job` with its model, payload extras and client state on `device`."""
     def to(v: Any) -> Any:
@@ -386,23 +417,24 @@ def _on_device(job: Job, device: torch.device) -> Job:
                    state={k: to(v) for k, v in job.state.items()})
 
 
-def _in_blocks(one: Callable[..., Any], st: Stacked, randomness: str) -> Callable[..., Any]:
+def _in_blocks(one: Callable[..., Any], st: Stacked, randomness: str, seeds: bool = False) -> Callable[..., Any]:
     """`one` mapped over a cohort whose models come in blocks (`Stacked.params_block`): an
     outer vmap over the blocks' models, an inner one over each block's clients with the
     block's model broadcast, as a cohort sharing one model is; takes and returns the flat
-    cohort's arguments and outputs (rows in order)."""
+    cohort's arguments (with `seeds`, each row's job seed last) and outputs (rows in order)."""
     m, dims = st.params_block, st.extras_dims
-    inner = torch.func.vmap(one, in_dims=(None, dims, 0, 0, 0, 0), randomness=randomness)
-    outer = torch.func.vmap(inner, in_dims=(0, dims, 0, 0, 0, 0), randomness=randomness)
+    rows = (0, 0, 0, 0) + ((0,) if seeds else ())
+    inner = torch.func.vmap(one, in_dims=(None, dims, *rows), randomness=randomness)
+    outer = torch.func.vmap(inner, in_dims=(0, dims, *rows), randomness=randomness)
 
-    def mapped(params: Tensor, extras: dict, state: dict, x: Tensor, y: Tensor, mask: Tensor):
+    def mapped(params: Tensor, extras: dict, state: dict, x: Tensor, y: Tensor, mask: Tensor, *seed: Tensor):
         g = params.shape[0]
 
         def blocks(t: Tensor) -> Tensor:
             return t.reshape(g, m, *t.shape[1:])
 
         extras = {k: blocks(v) if dims[k] == 0 else v for k, v in extras.items()}
-        out = outer(params, extras, tree_map(blocks, state), blocks(x), blocks(y), blocks(mask))
+        out = outer(params, extras, tree_map(blocks, state), blocks(x), blocks(y), blocks(mask), *map(blocks, seed))
         return tree_map(lambda t: t.reshape(g * m, *t.shape[2:]), out)
 
     return mapped
