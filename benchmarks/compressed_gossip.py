@@ -30,7 +30,8 @@ from fedsim.topologies.mixing import as_tensor, metropolis_hastings  # noqa: E40
 
 CASES = [("topk 10%", {"name": "topk", "ratio": 0.1}, "ef21"), ("topk 10%", {"name": "topk", "ratio": 0.1}, "ef"),
          ("sign", "sign", "none"), ("identity", "identity", "econtrol"),
-         ("qsgd 3 bits", {"name": "qsgd", "bits": 3, "contractive": True}, "ef21")]
+         ("qsgd 3 bits", {"name": "qsgd", "bits": 3, "contractive": True}, "ef21"),
+         ("randk 10%", {"name": "randk", "ratio": 0.1}, "ef")]
 
 
 def steps(ch: channel.Channel, w: torch.Tensor, x0: torch.Tensor, count: int = 5) -> tuple[float, torch.Tensor]:

@@ -2,9 +2,8 @@
 
 Workload W (`_workload.py`: 100 clients, MLP 60-200-10, one epoch of batch 16, all clients
 every round) with `strategy: compressed` over FedAvg under EF21, for each compressor given.
-The vmap executor maps top-k, sign and identity over the cohort in one call; randk and qsgd
-draw from each job's own keyed generator, so it runs their jobs one by one (the "vectorised"
-column says which). Prints ms per round after a warm-up round, the ratio, and the final test
+The vmap executor maps every built-in compressor over the cohort in one call (randk and qsgd
+with each row's own job key); the "vectorised" column says whether it did. Prints ms per round after a warm-up round, the ratio, and the final test
 loss and bytes sent of both (equal when the runs agree).
 
     python benchmarks/compressed_uplink.py [--compressors topk,sign,randk,qsgd] [--rounds 10] [--device cpu]
