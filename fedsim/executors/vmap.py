@@ -473,7 +473,8 @@ def vmap(
             the next one the native layout, and adaptive pooling runs per client (slow). A
             model whose training step cannot take such input under vmap (GroupNorm, or a
             ``.view`` of the images) keeps 'native' with a warning); or 'unfold' (im2col +
-            batched matmul; measured 3-4x slower on an H200, see benchmarks/README.md).
+            batched matmul; measured 3-4x slower on an H200 and 2.2x on an H100 for pfl's CNN, see
+            benchmarks/README.md).
         randomness: vmap's handling of random layers (dropout): 'error' (refuse: results
             equal serial), 'different' or 'same' (per-client or shared draws, keyed per cohort;
             reproducible, but not the serial executor's draws, and with CUDA graphs not the
