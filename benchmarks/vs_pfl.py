@@ -32,7 +32,7 @@ projected to ``--rounds`` (each side's measured time plus its steady ms/round fo
 rounds it did not run).
 
     python benchmarks/vs_pfl.py [--rounds 1500] [--pfl-rounds N] [--fedsim-rounds N] \\
-        [--device cuda] [--precision tf32] [--pfl-compile pfl] [--fedsim-conv native] [--lr 0.05] [--quick]
+        [--device cuda] [--precision tf32] [--pfl-compile pfl] [--fedsim-conv native|channels_last|unfold] [--lr 0.05] [--quick]
 """
 from __future__ import annotations
 
