@@ -69,6 +69,8 @@ def _vary(base: dict, args: argparse.Namespace) -> list:
     (each job then carries its run's rate)."""
     if args.max_chunk is not None:
         base["executor"] = {**base["executor"], "max_chunk": args.max_chunk}
+    if args.device == "cuda":  # the model and its updates stay on the GPU, as docs/sweeps.md advises
+        base["executor"] = {**base["executor"], "keep_on_device": True}
     if args.vary == "lr":
         rates = [args.lr * 2.0 ** (i - args.seeds // 2) for i in range(args.seeds)]
         return [load_config({**base, "local": {**base["local"], "lr": lr}}) for lr in rates]
