@@ -1,8 +1,8 @@
 """Compressors: what a sender puts on the wire instead of a dense vector, and its exact size.
 
 A compressor maps a flat vector v and a key (its randomness, see `job_key`: a Python int,
-or inside a vectorised call one row of an int64 tensor) to an *encoded message*: a frozen dataclass holding exactly the
-fields that travel, with
+or inside a vectorised call one row of an int64 tensor) to an *encoded message*: a frozen
+dataclass holding exactly the fields that travel, with
 
 * ``nbytes`` — the encoded size in bytes, which `fedsim.comm.nbytes` counts as ``bytes_up``
   (bit-exact: ⌈total bits / 8⌉; values cost their dtype's width, indices ⌈log₂ d⌉ bits);
