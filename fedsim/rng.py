@@ -85,6 +85,8 @@ def hashed_subset(key: Any, purpose: str, n: int, k: int, device: Any) -> torch.
     """Returns k distinct positions of [0, n) (sorted, int64), those whose hash of (`key`,
     `purpose`, position) is smallest (ties to the lower position): a uniform k-subset, as
     `hashed_uniform` a pure function of its arguments on any device and inside vmap. n < 2^31."""
+    if n > _MASK31:
+        raise ValueError(f"hashed_subset draws from fewer than 2^31 positions, not {n}")
     pos = torch.arange(n, device=device)
     order = (combine(hash32(key, purpose), pos) << 31) | pos  # distinct: a hash, then the position
     return (torch.topk(order, k, largest=False, sorted=False).values & _MASK31).sort().values
