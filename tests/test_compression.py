@@ -361,6 +361,10 @@ def test_hashed_draws_are_distinct_sorted_subsets_and_uniforms_alone_and_inside_
     assert not torch.equal(subsets[0], subsets[1])
     assert float(uniforms.min()) >= 0.0 and float(uniforms.max()) < 1.0
     assert abs(float(uniforms.mean()) - 0.5) < 0.03  # 4,000 draws: 5σ ≈ 0.023
+    from fedsim.rng import hashed_subset
+
+    with pytest.raises(ValueError, match="2\\^31"):  # the position shares an int64 with the hash
+        hashed_subset(1, "randk", 2**31, 1, "meta")
 
 
 @pytest.mark.cuda
