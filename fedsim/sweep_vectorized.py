@@ -481,10 +481,12 @@ class SharedVmap:
         self.next_id = base + len(jobs)
         orders.rows(member_of, own_ids, [j.indices.orders if isinstance(j.indices, DeferredIndices) else None
                                           for part in batch.values() for j in part])
-        # a job's own key (compression draws: `compressors.job_key`) from its run's seed and its id there
-        run_seeds = np.array([self.specs[m][0].seed for m in member_of], dtype=np.int64)
+        # a job's seed (compression draws: `compressors.job_key`) from its run's seed and its id
+        # in the run, as the rows of the hashed orders above are mapped back
+        seeds = {m: self.specs[m][0].seed for m in batch}
         self.vmap.job_seeds = lambda part: np.array(
-            [key(int(run_seeds[j.job_id - base]), "job", own_ids[j.job_id - base]) for j in part], dtype=np.int64)
+            [key(seeds[int(orders.members[at])], "job", int(orders.own_ids[at]))
+             for at in (j.job_id - base for j in part)], dtype=np.int64)
         merged = self.vmap.run(jobs)
         rows = merged.jobs - base
         members = np.asarray(member_of, dtype=np.int64)[rows]
