@@ -484,9 +484,9 @@ class SharedVmap:
         # a job's seed (compression draws: `compressors.job_key`) from its run's seed and its id
         # in the run, as the rows of the hashed orders above are mapped back
         seeds = {m: self.specs[m][0].seed for m in batch}
-        self.vmap.job_seeds = lambda part: np.array(
+        self.vmap.job_seeds = lambda job_ids: np.array(
             [key(seeds[int(orders.members[at])], "job", int(orders.own_ids[at]))
-             for at in (j.job_id - base for j in part)], dtype=np.int64)
+             for at in (job_ids - base).tolist()], dtype=np.int64)
         merged = self.vmap.run(jobs)
         rows = merged.jobs - base
         members = np.asarray(member_of, dtype=np.int64)[rows]

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_map
 
-from ..data.hashed_order import DeferredIndices
 from ..strategy import Tensor
 from .base import Job
+from .job_batch import JobBatch
 from ..compressors import split_messages
 from ..contributions import Contributions
 from ..vec import stack_on
@@ -46,26 +46,25 @@ def all_same(values: Sequence[Any]) -> bool:
     return all(map(operator.is_, values, repeat(values[0]))) if values else True
 
 
-def group(jobs: Sequence[Job]) -> list[list[Job]]:
-    """Splits jobs into groups of equal `signature`, keeping submission order inside a group."""
-    if not jobs:
+def group(jobs: Sequence[Job]) -> list[JobBatch]:
+    """Splits jobs into cohorts of equal `signature`, keeping submission order inside a cohort."""
+    batch = JobBatch.of(jobs)
+    if not len(batch):
         return []
-    first = jobs[0]
-    shape = first.indices.shape
-    # C-level loops (this runs for every round's ~1,000 jobs)
-    if (all_same([j.payload for j in jobs]) and not any([j.state for j in jobs])
-            and [j.indices.shape for j in jobs].count(shape) == len(jobs)):
-        return [list(jobs)]  # a synchronous round of stateless clients: one cohort
-    groups: dict[Hashable, list[Job]] = {}
+    if batch.shared_payload is not None and batch.states is None and batch.one_shape() is not None:
+        return [batch]  # a synchronous round of stateless clients: one cohort, no per-job work
+    payloads, states = batch.payload_list(), batch.state_list()
+    groups: dict[Hashable, list[int]] = {}
     payload_sigs: dict[int, Hashable] = {}  # jobs of one round share one payload object
-    for job in jobs:
-        p = job.payload
+    for i, (p, st, shape) in enumerate(zip(payloads, states, batch.shapes.tolist())):
         ps = payload_sigs.get(id(p))
         if ps is None:
             ps = payload_sigs[id(p)] = (tuple(p.params.shape), _shape_sig(dict(p.extras)))
-        key = (job.indices.shape, ps, _shape_sig(dict(job.state)) if job.state else ())
-        groups.setdefault(key, []).append(job)
-    return list(groups.values())
+        key = (tuple(shape), ps, _shape_sig(dict(st)) if st else ())
+        groups.setdefault(key, []).append(i)
+    if len(groups) == 1:
+        return [batch]
+    return [batch.take(rows) for rows in groups.values()]
 
 
 @dataclass
@@ -108,37 +107,51 @@ def _shared_or_stacked(values: list[Any], device: torch.device) -> tuple[Any, in
     return torch.stack(values).to(device), 0
 
 
-def stack(jobs: Sequence[Job], device: torch.device, pad_to: int | None = None) -> Stacked:
+def stack(jobs: JobBatch, device: torch.device, pad_to: int | None = None) -> Stacked:
     """Stacks a cohort's jobs (same `signature`) onto `device`.
 
     With `pad_to`, the cohort is padded to that many rows with copies of the first job whose
     sample indices are all −1 (mask 0: they train on nothing and their outputs are dropped).
     """
+    jobs = JobBatch.of(jobs)
     n = len(jobs)
-    rows = list(jobs) + [jobs[0]] * ((pad_to or n) - n)
-    models = [j.payload.params for j in rows]
-    block = None if all_same(models) else block_size(models)
-    if block is None:
-        params, pdim = _shared_or_stacked(models, device)
+    size = pad_to or n
+    shared = jobs.shared_payload
+    if shared is not None:  # a synchronous round: the global model and its extras, once
+        params, pdim = shared.params.to(device), None
+        extras = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in shared.extras.items()}
+        edims: dict[str, int | None] = dict.fromkeys(extras)
+        block = None
     else:
-        params, pdim = torch.stack(models[::block]).to(device), 0
-    extras, edims = {}, {}
-    for k in jobs[0].payload.extras:
-        extras[k], edims[k] = _shared_or_stacked([j.payload.extras[k] for j in rows], device)
-    state = {k: stack_on([j.state[k] for j in rows], device) for k in jobs[0].state}  # stored (CPU) and fresh rows
-    first = jobs[0].indices
-    if isinstance(first, DeferredIndices):  # hashed orders: the whole cohort's, computed on its device
-        ids = np.fromiter((v for j in jobs for v in (j.client, j.job_id)), dtype=np.int64, count=2 * n).reshape(n, 2)
-        indices = first.orders.cohort(ids[:, 0], ids[:, 1], rows=len(rows))
+        rows = jobs.payload_list()
+        rows += rows[:1] * (size - n)
+        models = [p.params for p in rows]
+        block = None if all_same(models) else block_size(models)
+        if block is None:
+            params, pdim = _shared_or_stacked(models, device)
+        else:
+            params, pdim = torch.stack(models[::block]).to(device), 0
+        extras, edims = {}, {}
+        for k in rows[0].extras:
+            extras[k], edims[k] = _shared_or_stacked([p.extras[k] for p in rows], device)
+    state: dict[str, Tensor] = {}
+    if jobs.states is not None:
+        states = list(jobs.states)
+        states += states[:1] * (size - n)
+        state = {k: stack_on([st[k] for st in states], device) for k in states[0]}  # stored (CPU) and fresh rows
+    if jobs.indices is None:  # hashed orders: the whole cohort's, computed on its device
+        indices = jobs.orders.cohort(jobs.clients, jobs.job_ids, rows=size)
         return Stacked(params, extras, state, indices, pdim, edims, block)
-    shape = first.shape  # the same for the whole cohort (its signature)
-    indices = np.concatenate([j.indices for j in rows]).reshape(len(rows), *shape)  # 3x faster than np.stack
-    if len(rows) > n:
+    shape = tuple(int(v) for v in jobs.shapes[0])  # the same for the whole cohort (its signature)
+    parts = list(jobs.indices)
+    parts += parts[:1] * (size - n)
+    indices = np.concatenate(parts).reshape(size, *shape)  # 3x faster than np.stack
+    if size > n:
         indices[n:] = -1
     return Stacked(params, extras, state, indices, pdim, edims, block)
 
 
-def unstack(out: tuple[Tensor, dict, dict, dict], jobs: Sequence[Job], device: torch.device,
+def unstack(out: tuple[Tensor, dict, dict, dict], jobs: JobBatch, device: torch.device,
             steps: int) -> tuple[Contributions, Callable[[], None]]:
     """Keeps a vectorised call's outputs (update, state, extras, metrics; each [m ≥ n, ...])
     as the `Contributions` of the cohort's n = len(jobs) jobs, on `device` (where the jobs'
@@ -151,14 +164,10 @@ def unstack(out: tuple[Tensor, dict, dict, dict], jobs: Sequence[Job], device: t
     """
     n = len(jobs)
     update, state, extras, metrics = out
-    ids = np.empty((4, n), dtype=np.int64)
-    ids[0] = [j.client for j in jobs]
-    ids[1] = [j.num_samples for j in jobs]
-    ids[2] = [j.job_id for j in jobs]
-    ids[3] = [j.version for j in jobs]
     names = list(metrics)
     columns = {k: np.full(n, np.nan) for k in names}  # written in place by fill(): rows split before it see them
-    contribs = Contributions(ids[0], _rows(update, n, device), ids[1], np.full(n, steps, dtype=np.int64), ids[2], ids[3],
+    contribs = Contributions(jobs.clients.copy(), _rows(update, n, device), jobs.num_samples.copy(),
+                             np.full(n, steps, dtype=np.int64), jobs.job_ids.copy(), jobs.versions.copy(),
                              {k: v[:n].to(device) for k, v in extras.items()},
                              {k: v[:n].to(device) for k, v in state.items()}, columns)
     return contribs, _metric_filler(names, [metrics[k][:n].detach() for k in names], columns)

@@ -40,6 +40,7 @@ from ..task import Task
 from ..contributions import Contributions, from_outputs
 from .base import Executor, Job, Worker, WorkerSpec
 from .cohort import Stacked, group, signature, stack, unstack
+from .job_batch import JobBatch
 from .light_grad import grad_and_value
 from .graphs import StaticCohortRunner, bucket, clone_tree
 from .precision import PRECISIONS, keep_freed_memory, precision
@@ -97,12 +98,12 @@ class VmapExecutor(Executor):
         self._done: dict[int, Contributions] = {}  # job id -> its row, run but not yet fetched
         self._fills: list = []  # metric copies still on their way to the host (see cohort.unstack)
         self.row_seeds = False  # whether cohorts get each job's seed (the local update asked: `job_key`)
-        self.job_seeds: Callable[[Sequence[Job]], np.ndarray] = self._own_job_seeds
+        self.job_seeds: Callable[[np.ndarray], np.ndarray] = self._own_job_seeds
 
-    def _own_job_seeds(self, jobs: Sequence[Job]) -> np.ndarray:
-        """Returns each job's seed, ``key(seed, "job", job_id)``, as the serial executor seeds
-        the job (int64 [len(jobs)]); a vectorised sweep replaces it with its runs' own."""
-        return np.array(keys(self.spec.seed, "job", [j.job_id for j in jobs]), dtype=np.int64)
+    def _own_job_seeds(self, job_ids: np.ndarray) -> np.ndarray:
+        """Returns the seed of each of `job_ids`, ``key(seed, "job", job_id)``, as the serial
+        executor seeds the job (int64 [len(job_ids)]); a vectorised sweep replaces it with its runs' own."""
+        return np.array(keys(self.spec.seed, "job", job_ids.tolist()), dtype=np.int64)
 
     # ---- set-up --------------------------------------------------------------------------
     def start(self, spec: WorkerSpec, strategy: Strategy | None = None) -> None:
@@ -195,17 +196,18 @@ class VmapExecutor(Executor):
         self._run_cohorts(jobs, lambda piece: rows.extend(piece.split()))
         self._done.update(zip((int(r.jobs[0]) for r in rows), rows))
 
-    def _run_jobs(self, jobs: list[Job]) -> Contributions:
+    def _run_jobs(self, jobs: Sequence[Job]) -> Contributions:
         """Runs `jobs` cohort by cohort; returns their contributions in the jobs' order."""
+        jobs = JobBatch.of(jobs)
         pieces: list[Contributions] = []
         several = self._run_cohorts(jobs, pieces.append) > 1
         merged = Contributions.concat(pieces)
         if not several:
             return merged
         at = {job_id: i for i, job_id in enumerate(merged.jobs.tolist())}  # several cohorts: back to the jobs' order
-        return merged.take([at[j.job_id] for j in jobs])
+        return merged.take([at[j] for j in jobs.job_ids.tolist()])
 
-    def _run_cohorts(self, jobs: list[Job], take: Callable[[Contributions], Any]) -> int:
+    def _run_cohorts(self, jobs: Sequence[Job], take: Callable[[Contributions], Any]) -> int:
         """Runs `jobs` cohort by cohort, handing each chunk's contributions to `take` as it is
         queued; returns once every chunk's metrics reached the host. Returns the number of
         cohorts (1 when the pieces are in the jobs' order)."""
@@ -226,19 +228,19 @@ class VmapExecutor(Executor):
     def run(self, jobs: Sequence[Job]) -> Contributions:
         """Runs `jobs` (with any still pending) and returns their contributions in the jobs' order."""
         if not self._pending:
-            return self._run_jobs(list(jobs))
+            return self._run_jobs(jobs)
         for job in jobs:
             self._pending[job.job_id] = job
         self._flush()
         return Contributions.concat([self._done.pop(job.job_id) for job in jobs])
 
-    def _run_group(self, jobs: list[Job]) -> list[Contributions]:
+    def _run_group(self, jobs: JobBatch) -> list[Contributions]:
         """Runs one group of equal signature, in chunks; returns each chunk's contributions."""
         size = min(x for x in (len(jobs), self.max_chunk, self.chunk_cap) if x is not None)
         pieces: list[Contributions] = []
         i = 0
         while i < len(jobs):
-            part = jobs[i : i + size]
+            part = jobs if i == 0 and size >= len(jobs) else jobs[i : i + size]
             if self.unsupported is not None:
                 pieces.append(self._serially(part))
             else:
@@ -257,7 +259,7 @@ class VmapExecutor(Executor):
             i += len(part)
         return pieces
 
-    def _run_cohort(self, jobs: list[Job]) -> Contributions:
+    def _run_cohort(self, jobs: JobBatch) -> Contributions:
         if not self.compile:
             return self._run_cohort_with(jobs, compiled=False)
         try:
@@ -272,12 +274,13 @@ class VmapExecutor(Executor):
             self.compile = False
             return outputs
 
-    def _run_cohort_with(self, jobs: list[Job], compiled: bool) -> Contributions:
+    def _run_cohort_with(self, jobs: JobBatch, compiled: bool) -> Contributions:
         # static shapes (CUDA graphs, compiled functions): pad to a bounded set of cohort sizes
         pad = self._padded_size(len(jobs)) if self.runner is not None or compiled else None
         st = stack(jobs, self.device, pad_to=pad)
         idx = st.indices if isinstance(st.indices, torch.Tensor) else torch.from_numpy(st.indices).to(self.device)
-        fn_key = (signature(jobs[0]), st.size, st.params_dim, st.params_block, tuple(sorted(st.extras_dims.items())),
+        first = jobs[0]
+        fn_key = (signature(first), st.size, st.params_dim, st.params_block, tuple(sorted(st.extras_dims.items())),
                   compiled, self.row_seeds)
         inputs: tuple = (st.params, st.extras, st.state, idx,
                          self._draws(jobs, st.size) if self.spec.augment.active else None,
@@ -288,35 +291,35 @@ class VmapExecutor(Executor):
                 return self._cohort_fn(st, self.grad_fn)
             return torch.compile(self._cohort_fn(st, self._grad_transform(torch.func.grad_and_value)), dynamic=False)
 
-        with precision(self.precision, self.device.type), self._keyed_rng(jobs[0].job_id):
+        with precision(self.precision, self.device.type), self._keyed_rng(first.job_id):
             if self.runner is not None:
                 out = self.runner.run(fn_key, build, inputs)
             else:
                 if fn_key not in self._fns:
                     self._fns[fn_key] = build()
                 out = self._fns[fn_key](*inputs)
-        home = jobs[0].payload.params.device
+        home = first.payload.params.device
         if self.runner is not None and home == self.device:
             # the graph's output buffers are overwritten by the next replay, and results may be
             # fetched after it (asynchronous protocols); elsewhere unstack's .to(home) copies
             out = clone_tree(out)
-        batch, fill = unstack(out, jobs, home, jobs[0].num_steps)
+        batch, fill = unstack(out, jobs, home, first.num_steps)
         self._fills.append(fill)
         return batch
 
-    def _draws(self, jobs: list[Job], size: int) -> Tensor:
+    def _draws(self, jobs: JobBatch, size: int) -> Tensor:
         """The cohort's augmentation draws [size, K, B, 3], each job's as the serial executor
         draws them (padding rows: zeros)."""
-        aug, shape = self.spec.augment, jobs[0].indices.shape
+        aug, shape = self.spec.augment, tuple(int(v) for v in jobs.shapes[0])
         out = np.zeros((size, *shape, 3), dtype=np.int64)
-        for i, job in enumerate(jobs):
-            out[i] = job_draws(aug, self.spec.seed, job.client, job.job_id, *shape)
+        for i, (client, job_id) in enumerate(zip(jobs.clients.tolist(), jobs.job_ids.tolist())):
+            out[i] = job_draws(aug, self.spec.seed, client, job_id, *shape)
         return torch.from_numpy(out).to(self.device)
 
-    def _seeds(self, jobs: list[Job], size: int) -> Tensor:
+    def _seeds(self, jobs: JobBatch, size: int) -> Tensor:
         """The cohort's job seeds [size] (`job_seeds`; padding rows: 0)."""
         out = np.zeros(size, dtype=np.int64)
-        out[: len(jobs)] = self.job_seeds(jobs)
+        out[: len(jobs)] = self.job_seeds(jobs.job_ids)
         return torch.from_numpy(out).to(self.device)
 
     def _padded_size(self, n: int) -> int:
@@ -367,9 +370,10 @@ class VmapExecutor(Executor):
 
         return run
 
-    def _serially(self, jobs: list[Job]) -> Contributions:
+    def _serially(self, jobs: Sequence[Job]) -> Contributions:
         """Runs `jobs` client by client on the executor's device; returns their contributions
         where the jobs' models live (as a vectorised cohort's)."""
+        jobs = list(jobs)
         home = jobs[0].payload.params.device
         got = from_outputs(jobs, [self.serial.run(_on_device(j, self.device)) for j in jobs])
         if not isinstance(got.updates, torch.Tensor) or got.updates.device == home:
@@ -377,7 +381,7 @@ class VmapExecutor(Executor):
         return got.replace(updates=got.updates.to(home), extras={k: v.to(home) for k, v in got.extras.items()},
                            state={k: v.to(home) for k, v in got.state.items()})
 
-    def _not_vectorisable(self, jobs: list[Job], exc: BaseException) -> Contributions:
+    def _not_vectorisable(self, jobs: Sequence[Job], exc: BaseException) -> Contributions:
         """Re-runs `jobs` client by client (a user error surfaces here as ClientJobError, as
         with the serial executor); if they succeed, vmap itself was the problem: report it,
         then fall back or stop as configured. Returns the jobs' contributions."""

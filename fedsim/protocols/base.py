@@ -22,6 +22,7 @@ from ..data.batching import job_indices
 from ..data.hashed_order import DeferredIndices, DeviceOrders, job_indices_hashed, job_keys
 from ..contributions import Contributions
 from ..executors.base import Executor, Job
+from ..executors.job_batch import JobBatch
 from ..outputs import EventLog
 from ..rng import numpy_rng, numpy_rngs
 from ..state_store import ClientStateStore
@@ -96,43 +97,51 @@ class RunContext:
         return self._job(client, payload, version, job_id, numpy_rng(self.seed, "batches", client, job_id))
 
     def make_jobs(self, clients: Sequence[int], payloads: Payload | Sequence[Payload], version: int,
-                  job_ids: Sequence[int]) -> list[Job]:
-        """Builds many jobs at once (one payload for all, or one each); equal to calling
-        `make_job` for each, with the keyed generators seeded in bulk."""
-        clients, job_ids = [int(c) for c in clients], [int(j) for j in job_ids]
-        each = payloads if not isinstance(payloads, Payload) else [payloads] * len(clients)
-        if self.device_orders is not None:
-            return self._deferred_jobs(clients, each, version, job_ids)
-        if self.hashed:
-            return [self._job(c, p, version, j, None) for c, p, j in zip(clients, each, job_ids)]
-        gens = numpy_rngs(self.seed, "batches", clients, job_ids)
-        return [self._job(c, p, version, j, g) for c, p, j, g in zip(clients, each, job_ids, gens)]
-
-    def _deferred_jobs(self, clients: list[int], payloads: Sequence[Payload], version: int,
-                       job_ids: list[int]) -> list[Job]:
-        """`make_jobs` when the executor draws hashed orders on its device: equal to `_job` for
-        each, with the sample counts, shapes and (for a stateless strategy) states in bulk."""
+                  job_ids: Sequence[int]) -> JobBatch:
+        """Builds the jobs of one dispatch (one payload for all, or one each) as a `JobBatch`
+        whose jobs equal `make_job`'s, with the keyed generators seeded in bulk; when the
+        executor computes hashed orders on its device, no per-job object is made at all."""
+        clients = np.asarray(clients, dtype=np.int64).reshape(-1)
+        job_ids = np.asarray(job_ids, dtype=np.int64).reshape(-1)
+        n = len(clients)
+        shared = payloads if isinstance(payloads, Payload) else list(payloads)
+        at = clients.tolist()
+        # a stateless strategy never stores a state
+        states = None if self.strategy.client_state is None else [self.client_state(c) for c in at]
+        versions = np.full(n, version, dtype=np.int64)
         orders = self.device_orders
-        counts = orders.counts[np.asarray(clients, dtype=np.int64)].tolist()
-        shapes = [orders.shape_for(n) for n in counts]
-        stateless = self.strategy.client_state is None  # such a strategy never stores a state
-        states = [{} for _ in clients] if stateless else [self.client_state(c) for c in clients]
-        return [Job(j, c, version, p, st, DeferredIndices(orders, c, j, shape), n)
-                for c, p, j, st, shape, n in zip(clients, payloads, job_ids, states, shapes, counts)]
+        if orders is not None:
+            counts = orders.counts[clients]
+            sizes, which = np.unique(counts, return_inverse=True)
+            shapes = np.array([orders.shape_for(int(s)) for s in sizes], dtype=np.int64).reshape(-1, 2)[which]
+            return JobBatch(clients, job_ids, versions, counts, shapes, shared, states, None, orders)
+        if self.hashed:
+            indices = [self._indices(c, j, None) for c, j in zip(at, job_ids.tolist())]
+        else:
+            gens = numpy_rngs(self.seed, "batches", at, job_ids.tolist())
+            indices = [self._indices(c, 0, g) for c, g in zip(at, gens)]
+        counts = np.fromiter((len(self.data.client_train[c]) for c in at), np.int64, n)
+        shapes = np.array([ix.shape for ix in indices], dtype=np.int64).reshape(n, 2)
+        return JobBatch(clients, job_ids, versions, counts, shapes, shared, states, indices)
 
     def _job(self, client: int, payload: Payload, version: int, job_id: int, rng: np.random.Generator | None) -> Job:
         """One job; `rng` None: the hashed order (`local.shuffle: hash`), left to the executor's
         device when it computes orders itself."""
-        local = self.config.local
         if self.device_orders is not None:
             indices = DeferredIndices(self.device_orders, client, job_id, self.device_orders.shape(client))
-        elif rng is None:
-            indices = job_indices_hashed(self.data.client_train[client], local.batch_size, local.epochs, local.steps,
-                                         local.sampling, local.drop_last, job_keys(self.seed, client, job_id))
         else:
-            indices = job_indices(self.data.client_train[client], local.batch_size, local.epochs, local.steps,
-                                  local.sampling, local.drop_last, rng)
+            indices = self._indices(client, job_id, rng)
         return Job(job_id, client, version, payload, self.client_state(client), indices, self.data.num_samples(client))
+
+    def _indices(self, client: int, job_id: int, rng: np.random.Generator | None) -> np.ndarray:
+        """The [K, B] sample indices of `client`'s job, drawn on the host: from `rng`, or (None)
+        the hashed order keyed by (seed, client, job_id)."""
+        local = self.config.local
+        if rng is None:
+            return job_indices_hashed(self.data.client_train[client], local.batch_size, local.epochs, local.steps,
+                                      local.sampling, local.drop_last, job_keys(self.seed, client, job_id))
+        return job_indices(self.data.client_train[client], local.batch_size, local.epochs, local.steps,
+                           local.sampling, local.drop_last, rng)
 
     def receive(self, contribs: Contributions, round_: int, time: int) -> tuple[Contributions, dict[str, Tensor]]:
         """Returns `contribs` as combine reads them — after the malicious senders' attack and the strategy's ``receive`` step,

@@ -34,6 +34,7 @@ from ..clock import later, later_each, to_seconds, to_ticks
 from ..contributions import Contributions
 from ..errors import FedsimError
 from ..executors.base import Executor, Job
+from ..executors.job_batch import JobBatch
 from ..system.population import Population
 
 if TYPE_CHECKING:
@@ -118,11 +119,11 @@ class VirtualClock(Clock):
     def run_round(self, executor: Executor, jobs: Sequence[Job], t0: int, deadline: float | None,
                   bytes_down: int, residue: float = 0.0) -> RoundOutcome:
         pop, m = self.population, len(jobs)
-        clients = np.fromiter((j.client for j in jobs), np.int64, m)
-        job_ids = np.fromiter((j.job_id for j in jobs), np.int64, m)
+        jobs = JobBatch.of(jobs)
+        clients, job_ids = jobs.clients, jobs.job_ids
         lost, lost_at = pop.drops(clients, job_ids)
         ran = np.flatnonzero(~lost)
-        results = executor.run([jobs[i] for i in ran.tolist()])
+        results = executor.run(jobs if len(ran) == m else jobs.take(ran))
         # a client whose code raised (executor.on_client_error='drop') is lost when its job would end
         row = np.full(m, -1, dtype=np.int64)  # row[i]: job i's row in `results`
         row[np.searchsorted(job_ids, results.jobs)] = np.arange(len(results))
@@ -131,7 +132,7 @@ class VirtualClock(Clock):
         ups = np.zeros(m, dtype=np.int64)
         ups[row >= 0] = results.uplink_bytes()[row[row >= 0]]
         lost, lost_at = lost | failed, np.where(failed, 1.0, lost_at)
-        durations = pop.job_seconds(clients, [j.num_steps for j in jobs], np.full(m, bytes_down), ups, job_ids)
+        durations = pop.job_seconds(clients, jobs.num_steps, np.full(m, bytes_down), ups, job_ids)
         timing = time_round(t0, residue, clients, durations, lost, lost_at, deadline)
         return RoundOutcome(results.take(row[timing.on_time]), timing.on_time_at, timing.late, timing.losses,
                             timing.end, timing.end_residue, timing.cut)
