@@ -9,7 +9,7 @@ model, building them is a large part of a round on a GPU (benchmarks/README.md).
 * hash, host: `local.shuffle: hash` computed job by job with numpy (serial and Ray executors);
 * hash, on the executor's device: `make_jobs` leaves the orders to the vmap executor, which
   computes the whole cohort's [m, K, B] indices at once with torch (timed to the indices
-  being ready on the device).
+  being ready on the device); the jobs stay columns (`JobBatch`), no `Job` per client.
 
 The paths that must agree are checked first; the script prints the best of `--repeats`.
 
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedsim.config import load_config  # noqa: E402
-from fedsim.executors.cohort import stack  # noqa: E402
+from fedsim.executors.cohort import group, stack  # noqa: E402
 from fedsim.runner import build  # noqa: E402
 
 
@@ -68,11 +68,8 @@ def main() -> None:
         return host.make_jobs(clients, payload, 0, r * n + clients)
 
     def hashed_device(r: int) -> list:
-        jobs = dev.make_jobs(clients, payload, 0, r * n + clients)
-        by_shape: dict = {}
-        for j in jobs:
-            by_shape.setdefault(j.indices.shape, []).append(j)
-        out = [stack(group, device).indices for group in by_shape.values()]
+        jobs = dev.make_jobs(clients, payload, 0, r * n + clients)  # a JobBatch: columns, no Job per client
+        out = [stack(cohort, device).indices for cohort in group(jobs)]
         if device.type == "cuda":
             torch.cuda.synchronize()
         return out
@@ -80,11 +77,10 @@ def main() -> None:
     a, b = generator(0), per_client(0)
     assert all(np.array_equal(x.indices, y.indices) for x, y in zip(a, b)), "bulk and one-by-one jobs differ"
     h = {j.job_id: j.indices for j in hashed_host(0)}
-    jobs = dev.make_jobs(clients, payload, 0, clients)
-    for shape in {j.indices.shape for j in jobs}:
-        group = [j for j in jobs if j.indices.shape == shape]
-        got = stack(group, device).indices.cpu().numpy()
-        assert all(np.array_equal(got[i], h[j.job_id]) for i, j in enumerate(group)), "device and host orders differ"
+    for cohort in group(dev.make_jobs(clients, payload, 0, clients)):
+        got = stack(cohort, device).indices.cpu().numpy()
+        assert all(np.array_equal(got[i], h[j]) for i, j in enumerate(cohort.job_ids.tolist())), \
+            "device and host orders differ"
     contenders = (("generator, make_jobs (bulk)", generator), ("generator, make_job per client", per_client),
                   ("hash, host (numpy per job)", hashed_host), (f"hash, cohort on {args.device}", hashed_device))
     best = {name: float("inf") for name, _ in contenders}
