@@ -2,8 +2,9 @@
 
 Every client holds 64 samples and runs one local epoch of batch 16 (K = 4 SGD steps, lr
 0.05) from the same global model. The vmap executor runs the whole cohort through
-``executor.run(jobs)`` (stacking, the K vectorised steps, one `Contributions` for the
-cohort, which the synchronous and decentralized protocols read as columns); a second column
+``executor.run(jobs)``, given the cohort as one `JobBatch` as the synchronous protocol gives
+it (stacking, the K vectorised steps, one `Contributions` for the cohort, which the
+synchronous and decentralized protocols read as columns); a second column
 submits the jobs and fetches each client's one-row `Contributions` with ``result(job_id)``,
 as the asynchronous protocols do. The limit trains ONE model for the same K steps on
 batches of (clients × 16) samples: the same FLOPs without per-client structure, in the
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._images import pfl_cnn  # noqa: E402
 from fedsim.executors.base import Job, WorkerSpec  # noqa: E402
+from fedsim.executors.job_batch import JobBatch  # noqa: E402
 from fedsim.executors.precision import precision  # noqa: E402
 from fedsim.executors.vmap import VmapExecutor  # noqa: E402
 from fedsim.models import ModelContext, cnn  # noqa: E402
@@ -129,7 +131,8 @@ def vmap_round(module: nn.Module, shape, x, y, idx, device: torch.device, **knob
     home = device if device.type == "cuda" else torch.device("cpu")
     payload = Payload(task.initial_params().to(home))
     jobs = [Job(c, c, 0, payload, {}, ix, SAMPLES) for c, ix in enumerate(idx)]
-    fn = lambda: ex.run(jobs)  # noqa: E731
+    batch = JobBatch.of(jobs)  # what a synchronous round hands the executor: the jobs as columns
+    fn = lambda: ex.run(batch)  # noqa: E731
 
     def one_by_one() -> list:
         """The asynchronous protocols' way: submit every job, then fetch each one-row Contributions."""
