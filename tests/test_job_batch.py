@@ -13,11 +13,13 @@ import torch
 
 from fedsim.config import load_config
 from fedsim.executors.base import Job
-from fedsim.executors.job_batch import JobBatch
+from fedsim.executors.job_batch import JobBatch, PayloadRows
+from fedsim.executors.vmap import VmapExecutor
 from fedsim.runner import build, drive
 from fedsim.strategy import Payload
 
 from .conftest import digits_config
+from .test_vmap_executor import spec_of
 
 PATHS = {  # (local.shuffle, executor): where the batch's sample indices come from
     "generator": ("generator", {"kind": "serial"}),
@@ -129,3 +131,24 @@ def test_a_synchronous_round_builds_no_job_per_client(monkeypatch):
     drive(run, None, progress=False)
     # the executor looks at each cohort's first job (its signature), nothing per client
     assert 0 < len(built) <= 3 * 2, built
+
+
+@pytest.mark.parametrize("graphs", [False, True])  # True: padded static buffers
+def test_stacked_payloads_run_as_their_rows(graphs):
+    ctx = context("generator")
+    gen = torch.Generator().manual_seed(3)
+    models = ctx.initial_params + 0.05 * torch.randn((8, ctx.initial_params.numel()), generator=gen)
+    rows = PayloadRows(models)
+    assert len(rows) == 8 and torch.equal(rows[2].params, models[2]) and torch.equal(rows[-1].params, models[7])
+    batch = ctx.make_jobs(np.arange(8), rows, 0, np.arange(8))
+    listed = ctx.make_jobs(np.arange(8), [Payload(models[i]) for i in range(8)], 0, np.arange(8))
+    part = batch.take([5, 2, 6])
+    assert isinstance(part.payloads, PayloadRows) and torch.equal(part.payloads.params, models[[5, 2, 6]])
+    run = build(load_config(digits_config()))
+    ex = VmapExecutor(device="cpu", graphs=graphs)
+    ex.start(spec_of(run), run.ctx.strategy)
+    a, b = ex.run(batch), ex.run(listed)  # several cohorts (uneven clients), padded with graphs
+    assert torch.equal(a.updates, b.updates) and a.jobs.tolist() == list(range(8))
+    c = ex.run(part)
+    want = a.updates[[5, 2, 6]]
+    assert float((c.updates - want).abs().max() / want.abs().max()) <= 1e-6

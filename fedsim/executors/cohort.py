@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_map
 
 from ..strategy import Tensor
 from .base import Job
-from .job_batch import JobBatch
+from .job_batch import JobBatch, PayloadRows
 from ..compressors import split_messages
 from ..contributions import Contributions
 from ..vec import stack_on
@@ -122,6 +122,11 @@ def stack(jobs: JobBatch, device: torch.device, pad_to: int | None = None) -> St
         extras = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in shared.extras.items()}
         edims: dict[str, int | None] = dict.fromkeys(extras)
         block = None
+    elif isinstance(jobs.payloads, PayloadRows):  # one model per job, already stacked (gossip)
+        stacked = jobs.payloads.params
+        if size > n:
+            stacked = torch.cat([stacked, stacked[:1].expand(size - n, *stacked.shape[1:])])
+        params, pdim, extras, edims, block = stacked.to(device), 0, {}, {}, None
     else:
         rows = jobs.payload_list()
         rows += rows[:1] * (size - n)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Iterator, Sequence, overload
 
 import numpy as np
+import torch
 
 from ..data.hashed_order import DeferredIndices
 from ..strategy import Payload, Tensor
@@ -24,9 +25,32 @@ if TYPE_CHECKING:
 _NO_STATE: dict[str, Tensor] = {}
 
 
+class PayloadRows(Sequence[Payload]):
+    """One payload per job, held stacked: job i starts from row i of `params` [n, ...] (a
+    gossip step's node models). Indexing gives that job's `Payload` (a view of the row);
+    the vmap executor takes the stack as it is instead of re-stacking n payloads."""
+
+    __slots__ = ("params",)
+
+    def __init__(self, params: Tensor):
+        self.params = params
+
+    def __len__(self) -> int:
+        return int(self.params.shape[0])
+
+    def __getitem__(self, i: int) -> Payload:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"payload {i} of {len(self)}")
+        return Payload(self.params[i])
+
+    def take(self, rows: np.ndarray) -> "PayloadRows":
+        """The payloads at `rows`, in that order."""
+        return PayloadRows(self.params[torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.params.device)])
+
+
 class JobBatch(Sequence[Job]):
     """Jobs as columns (treat as read-only). `payloads` is one `Payload` shared by every job,
-    or one per job; `states` None means every job's client state is empty (a stateless
+    or one per job (a list, or `PayloadRows`: stacked); `states` None means every job's client state is empty (a stateless
     strategy); `indices` holds each job's [K, B] sample indices, or is None when `orders`
     computes them for the whole cohort on the executor's device (`local.shuffle: hash`)."""
 
@@ -76,7 +100,7 @@ class JobBatch(Sequence[Job]):
     def payload_list(self) -> list[Payload]:
         """Each job's payload."""
         p = self.payloads
-        return [p] * len(self) if isinstance(p, Payload) else list(p)
+        return [p] * len(self) if isinstance(p, Payload) else list(p)  # PayloadRows: views of its rows
 
     def state_list(self) -> list[dict[str, Tensor]]:
         """Each job's client state ({} for a stateless job)."""
@@ -101,7 +125,9 @@ class JobBatch(Sequence[Job]):
         at = rows.tolist()
 
         def pick(values: Any) -> Any:
-            return values if values is None or isinstance(values, Payload) else [values[i] for i in at]
+            if values is None or isinstance(values, Payload):
+                return values
+            return values.take(rows) if isinstance(values, PayloadRows) else [values[i] for i in at]
 
         return JobBatch(self.clients[rows], self.job_ids[rows], self.versions[rows], self.num_samples[rows],
                         self.shapes[rows], pick(self.payloads), pick(self.states), pick(self.indices), self.orders)

@@ -22,7 +22,7 @@ from ..data.batching import job_indices
 from ..data.hashed_order import DeferredIndices, DeviceOrders, job_indices_hashed, job_keys
 from ..contributions import Contributions
 from ..executors.base import Executor, Job
-from ..executors.job_batch import JobBatch
+from ..executors.job_batch import JobBatch, PayloadRows
 from ..outputs import EventLog
 from ..rng import numpy_rng, numpy_rngs
 from ..state_store import ClientStateStore
@@ -98,13 +98,14 @@ class RunContext:
 
     def make_jobs(self, clients: Sequence[int], payloads: Payload | Sequence[Payload], version: int,
                   job_ids: Sequence[int]) -> JobBatch:
-        """Builds the jobs of one dispatch (one payload for all, or one each) as a `JobBatch`
+        """Builds the jobs of one dispatch (one payload for all, or one each: a list, or
+        `PayloadRows` holding them stacked) as a `JobBatch`
         whose jobs equal `make_job`'s, with the keyed generators seeded in bulk; when the
         executor computes hashed orders on its device, no per-job object is made at all."""
         clients = np.asarray(clients, dtype=np.int64).reshape(-1)
         job_ids = np.asarray(job_ids, dtype=np.int64).reshape(-1)
         n = len(clients)
-        shared = payloads if isinstance(payloads, Payload) else list(payloads)
+        shared = payloads if isinstance(payloads, (Payload, PayloadRows)) else list(payloads)
         at = clients.tolist()
         # a stateless strategy never stores a state
         states = None if self.strategy.client_state is None else [self.client_state(c) for c in at]

@@ -229,6 +229,7 @@ class WallClock(Clock):
     def run_round(self, executor: Executor, jobs: Sequence[Job], t0: int, deadline: float | None,
                   bytes_down: int, residue: float = 0.0) -> RoundOutcome:
         cut = t0 + to_ticks(deadline) if deadline is not None else None
+        jobs = list(jobs)  # a JobBatch builds its jobs when iterated: once
         for job in jobs:
             executor.submit(job)
         pending = {j.job_id: j for j in jobs}

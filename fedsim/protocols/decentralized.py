@@ -34,10 +34,11 @@ from ..comm import nbytes
 from ..config import Ge, OneOf
 from ..errors import ConfigError
 from ..contributions import Contributions
+from ..executors.job_batch import PayloadRows
 from ..registry import PROTOCOLS
 from ..rng import key
 from ..state_types import checkpointable
-from ..strategy import Payload, Tensor
+from ..strategy import Tensor
 from ..vec import stack_on
 from .base import Protocol, ProtocolState, RunContext, wait_for_availability
 from .nodes import INITS, build_topology, check_init, check_simulated, eval_sample, initial_models, node_metrics
@@ -116,8 +117,9 @@ class DecentralizedProtocol(RoundProtocol):
         active &= ~ctx.population.drops(nodes, job_ids)[0]
         ids = nodes[active]
 
-        x = state.models  # never written in place (y below is a new tensor): payloads are views of its rows
-        jobs = ctx.make_jobs(ids, [Payload(x[i]) for i in ids], r, job_ids[ids])
+        x = state.models  # never written in place (y below is a new tensor): the payloads are its rows
+        rows = x if len(ids) == n else x[torch.from_numpy(ids).to(x.device)]
+        jobs = ctx.make_jobs(ids, PayloadRows(rows), r, job_ids[ids])
         results = ctx.executor.run(jobs)
         w = self.topology.mixing(r)
         w = w if active.all() else restrict(w, active)
@@ -126,7 +128,7 @@ class DecentralizedProtocol(RoundProtocol):
         down, up = q * size * recv, q * size * sent
         if self.channel is not None:
             gossiped, down, up = self._channel_gossip(ctx, state, ids, results, w, bool(active.all()))
-        durations = ctx.population.job_seconds(ids, [j.num_steps for j in jobs], down[ids], up[ids], job_ids[ids])
+        durations = ctx.population.job_seconds(ids, jobs.num_steps, down[ids], up[ids], job_ids[ids])
         end, residue = later(t0, state.residue, durations.max(initial=0.0))  # the slowest node's end
         if end > ctx.budget_ticks():
             return FINISH

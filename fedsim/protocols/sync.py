@@ -22,7 +22,7 @@ from ..comm import nbytes
 from ..config import Ge, OneOf, Range
 from ..errors import ConfigError
 from ..contributions import Contributions
-from ..executors.base import Job
+from ..executors.job_batch import JobBatch
 from ..registry import PROTOCOLS
 from ..rng import numpy_rng
 from ..state_types import checkpointable
@@ -72,7 +72,7 @@ class SyncRound:
     t0: int
     available: int  # clients available at t0
     payload: Payload
-    jobs: list[Job]
+    jobs: JobBatch
     aggregated: Contributions  # of the jobs that arrived by the deadline, in arrival order
     on_time_at: np.ndarray  # their arrival ticks
     late: list[tuple[int, int]]  # (arrival, client) after the deadline: stragglers
@@ -166,8 +166,8 @@ class SyncProtocol(RoundProtocol):
         ctx.accept(got, memory)
 
         if ctx.events is not None:
-            for job in jobs:
-                ctx.log(t0, "dispatch", client=job.client, version=state.version, job=job.job_id)
+            for client, job_id in zip(jobs.clients.tolist(), jobs.job_ids.tolist()):
+                ctx.log(t0, "dispatch", client=client, version=state.version, job=job_id)
             for t, c in plan.losses:
                 ctx.log(t, "drop", client=c, version=state.version)
             for t, c in zip(plan.on_time_at.tolist(), clients):
