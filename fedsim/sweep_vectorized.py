@@ -44,9 +44,9 @@ import numpy as np
 import torch
 
 from .contributions import Contributions
-from .data.hashed_order import DeferredIndices
 from .errors import Interrupted, StepAbandoned
 from .executors.base import Executor, Job, WorkerSpec, build_executor
+from .executors.job_batch import JobBatch
 from .executors.precision import keep_freed_memory, precision
 from .executors.vmap import NotVectorisable, VmapExecutor, resolve_device
 from .rng import initialised_cuda, key, set_torch_states, torch_states
@@ -208,7 +208,7 @@ class SharedVmap:
         self.tickets = 0
         self.live = set(range(len(configs)))
         self.specs: dict[int, tuple[WorkerSpec, Strategy | None]] = {}
-        self.batch: dict[int, list[Job]] = {}
+        self.batch: dict[int, Sequence[Job]] = {}
         self.results: dict[int, Contributions | BaseException] = {}
         self.vmap: VmapExecutor = build_executor(self.configs[0])
         if self.vmap.keep_memory and resolve_device(self.vmap.device_name).type == "cpu":
@@ -223,7 +223,7 @@ class SharedVmap:
         self._hp_tensors: dict[tuple, dict[str, Tensor]] = {}
 
     # ---- the barrier ------------------------------------------------------------------------
-    def exchange(self, member: int, jobs: list[Job]) -> Contributions:
+    def exchange(self, member: int, jobs: Sequence[Job]) -> Contributions:
         """Hands in `member`'s next batch and returns its contributions (in the jobs' order)
         once the batch of every live run has run. Call while holding the baton."""
         with self.cond:
@@ -458,29 +458,41 @@ class SharedVmap:
             self.solo[m].start(*self.specs[m])
         self.offsets = {}
 
-    def _run_shared(self, batch: Mapping[int, list[Job]]) -> None:
-        """Runs every member's jobs as one vmap call (as few as the cohort signatures allow)."""
-        jobs: list[Job] = []
-        member_of: list[int] = []
-        own_ids: list[int] = []
+    def _run_shared(self, batch: Mapping[int, Sequence[Job]]) -> None:
+        """Runs every member's jobs as one vmap call (as few as the cohort signatures allow):
+        the members' batches side by side as one `JobBatch`, under the shared call's job ids."""
+        parts = {m: JobBatch.of(jobs) for m, jobs in batch.items()}
         base = self.next_id
+        total = sum(len(p) for p in parts.values())
         orders = _RunsOrders(base, self.offsets)  # for jobs whose hashed orders the device computes
-        for member, part in batch.items():
-            off = self.offsets[member]
-            hp = self._hp_extras(member, part[0].payload.params) if self.job_hp and part else None
-            for job in part:
-                new_id = base + len(jobs)
-                if isinstance(job.indices, DeferredIndices):
-                    idx = DeferredIndices(orders, job.client, new_id, job.indices.shape)
-                else:
-                    idx = job.indices if off == 0 else np.where(job.indices >= 0, job.indices + off, -1)
-                payload = job.payload if hp is None else Payload(job.payload.params, {**job.payload.extras, **hp})
-                jobs.append(replace(job, job_id=new_id, indices=idx, payload=payload))
-                member_of.append(member)
-                own_ids.append(job.job_id)
-        self.next_id = base + len(jobs)
-        orders.rows(member_of, own_ids, [j.indices.orders if isinstance(j.indices, DeferredIndices) else None
-                                          for part in batch.values() for j in part])
+        deferred = {m for m, p in parts.items() if len(p) and p.indices is None}
+        on_device = bool(deferred) and len(deferred) == sum(1 for p in parts.values() if len(p))
+        payloads: list[Payload] = []
+        indices: list[np.ndarray] = []
+        run_orders: list[Any] = []
+        for member, part in parts.items():
+            n, off = len(part), self.offsets[member]
+            own = part.payload_list()
+            if self.job_hp and n:  # the run's own local settings travel as payload extras
+                hp, made = self._hp_extras(member, own[0].params), {}
+                own = [made.setdefault(id(p), Payload(p.params, {**p.extras, **hp})) for p in own]
+            payloads += own
+            run_orders += [part.orders] * n
+            if not on_device:  # each job's indices, shifted to the run's rows of the shared training set
+                rows = part.indices if member not in deferred else [
+                    part.orders.host(c, j) for c, j in zip(part.clients.tolist(), part.job_ids.tolist())]
+                indices += [ix if off == 0 else np.where(ix >= 0, ix + off, -1) for ix in rows]
+        self.next_id = base + total
+        columns = list(parts.values())
+        member_of = np.concatenate([np.full(len(p), m, dtype=np.int64) for m, p in parts.items()])
+        own_ids = np.concatenate([p.job_ids for p in columns])
+        orders.rows(member_of, own_ids, run_orders)
+        stateless = all(p.states is None for p in columns)
+        jobs = JobBatch(np.concatenate([p.clients for p in columns]), base + np.arange(total, dtype=np.int64),
+                        np.concatenate([p.versions for p in columns]), np.concatenate([p.num_samples for p in columns]),
+                        np.concatenate([p.shapes for p in columns]).reshape(total, 2), payloads,
+                        None if stateless else [st for p in columns for st in p.state_list()],
+                        None if on_device else indices, orders if on_device else None)
         # a job's seed (compression draws: `compressors.job_key`) from its run's seed and its id
         # in the run, as the rows of the hashed orders above are mapped back
         seeds = {m: self.specs[m][0].seed for m in batch}
@@ -489,8 +501,8 @@ class SharedVmap:
              for at in (job_ids - base).tolist()], dtype=np.int64)
         merged = self.vmap.run(jobs)
         rows = merged.jobs - base
-        members = np.asarray(member_of, dtype=np.int64)[rows]
-        own = np.asarray(own_ids, dtype=np.int64)[rows]
+        members = member_of[rows]
+        own = own_ids[rows]
         for member in batch:
             mine = np.flatnonzero(members == member)
             self.results[member] = merged.take(mine).replace(jobs=own[mine])
@@ -528,7 +540,7 @@ class _RunsOrders:
     """The hashed batch orders (`local.shuffle: hash`) of a shared call's jobs, computed on the
     device as each run's own executor would: each job's by its run's `DeviceOrders` from its
     own id in the run, shifted to the run's rows of the shared training set. Stands in for a
-    `DeviceOrders` in the jobs' `DeferredIndices` (whose job ids are the shared call's)."""
+    `DeviceOrders` as the orders of the shared call's `JobBatch` (whose job ids are the call's)."""
 
     def __init__(self, base: int, offsets: Mapping[int, int]):
         self.base = base  # the shared call's first job id
@@ -603,7 +615,7 @@ class MemberExecutor(Executor):
     def run(self, jobs: Sequence[Job]) -> Contributions:
         if self._pending:
             return super().run(jobs)
-        return self.shared.exchange(self.member, list(jobs))
+        return self.shared.exchange(self.member, jobs)
 
     def evaluate(self, task: Task, params: Tensor, x: Tensor, y: Tensor, batch_size: int) -> dict[str, float | None]:
         return self.shared.evaluate(self.member, task, params, x, y, batch_size, self._test)
