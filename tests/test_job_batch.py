@@ -13,6 +13,7 @@ import torch
 
 from fedsim.config import load_config
 from fedsim.executors.base import Job
+from fedsim.executors.cohort import group
 from fedsim.executors.job_batch import JobBatch, PayloadRows
 from fedsim.executors.vmap import VmapExecutor
 from fedsim.runner import build, drive
@@ -152,3 +153,16 @@ def test_stacked_payloads_run_as_their_rows(graphs):
     c = ex.run(part)
     want = a.updates[[5, 2, 6]]
     assert float((c.updates - want).abs().max() / want.abs().max()) <= 1e-6
+
+
+def test_a_stateful_round_is_one_cohort_unless_its_states_differ_in_shape():
+    ctx = context("hashed on the device", "scaffold", data={"partition": "iid"})
+    payload = ctx.strategy.publish(ctx.strategy.init(ctx.initial_params))
+    batch = ctx.make_jobs(np.arange(6), payload, 0, np.arange(6))
+    assert batch.states is not None and batch.one_shape() is not None
+    assert group(batch) == [batch]  # the batch itself: no signature per job
+    odd = list(batch.states)
+    odd[4] = {k: v[:-1] for k, v in odd[4].items()}  # one state of another shape: its own cohort
+    split = group(JobBatch(batch.clients, batch.job_ids, batch.versions, batch.num_samples, batch.shapes,
+                           batch.payloads, odd, batch.indices, batch.orders))
+    assert [c.job_ids.tolist() for c in split] == [[0, 1, 2, 3, 5], [4]]

@@ -51,8 +51,8 @@ def group(jobs: Sequence[Job]) -> list[JobBatch]:
     batch = JobBatch.of(jobs)
     if not len(batch):
         return []
-    if batch.shared_payload is not None and batch.states is None and batch.one_shape() is not None:
-        return [batch]  # a synchronous round of stateless clients: one cohort, no per-job work
+    if batch.shared_payload is not None and batch.one_shape() is not None and _one_layout(batch.states):
+        return [batch]  # a synchronous round: one cohort, found without a signature per job
     payloads, states = batch.payload_list(), batch.state_list()
     groups: dict[Hashable, list[int]] = {}
     payload_sigs: dict[int, Hashable] = {}  # jobs of one round share one payload object
@@ -65,6 +65,25 @@ def group(jobs: Sequence[Job]) -> list[JobBatch]:
     if len(groups) == 1:
         return [batch]
     return [batch.take(rows) for rows in groups.values()]
+
+
+def _one_layout(states: Sequence[dict[str, Any]] | None) -> bool:
+    """True when every state has the same names, and under each name tensors of one shape
+    and dtype (or there are no states): C-level loops, one per name."""
+    if states is None:
+        return True
+    first = states[0]
+    names = first.keys()
+    if not all(isinstance(v, torch.Tensor) for v in first.values()) or [s.keys() for s in states].count(names) != len(states):
+        return False
+    n = len(states)
+    for k, v in first.items():
+        column = [s[k] for s in states]
+        if not all(isinstance(t, torch.Tensor) for t in column):
+            return False
+        if [t.shape for t in column].count(v.shape) != n or [t.dtype for t in column].count(v.dtype) != n:
+            return False
+    return True
 
 
 @dataclass
