@@ -465,8 +465,10 @@ class SharedVmap:
         base = self.next_id
         total = sum(len(p) for p in parts.values())
         orders = _RunsOrders(base, self.offsets)  # for jobs whose hashed orders the device computes
-        deferred = {m for m, p in parts.items() if len(p) and p.indices is None}
-        on_device = bool(deferred) and len(deferred) == sum(1 for p in parts.values() if len(p))
+        deferred = [p.indices is None for p in parts.values() if len(p)]
+        on_device = any(deferred)  # the runs share local.shuffle (`why_not`): all hashed on the device, or none
+        if on_device != all(deferred):
+            raise RuntimeError("runs of one shared call differ in where their batch orders are drawn")
         payloads: list[Payload] = []
         indices: list[np.ndarray] = []
         run_orders: list[Any] = []
@@ -479,9 +481,7 @@ class SharedVmap:
             payloads += own
             run_orders += [part.orders] * n
             if not on_device:  # each job's indices, shifted to the run's rows of the shared training set
-                rows = part.indices if member not in deferred else [
-                    part.orders.host(c, j) for c, j in zip(part.clients.tolist(), part.job_ids.tolist())]
-                indices += [ix if off == 0 else np.where(ix >= 0, ix + off, -1) for ix in rows]
+                indices += [ix if off == 0 else np.where(ix >= 0, ix + off, -1) for ix in part.indices]
         self.next_id = base + total
         columns = list(parts.values())
         member_of = np.concatenate([np.full(len(p), m, dtype=np.int64) for m, p in parts.items()])
