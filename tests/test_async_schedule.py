@@ -307,3 +307,53 @@ def test_impossible_schedules_are_config_errors(protocol, key):
     with pytest.raises(ConfigError) as err:
         build(load_config(async_config(protocol)))
     assert key in str(err.value)
+
+
+# ---------------------------------------------------------------- large populations
+@pytest.mark.parametrize("protocol", [
+    {"concurrency": 7, "buffer_size": 3},  # slots refill one at a time, at once
+    {"concurrency": 7, "buffer_size": 3, "redispatch": "aggregation", "max_staleness": 2},  # parked clients, discards
+    {"concurrency": 12, "window": 0.3},  # several slots at a time
+    {"concurrency": 40, "buffer_size": 5},  # every client busy: the idle ones all get a slot
+])
+def test_large_population_path_draws_the_same_clients(protocol):
+    # from SPARSE_POPULATION clients on (when all are always available), idle clients are found
+    # from the busy ones instead of by scanning everyone; it must draw exactly the same ones
+    def events(sparse: bool) -> list[dict]:
+        run = build(load_config(async_config(protocol, n=40, spread=90.0, budget=12.0)))
+        engine = run.protocol.engine
+        assert not engine.sparse  # 40 clients: the scan
+        engine.sparse = sparse
+        tr = Trace(lambda client, job: 1 + client % 3, keep_events=True)
+        engine.run(ScheduleState(), tr)
+        return tr.events
+
+    dense, sparse = events(False), events(True)
+    assert len([e for e in dense if e["kind"] == "dispatch"]) > 50
+    assert sparse == dense
+
+
+def test_the_large_population_path_needs_an_always_available_population(monkeypatch):
+    import fedsim.protocols.async_engine as async_engine
+
+    monkeypatch.setattr(async_engine, "SPARSE_POPULATION", 10)
+    cfg = async_config({"concurrency": 3}, n=20)
+    assert build(load_config(cfg)).protocol.engine.sparse
+    cfg["system"]["availability"] = {"name": "bernoulli", "p_on": 0.5}
+    assert not build(load_config(cfg)).protocol.engine.sparse
+
+
+def test_a_run_on_the_large_population_path_equals_the_scan(monkeypatch):
+    import torch
+
+    import fedsim.protocols.async_engine as async_engine
+
+    cfg = async_config({"concurrency": 5, "buffer_size": 2, "redispatch": "aggregation"}, n=16, budget=4.0)
+    cfg["run"]["eval_every_time"] = 1.0
+    scan = run_config(cfg)
+    monkeypatch.setattr(async_engine, "SPARSE_POPULATION", 1)
+    drawn = run_config(cfg)
+    assert drawn.protocol.engine.sparse and not scan.protocol.engine.sparse
+    assert [{k: v for k, v in r.items() if k != "wall_time"} for r in drawn.rows] == \
+        [{k: v for k, v in r.items() if k != "wall_time"} for r in scan.rows]
+    assert torch.equal(*(r.protocol.eval_params(r.ctx, r.final_state) for r in (scan, drawn)))

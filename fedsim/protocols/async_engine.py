@@ -176,6 +176,32 @@ class Trace(Hooks):
         return counts / max(len(self.aggregations), 1)
 
 
+SPARSE_POPULATION = 20_000  # from this many clients on, an always-available population's idle clients are not scanned
+
+
+class InFlight:
+    """How many jobs each client has in flight in one schedule state, and (`sparse`) the
+    sorted ids of the clients with any, kept as jobs start and end."""
+
+    __slots__ = ("state", "counts", "busy")
+
+    def __init__(self, st: ScheduleState, num_clients: int, sparse: bool):
+        self.state = st
+        self.counts = np.zeros(num_clients, dtype=np.int64)
+        np.add.at(self.counts, np.fromiter((f.client for f in st.flights.values()), np.int64, len(st.flights)), 1)
+        self.busy = np.flatnonzero(self.counts) if sparse else None
+
+    def start(self, client: int) -> None:
+        self.counts[client] += 1
+        if self.busy is not None and self.counts[client] == 1:
+            self.busy = np.insert(self.busy, np.searchsorted(self.busy, client), client)
+
+    def end(self, client: int) -> None:
+        self.counts[client] -= 1
+        if self.busy is not None and self.counts[client] == 0:
+            self.busy = np.delete(self.busy, np.searchsorted(self.busy, client))
+
+
 class Engine:
     """Drives a `ScheduleState` event by event under `Rules`, calling `Hooks`; `executor` is
     what a wall clock polls for finished jobs (None under virtual time)."""
@@ -189,23 +215,24 @@ class Engine:
         self.seed = seed
         self.budget = budget  # ticks (inf: none)
         self.max_aggregations = max_aggregations
-        self._busy: tuple[ScheduleState, np.ndarray] | None = None  # jobs in flight per client, of that state
+        self._flying: InFlight | None = None  # jobs in flight per client, of its state
         self._draws = CounterRngs(seed, "async/dispatch")  # numpy_rng(seed, "async/dispatch", job), in bulk
+        # a large population that is always available: idle clients are found from the busy
+        # ones (`_draw_idle`), not by scanning every client at every event
+        self.sparse = num_clients >= SPARSE_POPULATION and clock.always_available
 
-    def _in_flight(self, st: ScheduleState) -> np.ndarray:
-        """Returns how many jobs each client has in flight in `st` (counted from its flights the
-        first time a state is seen, then kept as jobs start and end)."""
-        if self._busy is None or self._busy[0] is not st:
-            counts = np.zeros(self.num_clients, dtype=np.int64)
-            np.add.at(counts, np.fromiter((f.client for f in st.flights.values()), np.int64, len(st.flights)), 1)
-            self._busy = (st, counts)
-        return self._busy[1]
+    def _in_flight(self, st: ScheduleState) -> "InFlight":
+        """Returns the jobs in flight of `st` per client (counted from its flights the first
+        time a state is seen, then kept as jobs start and end)."""
+        if self._flying is None or self._flying.state is not st:
+            self._flying = InFlight(st, self.num_clients, self.sparse)
+        return self._flying
 
     def _landed(self, st: ScheduleState, job: int) -> Flight:
         """Removes `job` from the flights of `st` and returns it."""
         f = st.flights.pop(job)
-        if self._busy is not None and self._busy[0] is st:
-            self._busy[1][f.client] -= 1
+        if self._flying is not None and self._flying.state is st:
+            self._flying.end(f.client)
         return f
 
     # ------------------------------------------------------------------ driving
@@ -314,13 +341,16 @@ class Engine:
         if st.free <= 0:
             return
         t = st.time
-        busy = self._in_flight(st) > 0
-        busy[st.parked] = True
-        idle = np.flatnonzero(~busy).astype(np.int64, copy=False)
-        ready = self.clock.available(idle, t) if len(idle) else idle
-        if len(ready) > st.free:
-            gen = self._draws.get(st.next_job)
-            ready = draw_one(gen, ready) if st.free == 1 else np.sort(gen.choice(ready, st.free, replace=False))
+        if self.sparse:
+            ready = self._draw_idle(st)
+        else:
+            busy = self._in_flight(st).counts > 0
+            busy[st.parked] = True
+            idle = np.flatnonzero(~busy).astype(np.int64, copy=False)
+            ready = self.clock.available(idle, t) if len(idle) else idle
+            if len(ready) > st.free:
+                gen = self._draws.get(st.next_job)
+                ready = draw_one(gen, ready) if st.free == 1 else np.sort(gen.choice(ready, st.free, replace=False))
         for client in ready:
             self._dispatch(st, hooks, int(client), t)
         if st.free > 0 and st.retry_at is None:
@@ -329,6 +359,23 @@ class Engine:
                 st.retry_at = tick_after(t, nxt)
                 st.queue.push(st.retry_at, "retry", priority("retry"))
 
+    def _draw_idle(self, st: ScheduleState) -> np.ndarray:
+        """`_fill`'s clients when every client is always available, found from the busy ones
+        (in flight or parked) in time that grows with them, not with the population: the same
+        draws as drawing from the list of idle clients (numpy's ``choice`` of an array takes
+        the positions it draws for the array's length, and the k-th idle client is k plus the
+        number of busy clients before it)."""
+        busy = self._in_flight(st).busy
+        if st.parked:
+            busy = np.union1d(busy, np.asarray(st.parked, dtype=np.int64))
+        n_idle = self.num_clients - len(busy)
+        if n_idle <= st.free:  # every idle client gets a slot
+            return np.setdiff1d(np.arange(self.num_clients, dtype=np.int64), busy, assume_unique=True)
+        gen = self._draws.get(st.next_job)
+        at = (np.array([gen.integers(n_idle)], dtype=np.int64) if st.free == 1  # as `draw_one`
+              else np.sort(gen.choice(n_idle, st.free, replace=False)))
+        return at + np.searchsorted(busy - np.arange(len(busy)), at, side="right")
+
     def _dispatch(self, st: ScheduleState, hooks: Hooks, client: int, t: int) -> None:
         job = st.next_job
         st.next_job += 1
@@ -336,7 +383,7 @@ class Engine:
         lost_at = self.clock.lost_at(client, job)
         steps, down = hooks.dispatch(st, client, job, submit=lost_at is None)
         st.flights[job] = Flight(job, client, st.version, t, steps, down, st.residue)
-        self._in_flight(st)[client] += 1
+        self._in_flight(st).start(client)
         hooks.log(t, "dispatch", client=client, version=st.version, job=job)
         kind, share = ("lost", lost_at) if lost_at is not None else ("done", 1.0)
         end = self.clock.compute_end(client, job, steps, down, (t, st.residue), share)

@@ -72,6 +72,11 @@ class Clock(ABC):
     def next_availability_change(self, t: int) -> float:
         """Returns the next time (seconds) at which availability may change (inf: never)."""
 
+    @property
+    def always_available(self) -> bool:
+        """True when `available` returns every client it is given, at every tick."""
+        return False
+
     @abstractmethod
     def run_round(self, executor: Executor, jobs: Sequence[Job], t0: int, deadline: float | None,
                   bytes_down: int, residue: float = 0.0) -> RoundOutcome:
@@ -112,6 +117,10 @@ class VirtualClock(Clock):
 
     def available(self, clients: np.ndarray, t: int) -> np.ndarray:
         return self.population.available(clients, to_seconds(t))
+
+    @property
+    def always_available(self) -> bool:
+        return bool(self.population.availability.always)
 
     def next_availability_change(self, t: int) -> float:
         return self.population.next_availability_change(to_seconds(t))
@@ -222,6 +231,8 @@ class WallClock(Clock):
 
     def available(self, clients: np.ndarray, t: int) -> np.ndarray:
         return np.asarray(clients)
+
+    always_available = True  # type: ignore[assignment]  # every reachable client takes jobs
 
     def next_availability_change(self, t: int) -> float:
         return math.inf
