@@ -81,7 +81,11 @@ class JobBatch(Sequence[Job]):
         ints[1] = [j.job_id for j in jobs]
         ints[2] = [j.version for j in jobs]
         ints[3] = [j.num_samples for j in jobs]
-        shapes = np.array([j.indices.shape for j in jobs], dtype=np.int64).reshape(n, 2)
+        listed = [tuple(j.indices.shape) for j in jobs]
+        if n and listed.count(listed[0]) == n:  # one cohort's shape (C-level count): no array of tuples
+            shapes = np.tile(np.asarray(listed[0], dtype=np.int64), (n, 1))
+        else:
+            shapes = np.array(listed, dtype=np.int64).reshape(n, 2)
         payloads = [j.payload for j in jobs]
         states = [j.state for j in jobs]
         first = jobs[0].indices if n else None
