@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from itertools import repeat
 from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
@@ -21,7 +20,7 @@ from torch.utils._pytree import tree_map
 
 from ..strategy import Tensor
 from .base import Job
-from .job_batch import JobBatch, PayloadRows
+from .job_batch import JobBatch, PayloadRows, all_same
 from ..compressors import split_messages
 from ..contributions import Contributions
 from ..vec import stack_on
@@ -39,11 +38,6 @@ def signature(job: Job) -> Hashable:
     p = job.payload
     return (job.indices.shape, (tuple(p.params.shape), _shape_sig(dict(p.extras))),
             _shape_sig(dict(job.state)) if job.state else ())
-
-
-def all_same(values: Sequence[Any]) -> bool:
-    """True when every value is the same object as the first (identity, not equality)."""
-    return all(map(operator.is_, values, repeat(values[0]))) if values else True
 
 
 def group(jobs: Sequence[Job]) -> list[JobBatch]:

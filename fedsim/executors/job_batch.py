@@ -10,6 +10,8 @@ per client. A `JobBatch` is a `Sequence[Job]`: indexing builds the job, equal to
 """
 from __future__ import annotations
 
+import operator
+from itertools import repeat
 from typing import TYPE_CHECKING, Any, Iterator, Sequence, overload
 
 import numpy as np
@@ -50,9 +52,10 @@ class PayloadRows(Sequence[Payload]):
 
 class JobBatch(Sequence[Job]):
     """Jobs as columns (treat as read-only). `payloads` is one `Payload` shared by every job,
-    or one per job (a list, or `PayloadRows`: stacked); `states` None means every job's client state is empty (a stateless
-    strategy); `indices` holds each job's [K, B] sample indices, or is None when `orders`
-    computes them for the whole cohort on the executor's device (`local.shuffle: hash`)."""
+    or one per job (a list, or `PayloadRows`: stacked); `states` None means every job's
+    client state is empty (a stateless strategy); `indices` holds each job's [K, B] sample
+    indices, or is None when `orders` computes them for the whole cohort on the executor's
+    device (`local.shuffle: hash`)."""
 
     __slots__ = ("clients", "job_ids", "versions", "num_samples", "shapes", "payloads", "states", "indices", "orders")
 
@@ -76,7 +79,7 @@ class JobBatch(Sequence[Job]):
         if isinstance(jobs, JobBatch):
             return jobs
         n = len(jobs)
-        ints = np.empty((5, n), dtype=np.int64)
+        ints = np.empty((4, n), dtype=np.int64)
         ints[0] = [j.client for j in jobs]
         ints[1] = [j.job_id for j in jobs]
         ints[2] = [j.version for j in jobs]
@@ -91,7 +94,7 @@ class JobBatch(Sequence[Job]):
         first = jobs[0].indices if n else None
         deferred = isinstance(first, DeferredIndices)
         return cls(ints[0], ints[1], ints[2], ints[3], shapes,
-                   payloads[0] if n and _all_same(payloads) else payloads,
+                   payloads[0] if n and all_same(payloads) else payloads,
                    states if any(states) else None,
                    None if deferred else [j.indices for j in jobs], first.orders if deferred else None)
 
@@ -169,6 +172,6 @@ class JobBatch(Sequence[Job]):
         return f"JobBatch({len(self)} jobs, clients {self.clients[:8].tolist()}{'...' if len(self) > 8 else ''})"
 
 
-def _all_same(values: Sequence[Any]) -> bool:
-    first = values[0]
-    return all(v is first for v in values)
+def all_same(values: Sequence[Any]) -> bool:
+    """True when every value is the same object as the first (identity, not equality)."""
+    return all(map(operator.is_, values, repeat(values[0]))) if values else True
