@@ -24,7 +24,7 @@ import tempfile
 import weakref
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -200,6 +200,31 @@ class ClientStateStore:
         if self.memory_bytes is not None:
             while self._mem_bytes > self.memory_bytes and self._mem:
                 self._spill(*self._mem.popitem(last=False))
+
+    def put_many(self, clients: Sequence[int], stacked: Mapping[str, Tensor]) -> None:
+        """Stores row i of each of the `stacked` tensors ([m, ...]) as the state of clients[i],
+        in order: what `put` one client after another stores (a client listed twice keeps
+        its last row). The stack comes to the CPU once, and each row is copied out of it
+        into storage of its own, as `put` keeps it."""
+        if not stacked or not len(clients):
+            return
+        names = list(stacked)
+        columns = [stacked[k].detach().cpu().contiguous() for k in names]
+        nbytes = sum(c[0].numel() * c.element_size() for c in columns)
+        mem, ids = self._mem, [int(c) for c in clients]
+        if min(ids) < 0:
+            raise ValueError(f"client ids must be >= 0, got {min(ids)}")
+        for i, client in enumerate(ids):
+            if client not in self:
+                self._count += 1
+            old = mem.pop(client, None)
+            if old is not None:
+                self._mem_bytes -= _nbytes(old)
+            mem[client] = {k: c[i].clone() for k, c in zip(names, columns)}
+            self._mem_bytes += nbytes
+            if self.memory_bytes is not None:  # the budget holds after every row, as with `put`
+                while self._mem_bytes > self.memory_bytes and mem:
+                    self._spill(*mem.popitem(last=False))
 
     def _spill(self, client: int, state: State) -> None:
         self._mem_bytes -= _nbytes(state)

@@ -162,3 +162,30 @@ def test_checkpoint_carries_spilled_client_state(tmp_path):
     assert resumed.ctx.store.spilled_writes > 0
     assert torch.equal(resumed.protocol.eval_params(resumed.ctx, resumed.final_state),
                        ref.protocol.eval_params(ref.ctx, ref.final_state))
+
+
+@pytest.mark.parametrize("budget_rows", [None, 3])  # 3: rows spill while the batch is stored
+def test_put_many_stores_what_put_one_by_one_stores(tmp_path, budget_rows):
+    g = torch.Generator().manual_seed(0)
+    stacked = {"c": torch.randn((6, 5), generator=g), "n": torch.arange(6, dtype=torch.int64)[:, None] * 3}
+    clients = [4, 1, 7, 1, 0, 9]  # client 1 twice: its last row is its state
+    row_bytes = 5 * 4 + 8
+    stores = [ClientStateStore(None if budget_rows is None else budget_rows * row_bytes, tmp_path / name)
+              for name in ("one", "many")]
+    for s in stores:
+        s.put(2, {"c": torch.ones(5), "n": torch.tensor([1])})  # an older entry, first to spill
+    for i, client in enumerate(clients):
+        stores[0].put(client, {k: v[i] for k, v in stacked.items()})
+    stores[1].put_many(clients, stacked)
+    one, many = stores
+    assert len(one) == len(many) == 6
+    assert list(one.clients()) == list(many.clients()) == [0, 1, 2, 4, 7, 9]
+    assert list(one._mem) == list(many._mem) and one.memory_in_use == many.memory_in_use  # the same stay in memory
+    for (ca, sa), (cb, sb) in zip(one.items(), many.items()):
+        assert ca == cb and sa.keys() == sb.keys() and all(same_bits(sa[k], sb[k]) for k in sa)
+    if budget_rows is not None:
+        assert one.spilled and many.spilled and many.memory_in_use <= budget_rows * row_bytes
+    # each row owns its storage: a stored state does not pin the whole stack
+    assert many.get(9)["c"].untyped_storage().nbytes() == 5 * 4
+    for s in stores:
+        s.close()

@@ -175,11 +175,9 @@ class RunContext:
         self.executor.keep_states(contribs.jobs, contribs.senders)
         senders = contribs.senders.tolist()
         if contribs.state:
-            for i, client in enumerate(senders):
-                self.store.put(client, {k: v[i] for k, v in contribs.state.items()})
+            self.store.put_many(senders, contribs.state)
         if memory:
-            for i, client in enumerate(senders):
-                self.memory.put(client, {k: v[i] for k, v in memory.items()})
+            self.memory.put_many(senders, memory)
 
     def log(self, time: int, kind: str, **fields: Any) -> None:
         """Appends an event to events.jsonl when `run.log_events` is on."""
