@@ -8,7 +8,7 @@ to the same run with a 10,000-client population: the per-round memory must not g
 the rounds, and what differs between the two populations must be the data and its index
 (built once), not per-round state.
 
-    python benchmarks/scale.py [--device cpu] [--rounds 20]
+    python benchmarks/scale.py [--device cpu] [--rounds 20] [--shuffle hash] [--keep-on-device] [--strategy scaffold]
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from fedsim.config import load_config  # noqa: E402
 from fedsim.runner import build, drive  # noqa: E402
 
 
-def config(clients: int, rounds: int, device: str, shuffle: str = "generator", keep: bool = False) -> dict:
+def config(clients: int, rounds: int, device: str, shuffle: str = "generator", keep: bool = False,
+           strategy: str = "fedavg") -> dict:
     """Returns the scale benchmark's config for a population of `clients`."""
     return {
         "name": "scale",
@@ -35,7 +36,7 @@ def config(clients: int, rounds: int, device: str, shuffle: str = "generator", k
         "data": {"name": "gaussian_mixture", "num_samples": int(2.5 * clients), "dim": 16, "num_classes": 10,
                  "num_clients": clients, "partition": "iid"},
         "model": {"name": "logreg"},
-        "strategy": {"name": "fedavg"},
+        "strategy": {"name": strategy},
         "local": {"lr": 0.1, "batch_size": 16, "epochs": 1, "shuffle": shuffle},
         "protocol": {"name": "sync", "clients_per_round": 1000},
         "executor": {"kind": "vmap", "device": device, "keep_on_device": keep},
@@ -47,14 +48,14 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def measure(clients: int, rounds: int, device: str, shuffle: str, keep: bool) -> dict[str, float]:
+def measure(clients: int, rounds: int, device: str, shuffle: str, keep: bool, strategy: str = "fedavg") -> dict[str, float]:
     """Builds and runs one population; returns memory and timing figures."""
     before = rss_mb()
     t = time.perf_counter()
-    run = build(load_config(config(clients, rounds, device, shuffle, keep)))
+    run = build(load_config(config(clients, rounds, device, shuffle, keep, strategy)))
     t_build = time.perf_counter() - t
     built = rss_mb()
-    warm = build(load_config(config(clients, 2, device, shuffle, keep)))  # first-call costs (lazy imports) out of the timing
+    warm = build(load_config(config(clients, 2, device, shuffle, keep, strategy)))  # first-call costs (lazy imports) out of the timing
     drive(warm, None, progress=False)
     del warm
     start_rounds = rss_mb()
@@ -106,13 +107,14 @@ def main() -> None:
     ap.add_argument("--populations", default="10000,1000000")
     ap.add_argument("--shuffle", default="generator", help="local.shuffle: generator (default) or hash")
     ap.add_argument("--keep-on-device", action="store_true", help="executor.keep_on_device")
+    ap.add_argument("--strategy", default="fedavg", help="e.g. scaffold: a client state per client, stored after each round")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}; 1,000 clients per round; "
-          f"shuffle {args.shuffle}, keep_on_device {args.keep_on_device}")
+          f"shuffle {args.shuffle}, keep_on_device {args.keep_on_device}; strategy {args.strategy}")
     print(f"{'population':>10s} {'build s':>8s} {'RSS built MB':>13s} {'RSS start MB':>13s} {'RSS end MB':>11s} {'s/round':>8s} "
           f"{'compute ms':>10s} {'rest ms':>8s} {'2 evals s':>9s} {'accuracy':>9s}")
     for n in (int(p) for p in args.populations.split(",")):
-        r = measure(n, args.rounds, args.device, args.shuffle, args.keep_on_device)
+        r = measure(n, args.rounds, args.device, args.shuffle, args.keep_on_device, args.strategy)
         print(f"{n:10d} {r['build_s']:8.1f} {r['rss_built']:13.0f} {r['rss_start']:13.0f} {r['rss_end']:11.0f} "
               f"{r['s_per_round']:8.4f} {r['compute_ms']:10.2f} {r['rest_ms']:8.2f} {r['eval_s']:9.2f} {r['accuracy']:9.4f}",
               flush=True)
