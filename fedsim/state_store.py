@@ -189,17 +189,8 @@ class ClientStateStore:
             return
         if client < 0:
             raise ValueError(f"client ids must be >= 0, got {client}")
-        if client not in self:
-            self._count += 1
-        old = self._mem.pop(client, None)
-        if old is not None:
-            self._mem_bytes -= _nbytes(old)
-        state = {k: _compact(v) for k, v in state.items()}
-        self._mem[client] = state
-        self._mem_bytes += _nbytes(state)
-        if self.memory_bytes is not None:
-            while self._mem_bytes > self.memory_bytes and self._mem:
-                self._spill(*self._mem.popitem(last=False))
+        compact = {k: _compact(v) for k, v in state.items()}
+        self._keep(client, compact, _nbytes(compact))
 
     def put_many(self, clients: Sequence[int], stacked: Mapping[str, Tensor]) -> None:
         """Stores row i of each of the `stacked` tensors ([m, ...]) as the state of clients[i],
@@ -208,23 +199,28 @@ class ClientStateStore:
         into storage of its own, as `put` keeps it."""
         if not stacked or not len(clients):
             return
+        ids = [int(c) for c in clients]
+        if min(ids) < 0:
+            raise ValueError(f"client ids must be >= 0, got {min(ids)}")
         names = list(stacked)
         columns = [stacked[k].detach().cpu().contiguous() for k in names]
         nbytes = sum(c[0].numel() * c.element_size() for c in columns)
-        mem, ids = self._mem, [int(c) for c in clients]
-        if min(ids) < 0:
-            raise ValueError(f"client ids must be >= 0, got {min(ids)}")
         for i, client in enumerate(ids):
-            if client not in self:
-                self._count += 1
-            old = mem.pop(client, None)
-            if old is not None:
-                self._mem_bytes -= _nbytes(old)
-            mem[client] = {k: c[i].clone() for k, c in zip(names, columns)}
-            self._mem_bytes += nbytes
-            if self.memory_bytes is not None:  # the budget holds after every row, as with `put`
-                while self._mem_bytes > self.memory_bytes and mem:
-                    self._spill(*mem.popitem(last=False))
+            self._keep(client, {k: c[i].clone() for k, c in zip(names, columns)}, nbytes)
+
+    def _keep(self, client: int, state: State, nbytes: int) -> None:
+        """Keeps `state` (compact CPU tensors of `nbytes` bytes) as `client`'s, most recently
+        used, then spills the least recently used states beyond the budget."""
+        if client not in self:
+            self._count += 1
+        old = self._mem.pop(client, None)
+        if old is not None:
+            self._mem_bytes -= _nbytes(old)
+        self._mem[client] = state
+        self._mem_bytes += nbytes
+        if self.memory_bytes is not None:
+            while self._mem_bytes > self.memory_bytes and self._mem:
+                self._spill(*self._mem.popitem(last=False))
 
     def _spill(self, client: int, state: State) -> None:
         self._mem_bytes -= _nbytes(state)
