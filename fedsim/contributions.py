@@ -156,7 +156,7 @@ class Contributions:
                                  f"{sorted(first.state)} to ones with {sorted(p.extras)} and {sorted(p.state)}")
         cat = np.concatenate
         names = sorted({k for p in parts for k in p.metrics})
-        metrics = {k: cat([p.metrics.get(k, np.full(len(p), np.nan)) for p in parts]) for k in names}
+        metrics = {k: cat([p.metrics[k] if k in p.metrics else np.full(len(p), np.nan) for p in parts]) for k in names}
         return Contributions(
             cat([p.senders for p in parts]), _cat([p.updates for p in parts]), cat([p.num_samples for p in parts]),
             cat([p.num_steps for p in parts]), cat([p.jobs for p in parts]), cat([p.versions for p in parts]),
@@ -214,6 +214,13 @@ class Contributions:
         if self.stacked:
             return np.full(m, _row_bytes(self.updates) + extra, dtype=np.int64)
         return np.array([nbytes(u) + extra for u in self.updates], dtype=np.int64)
+
+    def row_uplink_bytes(self, i: int) -> int:
+        """Returns the bytes row i's sender sent: ``uplink_bytes()[i]`` without the array."""
+        from .comm import nbytes
+
+        extra = sum(_row_bytes(v) for v in self.extras.values()) if self.extras else 0
+        return (_row_bytes(self.updates) if self.stacked else nbytes(self.updates[i])) + extra
 
     def check_finite(self, round_: int, seconds: float) -> None:
         """Raises DivergenceError naming the first sender whose update has NaN or inf entries.

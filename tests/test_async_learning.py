@@ -252,3 +252,37 @@ def test_lost_jobs_never_arrive_and_their_slot_is_refilled():
     for t, kind, _ in events:
         in_flight += {"dispatch": 1, "arrival": -1, "drop": -1}.get(kind, 0)
         assert 0 <= in_flight <= 6
+
+
+def test_an_aggregation_accepts_its_rows_at_once_as_one_by_one(monkeypatch):
+    # every client in flight and a buffer of 15 > 10 clients: each aggregation holds some
+    # client's updates twice. Accepting the buffer's rows at once (the protocol's way) must
+    # leave the model, the clients' states (EF21's h_i) and the server's memory of them
+    # exactly as accepting them one by one, in buffer order
+    from fedsim.protocols.base import RunContext
+
+    cfg = quadratic_config(
+        strategy={"name": "compressed", "compressor": {"name": "topk", "ratio": 0.4}, "feedback": "ef21"},
+        protocol={"name": "async", "buffer_size": 15},
+        system={"compute": {"name": "lognormal", "mean": 1.0, "sigma": 1.0}},
+        run={"rounds": 6, "eval_every": 6},
+    )
+    at_once = run_config(cfg)
+    real = RunContext.accept
+    seen: list[list[int]] = []
+
+    def one_by_one(self, contribs, memory=None):
+        seen.append(contribs.senders.tolist())
+        for i in range(len(contribs)):
+            real(self, contribs.row(i), {k: v[i : i + 1] for k, v in (memory or {}).items()})
+
+    monkeypatch.setattr(RunContext, "accept", one_by_one)
+    alone = run_config(cfg)
+    assert len(seen) == 6 and all(len(set(s)) < len(s) for s in seen)  # repeated senders in every aggregation
+    assert torch.equal(at_once.protocol.eval_params(at_once.ctx, at_once.final_state),
+                       alone.protocol.eval_params(alone.ctx, alone.final_state))
+    for c in range(10):
+        a, b = at_once.ctx.store.get(c), alone.ctx.store.get(c)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        ma, mb = at_once.ctx.memory.get(c), alone.ctx.memory.get(c)
+        assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)

@@ -92,6 +92,7 @@ def test_cohorts_of_different_step_counts_come_back_in_job_order():
     # c_i and Δc_i divide the update by Kη (≥ 0.1 here): its rounding, 10× larger
     _assert_rows_equal(got, serial.run(jobs), rtol=1e-5, atol=1e-7)
     assert got.uplink_bytes().tolist() == [2 * params.numel() * 4] * 7  # the update and Δc
+    assert [got.row_uplink_bytes(i) for i in range(7)] == got.uplink_bytes().tolist()
 
 
 def test_submitted_jobs_fetched_one_by_one_equal_the_run():
@@ -290,3 +291,15 @@ def test_round_timing_equals_the_reference_loop(m, seed, t0, with_cut, lost_p):
     on_time, late, losses, end = _time_round_loop(t0, residue, clients, durations, lost, lost_at, deadline)
     assert list(zip(timing.on_time_at.tolist(), clients[timing.on_time].tolist())) == on_time
     assert (timing.late, timing.losses, (timing.end, timing.end_residue)) == (late, losses, end)
+
+
+def test_a_rows_uplink_bytes_without_the_array():
+    from fedsim.compressors import sign, topk
+
+    v = torch.linspace(-1, 1, 64)
+    messages = (topk(0.1)(v, 0), sign()(v, 0), topk(0.5)(v, 0))  # encoded: each its own size
+    extra = {"dc": torch.zeros(3, 10, dtype=torch.float64)}
+    for updates in (messages, torch.zeros(3, 64)):
+        got = contributions(updates, extras=extra)
+        assert [got.row_uplink_bytes(i) for i in range(3)] == got.uplink_bytes().tolist()
+    assert len(set(contributions(messages).uplink_bytes().tolist())) == 3

@@ -190,11 +190,10 @@ class VmapExecutor(Executor):
     def _flush(self) -> None:
         jobs = list(self._pending.values())
         self._pending.clear()
-        rows: list[Contributions] = []
+        done = self._done
         # the asynchronous protocols take results job by job: each cohort is split into rows
         # as soon as it is queued, while the device still computes
-        self._run_cohorts(jobs, lambda piece: rows.extend(piece.split()))
-        self._done.update(zip((int(r.jobs[0]) for r in rows), rows))
+        self._run_cohorts(jobs, lambda piece: done.update(zip(piece.jobs.tolist(), piece.split())))
 
     def _run_jobs(self, jobs: Sequence[Job]) -> Contributions:
         """Runs `jobs` cohort by cohort; returns their contributions in the jobs' order."""

@@ -220,6 +220,8 @@ class Engine:
         # a large population that is always available: idle clients are found from the busy
         # ones (`_draw_idle`), not by scanning every client at every event
         self.sparse = num_clients >= SPARSE_POPULATION and clock.always_available
+        self._handlers = {"done": self._on_done, "arrival": self._on_arrival, "lost": self._on_lost,
+                          "window": self._on_window, "retry": self._on_retry}
 
     def _in_flight(self, st: ScheduleState) -> "InFlight":
         """Returns the jobs in flight of `st` per client (counted from its flights the first
@@ -263,7 +265,7 @@ class Engine:
             return st
         ev = st.queue.pop()
         st.time, st.residue = ev.time, ev.residue
-        getattr(self, f"_on_{ev.kind}")(st, hooks, ev.time, **ev.data)
+        self._handlers[ev.kind](st, hooks, ev.time, **ev.data)
         self._fill(st, hooks)
         return st
 
@@ -344,15 +346,19 @@ class Engine:
         if self.sparse:
             ready = self._draw_idle(st)
         else:
-            busy = self._in_flight(st).counts > 0
-            busy[st.parked] = True
-            idle = np.flatnonzero(~busy).astype(np.int64, copy=False)
+            counts = self._in_flight(st).counts
+            if st.parked:
+                busy = counts > 0
+                busy[st.parked] = True
+                idle = np.flatnonzero(~busy).astype(np.int64, copy=False)
+            else:
+                idle = np.flatnonzero(counts == 0).astype(np.int64, copy=False)
             ready = self.clock.available(idle, t) if len(idle) else idle
             if len(ready) > st.free:
                 gen = self._draws.get(st.next_job)
                 ready = draw_one(gen, ready) if st.free == 1 else np.sort(gen.choice(ready, st.free, replace=False))
-        for client in ready:
-            self._dispatch(st, hooks, int(client), t)
+        for client in ready.tolist():
+            self._dispatch(st, hooks, client, t)
         if st.free > 0 and st.retry_at is None:
             nxt = self.clock.next_availability_change(t)
             if math.isfinite(nxt):

@@ -118,6 +118,8 @@ class AsyncProtocol(Protocol, Hooks):
         self._p = importance(ctx.data.samples_per_client(), self.client_weights)
         self._f = self.schedule_frequencies(ctx) if self.weighting == "unbiased" else None
         self._submitted = False  # in-flight jobs are resubmitted (`resume`) before the first step after a restore
+        self._sized: Payload | None = None  # the payload whose wire size `_size` is (the current version's)
+        self._size = 0
 
     def schedule_frequencies(self, ctx: RunContext) -> np.ndarray:
         """Returns f_i from a learning-free run of this schedule over the run's horizon
@@ -188,16 +190,18 @@ class AsyncProtocol(Protocol, Hooks):
         st.refs[v] = st.refs.get(v, 0) + 1
         payload = st.models[v]
         j = self.ctx.make_job(client, payload, v, job)
-        pending = self._buffered(st, client)
+        # a stateless strategy's jobs start from no state: no buffered one to continue from
+        pending = self._buffered(st, client) if self.ctx.strategy.client_state is not None else None
         if pending is not None:  # the client continues from its last accepted job, not yet stored
             j = replace(j, state=pending[1])
             st.dispatch_states[job] = pending[1]  # a resume resubmits the job with it
             self.ctx.executor.keep_states(np.array([pending[0]]), np.array([client]))
         if submit:
             self.ctx.executor.submit(j)
-        down = nbytes(payload)
-        st.bytes_down += down
-        return j.num_steps, down
+        if self._sized is not payload:  # every job of a version downloads the same payload
+            self._sized, self._size = payload, nbytes(payload)
+        st.bytes_down += self._size
+        return j.num_steps, self._size
 
     def finish(self, st: AsyncState, flight: Flight) -> int | None:
         result = self.ctx.executor.result(flight.job)
@@ -205,7 +209,7 @@ class AsyncProtocol(Protocol, Hooks):
         if not len(result):  # its code failed (executor.on_client_error='drop')
             return None
         st.results[flight.job] = result
-        up = int(result.uplink_bytes()[0])
+        up = result.row_uplink_bytes(0)
         st.bytes_up += up
         return up
 
@@ -228,18 +232,22 @@ class AsyncProtocol(Protocol, Hooks):
         st.server = ctx.strategy.combine(st.server, got, CombineContext(ctx.num_clients, st.version, to_seconds(time)))
         # jobs still computing, by client: their stored states are kept before accepting changes them
         # (a stateless strategy stores none, so there is nothing to keep)
-        computing: dict[int, list[int]] = {}
         if ctx.strategy.client_state is not None:
+            computing: dict[int, list[int]] = {}
             for f in st.flights.values():
                 computing.setdefault(f.client, []).append(f.job)
-        for i, u in enumerate(updates):  # one by one: a client may have several updates in the buffer
-            self._keep_dispatch_states(st, u.client, computing.get(u.client, ()))
-            ctx.accept(got.row(i), {k: v[i : i + 1] for k, v in memory.items()})
+            for client in dict.fromkeys(clients.tolist()):
+                self._keep_dispatch_states(st, client, computing.get(client, ()))
+        # all rows at once: a client with several updates in the buffer keeps its last row's
+        # state, as accepting them one by one would
+        ctx.accept(got, memory)
+        for u in updates:
             self.release(st, u.job, u.version)
         st.staleness_seen.extend(staleness.tolist())
         losses = got.metrics.get("train_loss")
         if losses is not None:
-            st.losses_seen.extend(float(x) for x in losses if not np.isnan(x))
+            losses = np.asarray(losses, dtype=np.float64)
+            st.losses_seen.extend(losses[~np.isnan(losses)].tolist())
 
     @staticmethod
     def _buffered(st: AsyncState, client: int) -> tuple[int, dict[str, Tensor]] | None:
