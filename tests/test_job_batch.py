@@ -166,3 +166,19 @@ def test_a_stateful_round_is_one_cohort_unless_its_states_differ_in_shape():
     split = group(JobBatch(batch.clients, batch.job_ids, batch.versions, batch.num_samples, batch.shapes,
                            batch.payloads, odd, batch.indices, batch.orders))
     assert [c.job_ids.tolist() for c in split] == [[0, 1, 2, 3, 5], [4]]
+
+
+def test_jobs_from_a_few_model_versions_stack_as_their_rows():
+    # an asynchronous cohort: its jobs start from three versions (each with a control variate
+    # as SCAFFOLD's payload carries); each distinct model moves once and is gathered per row
+    from fedsim.executors.cohort import stack
+
+    versions = [Payload(torch.full((6,), float(v)), {"c": torch.full((6,), -float(v))}) for v in range(3)]
+    order = [0, 1, 1, 2, 0, 2, 2, 1]
+    jobs = [Job(i, i, order[i], versions[order[i]], {}, np.arange(4).reshape(2, 2), 4) for i in range(len(order))]
+    st = stack(JobBatch.of(jobs), torch.device("cpu"))
+    assert st.params_dim == 0 and st.extras_dims == {"c": 0}
+    assert torch.equal(st.params, torch.stack([versions[v].params for v in order]))
+    assert torch.equal(st.extras["c"], torch.stack([versions[v].extras["c"] for v in order]))
+    padded = stack(JobBatch.of(jobs), torch.device("cpu"), pad_to=10)  # padding rows repeat the first job's
+    assert torch.equal(padded.params, torch.stack([versions[v].params for v in order + [0, 0]]))

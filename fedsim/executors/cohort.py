@@ -114,10 +114,18 @@ def block_size(values: Sequence[Any]) -> int | None:
 
 
 def _shared_or_stacked(values: list[Any], device: torch.device) -> tuple[Any, int | None]:
+    """One value for every row (in_dim None), or the rows stacked on `device` (in_dim 0).
+    Rows that share a few tensors (an asynchronous cohort's jobs start from a few model
+    versions) move each distinct tensor once and are gathered where they land."""
     first = values[0]
     if all_same(values) or not isinstance(first, torch.Tensor):
         return (first.to(device) if isinstance(first, torch.Tensor) else first), None
-    return torch.stack(values).to(device), 0
+    position: dict[int, int] = {}
+    which = [position.setdefault(id(v), len(position)) for v in values]
+    if 2 * len(position) > len(values):
+        return torch.stack(values).to(device), 0
+    distinct = list({id(v): v for v in values}.values())
+    return torch.stack(distinct).to(device).index_select(0, torch.tensor(which, device=device)), 0
 
 
 def stack(jobs: JobBatch, device: torch.device, pad_to: int | None = None) -> Stacked:
