@@ -587,6 +587,8 @@ class MemberExecutor(Executor):
         self._done: dict[int, Contributions] = {}
         self._test: dict = {}
         self.order_device = resolve_device(shared.vmap.device_name)
+        graphs = shared.vmap.graphs  # as the shared executor's cohorts (`VmapExecutor.start`)
+        self.order_graphs = self.order_device.type != "cpu" if graphs is None else bool(graphs)
 
     def start(self, spec: WorkerSpec, strategy: Strategy | None = None) -> None:
         self.shared.specs[self.member] = (spec, strategy)

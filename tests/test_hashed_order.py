@@ -32,25 +32,50 @@ def population() -> list[np.ndarray]:
     return out
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_devices_cohort_orders_equal_the_hosts_job_by_job(device):
+def test_a_devices_cohort_orders_equal_the_hosts_job_by_job(device, static):
+    # static: buffers per bucketed shape (sample counts and passes padded to powers of two),
+    # replayed as CUDA graphs on CUDA; each shape is called twice, with other jobs and fewer
+    # live rows the second time, so a replay that kept the first call's inputs or output fails
     clients = population()
     rng = np.random.default_rng(1)
     for b, epochs, steps, sampling, drop_last in SETTINGS:
-        orders = DeviceOrders(clients, b, epochs, steps, sampling, drop_last, seed=7, device=torch.device(device))
+        orders = DeviceOrders(clients, b, epochs, steps, sampling, drop_last, seed=7, device=torch.device(device),
+                              static=static)
         cohorts: dict[tuple, list[int]] = {}
         for c, ids in enumerate(clients):
             shape = orders.shape(c)
             assert shape == job_indices(ids, b, epochs, steps, sampling, drop_last, np.random.default_rng(0)).shape
             cohorts.setdefault(shape, []).append(c)
         for shape, members in cohorts.items():
-            cs = np.array(members)
-            jobs = rng.integers(0, 2**40, len(cs))  # job ids beyond 32 bits too
-            got = orders.cohort(cs, jobs, rows=len(cs) + 2).cpu().numpy()
-            for i, (c, j) in enumerate(zip(cs, jobs)):
-                ref = job_indices_hashed(clients[c], b, epochs, steps, sampling, drop_last, job_keys(7, int(c), int(j)))
-                assert np.array_equal(got[i], ref), (int(c), int(j), b, epochs, steps, sampling, drop_last)
-            assert (got[len(cs):] == -1).all()  # padding rows
+            for cs in (np.array(members), np.array(members[::-1][: max(1, len(members) - 1)])):
+                rows = len(members) + 2
+                jobs = rng.integers(0, 2**40, len(cs))  # job ids beyond 32 bits too
+                got = orders.cohort(cs, jobs, rows=rows).cpu().numpy()
+                assert got.shape[0] == rows
+                for i, (c, j) in enumerate(zip(cs, jobs)):
+                    ref = job_indices_hashed(clients[c], b, epochs, steps, sampling, drop_last,
+                                             job_keys(7, int(c), int(j)))
+                    assert np.array_equal(got[i], ref), (int(c), int(j), b, epochs, steps, sampling, drop_last)
+                assert (got[len(cs):] == -1).all()  # padding rows
+        if static:
+            assert 0 < len(orders._static) <= len(cohorts)  # one static entry per shape (bucketing merges some)
+
+
+def test_static_orders_keep_a_bounded_number_of_shapes():
+    from fedsim.data.hashed_order import STATIC_SHAPES
+
+    clients = population()
+    orders = DeviceOrders(clients, 4, 1, None, "epoch", False, seed=3, device=torch.device("cpu"), static=True)
+    cs = np.array([c for c, ids in enumerate(clients) if len(ids) == 10])
+    for rows in range(len(cs), len(cs) + STATIC_SHAPES + 4):  # a new padded size each call: eager past the cap
+        got = orders.cohort(cs, np.arange(len(cs)) + rows, rows=rows).numpy()
+        for i, c in enumerate(cs):
+            ref = job_indices_hashed(clients[c], 4, 1, None, "epoch", False, job_keys(3, int(c), i + rows))
+            assert np.array_equal(got[i], ref)
+        assert (got[len(cs):] == -1).all()
+    assert len(orders._static) == STATIC_SHAPES
 
 
 def test_hashes_agree_between_numpy_torch_and_python_ints():

@@ -154,6 +154,7 @@ class Executor(ABC):
 
     model_device: torch.device | None = None  # where the runner keeps the model (None: CPU)
     order_device: torch.device | None = None  # computes hashed batch orders of its cohorts there (None: the host does)
+    order_graphs: bool = False  # computes them on static buffers per cohort shape (CUDA graphs on CUDA)
 
     def evaluate(self, task: Task, params: Tensor, x: Tensor, y: Tensor, batch_size: int) -> dict[str, float | None]:
         """Evaluates `params` on (x, y) where this executor computes (default: in-process,

@@ -128,6 +128,7 @@ class VmapExecutor(Executor):
         self.channels_last = self.conv == "channels_last" and self._takes_channels_last()
         use_graphs = (not on_cpu) if self.graphs is None else self.graphs
         self.runner = StaticCohortRunner(capture=not on_cpu) if use_graphs else None
+        self.order_graphs = use_graphs  # the cohorts' hashed batch orders, too
         self._fns: dict[Any, Any] = {}
         self._sizes: set[int] = set()
         self._test: tuple[Tensor, Tensor, Tensor, Tensor] | None = None

@@ -80,7 +80,8 @@ class RunContext:
         self.device_orders = None  # the executor computes hashed orders of whole cohorts on its device
         if self.hashed and executor.order_device is not None:
             self.device_orders = DeviceOrders(data.client_train, local.batch_size, local.epochs, local.steps,
-                                              local.sampling, local.drop_last, self.seed, executor.order_device)
+                                              local.sampling, local.drop_last, self.seed, executor.order_device,
+                                              static=executor.order_graphs)
 
     def client_state(self, client: int) -> dict[str, Tensor]:
         """Returns the client's stored state, or a fresh initial state (not stored until accepted)."""
