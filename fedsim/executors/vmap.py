@@ -466,7 +466,8 @@ def vmap(
         precision: 'fp32' (equal to the serial executor up to rounding), 'tf32' (TF32 matrix
             units on CUDA), 'bf16' (bfloat16 autocast; parameters stay float32).
         graphs: Replay each cohort shape as a CUDA graph (after 8 distinct cohort sizes, new
-            sizes are padded to captured or bucketed ones);
+            sizes are padded to captured or bucketed ones), and with ``local.shuffle: hash``
+            the computation of its batch orders too;
             default: on for CUDA, off on the CPU (where it only pads and reuses buffers).
         conv: 'native' convolutions (grouped convolutions under vmap); 'channels_last' (the
             same grouped convolutions, fed the clients' images laid out so that they run
