@@ -109,21 +109,32 @@ def hashed(cfg: dict) -> dict:
     return merge(cfg, {"local": {"shuffle": "hash"}})
 
 
-def test_serial_and_vmap_give_the_same_run_with_hashed_orders(cohort_sizes, monkeypatch):  # noqa: F811
-    # the vmap executor draws its cohorts' orders itself: the host-side path must not be used
+def _static_shapes(run) -> int:
+    static = run.ctx.device_orders._static
+    return 0 if static is None else len(static)
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "static buffers"])
+def test_serial_and_vmap_give_the_same_run_with_hashed_orders(cohort_sizes, monkeypatch, graphs):  # noqa: F811
+    # the vmap executor draws its cohorts' orders itself: the host-side path must not be used;
+    # with executor.graphs the orders run on static buffers per cohort shape (CUDA graphs on CUDA)
     calls = []
     real = DeviceOrders.host
     monkeypatch.setattr(DeviceOrders, "host", lambda self, *a: calls.append(a) or real(self, *a))
     cfg = hashed(digits_config(local={"epochs": 2}, run={"rounds": 2, "eval_every": 1, "torch_threads": 1}))
-    assert_same_run(cfg, cohort_sizes)
+    _, vm = assert_same_run(cfg, cohort_sizes, graphs=graphs)
     assert calls == []
+    assert (_static_shapes(vm) > 0) == graphs
 
 
-def test_async_runs_agree_with_hashed_orders(cohort_sizes):  # noqa: F811
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "static buffers"])
+def test_async_runs_agree_with_hashed_orders(cohort_sizes, graphs):  # noqa: F811
+    # asynchronous cohorts vary in size: padded to a few sizes, each a static shape of the orders
     cfg = hashed(digits_config(local={"steps": 3, "sampling": "replacement"}, run={"rounds": 6, "eval_every": 3,
                                                                                     "torch_threads": 1}))
     cfg["protocol"] = {"name": "async", "concurrency": 4, "buffer_size": 2}
-    assert_same_run(cfg, cohort_sizes)
+    _, vm = assert_same_run(cfg, cohort_sizes, graphs=graphs)
+    assert (_static_shapes(vm) > 0) == graphs
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "scaffold"])
