@@ -78,6 +78,21 @@ def test_static_orders_keep_a_bounded_number_of_shapes():
     assert len(orders._static) == STATIC_SHAPES
 
 
+def test_static_orders_leave_large_sorts_eager(monkeypatch):
+    import fedsim.data.hashed_order as hashed_order
+
+    clients = population()
+    cs = np.array([c for c, ids in enumerate(clients) if len(ids) == 50])  # sorts of 64 positions a row
+    monkeypatch.setattr(hashed_order, "STATIC_ELEMENTS", 64 * len(cs))
+    orders = DeviceOrders(clients, 10, 1, None, "epoch", False, seed=3, device=torch.device("cpu"), static=True)
+    for rows, kept in ((len(cs), 1), (len(cs) + 1, 1)):  # the second sorts 64 more keys than allowed
+        got = orders.cohort(cs, np.arange(len(cs)), rows=rows).numpy()
+        assert len(orders._static) == kept
+        for i, c in enumerate(cs):
+            assert np.array_equal(got[i], job_indices_hashed(clients[c], 10, 1, None, "epoch", False,
+                                                             job_keys(3, int(c), i)))
+
+
 def test_hashes_agree_between_numpy_torch_and_python_ints():
     x = np.array([0, 1, 2**31, 2**32 - 1, 123456789], dtype=np.int64)
     want = [mix32(int(v)) for v in x]

@@ -23,6 +23,7 @@ from ..rng import M32, combine, key, mix32
 
 _PAST_END = 1 << 33  # sort key of a padding position: after every 32-bit hash
 STATIC_SHAPES = 16  # most cohort shapes whose orders `DeviceOrders` keeps static buffers (CUDA graphs) for
+STATIC_ELEMENTS = 1 << 20  # largest sort (rows × passes × positions) kept so: a graph holds its intermediates
 
 
 def seed_key(seed: int) -> int:
@@ -92,7 +93,9 @@ class DeviceOrders:
     replayed as a CUDA graph: the ~200 small kernels of the hash and sort cost one launch
     (they took ~1.5 ms of host time per round on an H100, half of a small model's round).
     Shapes are bucketed (sample counts and passes to powers of two, which only adds padding
-    positions that sort last), at most `STATIC_SHAPES` of them; others run eagerly."""
+    positions that sort last), at most `STATIC_SHAPES` of them, each sorting at most
+    `STATIC_ELEMENTS` keys (a captured graph keeps its intermediates in GPU memory for as long
+    as it lives; a large sort costs more on the GPU than its launches); others run eagerly."""
 
     def __init__(self, client_train: list[np.ndarray], batch_size: int, epochs: int, steps: int | None,
                  sampling: str, drop_last: bool, seed: int, device: torch.device, static: bool = False):
@@ -151,7 +154,8 @@ class DeviceOrders:
         runner = self._static
         if runner is not None:
             shape = (rows, k, b, _pow2(nmax), _pow2(passes) if sequential else passes, sequential)
-            if shape in runner._entries or len(runner) < STATIC_SHAPES:
+            small = rows * shape[3] * shape[4] <= STATIC_ELEMENTS
+            if small and (shape in runner._entries or len(runner) < STATIC_SHAPES):
                 c = np.full(rows, clients[0], dtype=np.int64)
                 j = np.full(rows, job_ids[0], dtype=np.int64)
                 c[:m], j[:m] = clients, job_ids
