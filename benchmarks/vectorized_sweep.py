@@ -19,6 +19,13 @@ random layers they are equal to rounding, tests/test_sweep_vectorized.py).
     python benchmarks/vectorized_sweep.py --workload w --device cpu --rounds 40 --lr 0.05   # workload W's MLP
     python benchmarks/vectorized_sweep.py --workload quadratic --device cpu --rounds 300     # per-call overhead only
     python benchmarks/vectorized_sweep.py --quick      # a few rounds of a small cohort on the CPU
+    python benchmarks/vectorized_sweep.py --workload w --device cuda --processes   # and R worker processes
+
+`--processes` adds a third side: the R runs at once in R worker processes (spawned, each
+with its share of the CPU's threads), as `fedsim sweep --workers R` runs them. Each worker
+first makes an untimed 2-round run (imports, CUDA context, first launches: a cost a sweep pays
+once per worker), then the R runs are timed from their hand-over to the pool to the last one's
+end.
 """
 from __future__ import annotations
 
@@ -108,6 +115,44 @@ def vectorised(cfgs: list) -> tuple[float, list[float]]:
     return time.perf_counter() - t, [final(r) for r in rows]
 
 
+def _worker_start(warm: dict, threads: int) -> None:
+    """A worker process's start: its torch threads, then an untimed 2-round run."""
+    os.chdir(ROOT)
+    torch.set_num_threads(threads)
+    drive(build(load_config(warm)), None, progress=False)
+
+
+def _worker_ready(_: int) -> int:
+    time.sleep(0.5)  # long enough that every worker of the pool takes one
+    return os.getpid()
+
+
+def _worker_run(cfg: dict) -> float:
+    rows = drive(build(load_config(cfg)), None, progress=False)
+    sync()
+    return final(rows)
+
+
+def processes(dicts: list[dict], warm: dict) -> tuple[float, list[float]]:
+    """Drives the runs at once in one spawned worker process each (started and warmed up
+    first, untimed); returns wall seconds from the hand-over to the last run's end, and the
+    final accuracies."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from fedsim.sweep import threads_per_worker
+
+    r = len(dicts)
+    with ProcessPoolExecutor(r, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start,
+                             initargs=(warm, threads_per_worker(r))) as pool:
+        pids = set(pool.map(_worker_ready, range(r)))
+        if len(pids) != r:
+            raise RuntimeError(f"{len(pids)} of {r} worker processes started")
+        t = time.perf_counter()
+        accuracies = list(pool.map(_worker_run, dicts))
+        return time.perf_counter() - t, accuracies
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -127,6 +172,8 @@ def main() -> None:
                          "quadratic: the federated quadratic (10 clients, a 5-vector: almost no compute per call)")
     ap.add_argument("--vary", choices=("seed", "lr"), default="seed",
                     help="what differs between the R runs: the seed (0..R-1) or local.lr (lr·2^(i − R/2), seed 0)")
+    ap.add_argument("--processes", action="store_true",
+                    help="also run the R runs at once in R worker processes (as fedsim sweep --workers R)")
     ap.add_argument("--quick", action="store_true", help="5,000 images on 100 clients, 10 per round, 3 rounds, 2 seeds (a CPU check)")
     args = ap.parse_args()
     if args.quick:
@@ -144,6 +191,8 @@ def main() -> None:
     if args.order == "vectorised-first":
         sides.reverse()
     took = {name: fn(cfgs) for name, fn in sides}
+    if args.processes:
+        took["processes"] = processes([c.resolved() for c in cfgs], warm)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     what = "seeds" if args.vary == "seed" else "local learning rates"
     print(f"device: {name}; torch {torch.__version__}; precision {args.precision}; conv {args.conv}; max_chunk {args.max_chunk}; {args.seeds} {what} × "
@@ -155,6 +204,8 @@ def main() -> None:
               f"final accuracies (test loss without one) {', '.join(f'{a:.4f}' for a in accs)}")
     ratio = took["separate"][0] / took["vectorised"][0]
     print(f"separate / vectorised: {ratio:.2f}x (R = {args.seeds}: {args.seeds}x would be one run's cost for all)")
+    if args.processes:
+        print(f"separate / processes: {took['separate'][0] / took['processes'][0]:.2f}x")
 
 
 if __name__ == "__main__":
