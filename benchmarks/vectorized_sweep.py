@@ -115,15 +115,19 @@ def vectorised(cfgs: list) -> tuple[float, list[float]]:
     return time.perf_counter() - t, [final(r) for r in rows]
 
 
-def _worker_start(warm: dict, threads: int) -> None:
+_started: list = []  # in a worker: the barrier that every worker of the pool reaches once warm
+
+
+def _worker_start(warm: dict, threads: int, barrier) -> None:
     """A worker process's start: its torch threads, then an untimed 2-round run."""
     os.chdir(ROOT)
     torch.set_num_threads(threads)
     drive(build(load_config(warm)), None, progress=False)
+    _started.append(barrier)
 
 
 def _worker_ready(_: int) -> int:
-    time.sleep(0.5)  # long enough that every worker of the pool takes one
+    _started[0].wait()  # returns once every worker holds one of these tasks: all started and warm
     return os.getpid()
 
 
@@ -143,8 +147,9 @@ def processes(dicts: list[dict], warm: dict) -> tuple[float, list[float]]:
     from fedsim.sweep import threads_per_worker
 
     r = len(dicts)
-    with ProcessPoolExecutor(r, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start,
-                             initargs=(warm, threads_per_worker(r))) as pool:
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(r, mp_context=spawn, initializer=_worker_start,
+                             initargs=(warm, threads_per_worker(r), spawn.Barrier(r))) as pool:
         pids = set(pool.map(_worker_ready, range(r)))
         if len(pids) != r:
             raise RuntimeError(f"{len(pids)} of {r} worker processes started")
