@@ -155,7 +155,7 @@ class DeviceOrders:
         if runner is not None:
             shape = (rows, k, b, _pow2(nmax), _pow2(passes) if sequential else passes, sequential)
             small = rows * shape[3] * shape[4] <= STATIC_ELEMENTS
-            if small and (shape in runner._entries or len(runner) < STATIC_SHAPES):
+            if small and (shape in runner or len(runner) < STATIC_SHAPES):
                 c = np.full(rows, clients[0], dtype=np.int64)
                 j = np.full(rows, job_ids[0], dtype=np.int64)
                 c[:m], j[:m] = clients, job_ids

@@ -63,6 +63,9 @@ class StaticCohortRunner:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
     def run(self, key: Hashable, build_fn: Callable[[], CohortFn], inputs: tuple) -> Any:
         """Runs `build_fn()`'s function on `inputs` (params, extras, state, indices); the
         function is built and (on CUDA) captured the first time `key` is seen."""
