@@ -121,10 +121,15 @@ def _shared_or_stacked(values: list[Any], device: torch.device) -> tuple[Any, in
     if all_same(values) or not isinstance(first, torch.Tensor):
         return (first.to(device) if isinstance(first, torch.Tensor) else first), None
     position: dict[int, int] = {}
-    which = [position.setdefault(id(v), len(position)) for v in values]
-    if 2 * len(position) > len(values):
+    distinct: list[Tensor] = []
+    which = []
+    for v in values:
+        at = position.setdefault(id(v), len(distinct))
+        if at == len(distinct):
+            distinct.append(v)
+        which.append(at)
+    if 2 * len(distinct) > len(values):
         return torch.stack(values).to(device), 0
-    distinct = list({id(v): v for v in values}.values())
     return torch.stack(distinct).to(device).index_select(0, torch.tensor(which, device=device)), 0
 
 
