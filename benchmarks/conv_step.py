@@ -6,8 +6,10 @@ a grouped convolution), against the same step written as unfold + batched matrix
 (`executor.conv: unfold`), with channels-last images, and against the "limit": one model
 on all 500 images (the same FLOPs without per-client weights). Each in TF32 and bf16
 autocast, and on CUDA also with ``torch.backends.cudnn.benchmark`` (cuDNN times its
-algorithms once per shape and keeps the fastest). Prints ms per step (mean of 30 after 3
-warm-up steps; 2 on a CPU).
+algorithms once per shape and keeps the fastest) and with `executor.conv: triton`'s kernels
+(TF32). Prints ms per step (mean of 30 after 3 warm-up steps; 2 on a CPU) and, on CUDA, the
+GPU time per step (the kernels' summed times under torch.profiler, 5 steps): the Triton step
+is bound by its launches when it runs eagerly, which CUDA graphs remove in a run.
 
     python benchmarks/conv_step.py [--device cuda] [--clients 50]
 """
@@ -25,6 +27,7 @@ from torch import nn  # noqa: E402
 from torch.func import functional_call, grad, vmap  # noqa: E402
 
 from benchmarks._images import pfl_cnn  # noqa: E402
+from fedsim.executors import triton_conv  # noqa: E402
 from fedsim.executors.unfold_conv import with_unfold_convs  # noqa: E402
 
 BATCH = 10
@@ -53,7 +56,18 @@ def main() -> None:
             fn()
         if dev == "cuda":
             torch.cuda.synchronize()
-        print(f"{label:45s} {(time.perf_counter() - t) / reps * 1000:8.3f} ms/step", flush=True)
+        wall = (time.perf_counter() - t) / reps * 1000
+        gpu = f"   GPU {gpu_ms(fn):8.3f} ms/step" if dev == "cuda" else ""
+        print(f"{label:45s} {wall:8.3f} ms/step{gpu}", flush=True)
+
+    def gpu_ms(fn) -> float:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+        return sum(e.self_device_time_total for e in prof.key_averages()) / 5 / 1000
 
     def vectorised(module: nn.Module, channels_last: bool = False, bf16: bool = False):
         def loss(p, xb, yb):
@@ -99,6 +113,8 @@ def main() -> None:
             timeit(vectorised(base, bf16=bf16), f"{p} vmap native, cudnn.benchmark")
             timeit(vectorised(base, channels_last=True, bf16=bf16), f"{p} vmap channels_last, cudnn.benchmark")
             torch.backends.cudnn.benchmark = False
+            if not bf16 and triton_conv.available():
+                timeit(vectorised(triton_conv.with_triton_convs(base)[0]), f"{p} vmap triton (executor.conv: triton)")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,18 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+def _has_cuda() -> bool:
+    import torch  # importing torch does not import triton
+
+    return torch.cuda.is_available()
+
+
+# Without a GPU, Triton kernels (executor.conv: triton) run in Triton's interpreter, on CPU
+# tensors. Triton reads the variable when it is first imported, so it is set here, first.
+if "TRITON_INTERPRET" not in os.environ and not _has_cuda():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skips the tests marked `cuda` (they need a CUDA GPU) where torch sees none, as in CI;
     on a GPU machine `pytest -m cuda` runs exactly these."""

@@ -1,0 +1,504 @@
+"""Many clients' 2-D convolutions at once, as Triton implicit-GEMM kernels.
+
+Under ``vmap`` a convolution whose weights differ per client becomes one grouped
+convolution (groups = clients), and cuDNN runs grouped convolutions far below its dense
+speed. These kernels compute the same thing for a whole cohort in one launch each: for
+client m, ``out[m] = conv2d(x[m], w[m]) + bias[m]`` (`clients_conv2d`), its gradient with
+respect to the input (`clients_conv2d_input_grad`) and to the weight
+(`clients_conv2d_weight_grad`). Each is a matrix product whose left operand, the im2col
+matrix of the client's images, is gathered tile by tile from the images and never stored:
+
+    out[m][(b, i, j), o] = Σ_k A[m][(b, i, j), k] · W[m][k, o],
+    A[m][(b, i, j), (c, u, v)] = x[m, b, c, i + u − pad_h, j + v − pad_w]  (0 outside),
+
+with ``W[m] = w[m].reshape(O, C·KH·KW)ᵀ``. The input gradient is the same product on the
+output gradient with the weight flipped in space and its channels swapped, and padding
+``KH − 1 − pad_h``; the weight gradient is ``Aᵀ`` times the output gradient, reduced over
+the positions (split over programs, then summed).
+
+Scope: stride 1, dilation 1, groups 1, zero padding, float32 tensors (TF32 matrix units when
+``torch.backends.cudnn.allow_tf32`` is on, as for cuDNN's convolutions). The kernels run on
+CUDA devices; with ``TRITON_INTERPRET=1`` set before Triton is imported they run on the CPU in
+Triton's interpreter, exactly and very slowly (the tests do that). `ClientsConv2d` (via
+`with_triton_convs`) puts them under ``vmap``; `supported` says whether a layer qualifies.
+
+Each launch compiles once per layer shape (the channel count, kernel size and the loop
+lengths are compile-time constants); block sizes come from `TUNING` and `TAPS_FROM`.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is missing
+    triton = None
+    tl = None
+
+# Block sizes and warps per kernel, (pass, taps) -> (BLOCK_P, BLOCK_K, warps): the fastest of
+# a sweep on an H100 over pfl-research's simple_cnn layers (3→32 and 32→64 channels, 3×3, on
+# 32×32 images; 50 clients × 10 images), on the tensors of its vectorised training step.
+TUNING: dict[tuple[str, bool], tuple[int, int, int]] = {
+    ("forward", False): (128, 32, 8),
+    ("forward", True): (128, 32, 4),
+    ("input_grad", False): (64, 32, 8),
+    ("input_grad", True): (256, 64, 8),
+    ("weight_grad", False): (16, 128, 4),
+    ("weight_grad", True): (32, 32, 4),
+}
+MAX_GRID = 65535  # CUDA's limit on the grid's second and third dimensions
+
+
+def available() -> bool:
+    """Whether Triton can be imported."""
+    return triton is not None
+
+
+def supported(conv: nn.Module) -> bool:
+    """Whether `conv` is a layer these kernels compute: a plain ``nn.Conv2d`` with stride 1,
+    dilation 1, groups 1 and zero padding given as numbers."""
+    return (
+        type(conv) is nn.Conv2d
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and tuple(conv.stride) == (1, 1)
+        and tuple(conv.dilation) == (1, 1)
+    )
+
+
+if triton is not None:
+
+    def _conv_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
+                     sxm, sxb, sxc, sxh, sxw,
+                     swm, swo, swc, swh, sww,
+                     sbm, sbo,
+                     som, sob, soo, soh, sow,
+                     C, H, W, O, Ho, Wo, P, pad_h, pad_w,
+                     K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+                     BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[m, b, o, i, j] = Σ_{c,u,v} x[m, b, c, i+u-pad_h, j+v-pad_w] · w[m, o, c, u, v] (+ bias[m, o]);
+        one program per (BLOCK_P output positions, BLOCK_O channels, client)."""
+        m = tl.program_id(2).to(tl.int64)
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+        pm = p < P
+        om = o < O
+        b = p // (Ho * Wo)
+        r = p % (Ho * Wo)
+        i = r // Wo
+        j = r % Wo
+        rows = x_ptr + m * sxm + b * sxb
+        acc = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            km = k < K
+            c = k // (KH * KW)
+            u = (k % (KH * KW)) // KW
+            v = k % KW
+            ih = i[:, None] + u[None, :] - pad_h
+            iw = j[:, None] + v[None, :] - pad_w
+            am = pm[:, None] & km[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(rows[:, None] + c[None, :] * sxc + ih * sxh + iw * sxw, mask=am, other=0.0)
+            wk = tl.load(w_ptr + m * swm + o[None, :] * swo + (c * swc + u * swh + v * sww)[:, None],
+                         mask=km[:, None] & om[None, :], other=0.0)
+            acc += tl.dot(a, wk, input_precision=PREC)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + m * sbm + o * sbo, mask=om, other=0.0)[None, :]
+        dst = out_ptr + m * som + (b * sob + i * soh + j * sow)[:, None] + o[None, :] * soo
+        tl.store(dst, acc, mask=pm[:, None] & om[None, :])
+
+    def _weight_grad_kernel(x_ptr, g_ptr, out_ptr,
+                            sxm, sxb, sxc, sxh, sxw,
+                            sgm, sgb, sgo, sgh, sgw,
+                            C, H, W, O, Ho, Wo, P, pad_h, pad_w, SPLIT, MCH,
+                            K: tl.constexpr, PER_SPLIT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PREC: tl.constexpr,
+                            BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+        """out[s, m, o, k] = Σ_{p in split s} g[m, p, o] · A[m][p, k]; one program per
+        (BLOCK_O channels, BLOCK_K im2col columns, client × split)."""
+        z = tl.program_id(2)
+        m = (z // SPLIT).to(tl.int64)
+        s = z % SPLIT
+        o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+        k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        om = o < O
+        km = k < K
+        c = k // (KH * KW)
+        u = (k % (KH * KW)) // KW
+        v = k % KW
+        xs = x_ptr + m * sxm
+        gs = g_ptr + m * sgm
+        acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)
+        for t in range(0, PER_SPLIT, BLOCK_P):
+            p = s * PER_SPLIT + t + tl.arange(0, BLOCK_P)
+            pm = p < P
+            b = p // (Ho * Wo)
+            r = p % (Ho * Wo)
+            i = r // Wo
+            j = r % Wo
+            g = tl.load(gs + (b * sgb + i * sgh + j * sgw)[None, :] + o[:, None] * sgo,
+                        mask=om[:, None] & pm[None, :], other=0.0)
+            ih = i[:, None] + u[None, :] - pad_h
+            iw = j[:, None] + v[None, :] - pad_w
+            am = pm[:, None] & km[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(xs + (b * sxb)[:, None] + c[None, :] * sxc + ih * sxh + iw * sxw, mask=am, other=0.0)
+            acc += tl.dot(g, a, input_precision=PREC)
+        dst = out_ptr + ((s * MCH + m) * O + o[:, None]) * K + k[None, :]
+        tl.store(dst, acc, mask=om[:, None] & km[None, :])
+
+    def _conv_taps_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
+                          sxm, sxb, sxc, sxh, sxw,
+                          swm, swo, swc, swh, sww,
+                          sbm, sbo,
+                          som, sob, soo, soh, sow,
+                          H, W, O, Ho, Wo, P, pad_h, pad_w,
+                          C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          PREC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
+        """`_conv_kernel` with the product's inner loop over the kernel's taps (u, v), then over
+        BLOCK_K input channels: one bounds mask per row and tap, for layers with many channels."""
+        m = tl.program_id(2).to(tl.int64)
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+        pm = p < P
+        om = o < O
+        b = p // (Ho * Wo)
+        r = p % (Ho * Wo)
+        i = r // Wo
+        j = r % Wo
+        rows = x_ptr + m * sxm + b * sxb
+        ws = w_ptr + m * swm + o[None, :] * swo
+        acc = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
+        for u in tl.static_range(KH):
+            for v in tl.static_range(KW):
+                ih = i + u - pad_h
+                iw = j + v - pad_w
+                rm = pm & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                at = rows + ih * sxh + iw * sxw
+                for c0 in range(0, C, BLOCK_K):
+                    c = c0 + tl.arange(0, BLOCK_K)
+                    cm = c < C
+                    a = tl.load(at[:, None] + c[None, :] * sxc, mask=rm[:, None] & cm[None, :], other=0.0)
+                    wk = tl.load(ws + (c * swc + u * swh + v * sww)[:, None], mask=cm[:, None] & om[None, :], other=0.0)
+                    acc += tl.dot(a, wk, input_precision=PREC)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + m * sbm + o * sbo, mask=om, other=0.0)[None, :]
+        dst = out_ptr + m * som + (b * sob + i * soh + j * sow)[:, None] + o[None, :] * soo
+        tl.store(dst, acc, mask=pm[:, None] & om[None, :])
+
+    def _weight_grad_taps_kernel(x_ptr, g_ptr, out_ptr,
+                                 sxm, sxb, sxc, sxh, sxw,
+                                 sgm, sgb, sgo, sgh, sgw,
+                                 H, W, O, Ho, Wo, P, pad_h, pad_w, SPLIT, MCH,
+                                 C: tl.constexpr, PER_SPLIT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                                 PREC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+                                 BLOCK_P: tl.constexpr):
+        """`_weight_grad_kernel` with one tap (u, v) and BLOCK_K input channels per program."""
+        z = tl.program_id(2)
+        m = (z // SPLIT).to(tl.int64)
+        s = z % SPLIT
+        NC: tl.constexpr = (C + BLOCK_K - 1) // BLOCK_K
+        tap = tl.program_id(1) // NC
+        u = tap // KW
+        v = tap % KW
+        o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+        c = (tl.program_id(1) % NC) * BLOCK_K + tl.arange(0, BLOCK_K)
+        om = o < O
+        cm = c < C
+        xs = x_ptr + m * sxm
+        gs = g_ptr + m * sgm
+        acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)
+        for t in range(0, PER_SPLIT, BLOCK_P):
+            p = s * PER_SPLIT + t + tl.arange(0, BLOCK_P)
+            pm = p < P
+            b = p // (Ho * Wo)
+            r = p % (Ho * Wo)
+            i = r // Wo
+            j = r % Wo
+            g = tl.load(gs + (b * sgb + i * sgh + j * sgw)[None, :] + o[:, None] * sgo,
+                        mask=om[:, None] & pm[None, :], other=0.0)
+            ih = i + u - pad_h
+            iw = j + v - pad_w
+            rm = pm & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(xs + (b * sxb + ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
+                        mask=rm[:, None] & cm[None, :], other=0.0)
+            acc += tl.dot(g, a, input_precision=PREC)
+        dst = out_ptr + ((s * MCH + m) * O + o[:, None]) * (C * KH * KW) + (c * (KH * KW) + tap)[None, :]
+        tl.store(dst, acc, mask=om[:, None] & cm[None, :])
+
+    _conv_taps_kernel = triton.jit(_conv_taps_kernel)
+    _weight_grad_taps_kernel = triton.jit(_weight_grad_taps_kernel)
+    _conv_kernel = triton.jit(_conv_kernel)
+    _weight_grad_kernel = triton.jit(_weight_grad_kernel)
+
+
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1`` when it was
+    imported): then they take CPU tensors."""
+    if triton is None:
+        return False
+    knobs = getattr(triton, "knobs", None)
+    return bool(knobs.runtime.interpret) if knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _kernel(fn: Any, device: torch.device) -> Any:
+    """`fn`, if it can run on `device`."""
+    if device.type != "cuda" and not interpreted():
+        raise RuntimeError(f"the Triton convolution kernels run on CUDA devices, not {device.type} "
+                           "(on the CPU only in Triton's interpreter: TRITON_INTERPRET=1)")
+    return fn
+
+
+def _pow2(n: int, low: int = 16, high: int = 128) -> int:
+    return max(low, min(high, 1 << max(0, n - 1).bit_length()))
+
+
+# Per pass, the input channels from which the product loops over taps, then channels
+# (`_conv_taps_kernel`), instead of over flattened (channel, tap) columns. The same sweep: the
+# taps loop is faster for the forward and input gradient of the 32- and 64-channel layers;
+# the weight gradient is faster flattened (0.50 against 0.83 ms).
+TAPS_FROM: dict[str, int] = {"forward": 16, "input_grad": 16, "weight_grad": 1 << 30}
+
+
+def _tuned(kind: str, taps: bool, *given: int | None) -> tuple[int, int, int]:
+    """The given (BLOCK_P, BLOCK_K, warps), each None replaced by ``TUNING[kind, taps]``'s."""
+    return tuple(g if g is not None else d for g, d in zip(given, TUNING[kind, taps]))  # type: ignore[return-value]
+
+
+def _precision() -> str:
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+def _check(x: Tensor, name: str) -> None:
+    if x.dtype != torch.float32:
+        raise TypeError(f"{name}: the Triton convolution kernels take float32 tensors, not {x.dtype}")
+
+
+def clients_conv2d(x: Tensor, w: Tensor, bias: Tensor | None = None, padding: tuple[int, int] = (0, 0),
+                   block_p: int | None = None, block_k: int | None = None, warps: int | None = None,
+                   taps: bool | None = None, kind: str = "forward") -> Tensor:
+    """Returns ``stack([conv2d(x[m], w[m], bias[m], padding=padding) for m])``: x [M, B, C, H, W],
+    w [M, O, C, KH, KW], bias [M, O] or None (stride 1); output [M, B, O, Ho, Wo] float32.
+    `taps`: loop over the kernel's taps, then channels (default: from ``TAPS_FROM[kind]``
+    channels on), else over the flattened (channel, tap) columns. The block sizes and warps
+    tune the kernel (default: ``TUNING[kind, taps]``); `kind` names the pass it computes."""
+    if triton is None:
+        raise RuntimeError("the Triton convolution kernels need the triton package")
+    _check(x, "x")
+    _check(w, "w")
+    M, B, C, H, W = x.shape
+    O, KH, KW = w.shape[1], w.shape[3], w.shape[4]
+    ph, pw = padding
+    Ho, Wo = H + 2 * ph - KH + 1, W + 2 * pw - KW + 1
+    out = torch.empty((M, B, O, Ho, Wo), device=x.device, dtype=torch.float32)
+    P, K = B * Ho * Wo, C * KH * KW
+    if P == 0 or O == 0 or M == 0:
+        return out.zero_()
+    block_o = _pow2(O)
+    b_ = bias if bias is not None else w  # a valid pointer; not read without a bias
+    sb = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
+    taps = C >= TAPS_FROM[kind] if taps is None else taps
+    block_p, block_k, warps = _tuned(kind, taps, block_p, block_k, warps)
+    kernel = _kernel(_conv_taps_kernel if taps else _conv_kernel, x.device)
+    sizes = dict(C=C) if taps else dict(K=K)
+    for lo in range(0, M, MAX_GRID):
+        hi = min(M, lo + MAX_GRID)
+        xs, ws, os_ = x[lo:hi], w[lo:hi], out[lo:hi]
+        bs = b_[lo:hi]
+        grid = (triton.cdiv(P, block_p), triton.cdiv(O, block_o), hi - lo)
+        kernel[grid](xs, ws, bs, os_, *xs.stride(), *ws.stride(), *sb, *os_.stride(),
+                     *(() if taps else (C,)), H, W, O, Ho, Wo, P, ph, pw, **sizes, KH=KH, KW=KW,
+                     HAS_BIAS=bias is not None, PREC=_precision(), BLOCK_P=block_p, BLOCK_O=block_o, BLOCK_K=block_k, num_warps=warps)
+    return out
+
+
+def clients_conv2d_input_grad(grad: Tensor, w: Tensor, padding: tuple[int, int] = (0, 0), **tuning: Any) -> Tensor:
+    """Returns the gradient of `clients_conv2d`'s output with respect to x, for output
+    gradient `grad` [M, B, O, Ho, Wo] and weight w [M, O, C, KH, KW]: [M, B, C, H, W] (with
+    stride 1 the full correlation with the flipped kernel has exactly the input's size).
+    `tuning`: `clients_conv2d`'s block sizes, warps and taps."""
+    KH, KW = w.shape[3], w.shape[4]
+    flipped = w.flip(3, 4).transpose(1, 2)  # [M, C, O, KH, KW]
+    return clients_conv2d(grad, flipped, None, (KH - 1 - padding[0], KW - 1 - padding[1]),
+                          kind="input_grad", **tuning)
+
+
+def clients_conv2d_weight_grad(x: Tensor, grad: Tensor, kernel_hw: tuple[int, int],
+                               padding: tuple[int, int] = (0, 0), block_p: int | None = None,
+                               programs: int | None = None, block_k: int | None = None, warps: int | None = None,
+                               taps: bool | None = None) -> Tensor:
+    """Returns the gradient of `clients_conv2d`'s output with respect to w, for input x
+    [M, B, C, H, W] and output gradient `grad` [M, B, O, Ho, Wo]: [M, O, C, KH, KW]. The
+    positions are split so that about `programs` programs run (default: 4 per
+    multiprocessor on CUDA; each split a power-of-two number of blocks, so that few cohort
+    sizes compile a kernel of their own); `taps` as for `clients_conv2d`."""
+    if triton is None:
+        raise RuntimeError("the Triton convolution kernels need the triton package")
+    _check(x, "x")
+    _check(grad, "grad")
+    M, B, C, H, W = x.shape
+    O, Ho, Wo = grad.shape[2], grad.shape[3], grad.shape[4]
+    KH, KW = kernel_hw
+    P, K = B * Ho * Wo, C * KH * KW
+    if P == 0 or M == 0:
+        return x.new_zeros((M, O, C, KH, KW))
+    block_o = _pow2(O)
+    taps = C >= TAPS_FROM["weight_grad"] if taps is None else taps
+    block_p, block_k, warps = _tuned("weight_grad", taps, block_p, block_k, warps)
+    cols = KH * KW * triton.cdiv(C, block_k) if taps else triton.cdiv(K, block_k)
+    tiles = triton.cdiv(O, block_o) * cols
+    if programs is None:
+        programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    chunks = triton.cdiv(P, block_p)
+    split = max(1, min(chunks, triton.cdiv(programs, tiles * M)))
+    per_split = triton.next_power_of_2(triton.cdiv(chunks, split)) * block_p
+    split = triton.cdiv(P, per_split)
+    kernel = _kernel(_weight_grad_taps_kernel if taps else _weight_grad_kernel, x.device)
+    sizes = dict(C=C) if taps else dict(K=K)
+    parts = []
+    for lo in range(0, M, max(1, MAX_GRID // split)):
+        hi = min(M, lo + max(1, MAX_GRID // split))
+        xs, gs = x[lo:hi], grad[lo:hi]
+        out = torch.empty((split, hi - lo, O, K), device=x.device, dtype=torch.float32)
+        grid = (triton.cdiv(O, block_o), cols, (hi - lo) * split)
+        kernel[grid](xs, gs, out, *xs.stride(), *gs.stride(),
+                     *(() if taps else (C,)), H, W, O, Ho, Wo, P, padding[0], padding[1], split, hi - lo,
+                     **sizes, PER_SPLIT=per_split, KH=KH, KW=KW, PREC=_precision(),
+                     BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=warps)
+        parts.append(out[0] if split == 1 else out.sum(0))
+    dw = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return dw.reshape(M, O, C, KH, KW)
+
+
+def _at0(t: Tensor | None, dim: int | None, size: int) -> Tensor | None:
+    """`t` with its vmap dimension first (an unbatched tensor expanded, without a copy)."""
+    if t is None:
+        return None
+    return t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
+
+
+def _tracked(t: Tensor | None) -> bool:
+    """Whether `t` is wrapped by a functorch gradient transform outside the vmap."""
+    return t is not None and torch._C._functorch.is_gradtrackingtensor(t)
+
+
+class _Conv(torch.autograd.Function):
+    """One client's convolution (stride 1) whose vmap rule runs the cohort's in one launch."""
+
+    generate_vmap_rule = False
+
+    @staticmethod
+    def forward(x: Tensor, w: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
+        return F.conv2d(x, w, bias, padding=padding)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        x, w, bias, padding = inputs
+        ctx.save_for_backward(x, w)
+        ctx.padding = padding
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple:
+        x, w = ctx.saved_tensors
+        gx = _InputGrad.apply(grad, w, ctx.padding) if ctx.needs_input_grad[0] else None
+        gw = _WeightGrad.apply(x, grad, ctx.padding, tuple(w.shape[-2:])) if ctx.needs_input_grad[1] else None
+        gb = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, x: Tensor, w: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> tuple:
+        xd, wd, bd, _ = in_dims
+        n = info.batch_size
+        if any(_tracked(t) for t in (x, w, bias)):
+            raise RuntimeError("executor.conv 'triton': the clients' gradients must be taken inside vmap "
+                               "(vmap(grad(f))), not around it")
+        return clients_conv2d(_at0(x, xd, n), _at0(w, wd, n), _at0(bias, bd, n), padding), 0
+
+
+class _InputGrad(torch.autograd.Function):
+    """The input gradient of `_Conv` (not differentiable again)."""
+
+    generate_vmap_rule = False
+
+    @staticmethod
+    def forward(grad: Tensor, w: Tensor, padding: tuple[int, int]) -> Tensor:
+        return F.conv_transpose2d(grad, w, padding=padding)  # stride 1: exactly the input's size
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple:
+        raise RuntimeError("executor.conv 'triton': second derivatives of a convolution are not supported")
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, grad: Tensor, w: Tensor, padding: tuple[int, int]) -> tuple:
+        gd, wd, _ = in_dims
+        n = info.batch_size
+        return clients_conv2d_input_grad(_at0(grad, gd, n), _at0(w, wd, n).contiguous(), padding), 0
+
+
+class _WeightGrad(torch.autograd.Function):
+    """The weight gradient of `_Conv` (not differentiable again)."""
+
+    generate_vmap_rule = False
+
+    @staticmethod
+    def forward(x: Tensor, grad: Tensor, padding: tuple[int, int], kernel_hw: tuple[int, int]) -> Tensor:
+        shape = (grad.shape[-3], x.shape[-3], *kernel_hw)
+        return torch.nn.grad.conv2d_weight(x, shape, grad, padding=padding)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple:
+        raise RuntimeError("executor.conv 'triton': second derivatives of a convolution are not supported")
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, x: Tensor, grad: Tensor, padding: tuple[int, int],
+             kernel_hw: tuple[int, int]) -> tuple:
+        xd, gd, _, _ = in_dims
+        n = info.batch_size
+        return clients_conv2d_weight_grad(_at0(x, xd, n), _at0(grad, gd, n), kernel_hw, padding), 0
+
+
+class ClientsConv2d(nn.Module):
+    """A drop-in for a `supported` ``nn.Conv2d`` (same parameters and names): outside vmap
+    the layer's own convolution; under vmap over clients, the cohort's convolutions and their
+    gradients in one Triton launch each."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        if not supported(conv):
+            raise ValueError(f"not a stride-1, dilation-1, groups-1, zero-padded Conv2d: {conv}")
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.padding = tuple(conv.padding)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:  # one image [C, H, W]
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        return _Conv.apply(x, self.weight, self.bias, self.padding)
+
+
+def with_triton_convs(module: nn.Module) -> tuple[nn.Module, int]:
+    """Returns (a deep copy of `module` with every `supported` Conv2d replaced by
+    ClientsConv2d, number of layers replaced). Parameter names and order are unchanged."""
+    module = copy.deepcopy(module)
+    count = 0
+    for sub in list(module.modules()):
+        for name, child in list(sub.named_children()):
+            if supported(child):
+                setattr(sub, name, ClientsConv2d(child))
+                count += 1
+    return module, count

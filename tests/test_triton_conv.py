@@ -1,0 +1,155 @@
+"""executor.conv 'triton': the cohort's convolutions as Triton kernels, against torch's.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (conftest.py sets
+TRITON_INTERPRET=1 before anything imports triton); on a GPU machine they run compiled on
+CUDA, in full float32 (TF32 off) so that they can be held to float rounding.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
+
+pytest.importorskip("triton")
+
+from fedsim.errors import ConfigError  # noqa: E402
+from fedsim.executors import triton_conv as tc  # noqa: E402
+from fedsim.executors.precision import precision  # noqa: E402
+
+from .conftest import digits_config, run_config  # noqa: E402
+from .test_vmap_executor import final_params, rel  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def full_float32():
+    with precision("fp32", DEVICE):
+        yield
+
+
+def reference(x, w, b, padding):
+    """Each client's torch convolution, and the gradients of <out, g> for a fixed g."""
+    x, w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    out = torch.stack([F.conv2d(x[m], w[m], None if b is None else b[m], padding=padding) for m in range(len(x))])
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
+    gx, gw = torch.autograd.grad(out, (x, w), g)
+    return out.detach(), g, gx, gw
+
+
+def close(a, b, tol=1e-5):
+    return (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("taps", [False, True])
+@pytest.mark.parametrize("shape, padding", [
+    ((3, 2, 3, 7, 6, 5, 3, 2), (0, 0)),     # M, B, C, H, W, O, KH, KW: a non-square kernel
+    ((2, 2, 17, 6, 5, 20, 3, 3), (1, 2)),   # more channels than a block, uneven padding
+])
+def test_forward_and_gradients_equal_torch(shape, padding, taps):
+    M, B, C, H, W, O, KH, KW = shape
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(s, generator=gen).to(DEVICE) for s in ((M, B, C, H, W), (M, O, C, KH, KW), (M, O)))
+    out, g, gx, gw = reference(x, w, b, padding)
+    assert close(tc.clients_conv2d(x, w, b, padding, block_p=16, block_k=16, taps=taps), out)
+    assert close(tc.clients_conv2d(x, w, None, padding, block_p=16, block_k=16, taps=taps), out - b[:, None, :, None, None])
+    assert close(tc.clients_conv2d_input_grad(g, w, padding, block_p=16, block_k=16, taps=taps), gx)
+    # split over one program per client and over many: the partial sums add up the same
+    for programs in (1, 64):
+        dw = tc.clients_conv2d_weight_grad(x, g, (KH, KW), padding, block_p=16, block_k=16, taps=taps, programs=programs)
+        assert close(dw, gw)
+
+
+def test_strided_and_shared_operands():
+    # clients along a middle dimension (as vmap may hand them over) and one weight shared by all (stride 0)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 4, 6, 6, generator=gen).to(DEVICE).movedim(1, 0)  # [M=3, B=2, ...], not contiguous
+    w = torch.randn(5, 4, 3, 3, generator=gen).to(DEVICE).expand(3, 5, 4, 3, 3)
+    out, g, gx, gw = reference(x, w.contiguous(), None, (1, 1))
+    assert close(tc.clients_conv2d(x, w, None, (1, 1), block_p=16, block_k=16), out)
+    assert close(tc.clients_conv2d_input_grad(g.movedim(0, 1).contiguous().movedim(1, 0), w, (1, 1)), gx)
+    assert close(tc.clients_conv2d_weight_grad(x, g, (3, 3), (1, 1), block_p=16), gw)
+
+
+def test_non_float32_inputs_are_refused():
+    x = torch.randn(1, 1, 1, 4, 4, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="float32"):
+        tc.clients_conv2d(x, torch.randn(1, 2, 1, 3, 3, dtype=torch.float64, device=DEVICE))
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(5 * 6 * 6, 3)).to(DEVICE)
+
+
+def test_layers_are_swapped_only_where_the_kernels_apply():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3, stride=2), nn.Conv2d(4, 4, 3, groups=2),
+                        nn.Conv2d(4, 4, 3, dilation=2), nn.Conv2d(4, 4, 3, padding="same"), nn.Conv1d(4, 4, 3))
+    swapped, count = tc.with_triton_convs(net)
+    assert count == 1 and type(swapped[0]) is tc.ClientsConv2d
+    assert all(type(swapped[i]) is type(net[i]) for i in range(1, 6))
+    assert [n for n, _ in swapped.named_parameters()] == [n for n, _ in net.named_parameters()]
+    assert type(net[0]) is nn.Conv2d  # the original model is left alone
+
+
+def test_vectorised_gradients_equal_native_convolutions():
+    net = small_cnn()
+    swapped, count = tc.with_triton_convs(net)
+    assert count == 2
+    M, B = 3, 2
+    gen = torch.Generator().manual_seed(3)
+    per_client = {k: (v.detach().unsqueeze(0) + 0.1 * torch.randn(M, *v.shape, generator=gen).to(DEVICE))
+                  for k, v in net.named_parameters()}
+    shared = {k: v.detach() for k, v in net.named_parameters()}
+    x = torch.randn(M, B, 3, 8, 8, generator=gen).to(DEVICE)
+    y = torch.randint(0, 3, (M, B), generator=gen).to(DEVICE)
+
+    def grads(module, params, in_dims):
+        loss = lambda p, xb, yb: F.cross_entropy(functional_call(module, p, (xb,)), yb)  # noqa: E731
+        return vmap(grad(loss), in_dims=in_dims)(params, x, y)
+
+    for params, in_dims in ((per_client, (0, 0, 0)), (shared, (None, 0, 0))):
+        want, got = grads(net, params, in_dims), grads(swapped, params, in_dims)
+        assert all(close(got[k], want[k]) for k in want), {k: (got[k] - want[k]).abs().max().item() for k in want}
+    # outside vmap the layer is torch's own convolution: batches and single images
+    assert torch.equal(swapped(x[0]), net(x[0]))
+    assert torch.equal(swapped[0](x[0, 0]), net[0](x[0, 0]))
+
+
+def test_gradients_taken_around_vmap_are_refused():
+    swapped, _ = tc.with_triton_convs(small_cnn())
+    params = {k: v.detach().unsqueeze(0).repeat(2, *[1] * v.dim()) for k, v in swapped.named_parameters()}
+    x = torch.randn(2, 1, 3, 8, 8, device=DEVICE)
+    total = lambda p: vmap(lambda q, xb: functional_call(swapped, q, (xb,)).sum())(p, x).sum()  # noqa: E731
+    with pytest.raises(RuntimeError, match="inside vmap"):
+        grad(total)(params)
+
+
+def cnn_config(**executor):
+    return digits_config(model={"name": "cnn", "channels": [4, 8], "hidden": 16},
+                         protocol={"name": "sync", "clients_per_round": 3},
+                         local={"lr": 0.1, "batch_size": 16, "steps": 2}, run={"rounds": 1, "eval_every": 1},
+                         executor={"kind": "vmap", "device": DEVICE, **executor})
+
+
+def test_a_run_with_triton_convolutions_equals_the_serial_run():
+    cfg = cnn_config(conv="triton")
+    a = run_config({**cfg, "executor": {"kind": "serial"}})
+    b = run_config(cfg)
+    assert isinstance(b.ctx.executor.task.module[0], tc.ClientsConv2d)
+    assert rel(final_params(b).cpu(), final_params(a)) <= 1e-5
+    assert b.rows[-1]["test_loss"] == pytest.approx(a.rows[-1]["test_loss"], rel=1e-5)
+
+
+def test_config_errors_name_the_key(monkeypatch):
+    with pytest.raises(ConfigError, match="executor.conv: 'triton' does not combine with executor.compile"):
+        run_config(cnn_config(conv="triton", compile=True))
+    with pytest.raises(ConfigError, match="executor.conv: 'triton' computes in float32 or TF32"):
+        run_config(cnn_config(conv="triton", precision="bf16"))
+    if DEVICE == "cpu":
+        monkeypatch.setattr(tc, "interpreted", lambda: False)
+        with pytest.raises(ConfigError, match="executor.conv: 'triton' runs on CUDA devices"):
+            run_config(cnn_config(conv="triton"))
