@@ -11,7 +11,11 @@ algorithms once per shape and keeps the fastest) and with `executor.conv: triton
 GPU time per step (the kernels' summed times under torch.profiler, 5 steps): the Triton step
 is bound by its launches when it runs eagerly, which CUDA graphs remove in a run.
 
-    python benchmarks/conv_step.py [--device cuda] [--clients 50]
+With ``--passes`` it times each convolution layer's three passes (forward, input gradient,
+weight gradient) for the cohort: cuDNN's grouped convolution (what vmap makes of it), the
+Triton kernels, and one model's dense convolution on all the images (TF32, CUDA only).
+
+    python benchmarks/conv_step.py [--device cuda] [--clients 50] [--passes]
 """
 from __future__ import annotations
 
@@ -37,7 +41,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--passes", action="store_true", help="per layer and pass: grouped, Triton, dense (CUDA)")
     args = ap.parse_args()
+    if args.passes:
+        passes(args.clients, args.device)
+        return
     dev, m = args.device, args.clients
     reps = 30 if dev == "cuda" else 2
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -115,6 +123,55 @@ def main() -> None:
             torch.backends.cudnn.benchmark = False
             if not bf16 and triton_conv.available():
                 timeit(vectorised(triton_conv.with_triton_convs(base)[0]), f"{p} vmap triton (executor.conv: triton)")
+
+
+def passes(m: int, dev: str) -> None:
+    """Prints ms per pass of pfl's two convolution layers for `m` clients × BATCH images (on
+    the CPU, the Triton kernels only where Triton's interpreter is on: a check of the script)."""
+    import torch.nn.functional as F
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    reps = 30 if dev == "cuda" else 1
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+    def ms(fn) -> float:
+        for _ in range(3 if dev == "cuda" else 0):
+            fn()
+        sync()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        return (time.perf_counter() - t) / reps * 1000
+
+    def three(conv, x, w, g) -> tuple[float, float, float]:
+        """(forward, input gradient, weight gradient) ms of a torch convolution call."""
+        fwd = ms(lambda: conv(x, w))
+        return (fwd, ms(lambda: torch.autograd.grad(conv(x, w), x, g)) - fwd,
+                ms(lambda: torch.autograd.grad(conv(x, w), w, g)) - fwd)
+
+    name = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
+    print(f"device {name}; {m} clients x batch {BATCH}; ms per pass, TF32")
+    print(f"{'layer':22s} {'':16s} {'forward':>8s} {'input grad':>11s} {'weight grad':>12s}")
+    for c, o, h in ((3, 32, 32), (32, 64, 30)):
+        x = torch.randn(BATCH, m * c, h, h, device=dev, requires_grad=True)
+        w = torch.randn(m * o, c, 3, 3, device=dev, requires_grad=True)
+        g = torch.randn(BATCH, m * o, h - 2, h - 2, device=dev)
+        rows = {"cuDNN grouped": three(lambda a, b: F.conv2d(a, b, groups=m), x, w, g)}
+        xd = torch.randn(m * BATCH, c, h, h, device=dev, requires_grad=True)
+        wd = torch.randn(o, c, 3, 3, device=dev, requires_grad=True)
+        gd = torch.randn(m * BATCH, o, h - 2, h - 2, device=dev)
+        dense = three(F.conv2d, xd, wd, gd)
+        if triton_conv.available() and (dev == "cuda" or triton_conv.interpreted()):
+            xb, wb = torch.randn(m, BATCH, c, h, h, device=dev), torch.randn(m, o, c, 3, 3, device=dev)
+            gb = torch.randn(m, BATCH, o, h - 2, h - 2, device=dev)
+            rows["Triton"] = (ms(lambda: triton_conv.clients_conv2d(xb, wb)),
+                              ms(lambda: triton_conv.clients_conv2d_input_grad(gb, wb)),
+                              ms(lambda: triton_conv.clients_conv2d_weight_grad(xb, gb, (3, 3))))
+        rows["dense, one model"] = dense
+        for name, (f, i, wg) in rows.items():
+            print(f"{f'{c}->{o} on {h}x{h}':22s} {name:16s} {f:8.3f} {i:11.3f} {wg:12.3f}")
 
 
 if __name__ == "__main__":
