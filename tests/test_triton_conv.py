@@ -119,6 +119,17 @@ def test_vectorised_gradients_equal_native_convolutions():
     assert torch.equal(swapped[0](x[0, 0]), net[0](x[0, 0]))
 
 
+def test_outside_vmap_the_layers_train_as_torch_convolutions():
+    # the executor's client-by-client fallback runs the swapped model without vmap
+    net = small_cnn()
+    swapped, _ = tc.with_triton_convs(net)
+    x = torch.randn(2, 3, 8, 8, device=DEVICE, requires_grad=True)
+    y = torch.tensor([0, 2], device=DEVICE)
+    want = torch.autograd.grad(F.cross_entropy(net(x), y), [x, *net.parameters()])
+    got = torch.autograd.grad(F.cross_entropy(swapped(x), y), [x, *swapped.parameters()])
+    assert all(close(g, w) for g, w in zip(got, want))
+
+
 def test_gradients_taken_around_vmap_are_refused():
     swapped, _ = tc.with_triton_convs(small_cnn())
     params = {k: v.detach().unsqueeze(0).repeat(2, *[1] * v.dim()) for k, v in swapped.named_parameters()}
