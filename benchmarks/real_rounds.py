@@ -9,9 +9,12 @@ loop most simulators run), through fedsim's runner.
   average (log-normal sizes), LEAF's CNN (`femnist_cnn`), 340 per round, 20 local steps of
   batch 10, FedAvg.
 
-Prints client-updates/s, ms per round and peak GPU memory for both, and their ratio.
+Prints client-updates/s, ms per round and peak GPU memory for both, and their ratio. With
+``--conv native,triton`` the whole cohort runs once per `executor.conv` (the one-at-a-time
+side stays native); `triton` computes the stride-1 convolutions (all of the LEAF CNN's,
+ResNet-18's but its strided ones) with Triton kernels.
 
-    python benchmarks/real_rounds.py --device cuda [--workloads resnet18,femnist] [--rounds 5]
+    python benchmarks/real_rounds.py --device cuda [--workloads resnet18,femnist] [--rounds 5] [--conv native,triton]
 """
 from __future__ import annotations
 
@@ -54,9 +57,11 @@ QUICK = {  # a CPU check of the script, not a measurement
 }
 
 
-def config(workload: str, rounds: int, device: str, precision: str, one_at_a_time: bool, quick: bool = False) -> dict:
+def config(workload: str, rounds: int, device: str, precision: str, one_at_a_time: bool, quick: bool = False,
+           conv: str = "native") -> dict:
     """Returns the benchmark's config for `workload`."""
-    executor = {"kind": "vmap", "device": device, "precision": precision, "keep_on_device": device == "cuda"}
+    executor = {"kind": "vmap", "device": device, "precision": precision, "keep_on_device": device == "cuda",
+                "conv": conv}
     if one_at_a_time:
         executor["max_chunk"] = 1
     sections = {k: dict(v) for k, v in WORKLOADS[workload].items()}
@@ -67,9 +72,10 @@ def config(workload: str, rounds: int, device: str, precision: str, one_at_a_tim
             "run": {"rounds": rounds, "eval_every": rounds, "progress": False, "partition_plot": False}}
 
 
-def measure(workload: str, rounds: int, device: str, precision: str, one_at_a_time: bool, quick: bool) -> dict:
+def measure(workload: str, rounds: int, device: str, precision: str, one_at_a_time: bool, quick: bool,
+            conv: str = "native") -> dict:
     """Runs one warm-up round, then `rounds` rounds; returns the timing of the latter."""
-    run = build(load_config(config(workload, rounds + 1, device, precision, one_at_a_time, quick)))
+    run = build(load_config(config(workload, rounds + 1, device, precision, one_at_a_time, quick, conv)))
     cohort = run.protocol.cohort_size(run.ctx.num_clients)
     spent = {"executor": 0.0}
     ex = run.ctx.executor
@@ -101,19 +107,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--precision", default="tf32")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script on a CPU")
+    ap.add_argument("--conv", default="native", help="executor.conv of the whole-cohort side, comma-separated")
     args = ap.parse_args()
     os.chdir(ROOT)  # the plugin is imported by module name
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"device {name}; torch {torch.__version__}; precision {args.precision}; executor time per round "
           f"(steady state, {args.rounds} rounds after one warm-up round)")
-    print(f"{'workload':9s} {'cohort':>6s} | {'vmap ms/round':>13s} {'upd/s':>8s} {'GiB':>5s} | "
+    print(f"{'workload':9s} {'conv':>7s} {'cohort':>6s} | {'vmap ms/round':>13s} {'upd/s':>8s} {'GiB':>5s} | "
           f"{'one at a time ms':>16s} {'upd/s':>8s} {'GiB':>5s} | {'vmap / one at a time':>20s}")
     for w in args.workloads.split(","):
-        a = measure(w, args.rounds, args.device, args.precision, one_at_a_time=False, quick=args.quick)
         b = measure(w, args.rounds, args.device, args.precision, one_at_a_time=True, quick=args.quick)
-        print(f"{w:9s} {a['cohort']:6d} | {a['s_per_round'] * 1e3:13.1f} {a['ups']:8.1f} {a['peak_gib']:5.1f} | "
-              f"{b['s_per_round'] * 1e3:16.1f} {b['ups']:8.1f} {b['peak_gib']:5.1f} | {a['ups'] / b['ups']:20.2f}",
-              flush=True)
+        for conv in args.conv.split(","):
+            a = measure(w, args.rounds, args.device, args.precision, one_at_a_time=False, quick=args.quick, conv=conv)
+            print(f"{w:9s} {conv:>7s} {a['cohort']:6d} | {a['s_per_round'] * 1e3:13.1f} {a['ups']:8.1f} "
+                  f"{a['peak_gib']:5.1f} | {b['s_per_round'] * 1e3:16.1f} {b['ups']:8.1f} {b['peak_gib']:5.1f} | "
+                  f"{a['ups'] / b['ups']:20.2f}", flush=True)
 
 
 if __name__ == "__main__":

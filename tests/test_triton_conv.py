@@ -151,8 +151,9 @@ def test_a_run_with_triton_convolutions_equals_the_serial_run():
     a = run_config({**cfg, "executor": {"kind": "serial"}})
     b = run_config(cfg)
     assert isinstance(b.ctx.executor.task.module[0], tc.ClientsConv2d)
-    assert rel(final_params(b).cpu(), final_params(a)) <= 1e-5
-    assert b.rows[-1]["test_loss"] == pytest.approx(a.rows[-1]["test_loss"], rel=1e-5)
+    tol = 1e-5 if DEVICE == "cpu" else 1e-4  # CUDA: other kernels' float32 rounding than the CPU's serial run
+    assert rel(final_params(b).cpu(), final_params(a)) <= tol
+    assert b.rows[-1]["test_loss"] == pytest.approx(a.rows[-1]["test_loss"], rel=tol)
 
 
 def test_config_errors_name_the_key(monkeypatch):
