@@ -485,6 +485,10 @@ class ClientsConv2d(nn.Module):
         self.bias = conv.bias
         self.padding = tuple(conv.padding)
 
+    def extra_repr(self) -> str:
+        o, c, kh, kw = self.weight.shape
+        return f"{c}, {o}, kernel_size=({kh}, {kw}), padding={self.padding}, bias={self.bias is not None}"
+
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 3:  # one image [C, H, W]
             return self.forward(x.unsqueeze(0)).squeeze(0)
