@@ -58,7 +58,7 @@ def test_forward_and_gradients_equal_torch(shape, padding, taps):
     assert close(tc.clients_conv2d_input_grad(g, w, padding, block_p=16, block_k=16, taps=taps), gx)
     # split over one program per client and over many: the partial sums add up the same
     for programs in (1, 64):
-        dw = tc.clients_conv2d_weight_grad(x, g, (KH, KW), padding, block_p=16, block_k=16, taps=taps, programs=programs)
+        dw = tc.clients_conv2d_weight_grad(x, g, (KH, KW), padding, block_p=16, block_k=16, programs=programs)
         assert close(dw, gw)
 
 

@@ -51,7 +51,6 @@ TUNING: dict[tuple[str, bool], tuple[int, int, int]] = {
     ("input_grad", False): (64, 32, 8),
     ("input_grad", True): (256, 64, 8),
     ("weight_grad", False): (16, 128, 4),
-    ("weight_grad", True): (32, 32, 4),
 }
 MAX_GRID = 65535  # CUDA's limit on the grid's second and third dimensions
 
@@ -76,40 +75,64 @@ def supported(conv: nn.Module) -> bool:
 
 if triton is not None:
 
+    @triton.jit
+    def _positions(p, Ho, Wo):
+        """(image, row, column) of flat output positions p = (b·Ho + i)·Wo + j."""
+        r = p % (Ho * Wo)
+        return p // (Ho * Wo), r // Wo, r % Wo
+
+    @triton.jit
+    def _columns(k, KH: tl.constexpr, KW: tl.constexpr):
+        """(channel, tap row, tap column) of flat im2col columns k = (c·KH + u)·KW + v."""
+        return k // (KH * KW), (k % (KH * KW)) // KW, k % KW
+
     def _conv_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
                      sxm, sxb, sxc, sxh, sxw,
                      swm, swo, swc, swh, sww,
                      sbm, sbo,
                      som, sob, soo, soh, sow,
-                     C, H, W, O, Ho, Wo, P, pad_h, pad_w,
-                     K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+                     H, W, O, Ho, Wo, P, pad_h, pad_w,
+                     C: tl.constexpr, K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TAPS: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
         """out[m, b, o, i, j] = Σ_{c,u,v} x[m, b, c, i+u-pad_h, j+v-pad_w] · w[m, o, c, u, v] (+ bias[m, o]);
-        one program per (BLOCK_P output positions, BLOCK_O channels, client)."""
+        one program per (BLOCK_P output positions, BLOCK_O channels, client). The product's
+        inner loop runs over BLOCK_K flattened (c, u, v) columns, or with TAPS over the taps
+        (u, v) and then BLOCK_K channels (one bounds mask per row and tap: many channels)."""
         m = tl.program_id(2).to(tl.int64)
         p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
         pm = p < P
         om = o < O
-        b = p // (Ho * Wo)
-        r = p % (Ho * Wo)
-        i = r // Wo
-        j = r % Wo
+        b, i, j = _positions(p, Ho, Wo)
         rows = x_ptr + m * sxm + b * sxb
+        ws = w_ptr + m * swm + o[None, :] * swo
         acc = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            km = k < K
-            c = k // (KH * KW)
-            u = (k % (KH * KW)) // KW
-            v = k % KW
-            ih = i[:, None] + u[None, :] - pad_h
-            iw = j[:, None] + v[None, :] - pad_w
-            am = pm[:, None] & km[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = tl.load(rows[:, None] + c[None, :] * sxc + ih * sxh + iw * sxw, mask=am, other=0.0)
-            wk = tl.load(w_ptr + m * swm + o[None, :] * swo + (c * swc + u * swh + v * sww)[:, None],
-                         mask=km[:, None] & om[None, :], other=0.0)
-            acc += tl.dot(a, wk, input_precision=PREC)
+        if TAPS:
+            for u in tl.static_range(KH):
+                for v in tl.static_range(KW):
+                    ih = i + u - pad_h
+                    iw = j + v - pad_w
+                    rm = pm & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                    at = rows + ih * sxh + iw * sxw
+                    for c0 in range(0, C, BLOCK_K):
+                        c = c0 + tl.arange(0, BLOCK_K)
+                        cm = c < C
+                        a = tl.load(at[:, None] + c[None, :] * sxc, mask=rm[:, None] & cm[None, :], other=0.0)
+                        wk = tl.load(ws + (c * swc + u * swh + v * sww)[:, None],
+                                     mask=cm[:, None] & om[None, :], other=0.0)
+                        acc += tl.dot(a, wk, input_precision=PREC)
+        else:
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                km = k < K
+                c, u, v = _columns(k, KH, KW)
+                ih = i[:, None] + u[None, :] - pad_h
+                iw = j[:, None] + v[None, :] - pad_w
+                am = pm[:, None] & km[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a = tl.load(rows[:, None] + c[None, :] * sxc + ih * sxh + iw * sxw, mask=am, other=0.0)
+                wk = tl.load(ws + (c * swc + u * swh + v * sww)[:, None], mask=km[:, None] & om[None, :], other=0.0)
+                acc += tl.dot(a, wk, input_precision=PREC)
         if HAS_BIAS:
             acc += tl.load(b_ptr + m * sbm + o * sbo, mask=om, other=0.0)[None, :]
         dst = out_ptr + m * som + (b * sob + i * soh + j * sow)[:, None] + o[None, :] * soo
@@ -130,19 +153,14 @@ if triton is not None:
         k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         om = o < O
         km = k < K
-        c = k // (KH * KW)
-        u = (k % (KH * KW)) // KW
-        v = k % KW
+        c, u, v = _columns(k, KH, KW)
         xs = x_ptr + m * sxm
         gs = g_ptr + m * sgm
         acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)
         for t in range(0, PER_SPLIT, BLOCK_P):
             p = s * PER_SPLIT + t + tl.arange(0, BLOCK_P)
             pm = p < P
-            b = p // (Ho * Wo)
-            r = p % (Ho * Wo)
-            i = r // Wo
-            j = r % Wo
+            b, i, j = _positions(p, Ho, Wo)
             g = tl.load(gs + (b * sgb + i * sgh + j * sgw)[None, :] + o[:, None] * sgo,
                         mask=om[:, None] & pm[None, :], other=0.0)
             ih = i[:, None] + u[None, :] - pad_h
@@ -153,87 +171,6 @@ if triton is not None:
         dst = out_ptr + ((s * MCH + m) * O + o[:, None]) * K + k[None, :]
         tl.store(dst, acc, mask=om[:, None] & km[None, :])
 
-    def _conv_taps_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
-                          sxm, sxb, sxc, sxh, sxw,
-                          swm, swo, swc, swh, sww,
-                          sbm, sbo,
-                          som, sob, soo, soh, sow,
-                          H, W, O, Ho, Wo, P, pad_h, pad_w,
-                          C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          PREC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
-        """`_conv_kernel` with the product's inner loop over the kernel's taps (u, v), then over
-        BLOCK_K input channels: one bounds mask per row and tap, for layers with many channels."""
-        m = tl.program_id(2).to(tl.int64)
-        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-        o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
-        pm = p < P
-        om = o < O
-        b = p // (Ho * Wo)
-        r = p % (Ho * Wo)
-        i = r // Wo
-        j = r % Wo
-        rows = x_ptr + m * sxm + b * sxb
-        ws = w_ptr + m * swm + o[None, :] * swo
-        acc = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
-        for u in tl.static_range(KH):
-            for v in tl.static_range(KW):
-                ih = i + u - pad_h
-                iw = j + v - pad_w
-                rm = pm & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                at = rows + ih * sxh + iw * sxw
-                for c0 in range(0, C, BLOCK_K):
-                    c = c0 + tl.arange(0, BLOCK_K)
-                    cm = c < C
-                    a = tl.load(at[:, None] + c[None, :] * sxc, mask=rm[:, None] & cm[None, :], other=0.0)
-                    wk = tl.load(ws + (c * swc + u * swh + v * sww)[:, None], mask=cm[:, None] & om[None, :], other=0.0)
-                    acc += tl.dot(a, wk, input_precision=PREC)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + m * sbm + o * sbo, mask=om, other=0.0)[None, :]
-        dst = out_ptr + m * som + (b * sob + i * soh + j * sow)[:, None] + o[None, :] * soo
-        tl.store(dst, acc, mask=pm[:, None] & om[None, :])
-
-    def _weight_grad_taps_kernel(x_ptr, g_ptr, out_ptr,
-                                 sxm, sxb, sxc, sxh, sxw,
-                                 sgm, sgb, sgo, sgh, sgw,
-                                 H, W, O, Ho, Wo, P, pad_h, pad_w, SPLIT, MCH,
-                                 C: tl.constexpr, PER_SPLIT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                                 PREC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
-                                 BLOCK_P: tl.constexpr):
-        """`_weight_grad_kernel` with one tap (u, v) and BLOCK_K input channels per program."""
-        z = tl.program_id(2)
-        m = (z // SPLIT).to(tl.int64)
-        s = z % SPLIT
-        NC: tl.constexpr = (C + BLOCK_K - 1) // BLOCK_K
-        tap = tl.program_id(1) // NC
-        u = tap // KW
-        v = tap % KW
-        o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
-        c = (tl.program_id(1) % NC) * BLOCK_K + tl.arange(0, BLOCK_K)
-        om = o < O
-        cm = c < C
-        xs = x_ptr + m * sxm
-        gs = g_ptr + m * sgm
-        acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)
-        for t in range(0, PER_SPLIT, BLOCK_P):
-            p = s * PER_SPLIT + t + tl.arange(0, BLOCK_P)
-            pm = p < P
-            b = p // (Ho * Wo)
-            r = p % (Ho * Wo)
-            i = r // Wo
-            j = r % Wo
-            g = tl.load(gs + (b * sgb + i * sgh + j * sgw)[None, :] + o[:, None] * sgo,
-                        mask=om[:, None] & pm[None, :], other=0.0)
-            ih = i + u - pad_h
-            iw = j + v - pad_w
-            rm = pm & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = tl.load(xs + (b * sxb + ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
-                        mask=rm[:, None] & cm[None, :], other=0.0)
-            acc += tl.dot(g, a, input_precision=PREC)
-        dst = out_ptr + ((s * MCH + m) * O + o[:, None]) * (C * KH * KW) + (c * (KH * KW) + tap)[None, :]
-        tl.store(dst, acc, mask=om[:, None] & cm[None, :])
-
-    _conv_taps_kernel = triton.jit(_conv_taps_kernel)
-    _weight_grad_taps_kernel = triton.jit(_weight_grad_taps_kernel)
     _conv_kernel = triton.jit(_conv_kernel)
     _weight_grad_kernel = triton.jit(_weight_grad_kernel)
 
@@ -260,10 +197,9 @@ def _pow2(n: int, low: int = 16, high: int = 128) -> int:
 
 
 # Per pass, the input channels from which the product loops over taps, then channels
-# (`_conv_taps_kernel`), instead of over flattened (channel, tap) columns. The same sweep: the
-# taps loop is faster for the forward and input gradient of the 32- and 64-channel layers;
-# the weight gradient is faster flattened (0.50 against 0.83 ms).
-TAPS_FROM: dict[str, int] = {"forward": 16, "input_grad": 16, "weight_grad": 1 << 30}
+# (`_conv_kernel`'s TAPS), instead of over flattened (channel, tap) columns: the same sweep
+# found the taps loop faster for the 32- and 64-channel layers.
+TAPS_FROM: dict[str, int] = {"forward": 16, "input_grad": 16}
 
 
 def _tuned(kind: str, taps: bool, *given: int | None) -> tuple[int, int, int]:
@@ -275,9 +211,13 @@ def _precision() -> str:
     return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
 
 
-def _check(x: Tensor, name: str) -> None:
-    if x.dtype != torch.float32:
-        raise TypeError(f"{name}: the Triton convolution kernels take float32 tensors, not {x.dtype}")
+def _check(**tensors: Tensor) -> None:
+    """Raises unless Triton is there and every tensor is float32."""
+    if triton is None:
+        raise RuntimeError("the Triton convolution kernels need the triton package")
+    for name, t in tensors.items():
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name}: the Triton convolution kernels take float32 tensors, not {t.dtype}")
 
 
 def clients_conv2d(x: Tensor, w: Tensor, bias: Tensor | None = None, padding: tuple[int, int] = (0, 0),
@@ -288,16 +228,13 @@ def clients_conv2d(x: Tensor, w: Tensor, bias: Tensor | None = None, padding: tu
     `taps`: loop over the kernel's taps, then channels (default: from ``TAPS_FROM[kind]``
     channels on), else over the flattened (channel, tap) columns. The block sizes and warps
     tune the kernel (default: ``TUNING[kind, taps]``); `kind` names the pass it computes."""
-    if triton is None:
-        raise RuntimeError("the Triton convolution kernels need the triton package")
-    _check(x, "x")
-    _check(w, "w")
+    _check(x=x, w=w)
     M, B, C, H, W = x.shape
     O, KH, KW = w.shape[1], w.shape[3], w.shape[4]
     ph, pw = padding
     Ho, Wo = H + 2 * ph - KH + 1, W + 2 * pw - KW + 1
     out = torch.empty((M, B, O, Ho, Wo), device=x.device, dtype=torch.float32)
-    P, K = B * Ho * Wo, C * KH * KW
+    P = B * Ho * Wo
     if P == 0 or O == 0 or M == 0:
         return out.zero_()
     block_o = _pow2(O)
@@ -305,15 +242,14 @@ def clients_conv2d(x: Tensor, w: Tensor, bias: Tensor | None = None, padding: tu
     sb = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
     taps = C >= TAPS_FROM[kind] if taps is None else taps
     block_p, block_k, warps = _tuned(kind, taps, block_p, block_k, warps)
-    kernel = _kernel(_conv_taps_kernel if taps else _conv_kernel, x.device)
-    sizes = dict(C=C) if taps else dict(K=K)
+    kernel = _kernel(_conv_kernel, x.device)
     for lo in range(0, M, MAX_GRID):
         hi = min(M, lo + MAX_GRID)
         xs, ws, os_ = x[lo:hi], w[lo:hi], out[lo:hi]
         bs = b_[lo:hi]
         grid = (triton.cdiv(P, block_p), triton.cdiv(O, block_o), hi - lo)
         kernel[grid](xs, ws, bs, os_, *xs.stride(), *ws.stride(), *sb, *os_.stride(),
-                     *(() if taps else (C,)), H, W, O, Ho, Wo, P, ph, pw, **sizes, KH=KH, KW=KW,
+                     H, W, O, Ho, Wo, P, ph, pw, C=C, K=C * KH * KW, KH=KH, KW=KW, TAPS=taps,
                      HAS_BIAS=bias is not None, PREC=_precision(), BLOCK_P=block_p, BLOCK_O=block_o, BLOCK_K=block_k, num_warps=warps)
     return out
 
@@ -331,17 +267,16 @@ def clients_conv2d_input_grad(grad: Tensor, w: Tensor, padding: tuple[int, int] 
 
 def clients_conv2d_weight_grad(x: Tensor, grad: Tensor, kernel_hw: tuple[int, int],
                                padding: tuple[int, int] = (0, 0), block_p: int | None = None,
-                               programs: int | None = None, block_k: int | None = None, warps: int | None = None,
-                               taps: bool | None = None) -> Tensor:
+                               programs: int | None = None, block_k: int | None = None,
+                               warps: int | None = None) -> Tensor:
     """Returns the gradient of `clients_conv2d`'s output with respect to w, for input x
     [M, B, C, H, W] and output gradient `grad` [M, B, O, Ho, Wo]: [M, O, C, KH, KW]. The
     positions are split so that about `programs` programs run (default: 4 per
     multiprocessor on CUDA; each split a power-of-two number of blocks, so that few cohort
-    sizes compile a kernel of their own); `taps` as for `clients_conv2d`."""
-    if triton is None:
-        raise RuntimeError("the Triton convolution kernels need the triton package")
-    _check(x, "x")
-    _check(grad, "grad")
+    sizes compile a kernel of their own). The product runs over flattened (channel, tap)
+    columns: on pfl's 32-channel layer that took 0.50 ms where a loop over taps, then
+    channels took 0.83 (H100)."""
+    _check(x=x, grad=grad)
     M, B, C, H, W = x.shape
     O, Ho, Wo = grad.shape[2], grad.shape[3], grad.shape[4]
     KH, KW = kernel_hw
@@ -349,9 +284,8 @@ def clients_conv2d_weight_grad(x: Tensor, grad: Tensor, kernel_hw: tuple[int, in
     if P == 0 or M == 0:
         return x.new_zeros((M, O, C, KH, KW))
     block_o = _pow2(O)
-    taps = C >= TAPS_FROM["weight_grad"] if taps is None else taps
-    block_p, block_k, warps = _tuned("weight_grad", taps, block_p, block_k, warps)
-    cols = KH * KW * triton.cdiv(C, block_k) if taps else triton.cdiv(K, block_k)
+    block_p, block_k, warps = _tuned("weight_grad", False, block_p, block_k, warps)
+    cols = triton.cdiv(K, block_k)
     tiles = triton.cdiv(O, block_o) * cols
     if programs is None:
         programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
@@ -359,8 +293,7 @@ def clients_conv2d_weight_grad(x: Tensor, grad: Tensor, kernel_hw: tuple[int, in
     split = max(1, min(chunks, triton.cdiv(programs, tiles * M)))
     per_split = triton.next_power_of_2(triton.cdiv(chunks, split)) * block_p
     split = triton.cdiv(P, per_split)
-    kernel = _kernel(_weight_grad_taps_kernel if taps else _weight_grad_kernel, x.device)
-    sizes = dict(C=C) if taps else dict(K=K)
+    kernel = _kernel(_weight_grad_kernel, x.device)
     parts = []
     for lo in range(0, M, max(1, MAX_GRID // split)):
         hi = min(M, lo + max(1, MAX_GRID // split))
@@ -368,8 +301,8 @@ def clients_conv2d_weight_grad(x: Tensor, grad: Tensor, kernel_hw: tuple[int, in
         out = torch.empty((split, hi - lo, O, K), device=x.device, dtype=torch.float32)
         grid = (triton.cdiv(O, block_o), cols, (hi - lo) * split)
         kernel[grid](xs, gs, out, *xs.stride(), *gs.stride(),
-                     *(() if taps else (C,)), H, W, O, Ho, Wo, P, padding[0], padding[1], split, hi - lo,
-                     **sizes, PER_SPLIT=per_split, KH=KH, KW=KW, PREC=_precision(),
+                     C, H, W, O, Ho, Wo, P, padding[0], padding[1], split, hi - lo,
+                     K=K, PER_SPLIT=per_split, KH=KH, KW=KW, PREC=_precision(),
                      BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=warps)
         parts.append(out[0] if split == 1 else out.sum(0))
     dw = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -422,14 +355,10 @@ class _Conv(torch.autograd.Function):
         return clients_conv2d(_at0(x, xd, n), _at0(w, wd, n), _at0(bias, bd, n), padding), 0
 
 
-class _InputGrad(torch.autograd.Function):
-    """The input gradient of `_Conv` (not differentiable again)."""
+class _Gradient(torch.autograd.Function):
+    """A gradient of `_Conv`: a function with a vmap rule, not differentiable again."""
 
     generate_vmap_rule = False
-
-    @staticmethod
-    def forward(grad: Tensor, w: Tensor, padding: tuple[int, int]) -> Tensor:
-        return F.conv_transpose2d(grad, w, padding=padding)  # stride 1: exactly the input's size
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
@@ -438,6 +367,14 @@ class _InputGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple:
         raise RuntimeError("executor.conv 'triton': second derivatives of a convolution are not supported")
+
+
+class _InputGrad(_Gradient):
+    """The input gradient of `_Conv`."""
+
+    @staticmethod
+    def forward(grad: Tensor, w: Tensor, padding: tuple[int, int]) -> Tensor:
+        return F.conv_transpose2d(grad, w, padding=padding)  # stride 1: exactly the input's size
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, grad: Tensor, w: Tensor, padding: tuple[int, int]) -> tuple:
@@ -446,23 +383,13 @@ class _InputGrad(torch.autograd.Function):
         return clients_conv2d_input_grad(_at0(grad, gd, n), _at0(w, wd, n).contiguous(), padding), 0
 
 
-class _WeightGrad(torch.autograd.Function):
-    """The weight gradient of `_Conv` (not differentiable again)."""
-
-    generate_vmap_rule = False
+class _WeightGrad(_Gradient):
+    """The weight gradient of `_Conv`."""
 
     @staticmethod
     def forward(x: Tensor, grad: Tensor, padding: tuple[int, int], kernel_hw: tuple[int, int]) -> Tensor:
         shape = (grad.shape[-3], x.shape[-3], *kernel_hw)
         return torch.nn.grad.conv2d_weight(x, shape, grad, padding=padding)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Tensor) -> tuple:
-        raise RuntimeError("executor.conv 'triton': second derivatives of a convolution are not supported")
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, x: Tensor, grad: Tensor, padding: tuple[int, int],
