@@ -119,6 +119,24 @@ def test_vectorised_gradients_equal_native_convolutions():
     assert torch.equal(swapped[0](x[0, 0]), net[0](x[0, 0]))
 
 
+def test_nested_vmap_over_runs_and_clients_equals_native_convolutions():
+    # a vectorised sweep maps over runs, then over each run's clients
+    net = small_cnn()
+    swapped, _ = tc.with_triton_convs(net)
+    R, M, B = 2, 2, 2
+    gen = torch.Generator().manual_seed(4)
+    params = {k: v.detach() + 0.1 * torch.randn(R, M, *v.shape, generator=gen).to(DEVICE) for k, v in net.named_parameters()}
+    x = torch.randn(R, M, B, 3, 8, 8, generator=gen).to(DEVICE)
+    y = torch.randint(0, 3, (R, M, B), generator=gen).to(DEVICE)
+
+    def grads(module):
+        loss = lambda p, xb, yb: F.cross_entropy(functional_call(module, p, (xb,)), yb)  # noqa: E731
+        return vmap(vmap(grad(loss)))(params, x, y)
+
+    want, got = grads(net), grads(swapped)
+    assert all(close(got[k], want[k]) for k in want), {k: (got[k] - want[k]).abs().max().item() for k in want}
+
+
 def test_outside_vmap_the_layers_train_as_torch_convolutions():
     # the executor's client-by-client fallback runs the swapped model without vmap
     net = small_cnn()
@@ -165,3 +183,21 @@ def test_config_errors_name_the_key(monkeypatch):
         monkeypatch.setattr(tc, "interpreted", lambda: False)
         with pytest.raises(ConfigError, match="executor.conv: 'triton' runs on CUDA devices"):
             run_config(cnn_config(conv="triton"))
+
+
+def test_a_vectorised_sweep_shares_calls_and_equals_single_runs(tmp_path, monkeypatch):
+    from fedsim import sweep_vectorized
+    from fedsim.sweep import sweep
+
+    calls = []
+    original = sweep_vectorized.SharedVmap._run_shared
+    monkeypatch.setattr(sweep_vectorized.SharedVmap, "_run_shared", lambda self, batch: calls.append(len(batch)) or original(self, batch))
+    cfg = cnn_config(conv="triton")
+    lines: list[str] = []
+    rows = sweep(cfg, [], [0, 1], tmp_path / "s", print_line=lines.append, vectorize=True)
+    assert [r["status"] for r in rows] == ["done", "done"] and calls == [2], lines  # one round, one shared call
+    for seed in (0, 1):
+        single = run_config(cfg, None, overrides=(f"seed={seed}",))
+        model = single.protocol.eval_params(single.ctx, single.final_state)
+        torch.testing.assert_close(torch.load(tmp_path / "s" / f"seed={seed}" / "final_model.pt"), model.cpu(),
+                                   rtol=1e-5, atol=1e-6)

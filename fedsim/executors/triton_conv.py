@@ -21,6 +21,8 @@ Scope: stride 1, dilation 1, groups 1, zero padding, float32 tensors (TF32 matri
 CUDA devices; with ``TRITON_INTERPRET=1`` set before Triton is imported they run on the CPU in
 Triton's interpreter, exactly and very slowly (the tests do that). `ClientsConv2d` (via
 `with_triton_convs`) puts them under ``vmap``; `supported` says whether a layer qualifies.
+Under nested vmaps (a vectorised sweep maps over runs, then clients) the outer dimensions
+fold into the clients', so each pass is still one launch.
 
 Each launch compiles once per layer shape (the channel count, kernel size and the loop
 lengths are compile-time constants); block sizes come from `TUNING` and `TAPS_FROM`.
@@ -352,11 +354,12 @@ class _Conv(torch.autograd.Function):
         if any(_tracked(t) for t in (x, w, bias)):
             raise RuntimeError("executor.conv 'triton': the clients' gradients must be taken inside vmap "
                                "(vmap(grad(f))), not around it")
-        return clients_conv2d(_at0(x, xd, n), _at0(w, wd, n), _at0(bias, bd, n), padding), 0
+        return _CohortConv.apply(_at0(x, xd, n), _at0(w, wd, n), _at0(bias, bd, n), padding), 0
 
 
 class _Gradient(torch.autograd.Function):
-    """A gradient of `_Conv`: a function with a vmap rule, not differentiable again."""
+    """A function with its own vmap rule, not differentiable (the gradients of `_Conv`, and
+    the cohort-wide kernels its vmap rules call)."""
 
     generate_vmap_rule = False
 
@@ -366,7 +369,8 @@ class _Gradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple:
-        raise RuntimeError("executor.conv 'triton': second derivatives of a convolution are not supported")
+        raise RuntimeError("executor.conv 'triton': second derivatives of a convolution are not supported "
+                           "(and gradients are taken inside vmap, not around it)")
 
 
 class _InputGrad(_Gradient):
@@ -380,7 +384,7 @@ class _InputGrad(_Gradient):
     def vmap(info: Any, in_dims: tuple, grad: Tensor, w: Tensor, padding: tuple[int, int]) -> tuple:
         gd, wd, _ = in_dims
         n = info.batch_size
-        return clients_conv2d_input_grad(_at0(grad, gd, n), _at0(w, wd, n).contiguous(), padding), 0
+        return _CohortInputGrad.apply(_at0(grad, gd, n), _at0(w, wd, n), padding), 0
 
 
 class _WeightGrad(_Gradient):
@@ -396,7 +400,64 @@ class _WeightGrad(_Gradient):
              kernel_hw: tuple[int, int]) -> tuple:
         xd, gd, _, _ = in_dims
         n = info.batch_size
-        return clients_conv2d_weight_grad(_at0(x, xd, n), _at0(grad, gd, n), kernel_hw, padding), 0
+        return _CohortWeightGrad.apply(_at0(x, xd, n), _at0(grad, gd, n), padding, kernel_hw), 0
+
+
+def _fold(info: Any, in_dims: tuple, *tensors: Tensor | None) -> tuple[int, list[Tensor | None]]:
+    """(vmap size n, the tensors with the vmap dimension folded into their leading clients'
+    dimension: [n, M, ...] -> [n·M, ...])."""
+    n = info.batch_size
+    out = []
+    for t, d in zip(tensors, in_dims):
+        t = _at0(t, d, n)
+        out.append(None if t is None else t.reshape(n * t.shape[1], *t.shape[2:]))
+    return n, out
+
+
+def _unfold(n: int, t: Tensor) -> tuple[Tensor, int]:
+    """A result of folded clients back as [n, M, ...], with its vmap dimension (0)."""
+    return t.reshape(n, t.shape[0] // n, *t.shape[1:]), 0
+
+
+class _CohortConv(_Gradient):
+    """`clients_conv2d` on whole cohorts; under a further vmap (a vectorised sweep's runs)
+    the extra dimension joins the clients'."""
+
+    @staticmethod
+    def forward(x: Tensor, w: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
+        return clients_conv2d(x, w, bias, padding)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, x: Tensor, w: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> tuple:
+        n, (x, w, bias) = _fold(info, in_dims[:3], x, w, bias)
+        return _unfold(n, _CohortConv.apply(x, w, bias, padding))
+
+
+class _CohortInputGrad(_Gradient):
+    """`clients_conv2d_input_grad` on whole cohorts (folding a further vmap as `_CohortConv`)."""
+
+    @staticmethod
+    def forward(grad: Tensor, w: Tensor, padding: tuple[int, int]) -> Tensor:
+        return clients_conv2d_input_grad(grad, w, padding)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, grad: Tensor, w: Tensor, padding: tuple[int, int]) -> tuple:
+        n, (grad, w) = _fold(info, in_dims[:2], grad, w)
+        return _unfold(n, _CohortInputGrad.apply(grad, w, padding))
+
+
+class _CohortWeightGrad(_Gradient):
+    """`clients_conv2d_weight_grad` on whole cohorts (folding a further vmap as `_CohortConv`)."""
+
+    @staticmethod
+    def forward(x: Tensor, grad: Tensor, padding: tuple[int, int], kernel_hw: tuple[int, int]) -> Tensor:
+        return clients_conv2d_weight_grad(x, grad, kernel_hw, padding)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, x: Tensor, grad: Tensor, padding: tuple[int, int],
+             kernel_hw: tuple[int, int]) -> tuple:
+        n, (x, grad) = _fold(info, in_dims[:2], x, grad)
+        return _unfold(n, _CohortWeightGrad.apply(x, grad, padding, kernel_hw))
 
 
 class ClientsConv2d(nn.Module):
