@@ -6,6 +6,8 @@ CUDA, in full float32 (TF32 off) so that they can be held to float rounding.
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -201,3 +203,16 @@ def test_a_vectorised_sweep_shares_calls_and_equals_single_runs(tmp_path, monkey
         model = single.protocol.eval_params(single.ctx, single.final_state)
         torch.testing.assert_close(torch.load(tmp_path / "s" / f"seed={seed}" / "final_model.pt"), model.cpu(),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_a_gpu_run_without_cuda_graphs_is_warned_about():
+    from fedsim.executors.vmap import VmapExecutor
+
+    executor = VmapExecutor(conv="triton", graphs=False)
+    with pytest.warns(RuntimeWarning, match="executor.graphs off"):
+        module, swapped = executor._swap_convs(small_cnn(), on_cpu=False)
+    assert swapped == 2
+    executor.graphs = None  # the default: graphs on CUDA
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        executor._swap_convs(small_cnn(), on_cpu=False)
