@@ -11,8 +11,8 @@ loop most simulators run), through fedsim's runner.
 
 Prints client-updates/s, ms per round and peak GPU memory for both, and their ratio. With
 ``--conv native,triton`` the whole cohort runs once per `executor.conv` (the one-at-a-time
-side stays native); `triton` computes the stride-1 convolutions (all of the LEAF CNN's,
-ResNet-18's but its strided ones) with Triton kernels.
+side stays native); `triton` computes every convolution of the LEAF CNN and of ResNet-18
+with Triton kernels (the input gradients of ResNet's strided ones stay cuDNN's).
 
     python benchmarks/real_rounds.py --device cuda [--workloads resnet18,femnist] [--rounds 5] [--conv native,triton]
 """

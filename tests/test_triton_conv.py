@@ -32,10 +32,12 @@ def full_float32():
         yield
 
 
-def reference(x, w, b, padding):
+def reference(x, w, b, geometry):
     """Each client's torch convolution, and the gradients of <out, g> for a fixed g."""
+    padding, stride, dilation = geometry
     x, w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    out = torch.stack([F.conv2d(x[m], w[m], None if b is None else b[m], padding=padding) for m in range(len(x))])
+    out = torch.stack([F.conv2d(x[m], w[m], None if b is None else b[m], stride, padding, dilation)
+                       for m in range(len(x))])
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
     gx, gw = torch.autograd.grad(out, (x, w), g)
     return out.detach(), g, gx, gw
@@ -46,21 +48,26 @@ def close(a, b, tol=1e-5):
 
 
 @pytest.mark.parametrize("taps", [False, True])
-@pytest.mark.parametrize("shape, padding", [
-    ((3, 2, 3, 7, 6, 5, 3, 2), (0, 0)),     # M, B, C, H, W, O, KH, KW: a non-square kernel
-    ((2, 2, 17, 6, 5, 20, 3, 3), (1, 2)),   # more channels than a block, uneven padding
+@pytest.mark.parametrize("shape, geometry", [
+    # M, B, C, H, W, O, KH, KW; (padding, stride, dilation)
+    ((3, 2, 3, 7, 6, 5, 3, 2), ((0, 0), (1, 1), (1, 1))),     # a non-square kernel
+    ((2, 2, 17, 6, 5, 20, 3, 3), ((1, 2), (1, 1), (1, 1))),   # more channels than a block, uneven padding
+    ((2, 2, 3, 9, 8, 4, 3, 3), ((1, 0), (2, 3), (1, 1))),     # strides (ResNet's downsampling)
+    ((2, 1, 17, 9, 9, 4, 3, 2), ((2, 1), (1, 1), (2, 3))),    # dilation
 ])
-def test_forward_and_gradients_equal_torch(shape, padding, taps):
+def test_forward_and_gradients_equal_torch(shape, geometry, taps):
     M, B, C, H, W, O, KH, KW = shape
+    padding, stride, dilation = geometry
     gen = torch.Generator().manual_seed(0)
     x, w, b = (torch.randn(s, generator=gen).to(DEVICE) for s in ((M, B, C, H, W), (M, O, C, KH, KW), (M, O)))
-    out, g, gx, gw = reference(x, w, b, padding)
-    assert close(tc.clients_conv2d(x, w, b, padding, block_p=16, block_k=16, taps=taps), out)
-    assert close(tc.clients_conv2d(x, w, None, padding, block_p=16, block_k=16, taps=taps), out - b[:, None, :, None, None])
-    assert close(tc.clients_conv2d_input_grad(g, w, padding, block_p=16, block_k=16, taps=taps), gx)
+    out, g, gx, gw = reference(x, w, b, geometry)
+    tuning = dict(block_p=16, block_k=16, taps=taps)
+    assert close(tc.clients_conv2d(x, w, b, *geometry, **tuning), out)
+    assert close(tc.clients_conv2d(x, w, None, *geometry, **tuning), out - b[:, None, :, None, None])
+    assert close(tc.clients_conv2d_input_grad(g, w, (H, W), *geometry, **tuning), gx)
     # split over one program per client and over many: the partial sums add up the same
     for programs in (1, 64):
-        dw = tc.clients_conv2d_weight_grad(x, g, (KH, KW), padding, block_p=16, block_k=16, programs=programs)
+        dw = tc.clients_conv2d_weight_grad(x, g, (KH, KW), *geometry, block_p=16, block_k=16, programs=programs)
         assert close(dw, gw)
 
 
@@ -69,9 +76,9 @@ def test_strided_and_shared_operands():
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 3, 4, 6, 6, generator=gen).to(DEVICE).movedim(1, 0)  # [M=3, B=2, ...], not contiguous
     w = torch.randn(5, 4, 3, 3, generator=gen).to(DEVICE).expand(3, 5, 4, 3, 3)
-    out, g, gx, gw = reference(x, w.contiguous(), None, (1, 1))
+    out, g, gx, gw = reference(x, w.contiguous(), None, ((1, 1), (1, 1), (1, 1)))
     assert close(tc.clients_conv2d(x, w, None, (1, 1), block_p=16, block_k=16), out)
-    assert close(tc.clients_conv2d_input_grad(g.movedim(0, 1).contiguous().movedim(1, 0), w, (1, 1)), gx)
+    assert close(tc.clients_conv2d_input_grad(g.movedim(0, 1).contiguous().movedim(1, 0), w, (6, 6), (1, 1)), gx)
     assert close(tc.clients_conv2d_weight_grad(x, g, (3, 3), (1, 1), block_p=16), gw)
 
 
@@ -82,17 +89,21 @@ def test_non_float32_inputs_are_refused():
 
 
 def small_cnn():
+    """8×8 images: a stride-1 layer, a strided one (its input gradient: the grouped path) and
+    a padded stride-1 one (its input gradient: the kernel)."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(5 * 6 * 6, 3)).to(DEVICE)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1, stride=2), nn.ReLU(),
+                         nn.Conv2d(5, 5, 3, padding=1), nn.Flatten(), nn.Linear(5 * 3 * 3, 3)).to(DEVICE)
 
 
 def test_layers_are_swapped_only_where_the_kernels_apply():
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3, stride=2), nn.Conv2d(4, 4, 3, groups=2),
-                        nn.Conv2d(4, 4, 3, dilation=2), nn.Conv2d(4, 4, 3, padding="same"), nn.Conv1d(4, 4, 3))
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3, stride=2, dilation=2), nn.Conv2d(4, 4, 3, groups=2),
+                        nn.Conv2d(4, 4, 3, padding="same"), nn.Conv2d(4, 4, 3, padding_mode="reflect"),
+                        nn.Conv1d(4, 4, 3))
     swapped, count = tc.with_triton_convs(net)
-    assert count == 1 and type(swapped[0]) is tc.ClientsConv2d
-    assert all(type(swapped[i]) is type(net[i]) for i in range(1, 6))
+    assert count == 2 and all(type(swapped[i]) is tc.ClientsConv2d for i in (0, 1))
+    assert swapped[1].geometry == ((0, 0), (2, 2), (2, 2))
+    assert all(type(swapped[i]) is type(net[i]) for i in range(2, 6))
     assert [n for n, _ in swapped.named_parameters()] == [n for n, _ in net.named_parameters()]
     assert type(net[0]) is nn.Conv2d  # the original model is left alone
 
@@ -100,7 +111,7 @@ def test_layers_are_swapped_only_where_the_kernels_apply():
 def test_vectorised_gradients_equal_native_convolutions():
     net = small_cnn()
     swapped, count = tc.with_triton_convs(net)
-    assert count == 2
+    assert count == 3
     M, B = 3, 2
     gen = torch.Generator().manual_seed(3)
     per_client = {k: (v.detach().unsqueeze(0) + 0.1 * torch.randn(M, *v.shape, generator=gen).to(DEVICE))
@@ -211,7 +222,7 @@ def test_a_gpu_run_without_cuda_graphs_is_warned_about():
     executor = VmapExecutor(conv="triton", graphs=False)
     with pytest.warns(RuntimeWarning, match="executor.graphs off"):
         module, swapped = executor._swap_convs(small_cnn(), on_cpu=False)
-    assert swapped == 2
+    assert swapped == 3
     executor.graphs = None  # the default: graphs on CUDA
     with warnings.catch_warnings():
         warnings.simplefilter("error")

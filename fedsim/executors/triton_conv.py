@@ -9,14 +9,15 @@ respect to the input (`clients_conv2d_input_grad`) and to the weight
 matrix of the client's images, is gathered tile by tile from the images and never stored:
 
     out[m][(b, i, j), o] = Σ_k A[m][(b, i, j), k] · W[m][k, o],
-    A[m][(b, i, j), (c, u, v)] = x[m, b, c, i + u − pad_h, j + v − pad_w]  (0 outside),
+    A[m][(b, i, j), (c, u, v)] = x[m, b, c, i·s_h + u·d_h − p_h, j·s_w + v·d_w − p_w]  (0 outside),
 
-with ``W[m] = w[m].reshape(O, C·KH·KW)ᵀ``. The input gradient is the same product on the
-output gradient with the weight flipped in space and its channels swapped, and padding
-``KH − 1 − pad_h``; the weight gradient is ``Aᵀ`` times the output gradient, reduced over
-the positions (split over programs, then summed).
+with ``W[m] = w[m].reshape(O, C·KH·KW)ᵀ`` (stride s, dilation d, padding p). For stride 1
+the input gradient is the same product on the output gradient with the weight flipped in
+space and its channels swapped, and padding ``d·(KH − 1) − p``; a strided layer's input
+gradient runs as torch's grouped transposed convolution. The weight gradient is ``Aᵀ`` times
+the output gradient, reduced over the positions (split over programs, then summed).
 
-Scope: stride 1, dilation 1, groups 1, zero padding, float32 tensors (TF32 matrix units when
+Scope: groups 1, zero padding, float32 tensors (TF32 matrix units when
 ``torch.backends.cudnn.allow_tf32`` is on, as for cuDNN's convolutions). The kernels run on
 CUDA devices; with ``TRITON_INTERPRET=1`` set before Triton is imported they run on the CPU in
 Triton's interpreter, exactly and very slowly (the tests do that). `ClientsConv2d` (via
@@ -55,6 +56,8 @@ TUNING: dict[tuple[str, bool], tuple[int, int, int]] = {
     ("weight_grad", False): (16, 128, 4),
 }
 MAX_GRID = 65535  # CUDA's limit on the grid's second and third dimensions
+Pair = tuple[int, int]
+Geometry = tuple[Pair, Pair, Pair]  # a convolution's (padding, stride, dilation)
 
 
 def available() -> bool:
@@ -63,15 +66,13 @@ def available() -> bool:
 
 
 def supported(conv: nn.Module) -> bool:
-    """Whether `conv` is a layer these kernels compute: a plain ``nn.Conv2d`` with stride 1,
-    dilation 1, groups 1 and zero padding given as numbers."""
+    """Whether `conv` is a layer these kernels compute: a plain ``nn.Conv2d`` with groups 1
+    and zero padding given as numbers (any stride and dilation)."""
     return (
         type(conv) is nn.Conv2d
         and conv.groups == 1
         and conv.padding_mode == "zeros"
         and not isinstance(conv.padding, str)
-        and tuple(conv.stride) == (1, 1)
-        and tuple(conv.dilation) == (1, 1)
     )
 
 
@@ -93,11 +94,12 @@ if triton is not None:
                      swm, swo, swc, swh, sww,
                      sbm, sbo,
                      som, sob, soo, soh, sow,
-                     H, W, O, Ho, Wo, P, pad_h, pad_w,
+                     H, W, O, Ho, Wo, P, pad_h, pad_w, st_h, st_w, dil_h, dil_w,
                      C: tl.constexpr, K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TAPS: tl.constexpr,
                      HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
-        """out[m, b, o, i, j] = Σ_{c,u,v} x[m, b, c, i+u-pad_h, j+v-pad_w] · w[m, o, c, u, v] (+ bias[m, o]);
+        """out[m, b, o, i, j] = Σ_{c,u,v} x[m, b, c, i·st_h + u·dil_h − pad_h, j·st_w + v·dil_w − pad_w]
+        · w[m, o, c, u, v] (+ bias[m, o]);
         one program per (BLOCK_P output positions, BLOCK_O channels, client). The product's
         inner loop runs over BLOCK_K flattened (c, u, v) columns, or with TAPS over the taps
         (u, v) and then BLOCK_K channels (one bounds mask per row and tap: many channels)."""
@@ -113,8 +115,8 @@ if triton is not None:
         if TAPS:
             for u in tl.static_range(KH):
                 for v in tl.static_range(KW):
-                    ih = i + u - pad_h
-                    iw = j + v - pad_w
+                    ih = i * st_h + u * dil_h - pad_h
+                    iw = j * st_w + v * dil_w - pad_w
                     rm = pm & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                     at = rows + ih * sxh + iw * sxw
                     for c0 in range(0, C, BLOCK_K):
@@ -129,8 +131,8 @@ if triton is not None:
                 k = k0 + tl.arange(0, BLOCK_K)
                 km = k < K
                 c, u, v = _columns(k, KH, KW)
-                ih = i[:, None] + u[None, :] - pad_h
-                iw = j[:, None] + v[None, :] - pad_w
+                ih = i[:, None] * st_h + u[None, :] * dil_h - pad_h
+                iw = j[:, None] * st_w + v[None, :] * dil_w - pad_w
                 am = pm[:, None] & km[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 a = tl.load(rows[:, None] + c[None, :] * sxc + ih * sxh + iw * sxw, mask=am, other=0.0)
                 wk = tl.load(ws + (c * swc + u * swh + v * sww)[:, None], mask=km[:, None] & om[None, :], other=0.0)
@@ -143,7 +145,7 @@ if triton is not None:
     def _weight_grad_kernel(x_ptr, g_ptr, out_ptr,
                             sxm, sxb, sxc, sxh, sxw,
                             sgm, sgb, sgo, sgh, sgw,
-                            C, H, W, O, Ho, Wo, P, pad_h, pad_w, SPLIT, MCH,
+                            C, H, W, O, Ho, Wo, P, pad_h, pad_w, st_h, st_w, dil_h, dil_w, SPLIT, MCH,
                             K: tl.constexpr, PER_SPLIT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PREC: tl.constexpr,
                             BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
         """out[s, m, o, k] = Σ_{p in split s} g[m, p, o] · A[m][p, k]; one program per
@@ -165,8 +167,8 @@ if triton is not None:
             b, i, j = _positions(p, Ho, Wo)
             g = tl.load(gs + (b * sgb + i * sgh + j * sgw)[None, :] + o[:, None] * sgo,
                         mask=om[:, None] & pm[None, :], other=0.0)
-            ih = i[:, None] + u[None, :] - pad_h
-            iw = j[:, None] + v[None, :] - pad_w
+            ih = i[:, None] * st_h + u[None, :] * dil_h - pad_h
+            iw = j[:, None] * st_w + v[None, :] * dil_w - pad_w
             am = pm[:, None] & km[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a = tl.load(xs + (b * sxb)[:, None] + c[None, :] * sxc + ih * sxh + iw * sxw, mask=am, other=0.0)
             acc += tl.dot(g, a, input_precision=PREC)
@@ -222,19 +224,20 @@ def _check(**tensors: Tensor) -> None:
             raise TypeError(f"{name}: the Triton convolution kernels take float32 tensors, not {t.dtype}")
 
 
-def clients_conv2d(x: Tensor, w: Tensor, bias: Tensor | None = None, padding: tuple[int, int] = (0, 0),
-                   block_p: int | None = None, block_k: int | None = None, warps: int | None = None,
-                   taps: bool | None = None, kind: str = "forward") -> Tensor:
-    """Returns ``stack([conv2d(x[m], w[m], bias[m], padding=padding) for m])``: x [M, B, C, H, W],
-    w [M, O, C, KH, KW], bias [M, O] or None (stride 1); output [M, B, O, Ho, Wo] float32.
+def clients_conv2d(x: Tensor, w: Tensor, bias: Tensor | None = None, padding: Pair = (0, 0),
+                   stride: Pair = (1, 1), dilation: Pair = (1, 1), block_p: int | None = None,
+                   block_k: int | None = None, warps: int | None = None, taps: bool | None = None,
+                   kind: str = "forward") -> Tensor:
+    """Returns ``stack([conv2d(x[m], w[m], bias[m], stride, padding, dilation) for m])``: x
+    [M, B, C, H, W], w [M, O, C, KH, KW], bias [M, O] or None; output [M, B, O, Ho, Wo] float32.
     `taps`: loop over the kernel's taps, then channels (default: from ``TAPS_FROM[kind]``
     channels on), else over the flattened (channel, tap) columns. The block sizes and warps
     tune the kernel (default: ``TUNING[kind, taps]``); `kind` names the pass it computes."""
     _check(x=x, w=w)
     M, B, C, H, W = x.shape
     O, KH, KW = w.shape[1], w.shape[3], w.shape[4]
-    ph, pw = padding
-    Ho, Wo = H + 2 * ph - KH + 1, W + 2 * pw - KW + 1
+    (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation
+    Ho, Wo = (H + 2 * ph - dh * (KH - 1) - 1) // sh + 1, (W + 2 * pw - dw * (KW - 1) - 1) // sw + 1
     out = torch.empty((M, B, O, Ho, Wo), device=x.device, dtype=torch.float32)
     P = B * Ho * Wo
     if P == 0 or O == 0 or M == 0:
@@ -251,24 +254,41 @@ def clients_conv2d(x: Tensor, w: Tensor, bias: Tensor | None = None, padding: tu
         bs = b_[lo:hi]
         grid = (triton.cdiv(P, block_p), triton.cdiv(O, block_o), hi - lo)
         kernel[grid](xs, ws, bs, os_, *xs.stride(), *ws.stride(), *sb, *os_.stride(),
-                     H, W, O, Ho, Wo, P, ph, pw, C=C, K=C * KH * KW, KH=KH, KW=KW, TAPS=taps,
+                     H, W, O, Ho, Wo, P, ph, pw, sh, sw, dh, dw, C=C, K=C * KH * KW, KH=KH, KW=KW, TAPS=taps,
                      HAS_BIAS=bias is not None, PREC=_precision(), BLOCK_P=block_p, BLOCK_O=block_o, BLOCK_K=block_k, num_warps=warps)
     return out
 
 
-def clients_conv2d_input_grad(grad: Tensor, w: Tensor, padding: tuple[int, int] = (0, 0), **tuning: Any) -> Tensor:
+def clients_conv2d_input_grad(grad: Tensor, w: Tensor, input_hw: Pair, padding: Pair = (0, 0),
+                              stride: Pair = (1, 1), dilation: Pair = (1, 1), **tuning: Any) -> Tensor:
     """Returns the gradient of `clients_conv2d`'s output with respect to x, for output
-    gradient `grad` [M, B, O, Ho, Wo] and weight w [M, O, C, KH, KW]: [M, B, C, H, W] (with
-    stride 1 the full correlation with the flipped kernel has exactly the input's size).
+    gradient `grad` [M, B, O, Ho, Wo], weight w [M, O, C, KH, KW] and the input's (H, W):
+    [M, B, C, H, W]. With stride 1 it is the correlation of `grad` with the flipped kernel
+    (padding ``dilation·(KH − 1) − padding``, which gives exactly the input's size), by the
+    kernel; a strided convolution's runs as torch's grouped transposed convolution.
     `tuning`: `clients_conv2d`'s block sizes, warps and taps."""
     KH, KW = w.shape[3], w.shape[4]
+    if tuple(stride) != (1, 1):
+        return _grouped_input_grad(grad, w, input_hw, padding, stride, dilation)
     flipped = w.flip(3, 4).transpose(1, 2)  # [M, C, O, KH, KW]
-    return clients_conv2d(grad, flipped, None, (KH - 1 - padding[0], KW - 1 - padding[1]),
-                          kind="input_grad", **tuning)
+    full = (dilation[0] * (KH - 1) - padding[0], dilation[1] * (KW - 1) - padding[1])
+    return clients_conv2d(grad, flipped, None, full, (1, 1), dilation, kind="input_grad", **tuning)
 
 
-def clients_conv2d_weight_grad(x: Tensor, grad: Tensor, kernel_hw: tuple[int, int],
-                               padding: tuple[int, int] = (0, 0), block_p: int | None = None,
+def _grouped_input_grad(grad: Tensor, w: Tensor, input_hw: Pair, padding: Pair, stride: Pair,
+                        dilation: Pair) -> Tensor:
+    """`clients_conv2d_input_grad` as one grouped transposed convolution (groups = clients)."""
+    M, B, O, Ho, Wo = grad.shape
+    C, KH, KW = w.shape[2:]
+    extra = tuple(n - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
+                  for n, o, s, p, d, k in zip(input_hw, (Ho, Wo), stride, padding, dilation, (KH, KW)))
+    g = grad.transpose(0, 1).reshape(B, M * O, Ho, Wo)
+    out = F.conv_transpose2d(g, w.reshape(M * O, C, KH, KW), None, stride, padding, extra, M, dilation)
+    return out.reshape(B, M, C, *input_hw).transpose(0, 1)
+
+
+def clients_conv2d_weight_grad(x: Tensor, grad: Tensor, kernel_hw: Pair, padding: Pair = (0, 0),
+                               stride: Pair = (1, 1), dilation: Pair = (1, 1), block_p: int | None = None,
                                programs: int | None = None, block_k: int | None = None,
                                warps: int | None = None) -> Tensor:
     """Returns the gradient of `clients_conv2d`'s output with respect to w, for input x
@@ -303,7 +323,7 @@ def clients_conv2d_weight_grad(x: Tensor, grad: Tensor, kernel_hw: tuple[int, in
         out = torch.empty((split, hi - lo, O, K), device=x.device, dtype=torch.float32)
         grid = (triton.cdiv(O, block_o), cols, (hi - lo) * split)
         kernel[grid](xs, gs, out, *xs.stride(), *gs.stride(),
-                     C, H, W, O, Ho, Wo, P, padding[0], padding[1], split, hi - lo,
+                     C, H, W, O, Ho, Wo, P, *padding, *stride, *dilation, split, hi - lo,
                      K=K, PER_SPLIT=per_split, KH=KH, KW=KW, PREC=_precision(),
                      BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=warps)
         parts.append(out[0] if split == 1 else out.sum(0))
@@ -324,37 +344,39 @@ def _tracked(t: Tensor | None) -> bool:
 
 
 class _Conv(torch.autograd.Function):
-    """One client's convolution (stride 1) whose vmap rule runs the cohort's in one launch."""
+    """One client's convolution whose vmap rule runs the cohort's in one launch. `geometry`:
+    (padding, stride, dilation)."""
 
     generate_vmap_rule = False
 
     @staticmethod
-    def forward(x: Tensor, w: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
-        return F.conv2d(x, w, bias, padding=padding)
+    def forward(x: Tensor, w: Tensor, bias: Tensor | None, geometry: Geometry) -> Tensor:
+        padding, stride, dilation = geometry
+        return F.conv2d(x, w, bias, stride, padding, dilation)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        x, w, bias, padding = inputs
+        x, w, bias, geometry = inputs
         ctx.save_for_backward(x, w)
-        ctx.padding = padding
+        ctx.geometry = geometry
         ctx.has_bias = bias is not None
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple:
         x, w = ctx.saved_tensors
-        gx = _InputGrad.apply(grad, w, ctx.padding) if ctx.needs_input_grad[0] else None
-        gw = _WeightGrad.apply(x, grad, ctx.padding, tuple(w.shape[-2:])) if ctx.needs_input_grad[1] else None
+        gx = _InputGrad.apply(grad, w, tuple(x.shape[-2:]), ctx.geometry) if ctx.needs_input_grad[0] else None
+        gw = _WeightGrad.apply(x, grad, tuple(w.shape[-2:]), ctx.geometry) if ctx.needs_input_grad[1] else None
         gb = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb, None
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple, x: Tensor, w: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> tuple:
+    def vmap(info: Any, in_dims: tuple, x: Tensor, w: Tensor, bias: Tensor | None, geometry: Geometry) -> tuple:
         xd, wd, bd, _ = in_dims
         n = info.batch_size
         if any(_tracked(t) for t in (x, w, bias)):
             raise RuntimeError("executor.conv 'triton': the clients' gradients must be taken inside vmap "
                                "(vmap(grad(f))), not around it")
-        return _CohortConv.apply(_at0(x, xd, n), _at0(w, wd, n), _at0(bias, bd, n), padding), 0
+        return _CohortConv.apply(_at0(x, xd, n), _at0(w, wd, n), _at0(bias, bd, n), geometry), 0
 
 
 class _Gradient(torch.autograd.Function):
@@ -373,36 +395,6 @@ class _Gradient(torch.autograd.Function):
                            "(and gradients are taken inside vmap, not around it)")
 
 
-class _InputGrad(_Gradient):
-    """The input gradient of `_Conv`."""
-
-    @staticmethod
-    def forward(grad: Tensor, w: Tensor, padding: tuple[int, int]) -> Tensor:
-        return F.conv_transpose2d(grad, w, padding=padding)  # stride 1: exactly the input's size
-
-    @staticmethod
-    def vmap(info: Any, in_dims: tuple, grad: Tensor, w: Tensor, padding: tuple[int, int]) -> tuple:
-        gd, wd, _ = in_dims
-        n = info.batch_size
-        return _CohortInputGrad.apply(_at0(grad, gd, n), _at0(w, wd, n), padding), 0
-
-
-class _WeightGrad(_Gradient):
-    """The weight gradient of `_Conv`."""
-
-    @staticmethod
-    def forward(x: Tensor, grad: Tensor, padding: tuple[int, int], kernel_hw: tuple[int, int]) -> Tensor:
-        shape = (grad.shape[-3], x.shape[-3], *kernel_hw)
-        return torch.nn.grad.conv2d_weight(x, shape, grad, padding=padding)
-
-    @staticmethod
-    def vmap(info: Any, in_dims: tuple, x: Tensor, grad: Tensor, padding: tuple[int, int],
-             kernel_hw: tuple[int, int]) -> tuple:
-        xd, gd, _, _ = in_dims
-        n = info.batch_size
-        return _CohortWeightGrad.apply(_at0(x, xd, n), _at0(grad, gd, n), padding, kernel_hw), 0
-
-
 def _fold(info: Any, in_dims: tuple, *tensors: Tensor | None) -> tuple[int, list[Tensor | None]]:
     """(vmap size n, the tensors with the vmap dimension folded into their leading clients'
     dimension: [n, M, ...] -> [n·M, ...])."""
@@ -414,73 +406,98 @@ def _fold(info: Any, in_dims: tuple, *tensors: Tensor | None) -> tuple[int, list
     return n, out
 
 
-def _unfold(n: int, t: Tensor) -> tuple[Tensor, int]:
-    """A result of folded clients back as [n, M, ...], with its vmap dimension (0)."""
-    return t.reshape(n, t.shape[0] // n, *t.shape[1:]), 0
+def _folded(fn: Any, info: Any, in_dims: tuple, batched: int, *args: Any) -> tuple[Tensor, int]:
+    """``fn.apply(*args)`` with the vmap dimension of its first `batched` arguments folded
+    into the clients' (`_fold`), and the result's unfolded again: (result [n, M, ...], 0)."""
+    n, folded = _fold(info, in_dims[:batched], *args[:batched])
+    out = fn.apply(*folded, *args[batched:])
+    return out.reshape(n, out.shape[0] // n, *out.shape[1:]), 0
 
 
-class _CohortConv(_Gradient):
-    """`clients_conv2d` on whole cohorts; under a further vmap (a vectorised sweep's runs)
-    the extra dimension joins the clients'."""
+def _cohort_function(compute: Any, batched: int, name: str) -> type:
+    """A `_Gradient` whose forward is `compute` on whole cohorts (its first `batched`
+    arguments [M, ...]), and whose vmap rule (a vectorised sweep's runs around the clients)
+    folds the extra dimension into the clients' and calls it again."""
 
-    @staticmethod
-    def forward(x: Tensor, w: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
-        return clients_conv2d(x, w, bias, padding)
+    class Cohort(_Gradient):
+        @staticmethod
+        def forward(*args: Any) -> Tensor:
+            return compute(*args)
 
-    @staticmethod
-    def vmap(info: Any, in_dims: tuple, x: Tensor, w: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> tuple:
-        n, (x, w, bias) = _fold(info, in_dims[:3], x, w, bias)
-        return _unfold(n, _CohortConv.apply(x, w, bias, padding))
+        @staticmethod
+        def vmap(info: Any, in_dims: tuple, *args: Any) -> tuple:
+            return _folded(Cohort, info, in_dims, batched, *args)
 
-
-class _CohortInputGrad(_Gradient):
-    """`clients_conv2d_input_grad` on whole cohorts (folding a further vmap as `_CohortConv`)."""
-
-    @staticmethod
-    def forward(grad: Tensor, w: Tensor, padding: tuple[int, int]) -> Tensor:
-        return clients_conv2d_input_grad(grad, w, padding)
-
-    @staticmethod
-    def vmap(info: Any, in_dims: tuple, grad: Tensor, w: Tensor, padding: tuple[int, int]) -> tuple:
-        n, (grad, w) = _fold(info, in_dims[:2], grad, w)
-        return _unfold(n, _CohortInputGrad.apply(grad, w, padding))
+    Cohort.__name__ = Cohort.__qualname__ = name
+    return Cohort
 
 
-class _CohortWeightGrad(_Gradient):
-    """`clients_conv2d_weight_grad` on whole cohorts (folding a further vmap as `_CohortConv`)."""
+# (x, w, bias, geometry), (grad, w, input_hw, geometry), (x, grad, kernel_hw, geometry)
+_CohortConv = _cohort_function(lambda x, w, b, geo: clients_conv2d(x, w, b, *geo), 3, "_CohortConv")
+_CohortInputGrad = _cohort_function(lambda g, w, hw, geo: clients_conv2d_input_grad(g, w, hw, *geo), 2,
+                                    "_CohortInputGrad")
+_CohortWeightGrad = _cohort_function(lambda x, g, hw, geo: clients_conv2d_weight_grad(x, g, hw, *geo), 2,
+                                     "_CohortWeightGrad")
 
-    @staticmethod
-    def forward(x: Tensor, grad: Tensor, padding: tuple[int, int], kernel_hw: tuple[int, int]) -> Tensor:
-        return clients_conv2d_weight_grad(x, grad, kernel_hw, padding)
 
-    @staticmethod
-    def vmap(info: Any, in_dims: tuple, x: Tensor, grad: Tensor, padding: tuple[int, int],
-             kernel_hw: tuple[int, int]) -> tuple:
-        n, (x, grad) = _fold(info, in_dims[:2], x, grad)
-        return _unfold(n, _CohortWeightGrad.apply(x, grad, padding, kernel_hw))
+def _client_function(compute: Any, cohort: type, batched: int, name: str) -> type:
+    """A `_Gradient` whose forward is `compute` for one client, and whose vmap rule (over the
+    clients) hands the whole cohort's to `cohort` (its first `batched` arguments stacked)."""
+
+    class Client(_Gradient):
+        @staticmethod
+        def forward(*args: Any) -> Tensor:
+            return compute(*args)
+
+        @staticmethod
+        def vmap(info: Any, in_dims: tuple, *args: Any) -> tuple:
+            stacked = [_at0(t, d, info.batch_size) for t, d in zip(args[:batched], in_dims)]
+            return cohort.apply(*stacked, *args[batched:]), 0
+
+    Client.__name__ = Client.__qualname__ = name
+    return Client
+
+
+def _input_grad(grad: Tensor, w: Tensor, input_hw: Pair, geometry: Geometry) -> Tensor:
+    """One client's input gradient, for an input of spatial size `input_hw`."""
+    padding, stride, dilation = geometry
+    return torch.nn.grad.conv2d_input((grad.shape[0], w.shape[1], *input_hw), w, grad, stride, padding, dilation)
+
+
+def _weight_grad(x: Tensor, grad: Tensor, kernel_hw: Pair, geometry: Geometry) -> Tensor:
+    """One client's weight gradient, for a kernel of size `kernel_hw`."""
+    padding, stride, dilation = geometry
+    return torch.nn.grad.conv2d_weight(x, (grad.shape[-3], x.shape[-3], *kernel_hw), grad, stride, padding, dilation)
+
+
+_InputGrad = _client_function(_input_grad, _CohortInputGrad, 2, "_InputGrad")
+_WeightGrad = _client_function(_weight_grad, _CohortWeightGrad, 2, "_WeightGrad")
 
 
 class ClientsConv2d(nn.Module):
     """A drop-in for a `supported` ``nn.Conv2d`` (same parameters and names): outside vmap
     the layer's own convolution; under vmap over clients, the cohort's convolutions and their
-    gradients in one Triton launch each."""
+    gradients in one Triton launch each (a strided layer's input gradient: torch's grouped
+    transposed convolution)."""
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
         if not supported(conv):
-            raise ValueError(f"not a stride-1, dilation-1, groups-1, zero-padded Conv2d: {conv}")
+            raise ValueError(f"not a groups-1, zero-padded Conv2d with numeric padding: {conv}")
         self.weight = conv.weight
         self.bias = conv.bias
-        self.padding = tuple(conv.padding)
+        self.geometry = (tuple(conv.padding), tuple(conv.stride), tuple(conv.dilation))
 
     def extra_repr(self) -> str:
         o, c, kh, kw = self.weight.shape
-        return f"{c}, {o}, kernel_size=({kh}, {kw}), padding={self.padding}, bias={self.bias is not None}"
+        (padding, stride, dilation) = self.geometry
+        return (f"{c}, {o}, kernel_size=({kh}, {kw}), stride={stride}, padding={padding}, dilation={dilation}, "
+                f"bias={self.bias is not None}")
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 3:  # one image [C, H, W]
             return self.forward(x.unsqueeze(0)).squeeze(0)
-        return _Conv.apply(x, self.weight, self.bias, self.padding)
+        return _Conv.apply(x, self.weight, self.bias, self.geometry)
 
 
 def with_triton_convs(module: nn.Module) -> tuple[nn.Module, int]:

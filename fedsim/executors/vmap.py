@@ -161,8 +161,8 @@ class VmapExecutor(Executor):
                           "step eagerly); leave graphs on", RuntimeWarning, stacklevel=3)
         module, swapped = triton_conv.with_triton_convs(module)
         if not swapped:
-            warnings.warn("executor.conv 'triton': the model has no stride-1, dilation-1, groups-1, zero-padded "
-                          "Conv2d; its layers run natively", RuntimeWarning, stacklevel=3)
+            warnings.warn("executor.conv 'triton': the model has no groups-1, zero-padded Conv2d; its layers "
+                          "run natively", RuntimeWarning, stacklevel=3)
         return module, swapped
 
     def _takes_channels_last(self) -> bool:
@@ -509,12 +509,12 @@ def vmap(
             model whose training step cannot take such input under vmap (GroupNorm, or a
             ``.view`` of the images) keeps 'native' with a warning); or 'unfold' (im2col +
             batched matmul; measured 3-4x slower on an H200 and 2.2x on an H100 for pfl's CNN, see
-            benchmarks/README.md); or 'triton' (CUDA: each stride-1, dilation-1, groups-1
-            Conv2d of the clients, and its gradients, as one Triton implicit-GEMM kernel for
-            the whole cohort instead of cuDNN's grouped convolutions: on an H100, pfl's CNN's
-            rounds spent 22% less time in the executor (the whole run 18% less). Pays with
-            CUDA graphs (the default on CUDA); float32/TF32 only, not with ``compile``; other
-            layers run natively).
+            benchmarks/README.md); or 'triton' (CUDA: each groups-1, zero-padded Conv2d of
+            the clients, and its gradients, as one Triton implicit-GEMM kernel for the whole
+            cohort instead of cuDNN's grouped convolutions (a strided layer's input gradient
+            stays grouped): on an H100, pfl's CNN's rounds spent 22% less time in the
+            executor (the whole run 18% less). Pays with CUDA graphs (the default on CUDA);
+            float32/TF32 only, not with ``compile``; other layers run natively).
         randomness: vmap's handling of random layers (dropout): 'error' (refuse: results
             equal serial), 'different' or 'same' (per-client or shared draws, keyed per cohort;
             reproducible, but not the serial executor's draws, and with CUDA graphs not the
