@@ -82,6 +82,30 @@ def test_strided_and_shared_operands():
     assert close(tc.clients_conv2d_weight_grad(x, g, (3, 3), (1, 1), block_p=16), gw)
 
 
+def test_cohorts_beyond_one_launch_are_split_into_launches(monkeypatch):
+    # CUDA caps a grid's dimension at 65,535 (clients, or clients × position splits) per launch
+    monkeypatch.setattr(tc, "MAX_GRID", 2)
+    grids = []
+    real = tc._kernel
+
+    class Recorded:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(tc, "_kernel", lambda fn, device: Recorded(real(fn, device)))
+    gen = torch.Generator().manual_seed(5)
+    x, w, b = (torch.randn(s, generator=gen).to(DEVICE) for s in ((5, 2, 3, 6, 5), (5, 4, 3, 3, 3), (5, 4)))
+    out, g, gx, gw = reference(x, w, b, ((1, 1), (1, 1), (1, 1)))
+    assert close(tc.clients_conv2d(x, w, b, (1, 1), block_p=16, block_k=16), out)
+    assert close(tc.clients_conv2d_weight_grad(x, g, (3, 3), (1, 1), block_p=16, block_k=16, programs=1), gw)
+    assert [grid[2] for grid in grids] == [2, 2, 1] * 2  # 5 clients: launches of 2, 2 and 1
+    assert close(tc.clients_conv2d_weight_grad(x, g, (3, 3), (1, 1), block_p=16, block_k=16, programs=64), gw)
+
+
 def test_non_float32_inputs_are_refused():
     x = torch.randn(1, 1, 1, 4, 4, dtype=torch.float64, device=DEVICE)
     with pytest.raises(TypeError, match="float32"):
