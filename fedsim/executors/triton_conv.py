@@ -414,48 +414,34 @@ def _folded(fn: Any, info: Any, in_dims: tuple, batched: int, *args: Any) -> tup
     return out.reshape(n, out.shape[0] // n, *out.shape[1:]), 0
 
 
-def _cohort_function(compute: Any, batched: int, name: str) -> type:
-    """A `_Gradient` whose forward is `compute` on whole cohorts (its first `batched`
-    arguments [M, ...]), and whose vmap rule (a vectorised sweep's runs around the clients)
-    folds the extra dimension into the clients' and calls it again."""
+def _vmapped_function(compute: Any, batched: int, name: str, cohort: type | None = None) -> type:
+    """A `_Gradient` whose forward is `compute`, and whose vmap rule hands the vmapped
+    dimension of its first `batched` arguments on: for one client's function, stacked as the
+    clients of `cohort` (a cohort-wide function); for a cohort-wide one (`cohort` None: under
+    a vectorised sweep's runs around the clients), folded into its own clients' dimension."""
 
-    class Cohort(_Gradient):
+    class Function(_Gradient):
         @staticmethod
         def forward(*args: Any) -> Tensor:
             return compute(*args)
 
         @staticmethod
         def vmap(info: Any, in_dims: tuple, *args: Any) -> tuple:
-            return _folded(Cohort, info, in_dims, batched, *args)
-
-    Cohort.__name__ = Cohort.__qualname__ = name
-    return Cohort
-
-
-# (x, w, bias, geometry), (grad, w, input_hw, geometry), (x, grad, kernel_hw, geometry)
-_CohortConv = _cohort_function(lambda x, w, b, geo: clients_conv2d(x, w, b, *geo), 3, "_CohortConv")
-_CohortInputGrad = _cohort_function(lambda g, w, hw, geo: clients_conv2d_input_grad(g, w, hw, *geo), 2,
-                                    "_CohortInputGrad")
-_CohortWeightGrad = _cohort_function(lambda x, g, hw, geo: clients_conv2d_weight_grad(x, g, hw, *geo), 2,
-                                     "_CohortWeightGrad")
-
-
-def _client_function(compute: Any, cohort: type, batched: int, name: str) -> type:
-    """A `_Gradient` whose forward is `compute` for one client, and whose vmap rule (over the
-    clients) hands the whole cohort's to `cohort` (its first `batched` arguments stacked)."""
-
-    class Client(_Gradient):
-        @staticmethod
-        def forward(*args: Any) -> Tensor:
-            return compute(*args)
-
-        @staticmethod
-        def vmap(info: Any, in_dims: tuple, *args: Any) -> tuple:
+            if cohort is None:
+                return _folded(Function, info, in_dims, batched, *args)
             stacked = [_at0(t, d, info.batch_size) for t, d in zip(args[:batched], in_dims)]
             return cohort.apply(*stacked, *args[batched:]), 0
 
-    Client.__name__ = Client.__qualname__ = name
-    return Client
+    Function.__name__ = Function.__qualname__ = name
+    return Function
+
+
+# (x, w, bias, geometry), (grad, w, input_hw, geometry), (x, grad, kernel_hw, geometry)
+_CohortConv = _vmapped_function(lambda x, w, b, geo: clients_conv2d(x, w, b, *geo), 3, "_CohortConv")
+_CohortInputGrad = _vmapped_function(lambda g, w, hw, geo: clients_conv2d_input_grad(g, w, hw, *geo), 2,
+                                     "_CohortInputGrad")
+_CohortWeightGrad = _vmapped_function(lambda x, g, hw, geo: clients_conv2d_weight_grad(x, g, hw, *geo), 2,
+                                      "_CohortWeightGrad")
 
 
 def _input_grad(grad: Tensor, w: Tensor, input_hw: Pair, geometry: Geometry) -> Tensor:
@@ -470,8 +456,8 @@ def _weight_grad(x: Tensor, grad: Tensor, kernel_hw: Pair, geometry: Geometry) -
     return torch.nn.grad.conv2d_weight(x, (grad.shape[-3], x.shape[-3], *kernel_hw), grad, stride, padding, dilation)
 
 
-_InputGrad = _client_function(_input_grad, _CohortInputGrad, 2, "_InputGrad")
-_WeightGrad = _client_function(_weight_grad, _CohortWeightGrad, 2, "_WeightGrad")
+_InputGrad = _vmapped_function(_input_grad, 2, "_InputGrad", cohort=_CohortInputGrad)
+_WeightGrad = _vmapped_function(_weight_grad, 2, "_WeightGrad", cohort=_CohortWeightGrad)
 
 
 class ClientsConv2d(nn.Module):
