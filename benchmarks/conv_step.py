@@ -167,7 +167,7 @@ def passes(m: int, dev: str) -> None:
             xb, wb = torch.randn(m, BATCH, c, h, h, device=dev), torch.randn(m, o, c, 3, 3, device=dev)
             gb = torch.randn(m, BATCH, o, h - 2, h - 2, device=dev)
             rows["Triton"] = (ms(lambda: triton_conv.clients_conv2d(xb, wb)),
-                              ms(lambda: triton_conv.clients_conv2d_input_grad(gb, wb)),
+                              ms(lambda: triton_conv.clients_conv2d_input_grad(gb, wb, (h, h))),
                               ms(lambda: triton_conv.clients_conv2d_weight_grad(xb, gb, (3, 3))))
         rows["dense, one model"] = dense
         for name, (f, i, wg) in rows.items():

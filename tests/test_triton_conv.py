@@ -106,6 +106,48 @@ def test_cohorts_beyond_one_launch_are_split_into_launches(monkeypatch):
     assert close(tc.clients_conv2d_weight_grad(x, g, (3, 3), (1, 1), block_p=16, block_k=16, programs=64), gw)
 
 
+def test_tiles_are_fitted_to_the_devices_shared_memory(monkeypatch):
+    # ResNet's 128-channel input gradient at the taps tuning (256 x 64 tiles, 3 stages) needs
+    # 294,912 bytes; an H100 gives a program 232,448: fewer rows first, then fewer stages
+    assert tc.fit_shared(256, 64, 128, 232_448) == (128, 3)
+    assert tc.fit_shared(256, 64, 128, None) == (256, 3)
+    assert tc.fit_shared(16, 64, 512, 300_000) == (16, 2)
+    with pytest.raises(ValueError, match="shared memory"):
+        tc.fit_shared(16, 512, 512, 100_000)
+    # the launches use the fitted sizes, and compute the same
+    monkeypatch.setattr(tc, "_shared_limit", lambda device: 2 * (16 * 16 + 16 * 16) * 4)
+    launched = []
+    real = tc._kernel
+
+    class Recorded:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append((kwargs.get("BLOCK_P"), kwargs["num_stages"]))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tc, "_kernel", lambda fn, device: Recorded(real(fn, device)))
+    gen = torch.Generator().manual_seed(6)
+    x, w = (torch.randn(s, generator=gen).to(DEVICE) for s in ((2, 2, 3, 6, 5), (2, 4, 3, 3, 3)))
+    out, g, gx, gw = reference(x, w, None, ((1, 1), (1, 1), (1, 1)))
+    assert close(tc.clients_conv2d(x, w, None, (1, 1), block_p=128, block_k=16), out)
+    assert launched[-1] == (16, 2)
+
+
+def test_a_kernel_failure_stops_the_run_instead_of_falling_back(monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    def fail(*args, **kwargs):
+        raise OutOfResources(294912, 232448, "shared memory")
+
+    monkeypatch.setattr(tc, "clients_conv2d", fail)
+    with pytest.raises(RuntimeError, match="executor.conv 'triton': the convolution kernels failed"):
+        run_config(cnn_config(conv="triton"))
+
+
 def test_non_float32_inputs_are_refused():
     x = torch.randn(1, 1, 1, 4, 4, dtype=torch.float64, device=DEVICE)
     with pytest.raises(TypeError, match="float32"):

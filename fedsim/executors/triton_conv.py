@@ -56,6 +56,7 @@ TUNING: dict[tuple[str, bool], tuple[int, int, int]] = {
     ("weight_grad", False): (16, 128, 4),
 }
 MAX_GRID = 65535  # CUDA's limit on the grid's second and third dimensions
+STAGES = 3  # Triton's default software-pipelining depth on CUDA: operand tiles kept in flight
 Pair = tuple[int, int]
 Geometry = tuple[Pair, Pair, Pair]  # a convolution's (padding, stride, dilation)
 
@@ -211,6 +212,31 @@ def _tuned(kind: str, taps: bool, *given: int | None) -> tuple[int, int, int]:
     return tuple(g if g is not None else d for g, d in zip(given, TUNING[kind, taps]))  # type: ignore[return-value]
 
 
+def _shared_limit(device: torch.device) -> int | None:
+    """Bytes of shared memory one program may use on `device` (None in the interpreter)."""
+    if device.type != "cuda":
+        return None
+    return triton.compiler.max_shared_mem(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def fit_shared(rows: int, inner: int, cols: int, limit: int | None, stages: int = STAGES) -> tuple[int, int]:
+    """(rows, stages) for a product of [rows, inner] and [inner, cols] float32 tiles whose
+    pipelined operands, ``stages·(rows·inner + inner·cols)·4`` bytes, fit in `limit`: `rows`
+    halved down to 16 first, then fewer stages (down to 1). Raises if nothing fits."""
+    def need(r: int, s: int) -> int:
+        return s * (r * inner + inner * cols) * 4
+    if limit is None:
+        return rows, stages
+    while need(rows, stages) > limit and rows > 16:
+        rows //= 2
+    while need(rows, stages) > limit and stages > 1:
+        stages -= 1
+    if need(rows, stages) > limit:
+        raise ValueError(f"Triton convolution tiles of {rows}x{inner} and {inner}x{cols} need "
+                         f"{need(rows, stages)} bytes of shared memory; the device has {limit}")
+    return rows, stages
+
+
 def _precision() -> str:
     return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
 
@@ -247,6 +273,7 @@ def clients_conv2d(x: Tensor, w: Tensor, bias: Tensor | None = None, padding: Pa
     sb = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
     taps = C >= TAPS_FROM[kind] if taps is None else taps
     block_p, block_k, warps = _tuned(kind, taps, block_p, block_k, warps)
+    block_p, stages = fit_shared(block_p, block_k, block_o, _shared_limit(x.device))
     kernel = _kernel(_conv_kernel, x.device)
     for lo in range(0, M, MAX_GRID):
         hi = min(M, lo + MAX_GRID)
@@ -255,7 +282,7 @@ def clients_conv2d(x: Tensor, w: Tensor, bias: Tensor | None = None, padding: Pa
         grid = (triton.cdiv(P, block_p), triton.cdiv(O, block_o), hi - lo)
         kernel[grid](xs, ws, bs, os_, *xs.stride(), *ws.stride(), *sb, *os_.stride(),
                      H, W, O, Ho, Wo, P, ph, pw, sh, sw, dh, dw, C=C, K=C * KH * KW, KH=KH, KW=KW, TAPS=taps,
-                     HAS_BIAS=bias is not None, PREC=_precision(), BLOCK_P=block_p, BLOCK_O=block_o, BLOCK_K=block_k, num_warps=warps)
+                     HAS_BIAS=bias is not None, PREC=_precision(), BLOCK_P=block_p, BLOCK_O=block_o, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -307,6 +334,8 @@ def clients_conv2d_weight_grad(x: Tensor, grad: Tensor, kernel_hw: Pair, padding
         return x.new_zeros((M, O, C, KH, KW))
     block_o = _pow2(O)
     block_p, block_k, warps = _tuned("weight_grad", False, block_p, block_k, warps)
+    # the product's tiles are g [BLOCK_O, BLOCK_P] and A [BLOCK_P, BLOCK_K]: fit BLOCK_P
+    block_p, stages = fit_shared(block_p, block_o + block_k, 0, _shared_limit(x.device))
     cols = triton.cdiv(K, block_k)
     tiles = triton.cdiv(O, block_o) * cols
     if programs is None:
@@ -325,7 +354,7 @@ def clients_conv2d_weight_grad(x: Tensor, grad: Tensor, kernel_hw: Pair, padding
         kernel[grid](xs, gs, out, *xs.stride(), *gs.stride(),
                      C, H, W, O, Ho, Wo, P, *padding, *stride, *dilation, split, hi - lo,
                      K=K, PER_SPLIT=per_split, KH=KH, KW=KW, PREC=_precision(),
-                     BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=warps)
+                     BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=warps, num_stages=stages)
         parts.append(out[0] if split == 1 else out.sum(0))
     dw = parts[0] if len(parts) == 1 else torch.cat(parts)
     return dw.reshape(M, O, C, KH, KW)

@@ -280,6 +280,10 @@ class VmapExecutor(Executor):
                     if _asked_for_job_keys(exc) and not self.row_seeds:
                         self.row_seeds = True  # the local update draws from its job's key: give every row its own
                         continue
+                    if _from_triton(exc):
+                        first = (str(exc).strip().splitlines() or [""])[0][:300]
+                        raise RuntimeError(f"executor.conv 'triton': the convolution kernels failed on this model "
+                                           f"({type(exc).__name__}: {first}); use executor.conv: native") from exc
                     if _is_oom(exc) and size > 1:
                         size = self.chunk_cap = max(1, len(part) // 2)
                         if self.device.type == "cuda":
@@ -429,6 +433,11 @@ class VmapExecutor(Executor):
         warnings.warn(msg + " Running every job client by client from now on.", RuntimeWarning, stacklevel=2)
         self.unsupported = msg
         return got
+
+
+def _from_triton(exc: BaseException) -> bool:
+    """Whether `exc` is one of Triton's own errors (a kernel that does not compile or launch)."""
+    return type(exc).__module__.split(".")[0] == "triton"
 
 
 def _asked_for_job_keys(exc: BaseException) -> bool:
