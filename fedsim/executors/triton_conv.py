@@ -56,6 +56,7 @@ TUNING: dict[tuple[str, bool], tuple[int, int, int]] = {
     ("weight_grad", False): (16, 128, 4),
 }
 MAX_GRID = 65535  # CUDA's limit on the grid's second and third dimensions
+SMALLEST_SHARED = 101_376  # bytes a program may use on any GPU since Ampere (sm_86/89's opt-in limit)
 STAGES = 3  # Triton's default software-pipelining depth on CUDA: operand tiles kept in flight
 Pair = tuple[int, int]
 Geometry = tuple[Pair, Pair, Pair]  # a convolution's (padding, stride, dilation)
@@ -216,7 +217,12 @@ def _shared_limit(device: torch.device) -> int | None:
     """Bytes of shared memory one program may use on `device` (None in the interpreter)."""
     if device.type != "cuda":
         return None
-    return triton.compiler.max_shared_mem(device.index if device.index is not None else torch.cuda.current_device())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:  # the driver query Triton's own compiler checks launches against (Triton 3.x)
+        return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    except (AttributeError, KeyError, TypeError):
+        optin = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
+        return int(optin) if optin else SMALLEST_SHARED
 
 
 def fit_shared(rows: int, inner: int, cols: int, limit: int | None, stages: int = STAGES) -> tuple[int, int]:
