@@ -31,6 +31,7 @@ lengths are compile-time constants); block sizes come from `TUNING` and `TAPS_FR
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from typing import Any
 
@@ -217,7 +218,12 @@ def _shared_limit(device: torch.device) -> int | None:
     """Bytes of shared memory one program may use on `device` (None in the interpreter)."""
     if device.type != "cuda":
         return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _device_shared_limit(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_shared_limit(index: int) -> int:
+    """`_shared_limit` of CUDA device `index`, asked once (the query costs ~1 ms per call)."""
     try:  # the driver query Triton's own compiler checks launches against (Triton 3.x)
         return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
     except (AttributeError, KeyError, TypeError):
