@@ -165,11 +165,12 @@ def small_cnn():
 def test_layers_are_swapped_only_where_the_kernels_apply():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3, stride=2, dilation=2), nn.Conv2d(4, 4, 3, groups=2),
                         nn.Conv2d(4, 4, 3, padding="same"), nn.Conv2d(4, 4, 3, padding_mode="reflect"),
-                        nn.Conv1d(4, 4, 3))
+                        nn.Conv1d(4, 4, 3), nn.Conv2d(4, 64, 1), nn.Conv2d(64, 4, 1))
     swapped, count = tc.with_triton_convs(net)
-    assert count == 2 and all(type(swapped[i]) is tc.ClientsConv2d for i in (0, 1))
+    assert count == 3 and all(type(swapped[i]) is tc.ClientsConv2d for i in (0, 1, 6))
     assert swapped[1].geometry == ((0, 0), (2, 2), (2, 2))
-    assert all(type(swapped[i]) is type(net[i]) for i in range(2, 6))
+    assert all(type(swapped[i]) is type(net[i]) for i in (2, 3, 4, 5, 7))  # wide inputs stay native too
+    assert tc.with_triton_convs(net, widest=None)[1] == 4
     assert [n for n, _ in swapped.named_parameters()] == [n for n, _ in net.named_parameters()]
     assert type(net[0]) is nn.Conv2d  # the original model is left alone
 

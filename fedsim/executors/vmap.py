@@ -161,8 +161,9 @@ class VmapExecutor(Executor):
                           "step eagerly); leave graphs on", RuntimeWarning, stacklevel=3)
         module, swapped = triton_conv.with_triton_convs(module)
         if not swapped:
-            warnings.warn("executor.conv 'triton': the model has no groups-1, zero-padded Conv2d; its layers "
-                          "run natively", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"executor.conv 'triton': the model has no groups-1, zero-padded Conv2d of at most "
+                          f"{triton_conv.WIDEST_INPUT} input channels (wider ones are faster natively); its "
+                          "layers run natively", RuntimeWarning, stacklevel=3)
         return module, swapped
 
     def _takes_channels_last(self) -> bool:
