@@ -11,11 +11,13 @@ algorithms once per shape and keeps the fastest) and with `executor.conv: triton
 GPU time per step (the kernels' summed times under torch.profiler, 5 steps): the Triton step
 is bound by its launches when it runs eagerly, which CUDA graphs remove in a run.
 
-With ``--passes`` it times each convolution layer's three passes (forward, input gradient,
-weight gradient) for the cohort: cuDNN's grouped convolution (what vmap makes of it), the
-Triton kernels, and one model's dense convolution on all the images (TF32, CUDA only).
+With ``--passes [pfl|leaf|resnet]`` it times each convolution layer's three passes (forward,
+input gradient, weight gradient) for the cohort: cuDNN's grouped convolution (what vmap
+makes of it), the Triton kernels, and one model's dense convolution on all the images
+(TF32). The layers are pfl's simple_cnn (50 clients × 10 images), LEAF's FEMNIST CNN (340 ×
+10, 5×5 kernels) or ResNet-18's (10 × 50, 3×3), the shapes of real_rounds.py's cohorts.
 
-    python benchmarks/conv_step.py [--device cuda] [--clients 50] [--passes]
+    python benchmarks/conv_step.py [--device cuda] [--clients 50] [--passes [pfl|leaf|resnet]]
 """
 from __future__ import annotations
 
@@ -35,18 +37,26 @@ from fedsim.executors import triton_conv  # noqa: E402
 from fedsim.executors.unfold_conv import with_unfold_convs  # noqa: E402
 
 BATCH = 10
+# --passes: per model, (clients, batch, [(in channels, out channels, image side, kernel, padding)])
+LAYERS = {
+    "pfl": (50, BATCH, [(3, 32, 32, 3, 0), (32, 64, 30, 3, 0)]),
+    "leaf": (340, 10, [(1, 32, 28, 5, 2), (32, 64, 14, 5, 2)]),
+    "resnet": (10, 50, [(3, 64, 32, 3, 1), (64, 64, 32, 3, 1), (128, 128, 16, 3, 1), (256, 256, 8, 3, 1),
+                        (512, 512, 4, 3, 1)]),
+}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--clients", type=int, default=50)
-    ap.add_argument("--passes", action="store_true", help="per layer and pass: grouped, Triton, dense (CUDA)")
+    ap.add_argument("--clients", type=int, default=None, help="cohort size (default: 50, or the --passes model's)")
+    ap.add_argument("--passes", nargs="?", const="pfl", choices=sorted(LAYERS), default=None,
+                    help="per layer and pass of a model's convolutions: grouped, Triton, dense")
     args = ap.parse_args()
     if args.passes:
-        passes(args.clients, args.device)
+        passes(args.passes, args.clients, args.device)
         return
-    dev, m = args.device, args.clients
+    dev, m = args.device, args.clients or 50
     reps = 30 if dev == "cuda" else 2
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     base = pfl_cnn((3, 32, 32), 10, dropout=False).to(dev)
@@ -125,9 +135,10 @@ def main() -> None:
                 timeit(vectorised(triton_conv.with_triton_convs(base)[0]), f"{p} vmap triton (executor.conv: triton)")
 
 
-def passes(m: int, dev: str) -> None:
-    """Prints ms per pass of pfl's two convolution layers for `m` clients × BATCH images (on
-    the CPU, the Triton kernels only where Triton's interpreter is on: a check of the script)."""
+def passes(model: str, clients: int | None, dev: str) -> None:
+    """Prints ms per pass of `model`'s convolution layers (``LAYERS``) for its cohort, or
+    `clients` clients (on the CPU, the Triton kernels only where Triton's interpreter is on:
+    a check of the script)."""
     import torch.nn.functional as F
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -151,27 +162,31 @@ def passes(m: int, dev: str) -> None:
         return (fwd, ms(lambda: torch.autograd.grad(conv(x, w), x, g)) - fwd,
                 ms(lambda: torch.autograd.grad(conv(x, w), w, g)) - fwd)
 
+    m, batch, layers = LAYERS[model]
+    m = clients or m
     name = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
-    print(f"device {name}; {m} clients x batch {BATCH}; ms per pass, TF32")
+    print(f"device {name}; {model}: {m} clients x batch {batch}; ms per pass, TF32")
     print(f"{'layer':22s} {'':16s} {'forward':>8s} {'input grad':>11s} {'weight grad':>12s}")
-    for c, o, h in ((3, 32, 32), (32, 64, 30)):
-        x = torch.randn(BATCH, m * c, h, h, device=dev, requires_grad=True)
-        w = torch.randn(m * o, c, 3, 3, device=dev, requires_grad=True)
-        g = torch.randn(BATCH, m * o, h - 2, h - 2, device=dev)
-        rows = {"cuDNN grouped": three(lambda a, b: F.conv2d(a, b, groups=m), x, w, g)}
-        xd = torch.randn(m * BATCH, c, h, h, device=dev, requires_grad=True)
-        wd = torch.randn(o, c, 3, 3, device=dev, requires_grad=True)
-        gd = torch.randn(m * BATCH, o, h - 2, h - 2, device=dev)
-        dense = three(F.conv2d, xd, wd, gd)
+    for c, o, h, k, pad in layers:
+        ho = h + 2 * pad - k + 1
+        x = torch.randn(batch, m * c, h, h, device=dev, requires_grad=True)
+        w = torch.randn(m * o, c, k, k, device=dev, requires_grad=True)
+        g = torch.randn(batch, m * o, ho, ho, device=dev)
+        rows = {"cuDNN grouped": three(lambda a, b: F.conv2d(a, b, padding=pad, groups=m), x, w, g)}
+        xd = torch.randn(m * batch, c, h, h, device=dev, requires_grad=True)
+        wd = torch.randn(o, c, k, k, device=dev, requires_grad=True)
+        gd = torch.randn(m * batch, o, ho, ho, device=dev)
+        dense = three(lambda a, b: F.conv2d(a, b, padding=pad), xd, wd, gd)
         if triton_conv.available() and (dev == "cuda" or triton_conv.interpreted()):
-            xb, wb = torch.randn(m, BATCH, c, h, h, device=dev), torch.randn(m, o, c, 3, 3, device=dev)
-            gb = torch.randn(m, BATCH, o, h - 2, h - 2, device=dev)
-            rows["Triton"] = (ms(lambda: triton_conv.clients_conv2d(xb, wb)),
-                              ms(lambda: triton_conv.clients_conv2d_input_grad(gb, wb, (h, h))),
-                              ms(lambda: triton_conv.clients_conv2d_weight_grad(xb, gb, (3, 3))))
+            xb, wb = torch.randn(m, batch, c, h, h, device=dev), torch.randn(m, o, c, k, k, device=dev)
+            gb = torch.randn(m, batch, o, ho, ho, device=dev)
+            p = (pad, pad)
+            rows["Triton"] = (ms(lambda: triton_conv.clients_conv2d(xb, wb, None, p)),
+                              ms(lambda: triton_conv.clients_conv2d_input_grad(gb, wb, (h, h), p)),
+                              ms(lambda: triton_conv.clients_conv2d_weight_grad(xb, gb, (k, k), p)))
         rows["dense, one model"] = dense
         for name, (f, i, wg) in rows.items():
-            print(f"{f'{c}->{o} on {h}x{h}':22s} {name:16s} {f:8.3f} {i:11.3f} {wg:12.3f}")
+            print(f"{f'{c}->{o} {k}x{k} on {h}x{h}':22s} {name:16s} {f:8.3f} {i:11.3f} {wg:12.3f}")
 
 
 if __name__ == "__main__":
