@@ -109,11 +109,11 @@ def test_cohorts_beyond_one_launch_are_split_into_launches(monkeypatch):
 def test_tiles_are_fitted_to_the_devices_shared_memory(monkeypatch):
     # ResNet's 128-channel input gradient at the taps tuning (256 x 64 tiles, 3 stages) needs
     # 294,912 bytes; an H100 gives a program 232,448: fewer rows first, then fewer stages
-    assert tc.fit_shared(256, 64, 128, 232_448) == (128, 3)
-    assert tc.fit_shared(256, 64, 128, None) == (256, 3)
-    assert tc.fit_shared(16, 64, 512, 300_000) == (16, 2)
+    assert tc.fit_shared(256, 64, 64 * 128, 232_448) == (128, 3)
+    assert tc.fit_shared(256, 64, 64 * 128, None) == (256, 3)
+    assert tc.fit_shared(16, 64, 64 * 512, 300_000) == (16, 2)
     with pytest.raises(ValueError, match="shared memory"):
-        tc.fit_shared(16, 512, 512, 100_000)
+        tc.fit_shared(16, 512, 512 * 512, 100_000)
     # the launches use the fitted sizes, and compute the same
     monkeypatch.setattr(tc, "_shared_limit", lambda device: 2 * (16 * 16 + 16 * 16) * 4)
     launched = []

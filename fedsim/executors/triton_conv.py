@@ -231,12 +231,12 @@ def _device_shared_limit(index: int) -> int:
         return int(optin) if optin else SMALLEST_SHARED
 
 
-def fit_shared(rows: int, inner: int, cols: int, limit: int | None, stages: int = STAGES) -> tuple[int, int]:
-    """(rows, stages) for a product of [rows, inner] and [inner, cols] float32 tiles whose
-    pipelined operands, ``stages·(rows·inner + inner·cols)·4`` bytes, fit in `limit`: `rows`
-    halved down to 16 first, then fewer stages (down to 1). Raises if nothing fits."""
+def fit_shared(rows: int, per_row: int, fixed: int, limit: int | None, stages: int = STAGES) -> tuple[int, int]:
+    """(rows, stages) such that a product's pipelined float32 operand tiles,
+    ``stages·(rows·per_row + fixed)·4`` bytes, fit in `limit` (None: no limit): `rows`
+    halved down to 16 first, then fewer stages (down to 1). Raises ValueError if nothing fits."""
     def need(r: int, s: int) -> int:
-        return s * (r * inner + inner * cols) * 4
+        return s * (r * per_row + fixed) * 4
     if limit is None:
         return rows, stages
     while need(rows, stages) > limit and rows > 16:
@@ -244,8 +244,8 @@ def fit_shared(rows: int, inner: int, cols: int, limit: int | None, stages: int 
     while need(rows, stages) > limit and stages > 1:
         stages -= 1
     if need(rows, stages) > limit:
-        raise ValueError(f"Triton convolution tiles of {rows}x{inner} and {inner}x{cols} need "
-                         f"{need(rows, stages)} bytes of shared memory; the device has {limit}")
+        raise ValueError(f"Triton convolution tiles of {rows} rows need {need(rows, stages)} bytes of shared "
+                         f"memory; the device has {limit}")
     return rows, stages
 
 
@@ -285,7 +285,8 @@ def clients_conv2d(x: Tensor, w: Tensor, bias: Tensor | None = None, padding: Pa
     sb = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
     taps = C >= TAPS_FROM[kind] if taps is None else taps
     block_p, block_k, warps = _tuned(kind, taps, block_p, block_k, warps)
-    block_p, stages = fit_shared(block_p, block_k, block_o, _shared_limit(x.device))
+    # the product's tiles: A [BLOCK_P, BLOCK_K] and w [BLOCK_K, BLOCK_O]
+    block_p, stages = fit_shared(block_p, block_k, block_k * block_o, _shared_limit(x.device))
     kernel = _kernel(_conv_kernel, x.device)
     for lo in range(0, M, MAX_GRID):
         hi = min(M, lo + MAX_GRID)
@@ -346,7 +347,7 @@ def clients_conv2d_weight_grad(x: Tensor, grad: Tensor, kernel_hw: Pair, padding
         return x.new_zeros((M, O, C, KH, KW))
     block_o = _pow2(O)
     block_p, block_k, warps = _tuned("weight_grad", False, block_p, block_k, warps)
-    # the product's tiles are g [BLOCK_O, BLOCK_P] and A [BLOCK_P, BLOCK_K]: fit BLOCK_P
+    # the product's tiles: g [BLOCK_O, BLOCK_P] and A [BLOCK_P, BLOCK_K]
     block_p, stages = fit_shared(block_p, block_o + block_k, 0, _shared_limit(x.device))
     cols = triton.cdiv(K, block_k)
     tiles = triton.cdiv(O, block_o) * cols
