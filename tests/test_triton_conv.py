@@ -82,10 +82,9 @@ def test_strided_and_shared_operands():
     assert close(tc.clients_conv2d_weight_grad(x, g, (3, 3), (1, 1), block_p=16), gw)
 
 
-def test_cohorts_beyond_one_launch_are_split_into_launches(monkeypatch):
-    # CUDA caps a grid's dimension at 65,535 (clients, or clients × position splits) per launch
-    monkeypatch.setattr(tc, "MAX_GRID", 2)
-    grids = []
+def record_launches(monkeypatch) -> list[tuple[tuple, dict]]:
+    """Makes the kernels' launches record (grid, keyword arguments) in the list returned."""
+    launches: list[tuple[tuple, dict]] = []
     real = tc._kernel
 
     class Recorded:
@@ -93,16 +92,25 @@ def test_cohorts_beyond_one_launch_are_split_into_launches(monkeypatch):
             self.kernel = kernel
 
         def __getitem__(self, grid):
-            grids.append(grid)
-            return self.kernel[grid]
+            def launch(*args, **kwargs):
+                launches.append((grid, kwargs))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
 
     monkeypatch.setattr(tc, "_kernel", lambda fn, device: Recorded(real(fn, device)))
+    return launches
+
+
+def test_cohorts_beyond_one_launch_are_split_into_launches(monkeypatch):
+    # CUDA caps a grid's dimension at 65,535 (clients, or clients × position splits) per launch
+    monkeypatch.setattr(tc, "MAX_GRID", 2)
+    launches = record_launches(monkeypatch)
     gen = torch.Generator().manual_seed(5)
     x, w, b = (torch.randn(s, generator=gen).to(DEVICE) for s in ((5, 2, 3, 6, 5), (5, 4, 3, 3, 3), (5, 4)))
     out, g, gx, gw = reference(x, w, b, ((1, 1), (1, 1), (1, 1)))
     assert close(tc.clients_conv2d(x, w, b, (1, 1), block_p=16, block_k=16), out)
     assert close(tc.clients_conv2d_weight_grad(x, g, (3, 3), (1, 1), block_p=16, block_k=16, programs=1), gw)
-    assert [grid[2] for grid in grids] == [2, 2, 1] * 2  # 5 clients: launches of 2, 2 and 1
+    assert [grid[2] for grid, _ in launches] == [2, 2, 1] * 2  # 5 clients: launches of 2, 2 and 1
     assert close(tc.clients_conv2d_weight_grad(x, g, (3, 3), (1, 1), block_p=16, block_k=16, programs=64), gw)
 
 
@@ -116,25 +124,12 @@ def test_tiles_are_fitted_to_the_devices_shared_memory(monkeypatch):
         tc.fit_shared(16, 512, 512 * 512, 100_000)
     # the launches use the fitted sizes, and compute the same
     monkeypatch.setattr(tc, "_shared_limit", lambda device: 2 * (16 * 16 + 16 * 16) * 4)
-    launched = []
-    real = tc._kernel
-
-    class Recorded:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launched.append((kwargs.get("BLOCK_P"), kwargs["num_stages"]))
-                return self.kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(tc, "_kernel", lambda fn, device: Recorded(real(fn, device)))
+    launches = record_launches(monkeypatch)
     gen = torch.Generator().manual_seed(6)
     x, w = (torch.randn(s, generator=gen).to(DEVICE) for s in ((2, 2, 3, 6, 5), (2, 4, 3, 3, 3)))
     out, g, gx, gw = reference(x, w, None, ((1, 1), (1, 1), (1, 1)))
     assert close(tc.clients_conv2d(x, w, None, (1, 1), block_p=128, block_k=16), out)
-    assert launched[-1] == (16, 2)
+    assert [(kw["BLOCK_P"], kw["num_stages"]) for _, kw in launches] == [(16, 2)]
 
 
 def test_a_kernel_failure_stops_the_run_instead_of_falling_back(monkeypatch):
