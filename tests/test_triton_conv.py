@@ -130,6 +130,13 @@ def test_tiles_are_fitted_to_the_devices_shared_memory(monkeypatch):
     out, g, gx, gw = reference(x, w, None, ((1, 1), (1, 1), (1, 1)))
     assert close(tc.clients_conv2d(x, w, None, (1, 1), block_p=128, block_k=16), out)
     assert [(kw["BLOCK_P"], kw["num_stages"]) for _, kw in launches] == [(16, 2)]
+    # tuned by hand: a channel block below O (two blocks of output channels), one stage
+    monkeypatch.setattr(tc, "_shared_limit", lambda device: None)
+    w8 = torch.randn((2, 20, 3, 3, 3), generator=gen).to(DEVICE)
+    out8, g8, _, gw8 = reference(x, w8, None, ((1, 1), (1, 1), (1, 1)))
+    assert close(tc.clients_conv2d(x, w8, None, (1, 1), block_o=16, stages=1), out8)
+    assert close(tc.clients_conv2d_weight_grad(x, g8, (3, 3), (1, 1), block_o=16, stages=1), gw8)
+    assert [(kw["BLOCK_O"], kw["num_stages"]) for _, kw in launches[-2:]] == [(16, 1), (16, 1)]
 
 
 def test_a_kernel_failure_stops_the_run_instead_of_falling_back(monkeypatch):

@@ -275,12 +275,15 @@ def _check(**tensors: Tensor) -> None:
 def clients_conv2d(x: Tensor, w: Tensor, bias: Tensor | None = None, padding: Pair = (0, 0),
                    stride: Pair = (1, 1), dilation: Pair = (1, 1), block_p: int | None = None,
                    block_k: int | None = None, warps: int | None = None, taps: bool | None = None,
-                   kind: str = "forward") -> Tensor:
+                   kind: str = "forward", block_o: int | None = None, stages: int = STAGES) -> Tensor:
     """Returns ``stack([conv2d(x[m], w[m], bias[m], stride, padding, dilation) for m])``: x
     [M, B, C, H, W], w [M, O, C, KH, KW], bias [M, O] or None; output [M, B, O, Ho, Wo] float32.
     `taps`: loop over the kernel's taps, then channels (default: from ``TAPS_FROM[kind]``
     channels on), else over the flattened (channel, tap) columns. The block sizes and warps
-    tune the kernel (default: ``TUNING[kind, taps]``); `kind` names the pass it computes."""
+    tune the kernel (default: ``TUNING[kind, taps]``; `block_o`, the output channels per
+    program, defaults to O's next power of two within 16..128; `stages`, the operand tiles in
+    flight, to Triton's 3 — fewer where the device's shared memory asks); `kind` names the
+    pass it computes."""
     _check(x=x, w=w)
     M, B, C, H, W = x.shape
     O, KH, KW = w.shape[1], w.shape[3], w.shape[4]
@@ -290,13 +293,13 @@ def clients_conv2d(x: Tensor, w: Tensor, bias: Tensor | None = None, padding: Pa
     P = B * Ho * Wo
     if P == 0 or O == 0 or M == 0:
         return out.zero_()
-    block_o = _pow2(O)
+    block_o = block_o or _pow2(O)
     b_ = bias if bias is not None else w  # a valid pointer; not read without a bias
     sb = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
     taps = C >= TAPS_FROM[kind] if taps is None else taps
     block_p, block_k, warps = _tuned(kind, taps, block_p, block_k, warps)
     # the product's tiles: A [BLOCK_P, BLOCK_K] and w [BLOCK_K, BLOCK_O]
-    block_p, stages = fit_shared(block_p, block_k, block_k * block_o, _shared_limit(x.device))
+    block_p, stages = fit_shared(block_p, block_k, block_k * block_o, _shared_limit(x.device), stages)
     kernel = _kernel(_conv_kernel, x.device)
     for lo in range(0, M, MAX_GRID):
         hi = min(M, lo + MAX_GRID)
@@ -340,14 +343,15 @@ def _grouped_input_grad(grad: Tensor, w: Tensor, input_hw: Pair, padding: Pair, 
 def clients_conv2d_weight_grad(x: Tensor, grad: Tensor, kernel_hw: Pair, padding: Pair = (0, 0),
                                stride: Pair = (1, 1), dilation: Pair = (1, 1), block_p: int | None = None,
                                programs: int | None = None, block_k: int | None = None,
-                               warps: int | None = None) -> Tensor:
+                               warps: int | None = None, block_o: int | None = None,
+                               stages: int = STAGES) -> Tensor:
     """Returns the gradient of `clients_conv2d`'s output with respect to w, for input x
     [M, B, C, H, W] and output gradient `grad` [M, B, O, Ho, Wo]: [M, O, C, KH, KW]. The
     positions are split so that about `programs` programs run (default: 4 per
     multiprocessor on CUDA; each split a power-of-two number of blocks, so that few cohort
     sizes compile a kernel of their own). The product runs over flattened (channel, tap)
     columns: on pfl's 32-channel layer that took 0.50 ms where a loop over taps, then
-    channels took 0.83 (H100)."""
+    channels took 0.83 (H100). The other arguments tune it as `clients_conv2d`'s do."""
     _check(x=x, grad=grad)
     M, B, C, H, W = x.shape
     O, Ho, Wo = grad.shape[2], grad.shape[3], grad.shape[4]
@@ -355,10 +359,10 @@ def clients_conv2d_weight_grad(x: Tensor, grad: Tensor, kernel_hw: Pair, padding
     P, K = B * Ho * Wo, C * KH * KW
     if P == 0 or M == 0:
         return x.new_zeros((M, O, C, KH, KW))
-    block_o = _pow2(O)
+    block_o = block_o or _pow2(O)
     block_p, block_k, warps = _tuned("weight_grad", False, block_p, block_k, warps)
     # the product's tiles: g [BLOCK_O, BLOCK_P] and A [BLOCK_P, BLOCK_K]
-    block_p, stages = fit_shared(block_p, block_o + block_k, 0, _shared_limit(x.device))
+    block_p, stages = fit_shared(block_p, block_o + block_k, 0, _shared_limit(x.device), stages)
     cols = triton.cdiv(K, block_k)
     tiles = triton.cdiv(O, block_o) * cols
     if programs is None:
