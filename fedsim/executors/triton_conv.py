@@ -238,6 +238,7 @@ def _multiprocessors(device: torch.device) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _device_multiprocessors(index: int) -> int:
+    """`_multiprocessors` of CUDA device `index`."""
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 

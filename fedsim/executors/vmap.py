@@ -281,7 +281,7 @@ class VmapExecutor(Executor):
                     if _asked_for_job_keys(exc) and not self.row_seeds:
                         self.row_seeds = True  # the local update draws from its job's key: give every row its own
                         continue
-                    if _from_triton(exc):
+                    if self.conv == "triton" and _from_triton(exc):  # falling back would hide a kernel failure
                         first = (str(exc).strip().splitlines() or [""])[0][:300]
                         raise RuntimeError(f"executor.conv 'triton': the convolution kernels failed on this model "
                                            f"({type(exc).__name__}: {first}); use executor.conv: native") from exc
