@@ -39,6 +39,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..rng import cuda_index
+
 try:
     import triton
     import triton.language as tl
@@ -216,9 +218,8 @@ def _tuned(kind: str, taps: bool, *given: int | None) -> tuple[int, int, int]:
 
 def _shared_limit(device: torch.device) -> int | None:
     """Bytes of shared memory one program may use on `device` (None in the interpreter)."""
-    if device.type != "cuda":
-        return None
-    return _device_shared_limit(device.index if device.index is not None else torch.cuda.current_device())
+    index = cuda_index(device)
+    return _device_shared_limit(index[0]) if index else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -233,7 +234,7 @@ def _device_shared_limit(index: int) -> int:
 
 def _multiprocessors(device: torch.device) -> int:
     """Streaming multiprocessors of CUDA `device`, asked once (the query costs ~0.2 ms)."""
-    return _device_multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    return _device_multiprocessors(cuda_index(device)[0])
 
 
 @functools.lru_cache(maxsize=None)
