@@ -7,7 +7,7 @@ total wall time (process start to the last evaluation), its parts, and the final
 pfl reports 7–72× speed-ups over other simulators on this shape; our target on one H200 is
 the whole run in under 60 s.
 
-    python benchmarks/pfl_cifar.py --device cuda [--precision tf32] [--conv native] [--rounds 1500]
+    python benchmarks/pfl_cifar.py --device cuda [--precision tf32] [--conv auto|native|triton] [--rounds 1500]
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rounds", type=int, default=1500)
     ap.add_argument("--precision", default="tf32")
-    ap.add_argument("--conv", default="native")
+    ap.add_argument("--conv", default="auto", help="executor.conv (auto: triton on Hopper GPUs, else native)")
     ap.add_argument("--graphs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--shuffle", default="generator", help="local.shuffle: generator (default) or hash")

@@ -107,7 +107,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--precision", default="tf32")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script on a CPU")
-    ap.add_argument("--conv", default="native", help="executor.conv of the whole-cohort side, comma-separated")
+    ap.add_argument("--conv", default="auto", help="executor.conv of the whole-cohort side, comma-separated")
     args = ap.parse_args()
     os.chdir(ROOT)  # the plugin is imported by module name
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"

@@ -167,7 +167,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--shuffle", default="generator", help="local.shuffle: generator (keyed numpy generators, on the host) or hash (computed with each cohort on the executor's device, separate or vectorised)")
     ap.add_argument("--compile", action="store_true", help="executor.compile: torch.compile each cohort shape")
-    ap.add_argument("--conv", choices=("native", "channels_last", "unfold", "triton"), default="native",
+    ap.add_argument("--conv", choices=("auto", "native", "channels_last", "unfold", "triton"), default="auto",
                     help="executor.conv for the pfl CNN (unfold: convolutions as batched matrix products)")
     ap.add_argument("--max-chunk", type=int, default=None,
                     help="executor.max_chunk: most clients in one vmap call (a vectorised round then makes several)")

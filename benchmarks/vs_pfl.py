@@ -320,7 +320,7 @@ def main() -> None:
     ap.add_argument("--pfl-compile", choices=("off", "pfl", "forward"), default="pfl",
                     help="off; pfl's use_torch_compile; or that plus loss/metrics bound to the compiled module")
     ap.add_argument("--fedsim-compile", action="store_true", help="executor.compile: true")
-    ap.add_argument("--fedsim-conv", choices=("native", "channels_last", "unfold", "triton"), default="native", help="executor.conv")
+    ap.add_argument("--fedsim-conv", choices=("auto", "native", "channels_last", "unfold", "triton"), default="auto", help="executor.conv")
     ap.add_argument("--lr", type=float, default=0.05,
                     help="local SGD lr of both (pfl's baseline.yaml has 0.1, at which both diverge on this data)")
     ap.add_argument("--users", type=int, default=1000)

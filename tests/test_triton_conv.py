@@ -150,6 +150,56 @@ def test_a_kernel_failure_stops_the_run_instead_of_falling_back(monkeypatch):
         run_config(cnn_config(conv="triton"))
 
 
+def test_auto_picks_triton_only_where_it_was_measured_faster(monkeypatch):
+    from fedsim.executors import vmap as vm
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert vm.auto_conv(cuda, "tf32", False, None) == "triton"
+    assert vm.auto_conv(cuda, "fp32", False, True) == "triton"
+    assert vm.auto_conv(torch.device("cpu"), "fp32", False, None) == "native"
+    assert vm.auto_conv(cuda, "bf16", False, None) == "native"  # the kernels are float32/TF32
+    assert vm.auto_conv(cuda, "tf32", True, None) == "native"  # executor.compile
+    assert vm.auto_conv(cuda, "tf32", False, False) == "native"  # eager launches cost more than they save
+    monkeypatch.setattr(tc, "available", lambda: False)
+    assert vm.auto_conv(cuda, "tf32", False, None) == "native"
+    monkeypatch.setattr(tc, "available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # not timed before Hopper
+    assert vm.auto_conv(cuda, "tf32", False, None) == "native"
+
+
+def test_under_auto_a_kernel_failure_falls_back_to_native_convolutions(monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    from fedsim.executors import vmap as vm
+
+    native = run_config(cnn_config(conv="native"))
+    monkeypatch.setattr(vm, "auto_conv", lambda *args: "triton")  # as on an H100
+
+    def fail(*args, **kwargs):
+        raise OutOfResources(294912, 232448, "shared memory")
+
+    monkeypatch.setattr(tc, "clients_conv2d", fail)
+    with pytest.warns(RuntimeWarning, match="executor.conv 'auto': the Triton convolution kernels failed"):
+        auto = run_config(cnn_config(conv="auto"))
+    assert auto.ctx.executor.conv == "native" and type(auto.ctx.executor.task.module[0]) is nn.Conv2d
+    same = torch.equal(final_params(auto), final_params(native)) if DEVICE == "cpu" else \
+        rel(final_params(auto).cpu(), final_params(native).cpu()) <= 1e-5  # cuDNN may pick other kernels
+    assert same  # the failed cohort left nothing behind
+
+
+def test_auto_swaps_the_layers_where_it_picks_triton(monkeypatch):
+    from fedsim.executors import vmap as vm
+
+    monkeypatch.setattr(vm, "auto_conv", lambda *args: "triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # auto is quiet about what it picks
+        run = run_config(cnn_config(conv="auto"))
+    assert isinstance(run.ctx.executor.task.module[0], tc.ClientsConv2d)
+    float64 = nn.Conv2d(3, 4, 3).double()
+    assert not tc.supported(float64) and tc.with_triton_convs(nn.Sequential(float64))[1] == 0
+
+
 def test_non_float32_inputs_are_refused():
     x = torch.randn(1, 1, 1, 4, 4, dtype=torch.float64, device=DEVICE)
     with pytest.raises(TypeError, match="float32"):

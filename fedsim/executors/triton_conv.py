@@ -71,10 +71,11 @@ def available() -> bool:
 
 
 def supported(conv: nn.Module) -> bool:
-    """Whether `conv` is a layer these kernels compute: a plain ``nn.Conv2d`` with groups 1
-    and zero padding given as numbers (any stride and dilation)."""
+    """Whether `conv` is a layer these kernels compute: a plain float32 ``nn.Conv2d`` with
+    groups 1 and zero padding given as numbers (any stride and dilation)."""
     return (
         type(conv) is nn.Conv2d
+        and conv.weight.dtype == torch.float32
         and conv.groups == 1
         and conv.padding_mode == "zeros"
         and not isinstance(conv.padding, str)

@@ -72,6 +72,19 @@ def resolve_device(device: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dev.type == "cuda" and dev.index is None else dev
 
 
+def auto_conv(device: torch.device, precision_mode: str, compile_cohorts: bool, graphs: bool | None) -> str:
+    """``executor.conv: auto``'s choice: 'triton' on a CUDA device of compute capability 9.0
+    or later (Hopper, where the kernels were measured: faster or equal on every CNN timed)
+    with Triton installed, float32/TF32, CUDA graphs on and ``compile`` off; else 'native'."""
+    if device.type != "cuda" or compile_cohorts or precision_mode == "bf16" or graphs is False:
+        return "native"
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        return "native"
+    from . import triton_conv  # imports triton: only on such a GPU
+
+    return "triton" if triton_conv.available() else "native"
+
+
 class NotVectorisable(FedsimError):
     """A cohort's local update cannot be vectorised (with ``on_unsupported: error``)."""
 
@@ -80,14 +93,15 @@ class VmapExecutor(Executor):
     """Runs pending jobs cohort by cohort under torch.func.vmap; see the module docstring."""
 
     def __init__(self, device: str = "auto", max_chunk: int | None = None, precision_mode: str = "fp32",
-                 graphs: bool | None = None, conv: str = "native", randomness: str = "error",
+                 graphs: bool | None = None, conv: str = "auto", randomness: str = "error",
                  on_unsupported: str = "fallback", keep_memory: bool = True, keep_on_device: bool = False,
                  compile_cohorts: bool = False):
         self.device_name = device
         self.max_chunk = max_chunk
         self.precision = precision_mode
         self.graphs = graphs
-        self.conv = conv
+        self.conv_asked = conv
+        self.conv = conv  # 'auto' becomes 'triton' or 'native' at start
         self.randomness = randomness
         self.on_unsupported = on_unsupported
         self.keep_memory = keep_memory
@@ -115,17 +129,12 @@ class VmapExecutor(Executor):
         base = spec.task
         on_cpu = self.device.type == "cpu"
         self.eval_task = base if on_cpu else base.with_module(copy.deepcopy(base.module).to(self.device))
-        module, swapped = self._swap_convs(base.module, on_cpu)
-        if swapped or not on_cpu:  # a copy: Module.to() moves in place, the run's task stays on the CPU
-            self.task = base.with_module((module if swapped else copy.deepcopy(module)).to(self.device))
-        else:
-            self.task = base
-        self.grad_fn = self._grad_transform(grad_and_value)
         self.x = spec.x_train.to(self.device)
         self.y = spec.y_train.to(self.device)
         self.mask_dtype = self.x.dtype if self.x.is_floating_point() else torch.float32
-        # jobs that cannot be vectorised run client by client, on this executor's device and model
-        self.serial = Worker(replace(spec, task=self.task, x_train=self.x, y_train=self.y), self.strategy)
+        if self.conv_asked == "auto":
+            self.conv = auto_conv(self.device, self.precision, self.compile, self.graphs)
+        self._build_model(on_cpu)
         self.channels_last = self.conv == "channels_last" and self._takes_channels_last()
         use_graphs = (not on_cpu) if self.graphs is None else self.graphs
         self.runner = StaticCohortRunner(capture=not on_cpu) if use_graphs else None
@@ -135,6 +144,32 @@ class VmapExecutor(Executor):
         self._test: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         if on_cpu and self.keep_memory:
             keep_freed_memory()
+
+    def _build_model(self, on_cpu: bool) -> None:
+        """The model the cohorts train (``executor.conv``'s layers swapped in), its gradient
+        function, and the client-by-client worker for jobs that cannot be vectorised."""
+        base = self.spec.task
+        module, swapped = self._swap_convs(base.module, on_cpu)
+        if swapped or not on_cpu:  # a copy: Module.to() moves in place, the run's task stays on the CPU
+            self.task = base.with_module((module if swapped else copy.deepcopy(module)).to(self.device))
+        else:
+            self.task = base
+        self.grad_fn = self._grad_transform(grad_and_value)
+        # jobs that cannot be vectorised run client by client, on this executor's device and model
+        self.serial = Worker(replace(self.spec, task=self.task, x_train=self.x, y_train=self.y), self.strategy)
+
+    def _native_convs(self, exc: BaseException) -> None:
+        """With ``executor.conv: auto``: after the Triton kernels failed (`exc`), warns and
+        trains the model with its own convolutions from now on."""
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        warnings.warn(f"executor.conv 'auto': the Triton convolution kernels failed on this model "
+                      f"({type(exc).__name__}: {first}); running its convolutions natively from now on",
+                      RuntimeWarning, stacklevel=3)
+        self.conv = "native"
+        self._build_model(self.device.type == "cpu")
+        if self.runner is not None:
+            self.runner.clear()
+        self._fns = {}
 
     def _swap_convs(self, module: nn.Module, on_cpu: bool) -> tuple[nn.Module, int]:
         """(the model to train, number of convolution layers swapped) for ``executor.conv``."""
@@ -160,7 +195,7 @@ class VmapExecutor(Executor):
                           "more host time than the kernels save (pfl's CNN on an H100: 7.9 against 4.5 ms a "
                           "step eagerly); leave graphs on", RuntimeWarning, stacklevel=3)
         module, swapped = triton_conv.with_triton_convs(module)
-        if not swapped:
+        if not swapped and self.conv_asked == "triton":
             warnings.warn(f"executor.conv 'triton': the model has no groups-1, zero-padded Conv2d of at most "
                           f"{triton_conv.WIDEST_INPUT} input channels (wider ones are faster natively); its "
                           "layers run natively", RuntimeWarning, stacklevel=3)
@@ -280,6 +315,9 @@ class VmapExecutor(Executor):
                 except Exception as exc:  # noqa: BLE001 - classified below
                     if _asked_for_job_keys(exc) and not self.row_seeds:
                         self.row_seeds = True  # the local update draws from its job's key: give every row its own
+                        continue
+                    if self.conv == "triton" and _from_triton(exc) and self.conv_asked == "auto":
+                        self._native_convs(exc)
                         continue
                     if self.conv == "triton" and _from_triton(exc):  # falling back would hide a kernel failure
                         first = (str(exc).strip().splitlines() or [""])[0][:300]
@@ -490,7 +528,7 @@ def vmap(
     max_chunk: Annotated[Optional[int], Ge(1)] = None,
     precision: Annotated[str, OneOf(PRECISIONS)] = "fp32",
     graphs: Optional[bool] = None,
-    conv: Annotated[str, OneOf(("native", "channels_last", "unfold", "triton"))] = "native",
+    conv: Annotated[str, OneOf(("auto", "native", "channels_last", "unfold", "triton"))] = "auto",
     randomness: Annotated[str, OneOf(("error", "different", "same"))] = "error",
     on_unsupported: Annotated[str, OneOf(("fallback", "error"))] = "fallback",
     keep_freed_memory: bool = True,
@@ -509,7 +547,11 @@ def vmap(
             sizes are padded to captured or bucketed ones), and with ``local.shuffle: hash``
             the computation of its batch orders too;
             default: on for CUDA, off on the CPU (where it only pads and reuses buffers).
-        conv: 'native' convolutions (grouped convolutions under vmap); 'channels_last' (the
+        conv: 'auto' (the default): 'triton' on a CUDA GPU of compute capability 9.0 or later
+            (Hopper: H100, H200) with Triton installed, precision fp32 or tf32, CUDA graphs on
+            and ``compile`` off, 'native' everywhere else; if the Triton kernels fail on the
+            model, it warns and continues with 'native' (the failed cohort is re-run).
+            Otherwise 'native' convolutions (grouped convolutions under vmap); 'channels_last' (the
             same grouped convolutions, fed the clients' images laid out so that they run
             channels-last (NHWC): made for the GPU's NHWC convolution kernels, though on an
             H200 pfl-research's small CNN ran no faster than with 'native', and on a 2-core
@@ -526,7 +568,9 @@ def vmap(
             cuDNN is faster): on an H100, pfl's CNN's rounds spent 22% less time in the
             executor (the whole run 18% less), LEAF's FEMNIST CNN's 44% less, ResNet-18's
             the same. Pays with CUDA graphs (the default on CUDA); float32/TF32 only, not with
-            ``compile``; other layers run natively).
+            ``compile``; other layers run natively; each layer shape's kernels compile on first
+            use, seconds that Triton caches on disk; asked for by name, a kernel failure stops
+            the run).
         randomness: vmap's handling of random layers (dropout): 'error' (refuse: results
             equal serial), 'different' or 'same' (per-client or shared draws, keyed per cohort;
             reproducible, but not the serial executor's draws, and with CUDA graphs not the
