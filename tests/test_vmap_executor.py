@@ -308,6 +308,22 @@ def test_unvectorisable_strategy_can_be_an_error():
         ex.run([run.ctx.make_job(c, payload, 0, c) for c in range(3)])
 
 
+def test_a_gpu_library_failure_is_not_blamed_on_the_strategy(monkeypatch):
+    run = build(load_config(digits_config()))
+    ex = started(run)
+    payload = Payload(run.ctx.initial_params)
+
+    def cudnn_fails(jobs):
+        raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a "
+                           "non-contiguous input.")
+
+    monkeypatch.setattr(ex, "_run_cohort", cudnn_fails)
+    with pytest.warns(RuntimeWarning, match="failed in a GPU library .*cuDNN error.*executor.conv") as seen:
+        got = ex.run([run.ctx.make_job(c, payload, 0, c) for c in range(3)])
+    assert not any("control flow" in str(w.message) for w in seen)
+    assert len(got) == 3 and ex.unsupported is not None  # ran client by client
+
+
 def test_user_error_is_reported_like_serial():
     run = build(load_config(digits_config()))
     ex = started(run, _branchy_strategy(fail_always=True))

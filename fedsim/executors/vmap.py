@@ -461,12 +461,18 @@ class VmapExecutor(Executor):
         got = self._serially(jobs)
         name = getattr(self.spec.strategy, "name", "?")
         first = (str(exc).strip().splitlines() or [""])[0][:300]
-        msg = (
-            f"executor vmap: strategy {name!r}'s local update cannot be vectorised with torch.func.vmap "
-            f"({type(exc).__name__}: {first}). Usual causes: Python control flow on tensor values "
-            "(if/while on a tensor, .item(), float(t)), in-place updates of inputs, or random layers "
-            "(set executor.randomness: different)."
-        )
+        if _from_gpu_library(exc):
+            msg = (f"executor vmap: the vectorised step of strategy {name!r} failed in a GPU library "
+                   f"({type(exc).__name__}: {first}), while client by client it runs: the cohort's batched "
+                   "kernels (e.g. grouped convolutions) are what failed; try executor.conv or executor.precision "
+                   "settings, or a smaller executor.max_chunk.")
+        else:
+            msg = (
+                f"executor vmap: strategy {name!r}'s local update cannot be vectorised with torch.func.vmap "
+                f"({type(exc).__name__}: {first}). Usual causes: Python control flow on tensor values "
+                "(if/while on a tensor, .item(), float(t)), in-place updates of inputs, or random layers "
+                "(set executor.randomness: different)."
+            )
         if self.on_unsupported == "error":
             raise NotVectorisable(msg + " Use executor.kind: serial, or executor.on_unsupported: fallback.")
         warnings.warn(msg + " Running every job client by client from now on.", RuntimeWarning, stacklevel=2)
@@ -477,6 +483,16 @@ class VmapExecutor(Executor):
 def _from_triton(exc: BaseException) -> bool:
     """Whether `exc` is one of Triton's own errors (a kernel that does not compile or launch)."""
     return type(exc).__module__.split(".")[0] == "triton"
+
+
+GPU_LIBRARIES = ("cudnn", "cublas", "cufft", "cusolver", "cuda error", "cuda driver error")
+
+
+def _from_gpu_library(exc: BaseException) -> bool:
+    """Whether `exc` reports a failure inside a GPU library (cuDNN, cuBLAS, …) or the CUDA
+    runtime, not in the strategy's Python code."""
+    text = str(exc).lower()
+    return any(lib in text for lib in GPU_LIBRARIES)
 
 
 def _asked_for_job_keys(exc: BaseException) -> bool:
