@@ -564,7 +564,7 @@ def vmap(
             the computation of its batch orders too;
             default: on for CUDA, off on the CPU (where it only pads and reuses buffers).
         conv: 'auto' (the default): 'triton' on a CUDA GPU of compute capability 9.0 or later
-            (Hopper: H100, H200) with Triton installed, precision fp32 or tf32, CUDA graphs on
+            (Hopper: timed on H100s, the H200 is the same architecture) with Triton installed, precision fp32 or tf32, CUDA graphs on
             and ``compile`` off, 'native' everywhere else; if the Triton kernels fail on the
             model, it warns and continues with 'native' (the failed cohort is re-run).
             Otherwise 'native' convolutions (grouped convolutions under vmap); 'channels_last' (the
