@@ -74,8 +74,9 @@ def resolve_device(device: str) -> torch.device:
 
 def auto_conv(device: torch.device, precision_mode: str, compile_cohorts: bool, graphs: bool | None) -> str:
     """``executor.conv: auto``'s choice: 'triton' on a CUDA device of compute capability 9.0
-    or later (Hopper, where the kernels were measured: faster or equal on every CNN timed)
-    with Triton installed, float32/TF32, CUDA graphs on and ``compile`` off; else 'native'."""
+    or later (Hopper, where the kernels were measured: after their one-off compile, faster or
+    equal on every CNN timed) with Triton installed, float32/TF32, CUDA graphs on and
+    ``compile`` off; else 'native'."""
     if device.type != "cuda" or compile_cohorts or precision_mode == "bf16" or graphs is False:
         return "native"
     if torch.cuda.get_device_capability(device) < (9, 0):
@@ -563,11 +564,11 @@ def vmap(
             sizes are padded to captured or bucketed ones), and with ``local.shuffle: hash``
             the computation of its batch orders too;
             default: on for CUDA, off on the CPU (where it only pads and reuses buffers).
-        conv: 'auto' (the default): 'triton' on a CUDA GPU of compute capability 9.0 or later
-            (Hopper: timed on H100s, the H200 is the same architecture) with Triton installed, precision fp32 or tf32, CUDA graphs on
-            and ``compile`` off, 'native' everywhere else; if the Triton kernels fail on the
-            model, it warns and continues with 'native' (the failed cohort is re-run).
-            Otherwise 'native' convolutions (grouped convolutions under vmap); 'channels_last' (the
+        conv: 'auto' (the default): 'triton' on a CUDA GPU of compute capability 9.0 or
+            later (Hopper: timed on H100s; the H200 is the same architecture) with Triton
+            installed, precision fp32 or tf32, CUDA graphs on and ``compile`` off, 'native'
+            everywhere else; if the Triton kernels fail on the model, it warns and continues
+            with 'native' (the failed cohort is re-run). Otherwise 'native' convolutions (grouped convolutions under vmap); 'channels_last' (the
             same grouped convolutions, fed the clients' images laid out so that they run
             channels-last (NHWC): made for the GPU's NHWC convolution kernels, though on an
             H200 pfl-research's small CNN ran no faster than with 'native', and on a 2-core
