@@ -6,6 +6,12 @@ training diverged, 4 the run stopped making progress toward its end, 130 interru
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int | None = 300) -> str:
+    """The first line of `exc`'s message ('' for an empty one), cut to `limit` characters
+    (None: whole), for one-line reports."""
+    return (str(exc).strip().splitlines() or [""])[0][:limit]
+
+
 class FedsimError(Exception):
     """A problem the user can fix; the CLI prints it on one line and exits with `exit_code`."""
 

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from .contributions import Contributions
-from .errors import Interrupted, StepAbandoned
+from .errors import Interrupted, StepAbandoned, first_line
 from .executors.base import Executor, Job, WorkerSpec, build_executor
 from .executors.job_batch import JobBatch
 from .executors.precision import keep_freed_memory, precision
@@ -383,7 +383,7 @@ class SharedVmap:
                     # Python control flow on the runs' own momentum, μ…) would run client by client
                     # under the shared call's job ids and the first run's seed: every run on its
                     # own executor instead
-                    first = (str(exc).strip().splitlines() or [""])[0][:200]
+                    first = first_line(exc, 200)
                     what = (f"the values that differ between them ({', '.join(self.own_values)}) do not" if self.own_values
                             else "their local update does not")
                     self._go_solo(sorted(self.specs), f"{what} vectorise ({type(exc).__name__}: {first})")

@@ -28,7 +28,7 @@ from .augment import normalize
 from .batchnorm import tracked_layers, with_running_stats, with_tracked_batchnorm
 from .config.components import Component
 from .data.base import SourceData
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .models import ModelContext, call_user_factory
 from .params import ParamLayout
 from .rng import cuda_index, key, keyed_torch, seed_torch
@@ -251,7 +251,7 @@ def check_model_fits(module: nn.Module, name: str, source: SourceData, shape_fre
         with torch.no_grad(), keyed_torch(key(0, "model/check")):  # the global generator is restored after
             out = module(x)
     except Exception as exc:  # noqa: BLE001 - any failure means the model does not fit the data
-        detail = str(exc).splitlines()[0] if str(exc) else ""
+        detail = first_line(exc, None)
         raise ConfigError("model", f"{name} does not accept the data's inputs of shape {list(x.shape[1:])}: "
                                    f"{type(exc).__name__}: {detail}") from None
     finally:

@@ -299,3 +299,11 @@ def test_factories_that_do_not_fit_are_one_line_before_any_file(tmp_path, monkey
     err = refused(capsys, ["run", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run"), "--quiet"],
                   tmp_path / "run")
     assert err.startswith(f"fedsim: error: {path}") and words in err, err
+
+
+def test_one_line_reports_take_the_first_line_of_any_message():
+    from fedsim.errors import first_line
+
+    assert first_line(AssertionError()) == ""  # an empty message (indexing its lines would fail)
+    assert first_line(ValueError("\n  shape mismatch\nat layer 3")) == "shape mismatch"
+    assert first_line(ValueError("x" * 500)) == "x" * 300 and len(first_line(ValueError("x" * 500), None)) == 500

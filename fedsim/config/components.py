@@ -18,7 +18,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 from ..registry import Entry, Registry
 from .checks import Check, OneOf
 
@@ -167,7 +167,7 @@ def validate_knobs(path: str, raw: Mapping[str, Any], knobs: Sequence[Knob], wha
     except ConfigKeyError as exc:  # pragma: no cover - unknown keys are caught above
         raise ConfigError(_join(path, str(exc.full_key)), "unknown key") from None
     except OmegaConfBaseException as exc:
-        msg = str(exc).splitlines()[0]
+        msg = first_line(exc, None)
         key = str(getattr(exc, "full_key", "") or "")
         raise ConfigError(_join(path, key), _friendly(msg)) from None
     except TypeError:  # OmegaConf merging a mapping into a list (or back) names no key: find it

@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 
 MAX_RESOLVED_CHARS = 1_000_000
 MAX_CHAIN = 64
@@ -113,7 +113,7 @@ def resolve_interpolations(raw: dict[str, Any]) -> dict[str, Any]:
         resolved = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
     except OmegaConfBaseException as exc:
         key = str(getattr(exc, "full_key", "") or "")
-        raise ConfigError(key, str(exc).splitlines()[0]) from None
+        raise ConfigError(key, first_line(exc, None)) from None
     left = _unresolved(resolved)
     if left is not None:
         raise ConfigError(_join(left), "still holds '${' after its interpolations were resolved (an escaped \\${ or "

@@ -24,7 +24,7 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 
 MAX_DEPTH = 50
 MAX_VALUES = 10_000
@@ -173,7 +173,7 @@ def parse_yaml(text: str, where: str) -> Any:
             at = f" (line {mark.line + 1})" if mark else ""
             raise ConfigError("", f"{where}: nested more than {MAX_DEPTH} levels deep{at}") from None
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or first_line(exc, None)
         raise MalformedYAML("", f"{where}: malformed YAML{at}: {problem}") from None
     finally:
         loader.dispose()

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.func import vmap
 
+from ..errors import first_line
 from ..rng import cuda_index, keyed_torch
 from ..strategy import Batches, GradFn, Tensor
 from ..task import Task
@@ -56,7 +57,7 @@ def accepts_channels_last(task: Task, grad_fn: GradFn, x: Tensor, y: Tensor, mas
             with keyed_torch(0, cuda_index(x.device)):
                 vmap(step, randomness=randomness)(params, images, ys, mask)
         except Exception as exc:  # noqa: BLE001 - any failure: see below
-            return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+            return f"{type(exc).__name__}: {first_line(exc, 200)}"
         return None
 
     why = fails(clients_channels_last(xs))

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 
 from ..config.plugins import plugin_module
 from ..config.ray_section import RaySection
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout that holds fedsim/
 # Ray's single-machine mode (its default on macOS and Windows), and no usage statistics
@@ -88,7 +88,7 @@ def _init(section: RaySection, runtime_env: dict[str, Any] | None) -> None:
             ray.init(**options)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         where = "start a local Ray" if section.address is None else f"attach to Ray at {section.address!r}"
-        raise ConfigError("ray.address", f"cannot {where}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError("ray.address", f"cannot {where}: {first_line(exc, None)}") from None
 
 
 @contextmanager

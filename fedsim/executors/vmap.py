@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_map
 
 from ..augment import apply as augment_batches, job_draws
 from ..config import Ge, OneOf
-from ..errors import ConfigError, FedsimError
+from ..errors import ConfigError, FedsimError, first_line
 from ..registry import EXECUTORS
 from ..compressors import NeedsJobKeys, row_job_seeds
 from ..rng import cuda_index, key, keyed_torch, keys
@@ -162,7 +162,7 @@ class VmapExecutor(Executor):
     def _native_convs(self, exc: BaseException) -> None:
         """With ``executor.conv: auto``: after the Triton kernels failed (`exc`), warns and
         trains the model with its own convolutions from now on."""
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        first = first_line(exc)
         warnings.warn(f"executor.conv 'auto': the Triton convolution kernels failed on this model "
                       f"({type(exc).__name__}: {first}); running its convolutions natively from now on",
                       RuntimeWarning, stacklevel=3)
@@ -321,7 +321,7 @@ class VmapExecutor(Executor):
                         self._native_convs(exc)
                         continue
                     if self.conv == "triton" and _from_triton(exc):  # falling back would hide a kernel failure
-                        first = (str(exc).strip().splitlines() or [""])[0][:300]
+                        first = first_line(exc)
                         raise RuntimeError(f"executor.conv 'triton': the convolution kernels failed on this model "
                                            f"({type(exc).__name__}: {first}); use executor.conv: native") from exc
                     if _is_oom(exc) and size > 1:
@@ -342,7 +342,7 @@ class VmapExecutor(Executor):
             if _is_oom(exc):
                 raise
             outputs = self._run_cohort_with(jobs, compiled=False)  # a cohort that fails eagerly raises here
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            first = first_line(exc)
             warnings.warn(f"executor vmap: torch.compile of the cohort failed ({type(exc).__name__}: {first}); "
                           "running cohorts eagerly from now on", RuntimeWarning, stacklevel=2)
             self.compile = False
@@ -461,7 +461,7 @@ class VmapExecutor(Executor):
         then fall back or stop as configured. Returns the jobs' contributions."""
         got = self._serially(jobs)
         name = getattr(self.spec.strategy, "name", "?")
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        first = first_line(exc)
         if _from_gpu_library(exc):
             msg = (f"executor vmap: the vectorised step of strategy {name!r} failed in a GPU library "
                    f"({type(exc).__name__}: {first}), while client by client it runs: the cohort's batched "
