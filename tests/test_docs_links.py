@@ -1,4 +1,4 @@
-"""The README links every docs page, and no relative link in the README or docs/ is broken."""
+"""The README links every docs page, and no relative link in the README or docs/ is broken (nor an anchor it names)."""
 from __future__ import annotations
 
 import re
@@ -27,3 +27,23 @@ def test_readme_links_every_docs_page():
 def test_relative_links_resolve(page):
     broken = [m for m in relative_links(page) if not (page.parent / m.split("#")[0]).exists()]
     assert not broken, f"{page.relative_to(ROOT)}: broken links {broken}"
+
+
+def anchors(page):
+    """The anchors a Markdown page offers: its headings as GitHub slugs them, and <a id="…">."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    slugs = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+             for h in re.findall(r"^#+\s+(.*)$", text, flags=re.M)}
+    return slugs | set(re.findall(r'<a id="([^"]+)">', text))
+
+
+@pytest.mark.parametrize("page", [*PAGES, ROOT / "benchmarks" / "README.md"], ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_anchors_name_a_heading(page):
+    wrong = []
+    for link in LINK.findall(re.sub(r"```.*?```", "", page.read_text(), flags=re.S)):
+        path, _, anchor = link.partition("#")
+        target = page.parent / path if path else page
+        if anchor and not re.match(r"[a-z]+:", link) and target.suffix == ".md" and target.exists():
+            if anchor not in anchors(target):
+                wrong.append(link)
+    assert not wrong, f"{page.relative_to(ROOT)}: links to anchors that are not there: {wrong}"
