@@ -16,8 +16,12 @@ input gradient, weight gradient) for the cohort: cuDNN's grouped convolution (wh
 makes of it), the Triton kernels, and one model's dense convolution on all the images
 (TF32). The layers are pfl's simple_cnn (50 clients × 10 images), LEAF's FEMNIST CNN (340 ×
 10, 5×5 kernels) or ResNet-18's (10 × 50, 3×3), the shapes of real_rounds.py's cohorts.
+``--sweep`` adds, per layer and pass, the fastest Triton tuning of a grid (``SWEEP``: rows,
+columns and output channels per program, warps, pipeline stages) with its settings: whether
+any tuning would beat cuDNN where the default one does not (each setting compiles a kernel
+of its own: minutes on a GPU).
 
-    python benchmarks/conv_step.py [--device cuda] [--clients 50] [--passes [pfl|leaf|resnet]]
+    python benchmarks/conv_step.py [--device cuda] [--clients 50] [--passes [pfl|leaf|resnet] [--sweep]]
 """
 from __future__ import annotations
 
@@ -45,6 +49,13 @@ LAYERS = {
                         (512, 512, 4, 3, 1)]),
 }
 
+# --sweep: (block_p, block_k, block_o, warps, stages) grids, for the forward and input
+# gradient (`clients_conv2d`) and for the weight gradient
+SWEEP = {
+    "conv": [(bp, bk, bo, 8, st) for bp in (64, 128) for bk in (32, 64) for bo in (128, 256) for st in (2, 3)],
+    "weight_grad": [(bp, bk, bo, nw, 2) for bp in (16, 32) for bk in (64, 128) for bo in (64, 128) for nw in (4, 8)],
+}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,9 +63,12 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=None, help="cohort size (default: 50, or the --passes model's)")
     ap.add_argument("--passes", nargs="?", const="pfl", choices=sorted(LAYERS), default=None,
                     help="per layer and pass of a model's convolutions: grouped, Triton, dense")
+    ap.add_argument("--sweep", action="store_true", help="with --passes: also the best Triton tuning of SWEEP's grid")
     args = ap.parse_args()
+    if args.sweep and not args.passes:
+        ap.error("--sweep goes with --passes")
     if args.passes:
-        passes(args.passes, args.clients, args.device)
+        passes(args.passes, args.clients, args.device, args.sweep)
         return
     dev, m = args.device, args.clients or 50
     reps = 30 if dev == "cuda" else 2
@@ -135,10 +149,10 @@ def main() -> None:
                 timeit(vectorised(triton_conv.with_triton_convs(base)[0]), f"{p} vmap triton (executor.conv: triton)")
 
 
-def passes(model: str, clients: int | None, dev: str) -> None:
+def passes(model: str, clients: int | None, dev: str, sweep: bool = False) -> None:
     """Prints ms per pass of `model`'s convolution layers (``LAYERS``) for its cohort, or
     `clients` clients (on the CPU, the Triton kernels only where Triton's interpreter is on:
-    a check of the script)."""
+    a check of the script); with `sweep`, also the fastest tuning of ``SWEEP`` per pass."""
     import torch.nn.functional as F
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -187,6 +201,32 @@ def passes(model: str, clients: int | None, dev: str) -> None:
         rows["dense, one model"] = dense
         for name, (f, i, wg) in rows.items():
             print(f"{f'{c}->{o} {k}x{k} on {h}x{h}':22s} {name:16s} {f:8.3f} {i:11.3f} {wg:12.3f}")
+        if sweep and "Triton" in rows:
+            tuned = dict(zip(("block_p", "block_k", "block_o", "warps", "stages"), range(5)))
+
+            def kw(cfg):
+                return {name: cfg[i] for name, i in tuned.items()}
+
+            best = [_fastest(ms, lambda cfg: triton_conv.clients_conv2d(xb, wb, None, p, **kw(cfg)), SWEEP["conv"]),
+                    _fastest(ms, lambda cfg: triton_conv.clients_conv2d_input_grad(gb, wb, (h, h), p, **kw(cfg)),
+                             SWEEP["conv"]),
+                    _fastest(ms, lambda cfg: triton_conv.clients_conv2d_weight_grad(xb, gb, (k, k), p, **kw(cfg)),
+                             SWEEP["weight_grad"])]
+            print(f"{'':22s} {'Triton, swept':16s} " + "  ".join(
+                f"{t:.3f} {cfg}" if cfg else "-" for t, cfg in best) + "   (block_p, block_k, block_o, warps, stages)")
+
+
+def _fastest(ms, call, grid) -> tuple[float, tuple | None]:
+    """(ms, settings) of the fastest of `grid`'s settings for `call` (settings that do not
+    compile or fit are skipped; (inf, None) if none ran)."""
+    best: tuple[float, tuple | None] = (float("inf"), None)
+    for cfg in grid:
+        try:
+            t = ms(lambda: call(cfg))
+        except Exception:  # noqa: BLE001 - a setting the device cannot run
+            continue
+        best = min(best, (t, cfg), key=lambda r: r[0])
+    return best
 
 
 if __name__ == "__main__":
