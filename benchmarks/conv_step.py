@@ -202,10 +202,8 @@ def passes(model: str, clients: int | None, dev: str, sweep: bool = False) -> No
         for name, (f, i, wg) in rows.items():
             print(f"{f'{c}->{o} {k}x{k} on {h}x{h}':22s} {name:16s} {f:8.3f} {i:11.3f} {wg:12.3f}")
         if sweep and "Triton" in rows:
-            tuned = dict(zip(("block_p", "block_k", "block_o", "warps", "stages"), range(5)))
-
             def kw(cfg):
-                return {name: cfg[i] for name, i in tuned.items()}
+                return dict(zip(("block_p", "block_k", "block_o", "warps", "stages"), cfg))
 
             best = [_fastest(ms, lambda cfg: triton_conv.clients_conv2d(xb, wb, None, p, **kw(cfg)), SWEEP["conv"]),
                     _fastest(ms, lambda cfg: triton_conv.clients_conv2d_input_grad(gb, wb, (h, h), p, **kw(cfg)),

@@ -162,9 +162,8 @@ class VmapExecutor(Executor):
     def _native_convs(self, exc: BaseException) -> None:
         """With ``executor.conv: auto``: after the Triton kernels failed (`exc`), warns and
         trains the model with its own convolutions from now on."""
-        first = first_line(exc)
         warnings.warn(f"executor.conv 'auto': the Triton convolution kernels failed on this model "
-                      f"({type(exc).__name__}: {first}); running its convolutions natively from now on",
+                      f"({type(exc).__name__}: {first_line(exc)}); running its convolutions natively from now on",
                       RuntimeWarning, stacklevel=3)
         self.conv = "native"
         self._build_model(self.device.type == "cpu")
@@ -317,13 +316,13 @@ class VmapExecutor(Executor):
                     if _asked_for_job_keys(exc) and not self.row_seeds:
                         self.row_seeds = True  # the local update draws from its job's key: give every row its own
                         continue
-                    if self.conv == "triton" and _from_triton(exc) and self.conv_asked == "auto":
-                        self._native_convs(exc)
-                        continue
-                    if self.conv == "triton" and _from_triton(exc):  # falling back would hide a kernel failure
-                        first = first_line(exc)
+                    if self.conv == "triton" and _from_triton(exc):
+                        if self.conv_asked == "auto":
+                            self._native_convs(exc)
+                            continue
+                        # asked for by name: falling back client by client would hide a kernel failure
                         raise RuntimeError(f"executor.conv 'triton': the convolution kernels failed on this model "
-                                           f"({type(exc).__name__}: {first}); use executor.conv: native") from exc
+                                           f"({type(exc).__name__}: {first_line(exc)}); use executor.conv: native") from exc
                     if _is_oom(exc) and size > 1:
                         size = self.chunk_cap = max(1, len(part) // 2)
                         if self.device.type == "cuda":
@@ -568,9 +567,9 @@ def vmap(
             later (Hopper: timed on H100s; the H200 is the same architecture) with Triton
             installed, precision fp32 or tf32, CUDA graphs on and ``compile`` off, 'native'
             everywhere else; if the Triton kernels fail on the model, it warns and continues
-            with 'native' (the failed cohort is re-run). Otherwise 'native' convolutions (grouped convolutions under vmap); 'channels_last' (the
-            same grouped convolutions, fed the clients' images laid out so that they run
-            channels-last (NHWC): made for the GPU's NHWC convolution kernels, though on an
+            with 'native' (the failed cohort is re-run). Otherwise 'native' convolutions
+            (grouped convolutions under vmap); 'channels_last' (the same grouped convolutions,
+            fed the clients' images laid out so that they run channels-last (NHWC): made for the GPU's NHWC convolution kernels, though on an
             H200 pfl-research's small CNN ran no faster than with 'native', and on a 2-core
             CPU neither (benchmarks/README.md). Convolutions that follow
             one another keep the layout without copies; a pooling layer in between hands
